@@ -1,0 +1,341 @@
+"""Reading embedding files in FANTASIA's HDF5 layout, lazily and fast.
+
+Layout (SPEC §2.1)::
+
+    /accession_<ID>/sequence                       UTF-8 string
+    /accession_<ID>/type_<id>/layer_<k>/embedding  1-D float32/float64 vector
+    /accession_<ID>/type_<id>/embedding            legacy entry without layers (layer None)
+
+Opening an HDF5 object costs about 50 µs in the HDF5 library itself, so a file of 100k
+proteins is first *scanned* once (in parallel worker processes for big files) into an
+`EmbeddingCatalogue`: accessions, sequences, and for every (type, layer) the byte offset,
+dtype and length of each vector. Vectors are then gathered from a memory map of the file in
+one vectorised copy, without opening their datasets again. Datasets that are chunked or
+compressed (no single byte offset) are read through h5py instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ACCESSION_PREFIX = "accession_"
+TYPE_PREFIX = "type_"
+LAYER_PREFIX = "layer_"
+
+# Files with fewer groups than this are scanned in-process: workers cost more than they save.
+_PARALLEL_SCAN_MIN_GROUPS = 4000
+_NATIVE_DTYPES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1}
+_NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]
+_OTHER_DTYPE = -1
+
+LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
+
+
+class EmbeddingFileError(ValueError):
+    """A query or reference HDF5 file cannot be used; the message names file, group and reason."""
+
+
+@dataclass
+class LayerEntries:
+    """Where the vectors of one (type, layer) live in the file, one entry per protein having it."""
+
+    rows: np.ndarray  # int64 positions in EmbeddingCatalogue.accessions
+    offsets: np.ndarray  # int64 byte offsets of contiguous little-endian data, -1 otherwise
+    dims: np.ndarray  # int64 vector lengths
+    dtype_codes: np.ndarray  # int8 index into _NATIVE_LIST, or -1 for anything else
+
+    @property
+    def dim(self) -> int:
+        """The common vector length (0 when empty)."""
+        return int(self.dims[0]) if len(self.dims) else 0
+
+
+@dataclass
+class EmbeddingCatalogue:
+    """The structure of one embedding file; vectors stay on disk until `read` asks for them."""
+
+    path: Path
+    accessions: list[str]  # group names without the 'accession_' prefix, in file order
+    sequences: list[str | None]
+    layers: dict[LayerKey, LayerEntries]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason)
+    attrs: dict = field(default_factory=dict)
+
+    def type_ids(self) -> list[int]:
+        return sorted({type_id for type_id, _ in self.layers})
+
+    def layer_indices(self, type_id: int) -> list[int | None]:
+        """Layers present for a model; legacy (None) last."""
+        found = [layer for t, layer in self.layers if t == type_id]
+        return sorted(found, key=lambda k: (k is None, k if k is not None else 0))
+
+    def read(self, key: LayerKey, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of `key` as float32, shape (n, dim), with the catalogue rows they belong to.
+
+        `rows` restricts (and orders) the result to those catalogue rows. Raises
+        `EmbeddingFileError` naming the accession when a vector's length differs from the
+        first one's, or when a value is NaN or infinite.
+        """
+        entries = self.layers.get(key)
+        if entries is None:
+            raise EmbeddingFileError(f"{self.path}: no embeddings for {_describe(key)}")
+        positions = np.arange(len(entries.rows))
+        if rows is not None:
+            where = {int(r): i for i, r in enumerate(entries.rows)}
+            missing = [int(r) for r in rows if int(r) not in where]
+            if missing:
+                names = ", ".join(self.accessions[r] for r in missing[:5])
+                raise EmbeddingFileError(f"{self.path}: no {_describe(key)} for {names}")
+            positions = np.fromiter((where[int(r)] for r in rows), dtype=np.int64, count=len(rows))
+        dims = entries.dims[positions]
+        if len(dims):
+            expected = int(entries.dims[0])
+            bad = np.flatnonzero(dims != expected)
+            if len(bad):
+                row = int(entries.rows[positions[bad[0]]])
+                raise EmbeddingFileError(
+                    f"{self.path}: group {ACCESSION_PREFIX}{self.accessions[row]} has a "
+                    f"{int(dims[bad[0]])}-dim vector for {_describe(key)}, expected {expected} "
+                    f"like {ACCESSION_PREFIX}{self.accessions[int(entries.rows[0])]}"
+                )
+        matrix = self._gather(key, entries, positions)
+        finite = np.isfinite(matrix).all(axis=1)
+        if not finite.all():
+            row = int(entries.rows[positions[np.flatnonzero(~finite)[0]]])
+            raise EmbeddingFileError(
+                f"{self.path}: group {ACCESSION_PREFIX}{self.accessions[row]} has NaN or "
+                f"infinite values in {_describe(key)}"
+            )
+        return matrix, entries.rows[positions]
+
+    def _gather(self, key: LayerKey, entries: LayerEntries, positions: np.ndarray) -> np.ndarray:
+        dim = int(entries.dims[positions[0]]) if len(positions) else entries.dim
+        out = np.empty((len(positions), dim), dtype=np.float32)
+        if not len(positions):
+            return out
+        offsets = entries.offsets[positions]
+        codes = entries.dtype_codes[positions]
+        fast = (offsets >= 0) & (codes >= 0)
+        if fast.any():
+            raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+            for code in np.unique(codes[fast]):
+                dtype = _NATIVE_LIST[int(code)]
+                pick = np.flatnonzero(fast & (codes == code))
+                nbytes = dim * dtype.itemsize
+                # bounded blocks keep the index array small (≤ 64 MiB of int64)
+                step = max(1, (8 << 20) // nbytes)
+                span = np.arange(nbytes, dtype=np.int64)
+                for start in range(0, len(pick), step):
+                    block = pick[start : start + step]
+                    index = offsets[block][:, None] + span[None, :]
+                    if index.size and int(index.max()) >= raw.shape[0]:
+                        raise EmbeddingFileError(f"{self.path}: file is truncated")
+                    out[block] = raw[index].view(dtype).reshape(len(block), dim)
+            del raw
+        slow = np.flatnonzero(~fast)
+        if len(slow):
+            with h5py.File(self.path, "r") as handle:
+                for i in slow:
+                    row = int(entries.rows[positions[i]])
+                    out[i] = handle[_dataset_path(self.accessions[row], key)][()]
+        return out
+
+    def iter_batches(
+        self, key: LayerKey, batch_size: int, rows: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`read` in slices of `batch_size` proteins, so huge files never sit in memory whole."""
+        entries = self.layers[key]
+        all_rows = entries.rows if rows is None else np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(all_rows), max(1, batch_size)):
+            yield self.read(key, all_rows[start : start + batch_size])
+
+
+def _describe(key: LayerKey) -> str:
+    type_id, layer = key
+    return f"type_{type_id}/" + (f"layer_{layer}" if layer is not None else "embedding (legacy)")
+
+
+def _dataset_path(accession: str, key: LayerKey) -> str:
+    type_id, layer = key
+    base = f"{ACCESSION_PREFIX}{accession}/{TYPE_PREFIX}{type_id}"
+    return f"{base}/embedding" if layer is None else f"{base}/{LAYER_PREFIX}{layer}/embedding"
+
+
+def _suffix_int(name: bytes, prefix: str) -> int | None:
+    text = name.decode("utf-8", "replace")
+    if not text.startswith(prefix):
+        return None
+    try:
+        return int(text[len(prefix) :])
+    except ValueError:
+        return None
+
+
+def _read_string(dataset: h5py.h5d.DatasetID) -> str:
+    buffer = np.empty(dataset.shape, dtype=h5py.string_dtype() if dataset.get_type().is_variable_str() else dataset.dtype)
+    dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
+    value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return str(value)
+
+
+def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
+    """(offset, dim, dtype code) of a 1-D float dataset, or the reason it is unusable.
+
+    For contiguous data the length comes from the storage size (one cheap call) rather than
+    the dataspace, which costs ten times more and dominates scans of big files.
+    """
+    dtype = dataset.get_type().dtype
+    if dtype.kind != "f":
+        return f"embedding has dtype {dtype}, expected float32 or float64"
+    offset = dataset.get_offset()
+    code = _NATIVE_DTYPES.get(dtype, _OTHER_DTYPE)
+    if offset is not None:
+        return (int(offset), dataset.get_storage_size() // dtype.itemsize, code)
+    shape = dataset.shape
+    if len(shape) == 2 and 1 in shape:
+        shape = (shape[0] * shape[1],)
+    if len(shape) != 1:
+        return f"embedding has shape {dataset.shape}, expected a 1-D vector"
+    return (-1, int(shape[0]), code)
+
+
+def _scan_groups(path: str, names: list[str]) -> dict:
+    """Scan a slice of the file's accession groups (runs in a worker process for big files)."""
+    accessions: list[str] = []
+    sequences: list[str | None] = []
+    entries: dict[LayerKey, list[tuple[int, int, int, int]]] = {}
+    skipped: list[tuple[str, str]] = []
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
+    try:
+        for name in names:
+            encoded = name.encode("utf-8")
+            if not name.startswith(ACCESSION_PREFIX):
+                skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
+                continue
+            try:
+                group = h5py.h5g.open(fid, encoded)
+            except (KeyError, ValueError):
+                skipped.append((name, "not a group"))
+                continue
+            members = [group.get_objname_by_idx(i) for i in range(group.get_num_objs())]
+            if b"sequence" not in members:
+                skipped.append((name, "no 'sequence' dataset"))
+                continue
+            try:
+                sequence = _read_string(h5py.h5d.open(group, b"sequence"))
+            except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+                skipped.append((name, f"unreadable 'sequence' dataset ({exc})"))
+                continue
+            row = len(accessions)
+            accessions.append(name[len(ACCESSION_PREFIX) :])
+            sequences.append(sequence)
+            for member in members:
+                type_id = _suffix_int(member, TYPE_PREFIX)
+                if type_id is None:
+                    continue
+                type_group = h5py.h5g.open(group, member)
+                children = [type_group.get_objname_by_idx(i) for i in range(type_group.get_num_objs())]
+                for child in children:
+                    if child == b"embedding":
+                        layer: int | None = None
+                        dataset_name = b"embedding"
+                    else:
+                        layer = _suffix_int(child, LAYER_PREFIX)
+                        if layer is None:
+                            continue
+                        dataset_name = child + b"/embedding"
+                    try:
+                        entry = _vector_entry(h5py.h5d.open(type_group, dataset_name))
+                    except (KeyError, ValueError):
+                        entry = "no 'embedding' dataset"
+                    where = f"{name}/{member.decode()}/{dataset_name.decode()}"
+                    if isinstance(entry, str):
+                        skipped.append((where, entry))
+                        continue
+                    entries.setdefault((type_id, layer), []).append((row, *entry))
+    finally:
+        fid.close()
+    return {"accessions": accessions, "sequences": sequences, "entries": entries, "skipped": skipped}
+
+
+def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
+    """Scan an embedding HDF5 file into a catalogue (structure, sequences, vector locations).
+
+    Raises `EmbeddingFileError` naming the file when it is not a readable HDF5 file.
+    Groups without a `sequence` dataset (and other unusable groups) are recorded in
+    `catalogue.skipped` with the reason, and logged as warnings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingFileError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as handle:
+            names = list(handle.keys())
+            attrs = {k: _plain(v) for k, v in handle.attrs.items()}
+    except OSError as exc:
+        raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
+        size = -(-len(names) // (workers * 4))
+        slices = [names[i : i + size] for i in range(0, len(names), size)]
+        # fork: the workers need only h5py, and start in milliseconds
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            parts = list(pool.map(_scan_groups, [str(path)] * len(slices), slices))
+    else:
+        parts = [_scan_groups(str(path), names)]
+    try:
+        catalogue = _merge(path, parts, attrs)
+    except OSError as exc:
+        raise EmbeddingFileError(f"{path}: unreadable HDF5 content ({exc})") from exc
+    for group, reason in catalogue.skipped:
+        log.warning("%s: skipped %s: %s", path, group, reason)
+    return catalogue
+
+
+def _merge(path: Path, parts: Iterable[dict], attrs: dict) -> EmbeddingCatalogue:
+    accessions: list[str] = []
+    sequences: list[str | None] = []
+    collected: dict[LayerKey, list[np.ndarray]] = {}
+    skipped: list[tuple[str, str]] = []
+    for part in parts:
+        base = len(accessions)
+        accessions.extend(part["accessions"])
+        sequences.extend(part["sequences"])
+        skipped.extend(part["skipped"])
+        for key, rows in part["entries"].items():
+            block = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+            block[:, 0] += base
+            collected.setdefault(key, []).append(block)
+    layers = {}
+    for key in sorted(collected, key=lambda k: (k[0], k[1] is None, k[1] or 0)):
+        block = np.concatenate(collected[key])
+        layers[key] = LayerEntries(
+            rows=block[:, 0].copy(),
+            offsets=block[:, 1].copy(),
+            dims=block[:, 2].copy(),
+            dtype_codes=block[:, 3].astype(np.int8),
+        )
+    return EmbeddingCatalogue(path, accessions, sequences, layers, skipped, attrs)
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
