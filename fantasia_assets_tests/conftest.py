@@ -1,0 +1,93 @@
+"""Shared fixtures: a real embedded PostgreSQL + pgvector server, one fresh database per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+PROJECT = Path(__file__).resolve().parent.parent
+SAMPLE = PROJECT / "data" / "sample"
+SHARED_DATA = Path(os.environ.get("FANTASIA_SHARED_DATA", PROJECT.parent / "shared" / "data"))
+
+
+def shared_file(name: str) -> Path:
+    """A file of the shared real data set; the test is skipped (with the reason) when absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared real data not found: {path} (set FANTASIA_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fantasia_home():
+    """A private $FANTASIA_HOME for the whole session (caches, default embedded server)."""
+    home = Path(tempfile.mkdtemp(prefix="fa-home-"))
+    previous = os.environ.get("FANTASIA_HOME")
+    os.environ["FANTASIA_HOME"] = str(home)
+    os.environ.pop("FANTASIA_DATABASE_URL", None)
+    yield home
+    if previous is None:
+        os.environ.pop("FANTASIA_HOME", None)
+    else:
+        os.environ["FANTASIA_HOME"] = previous
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(fantasia_home):
+    """The embedded server of the session's $FANTASIA_HOME (started once)."""
+    from fantasia_assets.db.embedded import embedded_server
+
+    return embedded_server(fantasia_home / "pg")
+
+
+@pytest.fixture()
+def database_url(pg_server, monkeypatch):
+    """A fresh, empty database on the embedded server; FANTASIA_DATABASE_URL points at it."""
+    from fantasia_assets.db.engine import dispose_engines, normalise_url
+
+    base = normalise_url(pg_server.get_uri())
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = base.set(database=name)
+    monkeypatch.setenv("FANTASIA_DATABASE_URL", url.render_as_string(hide_password=False))
+    yield url
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture()
+def engine(database_url):
+    """An engine on the fresh database, with the reference schema created."""
+    from fantasia_assets.db import ensure_schema, get_engine
+
+    engine = get_engine(database_url)
+    ensure_schema(engine)
+    return engine
+
+
+@pytest.fixture()
+def sample_loaded(engine):
+    """The bundled sample (both models) loaded into the fresh database."""
+    from fantasia_assets.db.loader import load_references
+
+    for model, h5 in (("NEAR", "references_near.h5"), ("AntiBERTy", "references_antiberty.h5")):
+        load_references(
+            engine,
+            fasta=SAMPLE / "references.fasta.gz",
+            gaf=[SAMPLE / "references.gaf.gz"],
+            obo=SAMPLE / "go-basic.obo.gz",
+            embeddings=SAMPLE / h5,
+            model=model,
+        )
+    return engine
