@@ -1,0 +1,164 @@
+"""Benchmark: the whole lookup minus alignment against the bare matmul of the same shape.
+
+    .venv/bin/python bench/lookup.py [--queries 5000] [--references 50000] [--dim 1024]
+                                     [--terms-per-reference 5] [--device cpu|cuda]
+
+Builds a synthetic reference set in a fresh embedded database (random unit vectors, real GO
+ids from the sample ontology, ~5 annotations per reference) and a query HDF5 of perturbed
+references, then times `run_lookup` with alignment off: reference fetch (database on the cold
+run, local cache on the warm run), search, GO transfer, and every output of SPEC §4 written.
+The physical limit is the float32 matmul queries × referencesᵀ, timed on the same machine in
+the same run. Target: warm total ≤ 1.3 × matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parents[1]
+AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
+
+
+def build_references(engine, n_refs: int, dim: int, terms: int, rng) -> np.ndarray:
+    """Insert a synthetic reference set with COPY; returns the float16 reference matrix."""
+    from fantasia_assets.db.loader import _halfvec_copy_payload, load_references
+
+    load_references(engine, obo=PROJECT / "data" / "sample" / "go-basic.obo.gz")
+    go_ids = re.findall(r"^id: (GO:\d+)", gzip.open(PROJECT / "data" / "sample" / "go-basic.obo.gz", "rt").read(), re.M)
+    lengths = rng.integers(100, 600, n_refs)
+    vectors = rng.standard_normal((n_refs, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors.astype(np.float16)
+    with engine.begin() as conn:
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor.copy("COPY sequence (id, sequence, sequence_hash) FROM STDIN") as copy:
+            for i in range(n_refs):
+                sequence = AMINO[rng.integers(0, 20, lengths[i])].tobytes().decode()
+                copy.write_row((i + 1, sequence, hashlib.md5(sequence.encode()).hexdigest()))
+        with cursor.copy("COPY protein (id, sequence_id, gene_name, organism, taxonomy_id) FROM STDIN") as copy:
+            for i in range(n_refs):
+                copy.write_row((f"P{i + 1:07d}", i + 1, f"G{i + 1}", "Homo sapiens", "9606"))
+        picks = rng.integers(0, len(go_ids), (n_refs, terms))
+        with cursor.copy("COPY protein_go_term_annotation (protein_id, go_id, evidence_code) FROM STDIN") as copy:
+            for i in range(n_refs):
+                for go in sorted(set(picks[i].tolist())):
+                    copy.write_row((f"P{i + 1:07d}", go_ids[go], "EXP"))
+        cursor.execute("INSERT INTO sequence_embedding_type (id, name) VALUES (1, 'Synthetic')")
+        cursor.execute("CREATE TEMP TABLE _e (sequence_id int4, embedding halfvec) ON COMMIT DROP")
+        with cursor.copy("COPY _e FROM STDIN (FORMAT binary)") as copy:
+            copy.write(_halfvec_copy_payload(np.arange(1, n_refs + 1), vectors))
+        cursor.execute(
+            "INSERT INTO sequence_embeddings (sequence_id, embedding_type_id, layer_index, embedding, shape) "
+            "SELECT sequence_id, 1, 0, embedding, ARRAY[%s] FROM _e",
+            (dim,),
+        )
+    return vectors
+
+
+def write_queries(path: Path, references: np.ndarray, n_queries: int, rng) -> np.ndarray:
+    import h5py
+
+    picks = rng.choice(len(references), n_queries, replace=False)
+    queries = references[picks].astype(np.float32) + rng.normal(0, 0.02, (n_queries, references.shape[1])).astype(np.float32)
+    with h5py.File(path, "w") as handle:
+        for i, vector in enumerate(queries):
+            group = handle.create_group(f"accession_Q{i:06d}")
+            sequence = AMINO[rng.integers(0, 20, 300)].tobytes().decode()
+            group.create_dataset("sequence", data=sequence, dtype=h5py.string_dtype())
+            group.create_dataset("type_1/layer_0/embedding", data=vector)
+    return queries
+
+
+def bare_matmul_seconds(queries: np.ndarray, references: np.ndarray, device: str, repeats: int = 3) -> float:
+    import torch
+
+    q = torch.from_numpy(queries).to(device)
+    r = torch.from_numpy(references.astype(np.float32)).to(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = q @ r.T
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        del out
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=5000)
+    parser.add_argument("--references", type=int, default=50000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--terms-per-reference", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fa-bench-lookup-"))
+    os.environ["FANTASIA_HOME"] = str(work / "home")
+    os.environ.pop("FANTASIA_DATABASE_URL", None)
+
+    from fantasia_assets.config import parse_config
+    from fantasia_assets.core.pipeline import run_lookup
+    from fantasia_assets.db import ensure_schema, get_engine
+    from fantasia_assets.db.embedded import embedded_server
+    from fantasia_assets.db.engine import dispose_engines
+
+    rng = np.random.default_rng(0)
+    try:
+        engine = get_engine()
+        ensure_schema(engine)
+        started = time.perf_counter()
+        references = build_references(engine, args.references, args.dim, args.terms_per_reference, rng)
+        queries = write_queries(work / "queries.h5", references, args.queries, rng)
+        print(f"setup: {time.perf_counter() - started:.1f} s")
+        config = parse_config(
+            {
+                "experiment_path": str(work / "experiment"),
+                "embeddings_path": str(work / "queries.h5"),
+                "limit_per_entry": 5,
+                "lookup": {"use_gpu": args.device == "cuda", "batch_size": args.queries},
+                "embedding": {"models": {"Synthetic": {"layer_index": [0]}}},
+                "postprocess": {"alignment": False},
+            }
+        )
+        results = {}
+        for label in ("cold", "warm"):
+            started = time.perf_counter()
+            result = run_lookup(config, engine)
+            total = time.perf_counter() - started
+            results[label] = (total, result)
+        matmul = bare_matmul_seconds(queries, references, args.device)
+        for label, (total, result) in results.items():
+            print(f"--- {label} run: {total:.2f} s")
+            for line in result.report_lines():
+                if line and not line.startswith("  ") and not line.startswith("outputs"):
+                    print(line)
+        flops = 2.0 * args.queries * args.references * args.dim
+        print()
+        print(f"shape={args.queries}x{args.references}x{args.dim} device={args.device}")
+        print(f"bare_matmul_seconds={matmul:.3f} ({flops / matmul / 1e9:.0f} GFLOP/s)")
+        print(f"lookup_cold_seconds={results['cold'][0]:.3f}")
+        print(f"lookup_warm_seconds={results['warm'][0]:.3f}")
+        print(f"lookup_cold_over_matmul={results['cold'][0] / matmul:.2f}")
+        print(f"lookup_warm_over_matmul={results['warm'][0] / matmul:.2f}  (target <= 1.3)")
+    finally:
+        dispose_engines()
+        embedded_server().cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

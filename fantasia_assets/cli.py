@@ -1,0 +1,174 @@
+"""`fantasia-assets …`: the jobs people run outside the Dagster UI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _add_load_parser(commands) -> None:
+    parser = commands.add_parser(
+        "load-references",
+        help="load reference proteins, GO annotations and embeddings into the database",
+        description=(
+            "Load a reference set into the reference database (FANTASIA_DATABASE_URL, or the "
+            "embedded server under $FANTASIA_HOME/pg). Everything is parsed first and written in "
+            "one transaction: bad input changes nothing. Loading the same files again changes "
+            "nothing; a newer GAF replaces the annotations of the proteins it names."
+        ),
+    )
+    parser.add_argument("--fasta", type=Path, help="reference sequences, FASTA (.gz accepted)")
+    parser.add_argument(
+        "--gaf", type=Path, action="append", default=[], help="GOA GAF 2.1/2.2 file (.gz accepted); repeatable"
+    )
+    parser.add_argument("--obo", type=Path, help="Gene Ontology OBO file (.gz accepted)")
+    parser.add_argument("--embeddings", type=Path, help="embeddings HDF5 in the query layout (SPEC §2.1)")
+    parser.add_argument("--model", help="embedding model name for --embeddings (e.g. Prot-T5)")
+    parser.add_argument(
+        "--type-id",
+        type=int,
+        help="which type_<id> groups of the file hold --model (needed when the file has several)",
+    )
+    parser.add_argument(
+        "--evidence",
+        default=None,
+        help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
+    )
+
+
+def _add_lookup_parser(commands) -> None:
+    parser = commands.add_parser(
+        "lookup",
+        help="run the whole lookup for every enabled (model, layer) and write the outputs",
+        description=(
+            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration: every "
+            "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
+            "Prints a per-stage timing table."
+        ),
+    )
+    parser.add_argument("--config", type=Path, required=True, help="configuration YAML (SPEC §2.3)")
+
+
+def _add_demo_parser(commands) -> None:
+    commands.add_parser(
+        "demo",
+        help="load the bundled sample and run the lookup on it",
+        description=(
+            "Load the sample reference set from data/sample into the database, then run the "
+            "lookup with data/config.yaml and print where the outputs are."
+        ),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fantasia-assets",
+        description="GO function transfer by nearest neighbours in protein embedding space.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_load_parser(commands)
+    _add_lookup_parser(commands)
+    _add_demo_parser(commands)
+    return parser
+
+
+def _load(args) -> int:
+    from .db import get_engine, redacted
+    from .db.loader import load_references
+    from .db.sources import DEFAULT_EVIDENCE
+    from .progress import terminal_progress
+
+    evidence = tuple(args.evidence.split(",")) if args.evidence else DEFAULT_EVIDENCE
+    engine = get_engine()
+    print(f"reference database: {redacted(engine.url)}")
+    started = time.perf_counter()
+    report = load_references(
+        engine,
+        fasta=args.fasta,
+        gaf=args.gaf,
+        obo=args.obo,
+        embeddings=args.embeddings,
+        model=args.model,
+        type_id=args.type_id,
+        evidence=evidence,
+        progress=terminal_progress(),
+    )
+    for line in report.lines():
+        print(line)
+    print(f"loaded in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _lookup(args) -> int:
+    from .config import load_config
+    from .core.pipeline import run_lookup
+    from .progress import terminal_progress
+
+    config = load_config(args.config)
+    result = run_lookup(config, progress=terminal_progress())
+    for line in result.report_lines():
+        print(line)
+    return 0
+
+
+def _demo(args) -> int:
+    from .config import load_config
+    from .core.pipeline import run_lookup
+    from .db import get_engine, redacted
+    from .db.loader import load_references
+    from .progress import terminal_progress
+
+    sample = SAMPLE_DIR / "sample"
+    engine = get_engine()
+    print(f"reference database: {redacted(engine.url)}")
+    for model, h5 in (("NEAR", "references_near.h5"), ("AntiBERTy", "references_antiberty.h5")):
+        report = load_references(
+            engine,
+            fasta=sample / "references.fasta.gz",
+            gaf=[sample / "references.gaf.gz"],
+            obo=sample / "go-basic.obo.gz",
+            embeddings=sample / h5,
+            model=model,
+            progress=terminal_progress(),
+        )
+        print(f"--- sample references, {model}")
+        for line in report.lines():
+            print(line)
+    config = load_config(SAMPLE_DIR / "config.yaml")
+    result = run_lookup(config, progress=terminal_progress())
+    for line in result.report_lines():
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from .config import ConfigError
+    from .core.queries import EmbeddingFileError
+    from .db.engine import DatabaseError
+    from .db.loader import LoadError
+    from .db.sources import InputFileError
+
+    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, EmbeddingFileError, DatabaseError, LoadError, InputFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

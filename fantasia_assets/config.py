@@ -1,0 +1,317 @@
+"""Typed lookup configuration: the SPEC §2.3 keys, validated; every error names its key.
+
+Relative paths are resolved against the working directory, as FANTASIA does. Where a key
+exists both at the top level and under `lookup` (`batch_size`, `limit_per_entry`), the
+`lookup` value wins; a model's own `batch_size` wins over both. Keys this project adds to the
+original's: `lookup.backend`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`,
+`postprocess.alignment`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .core.summary import SummarySpec
+from .core.taxonomy import TaxonomyError, TaxonomyFilter, validate_taxon_ids
+
+_OFF = {"off", "none", "null", "false", ""}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    enabled: bool = True
+    distance_threshold: float | None = None
+    batch_size: int | None = None
+    layer_index: tuple[int, ...] | None = (0,)  # None: every layer in the query file
+
+
+@dataclass(frozen=True)
+class RedundancyConfig:
+    identity: float = 0.0  # 0 = off
+    coverage: float = 0.7
+    threads: int = 4
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    experiment_path: Path
+    embeddings_path: Path
+    models: tuple[ModelConfig, ...]
+    batch_size: int = 516
+    limit_per_entry: int = 5
+    precision: int = 4
+    limit_execution: int | None = None
+    use_gpu: bool = True
+    topgo: bool = True
+    lookup_cache_max: int = 4
+    distance_metric: str = "cosine"
+    backend: str = "torch"
+    tie_expansion: bool = False
+    redundancy: RedundancyConfig = field(default_factory=RedundancyConfig)
+    taxonomy: TaxonomyFilter = field(default_factory=TaxonomyFilter)
+    keep_sequences: bool = False
+    alignment: bool = True
+    store_workers: int = 4
+    summary: SummarySpec = field(default_factory=SummarySpec.default)
+
+    def enabled_models(self) -> tuple[ModelConfig, ...]:
+        return tuple(m for m in self.models if m.enabled)
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes results (for lineage and caches)."""
+        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers: each takes the value and its dotted key
+
+
+def _check_keys(section: Mapping, allowed: set[str], where: str) -> None:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {type(section).__name__}")
+    for key in section:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"unknown configuration key {name!r} (allowed here: {', '.join(sorted(allowed))})")
+
+
+def _int(value: Any, key: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}: must be ≥ {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be within [{low}, {high}], got {value}")
+    return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _path(value: Any, key: str) -> Path:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    return Path(value).expanduser().resolve()
+
+
+def threshold_value(value: Any, key: str) -> float | None:
+    """SPEC: null, false, "off"/"none"/"null" or ≤ 0 mean no threshold; other strings are errors."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in _OFF:
+            return None
+        raise ConfigError(f"{key}: expected a number or off/none/null, got the string {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{key}: expected a number or null, got {value!r}")
+    return None if value <= 0 else float(value)
+
+
+def _layers(value: Any, key: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(f"{key}: an empty list selects no layer; use null for every layer")
+    return tuple(sorted({_int(v, f"{key}[{i}]", minimum=0) for i, v in enumerate(values)}))
+
+
+def _string_map(value: Any, key: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError(f"{key}: expected a mapping of names to names")
+    return dict(value)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _models(section: Any) -> tuple[ModelConfig, ...]:
+    _check_keys(section or {}, {"models"}, "embedding")
+    models = (section or {}).get("models")
+    if not isinstance(models, Mapping) or not models:
+        raise ConfigError("embedding.models: expected a mapping of model names to settings")
+    out = []
+    for name, settings in models.items():
+        key = f"embedding.models.{name}"
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"embedding.models: model names must be non-empty strings, got {name!r}")
+        settings = settings or {}
+        _check_keys(settings, {"enabled", "distance_threshold", "batch_size", "layer_index"}, key)
+        out.append(
+            ModelConfig(
+                name=name,
+                enabled=_bool(settings.get("enabled", True), f"{key}.enabled"),
+                distance_threshold=threshold_value(settings.get("distance_threshold"), f"{key}.distance_threshold"),
+                batch_size=_int(settings.get("batch_size"), f"{key}.batch_size", 1, allow_none=True),
+                layer_index=_layers(settings.get("layer_index", [0]), f"{key}.layer_index"),
+            )
+        )
+    return tuple(out)
+
+
+def _summary(section: Any) -> SummarySpec:
+    default = SummarySpec.default()
+    if section is None:
+        return default
+    allowed = {"include_counts", "metrics", "aliases", "weights", "weighted_prefix"}
+    _check_keys(section, allowed, "postprocess.summary")
+    metrics = section.get("metrics", default.metrics)
+    if not isinstance(metrics, Mapping) or not all(
+        isinstance(m, str) and isinstance(aggs, list) and all(isinstance(a, str) for a in aggs)
+        for m, aggs in metrics.items()
+    ):
+        raise ConfigError("postprocess.summary.metrics: expected {metric: [aggregations]}")
+    weights = section.get("weights", default.weights)
+    if not isinstance(weights, Mapping):
+        raise ConfigError("postprocess.summary.weights: expected a mapping")
+    for name, weight in weights.items():
+        inner = weight if isinstance(weight, Mapping) else {None: weight}
+        for agg, w in inner.items():
+            where = f"postprocess.summary.weights.{name}" + (f".{agg}" if agg else "")
+            _float(w, where, 0.0, math.inf)
+    prefix = section.get("weighted_prefix", default.weighted_prefix)
+    if not isinstance(prefix, str):
+        raise ConfigError("postprocess.summary.weighted_prefix: expected a string")
+    return SummarySpec(
+        metrics={m: list(a) for m, a in metrics.items()},
+        aliases=_string_map(section.get("aliases", default.aliases), "postprocess.summary.aliases"),
+        weights={k: (dict(v) if isinstance(v, Mapping) else float(v)) for k, v in weights.items()},
+        include_counts=_bool(section.get("include_counts", default.include_counts), "postprocess.summary.include_counts"),
+        weighted_prefix=prefix,
+    )
+
+
+def _taxonomy(section: Any) -> TaxonomyFilter:
+    section = section or {}
+    _check_keys(section, {"exclude", "include_only", "get_descendants", "nodes_path"}, "lookup.taxonomy")
+    try:
+        exclude = validate_taxon_ids(section.get("exclude") or [], "lookup.taxonomy.exclude")
+        include = validate_taxon_ids(section.get("include_only") or [], "lookup.taxonomy.include_only")
+    except TaxonomyError as exc:
+        raise ConfigError(str(exc)) from exc
+    nodes = section.get("nodes_path")
+    descendants = _bool(section.get("get_descendants", False), "lookup.taxonomy.get_descendants")
+    if descendants and nodes is None:
+        raise ConfigError(
+            "lookup.taxonomy.get_descendants needs lookup.taxonomy.nodes_path (an NCBI taxonomy nodes.dmp)"
+        )
+    return TaxonomyFilter(
+        exclude=exclude,
+        include_only=include,
+        get_descendants=descendants,
+        nodes_path=_path(nodes, "lookup.taxonomy.nodes_path") if nodes is not None else None,
+    )
+
+
+def parse_config(raw: Any) -> LookupConfig:
+    """Validate a configuration mapping (as read from YAML) into a `LookupConfig`."""
+    top = {
+        "experiment_path", "embeddings_path", "batch_size", "limit_per_entry", "precision",
+        "limit_execution", "lookup", "embedding", "postprocess",
+    }  # fmt: skip
+    _check_keys(raw, top, "")
+    for required in ("experiment_path", "embeddings_path", "embedding"):
+        if required not in raw:
+            raise ConfigError(f"missing configuration key {required!r}")
+    lookup = raw.get("lookup") or {}
+    _check_keys(
+        lookup,
+        {
+            "use_gpu", "batch_size", "limit_per_entry", "topgo", "lookup_cache_max", "distance_metric",
+            "redundancy", "taxonomy", "backend", "tie_expansion",
+        },
+        "lookup",
+    )  # fmt: skip
+    redundancy = lookup.get("redundancy") or {}
+    _check_keys(redundancy, {"identity", "coverage", "threads"}, "lookup.redundancy")
+    post = raw.get("postprocess") or {}
+    _check_keys(post, {"keep_sequences", "alignment", "store_workers", "summary"}, "postprocess")
+
+    def pick(name: str, default: int, minimum: int) -> int:
+        if name in lookup:
+            return _int(lookup[name], f"lookup.{name}", minimum)
+        if name in raw:
+            return _int(raw[name], name, minimum)
+        return default
+
+    return LookupConfig(
+        experiment_path=_path(raw["experiment_path"], "experiment_path"),
+        embeddings_path=_path(raw["embeddings_path"], "embeddings_path"),
+        models=_models(raw["embedding"]),
+        batch_size=pick("batch_size", 516, 1),
+        limit_per_entry=pick("limit_per_entry", 5, 1),
+        precision=_int(raw.get("precision", 4), "precision", 0),
+        limit_execution=_int(raw.get("limit_execution"), "limit_execution", 1, allow_none=True),
+        use_gpu=_bool(lookup.get("use_gpu", True), "lookup.use_gpu"),
+        topgo=_bool(lookup.get("topgo", True), "lookup.topgo"),
+        lookup_cache_max=_int(lookup.get("lookup_cache_max", 4), "lookup.lookup_cache_max", 0),
+        distance_metric=_choice(lookup.get("distance_metric", "cosine"), "lookup.distance_metric", ("cosine", "euclidean")),
+        backend=_choice(lookup.get("backend", "torch"), "lookup.backend", ("torch", "numpy", "scipy")),
+        tie_expansion=_bool(lookup.get("tie_expansion", False), "lookup.tie_expansion"),
+        redundancy=RedundancyConfig(
+            identity=_float(redundancy.get("identity", 0.0), "lookup.redundancy.identity", 0.0, 1.0),
+            coverage=_float(redundancy.get("coverage", 0.7), "lookup.redundancy.coverage", 0.0, 1.0),
+            threads=_int(redundancy.get("threads", 4), "lookup.redundancy.threads", 1),
+        ),
+        taxonomy=_taxonomy(lookup.get("taxonomy")),
+        keep_sequences=_bool(post.get("keep_sequences", False), "postprocess.keep_sequences"),
+        alignment=_bool(post.get("alignment", True), "postprocess.alignment"),
+        store_workers=_int(post.get("store_workers", 4), "postprocess.store_workers", 1),
+        summary=_summary(post.get("summary")),
+    )
+
+
+def load_config(path: str | Path) -> LookupConfig:
+    """Read and validate a YAML configuration file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: the configuration is empty")
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,64 @@
+"""From neighbours to GO rows: one row per (neighbour × GO annotation), with its reliability index."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+HIT_SCHEMA = {
+    "accession": pl.String,
+    "query_idx": pl.Int64,
+    "rank": pl.Int32,
+    "ref_idx": pl.Int64,  # the reference's sequence id: stable across runs
+    "distance": pl.Float64,
+}
+
+
+def reliability_index(distance: pl.Expr, metric: str) -> pl.Expr:
+    """SPEC §3.7: cosine RI = 1 − d; euclidean RI = 0.5 / (0.5 + d)."""
+    if metric == "cosine":
+        return 1.0 - distance
+    if metric == "euclidean":
+        return 0.5 / (0.5 + distance)
+    raise ValueError(f"unknown distance metric {metric!r}")
+
+
+def neighbour_hits(
+    accessions: list[str],
+    query_idx: np.ndarray,
+    distances: np.ndarray,
+    indices: np.ndarray,
+    reference_ids: np.ndarray,
+) -> pl.DataFrame:
+    """Long table of the search result: one row per kept (query, neighbour).
+
+    `distances`/`indices` are the engine's (n, K) arrays (padding: index −1); row i belongs to
+    `accessions[i]` whose unique-sequence index is `query_idx[i]`. Rows come out ordered by
+    query, then rank (ascending distance, ties by reference id, as the engine ordered them).
+    """
+    n, width = indices.shape
+    valid = indices >= 0
+    rows, ranks = np.nonzero(valid)
+    return pl.DataFrame(
+        {
+            "accession": pl.Series(accessions, dtype=pl.String).gather(rows),
+            "query_idx": np.asarray(query_idx, dtype=np.int64)[rows],
+            "rank": ranks.astype(np.int32),
+            "ref_idx": np.asarray(reference_ids, dtype=np.int64)[indices[valid]],
+            "distance": distances[valid].astype(np.float64),
+        },
+        schema=HIT_SCHEMA,
+    )
+
+
+def transfer_annotations(hits: pl.DataFrame, annotations: pl.DataFrame, metric: str) -> pl.DataFrame:
+    """Join hits with the annotation table on the reference sequence (SPEC §3.6-3.7).
+
+    A sequence shared by several proteins yields each protein's annotations. Neighbours
+    without any annotation yield no row. Output ordered by accession, rank, protein, GO id.
+    """
+    return (
+        hits.join(annotations, left_on="ref_idx", right_on="sequence_id", how="inner")
+        .with_columns(reliability_index(pl.col("distance"), metric).alias("reliability_index"))
+        .sort(["accession", "rank", "protein_id", "go_id"], maintain_order=True)
+    )

@@ -1,0 +1,1 @@
+"""Dagster definitions, one module per family: inputs, lookup, outputs, automation, resources."""

@@ -1,0 +1,147 @@
+"""Jobs, the sensor that reacts to reference and query changes, and the daily backstop.
+
+`reference_change_sensor` reads the fingerprints of every (model, layer) reference set and the
+query file's hash each tick (cheap SQL, no vector read). A changed fingerprint records a new
+observation of `reference_set` for that partition and requests exactly that partition's
+re-computation; a changed query file requests every partition. The first tick only records.
+It also keeps the dynamic partitions equal to the current (model, layer) pairs.
+`lookup_summary` and `topgo_ensemble` follow by their eager automation condition.
+"""
+
+import json
+
+import dagster as dg
+
+from ..core.queries import file_digest
+from .inputs import query_embeddings, reference_set
+from .lookup import go_annotation_cache, mmseqs_clusters, neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
+from .outputs import lookup_summary, topgo_ensemble
+from .partitions import MODEL_LAYER, LookupState
+from .resources import LookupSettings, ReferenceDatabase
+
+DATA_VERSION_TAG = "dagster/data_version"
+
+partition_job = dg.define_asset_job(
+    "lookup_partition_job",
+    selection=[reference_embeddings, neighbour_hits, raw_result_shards, topgo_exports],
+    partitions_def=MODEL_LAYER,
+    description="Re-compute one (model, layer): references, neighbours, raw rows, TopGO.",
+)
+shared_inputs_job = dg.define_asset_job(
+    "lookup_shared_inputs_job",
+    selection=[go_annotation_cache, mmseqs_clusters],
+    description="Refresh the annotation table and the MMseqs2 clusters shared by every partition.",
+)
+outputs_job = dg.define_asset_job(
+    "lookup_outputs_job",
+    selection=[lookup_summary, topgo_ensemble],
+    description="Rebuild summary.csv, sequences.fasta, the query mapping and the TopGO ensemble.",
+)
+
+
+def evaluate_changes(
+    state: LookupState, cursor: str | None, known_partitions: set[str]
+) -> dg.SensorResult:
+    """The sensor's decision, given the current state and what the previous tick saw."""
+    versions = state.versions()
+    query_version = file_digest(state.config.embeddings_path)
+    previous = json.loads(cursor) if cursor else None
+    partition_requests = []
+    if set(versions) - known_partitions:
+        partition_requests.append(MODEL_LAYER.build_add_request(sorted(set(versions) - known_partitions)))
+    if known_partitions - set(versions):
+        partition_requests.append(MODEL_LAYER.build_delete_request(sorted(known_partitions - set(versions))))
+    changed: list[str] = []
+    events: list[dg.AssetObservation] = []
+    if previous is not None:
+        queries_changed = previous.get("queries") != query_version
+        changed = [
+            key for key in sorted(versions)
+            if queries_changed or previous.get("partitions", {}).get(key) != versions[key]
+        ]  # fmt: skip
+        events = [
+            dg.AssetObservation(asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: versions[key]})
+            for key in changed
+            if previous.get("partitions", {}).get(key) != versions[key]
+        ]
+        if queries_changed:
+            events.append(dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version}))
+    runs = [
+        dg.RunRequest(
+            job_name=partition_job.name,
+            partition_key=key,
+            run_key=f"{key}:{versions[key]}:{query_version}",
+            tags={"fantasia/trigger": "reference or query change"},
+        )
+        for key in changed
+    ]
+    if changed:
+        runs.insert(
+            0,
+            dg.RunRequest(
+                job_name=shared_inputs_job.name,
+                run_key=f"shared:{json.dumps(versions, sort_keys=True)}:{query_version}",
+            ),
+        )
+    return dg.SensorResult(
+        run_requests=runs,
+        cursor=json.dumps({"partitions": versions, "queries": query_version}, sort_keys=True),
+        dynamic_partitions_requests=partition_requests,
+        asset_events=events,
+        skip_reason=None if runs or partition_requests else "no reference or query change",
+    )
+
+
+@dg.sensor(
+    jobs=[partition_job, shared_inputs_job],
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Re-materialise the (model, layer) partitions whose references or queries changed.",
+)
+def reference_change_sensor(
+    context: dg.SensorEvaluationContext, settings: LookupSettings, database: ReferenceDatabase
+) -> dg.SensorResult:
+    state = LookupState.open(settings, database)
+    known = set(context.instance.get_dynamic_partitions(MODEL_LAYER.name))
+    return evaluate_changes(state, context.cursor, known)
+
+
+def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[str]:
+    """Partitions whose last raw rows were made from other references or queries than now's."""
+    stale = []
+    for key, partition in sorted(state.partitions.items()):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=raw_result_shards.key, asset_partitions=[key]), limit=1
+        ).records
+        if not records:
+            stale.append(key)
+            continue
+        metadata = records[0].asset_materialization.metadata
+        made_from = (
+            getattr(metadata.get("reference_version"), "value", None),
+            getattr(metadata.get("query_version"), "value", None),
+        )
+        if made_from != (state.reference_version(partition), state.queries.content_hash):
+            stale.append(key)
+    return stale
+
+
+@dg.schedule(
+    cron_schedule="0 4 * * *",
+    job=partition_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily backstop: re-compute every partition whose results are stale or missing.",
+)
+def daily_backstop(context: dg.ScheduleEvaluationContext, settings: LookupSettings, database: ReferenceDatabase):
+    state = LookupState.open(settings, database)
+    for key in stale_partitions(context.instance, state):
+        yield dg.RunRequest(partition_key=key, run_key=f"backstop:{context.scheduled_execution_time}:{key}")
+
+
+output_automation = dg.AutomationConditionSensorDefinition(
+    "output_automation",
+    target=[lookup_summary, topgo_ensemble],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=15,
+    description="Rebuild the run-wide outputs once their partitions have been updated.",
+)

