@@ -15,14 +15,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/fantasia-assets demo
 
 test: install
+	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench-load: install
 	$(BIN)/python bench/load.py
 
 clean:
-	rm -rf .fantasia experiments .pytest_cache
+	rm -rf .fantasia .dagster_home experiments .pytest_cache

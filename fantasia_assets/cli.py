@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,8 +62,9 @@ def _add_demo_parser(commands) -> None:
         "demo",
         help="load the bundled sample and run the lookup on it",
         description=(
-            "Load the sample reference set from data/sample into the database, then run the "
-            "lookup with data/config.yaml and print where the outputs are."
+            "Load the sample reference set from data/sample into the database, materialise the "
+            "whole asset graph with data/config.yaml into the Dagster instance of $DAGSTER_HOME "
+            "(the one `make ui` shows), and print where the outputs are."
         ),
     )
 
@@ -121,10 +123,11 @@ def _lookup(args) -> int:
 
 
 def _demo(args) -> int:
-    from .config import load_config
-    from .core.pipeline import run_lookup
+    import dagster as dg
+
     from .db import get_engine, redacted
     from .db.loader import load_references
+    from .defs.demo import materialize_everything
     from .progress import terminal_progress
 
     sample = SAMPLE_DIR / "sample"
@@ -143,10 +146,16 @@ def _demo(args) -> int:
         print(f"--- sample references, {model}")
         for line in report.lines():
             print(line)
-    config = load_config(SAMPLE_DIR / "config.yaml")
-    result = run_lookup(config, progress=terminal_progress())
-    for line in result.report_lines():
-        print(line)
+    with dg.DagsterInstance.get() as instance:
+        print(f"--- materialising the asset graph (Dagster instance {instance.root_directory})")
+        materialize_everything(instance)
+    from .config import load_config
+
+    config = load_config(os.environ.get("FANTASIA_CONFIG") or SAMPLE_DIR / "config.yaml")
+    print(f"outputs under {config.experiment_path}:")
+    for name in ("summary.csv", "raw_results", "topgo", "sequences.fasta", "query_index_mapping.csv", "lineage.duckdb"):
+        print(f"  {config.experiment_path / name}")
+    print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
     return 0
 
 

@@ -24,7 +24,6 @@ DATA_VERSION_TAG = "dagster/data_version"
 partition_job = dg.define_asset_job(
     "lookup_partition_job",
     selection=[reference_embeddings, neighbour_hits, raw_result_shards, topgo_exports],
-    partitions_def=MODEL_LAYER,
     description="Re-compute one (model, layer): references, neighbours, raw rows, TopGO.",
 )
 shared_inputs_job = dg.define_asset_job(

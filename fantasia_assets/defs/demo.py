@@ -34,7 +34,12 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
 
     def run(selection, partition_key=None):
         result = dg.materialize(
-            everything, selection=selection, resources=resources, instance=instance, partition_key=partition_key
+            everything,
+            selection=selection,
+            resources=resources,
+            instance=instance,
+            partition_key=partition_key,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
         if not result.success:
             raise RuntimeError(f"materialisation of {selection} failed")

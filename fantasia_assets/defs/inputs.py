@@ -4,12 +4,17 @@ Their data versions are fingerprints of what downstream assets read, so a change
 marks exactly the dependent partitions stale.
 """
 
+import warnings
+
 import dagster as dg
 import sqlalchemy as sa
 
 from ..core.queries import file_digest
 from .partitions import MODEL_LAYER, LookupState
 from .resources import LookupSettings, ReferenceDatabase
+
+# observable source assets are "beta" in Dagster 1.13; the warning would repeat in every process
+warnings.filterwarnings("ignore", message=".*observable_source_asset.*", category=dg.BetaWarning)
 
 
 @dg.observable_source_asset(
