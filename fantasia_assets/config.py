@@ -267,11 +267,8 @@ def parse_config(raw: Any) -> LookupConfig:
     _check_keys(post, {"keep_sequences", "alignment", "store_workers", "summary"}, "postprocess")
 
     def pick(name: str, default: int, minimum: int) -> int:
-        if name in lookup:
-            return _int(lookup[name], f"lookup.{name}", minimum)
-        if name in raw:
-            return _int(raw[name], name, minimum)
-        return default
+        top = _int(raw[name], name, minimum) if name in raw else default
+        return _int(lookup[name], f"lookup.{name}", minimum) if name in lookup else top
 
     return LookupConfig(
         experiment_path=_path(raw["experiment_path"], "experiment_path"),
