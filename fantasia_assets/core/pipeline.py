@@ -30,7 +30,7 @@ from .references import (
     ReferenceScope,
     ReferenceStore,
     fetch_reference_sequences,
-    fetch_sequences,
+    SequenceCache,
 )
 from .summary import summarise, topgo_ensemble, topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
@@ -307,13 +307,13 @@ def build_raw_rows(
     engine: Engine,
     alignments: AlignmentCache | None = None,
     timings: dict[str, float] | None = None,
+    sequences: SequenceCache | None = None,
 ) -> pl.DataFrame:
     """SPEC §4.1 raw rows of one partition, sorted by accession, rank, protein, GO id."""
     timings = timings if timings is not None else {}
     started = time.perf_counter()
     rows = transfer_annotations(hits, annotations, config.distance_metric)
-    ref_sequences = fetch_sequences(engine, rows["ref_idx"].unique().to_numpy()) if rows.height else None
-    ref_map = dict(ref_sequences.iter_rows()) if ref_sequences is not None else {}
+    ref_map = (sequences or SequenceCache(engine)).get(rows["ref_idx"].to_numpy())
     query_lengths = pl.DataFrame(
         {"query_idx": np.arange(len(queries.sequences)), "query_len": [len(s) for s in queries.sequences]},
         schema={"query_idx": pl.Int64, "query_len": pl.Int64},
@@ -416,12 +416,13 @@ def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
     return exports.write_topgo_dir(config.experiment_path / "topgo" / "ensemble", topgo_ensemble(raw), config.precision)
 
 
-def write_sequences(config: LookupConfig, queries: QuerySet, raw: pl.DataFrame, engine: Engine) -> tuple[Path, Path]:
+def write_sequences(
+    config: LookupConfig, queries: QuerySet, raw: pl.DataFrame, engine: Engine, sequences: SequenceCache | None = None
+) -> tuple[Path, Path]:
     """sequences.fasta (>Q{query_idx}, >R{ref_idx}) and query_index_mapping.csv."""
-    refs = fetch_sequences(engine, raw["ref_idx"].unique().to_numpy()) if raw.height else None
+    refs = (sequences or SequenceCache(engine)).get(raw["ref_idx"].to_numpy()) if raw.height else {}
     records = [(f"Q{i}", s) for i, s in enumerate(queries.sequences)]
-    if refs is not None:
-        records += [(f"R{sid}", s) for sid, s in refs.iter_rows()]
+    records += [(f"R{sid}", s) for sid, s in sorted(refs.items())]
     fasta = config.experiment_path / "sequences.fasta"
     exports.write_bytes_atomic(fasta, exports.fasta_bytes(records))
     mapping = config.experiment_path / "query_index_mapping.csv"
@@ -506,11 +507,14 @@ def run_lookup(config: LookupConfig, engine: Engine | None = None, progress: Pro
     timings["annotations"] = time.perf_counter() - started
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
     alignments = AlignmentCache(config.store_workers)
+    sequences = SequenceCache(engine)
     device = resolve_device(config)
     reports = []
     for partition in partitions:
         outcome = search_partition(config, queries, partition, store, clusters, device, progress)
-        raw = build_raw_rows(config, queries, partition, outcome.hits, annotations, engine, alignments, outcome.timings)
+        raw = build_raw_rows(
+            config, queries, partition, outcome.hits, annotations, engine, alignments, outcome.timings, sequences
+        )
         began = time.perf_counter()
         write_hits(config, partition, outcome)
         write_raw(config, partition, raw)
@@ -534,7 +538,7 @@ def run_lookup(config: LookupConfig, engine: Engine | None = None, progress: Pro
         outputs["TopGO"] = config.experiment_path / "topgo"
         timings["topgo ensemble"] = time.perf_counter() - started
     started = time.perf_counter()
-    fasta, mapping = write_sequences(config, queries, raw_all, engine)
+    fasta, mapping = write_sequences(config, queries, raw_all, engine, sequences)
     outputs["sequences"] = fasta
     outputs["query mapping"] = mapping
     timings["fasta+mapping"] = time.perf_counter() - started

@@ -323,12 +323,27 @@ class AnnotationStore:
 
 def fetch_sequences(engine: Engine, sequence_ids: np.ndarray) -> pl.DataFrame:
     """(sequence_id, sequence) for the given ids (bound as one array parameter)."""
-    ids = sorted({int(i) for i in np.asarray(sequence_ids).ravel()})
+    ids = np.unique(np.asarray(sequence_ids, dtype=np.int64).ravel()).tolist()
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT id, sequence FROM sequence WHERE id = ANY(:ids) ORDER BY id"), {"ids": ids}
-        ).all()
+        cursor = _raw_cursor(conn)
+        cursor.execute("SELECT id, sequence FROM sequence WHERE id = ANY(%s) ORDER BY id", (ids,))
+        rows = cursor.fetchall()
     return pl.DataFrame(rows, schema={"sequence_id": pl.Int64, "sequence": pl.String}, orient="row")
+
+
+class SequenceCache:
+    """Reference sequences by id, fetched once per run however many stages ask for them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._known: dict[int, str] = {}
+
+    def get(self, sequence_ids: np.ndarray) -> dict[int, str]:
+        wanted = np.unique(np.asarray(sequence_ids, dtype=np.int64))
+        missing = [i for i in wanted.tolist() if i not in self._known]
+        if missing:
+            self._known.update(fetch_sequences(self.engine, np.asarray(missing)).iter_rows())
+        return {i: self._known[i] for i in wanted.tolist() if i in self._known}
 
 
 def fetch_reference_sequences(

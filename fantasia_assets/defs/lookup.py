@@ -20,6 +20,9 @@ from .partitions import MODEL_LAYER, LookupState
 from .resources import ComputeDevice, LineageStore, LookupSettings, MMseqs, ReferenceDatabase
 
 GPU_POOL = "gpu"
+# Read by dagster-k8s's k8s_job_executor (one pod per step): the search step's pod asks the
+# cluster for one GPU; other executors ignore the tag.
+GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
 
 def _lineage(context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None):
@@ -140,6 +143,7 @@ def reference_embeddings(
     deps=[reference_embeddings, query_embeddings, mmseqs_clusters],
     kinds={"torch", "parquet"},
     pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
     check_specs=[dg.AssetCheckSpec("every_query_answered", asset="neighbour_hits")],
     description="Exact k nearest references of every query (blocked matmul + top-k on the GPU "
     "when there is one), written once as Parquet.",
