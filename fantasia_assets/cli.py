@@ -11,8 +11,6 @@ from pathlib import Path
 
 from . import __version__
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data"
-
 
 def _add_load_parser(commands) -> None:
     parser = commands.add_parser(
@@ -126,23 +124,13 @@ def _demo(args) -> int:
     import dagster as dg
 
     from .db import get_engine, redacted
-    from .db.loader import load_references
     from .defs.demo import materialize_everything
     from .progress import terminal_progress
+    from .sample import SAMPLE_CONFIG, load_sample
 
-    sample = SAMPLE_DIR / "sample"
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
-    for model, h5 in (("NEAR", "references_near.h5"), ("AntiBERTy", "references_antiberty.h5")):
-        report = load_references(
-            engine,
-            fasta=sample / "references.fasta.gz",
-            gaf=[sample / "references.gaf.gz"],
-            obo=sample / "go-basic.obo.gz",
-            embeddings=sample / h5,
-            model=model,
-            progress=terminal_progress(),
-        )
+    for model, report in load_sample(engine, terminal_progress()):
         print(f"--- sample references, {model}")
         for line in report.lines():
             print(line)
@@ -151,7 +139,7 @@ def _demo(args) -> int:
         materialize_everything(instance)
     from .config import load_config
 
-    config = load_config(os.environ.get("FANTASIA_CONFIG") or SAMPLE_DIR / "config.yaml")
+    config = load_config(os.environ.get("FANTASIA_CONFIG") or SAMPLE_CONFIG)
     print(f"outputs under {config.experiment_path}:")
     for name in ("summary.csv", "raw_results", "topgo", "sequences.fasta", "query_index_mapping.csv", "lineage.duckdb"):
         print(f"  {config.experiment_path / name}")

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from fantasia_assets.sample import SAMPLE_DIR
+
 PROJECT = Path(__file__).resolve().parent.parent
-SAMPLE = PROJECT / "data" / "sample"
+SAMPLE = SAMPLE_DIR
 SHARED_DATA = Path(os.environ.get("FANTASIA_SHARED_DATA", PROJECT.parent / "shared" / "data"))
 
 
@@ -79,15 +81,7 @@ def engine(database_url):
 @pytest.fixture()
 def sample_loaded(engine):
     """The bundled sample (both models) loaded into the fresh database."""
-    from fantasia_assets.db.loader import load_references
+    from fantasia_assets.sample import load_sample
 
-    for model, h5 in (("NEAR", "references_near.h5"), ("AntiBERTy", "references_antiberty.h5")):
-        load_references(
-            engine,
-            fasta=SAMPLE / "references.fasta.gz",
-            gaf=[SAMPLE / "references.gaf.gz"],
-            obo=SAMPLE / "go-basic.obo.gz",
-            embeddings=SAMPLE / h5,
-            model=model,
-        )
+    load_sample(engine)
     return engine

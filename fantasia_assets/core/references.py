@@ -191,16 +191,22 @@ def _parse_halfvec_copy(payload: bytes) -> tuple[np.ndarray, np.ndarray]:
     return rows["id"].astype(np.int64), np.ascontiguousarray(rows["values"], dtype=np.float16)
 
 
-def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
-    """Stream the scope's embeddings from the database (binary COPY) into one array."""
-    query, params = _rows_query(scope, sql.SQL("se.sequence_id, se.embedding"))
+def _copy_out(engine: Engine, query: sql.Composable, params: dict, options: str) -> bytes:
+    """The rows of `query` as one COPY … TO STDOUT payload (`options`: "FORMAT binary", …)."""
     buffer = io.BytesIO()
     with engine.connect() as conn:
         cursor = _raw_cursor(conn)
-        with cursor.copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query), params) as copy:
+        statement = sql.SQL("COPY ({}) TO STDOUT ({})").format(query, sql.SQL(options))
+        with cursor.copy(statement, params) as copy:
             for block in copy:
                 buffer.write(block)
-    ids, vectors = _parse_halfvec_copy(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
+    """Stream the scope's embeddings from the database (binary COPY) into one array."""
+    query, params = _rows_query(scope, sql.SQL("se.sequence_id, se.embedding"))
+    ids, vectors = _parse_halfvec_copy(_copy_out(engine, query, params, "FORMAT binary"))
     return ReferenceMatrix(scope, ids, vectors, fingerprint)
 
 
@@ -287,15 +293,9 @@ def fetch_annotations(engine: Engine, scope: ReferenceScope | None = None) -> pl
         ORDER BY p.sequence_id, p.id, a.go_id
         """
     ).format(condition=condition)
-    buffer = io.BytesIO()
-    with engine.connect() as conn:
-        cursor = _raw_cursor(conn)
-        with cursor.copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER)").format(query), params) as copy:
-            for block in copy:
-                buffer.write(block)
-    buffer.seek(0)
+    payload = _copy_out(engine, query, params, "FORMAT csv, HEADER")
     schema = {name: pl.String for name in ANNOTATION_COLUMNS} | {"sequence_id": pl.Int64}
-    frame = pl.read_csv(buffer, schema=schema, quote_char='"')
+    frame = pl.read_csv(io.BytesIO(payload), schema=schema, quote_char='"')
     spellings = {value: normalise_category(value) for value in frame["category"].unique().drop_nulls()}
     return frame.with_columns(pl.col("category").replace(spellings))
 

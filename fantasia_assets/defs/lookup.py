@@ -16,28 +16,13 @@ from ..paths import cache_dir
 from ..progress import log_progress
 from .inputs import go_ontology, query_embeddings, reference_set
 from .metadata import best_predictions, distance_histogram, timings_table
-from .partitions import MODEL_LAYER, LookupState
+from .partitions import MODEL_LAYER, LookupState, record_lineage
 from .resources import ComputeDevice, LineageStore, LookupSettings, MMseqs, ReferenceDatabase
 
 GPU_POOL = "gpu"
 # Read by dagster-k8s's k8s_job_executor (one pod per step): the search step's pod asks the
 # cluster for one GPU; other executors ignore the tag.
 GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-
-
-def _lineage(context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None):
-    reference_version = state.reference_version(partition) if partition is not None else state.annotation_version
-    lineage.record(
-        state.config,
-        run_id=context.run_id,
-        asset=context.asset_key.to_user_string(),
-        partition=context.partition_key if context.has_partition_key else None,
-        reference_version=reference_version,
-        query_version=state.queries.content_hash,
-        row_counts=rows,
-        timings=timings,
-    )
-    return reference_version
 
 
 @dg.asset(
@@ -57,7 +42,7 @@ def go_annotation_cache(
     annotations, version = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)
     timings = {"fetch": time.perf_counter() - started}
     by_category = dict(annotations.group_by("category").len().sort("category").iter_rows())
-    _lineage(context, lineage, state, {"annotations": annotations.height}, timings)
+    record_lineage(context, lineage, state, {"annotations": annotations.height}, timings)
     return dg.MaterializeResult(
         metadata={
             "annotations": annotations.height,
@@ -94,7 +79,7 @@ def mmseqs_clusters(
     )  # fmt: skip
     timings = {"cluster": time.perf_counter() - started}
     counts = {"sequences": len(clusters), "clusters": len(set(clusters.values()))}
-    _lineage(context, lineage, state, counts, timings)
+    record_lineage(context, lineage, state, counts, timings)
     return dg.MaterializeResult(metadata={**counts, "binary": mmseqs.binary(), "seconds": timings["cluster"]})
 
 
@@ -117,7 +102,7 @@ def reference_embeddings(
     matrix = store.get(pipeline.reference_scope(state.config, partition), log_progress(context.log))
     timings = {"fetch": time.perf_counter() - started}
     query_dim = state.queries.catalogue.layers[(partition.type_id, partition.layer)].dim
-    version = _lineage(context, lineage, state, {"references": len(matrix)}, timings, partition)
+    version = record_lineage(context, lineage, state, {"references": len(matrix)}, timings, partition)
     return dg.MaterializeResult(
         metadata={
             "references": len(matrix),
@@ -167,7 +152,7 @@ def neighbour_hits(
     )
     pipeline.write_hits(config, partition, outcome)
     counts = {"queries": outcome.n_queries, "neighbours": outcome.hits.height}
-    version = _lineage(context, lineage, state, counts, outcome.timings, partition)
+    version = record_lineage(context, lineage, state, counts, outcome.timings, partition)
     answered = set(outcome.hits["accession"].unique().to_list()) | set(outcome.queries_without_hits)
     rows = state.queries.catalogue.layers[(partition.type_id, partition.layer)].rows
     expected = {state.queries.catalogue.accessions[r] for r in rows}
@@ -219,7 +204,7 @@ def raw_result_shards(
     paths = pipeline.write_raw(config, partition, raw)
     timings["write"] = time.perf_counter() - started
     counts = {"rows": raw.height, "accessions": raw["accession"].n_unique()}
-    version = _lineage(context, lineage, state, counts, timings, partition)
+    version = record_lineage(context, lineage, state, counts, timings, partition)
     return dg.MaterializeResult(
         metadata={
             **counts,
@@ -259,7 +244,7 @@ def topgo_exports(
         else 0
     )
     lines = exported.height if exported is not None else 0
-    _lineage(context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition)
+    record_lineage(context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition)
     return dg.MaterializeResult(
         metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "lines": lines},
         check_results=[

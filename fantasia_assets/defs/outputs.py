@@ -8,7 +8,7 @@ from ..core import pipeline
 from ..core.summary import column_suffix
 from .lookup import raw_result_shards
 from .metadata import best_predictions
-from .partitions import LookupState, partition_key
+from .partitions import LookupState, partition_key, record_lineage
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 
@@ -39,11 +39,7 @@ def lookup_summary(
     fasta, mapping = pipeline.write_sequences(state.config, state.queries, raw, state.engine)
     timings = {"summary": time.perf_counter() - started}
     keys = [p.key for p in partitions]
-    lineage.record(
-        state.config, run_id=context.run_id, asset="lookup_summary", partition=None,
-        reference_version=state.annotation_version, query_version=state.queries.content_hash,
-        row_counts={"rows": summary.height, "partitions": len(keys)}, timings=timings,
-    )  # fmt: skip
+    record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(keys)}, timings)
     done = {
         k for k in context.instance.get_materialized_partitions(raw_result_shards.key) if k in state.partitions
     }
@@ -81,11 +77,7 @@ def topgo_ensemble(
     partitions = materialised(state)
     started = time.perf_counter()
     files = pipeline.write_ensemble(state.config, pipeline.read_raw_rows(state.config, partitions))
-    lineage.record(
-        state.config, run_id=context.run_id, asset="topgo_ensemble", partition=None,
-        reference_version=state.annotation_version, query_version=state.queries.content_hash,
-        row_counts={"files": len(files)}, timings={"write": time.perf_counter() - started},
-    )  # fmt: skip
+    record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
         metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "partitions": len(partitions)}
     )

@@ -19,7 +19,7 @@ from ..core import exports
 from ..core.pipeline import Partition, QuerySet, model_types, open_queries, plan_partitions, reference_scope
 from ..core.references import annotation_version, reference_fingerprint
 from ..paths import cache_dir
-from .resources import LookupSettings, ReferenceDatabase
+from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
 
@@ -70,3 +70,19 @@ class LookupState:
     def versions(self) -> dict[str, str]:
         """Reference version of every current partition."""
         return {key: self.reference_version(p) for key, p in self.partitions.items()}
+
+
+def record_lineage(context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None) -> str:
+    """One row of the lineage table for this materialisation; returns the reference version."""
+    reference_version = state.reference_version(partition) if partition is not None else state.annotation_version
+    lineage.record(
+        state.config,
+        run_id=context.run.run_id,
+        asset=context.asset_key.to_user_string(),
+        partition=context.partition_key if context.has_partition_key else None,
+        reference_version=reference_version,
+        query_version=state.queries.content_hash,
+        row_counts=rows,
+        timings=timings,
+    )
+    return reference_version

@@ -187,6 +187,26 @@ def test_backfill_then_automation(dagster_dev):
     assert {(a, p) for a, p, *_ in rows} >= {(a, k) for a in PARTITIONED for k in BACKFILLED}
     first_versions = {(a, p): v for a, p, _, v in rows}
 
+    # the two other partitions by the command line the README documents
+    others = sorted(set(keys) - set(BACKFILLED))
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "job", "backfill", "-w", "workspace.yaml",
+         "-j", "lookup_partition_job", "--partitions", ",".join(others), "--noprompt"],
+        cwd=PROJECT, env=server.env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    def cli_backfill_done():
+        runs = [r for r in server.runs() if any(t["key"] == "dagster/backfill" for t in r["tags"])]
+        mine = {t["value"]: r["status"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition" and t["value"] in others}
+        assert "FAILURE" not in mine.values(), mine
+        return sorted(mine) == others and set(mine.values()) == {"SUCCESS"}
+
+    server.wait("the command-line backfill", cli_backfill_done, timeout=420, every=3)
+    # every partition is materialised: the eager outputs follow without a request
+    server.wait("summary.csv by automation", lambda: (server.experiment / "summary.csv").exists(), 240, 3)
+    server.wait("the TopGO ensemble by automation", lambda: (server.experiment / "topgo" / "ensemble" / "F.topgo").exists(), 120, 3)
+
     # an updated NEAR reference set, loaded by the CLI: the daemon alone must re-run NEAR|layer_0
     changed = server.experiment.parent / "near_updated.h5"
     shutil.copy(SAMPLE / "references_near.h5", changed)
