@@ -52,7 +52,13 @@ def evaluate_changes(
         partition_requests.append(MODEL_LAYER.build_delete_request(sorted(known_partitions - set(versions))))
     changed: list[str] = []
     events: list[dg.AssetObservation] = []
-    if previous is not None:
+    if previous is None:  # record the versions the UI shows; compute nothing
+        events = [
+            dg.AssetObservation(asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: version})
+            for key, version in sorted(versions.items())
+        ]
+        events.append(dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version}))
+    else:
         queries_changed = previous.get("queries") != query_version
         changed = [
             key for key in sorted(versions)
@@ -87,7 +93,7 @@ def evaluate_changes(
         cursor=json.dumps({"partitions": versions, "queries": query_version}, sort_keys=True),
         dynamic_partitions_requests=partition_requests,
         asset_events=events,
-        skip_reason=None if runs or partition_requests else "no reference or query change",
+        skip_reason=None if runs or partition_requests or events else "no reference or query change",
     )
 
 

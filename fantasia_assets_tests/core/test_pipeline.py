@@ -84,8 +84,9 @@ def test_rerun_is_byte_identical_and_replaces(sample_loaded, tmp_path):
     first = _tree_digest(config.experiment_path)
     stray = config.experiment_path / "raw_results" / "NEAR" / "layer_0" / "GONE.csv"
     stray.write_text("from an earlier run")
-    run_lookup(config, sample_loaded)
+    again = run_lookup(config, sample_loaded)
     assert _tree_digest(config.experiment_path) == first  # no duplicate rows, stray shard gone
+    assert {p.matrix_source for p in again.partitions} == {"disk"}  # unchanged references: not refetched
     assert not list(config.experiment_path.rglob("*.tmp"))
 
 
@@ -161,3 +162,49 @@ def test_sample_shards_keep_sequences_when_asked(sample_loaded, tmp_path):
     assert (frame["sequence_query"].str.len_chars() == frame["query_len"]).all()
     assert (frame["sequence_reference"].str.len_chars() == frame["ref_len"]).all()
     shutil.rmtree(config.experiment_path)
+
+
+def test_reference_scope_filters_in_sql(sample_loaded):
+    from fantasia_assets.core.references import ReferenceScope, fetch_reference_matrix
+
+    def rows(**scope):
+        return fetch_reference_matrix(sample_loaded, ReferenceScope(1, 0, **scope), "test").sequence_ids
+
+    everything = rows()
+    assert len(everything) == 300 and list(everything) == sorted(everything)
+    assert len(rows(include_taxa=frozenset({"9606"}))) == 300
+    assert len(rows(exclude_taxa=frozenset({"9606"}))) == 0
+    assert len(rows(include_taxa=frozenset({"10090"}))) == 0
+    # hostile text is a bound value that matches no taxon, never SQL
+    assert len(rows(include_taxa=frozenset({"1) OR 1=1 --"}))) == 0
+    assert list(rows(limit=10)) == list(everything[:10])
+
+
+def test_legacy_layout_without_layers(engine, tmp_path):
+    """`type_<id>/embedding` without layer groups: loaded and searched as the legacy layer."""
+    from fantasia_assets.core.queries import scan
+    from fantasia_assets.db.loader import load_references
+
+    def legacy(source: Path, target: Path, count: int) -> Path:
+        with h5py.File(source) as src, h5py.File(target, "w") as out:
+            for name in sorted(src)[:count]:
+                group = out.create_group(name)
+                group.create_dataset("sequence", data=src[name]["sequence"][()].decode(), dtype=h5py.string_dtype())
+                group.create_dataset("type_1/embedding", data=src[name]["type_1/layer_0/embedding"][()])
+        return target
+
+    references = legacy(SAMPLE / "references_near.h5", tmp_path / "refs.h5", 300)
+    queries = legacy(SAMPLE / "queries.h5", tmp_path / "queries.h5", 10)
+    assert list(scan(queries).layers) == [(1, None)]
+    report = load_references(
+        engine, fasta=SAMPLE / "references.fasta.gz", gaf=[SAMPLE / "references.gaf.gz"],
+        obo=SAMPLE / "go-basic.obo.gz", embeddings=references, model="NEAR",
+    )  # fmt: skip
+    assert report.embeddings_by_layer[None].inserted == 300
+    raw = _config(tmp_path, queries, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": None})
+    result = run_lookup(parse_config(raw), engine)
+    assert [p.partition.key for p in result.partitions] == ["NEAR|layer_legacy"]
+    shards = list((tmp_path / "experiment" / "raw_results" / "NEAR" / "layer_legacy").glob("*.csv"))
+    assert len(shards) == 10
+    summary = pl.read_csv(tmp_path / "experiment" / "summary.csv")
+    assert "final_score_NEAR_Llegacy" in summary.columns
