@@ -36,31 +36,45 @@ SEED = 0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--pairs", type=int, default=QUERIES * REFERENCES_PER_QUERY, help="pairs to align, ≤ 5000")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=QUERIES * REFERENCES_PER_QUERY, help="pairs to align, ≤ 5000"
+    )
     parser.add_argument("--workers", type=int, default=None, help="fast-path threads (default: all CPUs)")
-    parser.add_argument("--kernel-pairs", type=int, default=300, help="pairs for single-kernel timings, 0 skips")
+    parser.add_argument(
+        "--kernel-pairs", type=int, default=300, help="pairs for single-kernel timings, 0 skips"
+    )
     args = parser.parse_args()
 
     pairs = real_pairs(args.shared)[: args.pairs]
     queries, references = [q for q, _ in pairs], [r for _, r in pairs]
     cells = sum(len(q) * len(r) for q, r in pairs)
-    print(f"{len(pairs)} pairs, {cells / 1e6:.0f} M cells, lengths {min(map(len, queries + references))}"
-          f"-{max(map(len, queries + references))} aa, {os.cpu_count()} CPUs")
+    print(
+        f"{len(pairs)} pairs, {cells / 1e6:.0f} M cells, lengths {min(map(len, queries + references))}"
+        f"-{max(map(len, queries + references))} aa, {os.cpu_count()} CPUs"
+    )
     if args.kernel_pairs:
         compare_kernels(pairs[: args.kernel_pairs])
 
     started = time.perf_counter()
     expected = pl.DataFrame([traceback_metrics(q, r) for q, r in pairs]).select(METRIC_COLUMNS)
     traceback_seconds = time.perf_counter() - started
-    print(f"traceback_metrics, 1 thread: {traceback_seconds:.2f} s ({len(pairs) / traceback_seconds:.0f} pairs/s)")
+    print(
+        f"traceback_metrics, 1 thread: {traceback_seconds:.2f} s ({len(pairs) / traceback_seconds:.0f} pairs/s)"
+    )
 
     started = time.perf_counter()
     fast = alignment_metrics(queries, references, workers=args.workers)
     fast_seconds = time.perf_counter() - started
     workers = args.workers or os.cpu_count()
-    print(f"alignment_metrics, {workers} threads: {fast_seconds:.2f} s ({len(pairs) / fast_seconds:.0f} pairs/s)")
+    print(
+        f"alignment_metrics, {workers} threads: {fast_seconds:.2f} s ({len(pairs) / fast_seconds:.0f} pairs/s)"
+    )
 
     identical = fast.columns == expected.columns and bool((fast.to_numpy() == expected.to_numpy()).all())
     print(f"pairs={len(pairs)}")

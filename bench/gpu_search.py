@@ -32,7 +32,9 @@ def timed(run, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--queries", type=int, default=20000)
     parser.add_argument("--references", type=int, default=124000)
     parser.add_argument("--dim", type=int, default=1024)

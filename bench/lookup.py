@@ -45,11 +45,15 @@ def build_references(engine, n_refs: int, dim: int, terms: int, rng) -> np.ndarr
             for i in range(n_refs):
                 sequence = AMINO[rng.integers(0, 20, lengths[i])].tobytes().decode()
                 copy.write_row((i + 1, sequence, hashlib.md5(sequence.encode()).hexdigest()))
-        with cursor.copy("COPY protein (id, sequence_id, gene_name, organism, taxonomy_id) FROM STDIN") as copy:
+        with cursor.copy(
+            "COPY protein (id, sequence_id, gene_name, organism, taxonomy_id) FROM STDIN"
+        ) as copy:
             for i in range(n_refs):
                 copy.write_row((f"P{i + 1:07d}", i + 1, f"G{i + 1}", "Homo sapiens", "9606"))
         picks = rng.integers(0, len(go_ids), (n_refs, terms))
-        with cursor.copy("COPY protein_go_term_annotation (protein_id, go_id, evidence_code) FROM STDIN") as copy:
+        with cursor.copy(
+            "COPY protein_go_term_annotation (protein_id, go_id, evidence_code) FROM STDIN"
+        ) as copy:
             for i in range(n_refs):
                 for go in sorted(set(picks[i].tolist())):
                     copy.write_row((f"P{i + 1:07d}", go_ids[go], "EXP"))
@@ -69,7 +73,9 @@ def write_queries(path: Path, references: np.ndarray, n_queries: int, rng) -> np
     import h5py
 
     picks = rng.choice(len(references), n_queries, replace=False)
-    queries = references[picks].astype(np.float32) + rng.normal(0, 0.02, (n_queries, references.shape[1])).astype(np.float32)
+    queries = references[picks].astype(np.float32) + rng.normal(
+        0, 0.02, (n_queries, references.shape[1])
+    ).astype(np.float32)
     with h5py.File(path, "w") as handle:
         for i, vector in enumerate(queries):
             group = handle.create_group(f"accession_Q{i:06d}")
@@ -98,7 +104,9 @@ def bare_matmul_seconds(queries: np.ndarray, references: np.ndarray, device: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--queries", type=int, default=5000)
     parser.add_argument("--references", type=int, default=50000)
     parser.add_argument("--dim", type=int, default=1024)

@@ -25,7 +25,11 @@ def _add_load_parser(commands) -> None:
     )
     parser.add_argument("--fasta", type=Path, help="reference sequences, FASTA (.gz accepted)")
     parser.add_argument(
-        "--gaf", type=Path, action="append", default=[], help="GOA GAF 2.1/2.2 file (.gz accepted); repeatable"
+        "--gaf",
+        type=Path,
+        action="append",
+        default=[],
+        help="GOA GAF 2.1/2.2 file (.gz accepted); repeatable",
     )
     parser.add_argument("--obo", type=Path, help="Gene Ontology OBO file (.gz accepted)")
     parser.add_argument("--embeddings", type=Path, help="embeddings HDF5 in the query layout (SPEC §2.1)")
@@ -141,7 +145,14 @@ def _demo(args) -> int:
 
     config = load_config(os.environ.get("FANTASIA_CONFIG") or SAMPLE_CONFIG)
     print(f"outputs under {config.experiment_path}:")
-    for name in ("summary.csv", "raw_results", "topgo", "sequences.fasta", "query_index_mapping.csv", "lineage.duckdb"):
+    for name in (
+        "summary.csv",
+        "raw_results",
+        "topgo",
+        "sequences.fasta",
+        "query_index_mapping.csv",
+        "lineage.duckdb",
+    ):
         print(f"  {config.experiment_path / name}")
     print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
     return 0

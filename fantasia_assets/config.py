@@ -92,7 +92,9 @@ def _check_keys(section: Mapping, allowed: set[str], where: str) -> None:
     for key in section:
         if key not in allowed:
             name = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown configuration key {name!r} (allowed here: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                f"unknown configuration key {name!r} (allowed here: {', '.join(sorted(allowed))})"
+            )
 
 
 def _int(value: Any, key: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
@@ -180,7 +182,9 @@ def _models(section: Any) -> tuple[ModelConfig, ...]:
             ModelConfig(
                 name=name,
                 enabled=_bool(settings.get("enabled", True), f"{key}.enabled"),
-                distance_threshold=threshold_value(settings.get("distance_threshold"), f"{key}.distance_threshold"),
+                distance_threshold=threshold_value(
+                    settings.get("distance_threshold"), f"{key}.distance_threshold"
+                ),
                 batch_size=_int(settings.get("batch_size"), f"{key}.batch_size", 1, allow_none=True),
                 layer_index=_layers(settings.get("layer_index", [0]), f"{key}.layer_index"),
             )
@@ -215,7 +219,9 @@ def _summary(section: Any) -> SummarySpec:
         metrics={m: list(a) for m, a in metrics.items()},
         aliases=_string_map(section.get("aliases", default.aliases), "postprocess.summary.aliases"),
         weights={k: (dict(v) if isinstance(v, Mapping) else float(v)) for k, v in weights.items()},
-        include_counts=_bool(section.get("include_counts", default.include_counts), "postprocess.summary.include_counts"),
+        include_counts=_bool(
+            section.get("include_counts", default.include_counts), "postprocess.summary.include_counts"
+        ),
         weighted_prefix=prefix,
     )
 
@@ -281,7 +287,9 @@ def parse_config(raw: Any) -> LookupConfig:
         use_gpu=_bool(lookup.get("use_gpu", True), "lookup.use_gpu"),
         topgo=_bool(lookup.get("topgo", True), "lookup.topgo"),
         lookup_cache_max=_int(lookup.get("lookup_cache_max", 4), "lookup.lookup_cache_max", 0),
-        distance_metric=_choice(lookup.get("distance_metric", "cosine"), "lookup.distance_metric", ("cosine", "euclidean")),
+        distance_metric=_choice(
+            lookup.get("distance_metric", "cosine"), "lookup.distance_metric", ("cosine", "euclidean")
+        ),
         backend=_choice(lookup.get("backend", "torch"), "lookup.backend", ("torch", "numpy", "scipy")),
         tie_expansion=_bool(lookup.get("tie_expansion", False), "lookup.tie_expansion"),
         redundancy=RedundancyConfig(

@@ -34,11 +34,19 @@ def test_sample_config_parses_with_every_key():
 
 @pytest.mark.parametrize("value", [None, False, "off", "None", "null", 0, -1])
 def test_threshold_off_values(value):
-    assert parse_config(_with("embedding.models.NEAR.distance_threshold", value)).model("NEAR").distance_threshold is None
+    assert (
+        parse_config(_with("embedding.models.NEAR.distance_threshold", value))
+        .model("NEAR")
+        .distance_threshold
+        is None
+    )
 
 
 def test_threshold_number():
-    assert parse_config(_with("embedding.models.NEAR.distance_threshold", 0.25)).model("NEAR").distance_threshold == 0.25
+    assert (
+        parse_config(_with("embedding.models.NEAR.distance_threshold", 0.25)).model("NEAR").distance_threshold
+        == 0.25
+    )
 
 
 @pytest.mark.parametrize(
@@ -55,7 +63,11 @@ def test_threshold_number():
         ("lookup.distance_metric", "manhattan", "lookup.distance_metric"),
         ("lookup.redundancy.identity", 1.5, "lookup.redundancy.identity"),
         ("lookup.redundancy.threads", 0, "lookup.redundancy.threads"),
-        ("embedding.models.NEAR.distance_threshold", "0.3; DROP TABLE protein", "embedding.models.NEAR.distance_threshold"),
+        (
+            "embedding.models.NEAR.distance_threshold",
+            "0.3; DROP TABLE protein",
+            "embedding.models.NEAR.distance_threshold",
+        ),
         ("embedding.models.NEAR.layer_index", ["0"], "embedding.models.NEAR.layer_index[0]"),
         ("embedding.models.NEAR.layer_index", [], "embedding.models.NEAR.layer_index"),
         ("lookup.taxonomy.exclude", ["1) OR 1=1 --"], "lookup.taxonomy.exclude"),

@@ -59,7 +59,9 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
         assert (experiment / "summary.csv").exists()
         assert (experiment / "topgo" / "ensemble" / "P.topgo").exists()
         with duckdb.connect(str(experiment / "lineage.duckdb"), read_only=True) as conn:
-            rows = conn.execute("SELECT asset, partition, row_counts FROM lineage ORDER BY materialized_at").fetchall()
+            rows = conn.execute(
+                "SELECT asset, partition, row_counts FROM lineage ORDER BY materialized_at"
+            ).fetchall()
         assets = [r[0] for r in rows]
         assert assets.count("neighbour_hits") == 4 and assets.count("lookup_summary") == 1
         assert all(json.loads(r[2]) for r in rows)
@@ -100,9 +102,11 @@ def test_sensor_requests_only_changed_model(sample_loaded, settings, tmp_path):
     import gzip
 
     lines = gzip.open(SAMPLE / "references.gaf.gz", "rt").read().splitlines(keepends=True)
-    kept = [l for l in lines if l.startswith("!") or l.split("\t")[6] != "IDA"]
+    kept = [line for line in lines if line.startswith("!") or line.split("\t")[6] != "IDA"]
     with gzip.open(gaf, "wt") as handle:
         handle.writelines(kept)
-    load_references(sample_loaded, fasta=SAMPLE / "references.fasta.gz", gaf=[gaf], obo=SAMPLE / "go-basic.obo.gz")
+    load_references(
+        sample_loaded, fasta=SAMPLE / "references.fasta.gz", gaf=[gaf], obo=SAMPLE / "go-basic.obo.gz"
+    )
     final = evaluate_changes(LookupState.open(settings, ReferenceDatabase()), again.cursor, keys)
     assert sorted(r.partition_key for r in final.run_requests if r.partition_key) == sorted(keys)

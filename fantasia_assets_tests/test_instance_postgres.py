@@ -18,12 +18,16 @@ from fantasia_assets_tests.test_definitions import settings  # noqa: F401  (fixt
 
 def test_dagster_storage_on_embedded_postgres(pg_server, sample_loaded, settings, tmp_path):  # noqa: F811
     name = f"dagster_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(normalise_url(pg_server.get_uri()).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(
+        normalise_url(pg_server.get_uri()).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     home = tmp_path / "dagster_home"
     home.mkdir()
-    storage = {"postgres": {"postgres_url": f"postgresql+psycopg2://postgres:@/{name}?host={socket_dir(pg_server)}"}}
+    storage = {
+        "postgres": {"postgres_url": f"postgresql+psycopg2://postgres:@/{name}?host={socket_dir(pg_server)}"}
+    }
     (home / "dagster.yaml").write_text(yaml.safe_dump({"storage": storage, "telemetry": {"enabled": False}}))
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:

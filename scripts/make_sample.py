@@ -77,15 +77,21 @@ def _trim_obo(source: Path, target: Path, wanted: set[str]) -> int:
             continue
         keep.add(term)
         todo.extend(re.findall(r"^is_a: (GO:\d+)", terms[term], re.M))
-    body = "\n".join([header.rstrip("\n") + "\n"] + [terms[t].rstrip("\n") + "\n" for t in sorted(keep)] + typedefs)
+    body = "\n".join(
+        [header.rstrip("\n") + "\n"] + [terms[t].rstrip("\n") + "\n" for t in sorted(keep)] + typedefs
+    )
     with _gzip_text(target) as out:
         out.write(body)
     return len(keep)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the shared real data folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shared", type=Path, default=Path("../shared/data"), help="the shared real data folder"
+    )
     parser.add_argument("--out", type=Path, default=Path("data/sample"), help="where to write the sample")
     args = parser.parse_args()
     shared, out = args.shared, args.out
@@ -137,7 +143,9 @@ def main() -> None:
 
     n_terms = _trim_obo(shared / "go-basic.obo.gz", out / "go-basic.obo.gz", go_ids)
     _copy_groups(shared / "reference_human.h5", out / "references_near.h5", references, ["type_1"])
-    _copy_groups(shared / "reference_human_antiberty.h5", out / "references_antiberty.h5", references, ["type_2"])
+    _copy_groups(
+        shared / "reference_human_antiberty.h5", out / "references_antiberty.h5", references, ["type_2"]
+    )
     _copy_groups(shared / "queries_mouse_two_models.h5", out / "queries.h5", queries, ["type_1", "type_2"])
     print(
         f"{len(queries)} queries, {len(references)} references, {len(gaf_out)} GAF lines, "

@@ -162,7 +162,9 @@ def unique_pair_metrics(pairs: pl.DataFrame, workers: int | None = None) -> pl.D
     if missing:
         raise ValueError(f"pairs lack column(s) {missing}; found {pairs.columns}")
     unique = pairs.select(QUERY_SEQUENCE, REFERENCE_SEQUENCE).unique(maintain_order=True)
-    metrics = alignment_metrics(unique[QUERY_SEQUENCE].to_list(), unique[REFERENCE_SEQUENCE].to_list(), workers)
+    metrics = alignment_metrics(
+        unique[QUERY_SEQUENCE].to_list(), unique[REFERENCE_SEQUENCE].to_list(), workers
+    )
     return pl.concat([unique, metrics], how="horizontal")
 
 
@@ -236,10 +238,14 @@ def _scan_counts(
     for bits, kernel in kernels.items():
         if bits not in profiles:
             profiles[bits] = _PROFILE_CREATORS[bits](query, _MATRIX)
-        counts = _kernel_counts(kernel, profiles[bits], reference, memory, len(query) * len(reference) * bits // 8)
+        counts = _kernel_counts(
+            kernel, profiles[bits], reference, memory, len(query) * len(reference) * bits // 8
+        )
         if counts is not None:
             return counts
-    raise OverflowError(f"alignment scores exceed {max(kernels)} bits ({len(query)} × {len(reference)} residues)")
+    raise OverflowError(
+        f"alignment scores exceed {max(kernels)} bits ({len(query)} × {len(reference)} residues)"
+    )
 
 
 def _kernel_counts(
@@ -269,7 +275,9 @@ def _metrics_frame(counts: np.ndarray) -> pl.DataFrame:
     """Metric columns from per-pair counts (n, 10): global then local score, |, :, gaps, length."""
     columns: dict[str, np.ndarray] = {}
     for offset, suffix in ((0, ""), (5, "_sw")):
-        score, identical, positive, gaps, length = (counts[:, offset + k].astype(np.float64) for k in range(5))
+        score, identical, positive, gaps, length = (
+            counts[:, offset + k].astype(np.float64) for k in range(5)
+        )
         columns["identity" + suffix] = _fraction(identical, length)
         columns["similarity" + suffix] = _fraction(identical + positive, length)
         columns["alignment_score" + suffix] = score

@@ -123,9 +123,11 @@ def _one_line_strings(frame: pl.DataFrame) -> pl.DataFrame:
 
 def csv_bytes(frame: pl.DataFrame, precision: int, header: bool = True, separator: str = ",") -> bytes:
     """CSV with floats written with `precision` digits after the point."""
-    return _one_line_strings(frame).write_csv(
-        include_header=header, float_precision=precision, separator=separator
-    ).encode("utf-8")
+    return (
+        _one_line_strings(frame)
+        .write_csv(include_header=header, float_precision=precision, separator=separator)
+        .encode("utf-8")
+    )
 
 
 def write_raw_shards(
@@ -173,7 +175,12 @@ def write_topgo_dir(directory: Path, tables: dict[str, pl.DataFrame], precision:
         for category, table in sorted(tables.items()):
             name = safe_name(str(category)) + ".topgo"
             (tmp / name).write_bytes(
-                csv_bytes(table.select("accession", "go_id", "reliability_index"), precision, header=False, separator="\t")
+                csv_bytes(
+                    table.select("accession", "go_id", "reliability_index"),
+                    precision,
+                    header=False,
+                    separator="\t",
+                )
             )
             written.append(directory / name)
 

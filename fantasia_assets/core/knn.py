@@ -226,9 +226,7 @@ class SearchEngine:
         """Screen, check sufficiency (module docstring), refine and select for a query block."""
         n_rows, n_references = len(q32), self.n_references
         fast_queries, offsets, exact_queries = self._prepare_queries(q32, q_sq_norms)
-        bounds = _screening_error_bound(
-            self.metric, self.dim, q_sq_norms, self._max_reference_sq_norm
-        )
+        bounds = _screening_error_bound(self.metric, self.dim, q_sq_norms, self._max_reference_sq_norm)
         bounds = torch.from_numpy(bounds).to(self.device)
         offsets = torch.from_numpy(offsets).to(self.device)
         threshold_score = threshold  # in score units: d for cosine, d² for euclidean
@@ -294,7 +292,11 @@ class SearchEngine:
             best_values, best_indices = np.full(shape, np.inf), np.full(shape, -1, dtype=np.int64)
         # one output buffer for every block: a fresh multi-hundred-MiB allocation per block
         # costs page faults comparable to a tenth of the block's matmul
-        buffer = torch.empty(len(fast_queries) * reference_block, device=self.device) if self.backend == "torch" else None
+        buffer = (
+            torch.empty(len(fast_queries) * reference_block, device=self.device)
+            if self.backend == "torch"
+            else None
+        )
         for start in range(0, self.n_references, reference_block):
             stop = min(start + reference_block, self.n_references)
             values = self._block_values(queries, start, stop, buffer)
@@ -322,7 +324,11 @@ class SearchEngine:
         """
         block = self._reference[start:stop]
         if self.backend == "torch":
-            out = None if buffer is None else buffer[: len(queries) * (stop - start)].view(len(queries), stop - start)
+            out = (
+                None
+                if buffer is None
+                else buffer[: len(queries) * (stop - start)].view(len(queries), stop - start)
+            )
             if self.metric == "euclidean":
                 return torch.addmm(self._reference_sq_norms[start:stop], queries, block.T, out=out)
             return torch.mm(queries, block.T, out=out)
@@ -348,7 +354,9 @@ class SearchEngine:
         rows, cols = admissible.nonzero(as_tuple=True)
         # chunks small enough for the float64 temporaries to stay in cache: this step moves
         # memory, it has few FLOPs
-        pairs_per_chunk = max(1, min(self._budget // (4 * 8 * self.dim), _REFINE_CHUNK_BYTES // (8 * self.dim)))
+        pairs_per_chunk = max(
+            1, min(self._budget // (4 * 8 * self.dim), _REFINE_CHUNK_BYTES // (8 * self.dim))
+        )
         for start in range(0, len(rows), pairs_per_chunk):
             row, col = rows[start : start + pairs_per_chunk], cols[start : start + pairs_per_chunk]
             query, candidate = exact_queries[row], self._reference[indices[row, col]].double()

@@ -29,8 +29,8 @@ from .references import (
     ReferenceMatrix,
     ReferenceScope,
     ReferenceStore,
-    fetch_reference_sequences,
     SequenceCache,
+    fetch_reference_sequences,
 )
 from .summary import summarise, topgo_ensemble, topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
@@ -153,7 +153,7 @@ def reference_scope(config: LookupConfig, partition: Partition) -> ReferenceScop
 
 
 def resolve_device(config: LookupConfig) -> str:
-    """"cuda" when the GPU is wanted, the backend is torch and a GPU is present; else "cpu"."""
+    """ "cuda" when the GPU is wanted, the backend is torch and a GPU is present; else "cpu"."""
     if config.use_gpu and config.backend == "torch":
         import torch
 
@@ -270,7 +270,9 @@ def search_partition(
     timings["search"] = time.perf_counter() - started
     hits = pl.concat(parts) if parts else pl.DataFrame(schema=HIT_SCHEMA)
     found = set(hits["accession"].unique().to_list())
-    without = sorted(queries.catalogue.accessions[r] for r in rows if queries.catalogue.accessions[r] not in found)
+    without = sorted(
+        queries.catalogue.accessions[r] for r in rows if queries.catalogue.accessions[r] not in found
+    )
     return SearchOutcome(hits, matrix, len(rows), without, timings, store.last_source)
 
 
@@ -285,7 +287,9 @@ class AlignmentCache:
         self.workers = workers
         self._known = pl.DataFrame(schema={"query_idx": pl.Int64, "ref_idx": pl.Int64})
 
-    def metrics(self, pairs: pl.DataFrame, query_sequences: list[str], ref_sequences: dict[int, str]) -> pl.DataFrame:
+    def metrics(
+        self, pairs: pl.DataFrame, query_sequences: list[str], ref_sequences: dict[int, str]
+    ) -> pl.DataFrame:
         pairs = pairs.select("query_idx", "ref_idx").unique().sort("query_idx", "ref_idx")
         new = pairs.join(self._known.select("query_idx", "ref_idx"), on=["query_idx", "ref_idx"], how="anti")
         if new.height:
@@ -294,7 +298,9 @@ class AlignmentCache:
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],
                 workers=self.workers,
             )
-            self._known = pl.concat([self._known, pl.concat([new, computed], how="horizontal")], how="diagonal")
+            self._known = pl.concat(
+                [self._known, pl.concat([new, computed], how="horizontal")], how="diagonal"
+            )
         return pairs.join(self._known, on=["query_idx", "ref_idx"], how="left")
 
 
@@ -332,7 +338,9 @@ def build_raw_rows(
     )
     if config.keep_sequences:
         rows = rows.with_columns(
-            pl.col("query_idx").map_elements(lambda i: queries.sequences[i], return_dtype=pl.String).alias("sequence_query"),
+            pl.col("query_idx")
+            .map_elements(lambda i: queries.sequences[i], return_dtype=pl.String)
+            .alias("sequence_query"),
             pl.col("ref_idx").replace_strict(ref_map, return_dtype=pl.String).alias("sequence_reference"),
         )
     timings["transfer"] = time.perf_counter() - started
@@ -371,7 +379,8 @@ def write_hits(config: LookupConfig, partition: Partition, outcome: SearchOutcom
     paths = partition_paths(config, partition)
     exports.write_parquet_atomic(paths["hits"], outcome.hits)
     exports.write_parquet_atomic(
-        paths["no_hits"], pl.DataFrame({"accession": outcome.queries_without_hits}, schema={"accession": pl.String})
+        paths["no_hits"],
+        pl.DataFrame({"accession": outcome.queries_without_hits}, schema={"accession": pl.String}),
     )
     return paths
 
@@ -413,11 +422,17 @@ def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.Dat
 
 
 def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
-    return exports.write_topgo_dir(config.experiment_path / "topgo" / "ensemble", topgo_ensemble(raw), config.precision)
+    return exports.write_topgo_dir(
+        config.experiment_path / "topgo" / "ensemble", topgo_ensemble(raw), config.precision
+    )
 
 
 def write_sequences(
-    config: LookupConfig, queries: QuerySet, raw: pl.DataFrame, engine: Engine, sequences: SequenceCache | None = None
+    config: LookupConfig,
+    queries: QuerySet,
+    raw: pl.DataFrame,
+    engine: Engine,
+    sequences: SequenceCache | None = None,
 ) -> tuple[Path, Path]:
     """sequences.fasta (>Q{query_idx}, >R{ref_idx}) and query_index_mapping.csv."""
     refs = (sequences or SequenceCache(engine)).get(raw["ref_idx"].to_numpy()) if raw.height else {}
@@ -481,7 +496,9 @@ class LookupResult:
         return lines
 
 
-def run_lookup(config: LookupConfig, engine: Engine | None = None, progress: Progress = no_progress) -> LookupResult:
+def run_lookup(
+    config: LookupConfig, engine: Engine | None = None, progress: Progress = no_progress
+) -> LookupResult:
     """The whole lookup for every enabled (model, layer), then the run-wide outputs."""
     from ..db import get_engine
     from ..paths import cache_dir
@@ -513,7 +530,15 @@ def run_lookup(config: LookupConfig, engine: Engine | None = None, progress: Pro
     for partition in partitions:
         outcome = search_partition(config, queries, partition, store, clusters, device, progress)
         raw = build_raw_rows(
-            config, queries, partition, outcome.hits, annotations, engine, alignments, outcome.timings, sequences
+            config,
+            queries,
+            partition,
+            outcome.hits,
+            annotations,
+            engine,
+            alignments,
+            outcome.timings,
+            sequences,
         )
         began = time.perf_counter()
         write_hits(config, partition, outcome)
@@ -523,8 +548,14 @@ def run_lookup(config: LookupConfig, engine: Engine | None = None, progress: Pro
         outcome.timings["write partition"] = time.perf_counter() - began
         reports.append(
             PartitionReport(
-                partition, outcome.n_queries, outcome.hits.height, raw.height,
-                len(outcome.queries_without_hits), len(outcome.matrix), outcome.matrix_source, outcome.timings,
+                partition,
+                outcome.n_queries,
+                outcome.hits.height,
+                raw.height,
+                len(outcome.queries_without_hits),
+                len(outcome.matrix),
+                outcome.matrix_source,
+                outcome.timings,
             )  # fmt: skip
         )
     started = time.perf_counter()

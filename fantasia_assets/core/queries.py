@@ -41,6 +41,9 @@ _NATIVE_DTYPES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1}
 _NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]
 _OTHER_DTYPE = -1
 
+# bump when EmbeddingCatalogue changes shape, so pickles of an older layout are not reused
+_CATALOGUE_FORMAT = 1
+
 LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
 
 
@@ -140,7 +143,11 @@ class EmbeddingCatalogue:
                 aligned = offsets[pick] % dtype.itemsize == 0
                 # whole-element indexing of a typed view needs 8× fewer index entries than bytes
                 for group, unit, view in (
-                    (pick[aligned], dtype.itemsize, raw[: raw.shape[0] // dtype.itemsize * dtype.itemsize].view(dtype)),
+                    (
+                        pick[aligned],
+                        dtype.itemsize,
+                        raw[: raw.shape[0] // dtype.itemsize * dtype.itemsize].view(dtype),
+                    ),
                     (pick[~aligned], 1, raw),
                 ):
                     if not len(group):
@@ -193,7 +200,9 @@ def _suffix_int(name: bytes, prefix: str) -> int | None:
 
 
 def _read_string(dataset: h5py.h5d.DatasetID) -> str:
-    buffer = np.empty(dataset.shape, dtype=h5py.string_dtype() if dataset.get_type().is_variable_str() else dataset.dtype)
+    buffer = np.empty(
+        dataset.shape, dtype=h5py.string_dtype() if dataset.get_type().is_variable_str() else dataset.dtype
+    )
     dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
     value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
     if isinstance(value, bytes):
@@ -370,7 +379,7 @@ def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, 
     if not path.is_file():
         raise EmbeddingFileError(f"{path}: no such file")
     digest = file_digest(path)
-    cached = Path(cache_dir) / f"catalogue-{digest}.pkl"
+    cached = Path(cache_dir) / f"catalogue-v{_CATALOGUE_FORMAT}-{digest}.pkl"
     if cached.exists():
         try:
             with open(cached, "rb") as handle:

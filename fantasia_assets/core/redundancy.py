@@ -133,9 +133,7 @@ def _cache_key(
 ) -> str:
     """SHA-256 naming one clustering: sequences (sorted by id), thresholds, MMseqs2 build."""
     digest = hashlib.sha256()
-    digest.update(
-        f"{_CACHE_FORMAT}\n{float(identity)!r}\n{float(coverage)!r}\n{binary_identity}\n".encode()
-    )
+    digest.update(f"{_CACHE_FORMAT}\n{float(identity)!r}\n{float(coverage)!r}\n{binary_identity}\n".encode())
     for sequence_id, sequence in items:
         digest.update(f"{sequence_id}\t{sequence}\n".encode())
     return digest.hexdigest()
@@ -145,9 +143,7 @@ def _checked_items(sequences: Mapping[str, str]) -> list[tuple[str, str]]:
     """(id, sequence) pairs sorted by id, after checking each survives a FASTA round trip."""
     for sequence_id, sequence in sequences.items():
         if not isinstance(sequence_id, str) or not _ID.fullmatch(sequence_id):
-            raise ValueError(
-                f"sequence id {sequence_id!r} is empty or not printable ASCII without spaces"
-            )
+            raise ValueError(f"sequence id {sequence_id!r} is empty or not printable ASCII without spaces")
         if not isinstance(sequence, str) or not _SEQUENCE.fullmatch(sequence):
             raise ValueError(
                 f"sequence {sequence_id!r} is empty or holds whitespace, '>' or non-ASCII "
@@ -332,9 +328,7 @@ def exclusion_csr(
     return indptr, indices
 
 
-def _rows_with_clusters(
-    ids: Sequence[str], row_name: str, table: pl.DataFrame, kind: str
-) -> pl.DataFrame:
+def _rows_with_clusters(ids: Sequence[str], row_name: str, table: pl.DataFrame, kind: str) -> pl.DataFrame:
     """(row, representative) for each id, in input order; `ValueError` for unclustered ids."""
     frame = (
         pl.DataFrame({"id": list(ids)}, schema={"id": pl.String})

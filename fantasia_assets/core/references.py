@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ from sqlalchemy.engine import Engine
 
 from ..db.sources import normalise_category
 from ..progress import Progress, no_progress
+
+log = logging.getLogger(__name__)
 
 _COPY_HEADER = 19  # "PGCOPY\n\377\r\n\0" + flags int32 + extension length int32
 
@@ -144,9 +148,7 @@ def annotation_version(engine: Engine) -> str:
 
 def reference_fingerprint(engine: Engine, scope: ReferenceScope) -> str:
     """Fingerprint of the embedding rows in `scope` (plus the proteins' taxa that filter them)."""
-    inner, params = _rows_query(
-        scope, sql.SQL("se.id, se.sequence_id, se.xmin::text::bigint AS version")
-    )
+    inner, params = _rows_query(scope, sql.SQL("se.id, se.sequence_id, se.xmin::text::bigint AS version"))
     query = sql.SQL(
         "SELECT count(*), coalesce(sum(id), 0), coalesce(sum(sequence_id), 0), "
         "coalesce(sum(version), 0) FROM ({}) rows"
@@ -219,20 +221,47 @@ def _atomic_save(path: Path, writer) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class ReferenceStore:
-    """Reference matrices by scope: memory (at most `max_in_memory`), then disk cache, then DB."""
+def _save_matrix(tmp: Path, matrix: ReferenceMatrix) -> None:
+    with open(tmp, "wb") as handle:
+        np.savez(handle, sequence_ids=matrix.sequence_ids, vectors=matrix.vectors)
 
-    def __init__(self, engine: Engine, cache_dir: Path, max_in_memory: int = 4) -> None:
+
+class ReferenceStore:
+    """Reference matrices by scope: memory (at most `max_in_memory`), then disk cache, then DB.
+
+    The disk cache keeps the `max_on_disk` most recently used matrices; a damaged cache file
+    is fetched again rather than trusted.
+    """
+
+    def __init__(self, engine: Engine, cache_dir: Path, max_in_memory: int = 4, max_on_disk: int = 8) -> None:
         self.engine = engine
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_in_memory = max_in_memory
+        self.max_on_disk = max_on_disk
         self._memory: OrderedDict[str, ReferenceMatrix] = OrderedDict()
         self._lock = threading.Lock()
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
 
     def _file(self, fingerprint: str) -> Path:
         return self.cache_dir / f"matrix-{fingerprint}.npz"
+
+    def _from_disk(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix | None:
+        try:
+            with np.load(path) as stored:
+                matrix = ReferenceMatrix(scope, stored["sequence_ids"], stored["vectors"], fingerprint)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("damaged reference cache %s (%s); fetching from the database", path, exc)
+            return None
+        os.utime(path)  # recently used: kept by the pruning below
+        return matrix
+
+    def _prune(self) -> None:
+        files = sorted(self.cache_dir.glob("matrix-*.npz"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for stale in files[self.max_on_disk :]:
+            stale.unlink(missing_ok=True)
 
     def get(self, scope: ReferenceScope, progress: Progress = no_progress) -> ReferenceMatrix:
         """The scope's matrix, fetched from the database only when its rows changed."""
@@ -243,17 +272,14 @@ class ReferenceStore:
                 self.last_source = "memory"
                 return self._memory[fingerprint]
         path = self._file(fingerprint)
-        if path.exists():
-            with np.load(path) as stored:
-                matrix = ReferenceMatrix(scope, stored["sequence_ids"], stored["vectors"], fingerprint)
+        matrix = self._from_disk(path, scope, fingerprint)
+        if matrix is not None:
             self.last_source = "disk"
         else:
             progress("fetch references", 0, 1)
             matrix = fetch_reference_matrix(self.engine, scope, fingerprint)
-            _atomic_save(
-                path,
-                lambda tmp: np.savez(open(tmp, "wb"), sequence_ids=matrix.sequence_ids, vectors=matrix.vectors),
-            )
+            _atomic_save(path, lambda tmp: _save_matrix(tmp, matrix))
+            self._prune()
             progress("fetch references", 1, 1)
             self.last_source = "database"
         if not len(matrix):

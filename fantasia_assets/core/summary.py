@@ -104,7 +104,9 @@ class SummarySpec:
                 if agg not in _AGGREGATIONS:
                     log.warning(
                         "postprocess.summary.metrics.%s: aggregation %r ignored (use one of %s)",
-                        metric, agg, ", ".join(_AGGREGATIONS),
+                        metric,
+                        agg,
+                        ", ".join(_AGGREGATIONS),
                     )
                     continue
                 planned.append((f"{agg}_{alias}", metric, agg, (metric, alias)))
@@ -114,7 +116,9 @@ class SummarySpec:
         names = [name for name, *_ in planned]
         clashes = sorted({name for name in names if names.count(name) > 1} | {FINAL_SCORE} & set(names))
         if clashes:
-            raise ValueError(f"postprocess.summary: output names {clashes} are produced twice; change an alias")
+            raise ValueError(
+                f"postprocess.summary: output names {clashes} are produced twice; change an alias"
+            )
 
         self._warn_unused_weights(planned)
         raw_weights = [_lookup_weight(self.weights, name, keys, agg) for name, _, agg, keys in planned]
@@ -180,12 +184,16 @@ def summarise(raw: RawRows, spec: SummarySpec, limit_per_entry: int) -> pl.DataF
 
     # Filtering, sorting and joining inside the group_by would run per group, which is several
     # times slower on millions of small groups; list kernels after it run over all groups at once.
-    terms = rows.group_by(*TERM_KEYS).agg(
-        pl.col("category").first(ignore_nulls=True),
-        pl.col("go_description").first(ignore_nulls=True),
-        pl.len().alias("term_count"),
-        pl.col("protein_id").unique().alias("proteins"),
-    ).with_columns(pl.col("proteins").list.drop_nulls().list.sort().list.join("|"))
+    terms = (
+        rows.group_by(*TERM_KEYS)
+        .agg(
+            pl.col("category").first(ignore_nulls=True),
+            pl.col("go_description").first(ignore_nulls=True),
+            pl.len().alias("term_count"),
+            pl.col("protein_id").unique().alias("proteins"),
+        )
+        .with_columns(pl.col("proteins").list.drop_nulls().list.sort().list.join("|"))
+    )
 
     partitions = scores.select(PARTITION_KEYS).unique().sort(PARTITION_KEYS, nulls_last=True)
     wide_names: list[str] = []
@@ -221,7 +229,9 @@ def topgo_tables(raw: RawRows) -> dict[tuple[str, int | None, str], pl.DataFrame
     best = _best_reliability(raw, keys).sort([*keys, *TERM_KEYS], nulls_last=True)
     return {
         (model, layer, category): frame.select(TOPGO_COLUMNS)
-        for (model, layer, category), frame in best.partition_by(keys, as_dict=True, maintain_order=True).items()
+        for (model, layer, category), frame in best.partition_by(
+            keys, as_dict=True, maintain_order=True
+        ).items()
     }
 
 

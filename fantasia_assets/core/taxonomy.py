@@ -56,9 +56,7 @@ def _taxon_id(value: object, key: str) -> str:
     elif isinstance(value, str) and _TAXON_ID.fullmatch(value.strip()):
         number = int(value.strip())
     else:
-        raise TaxonomyError(
-            f"{key}: {value!r} is not an NCBI taxon id (a positive integer such as 9606)"
-        )
+        raise TaxonomyError(f"{key}: {value!r} is not an NCBI taxon id (a positive integer such as 9606)")
     if number < 1:
         raise TaxonomyError(f"{key}: {value!r} is not an NCBI taxon id (ids start at 1)")
     return str(number)
@@ -156,9 +154,7 @@ def read_nodes(path: Path) -> TaxonomyTree:
         (pl.col("bar") == "|").alias("separated"),
     )
     malformed = typed.with_row_index("line").filter(
-        pl.col("tax_id").is_null()
-        | pl.col("parent").is_null()
-        | ~pl.col("separated").fill_null(False)
+        pl.col("tax_id").is_null() | pl.col("parent").is_null() | ~pl.col("separated").fill_null(False)
     )
     if malformed.height:
         line = int(malformed["line"][0]) + 1
@@ -221,8 +217,7 @@ class TaxonomyFilter:
         object.__setattr__(self, "include_only", include_only)
         if not isinstance(self.get_descendants, bool):
             raise TaxonomyError(
-                "lookup.taxonomy.get_descendants must be true or false, "
-                f"got {self.get_descendants!r}"
+                f"lookup.taxonomy.get_descendants must be true or false, got {self.get_descendants!r}"
             )
         if self.nodes_path is not None:
             object.__setattr__(self, "nodes_path", Path(self.nodes_path))

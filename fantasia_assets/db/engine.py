@@ -33,8 +33,7 @@ def normalise_url(url: str | URL) -> URL:
     parsed = make_url(url) if isinstance(url, str) else url
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise DatabaseError(
-            f"{ENV_URL} must be a PostgreSQL URL (postgresql://…), got backend "
-            f"{parsed.get_backend_name()!r}"
+            f"{ENV_URL} must be a PostgreSQL URL (postgresql://…), got backend {parsed.get_backend_name()!r}"
         )
     return parsed.set(drivername="postgresql+psycopg")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..core.queries import EmbeddingCatalogue, EmbeddingFileError, scan
@@ -89,16 +88,12 @@ class LoadReport:
             out.append(f"  kept by aspect: {aspects}")
         for layer, change in self.embeddings_by_layer.items():
             name = f"layer_{layer}" if layer is not None else "legacy (no layer)"
-            out.append(
-                f"embeddings:   {self.model} (type_{self.embedding_type_id}) {name}: {change}"
-            )
+            out.append(f"embeddings:   {self.model} (type_{self.embedding_type_id}) {name}: {change}")
         for reason, count in sorted(self.skipped.items()):
             if count:
                 out.append(f"skipped:      {count:,} {reason}")
         if self.timings:
-            out.append(
-                "timings (s):  " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items())
-            )
+            out.append("timings (s):  " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
         return out
 
 
@@ -172,9 +167,7 @@ def _prepare_annotations(
     for reason, count in gaf_data.skipped.items():
         report.skipped[f"GAF lines: {reason}"] += count
 
-    kept = gaf_data.kept.join(
-        sequences.rename({"accession": "protein_id"}), on="protein_id", how="left"
-    )
+    kept = gaf_data.kept.join(sequences.rename({"accession": "protein_id"}), on="protein_id", how="left")
     without_sequence = kept.filter(pl.col("sequence").is_null())
     report.skipped["GAF annotations of proteins without a FASTA sequence"] += without_sequence.height
     report.skipped["proteins without a FASTA sequence"] += without_sequence["protein_id"].n_unique()
@@ -192,12 +185,8 @@ def _prepare_annotations(
         .rename({"protein_id": "id"})
         .sort("id")
     )
-    annotations = kept.select("protein_id", "go_id", "evidence_code", "aspect").sort(
-        "protein_id", "go_id"
-    )
-    report.annotations_by_aspect = dict(
-        annotations.group_by("aspect").len().sort("aspect").iter_rows()
-    )
+    annotations = kept.select("protein_id", "go_id", "evidence_code", "aspect").sort("protein_id", "go_id")
+    report.annotations_by_aspect = dict(annotations.group_by("aspect").len().sort("aspect").iter_rows())
     return ontology, _Annotations(
         proteins=proteins,
         annotations=annotations.drop("aspect"),
@@ -206,9 +195,7 @@ def _prepare_annotations(
 
 
 def _write_ontology(cursor, ontology, report: LoadReport) -> None:
-    cursor.execute(
-        "CREATE TEMP TABLE _go (go_id text, category text, description text) ON COMMIT DROP"
-    )
+    cursor.execute("CREATE TEMP TABLE _go (go_id text, category text, description text) ON COMMIT DROP")
     _copy_csv(cursor, "_go", ontology.terms)
     cursor.execute(
         """
@@ -228,7 +215,9 @@ def _write_ontology(cursor, ontology, report: LoadReport) -> None:
 def _write_annotations(cursor, data: _Annotations, report: LoadReport) -> None:
     proteins = data.proteins
     cursor.execute("CREATE TEMP TABLE _seq (sequence text, sequence_hash text) ON COMMIT DROP")
-    unique_sequences = proteins.select("sequence", "sequence_hash").unique("sequence_hash").sort("sequence_hash")
+    unique_sequences = (
+        proteins.select("sequence", "sequence_hash").unique("sequence_hash").sort("sequence_hash")
+    )
     _copy_csv(cursor, "_seq", unique_sequences)
     cursor.execute(
         """
@@ -526,7 +515,7 @@ def load_references(
         except EmbeddingFileError as exc:
             raise InputFileError(str(exc)) from exc
         report.timings["scan HDF5"] = time.perf_counter() - started
-        for group, reason in catalogue.skipped:
+        for _group, reason in catalogue.skipped:
             report.skipped[f"HDF5 groups: {reason}"] += 1
 
     ensure_schema(engine)

@@ -100,9 +100,7 @@ class SequenceEmbedding(Base):
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sequence_id: Mapped[int] = mapped_column(ForeignKey("sequence.id"), nullable=False)
-    embedding_type_id: Mapped[int] = mapped_column(
-        ForeignKey("sequence_embedding_type.id"), nullable=False
-    )
+    embedding_type_id: Mapped[int] = mapped_column(ForeignKey("sequence_embedding_type.id"), nullable=False)
     layer_index: Mapped[int | None] = mapped_column(Integer)
     embedding = mapped_column(HALFVEC(), nullable=False)
     shape = mapped_column(ARRAY(Integer))

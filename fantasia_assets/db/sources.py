@@ -121,7 +121,10 @@ def read_fasta(path: str | Path) -> pl.DataFrame:
             chunks.append(line.strip())
     if current is not None:
         sequences.append("".join(chunks).upper())
-    frame = pl.DataFrame({"accession": accessions, "sequence": sequences}, schema={"accession": pl.String, "sequence": pl.String})
+    frame = pl.DataFrame(
+        {"accession": accessions, "sequence": sequences},
+        schema={"accession": pl.String, "sequence": pl.String},
+    )
     empty = frame.filter(pl.col("sequence") == "")
     if empty.height:
         raise InputFileError(f"{path}: record {empty['accession'][0]!r} has an empty sequence")

@@ -14,7 +14,14 @@ import dagster as dg
 
 from ..core.queries import file_digest
 from .inputs import query_embeddings, reference_set
-from .lookup import go_annotation_cache, mmseqs_clusters, neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
+from .lookup import (
+    go_annotation_cache,
+    mmseqs_clusters,
+    neighbour_hits,
+    raw_result_shards,
+    reference_embeddings,
+    topgo_exports,
+)
 from .outputs import lookup_summary, topgo_ensemble
 from .partitions import MODEL_LAYER, LookupState
 from .resources import LookupSettings, ReferenceDatabase
@@ -38,9 +45,7 @@ outputs_job = dg.define_asset_job(
 )
 
 
-def evaluate_changes(
-    state: LookupState, cursor: str | None, known_partitions: set[str]
-) -> dg.SensorResult:
+def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: set[str]) -> dg.SensorResult:
     """The sensor's decision, given the current state and what the previous tick saw."""
     versions = state.versions()
     query_version = file_digest(state.config.embeddings_path)
@@ -57,7 +62,9 @@ def evaluate_changes(
             dg.AssetObservation(asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: version})
             for key, version in sorted(versions.items())
         ]
-        events.append(dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version}))
+        events.append(
+            dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version})
+        )
     else:
         queries_changed = previous.get("queries") != query_version
         changed = [
@@ -65,12 +72,16 @@ def evaluate_changes(
             if queries_changed or previous.get("partitions", {}).get(key) != versions[key]
         ]  # fmt: skip
         events = [
-            dg.AssetObservation(asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: versions[key]})
+            dg.AssetObservation(
+                asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: versions[key]}
+            )
             for key in changed
             if previous.get("partitions", {}).get(key) != versions[key]
         ]
         if queries_changed:
-            events.append(dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version}))
+            events.append(
+                dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version})
+            )
     runs = [
         dg.RunRequest(
             job_name=partition_job.name,
@@ -137,7 +148,9 @@ def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[s
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daily backstop: re-compute every partition whose results are stale or missing.",
 )
-def daily_backstop(context: dg.ScheduleEvaluationContext, settings: LookupSettings, database: ReferenceDatabase):
+def daily_backstop(
+    context: dg.ScheduleEvaluationContext, settings: LookupSettings, database: ReferenceDatabase
+):
     state = LookupState.open(settings, database)
     for key in stale_partitions(context.instance, state):
         yield dg.RunRequest(partition_key=key, run_key=f"backstop:{context.scheduled_execution_time}:{key}")

@@ -28,7 +28,12 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
         instance.delete_dynamic_partition(MODEL_LAYER.name, key)
     sources = [inputs.reference_set, inputs.query_embeddings, inputs.go_ontology]
     shared = [lookup.go_annotation_cache, lookup.mmseqs_clusters]
-    partitioned = [lookup.reference_embeddings, lookup.neighbour_hits, lookup.raw_result_shards, lookup.topgo_exports]
+    partitioned = [
+        lookup.reference_embeddings,
+        lookup.neighbour_hits,
+        lookup.raw_result_shards,
+        lookup.topgo_exports,
+    ]
     run_wide = [outputs.lookup_summary, outputs.topgo_ensemble]
     everything = sources + shared + partitioned + run_wide
 

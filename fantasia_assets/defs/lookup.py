@@ -33,7 +33,10 @@ GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits
     "cache under $FANTASIA_HOME), fetched once per annotation version.",
 )
 def go_annotation_cache(
-    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: LookupSettings,
+    database: ReferenceDatabase,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     started = time.perf_counter()
@@ -93,7 +96,10 @@ def mmseqs_clusters(
     "fingerprint so unchanged references are never fetched twice.",
 )
 def reference_embeddings(
-    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: LookupSettings,
+    database: ReferenceDatabase,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     partition = state.partition(context.partition_key)
@@ -163,7 +169,9 @@ def neighbour_hits(
             "device": where,
             "reference_version": version,
             "query_version": state.queries.content_hash,
-            "distance_histogram": dg.MetadataValue.md(distance_histogram(outcome.hits["distance"].to_numpy())),
+            "distance_histogram": dg.MetadataValue.md(
+                distance_histogram(outcome.hits["distance"].to_numpy())
+            ),
             "timings": dg.MetadataValue.md(timings_table(outcome.timings)),
         },
         check_results=[
@@ -190,7 +198,10 @@ def neighbour_hits(
     "raw_results/{model}/layer_{k}/{accession}.csv, replaced whole on re-runs.",
 )
 def raw_result_shards(
-    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: LookupSettings,
+    database: ReferenceDatabase,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
@@ -199,7 +210,9 @@ def raw_result_shards(
         pipeline.reference_scope(config, partition)
     )
     timings: dict[str, float] = {}
-    raw = pipeline.build_raw_rows(config, state.queries, partition, hits, annotations, state.engine, timings=timings)
+    raw = pipeline.build_raw_rows(
+        config, state.queries, partition, hits, annotations, state.engine, timings=timings
+    )
     started = time.perf_counter()
     paths = pipeline.write_raw(config, partition, raw)
     timings["write"] = time.perf_counter() - started
@@ -226,7 +239,10 @@ def raw_result_shards(
     description="topgo/{model}/layer_{k}/{category}.topgo: best RI per (accession, GO term).",
 )
 def topgo_exports(
-    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: LookupSettings,
+    database: ReferenceDatabase,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
@@ -244,10 +260,14 @@ def topgo_exports(
         else 0
     )
     lines = exported.height if exported is not None else 0
-    record_lineage(context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition)
+    record_lineage(
+        context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition
+    )
     return dg.MaterializeResult(
         metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "lines": lines},
         check_results=[
-            dg.AssetCheckResult(check_name="topgo_rows_in_raw_rows", passed=missing == 0, metadata={"not_in_raw": missing})
+            dg.AssetCheckResult(
+                check_name="topgo_rows_in_raw_rows", passed=missing == 0, metadata={"not_in_raw": missing}
+            )
         ],
     )

@@ -14,9 +14,7 @@ from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 def materialised(state: LookupState) -> list[pipeline.Partition]:
     """Current partitions whose raw rows exist on disk."""
-    return [
-        p for p in state.partitions.values() if pipeline.partition_paths(state.config, p)["raw"].exists()
-    ]
+    return [p for p in state.partitions.values() if pipeline.partition_paths(state.config, p)["raw"].exists()]
 
 
 @dg.asset(
@@ -29,7 +27,10 @@ def materialised(state: LookupState) -> list[pipeline.Partition]:
     "sequences.fasta and query_index_mapping.csv.",
 )
 def lookup_summary(
-    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: LookupSettings,
+    database: ReferenceDatabase,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     partitions = materialised(state)
@@ -41,9 +42,15 @@ def lookup_summary(
     keys = [p.key for p in partitions]
     record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(keys)}, timings)
     done = {
-        k for k in context.instance.get_materialized_partitions(raw_result_shards.key) if k in state.partitions
+        k
+        for k in context.instance.get_materialized_partitions(raw_result_shards.key)
+        if k in state.partitions
     }
-    covered = {partition_key(p) for p in partitions if f"final_score_{column_suffix(p.model.name, p.layer)}" in summary.columns}
+    covered = {
+        partition_key(p)
+        for p in partitions
+        if f"final_score_{column_suffix(p.model.name, p.layer)}" in summary.columns
+    }
     return dg.MaterializeResult(
         metadata={
             "rows": summary.height,
@@ -57,7 +64,10 @@ def lookup_summary(
             dg.AssetCheckResult(
                 check_name="covers_every_partition",
                 passed=done <= covered,
-                metadata={"materialised": dg.MetadataValue.json(sorted(done)), "missing": dg.MetadataValue.json(sorted(done - covered))},
+                metadata={
+                    "materialised": dg.MetadataValue.json(sorted(done)),
+                    "missing": dg.MetadataValue.json(sorted(done - covered)),
+                },
             )
         ],
     )
@@ -71,7 +81,10 @@ def lookup_summary(
     description="topgo/ensemble/{category}.topgo: best RI per (accession, GO term) across all models and layers.",
 )
 def topgo_ensemble(
-    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: LookupSettings,
+    database: ReferenceDatabase,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     partitions = materialised(state)

@@ -72,9 +72,13 @@ class LookupState:
         return {key: self.reference_version(p) for key, p in self.partitions.items()}
 
 
-def record_lineage(context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None) -> str:
+def record_lineage(
+    context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None
+) -> str:
     """One row of the lineage table for this materialisation; returns the reference version."""
-    reference_version = state.reference_version(partition) if partition is not None else state.annotation_version
+    reference_version = (
+        state.reference_version(partition) if partition is not None else state.annotation_version
+    )
     lineage.record(
         state.config,
         run_id=context.run.run_id,

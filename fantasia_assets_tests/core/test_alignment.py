@@ -51,7 +51,9 @@ def real_pairs(sequences: dict[str, str]) -> list[tuple[str, str]]:
     mouse = _accessions(shared_file("queries_mouse.h5"))
     human = _accessions(shared_file("reference_human.h5"))
     symbols = pl.read_csv(
-        shared_file("annotations_human_mouse.tsv.gz"), separator="\t", columns=["accession", "db_object_symbol"]
+        shared_file("annotations_human_mouse.tsv.gz"),
+        separator="\t",
+        columns=["accession", "db_object_symbol"],
     ).unique("accession", keep="first")
     symbol_of = dict(zip(symbols["accession"], symbols["db_object_symbol"].str.to_uppercase()))
     human_by_symbol: dict[str, str] = {}
@@ -74,7 +76,9 @@ def real_pairs(sequences: dict[str, str]) -> list[tuple[str, str]]:
     human_picks = rng.integers(0, len(short_human), N_UNRELATED)
     unrelated = [(short_mouse[i], short_human[j]) for i, j in zip(mouse_picks, human_picks)]
     shortest = sorted(sequences, key=lambda a: (len(sequences[a]), a))[:6]  # 24-37 aa
-    tiny = [(a, b) for a in shortest for b in shortest[:3]] + [(a, short_human[k]) for k, a in enumerate(shortest)]
+    tiny = [(a, b) for a in shortest for b in shortest[:3]] + [
+        (a, short_human[k]) for k, a in enumerate(shortest)
+    ]
     named = orthologs + unrelated + tiny + list(LONG_ORTHOLOGS) + list(SELENOPROTEINS) + list(WITH_X)
     return [(sequences[q], sequences[r]) for q, r in named] + list(TIES)
 

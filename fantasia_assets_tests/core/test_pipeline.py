@@ -66,7 +66,9 @@ def test_lookup_writes_every_output(sample_loaded, tmp_path):
         assert lines and all(len(line.split("\t")) == 3 for line in lines)
     summary = pl.read_csv(base / "summary.csv")
     assert summary.columns[:4] == ["accession", "go_id", "category", "go_description"]
-    assert {"final_score_NEAR_L0", "final_score_AntiBERTy_L3", "term_count", "proteins"} <= set(summary.columns)
+    assert {"final_score_NEAR_L0", "final_score_AntiBERTy_L3", "term_count", "proteins"} <= set(
+        summary.columns
+    )
     assert summary.select("accession", "go_id").is_unique().all()
     mapping = pl.read_csv(base / "query_index_mapping.csv")
     assert mapping.columns == ["query_idx", "query_fasta_id", "accessions", "sequence_length"]
@@ -96,22 +98,32 @@ def test_identical_query_is_masked_by_mmseqs2(sample_loaded, tmp_path):
     with h5py.File(SAMPLE / "references_near.h5") as refs, h5py.File(queries, "w") as out:
         for name in sorted(refs)[:3]:
             group = out.create_group(name)
-            group.create_dataset("sequence", data=refs[name]["sequence"][()].decode(), dtype=h5py.string_dtype())
+            group.create_dataset(
+                "sequence", data=refs[name]["sequence"][()].decode(), dtype=h5py.string_dtype()
+            )
             group.create_dataset("type_1/layer_0/embedding", data=refs[name]["type_1/layer_0/embedding"][()])
         accessions = [name[len("accession_") :] for name in sorted(refs)[:3]]
     base = {"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0],
             "postprocess.alignment": False}  # fmt: skip
     plain = run_lookup(parse_config(_config(tmp_path / "plain", queries, **base)), sample_loaded)
-    masked_config = parse_config(_config(tmp_path / "masked", queries, **base, **{"lookup.redundancy.identity": 0.9}))
+    masked_config = parse_config(
+        _config(tmp_path / "masked", queries, **base, **{"lookup.redundancy.identity": 0.9})
+    )
     masked = run_lookup(masked_config, sample_loaded)
     assert plain.partitions[0].n_hits == masked.partitions[0].n_hits == 15  # k neighbours remain
     own = {}
-    plain_hits = pl.read_parquet(tmp_path / "plain" / "experiment" / "parquet" / "NEAR" / "layer_0" / "neighbour_hits.parquet")
+    plain_hits = pl.read_parquet(
+        tmp_path / "plain" / "experiment" / "parquet" / "NEAR" / "layer_0" / "neighbour_hits.parquet"
+    )
     for accession in accessions:
-        first = plain_hits.filter((pl.col("accession") == accession) & (pl.col("rank") == 0)).row(0, named=True)
+        first = plain_hits.filter((pl.col("accession") == accession) & (pl.col("rank") == 0)).row(
+            0, named=True
+        )
         assert first["distance"] == pytest.approx(0.0, abs=1e-6)
         own[accession] = first["ref_idx"]
-    masked_hits = pl.read_parquet(masked_config.experiment_path / "parquet" / "NEAR" / "layer_0" / "neighbour_hits.parquet")
+    masked_hits = pl.read_parquet(
+        masked_config.experiment_path / "parquet" / "NEAR" / "layer_0" / "neighbour_hits.parquet"
+    )
     for accession, ref in own.items():
         assert ref not in masked_hits.filter(pl.col("accession") == accession)["ref_idx"].to_list()
 
@@ -122,10 +134,18 @@ def test_hostile_accessions_stay_inside_the_experiment(sample_loaded, tmp_path):
     with h5py.File(SAMPLE / "queries.h5") as source, h5py.File(queries, "w") as out:
         for name, new in zip(sorted(source)[:5], hostile):
             group = out.create_group("accession_" + new.replace("/", "\u2215"))
-            group.create_dataset("sequence", data=source[name]["sequence"][()].decode(), dtype=h5py.string_dtype())
-            group.create_dataset("type_1/layer_0/embedding", data=source[name]["type_1/layer_0/embedding"][()])
+            group.create_dataset(
+                "sequence", data=source[name]["sequence"][()].decode(), dtype=h5py.string_dtype()
+            )
+            group.create_dataset(
+                "type_1/layer_0/embedding", data=source[name]["type_1/layer_0/embedding"][()]
+            )
     config = parse_config(
-        _config(tmp_path, queries, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0]})
+        _config(
+            tmp_path,
+            queries,
+            **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0]},
+        )
     )
     run_lookup(config, sample_loaded)
     shards = config.experiment_path / "raw_results" / "NEAR" / "layer_0"
@@ -140,7 +160,9 @@ def test_hostile_accessions_stay_inside_the_experiment(sample_loaded, tmp_path):
 
 
 def test_model_without_references_is_skipped_with_a_warning(sample_loaded, tmp_path, caplog):
-    raw = _config(tmp_path, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0]})
+    raw = _config(
+        tmp_path, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0]}
+    )
     raw["embedding"]["models"]["ESM-2"] = {"enabled": True, "layer_index": [0]}
     result = run_lookup(parse_config(raw), sample_loaded)
     assert [p.partition.key for p in result.partitions] == ["NEAR|layer_0"]
@@ -151,8 +173,12 @@ def test_sample_shards_keep_sequences_when_asked(sample_loaded, tmp_path):
     config = parse_config(
         _config(
             tmp_path,
-            **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0],
-               "postprocess.keep_sequences": True, "postprocess.alignment": False},
+            **{
+                "embedding.models.AntiBERTy.enabled": False,
+                "embedding.models.NEAR.layer_index": [0],
+                "postprocess.keep_sequences": True,
+                "postprocess.alignment": False,
+            },
         )  # fmt: skip
     )
     run_lookup(config, sample_loaded)
@@ -189,7 +215,9 @@ def test_legacy_layout_without_layers(engine, tmp_path):
         with h5py.File(source) as src, h5py.File(target, "w") as out:
             for name in sorted(src)[:count]:
                 group = out.create_group(name)
-                group.create_dataset("sequence", data=src[name]["sequence"][()].decode(), dtype=h5py.string_dtype())
+                group.create_dataset(
+                    "sequence", data=src[name]["sequence"][()].decode(), dtype=h5py.string_dtype()
+                )
                 group.create_dataset("type_1/embedding", data=src[name]["type_1/layer_0/embedding"][()])
         return target
 
@@ -201,10 +229,32 @@ def test_legacy_layout_without_layers(engine, tmp_path):
         obo=SAMPLE / "go-basic.obo.gz", embeddings=references, model="NEAR",
     )  # fmt: skip
     assert report.embeddings_by_layer[None].inserted == 300
-    raw = _config(tmp_path, queries, **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": None})
+    raw = _config(
+        tmp_path,
+        queries,
+        **{"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": None},
+    )
     result = run_lookup(parse_config(raw), engine)
     assert [p.partition.key for p in result.partitions] == ["NEAR|layer_legacy"]
     shards = list((tmp_path / "experiment" / "raw_results" / "NEAR" / "layer_legacy").glob("*.csv"))
     assert len(shards) == 10
     summary = pl.read_csv(tmp_path / "experiment" / "summary.csv")
     assert "final_score_NEAR_Llegacy" in summary.columns
+
+
+def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_path):
+    from fantasia_assets.core.references import ReferenceScope, ReferenceStore
+
+    store = ReferenceStore(sample_loaded, tmp_path, max_in_memory=0, max_on_disk=2)
+    first = store.get(ReferenceScope(1, 0))
+    assert store.last_source == "database"
+    cached = next(tmp_path.glob("matrix-*.npz"))
+    cached.write_bytes(cached.read_bytes()[:100])  # a damaged cache file is refetched, not trusted
+    again = store.get(ReferenceScope(1, 0))
+    assert store.last_source == "database"
+    np.testing.assert_array_equal(first.vectors, again.vectors)
+    store.get(ReferenceScope(1, 0))
+    assert store.last_source == "disk"
+    for layer in (1, 4):
+        store.get(ReferenceScope(1, layer))
+    assert len(list(tmp_path.glob("matrix-*.npz"))) == 2

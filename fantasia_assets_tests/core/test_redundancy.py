@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from fantasia_assets.core import redundancy
-from fantasia_assets_tests.conftest import SHARED_DATA
 from fantasia_assets.core.redundancy import (
     MMseqsError,
     cluster_sequences,
     exclusion_csr,
     mmseqs_binary,
 )
+from fantasia_assets_tests.conftest import SHARED_DATA
 
 SEQUENCES = SHARED_DATA / "sequences.fasta.gz"
 N_REFERENCES = 300
@@ -113,9 +113,7 @@ def test_progress_reports_each_mmseqs_step(clustered) -> None:
     ]
 
 
-def test_second_call_reads_the_cache_without_running_mmseqs(
-    clustered, real_sets, monkeypatch
-) -> None:
+def test_second_call_reads_the_cache_without_running_mmseqs(clustered, real_sets, monkeypatch) -> None:
     clusters, cache_dir, _, _ = clustered
     references, queries = real_sets
     monkeypatch.delenv(redundancy.BINARY_ENV, raising=False)
@@ -176,10 +174,7 @@ def test_exclusion_csr_on_known_clusters() -> None:
 def test_failing_binary_reports_exit_code_and_stderr(tmp_path: Path, monkeypatch) -> None:
     fake = tmp_path / "mmseqs"
     fake.write_text(
-        "#!/bin/sh\n"
-        "echo 'lots of progress chatter'\n"
-        "echo 'Error: database is broken' >&2\n"
-        "exit 3\n"
+        "#!/bin/sh\necho 'lots of progress chatter'\necho 'Error: database is broken' >&2\nexit 3\n"
     )
     fake.chmod(0o755)
     monkeypatch.setenv(redundancy.BINARY_ENV, str(fake))

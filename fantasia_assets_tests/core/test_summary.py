@@ -57,8 +57,19 @@ ROWS = [
 ]
 
 DEFAULT_SCORES = [
-    "max_ri", "min_id_g", "max_id_g", "mean_id_g", "min_id_l", "max_id_l", "mean_id_l", "count",
-    "w_max_ri", "w_max_id_g", "w_max_id_l", "w_count", "final_score",
+    "max_ri",
+    "min_id_g",
+    "max_id_g",
+    "mean_id_g",
+    "min_id_l",
+    "max_id_l",
+    "mean_id_l",
+    "count",
+    "w_max_ri",
+    "w_max_id_g",
+    "w_max_id_l",
+    "w_count",
+    "final_score",
 ]
 
 
@@ -118,10 +129,14 @@ def test_summary_column_order_is_deterministic() -> None:
     summary = summarise(_raw(ROWS), SummarySpec.default(), LIMIT)
     # "ESM/2 x|y" sorts before "Prot-T5"; within a partition the spec order holds.
     expected = [
-        "accession", "go_id", "category", "go_description",
+        "accession",
+        "go_id",
+        "category",
+        "go_description",
         *(f"{name}_{ESM}_Llegacy" for name in DEFAULT_SCORES),
         *(f"{name}_{T5}_L0" for name in DEFAULT_SCORES),
-        "term_count", "proteins",
+        "term_count",
+        "proteins",
     ]
     assert summary.columns == expected
     shuffled = _raw(ROWS).sample(fraction=1.0, shuffle=True, seed=7)
@@ -212,7 +227,11 @@ def test_avg_is_mean_and_unknown_aggregations_are_ignored(caplog: pytest.LogCapt
         summary = summarise(_raw(ROWS), spec, LIMIT)
     assert "median" in caplog.text
     t5 = f"_{T5}_L0"
-    assert [c for c in summary.columns if c.endswith(t5)] == [f"avg_ri{t5}", f"weighted_avg_ri{t5}", f"final_score{t5}"]
+    assert [c for c in summary.columns if c.endswith(t5)] == [
+        f"avg_ri{t5}",
+        f"weighted_avg_ri{t5}",
+        f"final_score{t5}",
+    ]
     _assert_close(_column(summary, "avg_ri" + t5), [0.85, 0.7, 0.6, None])  # (0.9 + 0.8) / 2
     _assert_close(_column(summary, "final_score" + t5), [0.85, 0.7, 0.6, None])  # sole weight → 1
 
@@ -226,8 +245,11 @@ def test_bad_weights_are_reported_with_their_key(caplog: pytest.LogCaptureFixtur
     with pytest.raises(ValueError, match="metrics.identity"):
         SummarySpec(metrics={"identity": "max"}, aliases={}, weights={"count": 1})
     with pytest.raises(ValueError, match="produced twice"):
-        SummarySpec(metrics={"identity": ["max"], "identity_sw": ["max"]}, aliases={"identity_sw": "identity"},
-                    weights={"count": 1}).columns()
+        SummarySpec(
+            metrics={"identity": ["max"], "identity_sw": ["max"]},
+            aliases={"identity_sw": "identity"},
+            weights={"count": 1},
+        ).columns()
     with pytest.raises(ValueError, match="limit_per_entry"):
         summarise(_raw(ROWS), SummarySpec.default(), 0)
 

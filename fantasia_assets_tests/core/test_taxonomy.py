@@ -36,8 +36,7 @@ EDGES = [
 def _nodes_text() -> str:
     # The real layout: fields joined by "\t|\t", each line closed by "\t|".
     return "".join(
-        f"{tax_id}\t|\t{parent}\t|\t{rank}\t|\t\t|\t0\t|\t1\t|\t11\t|\n"
-        for tax_id, parent, rank in EDGES
+        f"{tax_id}\t|\t{parent}\t|\t{rank}\t|\t\t|\t0\t|\t1\t|\t11\t|\n" for tax_id, parent, rank in EDGES
     )
 
 
@@ -56,8 +55,7 @@ def test_read_nodes_builds_parents_and_children(nodes_path: Path) -> None:
     tree = read_nodes(nodes_path)
     assert len(tree) == len(EDGES)
     parent_of = {
-        int(tree.tax_ids[i]): (int(tree.tax_ids[p]) if p >= 0 else None)
-        for i, p in enumerate(tree.parents)
+        int(tree.tax_ids[i]): (int(tree.tax_ids[p]) if p >= 0 else None) for i, p in enumerate(tree.parents)
     }
     assert parent_of[1] is None  # self-parent of the root is not an edge
     assert parent_of[99] is None  # parent 5000 is not in the dump

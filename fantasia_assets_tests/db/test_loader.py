@@ -102,7 +102,9 @@ def _db_counts(engine):
                 ).all()
             ),
             "embeddings": dict(
-                conn.execute(sa.text("SELECT layer_index, count(*) FROM sequence_embeddings GROUP BY 1")).all()
+                conn.execute(
+                    sa.text("SELECT layer_index, count(*) FROM sequence_embeddings GROUP BY 1")
+                ).all()
             ),
         }
 
@@ -158,7 +160,12 @@ def test_reload_is_a_no_op(engine):
     before = _snapshot(engine)
     report = _load(engine)
     assert _snapshot(engine) == before
-    for change in (report.proteins, report.annotations, report.go_terms, *report.embeddings_by_layer.values()):
+    for change in (
+        report.proteins,
+        report.annotations,
+        report.go_terms,
+        *report.embeddings_by_layer.values(),
+    ):
         assert (change.inserted, change.updated, change.deleted) == (0, 0, 0)
 
 
@@ -235,7 +242,9 @@ def test_wrong_dimension_within_a_file_names_the_accession(engine, tmp_path):
     bad = _wrong_dimension(NEAR, tmp_path / "near.h5")
     with h5py.File(bad) as handle:
         accession = sorted(handle)[7]
-    with pytest.raises(LoadError, match=rf"{accession}/type_1/layer_1 has 255 dimensions, but 'NEAR' has 256"):
+    with pytest.raises(
+        LoadError, match=rf"{accession}/type_1/layer_1 has 255 dimensions, but 'NEAR' has 256"
+    ):
         _load(engine, embeddings=bad)
     assert _db_counts(engine)["proteins"] == 0
 
@@ -253,7 +262,9 @@ def test_second_model_uses_its_file_type_id(engine):
     assert set(report.embeddings_by_layer) == {0, 3, 7}
     with engine.connect() as conn:
         dims = conn.execute(
-            sa.text("SELECT embedding_type_id, min(vector_dims(embedding)), max(vector_dims(embedding)) "
-                    "FROM sequence_embeddings GROUP BY 1 ORDER BY 1")
+            sa.text(
+                "SELECT embedding_type_id, min(vector_dims(embedding)), max(vector_dims(embedding)) "
+                "FROM sequence_embeddings GROUP BY 1 ORDER BY 1"
+            )
         ).all()
     assert dims == [(1, 256, 256), (2, 512, 512)]

@@ -26,17 +26,23 @@ def test_schema_and_extension_created(engine):
         assert {"code", "primary", "protein_id"} <= set(_columns(conn, "accession"))
         assert {"go_id", "category", "description"} <= set(_columns(conn, "go_terms"))
         assert {"protein_id", "go_id", "evidence_code"} <= set(_columns(conn, "protein_go_term_annotation"))
-        assert {"id", "name", "description", "task_name", "model_name"} <= set(_columns(conn, "sequence_embedding_type"))
+        assert {"id", "name", "description", "task_name", "model_name"} <= set(
+            _columns(conn, "sequence_embedding_type")
+        )
         embeddings = _columns(conn, "sequence_embeddings")
         assert embeddings["embedding"] == "halfvec"
         assert embeddings["shape"] == "_int4"
         assert embeddings["layer_index"] == "int4"
-        uniques = conn.execute(
-            sa.text(
-                "SELECT indexdef FROM pg_indexes WHERE tablename IN "
-                "('sequence_embeddings', 'protein_go_term_annotation', 'sequence') AND indexdef LIKE '%UNIQUE%'"
+        uniques = (
+            conn.execute(
+                sa.text(
+                    "SELECT indexdef FROM pg_indexes WHERE tablename IN "
+                    "('sequence_embeddings', 'protein_go_term_annotation', 'sequence') AND indexdef LIKE '%UNIQUE%'"
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         text = " ".join(uniques)
         assert "(sequence_id, embedding_type_id, layer_index)" in text
         assert "(protein_id, go_id)" in text

@@ -7,7 +7,6 @@ and headless Chromium must render the asset graph.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -63,7 +62,9 @@ class Dagster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"dagster dev exited while waiting for {what}:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"dagster dev exited while waiting for {what}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 value = predicate()
             except (OSError, AssertionError, KeyError, TypeError):
@@ -71,12 +72,12 @@ class Dagster:
             if value:
                 return value
             time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; log tail:\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for {what}; log tail:\n{self.log.read_text()[-3000:]}"
+        )
 
     def partition_keys(self) -> list[str]:
-        data = self.graphql(
-            'query { assetNodes(assetKeys: [{path: ["neighbour_hits"]}]) { partitionKeys } }'
-        )
+        data = self.graphql('query { assetNodes(assetKeys: [{path: ["neighbour_hits"]}]) { partitionKeys } }')
         return data["assetNodes"][0]["partitionKeys"]
 
     def runs(self) -> list[dict]:
@@ -142,7 +143,9 @@ def _lineage_rows(experiment: Path) -> list[tuple]:
     for _ in range(30):
         try:
             with duckdb.connect(str(experiment / "lineage.duckdb"), read_only=True) as conn:
-                return conn.execute("SELECT asset, partition, run_id, reference_version FROM lineage").fetchall()
+                return conn.execute(
+                    "SELECT asset, partition, run_id, reference_version FROM lineage"
+                ).fetchall()
         except duckdb.IOException:  # a run is writing
             time.sleep(1)
     raise AssertionError("lineage.duckdb stayed locked")
@@ -151,7 +154,9 @@ def _lineage_rows(experiment: Path) -> list[tuple]:
 def test_backfill_then_automation(dagster_dev):
     server = dagster_dev
     # the sensor's first tick registers the (model, layer) partitions
-    keys = server.wait("dynamic partitions", lambda: len(server.partition_keys()) == 4 and server.partition_keys(), 120)
+    keys = server.wait(
+        "dynamic partitions", lambda: len(server.partition_keys()) == 4 and server.partition_keys(), 120
+    )
     assert sorted(keys) == ["AntiBERTy|layer_0", "AntiBERTy|layer_3", "NEAR|layer_0", "NEAR|layer_1"]
 
     launched = server.graphql(
@@ -198,14 +203,24 @@ def test_backfill_then_automation(dagster_dev):
 
     def cli_backfill_done():
         runs = [r for r in server.runs() if any(t["key"] == "dagster/backfill" for t in r["tags"])]
-        mine = {t["value"]: r["status"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition" and t["value"] in others}
+        mine = {
+            t["value"]: r["status"]
+            for r in runs
+            for t in r["tags"]
+            if t["key"] == "dagster/partition" and t["value"] in others
+        }
         assert "FAILURE" not in mine.values(), mine
         return sorted(mine) == others and set(mine.values()) == {"SUCCESS"}
 
     server.wait("the command-line backfill", cli_backfill_done, timeout=420, every=3)
     # every partition is materialised: the eager outputs follow without a request
     server.wait("summary.csv by automation", lambda: (server.experiment / "summary.csv").exists(), 240, 3)
-    server.wait("the TopGO ensemble by automation", lambda: (server.experiment / "topgo" / "ensemble" / "F.topgo").exists(), 120, 3)
+    server.wait(
+        "the TopGO ensemble by automation",
+        lambda: (server.experiment / "topgo" / "ensemble" / "F.topgo").exists(),
+        120,
+        3,
+    )
 
     # an updated NEAR reference set, loaded by the CLI: the daemon alone must re-run NEAR|layer_0
     changed = server.experiment.parent / "near_updated.h5"
@@ -222,7 +237,9 @@ def test_backfill_then_automation(dagster_dev):
 
     def automated_runs():
         runs = [r for r in server.runs() if r["runId"] not in before]
-        tagged = [r for r in runs if {"key": "fantasia/trigger", "value": "reference or query change"} in r["tags"]]
+        tagged = [
+            r for r in runs if {"key": "fantasia/trigger", "value": "reference or query change"} in r["tags"]
+        ]
         for run in tagged:
             assert run["status"] not in ("FAILURE", "CANCELED"), run
         done = [r for r in tagged if r["status"] == "SUCCESS"]
@@ -233,7 +250,10 @@ def test_backfill_then_automation(dagster_dev):
     assert partitions == ["NEAR|layer_0"]
     rows = _lineage_rows(server.experiment)
     new_versions = {(a, p): v for a, p, _, v in rows if (a, p) == ("raw_result_shards", "NEAR|layer_0")}
-    assert new_versions[("raw_result_shards", "NEAR|layer_0")] != first_versions[("raw_result_shards", "NEAR|layer_0")]
+    assert (
+        new_versions[("raw_result_shards", "NEAR|layer_0")]
+        != first_versions[("raw_result_shards", "NEAR|layer_0")]
+    )
 
 
 def test_browser_renders_asset_graph(dagster_dev):
@@ -259,7 +279,9 @@ def test_browser_renders_asset_graph(dagster_dev):
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         # the lineage graph around neighbour_hits, six levels both ways: the whole graph, expanded
-        browser.get(f"{dagster_dev.url}/assets/neighbour_hits?view=lineage&lineageScope=neighbors&lineageDepth=6")
+        browser.get(
+            f"{dagster_dev.url}/assets/neighbour_hits?view=lineage&lineageScope=neighbors&lineageDepth=6"
+        )
         names = ["reference_set", "query_embeddings", "reference_embeddings", "mmseqs_clusters", "neighbour_hits",
                  "raw_result_shards", "topgo_exports", "lookup_summary", "topgo_ensemble"]  # fmt: skip
         WebDriverWait(browser, 90).until(lambda b: all(n in b.page_source for n in names))
