@@ -9,9 +9,14 @@ PATHS = ["fantasia_assets", "fantasia_assets_tests", "bench", "scripts"]
 
 
 def test_ruff_lint_and_format():
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", *PATHS], cwd=PROJECT, capture_output=True, text=True)
+    lint = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", *PATHS], cwd=PROJECT, capture_output=True, text=True
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     form = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", *PATHS], cwd=PROJECT, capture_output=True, text=True
+        [sys.executable, "-m", "ruff", "format", "--check", *PATHS],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
     )
     assert form.returncode == 0, form.stdout + form.stderr
