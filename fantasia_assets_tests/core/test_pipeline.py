@@ -258,3 +258,25 @@ def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_pa
     for layer in (1, 4):
         store.get(ReferenceScope(1, layer))
     assert len(list(tmp_path.glob("matrix-*.npz"))) == 2
+
+
+def test_groups_without_sequence_are_skipped_with_a_warning(tmp_path, caplog):
+    from fantasia_assets.core.queries import scan
+
+    path = tmp_path / "queries.h5"
+    with h5py.File(SAMPLE / "queries.h5") as source, h5py.File(path, "w") as out:
+        for index, name in enumerate(sorted(source)[:4]):
+            group = out.create_group(name)
+            if index != 2:
+                sequence = source[name]["sequence"][()].decode()
+                group.create_dataset("sequence", data=sequence, dtype=h5py.string_dtype())
+            group.create_dataset(
+                "type_1/layer_0/embedding", data=source[name]["type_1/layer_0/embedding"][()]
+            )
+        missing = sorted(source)[2]
+    catalogue = scan(path)
+    assert len(catalogue.accessions) == 3 and missing[len("accession_") :] not in catalogue.accessions
+    assert catalogue.skipped == [(missing, "no 'sequence' dataset")]
+    assert f"skipped {missing}: no 'sequence' dataset" in caplog.text
+    vectors, rows = catalogue.read((1, 0))
+    assert vectors.shape == (3, 256)
