@@ -110,3 +110,28 @@ def test_sensor_requests_only_changed_model(sample_loaded, settings, tmp_path):
     )
     final = evaluate_changes(LookupState.open(settings, ReferenceDatabase()), again.cursor, keys)
     assert sorted(r.partition_key for r in final.run_requests if r.partition_key) == sorted(keys)
+
+
+def test_sensor_requests_every_partition_when_queries_change(sample_loaded, tmp_path):
+    import shutil
+
+    import h5py
+
+    queries = tmp_path / "queries.h5"
+    shutil.copy(SAMPLE / "queries.h5", queries)
+    raw = yaml.safe_load((PROJECT / "data" / "config.yaml").read_text())
+    raw["experiment_path"] = str(tmp_path / "experiment")
+    raw["embeddings_path"] = str(queries)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    settings = LookupSettings(config_path=str(config))
+    state = LookupState.open(settings, ReferenceDatabase())
+    keys = set(state.partitions)
+    first = evaluate_changes(state, None, set())
+    assert sorted(r.partition_key for r in first.run_requests) == []
+    with h5py.File(queries, "r+") as handle:
+        name = sorted(handle)[0]
+        handle[f"{name}/type_1/layer_0/embedding"][0] += 1.0
+    after = evaluate_changes(LookupState.open(settings, ReferenceDatabase()), first.cursor, keys)
+    assert sorted(r.partition_key for r in after.run_requests if r.partition_key) == sorted(keys)
+    assert any(e.asset_key == dg.AssetKey("query_embeddings") for e in after.asset_events)

@@ -310,8 +310,11 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
         size = -(-len(names) // (workers * 4))
         slices = [names[i : i + size] for i in range(0, len(names), size)]
-        # fork: the workers need only h5py, and start in milliseconds
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        # forkserver: workers fork from a clean single-threaded server, never from this process,
+        # whose threads (Dagster's gRPC server, torch) could hold locks a forked child inherits
+        context = get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             parts = list(pool.map(_scan_groups, [str(path)] * len(slices), slices))
     else:
         parts = [_scan_groups(str(path), names)]
