@@ -68,3 +68,57 @@ def test_database_url_points_at_another_server(pg_server, tmp_path, monkeypatch,
     finally:
         dispose_engines()
         other.cleanup()
+
+
+def _run(code: str, pgdata) -> subprocess.CompletedProcess:
+    prelude = (
+        "import sqlalchemy as sa; from pathlib import Path; "
+        "from fantasia_assets.db.embedded import embedded_server; "
+        "from fantasia_assets.db.engine import normalise_url; "
+        f"server = embedded_server(Path({str(pgdata)!r})); "
+        "engine = sa.create_engine(normalise_url(server.get_uri()), isolation_level='AUTOCOMMIT'); "
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120)
+
+
+def test_server_survives_stops_and_killed_users(tmp_path):
+    """The last process to leave stops the server cleanly; a SIGKILLed user corrupts nothing."""
+    import signal
+    import time
+
+    pgdata = tmp_path / "pg"
+    created = _run(
+        "engine.connect().execute(sa.text('CREATE TABLE kept (x int)')); print(server.get_pid())", pgdata
+    )
+    assert created.returncode == 0, created.stderr
+    first_pid = int(created.stdout.split()[-1])
+    assert not (pgdata / "postmaster.pid").exists()  # stopped when its only user exited
+    # a user killed with SIGKILL while connected: the server keeps running, data intact
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time, sqlalchemy as sa; from pathlib import Path; "
+            "from fantasia_assets.db.embedded import embedded_server; "
+            "from fantasia_assets.db.engine import normalise_url; "
+            f"s = embedded_server(Path({str(pgdata)!r})); "
+            "c = sa.create_engine(normalise_url(s.get_uri())).connect(); "
+            "c.execute(sa.text('BEGIN')); c.execute(sa.text('INSERT INTO kept VALUES (1)')); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert victim.stdout.readline().strip() == "ready"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    time.sleep(0.5)
+    after = _run(
+        "print(server.get_pid(), engine.connect().execute(sa.text('SELECT count(*) FROM kept')).scalar())",
+        pgdata,
+    )
+    assert after.returncode == 0, after.stderr
+    pid, rows = map(int, after.stdout.split()[-2:])
+    assert rows == 0  # the killed user's open transaction was rolled back
+    assert pid != first_pid
+    assert not (pgdata / "postmaster.pid").exists()  # dead handle pruned: the last live user stopped it
