@@ -526,7 +526,7 @@ def run_lookup(
     alignments = AlignmentCache(config.store_workers)
     sequences = SequenceCache(engine)
     device = resolve_device(config)
-    reports = []
+    reports, raw_frames = [], []
     for partition in partitions:
         outcome = search_partition(config, queries, partition, store, clusters, device, progress)
         raw = build_raw_rows(
@@ -546,6 +546,7 @@ def run_lookup(
         if config.topgo:
             write_partition_topgo(config, partition, raw)
         outcome.timings["write partition"] = time.perf_counter() - began
+        raw_frames.append(raw)
         reports.append(
             PartitionReport(
                 partition,
@@ -559,7 +560,8 @@ def run_lookup(
             )  # fmt: skip
         )
     started = time.perf_counter()
-    raw_all = read_raw_rows(config, partitions)
+    # the frames just written, not re-read from their Parquet files
+    raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
     summary_path, _ = write_summary(config, raw_all)
     timings["summary"] = time.perf_counter() - started
     outputs = {"summary": summary_path, "raw shards": config.experiment_path / "raw_results"}
