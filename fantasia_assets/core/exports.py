@@ -190,11 +190,9 @@ def write_topgo_dir(directory: Path, tables: dict[str, pl.DataFrame], precision:
 
 def fasta_bytes(records: Iterable[tuple[str, str]], width: int = 60) -> bytes:
     """FASTA text of (identifier, sequence) records, sequence lines `width` long."""
-    frame = pl.DataFrame(list(records), schema={"id": pl.String, "sequence": pl.String}, orient="row")
-    if not frame.height:
-        return b""
-    # one vectorised pass: split every sequence into `width`-long lines, then join records
-    wrapped = pl.col("sequence").str.extract_all(f".{{1,{width}}}").list.join("\n")
-    body = pl.when(pl.col("sequence") == "").then(pl.lit("")).otherwise(pl.lit("\n") + wrapped)
-    text = frame.select(pl.concat_str(pl.lit(">"), pl.col("id"), body).str.join("\n")).item()
-    return (text + "\n").encode("utf-8")
+    # plain slicing: measured faster than polars' regex split for 25k records
+    lines = []
+    for identifier, sequence in records:
+        lines.append(f">{identifier}")
+        lines.extend(sequence[i : i + width] for i in range(0, len(sequence), width))
+    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
