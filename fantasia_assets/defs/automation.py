@@ -12,7 +12,6 @@ import json
 
 import dagster as dg
 
-from ..core.queries import file_digest
 from .inputs import query_embeddings, reference_set
 from .lookup import (
     go_annotation_cache,
@@ -48,7 +47,7 @@ outputs_job = dg.define_asset_job(
 def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: set[str]) -> dg.SensorResult:
     """The sensor's decision, given the current state and what the previous tick saw."""
     versions = state.versions()
-    query_version = file_digest(state.config.embeddings_path)
+    query_version = state.queries.content_hash  # hashed once, when the query catalogue was opened
     previous = json.loads(cursor) if cursor else None
     partition_requests = []
     if set(versions) - known_partitions:
