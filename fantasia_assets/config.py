@@ -4,7 +4,10 @@ Relative paths are resolved against the working directory, as FANTASIA does. Whe
 exists both at the top level and under `lookup` (`batch_size`, `limit_per_entry`), the
 `lookup` value wins; a model's own `batch_size` wins over both. Keys this project adds to the
 original's: `lookup.backend`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`,
-`postprocess.alignment`.
+`postprocess.alignment`. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
+`DB_PORT`, `DB_NAME`) and any password key are rejected: the database, credentials included, is
+named only by the environment variable `FANTASIA_DATABASE_URL`, so that no password sits in a
+file that is copied, committed or shown. Error messages name keys, never their values.
 """
 
 from __future__ import annotations
@@ -163,6 +166,51 @@ def _string_map(value: Any, key: str) -> dict[str, str]:
     return dict(value)
 
 
+_DATABASE_KEYS = {"db_username", "db_user", "db_password", "db_host", "db_port", "db_name"}
+_PASSWORD_WORDS = ("password", "passwd", "passphrase", "pgpass")
+_URL_ADVICE = (
+    "set the environment variable FANTASIA_DATABASE_URL instead "
+    "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
+)
+
+
+def _reject_credentials(section: Any, where: str = "") -> None:
+    """Refuse database settings and passwords anywhere in the file, before any other check."""
+    if isinstance(section, list):
+        for i, item in enumerate(section):
+            _reject_credentials(item, f"{where}[{i}]")
+        return
+    if not isinstance(section, Mapping):
+        return
+    for key, value in section.items():
+        name = f"{where}.{key}" if where else str(key)
+        lowered = str(key).lower()
+        if where != "embedding.models":  # model names are free text, not keys
+            if any(word in lowered for word in _PASSWORD_WORDS):
+                raise ConfigError(
+                    f"configuration key {name!r} holds a password: passwords are never read from "
+                    f"configuration files; remove it and {_URL_ADVICE}"
+                )
+            if lowered in _DATABASE_KEYS:
+                raise ConfigError(
+                    f"configuration key {name!r}: the database is not configured in this file; "
+                    f"remove the DB_* keys and {_URL_ADVICE}"
+                )
+        _reject_credentials(value, name)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the offending line (it may hold a secret)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        parts = []
+        for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+            if text:
+                parts.append(text + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""))
+        if parts:
+            return "; ".join(parts)
+    return type(exc).__name__
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -254,6 +302,7 @@ def parse_config(raw: Any) -> LookupConfig:
         "experiment_path", "embeddings_path", "batch_size", "limit_per_entry", "precision",
         "limit_execution", "lookup", "embedding", "postprocess",
     }  # fmt: skip
+    _reject_credentials(raw)
     _check_keys(raw, top, "")
     for required in ("experiment_path", "embeddings_path", "embedding"):
         if required not in raw:
@@ -313,7 +362,7 @@ def load_config(path: str | Path) -> LookupConfig:
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such configuration file") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if raw is None:
         raise ConfigError(f"{path}: the configuration is empty")
     try:

@@ -4,7 +4,8 @@
 server under `$FANTASIA_HOME/pg` is started or joined and its database `fantasia` is used.
 URLs are always driven by psycopg 3 (`postgresql+psycopg://`), whatever driver they name,
 because loading and fetching rely on its COPY support. Passwords never leave this module in
-clear: use `redacted(url)` for anything shown to people.
+clear: use `redacted(url)` for anything shown to people (it masks the user-info password and a
+`password=` query parameter alike), and errors about a malformed URL never quote it.
 """
 
 from __future__ import annotations
@@ -28,20 +29,49 @@ class DatabaseError(RuntimeError):
     """The reference database cannot be reached or is not usable."""
 
 
+# libpq connection parameters that carry secrets when given in the URL's query string
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
+def _parse(url: str | URL) -> URL:
+    """`make_url`, with errors that never repeat the URL (it may hold a password)."""
+    if isinstance(url, URL):
+        return url
+    try:
+        return make_url(url)
+    except (ValueError, sa.exc.ArgumentError):
+        # both messages may quote the string (SQLAlchemy's, or int() on a port such as "p@ss")
+        raise DatabaseError(
+            f"{ENV_URL} is not a valid database URL; expected "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (percent-encode special characters "
+            "such as @ : / in the password)"
+        ) from None
+
+
 def normalise_url(url: str | URL) -> URL:
     """Force the psycopg 3 driver on a PostgreSQL URL."""
-    parsed = make_url(url) if isinstance(url, str) else url
+    parsed = _parse(url)
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise DatabaseError(
             f"{ENV_URL} must be a PostgreSQL URL (postgresql://…), got backend {parsed.get_backend_name()!r}"
         )
+    if parsed.host and "@" in parsed.host:
+        # an unescaped '@' in the password: the rest of the password would be taken for the host
+        # (and shown unmasked wherever the URL is printed)
+        raise DatabaseError(f"{ENV_URL}: the password holds an unescaped '@'; percent-encode it as %40")
     return parsed.set(drivername="postgresql+psycopg")
 
 
 def redacted(url: str | URL) -> str:
-    """The URL as it may be printed or logged: password masked."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.render_as_string(hide_password=True)
+    """The URL as it may be printed or logged: password masked, in user info and query alike."""
+    try:
+        parsed = _parse(url)
+    except DatabaseError:
+        return "<unparseable database URL>"
+    secret = [key for key in parsed.query if key.lower() in _SECRET_QUERY_KEYS]
+    text = parsed.difference_update_query(secret).render_as_string(hide_password=True)
+    masked = "&".join(f"{key}=***" for key in secret)
+    return text + ("&" if "?" in text else "?") + masked if secret else text
 
 
 def embedded_url(database: str = EMBEDDED_DATABASE) -> URL:
@@ -83,7 +113,13 @@ def get_engine(url: str | URL | None = None) -> Engine:
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = sa.create_engine(resolved, pool_pre_ping=True)
+            # a password given as a query parameter goes to the driver, not into engine.url,
+            # whose repr (SQLAlchemy masks only the user-info password) ends up in logs
+            secret = {k: v for k, v in resolved.query.items() if k.lower() in _SECRET_QUERY_KEYS}
+            secret = {k: v[-1] if isinstance(v, tuple) else v for k, v in secret.items()}
+            engine = sa.create_engine(
+                resolved.difference_update_query(list(secret)), pool_pre_ping=True, connect_args=secret
+            )
             _engines[key] = engine
     return engine
 

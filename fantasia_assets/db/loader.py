@@ -1,9 +1,11 @@
 """Loading a reference set (sequences, proteins, GO annotations, embeddings) into the database.
 
 All input files are parsed and checked before the first write; everything is then written in
-ONE transaction (serialised against other loads by an advisory lock), so a failure at any
-point leaves the database as it was. Rows travel by COPY into temporary tables and are merged
-with `INSERT … ON CONFLICT … DO UPDATE … WHERE … IS DISTINCT FROM`, which makes a re-load of
+ONE transaction, so a failure at any point leaves the database as it was. Loads into the same
+database are serialised by a transaction-scoped advisory lock: a load that finds another one
+writing logs a warning naming it, then waits its turn (never interleaving with it). Rows
+travel by COPY into temporary tables and are merged with
+`INSERT … ON CONFLICT … DO UPDATE … WHERE … IS DISTINCT FROM`, which makes a re-load of
 the same files a no-op (no row rewritten, so the reference fingerprint does not move) and a
 newer GAF an update: for every protein a GAF names, its annotation set becomes the file's.
 """
@@ -11,6 +13,9 @@ newer GAF an update: for every protein a GAF names, its annotation set becomes t
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ from .sources import (
     read_gaf,
     read_obo,
 )
+
+_log = logging.getLogger(__name__)
 
 LOAD_LOCK = "fantasia_assets.load_references"
 # Rows per COPY chunk of embeddings: bounds memory at ~2 KiB × dim per chunk.
@@ -470,6 +477,58 @@ def _write_embeddings(
         report.embeddings_by_layer[layer] = change
 
 
+def _lock_holder(cursor) -> str:
+    """Who holds the load lock, as far as this role may see: server pid, client, since when."""
+    cursor.execute(
+        """
+        SELECT l.pid, a.application_name, a.client_addr::text, a.usename,
+               to_char(a.xact_start, 'YYYY-MM-DD HH24:MI:SS TZ')
+        FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%s)::bigint
+        LIMIT 1
+        """,
+        (LOAD_LOCK,),
+    )
+    row = cursor.fetchone()
+    if row is None:  # released in the meantime
+        return ""
+    pid, application, client, user, since = row
+    parts = [f"server process {pid}"]
+    if application:
+        parts.append(application)
+    if user:
+        parts.append(f"user {user}" + (f" from {client}" if client else ""))
+    if since:
+        parts.append(f"since {since}")
+    return " (" + ", ".join(parts) + ")"
+
+
+def _take_load_lock(cursor, report: LoadReport) -> None:
+    """Serialise loads into one database; say so when another one is writing, then wait for it.
+
+    The lock is transaction-scoped: it goes with the commit or rollback of this load, and with
+    the connection if this process dies.
+    """
+    # names this load to whoever waits behind it (pg_stat_activity); reverts at the commit
+    cursor.execute(
+        "SELECT set_config('application_name', %s, true)",
+        (f"fantasia-assets load-references, pid {os.getpid()} on {socket.gethostname()}"[:63],),
+    )
+    cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (LOAD_LOCK,))
+    if cursor.fetchone()[0]:
+        return
+    _log.warning(
+        "another load-references is writing to this database%s; waiting for it to finish",
+        _lock_holder(cursor),
+    )
+    started = time.perf_counter()
+    cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (LOAD_LOCK,))
+    report.timings["wait for other load"] = time.perf_counter() - started
+    _log.info("the other load-references finished; loading now")
+
+
 def load_references(
     engine: Engine,
     *,
@@ -521,7 +580,7 @@ def load_references(
     ensure_schema(engine)
     with engine.begin() as conn:
         cursor = conn.connection.driver_connection.cursor()
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (LOAD_LOCK,))
+        _take_load_lock(cursor, report)
         if ontology is not None:
             started = time.perf_counter()
             _write_ontology(cursor, ontology, report)

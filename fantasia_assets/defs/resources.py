@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from ..config import LookupConfig, load_config
@@ -28,11 +29,18 @@ class LookupSettings(dg.ConfigurableResource):
 class ReferenceDatabase(dg.ConfigurableResource):
     """The reference PostgreSQL: `FANTASIA_DATABASE_URL` when set, else the embedded server.
 
-    The URL is held as an environment-variable reference, so the UI shows the variable's
-    name, never its value; `label` gives the URL with the password masked.
+    Give the URL only as `dg.EnvVar("FANTASIA_DATABASE_URL")` (as `default_resources` does): run
+    configs, the UI and the event log then hold the variable's name, never its value. The
+    resolved URL stays out of the resource's repr (error messages, debuggers); `label` gives
+    it with the password masked, for metadata.
     """
 
-    url: str | None = None
+    url: str | None = Field(
+        default=None,
+        repr=False,
+        description="PostgreSQL URL; pass dg.EnvVar('FANTASIA_DATABASE_URL'), never a literal "
+        "URL holding a password",
+    )
 
     def engine(self) -> Engine:
         from ..db import ensure_schema, get_engine
