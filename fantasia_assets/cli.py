@@ -85,11 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args) -> int:
+def _load(args, progress) -> int:
     from .db import get_engine, redacted
     from .db.loader import load_references
     from .db.sources import DEFAULT_EVIDENCE
-    from .progress import terminal_progress
 
     evidence = tuple(args.evidence.split(",")) if args.evidence else DEFAULT_EVIDENCE
     engine = get_engine()
@@ -104,7 +103,7 @@ def _load(args) -> int:
         model=args.model,
         type_id=args.type_id,
         evidence=evidence,
-        progress=terminal_progress(),
+        progress=progress,
     )
     for line in report.lines():
         print(line)
@@ -112,29 +111,27 @@ def _load(args) -> int:
     return 0
 
 
-def _lookup(args) -> int:
+def _lookup(args, progress) -> int:
     from .config import load_config
     from .core.pipeline import run_lookup
-    from .progress import terminal_progress
 
     config = load_config(args.config)
-    result = run_lookup(config, progress=terminal_progress())
+    result = run_lookup(config, progress=progress)
     for line in result.report_lines():
         print(line)
     return 0
 
 
-def _demo(args) -> int:
+def _demo(args, progress) -> int:
     import dagster as dg
 
     from .db import get_engine, redacted
     from .defs.demo import materialize_everything
-    from .progress import terminal_progress
     from .sample import SAMPLE_CONFIG, load_sample
 
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
-    for model, report in load_sample(engine, terminal_progress()):
+    for model, report in load_sample(engine, progress):
         print(f"--- sample references, {model}")
         for line in report.lines():
             print(line)
@@ -158,24 +155,106 @@ def _demo(args) -> int:
     return 0
 
 
+def _database_label() -> tuple[str, str]:
+    """(the reference database as it may be shown, password masked; where to check it)."""
+    import sqlalchemy as sa
+
+    from .db.engine import ENV_URL, DatabaseError, normalise_url, redacted
+    from .paths import fantasia_home
+
+    configured = os.environ.get(ENV_URL)
+    if not configured:
+        pgdata = fantasia_home() / "pg"
+        return (
+            f"(embedded server under {pgdata})",
+            f"the embedded server stopped; its log is {pgdata / 'log'}",
+        )
+    hint = f"check that the server {ENV_URL} names is running and that the URL is right"
+    try:
+        return redacted(normalise_url(configured)), hint
+    except (DatabaseError, sa.exc.ArgumentError):  # unparsable: never echo what may hold a password
+        return f"({ENV_URL})", hint
+
+
+# SQLSTATEs of a server that is going away or not taking connections (the "08" class, connection
+# exceptions, is matched by prefix); a failure without SQLSTATE happened in the client: no server.
+_UNREACHABLE_STATES = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
+
+
+def _database_message(exc: BaseException) -> str:
+    """One line for a failed connection to the reference database or a failed query on it."""
+    import sqlalchemy as sa
+
+    driver_error = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
+    reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
+    state = getattr(driver_error, "sqlstate", None)
+    invalidated = isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+    database, hint = _database_label()
+    if invalidated or state is None or state.startswith("08") or state in _UNREACHABLE_STATES:
+        return (
+            f"cannot reach the reference database {database}: {reason} -- {hint}, then run the "
+            "command again (outputs are replaced whole, nothing needs cleaning up)"
+        )
+    return f"the reference database {database} failed: {reason}"
+
+
+def _print_error(message: str) -> None:
+    """`error: <first line>` on stderr; further lines (a tool's output, say) indented under it."""
+    first, *rest = message.splitlines() or [""]
+    print("\n".join([f"error: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    import psycopg
+    import sqlalchemy as sa
+
     from .config import ConfigError
+    from .core.exports import OutputWriteError
+    from .core.pipeline import LookupPlanError
     from .core.queries import EmbeddingFileError
+    from .core.redundancy import MMseqsError
+    from .core.references import ReferenceError
     from .db.engine import DatabaseError
     from .db.loader import LoadError
     from .db.sources import InputFileError
+    from .progress import terminal_progress
 
     handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    progress = terminal_progress()
     try:
-        return handlers[args.command](args)
-    except (ConfigError, EmbeddingFileError, DatabaseError, LoadError, InputFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return handlers[args.command](args, progress)
+    except (
+        ConfigError,
+        EmbeddingFileError,
+        DatabaseError,
+        LoadError,
+        InputFileError,
+        LookupPlanError,
+        ReferenceError,
+        MMseqsError,
+        OutputWriteError,
+    ) as exc:
+        progress.end_line()
+        _print_error(str(exc))
         return 2
+    except (
+        # a database that is down, or goes away mid-run; sqlalchemy wraps what goes through it,
+        # the binary COPY and raw cursors of core/references.py raise psycopg's own errors
+        sa.exc.OperationalError,
+        sa.exc.InterfaceError,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    ) as exc:
+        progress.end_line()
+        _print_error(_database_message(exc))
+        return 2
+    finally:
+        progress.end_line()
 
 
 if __name__ == "__main__":

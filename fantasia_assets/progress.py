@@ -46,21 +46,39 @@ def _line(stage: str, done: int, total: int, elapsed: float) -> str:
     return f"{stage}: {done:,}/{total:,} {share} {rate}".rstrip()
 
 
-def terminal_progress(stream=None, interval: float | None = None) -> Progress:
-    """Progress on a terminal: a redrawn line on a TTY, a line every few seconds otherwise."""
-    stream = stream or sys.stderr
-    tty = hasattr(stream, "isatty") and stream.isatty()
+class TerminalProgress(_Throttled):
+    """Progress on a terminal: a redrawn line on a TTY, a line every few seconds otherwise.
 
-    def emit(stage: str, done: int, total: int, elapsed: float) -> None:
+    On a TTY the line of an unfinished stage has no newline yet; `end_line()` ends it, so that
+    what is printed next (an error, say) starts on its own line instead of after the progress.
+    """
+
+    def __init__(self, stream=None, interval: float | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._open_line = False
+        super().__init__(self._draw, interval if interval is not None else (0.2 if self.tty else 5.0))
+
+    def _draw(self, stage: str, done: int, total: int, elapsed: float) -> None:
         text = _line(stage, done, total, elapsed)
-        if tty:
-            end = "\n" if done >= total else ""
-            stream.write("\r\x1b[2K" + text + end)
+        if self.tty:
+            self._open_line = done < total
+            self.stream.write("\r\x1b[2K" + text + ("" if self._open_line else "\n"))
         else:
-            stream.write(text + "\n")
-        stream.flush()
+            self.stream.write(text + "\n")
+        self.stream.flush()
 
-    return _Throttled(emit, interval if interval is not None else (0.2 if tty else 5.0))
+    def end_line(self) -> None:
+        """End a progress line left unfinished on a TTY (before printing anything else)."""
+        if self._open_line:
+            self._open_line = False
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def terminal_progress(stream=None, interval: float | None = None) -> TerminalProgress:
+    """Progress on a terminal (`stream`, default stderr): see `TerminalProgress`."""
+    return TerminalProgress(stream, interval)
 
 
 def log_progress(logger, interval: float = 10.0) -> Progress:

