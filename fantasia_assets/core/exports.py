@@ -9,12 +9,14 @@ Names built from data (accessions, model names) go through `safe_name`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,17 @@ ALIGNMENT_COLUMNS = [
 TAIL_COLUMNS = ["distance_metric", "distance_threshold"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=@-]")
+_DOTS = re.compile(r"\.{3,}")  # '...' is harmless in a file name but refused in Dagster partition keys
 _MAX_NAME = 120
+# folder names of topgo/ that belong to the run, not to a model
+RESERVED_MODEL_DIRS = frozenset({"ensemble"})
+
+
+class OutputWriteError(OSError):
+    """An output could not be written (disk full, read-only, no permission); none is half-written."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the whole message, without "[Errno N]"
 
 
 def raw_columns(keep_sequences: bool, alignment: bool) -> list[str]:
@@ -53,66 +65,166 @@ def safe_name(name: str) -> str:
     Characters outside [A-Za-z0-9._+=@-] become '_'. When that changed anything, or the name
     is long, a hash of the original is appended so that distinct names stay distinct.
     """
-    cleaned = _UNSAFE.sub("_", name).lstrip(".")
+    cleaned = _DOTS.sub("_", _UNSAFE.sub("_", name)).lstrip(".")
     if cleaned == name and 0 < len(name) <= _MAX_NAME:
         return name
+    return _hashed(name, cleaned)
+
+
+def _hashed(name: str, cleaned: str) -> str:
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{cleaned[:_MAX_NAME] or 'unnamed'}~{digest}"
+
+
+def model_dir_name(model: str) -> str:
+    """The folder (and partition key) name of a model: `safe_name`, never a reserved name."""
+    name = safe_name(model)
+    return _hashed(model, name) if name.lower() in RESERVED_MODEL_DIRS else name
+
+
+def unique_file_names(names: Iterable[str], suffix: str) -> dict[str, str]:
+    """name → `safe_name(name) + suffix`, unique even where the file system ignores case.
+
+    Names whose file names would coincide case-insensitively (`P1` and `p1` on macOS or
+    Windows) all take the hashed form, which differs for distinct names.
+    """
+    chosen = {name: safe_name(name) for name in names}
+    folded: dict[str, list[str]] = {}
+    for name, file in chosen.items():
+        folded.setdefault(file.casefold(), []).append(name)
+    for group in folded.values():
+        if len(group) > 1:
+            for name in group:
+                chosen[name] = _hashed(name, _DOTS.sub("_", _UNSAFE.sub("_", name)).lstrip("."))
+    return {name: file + suffix for name, file in chosen.items()}
 
 
 def layer_dir_name(layer: int | None) -> str:
     return f"layer_{layer}" if layer is not None else "layer_legacy"
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def _tmp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling named after the writing process: `.{name}.{pid}-{random}.{kind}`."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Remove temporaries of `path` left by writers that died (SIGKILL, power loss).
+
+    A temporary of a live process (another partition or run writing now) is left alone.
+    """
+    for kind in ("tmp", "old"):
+        for stale in path.parent.glob(f".{glob_escape(path.name)}.*.{kind}"):
+            pid = stale.name[len(path.name) + 2 :].split("-", 1)[0]
+            if pid.isdigit() and _pid_alive(int(pid)):  # this process too: another thread's
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob metacharacters escaped (pathlib globs have no escape function)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _writing(path: Path, action: Callable[[], None]) -> None:
+    """Run `action`; a failure of the file system becomes an `OutputWriteError` naming `path`."""
+    try:
+        action()
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        hint = ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(_existing(path)).free
+            hint = f" ({free / 2**20:.1f} MiB free)"
+        raise OutputWriteError(
+            error.errno,
+            f"cannot write {path}: {reason}{hint}; no file was left half-written (each output is the "
+            "previous run's or this run's, whole): fix the cause and run again to complete the outputs",
+        ) from error
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_siblings(path)
+        tmp = _tmp_sibling(path)
+        try:
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(descriptor, data)
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    _writing(path, write)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view[: 1 << 24])
+        view = view[written:]
 
 
 def write_parquet_atomic(path: Path, frame: pl.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Parquet of `frame` at `path`, atomically.
+
+    Rendered in memory first: the file system errors of one write path (ours) are then the
+    only ones to translate, whatever the Parquet writer would raise on a full disk.
+    """
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def replace_dir(target: Path, build) -> None:
     """Build a folder's new content aside with `build(tmp_dir)`, then swap it in for `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in target.parent.glob(f".{target.name}.*.old"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = _tmp_sibling(target)
-    tmp.mkdir()
-    try:
-        build(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def swap() -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_siblings(target)
+        tmp = _tmp_sibling(target)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            if target.exists():
+                old = _tmp_sibling(target, "old")
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    _writing(target, swap)
 
 
 def _one_line_strings(frame: pl.DataFrame) -> pl.DataFrame:
@@ -131,21 +243,28 @@ def csv_bytes(frame: pl.DataFrame, precision: int, header: bool = True, separato
 
 
 def write_raw_shards(
-    directory: Path, raw: pl.DataFrame, columns: list[str], precision: int
+    directory: Path,
+    raw: pl.DataFrame,
+    columns: list[str],
+    precision: int,
+    file_names: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """One `{accession}.csv` per query accession under `directory` (replaced as a whole).
 
     `raw` must be sorted by accession. The whole partition is rendered to CSV once and cut
-    at line boundaries, instead of one CSV writer call per accession. Returns
-    {accession: file name}.
+    at line boundaries, instead of one CSV writer call per accession. `file_names` gives each
+    accession's file name (default: from `unique_file_names`). Returns {accession: file name}.
     """
     frame = _one_line_strings(raw.select(columns))
     body = frame.write_csv(include_header=True, float_precision=precision).encode("utf-8")
     data = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(data == 10) + 1  # end offset of every line (header first)
     header = body[: ends[0]]
-    runs = frame.select(pl.col("accession").rle()).unnest("accession")
+    # runs of the original accessions (the CSV text has line breaks in names flattened)
+    runs = raw.select(pl.col("accession").rle()).unnest("accession")
     names: dict[str, str] = {}
+    if file_names is None:
+        file_names = unique_file_names(raw["accession"].unique().to_list(), ".csv")
 
     view = memoryview(body)
 
@@ -153,12 +272,15 @@ def write_raw_shards(
         row = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # EXCL: two accessions never share a file
         for length, accession in runs.iter_rows():
-            name = safe_name(accession) + ".csv"
+            name = file_names[accession]
             names[accession] = name
             # os-level calls: thousands of small files, where io.open's layers cost more than the write
             descriptor = os.open(tmp / name, flags, 0o644)
             try:
-                os.writev(descriptor, [header, view[ends[row] : ends[row + length]]])
+                chunk = view[ends[row] : ends[row + length]]
+                written = os.writev(descriptor, [header, chunk])
+                if written < len(header) + len(chunk):  # short write (nearly full disk): finish it
+                    _write_all(descriptor, (header + bytes(chunk))[written:])
             finally:
                 os.close(descriptor)
             row += length

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,18 @@ from ..progress import Progress, no_progress
 from . import exports
 from .alignment import alignment_metrics
 from .knn import SearchEngine
-from .queries import EmbeddingCatalogue, file_digest, scan, scan_cached
+from .queries import (
+    ACCESSION_PREFIX,
+    EmbeddingCatalogue,
+    EmbeddingFileError,
+    file_digest,
+    scan,
+    scan_cached,
+)
 from .redundancy import cluster_sequences, exclusion_csr
 from .references import (
     AnnotationStore,
+    ReferenceError,
     ReferenceMatrix,
     ReferenceScope,
     ReferenceStore,
@@ -62,6 +71,11 @@ class QuerySet:
     def path(self) -> Path:
         return self.catalogue.path
 
+    @cached_property
+    def shard_names(self) -> dict[str, str]:
+        """Accession → raw shard file name: sanitised, and unique even on case-blind file systems."""
+        return exports.unique_file_names(self.catalogue.accessions, ".csv")
+
     def mapping(self) -> pl.DataFrame:
         """query_index_mapping.csv: query_idx, query_fasta_id, accessions, sequence_length."""
         frame = pl.DataFrame(
@@ -86,11 +100,39 @@ def open_queries(path: Path, cache_dir: Path | None = None) -> QuerySet:
         catalogue, digest = scan_cached(path, cache_dir)
     else:
         catalogue, digest = scan(path), file_digest(path)
+    if not catalogue.accessions:
+        detail = ""
+        if catalogue.skipped:
+            group, reason = catalogue.skipped[0]
+            detail = f"; {len(catalogue.skipped)} groups unusable, first {group}: {reason}"
+        raise EmbeddingFileError(
+            f"{path}: no query proteins (no usable '{ACCESSION_PREFIX}<ID>' group){detail}"
+        )
+    _warn_mapped_duplicates(catalogue)
     index: dict[str, int] = {}
     query_idx = np.empty(len(catalogue.accessions), dtype=np.int64)
     for row, sequence in enumerate(catalogue.sequences):
         query_idx[row] = index.setdefault(sequence.upper(), len(index))
     return QuerySet(catalogue, query_idx, list(index), digest)
+
+
+def _warn_mapped_duplicates(catalogue: EmbeddingCatalogue) -> None:
+    """Warn about groups that name the same protein once '|' is written as '_' (SPEC §2.1).
+
+    Both are kept as separate queries under their own names (their output files differ too);
+    the warning tells the user the file probably holds one protein twice.
+    """
+    seen: dict[str, str] = {}
+    for accession in catalogue.accessions:
+        mapped = accession.replace("|", "_")
+        if mapped in seen:
+            log.warning(
+                "%s: groups %s%s and %s%s are the same accession once '|' is written as '_'; "
+                "both are kept as separate queries",
+                catalogue.path, ACCESSION_PREFIX, seen[mapped], ACCESSION_PREFIX, accession,
+            )  # fmt: skip
+        else:
+            seen[mapped] = accession
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,21 +152,37 @@ class Partition:
         return f"{self.model.name}|{exports.layer_dir_name(self.layer)}"
 
     def relative_dir(self) -> Path:
-        return Path(exports.safe_name(self.model.name)) / exports.layer_dir_name(self.layer)
+        return Path(exports.model_dir_name(self.model.name)) / exports.layer_dir_name(self.layer)
 
 
 def model_types(engine: Engine) -> dict[str, int]:
     """Model name → embedding type id, from the reference database."""
     import sqlalchemy as sa
+    from psycopg.errors import UndefinedTable
 
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT name, id FROM sequence_embedding_type ORDER BY id")).all()
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT name, id FROM sequence_embedding_type ORDER BY id")).all()
+    except sa.exc.ProgrammingError as error:
+        if isinstance(error.orig, UndefinedTable):
+            raise ReferenceError(
+                "the reference database has no reference tables yet: load a reference set first "
+                "(fantasia-assets load-references --help)"
+            ) from error
+        raise
     return {name: int(type_id) for name, type_id in rows}
 
 
 def plan_partitions(config: LookupConfig, queries: QuerySet, types: dict[str, int]) -> list[Partition]:
     """Enabled models known to the database × requested layers present in the query file."""
     partitions = []
+    known = set(types.values())
+    for type_id in queries.catalogue.type_ids():
+        if type_id not in known:
+            log.warning(
+                "%s: type_%d embeddings match no model of the reference database (known: %s); ignored",
+                queries.path, type_id, ", ".join(f"{n}=type_{i}" for n, i in sorted(types.items())) or "none",
+            )  # fmt: skip
     for model in config.enabled_models():
         if model.name not in types:
             log.warning(
@@ -141,7 +199,14 @@ def plan_partitions(config: LookupConfig, queries: QuerySet, types: dict[str, in
             model.name, type_id, requested, available, effective,
         )  # fmt: skip
         missing = [layer for layer in requested if layer not in available]
-        if missing:
+        if not available:
+            log.warning(
+                "model %s: %s has no type_%d embeddings at all; model skipped",
+                model.name,
+                queries.path,
+                type_id,
+            )
+        elif missing:
             log.warning("model %s: layers %s are not in %s; skipped", model.name, missing, queries.path)
         partitions.extend(Partition(model, type_id, layer) for layer in effective)
     return partitions
@@ -203,6 +268,7 @@ class SearchOutcome:
     queries_without_hits: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     matrix_source: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason): not searched
 
 
 def search_partition(
@@ -219,16 +285,9 @@ def search_partition(
     started = time.perf_counter()
     matrix = store.get(reference_scope(config, partition), progress)
     timings["references"] = time.perf_counter() - started
-    key = (partition.type_id, partition.layer)
-    rows = queries.catalogue.layers[key].rows
     started = time.perf_counter()
-    vectors, rows = queries.catalogue.read(key, rows)
+    vectors, rows, skipped = usable_queries(queries, partition, matrix.dim)
     timings["read queries"] = time.perf_counter() - started
-    if vectors.shape[1] != matrix.dim:
-        raise LookupPlanError(
-            f"{queries.path}: {partition.model.name} layer {partition.layer} query vectors have "
-            f"{vectors.shape[1]} dimensions, the reference embeddings {matrix.dim}"
-        )
     started = time.perf_counter()
     exclude = None
     if clusters is not None:
@@ -273,7 +332,50 @@ def search_partition(
     without = sorted(
         queries.catalogue.accessions[r] for r in rows if queries.catalogue.accessions[r] not in found
     )
-    return SearchOutcome(hits, matrix, len(rows), without, timings, store.last_source)
+    return SearchOutcome(hits, matrix, len(rows), without, timings, store.last_source, skipped)
+
+
+def usable_queries(
+    queries: QuerySet, partition: Partition, dim: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """The partition's query vectors that can be searched, and every query left out, with why.
+
+    A query without this layer, with a vector of the wrong length or with NaN/Inf values is
+    left out with a warning naming the file, group and reason; the others are searched. When
+    none is usable the partition fails with the first reasons (a wrong model id, typically).
+    """
+    catalogue = queries.catalogue
+    key = (partition.type_id, partition.layer)
+    vectors, rows, skipped = catalogue.read_valid(key, dim)
+    present = np.zeros(len(catalogue.accessions), dtype=bool)
+    present[catalogue.layers[key].rows] = True
+    absent = [
+        (catalogue.group(int(r)), f"no {_layer_label(key)} embedding") for r in np.flatnonzero(~present)
+    ]
+    skipped = absent + skipped
+    if not len(rows):
+        reasons = "; ".join(f"{group}: {reason}" for group, reason in skipped[:3])
+        raise LookupPlanError(
+            f"{queries.path}: no usable query vector for {partition.model.name} "
+            f"{exports.layer_dir_name(partition.layer)} (reference vectors have {dim} values; is "
+            f"type_{partition.type_id} the right model?): {reasons}"
+        )
+    for group, reason in skipped[:_WARN_EACH]:
+        log.warning("%s: %s left out of %s: %s", queries.path, group, partition.key, reason)
+    if len(skipped) > _WARN_EACH:
+        log.warning(
+            "%s: %d more queries left out of %s; all are listed in skipped_queries.csv",
+            queries.path, len(skipped) - _WARN_EACH, partition.key,
+        )  # fmt: skip
+    return vectors, rows, skipped
+
+
+_WARN_EACH = 20
+
+
+def _layer_label(key: tuple[int, int | None]) -> str:
+    type_id, layer = key
+    return f"type_{type_id}/" + (f"layer_{layer}" if layer is not None else "embedding")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +470,7 @@ def partition_paths(config: LookupConfig, partition: Partition) -> dict[str, Pat
     return {
         "hits": base / "parquet" / rel / "neighbour_hits.parquet",
         "no_hits": base / "parquet" / rel / "queries_without_neighbours.parquet",
+        "skipped": base / "parquet" / rel / "skipped_queries.parquet",
         "raw": base / "parquet" / rel / "raw_rows.parquet",
         "shards": base / "raw_results" / rel,
         "topgo": base / "topgo" / rel,
@@ -382,6 +485,10 @@ def write_hits(config: LookupConfig, partition: Partition, outcome: SearchOutcom
         paths["no_hits"],
         pl.DataFrame({"accession": outcome.queries_without_hits}, schema={"accession": pl.String}),
     )
+    exports.write_parquet_atomic(
+        paths["skipped"],
+        pl.DataFrame(outcome.skipped, schema={"group": pl.String, "reason": pl.String}, orient="row"),
+    )
     return paths
 
 
@@ -392,11 +499,13 @@ def read_hits(config: LookupConfig, partition: Partition) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def write_raw(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> dict[str, Path]:
+def write_raw(
+    config: LookupConfig, partition: Partition, raw: pl.DataFrame, queries: QuerySet
+) -> dict[str, Path]:
     """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
     paths = partition_paths(config, partition)
     exports.write_parquet_atomic(paths["raw"], raw)
-    exports.write_raw_shards(paths["shards"], raw, raw.columns, config.precision)
+    exports.write_raw_shards(paths["shards"], raw, raw.columns, config.precision, queries.shard_names)
     return paths
 
 
@@ -445,6 +554,41 @@ def write_sequences(
     return fasta, mapping
 
 
+def write_run_records(
+    config: LookupConfig, queries: QuerySet, partitions: list[Partition]
+) -> dict[str, Path]:
+    """output_names.csv (original name → file or folder name) and skipped_queries.csv.
+
+    Names from data become file names only after sanitising (`exports.safe_name`); these files
+    record the exact original of every changed or unchanged name, and every query group left
+    out of the lookup (in the whole file, or of one partition) with the reason.
+    """
+    names = [("accession", accession, file) for accession, file in queries.shard_names.items()]
+    models = {p.model.name for p in partitions}
+    names += [("model", model, exports.model_dir_name(model)) for model in sorted(models)]
+    frame = pl.DataFrame(
+        names, schema={"kind": pl.String, "name": pl.String, "file_name": pl.String}, orient="row"
+    )
+    names_path = config.experiment_path / "output_names.csv"
+    # not csv_bytes: names are recorded exactly (CSV quoting keeps line breaks), never rewritten
+    exports.write_bytes_atomic(names_path, frame.write_csv().encode("utf-8"))
+    skipped = [(group, "", reason) for group, reason in queries.catalogue.skipped]
+    for partition in partitions:
+        path = partition_paths(config, partition)["skipped"]
+        if path.exists():
+            skipped += [(group, partition.key, reason) for group, reason in pl.read_parquet(path).iter_rows()]
+    skipped_path = config.experiment_path / "skipped_queries.csv"
+    exports.write_bytes_atomic(
+        skipped_path,
+        pl.DataFrame(
+            skipped, schema={"group": pl.String, "partition": pl.String, "reason": pl.String}, orient="row"
+        )
+        .write_csv()
+        .encode("utf-8"),
+    )
+    return {"output names": names_path, "skipped queries": skipped_path}
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole lookup in one process (CLI)
 
@@ -459,6 +603,7 @@ class PartitionReport:
     n_references: int
     matrix_source: str | None
     timings: dict[str, float]
+    skipped: int = 0
 
 
 @dataclass
@@ -475,6 +620,7 @@ class LookupResult:
                 f"{p.partition.key}: {p.n_queries} queries × {p.n_references} references "
                 f"(matrix from {p.matrix_source}), {p.n_hits} neighbours, {p.n_rows} GO rows, "
                 f"{p.queries_without_hits} queries without neighbours within the threshold"
+                + (f", {p.skipped} queries left out (skipped_queries.csv)" if p.skipped else "")
             )
         stages = sorted({s for p in self.partitions for s in p.timings} | set(self.timings))
         width = max((len(s) for s in stages), default=5)
@@ -542,7 +688,7 @@ def run_lookup(
         )
         began = time.perf_counter()
         write_hits(config, partition, outcome)
-        write_raw(config, partition, raw)
+        write_raw(config, partition, raw, queries)
         if config.topgo:
             write_partition_topgo(config, partition, raw)
         outcome.timings["write partition"] = time.perf_counter() - began
@@ -557,6 +703,7 @@ def run_lookup(
                 len(outcome.matrix),
                 outcome.matrix_source,
                 outcome.timings,
+                len(outcome.skipped),
             )  # fmt: skip
         )
     started = time.perf_counter()
@@ -574,5 +721,6 @@ def run_lookup(
     fasta, mapping = write_sequences(config, queries, raw_all, engine, sequences)
     outputs["sequences"] = fasta
     outputs["query mapping"] = mapping
+    outputs.update(write_run_records(config, queries, partitions))
     timings["fasta+mapping"] = time.perf_counter() - started
     return LookupResult(config, reports, outputs, timings)

@@ -124,6 +124,46 @@ class EmbeddingCatalogue:
             )
         return matrix, entries.rows[positions]
 
+    def read_valid(
+        self, key: LayerKey, dim: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """Every usable vector of `key`, and the groups left out with the reason.
+
+        Unlike `read`, one bad query does not stop the others: a vector whose length is not
+        `dim` (default: the most common length in the file) or that holds NaN or infinite
+        values is left out and reported as (group, reason). Returns (vectors, rows, skipped).
+        """
+        entries = self.layers.get(key)
+        if entries is None:
+            raise EmbeddingFileError(f"{self.path}: no embeddings for {_describe(key)}")
+        skipped: list[tuple[str, str]] = []
+        if dim is None and len(entries.dims):
+            lengths, counts = np.unique(entries.dims, return_counts=True)
+            dim = int(lengths[np.argmax(counts)])  # ties: the shorter length, deterministically
+        keep = np.flatnonzero(entries.dims == dim)
+        for position in np.flatnonzero(entries.dims != dim):
+            skipped.append(
+                (
+                    self.group(int(entries.rows[position])),
+                    f"{_describe(key)} has {int(entries.dims[position])} values, expected {dim}",
+                )
+            )
+        matrix = self._gather(key, entries, keep)
+        finite = np.isfinite(matrix).all(axis=1)
+        for position in keep[~finite]:
+            skipped.append(
+                (self.group(int(entries.rows[position])), f"{_describe(key)} has NaN or infinite values")
+            )
+        if not finite.all():
+            matrix, keep = matrix[finite], keep[finite]
+        order = {group: i for i, group in enumerate(self.group(int(r)) for r in entries.rows)}
+        skipped.sort(key=lambda item: order[item[0]])
+        return matrix, entries.rows[keep], skipped
+
+    def group(self, row: int) -> str:
+        """The HDF5 group name of catalogue row `row`."""
+        return f"{ACCESSION_PREFIX}{self.accessions[row]}"
+
     def _gather(self, key: LayerKey, entries: LayerEntries, positions: np.ndarray) -> np.ndarray:
         dim = int(entries.dims[positions[0]]) if len(positions) else entries.dim
         out = np.empty((len(positions), dim), dtype=np.float32)

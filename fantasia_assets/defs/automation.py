@@ -11,7 +11,11 @@ It also keeps the dynamic partitions equal to the current (model, layer) pairs.
 import json
 
 import dagster as dg
+from sqlalchemy import exc as sa_exc
 
+from ..config import ConfigError
+from ..core.queries import EmbeddingFileError
+from ..db.engine import DatabaseError
 from .inputs import query_embeddings, reference_set
 from .lookup import (
     go_annotation_cache,
@@ -116,9 +120,30 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
 def reference_change_sensor(
     context: dg.SensorEvaluationContext, settings: LookupSettings, database: ReferenceDatabase
 ) -> dg.SensorResult:
-    state = LookupState.open(settings, database)
     known = set(context.instance.get_dynamic_partitions(MODEL_LAYER.name))
-    return evaluate_changes(state, context.cursor, known)
+    return guarded_tick(settings, database, context.cursor, known)
+
+
+def guarded_tick(
+    settings: LookupSettings, database: ReferenceDatabase, cursor: str | None, known: set[str]
+) -> dg.SensorResult | dg.SkipReason:
+    """`evaluate_changes`, or a skip naming the problem when the inputs cannot be read now.
+
+    A query file being copied in (truncated until the copy ends), a bad configuration or a
+    database restart must not turn into a sensor error at every tick: the tick is skipped with
+    the reason, the cursor stays, and the change is seen once the inputs are readable again.
+    """
+    try:
+        return evaluate_changes(LookupState.open(settings, database), cursor, known)
+    except (
+        ConfigError,
+        EmbeddingFileError,
+        DatabaseError,
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+    ) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return dg.SkipReason(f"inputs not readable now, looking again next tick: {message}")
 
 
 def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[str]:

@@ -38,6 +38,7 @@ def lookup_summary(
     raw = pipeline.read_raw_rows(state.config, partitions)
     path, summary = pipeline.write_summary(state.config, raw)
     fasta, mapping = pipeline.write_sequences(state.config, state.queries, raw, state.engine)
+    records = pipeline.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
     keys = [p.key for p in partitions]
     record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(keys)}, timings)
@@ -58,6 +59,8 @@ def lookup_summary(
             "summary": dg.MetadataValue.path(str(path)),
             "sequences": dg.MetadataValue.path(str(fasta)),
             "query_mapping": dg.MetadataValue.path(str(mapping)),
+            "skipped_queries": dg.MetadataValue.path(str(records["skipped queries"])),
+            "output_names": dg.MetadataValue.path(str(records["output names"])),
             "best_predictions": dg.MetadataValue.md(best_predictions(raw)),
         },
         check_results=[

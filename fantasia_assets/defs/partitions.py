@@ -25,8 +25,8 @@ MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
 
 
 def partition_key(partition: Partition) -> str:
-    """`{model}|layer_{k}`; names Dagster would refuse in a key go through `safe_name`."""
-    return f"{exports.safe_name(partition.model.name)}|{exports.layer_dir_name(partition.layer)}"
+    """`{model}|layer_{k}`, with the model's folder name: names Dagster would refuse are hashed."""
+    return f"{exports.model_dir_name(partition.model.name)}|{exports.layer_dir_name(partition.layer)}"
 
 
 @dataclass
