@@ -243,3 +243,34 @@ def test_query_file_half_copied_at_a_sensor_tick__tick_skipped_naming_it_then_ch
     queries.write_bytes(new.read_bytes())  # the copy has finished
     after = guarded_tick(settings, database, first.cursor, keys)
     assert sorted(r.partition_key for r in after.run_requests if r.partition_key) == sorted(keys)
+
+
+def test_nan_query_in_a_dagster_partition__check_warns_with_the_group_and_run_succeeds(
+    sample_loaded, tmp_path
+):
+    from fantasia_assets.definitions import defs
+    from fantasia_assets.defs import lookup
+    from fantasia_assets.defs.partitions import MODEL_LAYER
+    from fantasia_assets.defs.resources import LookupSettings
+
+    groups = sample_groups(5)
+    groups[2][1]["type_1/layer_0/embedding"] = np.full(256, np.nan, dtype=np.float32)
+    queries = write_queries(tmp_path / "queries.h5", groups)
+    config = write_config(
+        tmp_path / "config.yaml", config_dict(tmp_path / "experiment", queries, **near_only([0]))
+    )
+    resources = {**defs.resources, "settings": LookupSettings(config_path=str(config))}
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(MODEL_LAYER.name, ["NEAR|layer_0"])
+        result = dg.materialize(
+            [lookup.reference_embeddings, lookup.neighbour_hits],
+            resources=resources,
+            instance=instance,
+            partition_key="NEAR|layer_0",
+        )
+    assert result.success
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "every_query_answered"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    metadata = {k: v.value for k, v in check.metadata.items()}
+    assert metadata["left_out"] == 1 and metadata["unaccounted"] == 0
+    assert metadata["left_out_reasons"] == [f"{groups[2][0]}: type_1/layer_0 has NaN or infinite values"]

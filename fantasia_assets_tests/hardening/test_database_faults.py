@@ -9,7 +9,6 @@ byte with an undisturbed run of the same configuration into another experiment_p
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from fantasia_assets.db.embedded import embedded_server
 from fantasia_assets.db.engine import dispose_engines, normalise_url, redacted
 from fantasia_assets.sample import SAMPLE_DIR, load_sample
 from fantasia_assets_tests.conftest import PROJECT
+from fantasia_assets_tests.hardening.helpers import tree
 
 
 def _config(experiment: Path) -> dict:
@@ -41,14 +41,6 @@ def _config_file(tmp_path: Path, experiment: Path) -> Path:
     path = tmp_path / f"{experiment.name}.yaml"
     path.write_text(yaml.safe_dump(_config(experiment), sort_keys=False))
     return path
-
-
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _leftover_temporary_files(*roots: Path) -> list[Path]:
@@ -102,7 +94,7 @@ def undisturbed(private_server, tmp_path_factory) -> dict[str, str]:
     _, url = private_server
     experiment = tmp_path_factory.mktemp("undisturbed") / "experiment"
     run_lookup(parse_config(_config(experiment)), get_engine(url))
-    return _tree_digest(experiment)
+    return tree(experiment)
 
 
 @pytest.fixture()
@@ -138,7 +130,7 @@ def test_database_stopped_before_the_lookup__clear_error_and_retry_succeeds(
     _restart(server)
     # the engine cached for this URL keeps its dead connections: pool_pre_ping replaces them
     assert main(["lookup", "--config", str(config)]) == 0
-    assert _tree_digest(experiment) == undisturbed
+    assert tree(experiment) == undisturbed
     assert not _leftover_temporary_files(experiment)
 
 
@@ -185,7 +177,7 @@ def test_database_stopped_during_a_partition__clear_error_and_rerun_is_identical
     _restart(server)
     monkeypatch.setattr(progress_module, "terminal_progress", real_terminal_progress)
     assert main(["lookup", "--config", str(config)]) == 0
-    assert _tree_digest(experiment) == undisturbed
+    assert tree(experiment) == undisturbed
     assert not _leftover_temporary_files(experiment, fantasia_home / "cache")
     shards = list((experiment / "raw_results").rglob("*.csv"))
     assert len(shards) == 4 * 50  # four partitions × 50 query accessions

@@ -8,7 +8,6 @@ runs before anything is written). `core/test_redundancy.py` covers `cluster_sequ
 
 from __future__ import annotations
 
-import hashlib
 import io
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from fantasia_assets.cli import main
 from fantasia_assets.core import redundancy
 from fantasia_assets.sample import SAMPLE_DIR
 from fantasia_assets_tests.conftest import PROJECT
+from fantasia_assets_tests.hardening.helpers import tree
 
 
 def _config_file(tmp_path: Path) -> Path:
@@ -29,14 +29,6 @@ def _config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _fake_mmseqs(tmp_path: Path, body: str) -> Path:
@@ -53,7 +45,7 @@ def _successful_run(tmp_path: Path, capsys) -> tuple[Path, Path, dict[str, str]]
     assert main(["lookup", "--config", str(config)]) == 0
     capsys.readouterr()
     experiment = tmp_path / "experiment"
-    digest = _tree_digest(experiment)
+    digest = tree(experiment)
     assert "summary.csv" in digest
     return config, experiment, digest
 
@@ -75,7 +67,7 @@ def test_mmseqs_path_that_does_not_exist__one_line_error_and_outputs_kept(
     assert "Traceback" not in err
     assert str(missing) in err and "does not exist" in err
     assert f"unset {redundancy.BINARY_ENV}" in err  # how to fix it
-    assert _tree_digest(experiment) == before
+    assert tree(experiment) == before
 
 
 def test_mmseqs_exits_with_an_error__exit_code_and_its_stderr_and_outputs_kept(
@@ -92,7 +84,7 @@ def test_mmseqs_exits_with_an_error__exit_code_and_its_stderr_and_outputs_kept(
     assert "MMseqs2 failed with exit code 1" in lines[0] and "createdb" in lines[0]
     assert "Error: createdb cannot allocate the database" in err  # the tail of its stderr
     assert all(line.startswith("  ") for line in lines[1:])  # the rest reads as part of the error
-    assert _tree_digest(experiment) == before
+    assert tree(experiment) == before
     assert _no_work_folders_left(fantasia_home)
 
 
@@ -109,7 +101,7 @@ def test_mmseqs_killed_by_a_signal__error_names_the_signal_and_outputs_kept(
     first = err[err.index("error: ") :].splitlines()[0]
     assert "killed by signal SIGKILL" in first and "exit code" not in first
     assert "out of memory" in err  # what SIGKILL usually means, and so what to try
-    assert _tree_digest(experiment) == before
+    assert tree(experiment) == before
     assert _no_work_folders_left(fantasia_home)
 
 
