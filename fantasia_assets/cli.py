@@ -148,6 +148,8 @@ def _demo(args, progress) -> int:
         "topgo",
         "sequences.fasta",
         "query_index_mapping.csv",
+        "skipped_queries.csv",
+        "output_names.csv",
         "lineage.duckdb",
     ):
         print(f"  {config.experiment_path / name}")
