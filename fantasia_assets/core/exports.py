@@ -65,10 +65,14 @@ def safe_name(name: str) -> str:
     Characters outside [A-Za-z0-9._+=@-] become '_'. When that changed anything, or the name
     is long, a hash of the original is appended so that distinct names stay distinct.
     """
-    cleaned = _DOTS.sub("_", _UNSAFE.sub("_", name)).lstrip(".")
+    cleaned = _cleaned(name)
     if cleaned == name and 0 < len(name) <= _MAX_NAME:
         return name
     return _hashed(name, cleaned)
+
+
+def _cleaned(name: str) -> str:
+    return _DOTS.sub("_", _UNSAFE.sub("_", name)).lstrip(".")
 
 
 def _hashed(name: str, cleaned: str) -> str:
@@ -95,7 +99,7 @@ def unique_file_names(names: Iterable[str], suffix: str) -> dict[str, str]:
     for group in folded.values():
         if len(group) > 1:
             for name in group:
-                chosen[name] = _hashed(name, _DOTS.sub("_", _UNSAFE.sub("_", name)).lstrip("."))
+                chosen[name] = _hashed(name, _cleaned(name))
     return {name: file + suffix for name, file in chosen.items()}
 
 

@@ -27,6 +27,7 @@ from .queries import (
     ACCESSION_PREFIX,
     EmbeddingCatalogue,
     EmbeddingFileError,
+    describe_key,
     file_digest,
     scan,
     scan_cached,
@@ -350,7 +351,7 @@ def usable_queries(
     present = np.zeros(len(catalogue.accessions), dtype=bool)
     present[catalogue.layers[key].rows] = True
     absent = [
-        (catalogue.group(int(r)), f"no {_layer_label(key)} embedding") for r in np.flatnonzero(~present)
+        (catalogue.group(int(r)), f"no {describe_key(key)} embedding") for r in np.flatnonzero(~present)
     ]
     skipped = absent + skipped
     if not len(rows):
@@ -371,11 +372,6 @@ def usable_queries(
 
 
 _WARN_EACH = 20
-
-
-def _layer_label(key: tuple[int, int | None]) -> str:
-    type_id, layer = key
-    return f"type_{type_id}/" + (f"layer_{layer}" if layer is not None else "embedding")
 
 
 # ---------------------------------------------------------------------------------------------

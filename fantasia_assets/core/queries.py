@@ -94,14 +94,14 @@ class EmbeddingCatalogue:
         """
         entries = self.layers.get(key)
         if entries is None:
-            raise EmbeddingFileError(f"{self.path}: no embeddings for {_describe(key)}")
+            raise EmbeddingFileError(f"{self.path}: no embeddings for {describe_key(key)}")
         positions = np.arange(len(entries.rows))
         if rows is not None:
             where = {int(r): i for i, r in enumerate(entries.rows)}
             missing = [int(r) for r in rows if int(r) not in where]
             if missing:
                 names = ", ".join(self.accessions[r] for r in missing[:5])
-                raise EmbeddingFileError(f"{self.path}: no {_describe(key)} for {names}")
+                raise EmbeddingFileError(f"{self.path}: no {describe_key(key)} for {names}")
             positions = np.fromiter((where[int(r)] for r in rows), dtype=np.int64, count=len(rows))
         dims = entries.dims[positions]
         if len(dims):
@@ -111,7 +111,7 @@ class EmbeddingCatalogue:
                 row = int(entries.rows[positions[bad[0]]])
                 raise EmbeddingFileError(
                     f"{self.path}: group {ACCESSION_PREFIX}{self.accessions[row]} has a "
-                    f"{int(dims[bad[0]])}-dim vector for {_describe(key)}, expected {expected} "
+                    f"{int(dims[bad[0]])}-dim vector for {describe_key(key)}, expected {expected} "
                     f"like {ACCESSION_PREFIX}{self.accessions[int(entries.rows[0])]}"
                 )
         matrix = self._gather(key, entries, positions)
@@ -120,7 +120,7 @@ class EmbeddingCatalogue:
             row = int(entries.rows[positions[np.flatnonzero(~finite)[0]]])
             raise EmbeddingFileError(
                 f"{self.path}: group {ACCESSION_PREFIX}{self.accessions[row]} has NaN or "
-                f"infinite values in {_describe(key)}"
+                f"infinite values in {describe_key(key)}"
             )
         return matrix, entries.rows[positions]
 
@@ -135,29 +135,21 @@ class EmbeddingCatalogue:
         """
         entries = self.layers.get(key)
         if entries is None:
-            raise EmbeddingFileError(f"{self.path}: no embeddings for {_describe(key)}")
-        skipped: list[tuple[str, str]] = []
+            raise EmbeddingFileError(f"{self.path}: no embeddings for {describe_key(key)}")
         if dim is None and len(entries.dims):
             lengths, counts = np.unique(entries.dims, return_counts=True)
             dim = int(lengths[np.argmax(counts)])  # ties: the shorter length, deterministically
+        reasons = {  # by position in the file, so the report follows the file's order
+            int(p): f"{describe_key(key)} has {int(entries.dims[p])} values, expected {dim}"
+            for p in np.flatnonzero(entries.dims != dim)
+        }
         keep = np.flatnonzero(entries.dims == dim)
-        for position in np.flatnonzero(entries.dims != dim):
-            skipped.append(
-                (
-                    self.group(int(entries.rows[position])),
-                    f"{_describe(key)} has {int(entries.dims[position])} values, expected {dim}",
-                )
-            )
         matrix = self._gather(key, entries, keep)
         finite = np.isfinite(matrix).all(axis=1)
-        for position in keep[~finite]:
-            skipped.append(
-                (self.group(int(entries.rows[position])), f"{_describe(key)} has NaN or infinite values")
-            )
         if not finite.all():
+            reasons.update({int(p): f"{describe_key(key)} has NaN or infinite values" for p in keep[~finite]})
             matrix, keep = matrix[finite], keep[finite]
-        order = {group: i for i, group in enumerate(self.group(int(r)) for r in entries.rows)}
-        skipped.sort(key=lambda item: order[item[0]])
+        skipped = [(self.group(int(entries.rows[p])), reasons[p]) for p in sorted(reasons)]
         return matrix, entries.rows[keep], skipped
 
     def group(self, row: int) -> str:
@@ -218,9 +210,10 @@ class EmbeddingCatalogue:
             yield self.read(key, all_rows[start : start + batch_size])
 
 
-def _describe(key: LayerKey) -> str:
+def describe_key(key: LayerKey) -> str:
+    """`type_<id>/layer_<k>`, or `type_<id>/embedding` for a legacy entry: where a vector lives."""
     type_id, layer = key
-    return f"type_{type_id}/" + (f"layer_{layer}" if layer is not None else "embedding (legacy)")
+    return f"type_{type_id}/" + (f"layer_{layer}" if layer is not None else "embedding")
 
 
 def _dataset_path(accession: str, key: LayerKey) -> str:
