@@ -22,13 +22,15 @@ from typing import Any
 
 import yaml
 
+from fantasia_assets.errors import FantasiaError
+
 from .core.summary import SummarySpec
 from .core.taxonomy import TaxonomyError, TaxonomyFilter, validate_taxon_ids
 
 _OFF = {"off", "none", "null", "false", ""}
 
 
-class ConfigError(ValueError):
+class ConfigError(FantasiaError, ValueError):
     """The configuration is invalid; the message names the key."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from fantasia_assets.errors import FantasiaError
+
 RAW_COLUMNS = [
     "accession", "model_name", "embedding_type_id", "layer_index", "distance", "go_id", "category",
     "evidence_code", "go_description", "protein_id", "organism", "gene_name", "query_idx", "ref_idx",
@@ -41,7 +43,7 @@ _MAX_NAME = 120
 RESERVED_MODEL_DIRS = frozenset({"ensemble"})
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(FantasiaError, OSError):
     """An output could not be written (disk full, read-only, no permission); none is half-written."""
 
     def __str__(self) -> str:

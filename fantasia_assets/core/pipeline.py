@@ -18,6 +18,8 @@ import numpy as np
 import polars as pl
 from sqlalchemy.engine import Engine
 
+from fantasia_assets.errors import FantasiaError
+
 from ..config import LookupConfig, ModelConfig
 from ..progress import Progress, no_progress
 from . import exports
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 COUNT_COLUMNS = ["alignment_score", "alignment_length", "alignment_score_sw", "alignment_length_sw"]
 
 
-class LookupPlanError(RuntimeError):
+class LookupPlanError(FantasiaError, RuntimeError):
     """The lookup cannot run as configured (no usable model or layer)."""
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fantasia_assets.errors import FantasiaError
+
 log = logging.getLogger(__name__)
 
 ACCESSION_PREFIX = "accession_"
@@ -47,7 +49,7 @@ _CATALOGUE_FORMAT = 1
 LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(FantasiaError, ValueError):
     """A query or reference HDF5 file cannot be used; the message names file, group and reason."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from fantasia_assets.errors import FantasiaError
 from fantasia_assets.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _ID = re.compile(r"[\x21-\x7e]+")
 _SEQUENCE = re.compile(r"[\x21-\x3d\x3f-\x7e]+")
 
 
-class MMseqsError(RuntimeError):
+class MMseqsError(FantasiaError, RuntimeError):
     """MMseqs2 is missing or failed; the message says which command, how, and what to do."""
 
 

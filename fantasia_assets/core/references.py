@@ -30,6 +30,8 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
 
+from fantasia_assets.errors import FantasiaError
+
 from ..db.sources import normalise_category
 from ..progress import Progress, no_progress
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 _COPY_HEADER = 19  # "PGCOPY\n\377\r\n\0" + flags int32 + extension length int32
 
 
-class ReferenceError(LookupError):
+class ReferenceError(FantasiaError, LookupError):
     """The reference database lacks what the lookup needs (model, layer, rows)."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from fantasia_assets.errors import FantasiaError
+
 log = logging.getLogger(__name__)
 
 _TAXON_ID = re.compile(r"[0-9]+")
@@ -26,7 +28,7 @@ _EXCLUDE_KEY = "lookup.taxonomy.exclude"
 _INCLUDE_KEY = "lookup.taxonomy.include_only"
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(FantasiaError, ValueError):
     """A taxonomy setting or dump cannot be used; the message names the key or the file."""
 
 

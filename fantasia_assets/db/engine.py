@@ -16,6 +16,8 @@ import threading
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
+from fantasia_assets.errors import FantasiaError
+
 from .embedded import embedded_server
 
 ENV_URL = "FANTASIA_DATABASE_URL"
@@ -25,7 +27,7 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(FantasiaError, RuntimeError):
     """The reference database cannot be reached or is not usable."""
 
 

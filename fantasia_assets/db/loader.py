@@ -25,6 +25,8 @@ import numpy as np
 import polars as pl
 from sqlalchemy.engine import Engine
 
+from fantasia_assets.errors import FantasiaError
+
 from ..core.queries import EmbeddingCatalogue, EmbeddingFileError, scan
 from ..progress import Progress, no_progress
 from .schema import ensure_schema
@@ -45,7 +47,7 @@ _EMBEDDING_CHUNK = 20000
 _FP16_MAX = 65504.0
 
 
-class LoadError(ValueError):
+class LoadError(FantasiaError, ValueError):
     """The inputs cannot be loaded as asked; nothing was written."""
 
 

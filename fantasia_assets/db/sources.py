@@ -16,6 +16,8 @@ from pathlib import Path
 
 import polars as pl
 
+from fantasia_assets.errors import FantasiaError
+
 # SPEC §2.2: the experimental evidence codes kept by default, in order of preference when a
 # protein carries the same GO term under several codes (the table keeps one per pair).
 DEFAULT_EVIDENCE = ("EXP", "IDA", "IPI", "IMP", "IGI", "IEP", "TAS", "IC")
@@ -54,7 +56,7 @@ _NAMESPACES = {
 }  # fmt: skip
 
 
-class InputFileError(ValueError):
+class InputFileError(FantasiaError, ValueError):
     """An input file is unreadable or malformed; the message names the file (and line)."""
 
 
