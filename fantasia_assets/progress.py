@@ -1,7 +1,7 @@
 """Progress of long work (loading, lookup, clustering) for a terminal and for Dagster's log.
 
-Core code takes a `Progress` callable and calls it with (stage, done, total); it knows nothing
-of where the messages go. `terminal_progress` draws one updating line on a TTY and prints
+Core code takes a `Progress` callable (`core.progress`) and calls it with (stage, done, total);
+it knows nothing of where the messages go. `terminal_progress` draws one updating line on a TTY and prints
 occasional lines otherwise; `log_progress` sends throttled messages to any logger (Dagster's
 `context.log` included).
 """
@@ -11,15 +11,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Protocol
 
+from .core.progress import Progress, no_progress
 
-class Progress(Protocol):
-    def __call__(self, stage: str, done: int, total: int) -> None: ...
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    """A `Progress` that reports nothing."""
+__all__ = ["Progress", "TerminalProgress", "log_progress", "no_progress", "terminal_progress"]
 
 
 class _Throttled:

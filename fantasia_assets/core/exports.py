@@ -170,25 +170,39 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary sibling and a rename."""
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """Make `path` with `writer(tmp)` on a temporary sibling, then rename it into place.
+
+    The one atomic-write helper: a reader (or a crash) sees the old file or the new one, whole.
+    Temporaries of writers that died are removed first; a file-system failure becomes an
+    `OutputWriteError` naming `path`.
+    """
 
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_siblings(path)
         tmp = _tmp_sibling(path)
         try:
-            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(descriptor, data)
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            writer(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
     _writing(path, write)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling (synced) and a rename."""
+
+    def write(tmp: Path) -> None:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(descriptor, data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    atomic_write(path, write)
 
 
 def _write_all(descriptor: int, data: bytes) -> None:

@@ -16,7 +16,6 @@ compressed (no single byte offset) are read through h5py instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -30,6 +29,9 @@ import h5py
 import numpy as np
 
 from fantasia_assets.errors import FantasiaError
+
+from .digest import file_digest
+from .exports import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -398,15 +400,6 @@ def _plain(value):
     return value
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 (16 hex digits) of a file's bytes: the data version of a query file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, str]:
     """`scan`, remembered per file content: (catalogue, content digest).
 
@@ -427,11 +420,7 @@ def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, 
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
             log.warning("unreadable catalogue cache %s; scanning %s again", cached, path)
     catalogue = scan(path)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            pickle.dump(catalogue, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cached)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(
+        cached, lambda tmp: tmp.write_bytes(pickle.dumps(catalogue, protocol=pickle.HIGHEST_PROTOCOL))
+    )
     return catalogue, digest

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from .engine import translate_errors
 from .models import Base
 
 
+@translate_errors
 def ensure_schema(engine: Engine) -> None:
     """Create `vector` and every missing table and index; existing ones are left as they are.
 

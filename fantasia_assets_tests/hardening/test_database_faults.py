@@ -21,10 +21,10 @@ import yaml
 from fantasia_assets import progress as progress_module
 from fantasia_assets.cli import main
 from fantasia_assets.config import parse_config
-from fantasia_assets.core.pipeline import run_lookup
 from fantasia_assets.db import ensure_schema, get_engine
 from fantasia_assets.db.embedded import embedded_server
 from fantasia_assets.db.engine import dispose_engines, normalise_url, redacted
+from fantasia_assets.runner import run_lookup
 from fantasia_assets.sample import SAMPLE_DIR, load_sample
 from fantasia_assets_tests.conftest import PROJECT
 from fantasia_assets_tests.hardening.helpers import tree
