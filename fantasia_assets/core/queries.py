@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -203,15 +203,6 @@ class EmbeddingCatalogue:
                     row = int(entries.rows[positions[i]])
                     out[i] = handle[_dataset_path(self.accessions[row], key)][()]
         return out
-
-    def iter_batches(
-        self, key: LayerKey, batch_size: int, rows: np.ndarray | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """`read` in slices of `batch_size` proteins, so huge files never sit in memory whole."""
-        entries = self.layers[key]
-        all_rows = entries.rows if rows is None else np.asarray(rows, dtype=np.int64)
-        for start in range(0, len(all_rows), max(1, batch_size)):
-            yield self.read(key, all_rows[start : start + batch_size])
 
 
 def describe_key(key: LayerKey) -> str:
