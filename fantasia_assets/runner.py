@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from .config import LookupConfig
 from .core import writers
 from .core.device import resolve_device
+from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
 from .core.layout import partition_paths as _partition_paths
 from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
 from .core.plan import plan_partitions as _plan_partitions
@@ -26,6 +27,7 @@ from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSe
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
+from .core.staging import RunStaging
 from .core.timing import timed
 from .db.engine import get_engine
 from .db.reads import fetch_reference_sequences, model_types
@@ -237,9 +239,12 @@ class LookupResult:
 def run_lookup(
     config: LookupConfig, engine: Engine | None = None, progress: Progress = no_progress
 ) -> LookupResult:
-    """The whole lookup for every enabled (model, layer), then the run-wide outputs."""
+    """The whole lookup for every enabled (model, layer), then the run-wide outputs.
+
+    All or nothing: every output set is built in a staging folder and published at the end
+    (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
+    """
     engine = engine or get_engine()
-    root = config.experiment_path
     timings: dict[str, float] = {}
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
@@ -259,54 +264,67 @@ def run_lookup(
     alignments = AlignmentCache(config.store_workers)
     sequences = SequenceCache(engine)
     device = device_for(config)
-    reports, raw_frames = [], []
-    for partition in partitions:
-        outcome = search_partition(config, queries, partition, store, clusters, device, progress)
-        raw = build_raw_rows(
-            config,
-            queries,
-            partition,
-            outcome.hits,
-            annotations,
-            engine,
-            alignments,
-            outcome.timings,
-            sequences,
-        )
-        with timed(outcome.timings, "write partition"):
-            writers.write_hits(root, partition, outcome)
-            writers.write_raw(root, partition, raw, queries.shard_names, config.precision)
-            if config.topgo:
-                writers.write_partition_topgo(root, partition, raw, config.precision)
-        raw_frames.append(raw)
-        reports.append(
-            PartitionReport(
+    reports, raw_frames, entries = [], [], []
+    with RunStaging(config.experiment_path) as staging:
+        root = staging.root
+        for partition in partitions:
+            outcome = search_partition(config, queries, partition, store, clusters, device, progress)
+            raw = build_raw_rows(
+                config,
+                queries,
                 partition,
-                outcome.n_queries,
-                outcome.hits.height,
-                raw.height,
-                len(outcome.queries_without_hits),
-                len(outcome.matrix),
-                outcome.matrix_source,
+                outcome.hits,
+                annotations,
+                engine,
+                alignments,
                 outcome.timings,
-                len(outcome.skipped),
+                sequences,
             )
-        )
-    # the frames just written, not re-read from their Parquet files
-    raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
-    with timed(timings, "summary"):
-        summary_path, _ = writers.write_summary(
-            root, raw_all, config.summary, config.limit_per_entry, config.precision
-        )
-    outputs = {"summary": summary_path, "raw shards": root / "raw_results"}
+            with timed(outcome.timings, "write partition"):
+                writers.write_hits(root, partition, outcome)
+                writers.write_raw(root, partition, raw, queries.shard_names, config.precision)
+                if config.topgo:
+                    writers.write_partition_topgo(root, partition, raw, config.precision)
+            files = partition_files(partition)
+            entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
+            raw_frames.append(raw)
+            reports.append(
+                PartitionReport(
+                    partition,
+                    outcome.n_queries,
+                    outcome.hits.height,
+                    raw.height,
+                    len(outcome.queries_without_hits),
+                    len(outcome.matrix),
+                    outcome.matrix_source,
+                    outcome.timings,
+                    len(outcome.skipped),
+                )
+            )
+        # the frames just written, not re-read from their Parquet files
+        raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
+        with timed(timings, "summary"):
+            writers.write_summary(root, raw_all, config.summary, config.limit_per_entry, config.precision)
+        if config.topgo:
+            with timed(timings, "topgo ensemble"):
+                writers.write_ensemble(root, raw_all, config.precision)
+        with timed(timings, "fasta+mapping"):
+            references = reference_sequences_of(raw_all, sequences)
+            writers.write_sequences(root, queries, references, config.precision)
+            writers.write_run_records(root, queries, partitions)
+        entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        with timed(timings, "publish"):
+            staging.publish(entries)
+    base = config.experiment_path
+    outputs = {"summary": base / SUMMARY, "raw shards": base / "raw_results"}
     if config.topgo:
-        with timed(timings, "topgo ensemble"):
-            writers.write_ensemble(root, raw_all, config.precision)
-        outputs["TopGO"] = root / "topgo"
-    with timed(timings, "fasta+mapping"):
-        references = reference_sequences_of(raw_all, sequences)
-        fasta, mapping = writers.write_sequences(root, queries, references, config.precision)
-        outputs["sequences"] = fasta
-        outputs["query mapping"] = mapping
-        outputs.update(writers.write_run_records(root, queries, partitions))
+        outputs["TopGO"] = base / "topgo"
+    outputs.update(
+        {
+            "sequences": base / FASTA,
+            "query mapping": base / MAPPING,
+            "output names": base / OUTPUT_NAMES,
+            "skipped queries": base / SKIPPED,
+        }
+    )
     return LookupResult(config, reports, outputs, timings)
