@@ -6,7 +6,7 @@ unused, dim × float16). Encoding (the loader) and decoding (the reference fetch
 record layout below; no Python object is made per row, even at a million rows.
 
 pgvector-python's codec (`pgvector.HalfVector.to_binary`/`from_binary`) works one vector at a
-time; `bench/halfvec_codec.py` measures it against this one (see `encode`'s docstring).
+time; `bench/halfvec_codec.py` measures it against this one (figures in `encode`'s docstring).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fantasia_assets.core.references import ReferenceSetError
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _TRAILER = (-1).to_bytes(2, "big", signed=True)
+_ROW_WORDS = 9  # 16-bit words before the values: field count, id length, id, vector length, dim, unused
 
 
 def record_dtype(dim: int) -> np.dtype:
@@ -35,17 +36,31 @@ def record_dtype(dim: int) -> np.dtype:
 
 
 def encode(sequence_ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    """Binary COPY payload of (sequence_id, halfvec) rows, built in numpy."""
+    """Binary COPY payload of (sequence_id, halfvec) rows, built in numpy.
+
+    Every field of a row starts at an even offset, so the rows are one matrix of 9 + dim
+    big-endian 16-bit words, written in place between header and trailer: the vectors go in
+    with one byte-swapping copy. Measured with `bench/halfvec_codec.py` (20,000 × 1,024, best
+    of 5, on a loaded 2-core machine) against pgvector-python's per-vector
+    `HalfVector.to_binary`/`from_binary` with the same record framing: encoding 3.8–4.0 ×
+    faster, decoding 5.3–8.4 × faster, the same bytes. pgvector's is far outside 10 %, so
+    this codec stays.
+    """
+    vectors = np.asarray(vectors, dtype=np.float16)
     n, dim = vectors.shape
-    rows = np.empty(n, dtype=record_dtype(dim))
-    rows["nfields"] = 2
-    rows["id_len"] = 4
-    rows["id"] = sequence_ids
-    rows["vec_len"] = 4 + 2 * dim
-    rows["dim"] = dim
-    rows["unused"] = 0
-    rows["values"] = vectors
-    return _HEADER + rows.tobytes() + _TRAILER
+    stream = np.empty(len(_HEADER) + 2 * n * (_ROW_WORDS + dim) + len(_TRAILER), dtype=np.uint8)
+    stream[: len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
+    stream[len(stream) - len(_TRAILER) :] = np.frombuffer(_TRAILER, dtype=np.uint8)
+    # the rows, written in place between header and trailer (one copy of the vectors, no joins)
+    words = stream[len(_HEADER) : len(stream) - len(_TRAILER)].view(">u2").reshape(n, _ROW_WORDS + dim)
+    words[:, 0] = 2  # field count
+    words[:, 1:3] = (0, 4)  # int4 length
+    words[:, 3:5] = np.asarray(sequence_ids).astype(">i4").view(">u2").reshape(n, 2)
+    words[:, 5:7] = np.array([4 + 2 * dim], dtype=">i4").view(">u2")  # halfvec length
+    words[:, 7] = dim
+    words[:, 8] = 0  # unused
+    words[:, _ROW_WORDS:] = vectors.view(np.uint16)
+    return stream.tobytes()
 
 
 def decode(payload: bytes) -> tuple[np.ndarray, np.ndarray]:

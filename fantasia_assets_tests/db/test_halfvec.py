@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
+from pgvector import HalfVector
 
 from fantasia_assets.core.references import ReferenceSetError
 from fantasia_assets.db import halfvec
@@ -17,6 +20,19 @@ def test_encode_then_decode_returns_ids_and_float16_values_exactly():
     np.testing.assert_array_equal(decoded_ids, ids)
     assert decoded.dtype == np.float16 and decoded.flags.c_contiguous
     np.testing.assert_array_equal(decoded.view(np.uint16), vectors.view(np.uint16))
+
+
+def test_each_row_is_what_pgvector_python_encodes():
+    """The vectorised framing equals the plain one: per row, int4 id then pgvector's halfvec."""
+    ids = np.array([1, 70000, 5], dtype=np.int64)
+    vectors = np.array([[0.5, -2.0, 65504.0], [0.0, -0.0, 1e-7], [np.inf, 1.0, -1.5]], dtype=np.float16)
+    plain = b"".join(
+        struct.pack(">hiii", 2, 4, sequence_id, 4 + 2 * 3) + HalfVector(vector).to_binary()
+        for sequence_id, vector in zip(ids.tolist(), vectors, strict=True)
+    )
+    payload = halfvec.encode(ids, vectors)
+    assert payload[19:-2] == plain
+    assert payload[:19] == b"PGCOPY\n\xff\r\n\x00" + bytes(8) and payload[-2:] == b"\xff\xff"
 
 
 def test_empty_stream_decodes_to_empty_arrays():
