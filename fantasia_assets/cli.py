@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .cli_embed import add_embed_parser, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    add_embed_parser(commands)
     return parser
 
 
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     import sqlalchemy as sa
 
     from .config import ConfigError
+    from .core.embedding import EmbeddingError, ModelUnavailableError
     from .core.exports import OutputWriteError
     from .core.pipeline import LookupPlanError
     from .core.queries import EmbeddingFileError
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from .db.sources import InputFileError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo, "embed": run_embed}
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         ReferenceError,
         MMseqsError,
         OutputWriteError,
+        EmbeddingError,
+        ModelUnavailableError,
     ) as exc:
         progress.end_line()
         _print_error(str(exc))
