@@ -136,5 +136,5 @@ def test_a_missing_model_is_never_downloaded_and_says_where_to_put_it(tmp_path, 
     ):
         load_encoder("prot_t5", "cpu")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelUnavailableError, match="no config.json"):
+    with pytest.raises(ModelUnavailableError, match=r"no config\.json"):
         load_encoder(str(tmp_path / "empty"), "cpu")
