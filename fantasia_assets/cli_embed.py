@@ -130,7 +130,6 @@ def records_to_hdf5(
         token_budget=budget,
         cache=cache,
         progress=progress,
-        source=str(fasta),
     )
     seconds = time.perf_counter() - started
     attrs = {

@@ -148,7 +148,6 @@ def embed_records(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     cache: EmbeddingCache | None = None,
     progress: Progress = no_progress,
-    source: str = "input",
 ) -> EmbeddedSet:
     """Embed checked records (see `check_records`) at `layers` (0 = last) with `encoder`.
 
