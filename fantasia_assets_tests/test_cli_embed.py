@@ -8,6 +8,7 @@ import re
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from fantasia_assets.cli import main
 from fantasia_assets_tests.core.embedding.helpers import (
@@ -110,6 +111,10 @@ def test_bad_layers_and_missing_model(tmp_path, capsys):
     assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--layers", "0,12") == 2
     assert "layers 0 (last) to 8; asked for 12" in capsys.readouterr().err
     assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--layers", "a") == 2
+    assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--max-residues", "0") == 2
+    if not torch.cuda.is_available():
+        assert _embed("--fasta", fasta, "--out", tmp_path / "q.h5", "--device", "cuda") == 2
+        assert "no CUDA device" in capsys.readouterr().err
     assert (
         main(["embed", "--model", str(tmp_path), "--type-id", "1", "--fasta", str(fasta), "--out", "x.h5"])
         == 2

