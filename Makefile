@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# PIS's model definitions, for the schema tests; without its deps (torch, esm, Bio…)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps protein-information-system==3.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
