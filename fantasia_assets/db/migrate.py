@@ -26,6 +26,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
 
 from .engine import DatabaseError
@@ -73,7 +74,7 @@ def _known(revision: str | None) -> bool:
         return True
     try:
         return _script().get_revision(revision) is not None
-    except Exception:  # alembic raises several unrelated types for an unknown id
+    except CommandError:  # "Can't locate revision"
         return False
 
 
