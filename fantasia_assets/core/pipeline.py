@@ -158,6 +158,11 @@ class Partition:
         return Path(exports.model_dir_name(self.model.name)) / exports.layer_dir_name(self.layer)
 
 
+NEVER_LOADED = (
+    "the reference database has no reference set yet: load one first (fantasia-assets load-references --help)"
+)
+
+
 def model_types(engine: Engine) -> dict[str, int]:
     """Model name → embedding type id, from the reference database."""
     import sqlalchemy as sa
@@ -168,10 +173,7 @@ def model_types(engine: Engine) -> dict[str, int]:
             rows = conn.execute(sa.text("SELECT name, id FROM sequence_embedding_type ORDER BY id")).all()
     except sa.exc.ProgrammingError as error:
         if isinstance(error.orig, UndefinedTable):
-            raise ReferenceError(
-                "the reference database has no reference tables yet: load a reference set first "
-                "(fantasia-assets load-references --help)"
-            ) from error
+            raise ReferenceError(NEVER_LOADED) from error
         raise
     return {name: int(type_id) for name, type_id in rows}
 
@@ -664,7 +666,10 @@ def run_lookup(
     started = time.perf_counter()
     queries = open_queries(config.embeddings_path, cache_dir("queries"))
     timings["scan queries"] = time.perf_counter() - started
-    partitions = plan_partitions(config, queries, model_types(engine))
+    types = model_types(engine)
+    if not types:  # the tables exist (migrated on first use), but nothing was loaded
+        raise ReferenceError(NEVER_LOADED)
+    partitions = plan_partitions(config, queries, types)
     if not partitions:
         raise LookupPlanError(
             f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "

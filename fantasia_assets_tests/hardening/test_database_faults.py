@@ -191,6 +191,6 @@ def test_lookup_against_a_database_never_loaded__error_says_to_load_references_f
     experiment = tmp_path / "experiment"
     assert main(["lookup", "--config", str(_config_file(tmp_path, experiment))]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the reference database has no reference tables yet")
+    assert err.startswith("error: the reference database has no reference set yet")
     assert "load-references" in err and "Traceback" not in err
     assert not experiment.exists()
