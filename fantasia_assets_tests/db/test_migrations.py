@@ -2,7 +2,7 @@
 
 The previous version's database is rebuilt exactly: its DDL is the baseline revision (the same
 statements its `ensure_schema` ran, as `pg_dump` shows them), and its rows are those its
-loader wrote for the bundled sample, copied column by column, plus what only it could hold: a
+loader wrote for the bundled sample (NEAR), copied column by column, plus what only it could hold: a
 legacy embedding without a layer and a GO term without a category.
 """
 
@@ -18,7 +18,7 @@ from alembic import command
 from fantasia_assets.db import get_engine, migrate, schema_ready
 from fantasia_assets.db.engine import DatabaseError
 from fantasia_assets.db.loader import load_references
-from fantasia_assets.sample import SAMPLE_DIR, load_sample
+from fantasia_assets.sample import SAMPLE_DIR
 from fantasia_assets_tests.db.test_pis_schema import ddl
 
 # (table, the columns the previous version had, its key), in foreign-key order
@@ -31,6 +31,13 @@ OLD_TABLES = [
     ("sequence_embedding_type", "id, name, description, task_name, model_name", "id"),
     ("sequence_embeddings", "id, sequence_id, embedding_type_id, layer_index, embedding, shape", "id"),
 ]
+SAMPLE_FILES = {
+    "fasta": SAMPLE_DIR / "references.fasta.gz",
+    "gaf": [SAMPLE_DIR / "references.gaf.gz"],
+    "obo": SAMPLE_DIR / "go-basic.obo.gz",
+    "embeddings": SAMPLE_DIR / "references_near.h5",
+    "model": "NEAR",
+}
 SERIALS = ["sequence", "protein_go_term_annotation", "sequence_embeddings"]
 
 
@@ -63,8 +70,7 @@ def _copy(source, target, table: str, columns: str, key: str) -> None:
 def previous_version_database(make_database):
     """(engine, rows per table): a database as the previous version left it, never migrated."""
     source = get_engine(make_database())
-    schema_ready(source)
-    load_sample(source)
+    load_references(source, **SAMPLE_FILES)
     engine = sa.create_engine(make_database())
     _to_revision(engine, migrate.BASELINE)
     with engine.begin() as conn:  # that version had no revision table
@@ -107,14 +113,7 @@ def test_previous_version_database_is_upgraded_in_place_without_loss(previous_ve
             == 3
         )
     # our loader finds everything it wrote before: a re-load changes nothing
-    report = load_references(
-        engine,
-        fasta=SAMPLE_DIR / "references.fasta.gz",
-        gaf=[SAMPLE_DIR / "references.gaf.gz"],
-        obo=SAMPLE_DIR / "go-basic.obo.gz",
-        embeddings=SAMPLE_DIR / "references_near.h5",
-        model="NEAR",
-    )
+    report = load_references(engine, **SAMPLE_FILES)
     assert report.proteins.inserted == report.proteins.updated == 0
     assert report.annotations.inserted == report.annotations.updated == report.annotations.deleted == 0
     assert all(c.inserted == c.updated == 0 for c in report.embeddings_by_layer.values())
