@@ -146,7 +146,27 @@ def check(engine: Engine) -> list[str]:
             },
         )
         problems.extend(_describe(diff) for diff in compare_metadata(context, Base.metadata))
+        problems.extend(_missing_serials(conn))
     return problems
+
+
+def _missing_serials(conn: Connection) -> list[str]:
+    """Serial ids the models declare but the database lacks (autogenerate does not compare them)."""
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        column = table.autoincrement_column
+        if column is None or not sa.inspect(conn).has_table(table.name):
+            continue
+        default = conn.execute(
+            sa.text(
+                "SELECT column_default FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = :table AND column_name = :column"
+            ),
+            {"table": table.name, "column": column.name},
+        ).scalar()
+        if not (default or "").startswith("nextval("):
+            missing.append(f"{table.name}.{column.name}: not a serial in the database (the models number it)")
+    return missing
 
 
 def _describe(diff) -> str:
@@ -162,7 +182,7 @@ def _describe(diff) -> str:
     where = "missing from the database" if action == "add" else "in the database but not in the models"
     if thing == "column":
         _schema, table, column = rest
-        return f"column {table}.{column} is {where}"
+        return f"column {table}.{column.name} is {where}"
     subject = rest[0]
     table = getattr(getattr(subject, "table", None), "name", None)
     name = getattr(subject, "name", None) or str(subject)

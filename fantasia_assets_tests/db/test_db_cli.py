@@ -26,10 +26,14 @@ def test_db_commands(database_url, capsys):
     with engine.begin() as conn:
         conn.execute(sa.text("DROP INDEX ix_seqemb_type"))
         conn.execute(sa.text("ALTER TABLE protein ALTER COLUMN organelle TYPE text"))
+        conn.execute(sa.text("ALTER TABLE sequence_embedding_type ALTER COLUMN id DROP DEFAULT"))
+        conn.execute(sa.text("ALTER TABLE accession DROP COLUMN tag"))
     engine.dispose()
     assert main(["db", "check"]) == 1
     out = capsys.readouterr().out
-    assert "schema differs from the models (2):" in out
+    assert "schema differs from the models (4):" in out
+    assert "sequence_embedding_type.id: not a serial in the database" in out
+    assert "column accession.tag is missing from the database" in out
     assert "index ix_seqemb_type on sequence_embeddings is missing from the database" in out
     assert "protein.organelle: type is TEXT() in the database, String() in the models" in out
 
