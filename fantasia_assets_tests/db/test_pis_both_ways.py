@@ -7,7 +7,8 @@
 (b) On a database our loader filled, PIS's ORM reads whole rows of every shared table and
     inserts its standard embedding types next to ours.
 (c) After PIS's start-up added its other tables there, our loader and lookup work unchanged.
-A restored FANTASIA dump is reached through FANTASIA_DATABASE_URL exactly like these databases.
+(d) A restored FANTASIA dump is reached through FANTASIA_DATABASE_URL: (a) runs its lookup that way,
+    through the CLI.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from fantasia_assets.cli import main
 from fantasia_assets.config import parse_config
 from fantasia_assets.core.pipeline import run_lookup
 from fantasia_assets.db import get_engine, migrate
@@ -28,7 +30,7 @@ from fantasia_assets.db.loader import load_references
 from fantasia_assets.db.models import SHARED_TABLES
 from fantasia_assets.sample import SAMPLE_DIR
 from fantasia_assets_tests.db.pis import create_pis_database, pis, pis_url
-from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree
+from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree, write_config
 
 PIS_MODELS = ["ESM", "Prost-T5", "Prot-T5", "Ankh3-Large", "ESM3c"]
 ANNOTATION_FILES = {
@@ -109,7 +111,7 @@ def _fill_like_pis(url, source) -> None:
         engine.dispose()
 
 
-def test_a_pis_built_database_serves_our_loader_and_lookup(make_database, tmp_path):
+def test_a_pis_built_database_serves_our_loader_and_lookup(make_database, tmp_path, monkeypatch):
     # in a PIS database the five standard models come first, so NEAR is type_6 there
     references = _retyped(SAMPLE_DIR / "references_near.h5", tmp_path / "references.h5", 1, 6)
     queries = _retyped(SAMPLE_DIR / "queries.h5", tmp_path / "queries.h5", 1, 6)
@@ -127,7 +129,13 @@ def test_a_pis_built_database_serves_our_loader_and_lookup(make_database, tmp_pa
 
     expected = _lookup(ours, tmp_path / "ours", queries)
     assert any(name.startswith("raw_results/NEAR/layer_0/") for name in expected)
-    assert _lookup(theirs, tmp_path / "theirs", queries) == expected
+    # (d) the user's way to a FANTASIA database: FANTASIA_DATABASE_URL, then the CLI
+    monkeypatch.setenv("FANTASIA_DATABASE_URL", theirs_url.render_as_string(hide_password=False))
+    config = write_config(
+        tmp_path / "config.yaml", config_dict(tmp_path / "theirs", queries, **near_only([0]))
+    )
+    assert main(["lookup", "--config", str(config)]) == 0
+    assert tree(tmp_path / "theirs") == expected
 
 
 def test_b_c_pis_reads_and_extends_a_database_our_loader_filled(sample_loaded, tmp_path):
