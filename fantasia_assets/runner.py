@@ -22,7 +22,7 @@ from .core.layout import partition_paths as _partition_paths
 from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
-from .core.references import ReferenceScope
+from .core.references import ReferenceScope, ReferenceSetError
 from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
@@ -30,7 +30,7 @@ from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.timing import timed
 from .db.engine import get_engine
-from .db.reads import fetch_reference_sequences, model_types
+from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .paths import cache_dir
 
@@ -165,14 +165,28 @@ def read_hits(config: LookupConfig, partition: Partition) -> pl.DataFrame:
     return writers.read_hits(config.experiment_path, partition)
 
 
+def shard_file_names(config: LookupConfig, queries: QuerySet) -> dict[str, str]:
+    """Accession → raw shard file name under this configuration (FANTASIA's lower case in compat)."""
+    return writers.shard_file_names(queries, config.fantasia_compat)
+
+
 def write_raw(
     config: LookupConfig, partition: Partition, raw: pl.DataFrame, queries: QuerySet
 ) -> dict[str, Path]:
-    return writers.write_raw(config.experiment_path, partition, raw, queries.shard_names, config.precision)
+    return writers.write_raw(
+        config.experiment_path,
+        partition,
+        raw,
+        shard_file_names(config, queries),
+        config.precision,
+        config.fantasia_compat,
+    )
 
 
 def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> list[Path]:
-    return writers.write_partition_topgo(config.experiment_path, partition, raw, config.precision)
+    return writers.write_partition_topgo(
+        config.experiment_path, partition, raw, config.precision, config.fantasia_compat
+    )
 
 
 def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
@@ -181,7 +195,12 @@ def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataF
 
 def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
     return writers.write_summary(
-        config.experiment_path, raw, config.summary, config.limit_per_entry, config.precision
+        config.experiment_path,
+        raw,
+        config.summary,
+        config.limit_per_entry,
+        config.precision,
+        config.fantasia_compat,
     )
 
 
@@ -208,7 +227,9 @@ def write_sequences(
 def write_run_records(
     config: LookupConfig, queries: QuerySet, partitions: list[Partition]
 ) -> dict[str, Path]:
-    return writers.write_run_records(config.experiment_path, queries, partitions)
+    return writers.write_run_records(
+        config.experiment_path, queries, partitions, shard_file_names(config, queries)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +269,10 @@ def run_lookup(
     timings: dict[str, float] = {}
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
-    partitions = plan_partitions(config, queries, model_types(engine))
+    types = model_types(engine)
+    if not types:  # the tables exist (migrated on first use), but nothing was loaded
+        raise ReferenceSetError(NEVER_LOADED)
+    partitions = plan_partitions(config, queries, types)
     if not partitions:
         raise LookupPlanError(
             f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
@@ -264,6 +288,7 @@ def run_lookup(
     alignments = AlignmentCache(config.store_workers)
     sequences = SequenceCache(engine)
     device = device_for(config)
+    shard_names = shard_file_names(config, queries)
     reports, raw_frames, entries = [], [], []
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
@@ -282,9 +307,11 @@ def run_lookup(
             )
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
-                writers.write_raw(root, partition, raw, queries.shard_names, config.precision)
+                writers.write_raw(root, partition, raw, shard_names, config.precision, config.fantasia_compat)
                 if config.topgo:
-                    writers.write_partition_topgo(root, partition, raw, config.precision)
+                    writers.write_partition_topgo(
+                        root, partition, raw, config.precision, config.fantasia_compat
+                    )
             files = partition_files(partition)
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
             raw_frames.append(raw)
@@ -304,14 +331,21 @@ def run_lookup(
         # the frames just written, not re-read from their Parquet files
         raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
         with timed(timings, "summary"):
-            writers.write_summary(root, raw_all, config.summary, config.limit_per_entry, config.precision)
+            writers.write_summary(
+                root,
+                raw_all,
+                config.summary,
+                config.limit_per_entry,
+                config.precision,
+                config.fantasia_compat,
+            )
         if config.topgo:
             with timed(timings, "topgo ensemble"):
                 writers.write_ensemble(root, raw_all, config.precision)
         with timed(timings, "fasta+mapping"):
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)
-            writers.write_run_records(root, queries, partitions)
+            writers.write_run_records(root, queries, partitions, shard_names)
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
         with timed(timings, "publish"):
             staging.publish(entries)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from . import exports
+from . import compat, exports
 from .layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, SKIPPED, SUMMARY, partition_paths
 from .plan import LookupPlanError, Partition, QuerySet
 from .stages import SearchOutcome
@@ -40,18 +40,32 @@ def read_hits(root: Path, partition: Partition) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def shard_file_names(queries: QuerySet, fantasia_compat: bool = False) -> dict[str, str]:
+    """Accession → raw shard file name (FANTASIA's lower case in compat mode)."""
+    return compat.shard_names(queries.shard_names) if fantasia_compat else queries.shard_names
+
+
 def write_raw(
-    root: Path, partition: Partition, raw: pl.DataFrame, shard_names: dict[str, str], precision: int
+    root: Path,
+    partition: Partition,
+    raw: pl.DataFrame,
+    shard_names: dict[str, str],
+    precision: int,
+    fantasia_compat: bool = False,
 ) -> dict[str, Path]:
     """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
     paths = partition_paths(root, partition)
     exports.write_parquet_atomic(paths["raw"], raw)
-    exports.write_raw_shards(paths["shards"], raw, raw.columns, precision, shard_names)
+    shards = compat.with_length_columns(raw) if fantasia_compat else raw
+    exports.write_raw_shards(paths["shards"], shards, shards.columns, precision, shard_names)
     return paths
 
 
-def write_partition_topgo(root: Path, partition: Partition, raw: pl.DataFrame, precision: int) -> list[Path]:
-    tables = {category: table for (_, _, category), table in topgo_tables(raw).items()}
+def write_partition_topgo(
+    root: Path, partition: Partition, raw: pl.DataFrame, precision: int, fantasia_compat: bool = False
+) -> list[Path]:
+    per_layer = compat.topgo_tables(raw, precision) if fantasia_compat else topgo_tables(raw)
+    tables = {category: table for (_, _, category), table in per_layer.items()}
     return exports.write_topgo_dir(partition_paths(root, partition)["topgo"], tables, precision)
 
 
@@ -65,9 +79,17 @@ def read_raw_rows(root: Path, partitions: list[Partition]) -> pl.DataFrame:
 
 
 def write_summary(
-    root: Path, raw: pl.DataFrame, spec: SummarySpec, limit_per_entry: int, precision: int
+    root: Path,
+    raw: pl.DataFrame,
+    spec: SummarySpec,
+    limit_per_entry: int,
+    precision: int,
+    fantasia_compat: bool = False,
 ) -> tuple[Path, pl.DataFrame]:
-    summary = summarise(raw, spec, limit_per_entry)
+    if fantasia_compat:
+        summary = compat.summary(raw, spec, limit_per_entry, precision)
+    else:
+        summary = summarise(raw, spec, limit_per_entry)
     path = root / SUMMARY
     exports.write_bytes_atomic(path, exports.csv_bytes(summary, precision))
     return path, summary
@@ -93,7 +115,9 @@ def write_sequences(
     return fasta, mapping
 
 
-def write_run_records(root: Path, queries: QuerySet, partitions: list[Partition]) -> dict[str, Path]:
+def write_run_records(
+    root: Path, queries: QuerySet, partitions: list[Partition], shard_names: dict[str, str]
+) -> dict[str, Path]:
     """output_names.csv (original name → file or folder name) and skipped_queries.csv.
 
     Names from data become file names only after sanitising (`exports.safe_name`); these files
@@ -101,7 +125,7 @@ def write_run_records(root: Path, queries: QuerySet, partitions: list[Partition]
     out of the lookup (in the whole file, or of one partition) with the reason (read from the
     partitions' Parquet under `root`).
     """
-    names = [("accession", accession, file) for accession, file in queries.shard_names.items()]
+    names = [("accession", accession, file) for accession, file in shard_names.items()]
     models = {p.model.name for p in partitions}
     names += [("model", model, exports.model_dir_name(model)) for model in sorted(models)]
     frame = pl.DataFrame(

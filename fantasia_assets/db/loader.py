@@ -24,7 +24,7 @@ from ..core.timing import timed
 from . import merge
 from .engine import translate_errors
 from .load_report import Annotations, Change, LoadError, LoadReport
-from .schema import ensure_schema
+from .migrate import schema_ready
 from .sources import (
     DEFAULT_EVIDENCE,
     ORGANISMS,
@@ -182,7 +182,7 @@ def load_references(
         for _group, reason in catalogue.skipped:
             report.skipped[f"HDF5 groups: {reason}"] += 1
 
-    ensure_schema(engine)
+    schema_ready(engine)
     with engine.begin() as conn:
         cursor = conn.connection.driver_connection.cursor()
         _take_load_lock(cursor, report)

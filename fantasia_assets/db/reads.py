@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.errors import UndefinedTable
 from sqlalchemy.engine import Engine
 
+from ..core.queries import LEGACY_LAYER_INDEX
 from ..core.references import ANNOTATION_COLUMNS, ReferenceMatrix, ReferenceScope, ReferenceSetError
 from . import halfvec
 from .engine import translate_errors
@@ -50,6 +51,11 @@ def table_version(engine: Engine, table: str) -> str:
         return _table_versions(conn, [table])[0]
 
 
+NEVER_LOADED = (
+    "the reference database has no reference set yet: load one first (fantasia-assets load-references --help)"
+)
+
+
 @translate_errors
 def model_types(engine: Engine) -> dict[str, int]:
     """Model name → embedding type id, from the reference database."""
@@ -58,10 +64,7 @@ def model_types(engine: Engine) -> dict[str, int]:
             rows = conn.execute(sa.text("SELECT name, id FROM sequence_embedding_type ORDER BY id")).all()
     except sa.exc.ProgrammingError as error:
         if isinstance(error.orig, UndefinedTable):
-            raise ReferenceSetError(
-                "the reference database has no reference tables yet: load a reference set first "
-                "(fantasia-assets load-references --help)"
-            ) from error
+            raise ReferenceSetError(NEVER_LOADED) from error
         raise
     return {name: int(type_id) for name, type_id in rows}
 
@@ -82,12 +85,14 @@ def _protein_filter(scope: ReferenceScope, alias: str) -> tuple[sql.Composable, 
 
 def _rows_query(scope: ReferenceScope, columns: sql.Composable) -> tuple[sql.Composable, dict]:
     condition, params = _protein_filter(scope, "p")
-    params.update(type_id=scope.type_id, layer=scope.layer)
+    # the database keeps a legacy entry (no layer) under LEGACY_LAYER_INDEX (PIS: NOT NULL)
+    layer = LEGACY_LAYER_INDEX if scope.layer is None else scope.layer
+    params.update(type_id=scope.type_id, layer=layer)
     query = sql.SQL(
         """
         SELECT {columns} FROM sequence_embeddings se
         WHERE se.embedding_type_id = %(type_id)s
-          AND se.layer_index IS NOT DISTINCT FROM %(layer)s
+          AND se.layer_index = %(layer)s
           AND EXISTS (SELECT 1 FROM protein p WHERE p.sequence_id = se.sequence_id AND {condition})
         ORDER BY se.sequence_id
         """
