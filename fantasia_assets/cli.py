@@ -60,7 +60,9 @@ def _add_lookup_parser(commands) -> None:
         "lookup",
         help="run the whole lookup for every enabled (model, layer) and write the outputs",
         description=(
-            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration: every "
+            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration (a FASTA "
+            "file is first embedded with each model's embed_with, cached, into "
+            "experiment_path/query_embeddings.h5): every "
             "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
             "Prints a per-stage timing table."
         ),
@@ -131,6 +133,13 @@ def _lookup(args, progress) -> int:
 
     config = load_config(args.config)
     schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
+    if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
+        from .query_fasta import ensure_query_embeddings
+
+        embedded = ensure_query_embeddings(config, get_engine(), progress)
+        progress.end_line()
+        for line in embedded.lines:
+            print(line)
     result = run_lookup(config, progress=progress)
     progress.end_line()
     for line in report_lines(result):
