@@ -39,9 +39,12 @@ from .paths import cache_dir
 
 
 def model_specs(config: LookupConfig) -> list[ModelSpec]:
-    """The enabled models as the plan sees them."""
+    """The enabled models as the plan sees them. With a FASTA query file, only those that embed it:
+    the others have no vectors there, and were named in a warning when it was embedded."""
     return [
-        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index) for m in config.enabled_models()
+        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index)
+        for m in config.enabled_models()
+        if config.query_fasta is None or m.embed_with
     ]
 
 

@@ -159,14 +159,13 @@ def test_dagster_materialises_query_embeddings_from_fasta_and_the_sensor_follows
     assert embedding_request(settings, ReferenceDatabase(), None) is None
     state = LookupState.open(settings, ReferenceDatabase())
     first = evaluate_changes(state, None, set())
-    assert sorted(first.cursor and state.partitions) == ["NEAR|layer_0", "NEAR|layer_1"]
-    # a changed FASTA makes the HDF5 stale: the embedding job is requested again
-    records = gzip.open(fasta, "rt").read().split(">")[1:]
+    assert first.cursor and sorted(state.partitions) == ["NEAR|layer_0", "NEAR|layer_1"]
+    # a changed FASTA makes the HDF5 stale: the embedding job is requested again, the cursor kept
+    with gzip.open(fasta, "rt") as handle:
+        records = handle.read().split(">")[1:]
     changed = tmp_path / "changed.fasta"
     changed.write_text(">" + ">".join(records[:-1]))
-    monkeypatch.setenv("FANTASIA_CONFIG", str(_config(tmp_path, changed, "experiment")))
-    stale = embedding_request(
-        LookupSettings(config_path=str(tmp_path / "experiment.yaml")), ReferenceDatabase(), first.cursor
-    )
+    _config(tmp_path, changed, "experiment")
+    stale = embedding_request(settings, ReferenceDatabase(), first.cursor)
     assert [r.job_name for r in stale.run_requests] == ["query_embeddings_job"]
     assert stale.cursor == first.cursor
