@@ -14,7 +14,7 @@ import yaml
 from fantasia_assets.cli import main
 from fantasia_assets.config import ConfigError, parse_config
 from fantasia_assets.db.sources import fasta_records
-from fantasia_assets.defs.automation import embedding_request, evaluate_changes
+from fantasia_assets.defs.automation import embedding_request, evaluate_changes, guarded_tick
 from fantasia_assets.defs.partitions import LookupState
 from fantasia_assets.defs.resources import LookupSettings, ReferenceDatabase
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
@@ -135,8 +135,8 @@ def test_dagster_materialises_query_embeddings_from_fasta_and_the_sensor_follows
     monkeypatch.setenv("FANTASIA_CONFIG", str(config_path))
     settings = LookupSettings(config_path=str(config_path))
     importlib.reload(definitions)  # resources read FANTASIA_CONFIG / FANTASIA_DATABASE_URL at import
-    # no HDF5 yet: the sensor asks for the embedding job, and only for it
-    request = embedding_request(settings, ReferenceDatabase(), None)
+    # no HDF5 yet: the sensor's tick asks for the embedding job, and only for it
+    request = guarded_tick(settings, ReferenceDatabase(), None, set())
     assert [r.job_name for r in request.run_requests] == ["query_embeddings_job"]
     assert request.asset_events[0].asset_key == dg.AssetKey("query_sequences")
     with dg.instance_for_test() as instance:
@@ -150,6 +150,7 @@ def test_dagster_materialises_query_embeddings_from_fasta_and_the_sensor_follows
         assert (experiment / "summary.csv").exists()
         from_h5 = _config(tmp_path, h5, "from_h5", embed=False)
         assert main(["lookup", "--config", str(from_h5)]) == 0
+        assert embedding_request(LookupSettings(config_path=str(from_h5)), ReferenceDatabase(), "c") is None
         for layer in (0, 1):
             ours = _neighbours(experiment, layer).select("accession", "ref_idx", "go_id")
             assert ours.equals(
@@ -157,6 +158,11 @@ def test_dagster_materialises_query_embeddings_from_fasta_and_the_sensor_follows
             )
     # embedded and current: the sensor goes on to the partitions, which read the HDF5
     assert embedding_request(settings, ReferenceDatabase(), None) is None
+    tick = guarded_tick(settings, ReferenceDatabase(), None, set())
+    assert not tick.run_requests and sorted(tick.dynamic_partitions_requests[0].partition_keys) == [
+        "NEAR|layer_0",
+        "NEAR|layer_1",
+    ]
     state = LookupState.open(settings, ReferenceDatabase())
     first = evaluate_changes(state, None, set())
     assert first.cursor and sorted(state.partitions) == ["NEAR|layer_0", "NEAR|layer_1"]
