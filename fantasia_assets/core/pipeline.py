@@ -302,7 +302,12 @@ def search_partition(
     timings["redundancy mask"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    engine = SearchEngine(config.distance_metric, config.backend, device or resolve_device(config))
+    engine = SearchEngine(
+        config.distance_metric,
+        config.backend,
+        device or resolve_device(config),
+        screening=config.screening,
+    )
     engine.build(matrix.vectors)
     batch = partition.model.batch_size or config.batch_size
     parts = []
