@@ -206,7 +206,8 @@ def smallest_columns(values: torch.Tensor, count: int) -> torch.Tensor:
     """Column positions (b, count) of `count` smallest values of each row, unordered.
 
     Two stages, because one pass of minima is several times cheaper than a top-k over a wide
-    row: split each row's columns into groups (column c in group c mod G'), keep the `count`
+    row: split each row's columns into G-member groups (column c in group c mod (width // G),
+    G = 32, a power of two), keep the `count`
     groups of smallest minimum, then take the top-`count` of their members. Exact: a value in
     a group left out is at least that group's minimum, which is at least every kept group's
     minimum, so `count` kept values are no larger than it.
@@ -216,7 +217,13 @@ def smallest_columns(values: torch.Tensor, count: int) -> torch.Tensor:
     if groups < 4 * count:  # too few groups to prune anything
         return torch.topk(values, count, dim=1, largest=False, sorted=False).indices
     body = groups * _GROUP
-    minima = values[:, :body].view(rows, _GROUP, groups).amin(1)
+    # group minima by halving (element-wise minima of the two halves, log2 G times): column c
+    # meets every c + j·groups; contiguous halves stream through memory faster than a strided
+    # reduction
+    minima = values[:, :body]
+    while minima.shape[1] > groups:
+        half = minima.shape[1] // 2
+        minima = torch.minimum(minima[:, :half], minima[:, half:])
     chosen = torch.topk(minima, count, dim=1, largest=False, sorted=False).indices
     members = torch.arange(0, body, groups, device=values.device)
     columns = (chosen[:, :, None] + members).reshape(rows, count * _GROUP)
