@@ -119,6 +119,7 @@ class SearchEngine:
         self._reference_sq_norms: torch.Tensor | None = None  # (n_ref,) float32 w_j, euclidean only
         self._centre: torch.Tensor | None = None  # euclidean 16-bit screens: the mean reference
         self._reference_stats: dict[str, float] = {}  # the bound's maxima over references
+        self._buffers: dict[str, torch.Tensor] = {}  # workspaces reused across calls (`_buffer`)
 
     @property
     def screening(self) -> str:
@@ -151,6 +152,7 @@ class SearchEngine:
         if not np.issubdtype(matrix.dtype, np.floating):
             raise ValueError(f"references must be float16 or float32, got {matrix.dtype}")
         self._reference = self._operands = self._reference_sq_norms = self._centre = None
+        self._buffers = {}
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
         )
@@ -237,6 +239,14 @@ class SearchEngine:
         if self._reference is None:
             raise RuntimeError("SearchEngine.build(references) must be called before searching")
         return self._reference
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor of `numel` elements kept across calls: a fresh multi-MiB allocation is
+        page-faulted in on every use, which on a busy machine costs as much as the product."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buffer[:numel]
 
     def _block_shape(self, n_queries: int) -> tuple[int, int]:
         """(query rows, reference rows) of a screening block that fits the memory budget."""
@@ -342,12 +352,10 @@ class SearchEngine:
             rows, cols = (torch.from_numpy(pairs).to(self.device) for pairs in exclusions)
             best_values = torch.full(shape, math.inf, device=self.device)
             best_indices = torch.full(shape, -1, dtype=torch.int64, device=self.device)
-            # one output buffer for every block: a fresh multi-hundred-MiB allocation per block
-            # costs page faults comparable to a tenth of the block's matmul
             size = len(fast_queries) * reference_block
-            buffers = [torch.empty(size, dtype=screen.output_dtype(self.arithmetic), device=self.device)]
-            if self.arithmetic.half and self.metric == "euclidean":
-                buffers.append(torch.empty(size, device=self.device))  # float32 ṽ + w
+            buffers = [self._buffer("product", size, screen.output_dtype(self.arithmetic))]
+            if self.arithmetic.half and self.metric == "euclidean":  # float32 ṽ + w
+                buffers.append(self._buffer("sum", size, torch.float32))
         else:
             xp, queries, (rows, cols) = np, fast_queries, exclusions
             best_values, best_indices = np.full(shape, np.inf), np.full(shape, -1, dtype=np.int64)
@@ -364,7 +372,9 @@ class SearchEngine:
             elif self.backend == "numpy":
                 positions = _smallest_positions(values, count)
             else:
-                positions = screen.smallest_columns(values, count)
+                positions = screen.smallest_columns(
+                    values, count, self._buffer("minima", values.numel() // 2, values.dtype)
+                )
             candidates = _take(values, positions)
             if self.backend == "torch":
                 candidates = candidates.float()  # 16-bit values widen exactly
@@ -410,21 +420,35 @@ class SearchEngine:
     ) -> torch.Tensor:
         """Exact distances, float32 (b, m) (+inf where not admissible), of screened candidates.
 
-        Computed in float64 over the admissible (query, candidate) pairs, in chunks sized by the
-        budget: a few large operations, as the per-call overhead of small ones dominates on a
-        busy CPU.
+        Computed in float64: each row's admissible candidates are moved to its front, so that a
+        chunk of rows is one batched product (or difference) over its widest row's count, each
+        query read once; chunks are sized by the budget.
         """
-        distances = torch.full(indices.shape, math.inf, dtype=torch.float64, device=self.device)
-        rows, cols = admissible.nonzero(as_tuple=True)
-        per_pair = 8 * self.dim
-        pairs_per_chunk = max(1, min(self._budget // (4 * per_pair), _REFINE_CHUNK_BYTES // per_pair))
-        for start in range(0, len(rows), pairs_per_chunk):
-            row, col = rows[start : start + pairs_per_chunk], cols[start : start + pairs_per_chunk]
-            query, candidate = exact_queries[row], self._reference[indices[row, col]].double()
+        counts = admissible.sum(1)
+        order = torch.argsort(admissible.to(torch.int8), dim=1, descending=True, stable=True)
+        front = indices.gather(1, order).clamp_(min=0)  # admissible candidates first
+        compact = torch.full(indices.shape, math.inf, dtype=torch.float64, device=self.device)
+        per_row = 8 * self.dim * max(1, int(counts.max()) if len(counts) else 1)
+        rows_per_chunk = max(1, min(self._budget // (4 * per_row), _REFINE_CHUNK_BYTES // per_row))
+        for start in range(0, len(indices), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            width = int(counts[rows].max())
+            if width == 0:
+                continue
+            chosen = front[rows, :width].reshape(-1)
+            shape = (len(chosen) // width, width, self.dim)
+            gathered = self._buffer("gathered", len(chosen) * self.dim, torch.float32).view(len(chosen), -1)
+            torch.index_select(self._reference, 0, chosen, out=gathered)
+            candidates = self._buffer("candidates", gathered.numel(), torch.float64).view(shape)
+            candidates.copy_(gathered.view(shape))  # float32 → float64 exactly
+            query = exact_queries[rows]
             if self.metric == "cosine":
-                distances[row, col] = (1.0 - (query * candidate).sum(1)).clamp_(0.0, 2.0)
+                dots = torch.bmm(candidates, query[:, :, None]).squeeze(2)
+                compact[rows, :width] = (1.0 - dots).clamp_(0.0, 2.0)
             else:
-                distances[row, col] = candidate.sub_(query).square_().sum(1).sqrt_()
+                compact[rows, :width] = candidates.sub_(query[:, None, :]).square_().sum(2).sqrt_()
+        distances = torch.empty_like(compact).scatter_(1, order, compact)
+        distances.masked_fill_(~admissible, math.inf)
         return distances.float()
 
 

@@ -202,7 +202,7 @@ def output_dtype(arithmetic: Arithmetic) -> torch.dtype:
     return torch.float32 if arithmetic.output_unit == 0.0 else arithmetic.dtype
 
 
-def smallest_columns(values: torch.Tensor, count: int) -> torch.Tensor:
+def smallest_columns(values: torch.Tensor, count: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Column positions (b, count) of `count` smallest values of each row, unordered.
 
     Two stages, because one pass of minima is several times cheaper than a top-k over a wide
@@ -210,7 +210,8 @@ def smallest_columns(values: torch.Tensor, count: int) -> torch.Tensor:
     G = 32, a power of two), keep the `count`
     groups of smallest minimum, then take the top-`count` of their members. Exact: a value in
     a group left out is at least that group's minimum, which is at least every kept group's
-    minimum, so `count` kept values are no larger than it.
+    minimum, so `count` kept values are no larger than it. `scratch` (flat, ≥ b × width / 2
+    elements of the values' type) holds the minima instead of fresh allocations.
     """
     rows, width = values.shape
     groups = width // _GROUP
@@ -220,10 +221,12 @@ def smallest_columns(values: torch.Tensor, count: int) -> torch.Tensor:
     # group minima by halving (element-wise minima of the two halves, log2 G times): column c
     # meets every c + j·groups; contiguous halves stream through memory faster than a strided
     # reduction
-    minima = values[:, :body]
-    while minima.shape[1] > groups:
+    half = body // 2
+    out = None if scratch is None else scratch[: rows * half].view(rows, half)
+    minima = torch.minimum(values[:, :half], values[:, half:body], out=out)
+    while minima.shape[1] > groups:  # in place: each level's output is its first input
         half = minima.shape[1] // 2
-        minima = torch.minimum(minima[:, :half], minima[:, half:])
+        minima = torch.minimum(minima[:, :half], minima[:, half:], out=minima[:, :half])
     chosen = torch.topk(minima, count, dim=1, largest=False, sorted=False).indices
     members = torch.arange(0, body, groups, device=values.device)
     columns = (chosen[:, :, None] + members).reshape(rows, count * _GROUP)
