@@ -72,7 +72,7 @@ def main() -> None:
     from fantasia_assets.config import parse_config
     from fantasia_assets.core.knn import SearchEngine
     from fantasia_assets.core.pipeline import run_lookup
-    from fantasia_assets.db import ensure_schema, get_engine
+    from fantasia_assets.db import get_engine, schema_ready
     from fantasia_assets.db.embedded import embedded_server
     from fantasia_assets.db.engine import dispose_engines
 
@@ -84,7 +84,7 @@ def main() -> None:
         print(f"synthetic data: {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         engine = get_engine()
-        ensure_schema(engine)
+        schema_ready(engine)
         insert_references(
             engine, np.load(data / "ref_emb.npy").astype(np.float16), 5, np.random.default_rng(0)
         )
