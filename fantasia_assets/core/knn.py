@@ -30,7 +30,9 @@ every screening precision returns the same neighbours with the same distances.
 Why screening contains the answer. Write s for the exact score (d for cosine, d² for euclidean),
 s̃ for the fast one and δ ≥ |s̃ - s| for the query's worst case over the references: `knn_bounds`
 derives δ for every arithmetic, covering the rounding of queries and references to the screen's
-type, the kernel's accumulation, the rounding of its output and of the stored norms. Let s_k and
+type, the kernel's accumulation, the rounding of its output and of the stored norms (for
+euclidean δ grows with the score, so that one long outlying reference does not widen every
+query's window; the argument below carries over with that δ). Let s_k and
 s̃_k be the k-th smallest exact and fast scores. At least k references have s̃ ≤ s̃_k, hence
 s ≤ s̃_k + δ, so s_k ≤ s̃_k + δ. A reference in the answer (or tied with its k-th) has s ≤ s_k,
 so s̃ ≤ s + δ ≤ s̃_k + 2δ; with a threshold (t_s in score units) also s̃ ≤ t_s + δ. Once the m-th
