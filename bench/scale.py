@@ -71,10 +71,10 @@ def main() -> None:
 
     from fantasia_assets.config import parse_config
     from fantasia_assets.core.knn import SearchEngine
-    from fantasia_assets.core.pipeline import run_lookup
     from fantasia_assets.db import get_engine, schema_ready
     from fantasia_assets.db.embedded import embedded_server
     from fantasia_assets.db.engine import dispose_engines
+    from fantasia_assets.runner import run_lookup
 
     try:
         started = time.perf_counter()

@@ -372,18 +372,18 @@ class SearchEngine:
             if self.backend == "scipy":
                 positions = np.argsort(values, axis=1)[:, :width]
             elif self.backend == "numpy":
-                positions = _smallest_positions(values, count)
+                positions = screen.smallest_positions(values, count)
             else:
                 positions = screen.smallest_columns(
                     values, count, self._buffer("minima", values.numel() // 2, values.dtype)
                 )
-            candidates = _take(values, positions)
+            candidates = screen.take(values, positions)
             if self.backend == "torch":
                 candidates = candidates.float()  # 16-bit values widen exactly
             merged_values = xp.concatenate((best_values, candidates), axis=1)
             merged_indices = xp.concatenate((best_indices, positions + start), axis=1)
-            keep = _smallest_positions(merged_values, width)
-            best_values, best_indices = _take(merged_values, keep), _take(merged_indices, keep)
+            keep = screen.smallest_positions(merged_values, width)
+            best_values, best_indices = screen.take(merged_values, keep), screen.take(merged_indices, keep)
         if self.backend == "torch":
             return best_values.double(), best_indices
         return tuple(torch.from_numpy(best).to(self.device) for best in (best_values, best_indices))
@@ -476,21 +476,6 @@ def _select(
     sorted_distances = torch.where(keep, sorted_distances, math.inf)[:, :width]
     sorted_indices = torch.where(keep, sorted_indices, -1)[:, :width]
     return sorted_distances.cpu().numpy(), sorted_indices.cpu().numpy()
-
-
-def _smallest_positions(values: np.ndarray | torch.Tensor, count: int) -> np.ndarray | torch.Tensor:
-    """Column positions of the `count` smallest values of each row, unordered."""
-    if isinstance(values, torch.Tensor):
-        return torch.topk(values, count, dim=1, largest=False, sorted=False).indices
-    if count >= values.shape[1]:
-        return np.broadcast_to(np.arange(values.shape[1]), values.shape)
-    return np.argpartition(values, count - 1, axis=1)[:, :count]
-
-
-def _take(values: np.ndarray | torch.Tensor, positions: np.ndarray | torch.Tensor):
-    if isinstance(values, torch.Tensor):
-        return values.gather(1, positions)
-    return np.take_along_axis(values, positions, axis=1)
 
 
 def _assemble(

@@ -7,6 +7,7 @@ import numpy as np
 import psutil
 import torch
 
+from .device import resolve_device as choose_device
 from .knn_bounds import MAX_NORM
 
 _BUDGET_FRACTION = 0.25
@@ -79,15 +80,8 @@ def inverse_norms(sq_norms: np.ndarray) -> np.ndarray:
 
 
 def resolve_device(backend: str, device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if backend == "torch" and torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}")
-    if device == "cuda" and backend != "torch":
-        raise ValueError(f"the {backend} backend runs on the CPU; use backend='torch' for CUDA")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
-    return torch.device(device)
+    """The engine's device (`core.device`, the one place that decides), as a torch device."""
+    return torch.device(choose_device(backend, device))
 
 
 def default_memory_budget(device: torch.device) -> int:

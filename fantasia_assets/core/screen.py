@@ -237,6 +237,22 @@ def smallest_columns(values: torch.Tensor, count: int, scratch: torch.Tensor | N
     return columns.gather(1, picked)
 
 
+def smallest_positions(values: np.ndarray | torch.Tensor, count: int) -> np.ndarray | torch.Tensor:
+    """Column positions of the `count` smallest values of each row, unordered."""
+    if isinstance(values, torch.Tensor):
+        return torch.topk(values, count, dim=1, largest=False, sorted=False).indices
+    if count >= values.shape[1]:
+        return np.broadcast_to(np.arange(values.shape[1]), values.shape)
+    return np.argpartition(values, count - 1, axis=1)[:, :count]
+
+
+def take(values: np.ndarray | torch.Tensor, positions: np.ndarray | torch.Tensor):
+    """values[row, positions[row]] for every row."""
+    if isinstance(values, torch.Tensor):
+        return values.gather(1, positions)
+    return np.take_along_axis(values, positions, axis=1)
+
+
 @contextlib.contextmanager
 def exact_matmul_settings() -> Iterator[None]:
     """Keep float32 products in IEEE float32 (no TF32 or bf16 passes) and 16-bit products'
