@@ -94,11 +94,13 @@ def test_lookup_from_fasta_finds_the_neighbours_of_the_same_proteins_hdf5(
         (b"this is not FASTA\n", "sequence data before the first '>' header"),
         (b">A1\nMKV1L\n", "character '1' at position 4 is not an amino-acid letter"),
         (b"", "no FASTA records (empty file, or not FASTA)"),
+        (None, "cannot read the FASTA query file named by embeddings_path (No such file or directory)"),
     ],
 )
 def test_a_bad_fasta_in_the_configuration_is_one_clear_error_line(engine, tmp_path, capsys, content, message):
     fasta = tmp_path / "bad.fasta"
-    fasta.write_bytes(content)
+    if content is not None:
+        fasta.write_bytes(content)
     assert main(["lookup", "--config", str(_config(tmp_path, fasta, "bad"))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(fasta) in err[0] and message in err[0]
