@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -77,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="GO function transfer by nearest neighbours in protein embedding space.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages; show the traceback of an error"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_load_parser(commands)
     _add_lookup_parser(commands)
@@ -215,35 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
     import sqlalchemy as sa
 
-    from .config import ConfigError
-    from .core.exports import OutputWriteError
-    from .core.pipeline import LookupPlanError
-    from .core.queries import EmbeddingFileError
-    from .core.redundancy import MMseqsError
-    from .core.references import ReferenceError
-    from .db.engine import DatabaseError
-    from .db.loader import LoadError
-    from .db.sources import InputFileError
+    from .errors import FantasiaError
+    from .paths import clear_stale_temporaries
     from .progress import terminal_progress
 
     handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
     progress = terminal_progress()
     try:
+        clear_stale_temporaries()
         return handlers[args.command](args, progress)
-    except (
-        ConfigError,
-        EmbeddingFileError,
-        DatabaseError,
-        LoadError,
-        InputFileError,
-        LookupPlanError,
-        ReferenceError,
-        MMseqsError,
-        OutputWriteError,
-    ) as exc:
+    except FantasiaError as exc:
         progress.end_line()
+        if args.verbose:
+            traceback.print_exc()
         _print_error(str(exc))
-        return 2
+        return exc.exit_code
     except (
         # a database that is down, or goes away mid-run; sqlalchemy wraps what goes through it,
         # the binary COPY and raw cursors of core/references.py raise psycopg's own errors
@@ -253,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         psycopg.InterfaceError,
     ) as exc:
         progress.end_line()
+        if args.verbose:
+            traceback.print_exc()
         _print_error(_database_message(exc))
         return 2
     finally:

@@ -33,6 +33,7 @@ from .queries import (
     file_digest,
     scan,
     scan_cached,
+    warn_unusable_sequences,
 )
 from .redundancy import cluster_sequences, exclusion_csr
 from .references import (
@@ -44,6 +45,7 @@ from .references import (
     SequenceCache,
     fetch_reference_sequences,
 )
+from .sequences import clean, usable
 from .summary import summarise, topgo_ensemble, topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
@@ -112,10 +114,11 @@ def open_queries(path: Path, cache_dir: Path | None = None) -> QuerySet:
             f"{path}: no query proteins (no usable '{ACCESSION_PREFIX}<ID>' group){detail}"
         )
     _warn_mapped_duplicates(catalogue)
+    warn_unusable_sequences(catalogue)
     index: dict[str, int] = {}
     query_idx = np.empty(len(catalogue.accessions), dtype=np.int64)
-    for row, sequence in enumerate(catalogue.sequences):
-        query_idx[row] = index.setdefault(sequence.upper(), len(index))
+    for row, sequence in enumerate(catalogue.sequences):  # clean already: same residues, same index
+        query_idx[row] = index.setdefault(sequence, len(index))
     return QuerySet(catalogue, query_idx, list(index), digest)
 
 
@@ -247,16 +250,27 @@ def redundancy_clusters(
         return None
     include, exclude = config.taxonomy.resolve()
     references = fetch_reference_sequences(engine, sorted({p.type_id for p in partitions}), include, exclude)
-    sequences = {f"R{sid}": seq for sid, seq in references.iter_rows()}
+    sequences = {f"R{sid}": clean(seq) for sid, seq in references.iter_rows()}
     sequences.update({f"Q{i}": seq for i, seq in enumerate(queries.sequences)})
-    return cluster_sequences(
-        sequences,
+    # MMseqs2 cannot read what breaks the sequence rule (an empty sequence, say): such a
+    # sequence is its own cluster, so nothing is masked for it (its query was warned about)
+    alone = sorted(name for name, seq in sequences.items() if not usable(seq))
+    if alone:
+        log.warning(
+            "%d sequences cannot be clustered by MMseqs2 (empty, or not IUPAC protein letters): %s; "
+            "redundancy masking does not apply to them",
+            len(alone), ", ".join(alone[:10]) + (", …" if len(alone) > 10 else ""),
+        )  # fmt: skip
+    clusters = cluster_sequences(
+        {name: seq for name, seq in sequences.items() if usable(seq)},
         identity=config.redundancy.identity,
         coverage=config.redundancy.coverage,
         threads=config.redundancy.threads,
         cache_dir=cache_dir,
         progress=progress,
     )
+    clusters.update({name: name for name in alone})
+    return clusters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +303,7 @@ def search_partition(
     matrix = store.get(reference_scope(config, partition), progress)
     timings["references"] = time.perf_counter() - started
     started = time.perf_counter()
-    vectors, rows, skipped = usable_queries(queries, partition, matrix.dim)
+    vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, config.distance_metric)
     timings["read queries"] = time.perf_counter() - started
     started = time.perf_counter()
     exclude = None
@@ -339,17 +353,18 @@ def search_partition(
 
 
 def usable_queries(
-    queries: QuerySet, partition: Partition, dim: int
+    queries: QuerySet, partition: Partition, dim: int, metric: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """The partition's query vectors that can be searched, and every query left out, with why.
 
-    A query without this layer, with a vector of the wrong length or with NaN/Inf values is
-    left out with a warning naming the file, group and reason; the others are searched. When
-    none is usable the partition fails with the first reasons (a wrong model id, typically).
+    A query without this layer, with a vector of the wrong length or with NaN/Inf values, or
+    (cosine `metric`) a zero vector, is left out with a warning naming the file, group and
+    reason; the others are searched. When none is usable the partition fails with the first
+    reasons (a wrong model id, typically).
     """
     catalogue = queries.catalogue
     key = (partition.type_id, partition.layer)
-    vectors, rows, skipped = catalogue.read_valid(key, dim)
+    vectors, rows, skipped = catalogue.read_valid(key, dim, metric)
     present = np.zeros(len(catalogue.accessions), dtype=bool)
     present[catalogue.layers[key].rows] = True
     absent = [
@@ -393,10 +408,20 @@ class AlignmentCache:
         pairs = pairs.select("query_idx", "ref_idx").unique().sort("query_idx", "ref_idx")
         new = pairs.join(self._known.select("query_idx", "ref_idx"), on=["query_idx", "ref_idx"], how="anti")
         if new.height:
+            # unusable query sequences were warned about when the query file was opened;
+            # references loaded before the sequence rule existed are named here
+            bad_refs = sorted({i for i in new["ref_idx"].to_list() if not usable(clean(ref_sequences[i]))})
+            if bad_refs:
+                log.warning(
+                    "reference sequences %s break the sequence rule (empty, or not IUPAC protein "
+                    "letters): their alignment metrics are left empty; reload them to fix it",
+                    ", ".join(f"R{i}" for i in bad_refs[:10]) + (", …" if len(bad_refs) > 10 else ""),
+                )
             computed = alignment_metrics(
                 [query_sequences[i] for i in new["query_idx"].to_list()],
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],
                 workers=self.workers,
+                skip_unusable=True,
             )
             self._known = pl.concat(
                 [self._known, pl.concat([new, computed], how="horizontal")], how="diagonal"

@@ -28,7 +28,14 @@ from sqlalchemy.engine import Engine
 from fantasia_assets.errors import FantasiaError
 
 from ..core.queries import EmbeddingCatalogue, EmbeddingFileError, scan
+from ..core.sequences import clean
 from ..progress import Progress, no_progress
+from .reload import (
+    changed_sequence_lines,
+    check_changed_proteins,
+    note_changed_sequences,
+    remove_stale_embeddings,
+)
 from .schema import ensure_schema
 from .sources import (
     DEFAULT_EVIDENCE,
@@ -79,6 +86,11 @@ class LoadReport:
     embeddings_by_layer: dict[int | None, Change] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
     timings: dict[str, float] = field(default_factory=dict)
+    # proteins whose FASTA sequence differs from the one loaded before, the embeddings of old
+    # sequences removed with them, and (protein, model) pairs left without embeddings for now
+    changed_sequences: list[str] = field(default_factory=list)
+    stale_embeddings: int = 0
+    without_embeddings: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def embedding_rows(self) -> int:
@@ -98,6 +110,7 @@ class LoadReport:
         for layer, change in self.embeddings_by_layer.items():
             name = f"layer_{layer}" if layer is not None else "legacy (no layer)"
             out.append(f"embeddings:   {self.model} (type_{self.embedding_type_id}) {name}: {change}")
+        out.extend(changed_sequence_lines(self))
         for reason, count in sorted(self.skipped.items()):
             if count:
                 out.append(f"skipped:      {count:,} {reason}")
@@ -250,6 +263,7 @@ def _write_annotations(cursor, data: _Annotations, report: LoadReport) -> None:
         "_protein",
         proteins.select("id", "sequence_hash", "gene_name", "organism", "taxonomy_id", "description"),
     )
+    note_changed_sequences(cursor)
     cursor.execute(
         """
         INSERT INTO protein (id, sequence_id, gene_name, organism, taxonomy_id, description)
@@ -269,6 +283,7 @@ def _write_annotations(cursor, data: _Annotations, report: LoadReport) -> None:
     )
     report.proteins = _merge_counts(cursor.fetchall())
     report.proteins.unchanged = proteins.height - report.proteins.inserted - report.proteins.updated
+    remove_stale_embeddings(cursor, report)
     cursor.execute(
         """
         INSERT INTO accession (code, "primary", protein_id)
@@ -337,13 +352,20 @@ def _resolve_embedding_type(cursor, catalogue: EmbeddingCatalogue, model: str, t
             )
         type_id = in_file[0]
     elif type_id not in in_file:
-        raise LoadError(f"{catalogue.path}: no type_{type_id} groups for model {model!r}")
+        raise LoadError(
+            f"{catalogue.path}: no type_{type_id} groups for model {model!r} (the file has "
+            f"{', '.join(f'type_{t}' for t in in_file) or 'no type_<id> groups'})"
+        )
     cursor.execute("SELECT name FROM sequence_embedding_type WHERE id = %s", (type_id,))
     clash = cursor.fetchone()
     if clash is not None:
+        # --type-id only says which groups of the file to read: a model's id in the database is
+        # the one its query files carry, so a second model cannot share type_<id> with the first
         raise LoadError(
             f"{catalogue.path}: type_{type_id} is already the id of model {clash[0]!r} in the "
-            f"database; load {model!r} with another id (--type-id) or under the name {clash[0]!r}"
+            f"database, and query files find a model by that id; to add these vectors to "
+            f"{clash[0]!r}, load them with --model {clash[0]!r}; to load them as a separate model "
+            f"{model!r}, store them under a type_<id> no model uses yet, in this file and in its query files"
         )
     cursor.execute(
         """
@@ -412,7 +434,8 @@ def _match_sequences(cursor, catalogue: EmbeddingCatalogue, report: LoadReport) 
             report.skipped["embedded proteins that are not reference proteins in the database"] += 1
             continue
         sequence_id, sequence = hit
-        if catalogue.sequences[row] is not None and catalogue.sequences[row].upper() != sequence:
+        # both sides under the sequence rule: references loaded before it may hold gaps
+        if catalogue.sequences[row] is not None and catalogue.sequences[row] != clean(sequence):
             report.skipped["embedded proteins whose HDF5 sequence differs from the database's"] += 1
             continue
         if sequence_id in seen:
@@ -595,4 +618,6 @@ def load_references(
             started = time.perf_counter()
             _write_embeddings(cursor, catalogue, model, type_id, report, progress)
             report.timings["write embeddings"] = time.perf_counter() - started
+        if annotations is not None:
+            check_changed_proteins(cursor, report)
     return report

@@ -2,6 +2,7 @@
 
 Each parser reads a whole file (plain or gzip) before anything is written to the database,
 so a corrupt file is reported with its name and line and never leaves a half-load behind.
+Text is UTF-8; a leading byte order mark (as some Windows editors write) is ignored.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from fantasia_assets.core.sequences import SequenceError, normalise
 from fantasia_assets.errors import FantasiaError
+from fantasia_assets.paths import temporary_file
 
 # SPEC §2.2: the experimental evidence codes kept by default, in order of preference when a
 # protein carries the same GO term under several codes (the table keeps one per pair).
@@ -84,9 +86,12 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputFileError(f"{path}: corrupt or truncated gzip ({exc})") from exc
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _text(path: Path, data: bytes) -> str:
     try:
-        return data.decode("utf-8")
+        return data.removeprefix(_BOM).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputFileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
 
@@ -101,36 +106,49 @@ def fasta_accession(header: str) -> str:
 
 
 def read_fasta(path: str | Path) -> pl.DataFrame:
-    """Sequences of a FASTA file as (accession, sequence); the first record of an accession wins."""
+    """Sequences of a FASTA file as (accession, sequence), in file order.
+
+    Sequences follow the rule of `core.sequences` (whitespace, digits and gaps removed,
+    IUPAC protein letters only); a record breaking it is an error naming file, line and record.
+    An accession given twice is kept once when both records hold the same sequence, and is an
+    error naming both records otherwise.
+    """
     path = Path(path)
     text = _text(path, read_bytes(path))
-    accessions: list[str] = []
-    sequences: list[str] = []
-    chunks: list[str] = []
-    current: str | None = None
+    records: list[tuple[str, int, list[str]]] = []  # accession, header line, sequence lines
     for number, line in enumerate(text.splitlines(), start=1):
         if line.startswith(">"):
-            if current is not None:
-                sequences.append("".join(chunks).upper())
-            current = fasta_accession(line[1:])
-            if not current:
+            accession = fasta_accession(line[1:])
+            if not accession:
                 raise InputFileError(f"{path}:{number}: FASTA header without an identifier")
-            accessions.append(current)
-            chunks = []
+            records.append((accession, number, []))
         elif line.strip():
-            if current is None:
+            if not records:
                 raise InputFileError(f"{path}:{number}: sequence data before the first '>' header")
-            chunks.append(line.strip())
-    if current is not None:
-        sequences.append("".join(chunks).upper())
-    frame = pl.DataFrame(
+            records[-1][2].append(line)
+    first: dict[str, tuple[int, str]] = {}
+    accessions: list[str] = []
+    sequences: list[str] = []
+    for accession, number, lines in records:
+        try:
+            sequence = normalise("".join(lines), f"{path}:{number}: record {accession!r}")
+        except SequenceError as exc:
+            raise InputFileError(str(exc)) from exc
+        if accession in first:
+            earlier, known = first[accession]
+            if known != sequence:
+                raise InputFileError(
+                    f"{path}: records {accession!r} at lines {earlier} and {number} have different "
+                    f"sequences ({len(known)} and {len(sequence)} residues); keep one of them"
+                )
+            continue
+        first[accession] = (number, sequence)
+        accessions.append(accession)
+        sequences.append(sequence)
+    return pl.DataFrame(
         {"accession": accessions, "sequence": sequences},
         schema={"accession": pl.String, "sequence": pl.String},
     )
-    empty = frame.filter(pl.col("sequence") == "")
-    if empty.height:
-        raise InputFileError(f"{path}: record {empty['accession'][0]!r} has an empty sequence")
-    return frame.unique("accession", keep="first", maintain_order=True)
 
 
 @dataclass
@@ -228,19 +246,24 @@ def read_obo(path: str | Path) -> Ontology:
     from goatools.obo_parser import GODag
 
     path = Path(path)
-    data = read_bytes(path)
+    data = read_bytes(path).removeprefix(_BOM)
     if b"[Term]" not in data:
         raise InputFileError(f"{path}: not an OBO ontology (no [Term] stanza)")
-    # goatools reads only plain files from a path
-    with tempfile.NamedTemporaryFile("wb", suffix=".obo", delete=False) as plain:
-        plain.write(data)
-    try:
-        with open(os.devnull, "w") as quiet:
-            dag = GODag(plain.name, optional_attrs=["def"], load_obsolete=True, prt=quiet)
-    except Exception as exc:  # goatools raises bare Exceptions on malformed stanzas
-        raise InputFileError(f"{path}: malformed OBO ({exc})") from exc
-    finally:
-        os.unlink(plain.name)
+    _text(path, data)  # goatools would stop at the first undecodable byte with its own error
+    # goatools reads only plain files from a path: a decompressed copy under $FANTASIA_HOME/tmp,
+    # which the next process start clears if this one is killed before removing it
+    with temporary_file(".obo") as plain:
+        plain.write_bytes(data)
+        try:
+            with open(os.devnull, "w") as quiet:
+                dag = GODag(str(plain), optional_attrs=["def"], load_obsolete=True, prt=quiet)
+        except KeyError as exc:  # goatools links is_a parents by id after reading every stanza
+            raise InputFileError(
+                f"{path}: malformed OBO (a term refers to {exc.args[0] if exc.args else exc!r}, "
+                "which no [Term] stanza defines)"
+            ) from exc
+        except Exception as exc:  # goatools raises bare Exceptions on malformed stanzas
+            raise InputFileError(f"{path}: malformed OBO ({exc})") from exc
     version = None
     for line in io.StringIO(data[:4096].decode("utf-8", "replace")):
         if line.startswith("data-version:"):
