@@ -34,6 +34,7 @@ from fantasia_assets.errors import FantasiaError
 
 from ..db.sources import normalise_category
 from ..progress import Progress, no_progress
+from .sequences import clean
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ def fetch_sequences(engine: Engine, sequence_ids: np.ndarray) -> pl.DataFrame:
 
 
 class SequenceCache:
-    """Reference sequences by id, fetched once per run however many stages ask for them."""
+    """Reference sequences by id (clean, `core.sequences`), fetched once per run however many stages ask."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -370,7 +371,9 @@ class SequenceCache:
         wanted = np.unique(np.asarray(sequence_ids, dtype=np.int64))
         missing = [i for i in wanted.tolist() if i not in self._known]
         if missing:
-            self._known.update(fetch_sequences(self.engine, np.asarray(missing)).iter_rows())
+            # under the sequence rule, as at load: references stored before it may hold gaps
+            fetched = fetch_sequences(self.engine, np.asarray(missing)).iter_rows()
+            self._known.update((sequence_id, clean(sequence)) for sequence_id, sequence in fetched)
         return {i: self._known[i] for i in wanted.tolist() if i in self._known}
 
 

@@ -101,17 +101,24 @@ def test_query_sequence_that_cannot_be_aligned__searched_with_empty_metrics_and_
 def test_empty_query_sequence_with_redundancy_masking__searched_unmasked_with_a_warning(
     sample_loaded, tmp_path, caplog
 ):
-    groups = sample_groups(4)
-    bad = groups[2][0]
-    groups[2] = (bad, {**groups[2][1], "sequence": ""})
+    # every sample query, as test_mmseqs_faults clusters them (so the session's cluster cache
+    # serves both), and one more whose sequence is empty, sorted last so the others keep Q0..Q49
+    groups = sample_groups()
+    groups.append(("accession_ZZZ_EMPTY", {**groups[0][1], "sequence": ""}))
     queries = write_queries(tmp_path / "queries.h5", groups)
     experiment = tmp_path / "experiment"
     with caplog.at_level(logging.WARNING):
-        _lookup(sample_loaded, experiment, queries, **{"lookup.redundancy.identity": 0.5})
-    assert "cannot be clustered by MMseqs2" in caplog.text and "Q2" in caplog.text
-    assert f"{bad}: empty sequence" in caplog.text
-    shards = {p.stem for p in (experiment / "raw_results" / "NEAR" / "layer_0").glob("*.csv")}
-    assert shards == {name[len("accession_") :] for name, _ in groups}
+        _lookup(sample_loaded, experiment, queries, **{"lookup.redundancy.identity": 0.95})
+    assert (
+        "1 sequences cannot be clustered by MMseqs2 (empty, or not IUPAC protein letters): Q50" in caplog.text
+    )
+    assert f"{queries}: accession_ZZZ_EMPTY: empty sequence" in caplog.text
+    # nothing masked for it: the neighbours its vector has without masking
+    plain = tmp_path / "plain"
+    _lookup(sample_loaded, plain, write_queries(tmp_path / "one.h5", groups[:1]))
+    columns = ["ref_idx", "distance", "go_id", "reliability_index"]
+    unmasked = _raw(experiment, "ZZZ_EMPTY").select(columns)
+    assert unmasked.equals(_raw(plain, groups[0][0][len("accession_") :]).select(columns))
 
 
 def _fasta_with(tmp_path: Path, edit) -> tuple[Path, str, str]:
