@@ -116,9 +116,10 @@ def _load(args, progress) -> int:
 
 def _lookup(args, progress) -> int:
     from .config import load_config
+
+    config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .core.pipeline import run_lookup
 
-    config = load_config(args.config)
     result = run_lookup(config, progress=progress)
     for line in result.report_lines():
         print(line)

@@ -33,7 +33,6 @@ from .queries import (
     file_digest,
     scan,
     scan_cached,
-    warn_unusable_sequences,
 )
 from .redundancy import cluster_sequences, exclusion_csr
 from .references import (
@@ -45,7 +44,7 @@ from .references import (
     SequenceCache,
     fetch_reference_sequences,
 )
-from .sequences import clean, usable
+from .sequences import clean, usable, warn_unusable_queries
 from .summary import summarise, topgo_ensemble, topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
@@ -114,7 +113,9 @@ def open_queries(path: Path, cache_dir: Path | None = None) -> QuerySet:
             f"{path}: no query proteins (no usable '{ACCESSION_PREFIX}<ID>' group){detail}"
         )
     _warn_mapped_duplicates(catalogue)
-    warn_unusable_sequences(catalogue)
+    warn_unusable_queries(
+        catalogue.path, zip(map(catalogue.group, range(len(catalogue.sequences))), catalogue.sequences)
+    )
     index: dict[str, int] = {}
     query_idx = np.empty(len(catalogue.accessions), dtype=np.int64)
     for row, sequence in enumerate(catalogue.sequences):  # clean already: same residues, same index

@@ -31,7 +31,7 @@ import numpy as np
 
 from fantasia_assets.errors import FantasiaError
 
-from .sequences import clean, problem
+from .sequences import clean
 
 log = logging.getLogger(__name__)
 
@@ -234,25 +234,6 @@ def directionless(vectors: np.ndarray) -> np.ndarray:
     return ~np.isfinite(norms) | (norms * float(np.finfo(np.float32).max) <= 1.0)
 
 
-def warn_unusable_sequences(catalogue: EmbeddingCatalogue) -> list[tuple[str, str]]:
-    """Warn about, and return as (group, reason), queries whose sequence breaks the sequence rule.
-
-    They stay in the lookup: their embedding is what is searched. Only what needs the sequence
-    itself is left out for them: alignment metrics (left empty) and redundancy masking.
-    """
-    found = []
-    for row, sequence in enumerate(catalogue.sequences):
-        reason = problem(sequence or "")
-        if reason is not None:
-            found.append((catalogue.group(row), reason))
-            log.warning(
-                "%s: %s: %s; it is still searched, but its alignment metrics are left empty and "
-                "redundancy masking does not apply to it",
-                catalogue.path, catalogue.group(row), reason,
-            )  # fmt: skip
-    return found
-
-
 def describe_key(key: LayerKey) -> str:
     """`type_<id>/layer_<k>`, or `type_<id>/embedding` for a legacy entry: where a vector lives."""
     type_id, layer = key
@@ -276,10 +257,16 @@ def _suffix_int(name: bytes, prefix: str) -> int | None:
 
 
 def _read_string(dataset: h5py.h5d.DatasetID) -> str:
+    """The text of a string dataset (scalar, or the first element); `TypeError` for anything else."""
+    string_type = dataset.get_type()
+    if not isinstance(string_type, h5py.h5t.TypeStringID):
+        raise TypeError(f"holds {string_type.dtype}, not text")
     buffer = np.empty(
-        dataset.shape, dtype=h5py.string_dtype() if dataset.get_type().is_variable_str() else dataset.dtype
+        dataset.shape, dtype=h5py.string_dtype() if string_type.is_variable_str() else dataset.dtype
     )
     dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
+    if buffer.size == 0:
+        return ""
     value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
     if isinstance(value, bytes):
         value = value.decode("utf-8")
@@ -317,6 +304,9 @@ def _scan_groups(path: str, names: list[str]) -> dict:
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
     try:
         for name in names:
+            if not isinstance(name, str):  # h5py hands names that are not UTF-8 over as bytes
+                skipped.append((name.decode("utf-8", "replace"), "group name is not UTF-8 text"))
+                continue
             if not name.startswith(ACCESSION_PREFIX):
                 skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
                 continue
@@ -389,6 +379,13 @@ def _scan_group(
     return clean(sequence), vectors, skipped
 
 
+def _check_is_file(path: Path) -> None:
+    if not path.exists():
+        raise EmbeddingFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise EmbeddingFileError(f"{path}: not a file (a folder?)")
+
+
 def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     """Scan an embedding HDF5 file into a catalogue (structure, sequences, vector locations).
 
@@ -397,8 +394,7 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     `catalogue.skipped` with the reason, and logged as warnings.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EmbeddingFileError(f"{path}: no such file")
+    _check_is_file(path)
     try:
         with h5py.File(path, "r") as handle:
             names = list(handle.keys())
@@ -478,9 +474,11 @@ def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, 
     per MiB, so a file already seen is recognised by its digest and not scanned again.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EmbeddingFileError(f"{path}: no such file")
-    digest = file_digest(path)
+    _check_is_file(path)
+    try:
+        digest = file_digest(path)
+    except OSError as exc:
+        raise EmbeddingFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     cached = Path(cache_dir) / f"catalogue-v{_CATALOGUE_FORMAT}-{digest}.pkl"
     if cached.exists():
         try:

@@ -17,10 +17,15 @@ its alignment metrics are left empty and a warning names it.
 
 from __future__ import annotations
 
+import logging
 import re
 import string
+from collections.abc import Iterable
+from pathlib import Path
 
 from fantasia_assets.errors import FantasiaError
+
+log = logging.getLogger(__name__)
 
 PROTEIN_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ*")
 # removed before checking: whitespace, digits, alignment gaps
@@ -64,3 +69,22 @@ def normalise(text: str, record: str) -> str:
 def usable(cleaned: str) -> bool:
     """Whether an already `clean`ed sequence can be aligned and clustered."""
     return problem(cleaned) is None
+
+
+def warn_unusable_queries(path: Path, groups: Iterable[tuple[str, str | None]]) -> list[tuple[str, str]]:
+    """Warn about, and return as (group, reason), the queries of `path` whose clean sequence is unusable.
+
+    They stay in the lookup: their embedding is what is searched. Only what needs the sequence
+    itself is left out for them: alignment metrics (left empty) and redundancy masking.
+    """
+    found = []
+    for group, sequence in groups:
+        reason = problem(sequence or "")
+        if reason is not None:
+            found.append((group, reason))
+            log.warning(
+                "%s: %s: %s; it is still searched, but its alignment metrics are left empty and "
+                "redundancy masking does not apply to it",
+                path, group, reason,
+            )  # fmt: skip
+    return found

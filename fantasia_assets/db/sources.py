@@ -84,6 +84,8 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputFileError(f"{path}: no such file") from exc
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputFileError(f"{path}: corrupt or truncated gzip ({exc})") from exc
+    except OSError as exc:  # a folder, no permission, an I/O error of the disk
+        raise InputFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
 
 _BOM = b"\xef\xbb\xbf"
