@@ -67,13 +67,12 @@ def test_query_hdf5_object_of_the_wrong_kind_or_shape__left_out_with_the_reason(
     }
 
 
-def _reference_copy(tmp_path, change) -> tuple:
+def _reference_copy(tmp_path, change):
     path = tmp_path / "near.h5"
     shutil.copy(NEAR, path)
     with h5py.File(path, "r+") as handle:
-        group = sorted(handle)[5]
-        change(handle[group])
-    return path, group
+        change(handle[sorted(handle)[5]])
+    return path
 
 
 def _replace_type_group(group: h5py.Group) -> None:
@@ -96,7 +95,7 @@ def _replace_with_matrix(group: h5py.Group) -> None:
 def test_reference_hdf5_object_of_the_wrong_kind_or_shape__load_skips_it_with_the_reason(
     engine, tmp_path, change, reason, layers_lost
 ):
-    path, group = _reference_copy(tmp_path, change)
+    path = _reference_copy(tmp_path, change)
     report = load_references(engine, fasta=FASTA, gaf=[GAF], obo=OBO, embeddings=path, model="NEAR")
     assert report.skipped[f"HDF5 groups: {reason}"] == 1
     plain = load_references(engine, embeddings=NEAR, model="NEAR")

@@ -123,7 +123,7 @@ def test_empty_query_sequence_with_redundancy_masking__searched_unmasked_with_a_
 
 def _fasta_with(tmp_path: Path, edit) -> tuple[Path, str, str]:
     """The sample FASTA with the first record's sequence lines replaced by edit(sequence)."""
-    lines = gzip.open(FASTA, "rt").read().split("\n")
+    lines = gzip.decompress(FASTA.read_bytes()).decode().split("\n")
     accession, sequence = lines[0][1:].split()[0], lines[1]
     lines[1] = edit(sequence)
     path = tmp_path / "references.fasta"

@@ -22,7 +22,7 @@ NEAR = SAMPLE / "references_near.h5"
 
 def _changed_fasta(tmp_path: Path) -> tuple[Path, str, str]:
     """The sample FASTA with one residue of its first protein changed: (path, accession, new sequence)."""
-    lines = gzip.open(FASTA, "rt").read().split("\n")
+    lines = gzip.decompress(FASTA.read_bytes()).decode().split("\n")
     accession = lines[0][1:].split()[0]
     lines[1] = ("W" if lines[1][3] != "W" else "A").join((lines[1][:3], lines[1][4:]))
     path = tmp_path / "newer.fasta"

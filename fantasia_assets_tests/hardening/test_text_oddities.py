@@ -18,7 +18,7 @@ BOM = b"\xef\xbb\xbf"
 
 def _small_obo(path: Path, terms: int = 300) -> Path:
     """The sample OBO cut to its header and first `terms` stanzas, without links to the terms cut."""
-    text = gzip.open(OBO, "rt").read()
+    text = gzip.decompress(OBO.read_bytes()).decode()
     head, *stanzas = text.split("\n[Term]")
     kept = "".join("\n[Term]" + s.split("\n[Typedef]")[0] for s in stanzas[:terms])
     path.write_text(
