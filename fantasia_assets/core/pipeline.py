@@ -45,6 +45,7 @@ from .references import (
     fetch_reference_sequences,
 )
 from .sequences import clean, usable, warn_unusable_queries
+from .stale import remove_stale_partitions
 from .summary import summarise, topgo_ensemble, topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
@@ -747,4 +748,9 @@ def run_lookup(
     outputs["query mapping"] = mapping
     outputs.update(write_run_records(config, queries, partitions))
     timings["fasta+mapping"] = time.perf_counter() - started
+    # every partition of the configuration was just written: any other partition folder is stale
+    for folder in remove_stale_partitions(config.experiment_path, [p.relative_dir() for p in partitions]):
+        outputs[f"removed, not part of this run any more: {folder.relative_to(config.experiment_path)}"] = (
+            folder
+        )
     return LookupResult(config, reports, outputs, timings)

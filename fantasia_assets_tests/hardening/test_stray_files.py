@@ -1,5 +1,6 @@
-"""Scratch files of a killed process: under $FANTASIA_HOME, never the system's temporary folder,
-and removed when the next command starts."""
+"""Files left where they do not belong: scratch files of a killed process (under $FANTASIA_HOME,
+never the system's temporary folder, removed when the next command starts), and the folders of
+partitions a rerun no longer has."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from fantasia_assets import cli
+from fantasia_assets.core.stale import stale_partition_dirs
 from fantasia_assets.paths import clear_stale_temporaries, temporary_file
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
+from fantasia_assets_tests.hardening.helpers import config_dict, near_only, write_config
 
 _PARSE_OBO = "from fantasia_assets.db.sources import read_obo; import sys; read_obo(sys.argv[1])"
 
@@ -59,3 +63,22 @@ def test_scratch_files_of_live_processes__kept_by_the_next_start(tmp_path, monke
         assert clear_stale_temporaries() == []
         assert mine.exists() and other.exists() and foreign.exists()
     assert not mine.exists()
+
+
+def test_rerun_with_fewer_layers__old_layer_folders_removed_and_named(sample_loaded, tmp_path, capsys):
+    experiment = tmp_path / "experiment"
+    first = write_config(tmp_path / "first.yaml", config_dict(experiment, **near_only([0, 1])))
+    assert cli.main(["lookup", "--config", str(first)]) == 0
+    layer_1 = [experiment / root / "NEAR" / "layer_1" for root in ("raw_results", "topgo", "parquet")]
+    assert all(folder.is_dir() for folder in layer_1)
+    (experiment / "notes").mkdir()  # not ours: never touched
+    capsys.readouterr()
+    second = write_config(tmp_path / "second.yaml", config_dict(experiment, **near_only([0])))
+    assert cli.main(["lookup", "--config", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert not any(folder.exists() for folder in layer_1)
+    for root in ("raw_results", "topgo", "parquet"):
+        assert f"removed, not part of this run any more: {root}/NEAR/layer_1" in out
+        assert (experiment / root / "NEAR" / "layer_0").is_dir()
+    assert (experiment / "topgo" / "ensemble").is_dir() and (experiment / "notes").is_dir()
+    assert stale_partition_dirs(experiment, [Path("NEAR/layer_0")]) == []
