@@ -31,6 +31,7 @@ PROTEIN_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ*")
 # removed before checking: whitespace, digits, alignment gaps
 _REMOVED = re.compile(r"[\s0-9.\-]+")
 _UNUSABLE = re.compile(r"[^A-Z*]")
+_PLAIN = re.compile(r"[A-Z*]+")
 # ASCII letters only: str.upper() would turn 'ß' into 'SS' and 'ı' into 'I', forging residues
 _UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
@@ -41,6 +42,8 @@ class SequenceError(FantasiaError, ValueError):
 
 def clean(text: str) -> str:
     """`text` upper-cased with whitespace, digits and gaps removed (not yet checked)."""
+    if _PLAIN.fullmatch(text):  # the common case, one C-level scan: nothing to change
+        return text
     return _REMOVED.sub("", text).translate(_UPPER)
 
 
@@ -59,6 +62,8 @@ def problem(cleaned: str) -> str | None:
 
 def normalise(text: str, record: str) -> str:
     """The clean sequence of `record`; `SequenceError` naming the record when it is unusable."""
+    if _PLAIN.fullmatch(text):
+        return text
     cleaned = clean(text)
     reason = problem(cleaned)
     if reason is not None:
