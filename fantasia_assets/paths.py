@@ -79,17 +79,26 @@ def clear_stale_temporaries() -> list[Path]:
         return []
     host = socket.gethostname()
     removed = []
-    for entry in folder.iterdir():
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:  # tidying is a courtesy: a folder we cannot list stops nothing
+        log.warning("cannot clear old scratch files in %s: %s", folder, error)
+        return removed
+    for entry in entries:
         parts = entry.name.split(_SEPARATOR)
         if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
             continue
         pid = int(parts[1])
         if pid == os.getpid() or _alive(pid):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("cannot remove the old scratch file %s: %s", entry, error)
+            continue
         removed.append(entry)
         log.info("removed %s, left by process %d, which no longer runs", entry, pid)
     return removed

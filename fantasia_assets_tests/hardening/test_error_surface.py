@@ -136,15 +136,14 @@ def _write_raw_queries(path: Path, groups) -> None:
                 out.create_dataset(f"{name}/{key}", data=value)
 
 
-@pytest.mark.parametrize("case", sorted(QUERY_CORPUS))
-def test_bad_query_file_to_lookup__one_error_line_or_a_clean_run(sample_loaded, tmp_path, capsys, case):
-    queries = tmp_path / "queries.h5"
-    QUERY_CORPUS[case](queries)
-    config = write_config(
-        tmp_path / "config.yaml", config_dict(tmp_path / "experiment", queries, **near_only([0]))
-    )
-    code = cli.main(["lookup", "--config", str(config)])
-    _check_one_error_line_or_success(code, capsys.readouterr())
+def test_bad_query_files_to_lookup__one_error_line_or_a_clean_run(sample_loaded, tmp_path, capsys):
+    for case, make in sorted(QUERY_CORPUS.items()):
+        queries = tmp_path / f"{case}.h5"
+        make(queries)
+        raw = config_dict(tmp_path / f"experiment-{case}", queries, **near_only([0]))
+        config = write_config(tmp_path / f"{case}.yaml", raw)
+        code = cli.main(["lookup", "--config", str(config)])
+        _check_one_error_line_or_success(code, capsys.readouterr())
 
 
 def test_error_with_verbose_flag__traceback_shown_only_then(tmp_path):

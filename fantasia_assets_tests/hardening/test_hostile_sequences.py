@@ -67,35 +67,34 @@ def test_query_sequence_with_gap_digit_space_or_line_break__aligned_as_its_resid
     assert pl.read_csv(experiment / "skipped_queries.csv").height == 0
 
 
-@pytest.mark.parametrize(
-    "sequence, reason",
-    [
-        ("MKV#LA", "character '#' at residue 4 is not an IUPAC protein letter"),
-        ("MKVÉLA", "character 'É' at residue 4 is not an IUPAC protein letter"),
-        ("", "empty sequence"),
-        ("- 12 -", "empty sequence"),
-    ],
-    ids=["hash", "accented", "empty", "only_gaps_and_digits"],
-)
+UNALIGNABLE = [
+    ("MKV#LA", "character '#' at residue 4 is not an IUPAC protein letter"),
+    ("MKVÉLA", "character 'É' at residue 4 is not an IUPAC protein letter"),
+    ("", "empty sequence"),
+    ("- 12 -", "empty sequence"),
+]
+
+
 def test_query_sequence_that_cannot_be_aligned__searched_with_empty_metrics_and_a_warning(
-    sample_loaded, tmp_path, caplog, sequence, reason
+    sample_loaded, tmp_path, caplog
 ):
-    groups = sample_groups(3)
-    bad = groups[1][0]
-    groups[1] = (bad, {**groups[1][1], "sequence": sequence})
+    groups = sample_groups(len(UNALIGNABLE) + 1)
+    for index, (sequence, _) in enumerate(UNALIGNABLE, start=1):
+        groups[index] = (groups[index][0], {**groups[index][1], "sequence": sequence})
     queries = write_queries(tmp_path / "queries.h5", groups)
     experiment = tmp_path / "experiment"
     with caplog.at_level(logging.WARNING):
         _lookup(sample_loaded, experiment, queries)
-    assert f"{queries}: {bad}: {reason}" in caplog.text
-    assert "still searched, but its alignment metrics are left empty" in caplog.text
-    rows = _raw(experiment, bad[len("accession_") :])
-    assert rows.height > 0 and rows["reliability_index"].null_count() == 0
-    assert all(rows[column].null_count() == rows.height for column in METRIC_COLUMNS)
+    summary = set(pl.read_csv(experiment / "summary.csv")["accession"])
+    for (bad, _), (_, reason) in zip(groups[1:], UNALIGNABLE, strict=True):
+        assert f"{queries}: {bad}: {reason}" in caplog.text
+        rows = _raw(experiment, bad[len("accession_") :])
+        assert rows.height > 0 and rows["reliability_index"].null_count() == 0
+        assert all(rows[column].null_count() == rows.height for column in METRIC_COLUMNS)
+        assert bad[len("accession_") :] in summary
+    assert caplog.text.count("still searched, but its alignment metrics are left empty") == len(UNALIGNABLE)
     good = _raw(experiment, groups[0][0][len("accession_") :])
     assert good["identity"].null_count() == 0
-    summary = pl.read_csv(experiment / "summary.csv")
-    assert bad[len("accession_") :] in summary["accession"].to_list()
 
 
 def test_empty_query_sequence_with_redundancy_masking__searched_unmasked_with_a_warning(
