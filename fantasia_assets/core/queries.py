@@ -45,11 +45,13 @@ _NATIVE_DTYPES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1}
 _NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]
 _OTHER_DTYPE = -1
 
-# bump when EmbeddingCatalogue changes shape or meaning, so pickles of an older one are not reused
-# (2: sequences are stored clean, vectors of rank > 1 are skipped)
+# bump when EmbeddingCatalogue changes shape or meaning (2: clean sequences, rank > 1 skipped)
 _CATALOGUE_FORMAT = 2
 
 LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
+# The `layer_index` a legacy entry has in the database, where PIS makes the column NOT NULL:
+# no real layer uses it (layers count from 0 = last hidden).
+LEGACY_LAYER_INDEX = -1
 
 
 class EmbeddingFileError(FantasiaError, ValueError):
@@ -282,8 +284,7 @@ def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
     dtype = dataset.get_type().dtype
     if dtype.kind != "f":
         return f"embedding has dtype {dtype}, expected float32 or float64"
-    # the rank costs a dataspace call (~15 µs), but without it a (16, 16) matrix would pass as
-    # a 256-vector; a (1, n) or (n, 1) matrix is a vector written as a row or column
+    # the rank costs ~15 µs, but a (16, 16) matrix must not pass as a 256-vector; (1, n) is a vector
     if dataset.rank != 1:
         shape = dataset.shape
         if len(shape) != 2 or 1 not in shape:

@@ -55,6 +55,7 @@ _NAMESPACES = {
     "biological_process": "P", "molecular_function": "F", "cellular_component": "C",
     "p": "P", "f": "F", "c": "C", "bp": "P", "mf": "F", "cc": "C",
     "process": "P", "function": "F", "component": "C",
+    "undefined": None,  # PIS's marker of a term without an aspect (go_terms.category is NOT NULL)
 }  # fmt: skip
 
 
@@ -107,6 +108,34 @@ def fasta_accession(header: str) -> str:
     return token
 
 
+def _fasta_chunks(path: Path) -> list[tuple[str, list[str], int]]:
+    """(accession, sequence lines as written, header line) of every record of a FASTA file, in order."""
+    text = _text(path, read_bytes(path))
+    records: list[tuple[str, list[str], int]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(">"):
+            accession = fasta_accession(line[1:])
+            if not accession:
+                raise InputFileError(f"{path}:{number}: FASTA header without an identifier")
+            records.append((accession, [], number))
+        elif line.strip():
+            if not records:
+                raise InputFileError(f"{path}:{number}: sequence data before the first '>' header")
+            records[-1][1].append(line)
+    return records
+
+
+def fasta_records(path: str | Path) -> list[tuple[str, str, int]]:
+    """Every record of a FASTA file in order, duplicates included: (accession, sequence, header line).
+
+    Sequences are upper-cased with their line breaks (LF or CRLF) removed; plain or gzip.
+    """
+    return [
+        (accession, "".join(line.strip() for line in lines).upper(), number)
+        for accession, lines, number in _fasta_chunks(Path(path))
+    ]
+
+
 def read_fasta(path: str | Path) -> pl.DataFrame:
     """Sequences of a FASTA file as (accession, sequence), in file order.
 
@@ -116,22 +145,10 @@ def read_fasta(path: str | Path) -> pl.DataFrame:
     error naming both records otherwise.
     """
     path = Path(path)
-    text = _text(path, read_bytes(path))
-    records: list[tuple[str, int, list[str]]] = []  # accession, header line, sequence lines
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.startswith(">"):
-            accession = fasta_accession(line[1:])
-            if not accession:
-                raise InputFileError(f"{path}:{number}: FASTA header without an identifier")
-            records.append((accession, number, []))
-        elif line.strip():
-            if not records:
-                raise InputFileError(f"{path}:{number}: sequence data before the first '>' header")
-            records[-1][2].append(line)
     first: dict[str, tuple[int, str]] = {}
     accessions: list[str] = []
     sequences: list[str] = []
-    for accession, number, lines in records:
+    for accession, lines, number in _fasta_chunks(path):
         try:
             sequence = normalise("".join(lines), f"{path}:{number}: record {accession!r}")
         except SequenceError as exc:
