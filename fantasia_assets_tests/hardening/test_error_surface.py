@@ -11,7 +11,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from fantasia_assets import cli
 from fantasia_assets_tests.conftest import PROJECT
@@ -74,36 +73,37 @@ LOAD_CORPUS = {
 }
 
 
-def _check_one_error_line_or_success(code: int, captured) -> None:
-    assert "Traceback" not in captured.err + captured.out
-    assert code in (0, 2)
+def _check_one_error_line_or_success(code: int, captured, case: str) -> None:
+    assert "Traceback" not in captured.err + captured.out, case
+    assert code in (0, 2), case
     if code == 2:
         # progress lines may come first; the error is the last thing said, indented lines after it
         lines = captured.err.splitlines()
         [start] = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-        assert all(line.startswith("  ") for line in lines[start + 1 :]), captured.err
+        assert all(line.startswith("  ") for line in lines[start + 1 :]), (case, captured.err)
 
 
-@pytest.mark.parametrize("case", sorted(LOAD_CORPUS))
-def test_bad_reference_file_to_load_references__one_error_line_or_a_clean_load(
-    database_url, tmp_path, capsys, case
+def test_bad_reference_files_to_load_references__one_error_line_or_a_clean_load(
+    database_url, tmp_path, capsys
 ):
-    kind, make = LOAD_CORPUS[case]
-    files = {"fasta": tmp_path / "refs.fasta", "gaf": tmp_path / "refs.gaf", "obo": tmp_path / "go.obo"}
-    files["fasta"].write_text(_FASTA)
-    files["gaf"].write_text(_GAF)
-    files["obo"].write_text(_OBO)
-    files["embeddings"] = _h5_references(tmp_path / "refs.h5")
-    bad = tmp_path / f"bad-{kind}"
-    make(bad)
-    files[kind] = bad
-    code = cli.main(
-        ["load-references", "--model", "M", *(arg for k, v in files.items() for arg in (f"--{k}", str(v)))]
-    )
-    captured = capsys.readouterr()
-    _check_one_error_line_or_success(code, captured)
-    if code == 2:
-        assert str(bad) in captured.err
+    # one database for the whole corpus: a bad file is refused before anything is written
+    for case, (kind, make) in sorted(LOAD_CORPUS.items()):
+        folder = tmp_path / case
+        folder.mkdir()
+        files = {"fasta": folder / "refs.fasta", "gaf": folder / "refs.gaf", "obo": folder / "go.obo"}
+        files["fasta"].write_text(_FASTA)
+        files["gaf"].write_text(_GAF)
+        files["obo"].write_text(_OBO)
+        files["embeddings"] = _h5_references(folder / "refs.h5")
+        bad = folder / f"bad-{kind}"
+        make(bad)
+        files[kind] = bad
+        arguments = [arg for k, v in files.items() for arg in (f"--{k}", str(v))]
+        code = cli.main(["load-references", "--model", "M", *arguments])
+        captured = capsys.readouterr()
+        _check_one_error_line_or_success(code, captured, case)
+        if code == 2:
+            assert str(bad) in captured.err, case
 
 
 def _queries_with(change) -> list:
@@ -143,7 +143,7 @@ def test_bad_query_files_to_lookup__one_error_line_or_a_clean_run(sample_loaded,
         raw = config_dict(tmp_path / f"experiment-{case}", queries, **near_only([0]))
         config = write_config(tmp_path / f"{case}.yaml", raw)
         code = cli.main(["lookup", "--config", str(config)])
-        _check_one_error_line_or_success(code, capsys.readouterr())
+        _check_one_error_line_or_success(code, capsys.readouterr(), case)
 
 
 def test_error_with_verbose_flag__traceback_shown_only_then(tmp_path):
