@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 import sys
-import time
 import traceback
+from collections import defaultdict
 from pathlib import Path
 
 from . import __version__
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, progress) -> int:
+    from .core.timing import timed
     from .db import get_engine, redacted
     from .db.loader import load_references
     from .db.sources import DEFAULT_EVIDENCE
@@ -107,8 +108,8 @@ def _load(args, progress) -> int:
     evidence = tuple(args.evidence.split(",")) if args.evidence else DEFAULT_EVIDENCE
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
-    started = time.perf_counter()
-    with references_embedded(args, progress) as (embeddings, model, type_id):
+    timings: dict[str, float] = {}
+    with timed(timings, "load"), references_embedded(args, progress) as (embeddings, model, type_id):
         report = load_references(
             engine,
             fasta=args.fasta,
@@ -122,7 +123,7 @@ def _load(args, progress) -> int:
         )
     for line in report.lines():
         print(line)
-    print(f"loaded in {time.perf_counter() - started:.1f} s")
+    print(f"loaded in {timings['load']:.1f} s")
     return 0
 
 
@@ -130,14 +131,45 @@ def _lookup(args, progress) -> int:
     from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
-    from .core.pipeline import run_lookup
     from .db import get_engine, schema_ready
+    from .runner import run_lookup
 
     schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
     result = run_lookup(config, progress=progress)
-    for line in result.report_lines():
+    progress.end_line()
+    for line in report_lines(result):
         print(line)
     return 0
+
+
+def report_lines(result) -> list[str]:
+    """The lookup's report: one line per partition, a per-stage timing table, where outputs are."""
+    lines = []
+    for p in result.partitions:
+        lines.append(
+            f"{p.partition.key}: {p.n_queries} queries × {p.n_references} references "
+            f"(matrix from {p.matrix_source}), {p.n_hits} neighbours, {p.n_rows} GO rows, "
+            f"{p.queries_without_hits} queries without neighbours within the threshold"
+            + (f", {p.skipped} queries left out (skipped_queries.csv)" if p.skipped else "")
+        )
+    stages = sorted({s for p in result.partitions for s in p.timings} | set(result.timings))
+    width = max((len(s) for s in stages), default=5)
+    lines.append("")
+    lines.append(f"{'stage':<{width}}  seconds")
+    totals: dict[str, float] = defaultdict(float)
+    for p in result.partitions:
+        for stage, seconds in p.timings.items():
+            totals[stage] += seconds
+    for stage, seconds in result.timings.items():
+        totals[stage] += seconds
+    for stage in totals:
+        lines.append(f"{stage:<{width}}  {totals[stage]:8.2f}")
+    lines.append(f"{'total':<{width}}  {sum(totals.values()):8.2f}")
+    lines.append("")
+    lines.append(f"outputs under {result.config.experiment_path}:")
+    for name, path in result.outputs.items():
+        lines.append(f"  {name}: {path}")
+    return lines
 
 
 def _demo(args, progress) -> int:
@@ -175,49 +207,6 @@ def _demo(args, progress) -> int:
     return 0
 
 
-def _database_label() -> tuple[str, str]:
-    """(the reference database as it may be shown, password masked; where to check it)."""
-    import sqlalchemy as sa
-
-    from .db.engine import ENV_URL, DatabaseError, normalise_url, redacted
-    from .paths import fantasia_home
-
-    configured = os.environ.get(ENV_URL)
-    if not configured:
-        pgdata = fantasia_home() / "pg"
-        return (
-            f"(embedded server under {pgdata})",
-            f"the embedded server stopped; its log is {pgdata / 'log'}",
-        )
-    hint = f"check that the server {ENV_URL} names is running and that the URL is right"
-    try:
-        return redacted(normalise_url(configured)), hint
-    except (DatabaseError, sa.exc.ArgumentError):  # unparsable: never echo what may hold a password
-        return f"({ENV_URL})", hint
-
-
-# SQLSTATEs of a server that is going away or not taking connections (the "08" class, connection
-# exceptions, is matched by prefix); a failure without SQLSTATE happened in the client: no server.
-_UNREACHABLE_STATES = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
-
-
-def _database_message(exc: BaseException) -> str:
-    """One line for a failed connection to the reference database or a failed query on it."""
-    import sqlalchemy as sa
-
-    driver_error = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
-    reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
-    state = getattr(driver_error, "sqlstate", None)
-    invalidated = isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
-    database, hint = _database_label()
-    if invalidated or state is None or state.startswith("08") or state in _UNREACHABLE_STATES:
-        return (
-            f"cannot reach the reference database {database}: {reason} -- {hint}, then run the "
-            "command again (outputs are replaced whole, nothing needs cleaning up)"
-        )
-    return f"the reference database {database} failed: {reason}"
-
-
 def _print_error(message: str) -> None:
     """`error: <first line>` on stderr; further lines (a tool's output, say) indented under it."""
     first, *rest = message.splitlines() or [""]
@@ -230,9 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    import psycopg
-    import sqlalchemy as sa
-
     from .errors import FantasiaError
     from .paths import clear_stale_temporaries
     from .progress import terminal_progress
@@ -249,24 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         clear_stale_temporaries()
         return handlers[args.command](args, progress)
     except FantasiaError as exc:
+        # every user-facing error, database-driver errors included (translated by db/)
         progress.end_line()
         if args.verbose:
             traceback.print_exc()
         _print_error(str(exc))
         return exc.exit_code
-    except (
-        # a database that is down, or goes away mid-run; sqlalchemy wraps what goes through it,
-        # the binary COPY and raw cursors of core/references.py raise psycopg's own errors
-        sa.exc.OperationalError,
-        sa.exc.InterfaceError,
-        psycopg.OperationalError,
-        psycopg.InterfaceError,
-    ) as exc:
-        progress.end_line()
-        if args.verbose:
-            traceback.print_exc()
-        _print_error(_database_message(exc))
-        return 2
     finally:
         progress.end_line()
 

@@ -54,8 +54,6 @@ from . import sequences as sequence_rule
 
 GAP_OPEN = 10
 GAP_EXTEND = 1
-QUERY_SEQUENCE = "query_sequence"
-REFERENCE_SEQUENCE = "reference_sequence"
 METRIC_COLUMNS = (
     "identity",
     "similarity",
@@ -166,22 +164,6 @@ def alignment_metrics(
         keep = pl.Series(~skipped)
         frame = frame.select(pl.when(keep).then(pl.col(c)).alias(c) for c in METRIC_COLUMNS)
     return frame
-
-
-def unique_pair_metrics(pairs: pl.DataFrame, workers: int | None = None) -> pl.DataFrame:
-    """The distinct (query_sequence, reference_sequence) rows of `pairs`, each with its metrics.
-
-    Rows keep the order of their first appearance; each distinct pair is aligned once, on
-    `workers` threads as in `alignment_metrics`.
-    """
-    missing = [c for c in (QUERY_SEQUENCE, REFERENCE_SEQUENCE) if c not in pairs.columns]
-    if missing:
-        raise ValueError(f"pairs lack column(s) {missing}; found {pairs.columns}")
-    unique = pairs.select(QUERY_SEQUENCE, REFERENCE_SEQUENCE).unique(maintain_order=True)
-    metrics = alignment_metrics(
-        unique[QUERY_SEQUENCE].to_list(), unique[REFERENCE_SEQUENCE].to_list(), workers
-    )
-    return pl.concat([unique, metrics], how="horizontal")
 
 
 def _usable(sequence: object) -> bool:

@@ -12,31 +12,10 @@ in the same command reports nothing missing. All of it runs inside the load's tr
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .loader import LoadReport
+from .load_report import LoadReport, changed_sequence_lines
 
 _log = logging.getLogger(__name__)
-
-
-def changed_sequence_lines(report: LoadReport) -> list[str]:
-    """Report lines about proteins whose sequence changed (none when none did)."""
-    if not report.changed_sequences:
-        return []
-    named = ", ".join(report.changed_sequences[:10]) + (", …" if len(report.changed_sequences) > 10 else "")
-    out = [
-        f"changed:      {len(report.changed_sequences):,} proteins have a new sequence ({named}); "
-        f"{report.stale_embeddings:,} embeddings of their old sequences removed"
-    ]
-    if report.without_embeddings:
-        missing = ", ".join(f"{p} ({m})" for p, m in report.without_embeddings[:10])
-        more = ", …" if len(report.without_embeddings) > 10 else ""
-        out.append(
-            f"warning:      out of the search until embeddings of their new sequence are loaded "
-            f"(--embeddings … --model …): {missing}{more}"
-        )
-    return out
 
 
 def note_changed_sequences(cursor) -> None:
