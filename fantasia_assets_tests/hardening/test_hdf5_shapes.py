@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from fantasia_assets.config import parse_config
-from fantasia_assets.runner import run_lookup
 from fantasia_assets.db.loader import load_references
+from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import SAMPLE
 from fantasia_assets_tests.hardening.helpers import config_dict, near_only, sample_groups, write_queries
 
