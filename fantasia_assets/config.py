@@ -1,13 +1,16 @@
-"""Typed lookup configuration: the SPEC §2.3 keys, validated; every error names its key.
+"""Typed lookup configuration: the SPEC §2.3 keys, parsed by pydantic models; every error names its key.
 
-Relative paths are resolved against the working directory, as FANTASIA does. Where a key
-exists both at the top level and under `lookup` (`batch_size`, `limit_per_entry`), the
-`lookup` value wins; a model's own `batch_size` wins over both. Keys this project adds to the
-original's: `lookup.backend`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`,
-`postprocess.alignment`. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
+The file's shape is described by the `_Section` models below (one per YAML mapping); parsing
+builds the flat `LookupConfig` value the rest of the code reads. Relative paths are resolved
+against the working directory, as FANTASIA does. Where a key exists both at the top level and
+under `lookup` (`batch_size`, `limit_per_entry`), the `lookup` value wins; a model's own
+`batch_size` wins over both. Keys this project adds to the original's: `lookup.backend`,
+`lookup.tie_expansion`, `lookup.taxonomy.nodes_path`, `postprocess.alignment`,
+`postprocess.alignment_threads`. The original's `postprocess.store_workers` is refused with
+an error saying why. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
 `DB_PORT`, `DB_NAME`) and any password key are rejected: the database, credentials included, is
 named only by the environment variable `FANTASIA_DATABASE_URL`, so that no password sits in a
-file that is copied, committed or shown. Error messages name keys, never their values.
+file that is copied, committed or shown. Error messages name keys, never text values.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from fantasia_assets.errors import FantasiaError
 
-from .core.summary import SummarySpec
-from .core.taxonomy import TaxonomyError, TaxonomyFilter, validate_taxon_ids
+from .core.exports import ALIGNMENT_COLUMNS
+from .core.summary import COUNT, FINAL_SCORE, SummarySpec
+from .core.taxonomy import TaxonomyFilter, validate_taxon_ids
 
 _OFF = {"off", "none", "null", "false", ""}
 
@@ -69,17 +75,11 @@ class LookupConfig:
     taxonomy: TaxonomyFilter = field(default_factory=TaxonomyFilter)
     keep_sequences: bool = False
     alignment: bool = True
-    store_workers: int = 4
+    alignment_threads: int = 4
     summary: SummarySpec = field(default_factory=SummarySpec.default)
 
     def enabled_models(self) -> tuple[ModelConfig, ...]:
         return tuple(m for m in self.models if m.enabled)
-
-    def model(self, name: str) -> ModelConfig:
-        for model in self.models:
-            if model.name == name:
-                return model
-        raise KeyError(name)
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes results (for lineage and caches)."""
@@ -88,84 +88,332 @@ class LookupConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# validation helpers: each takes the value and its dotted key
+# the file's shape
 
 
-def _check_keys(section: Mapping, allowed: set[str], where: str) -> None:
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            name = f"{where}.{key}" if where else str(key)
-            raise ConfigError(
-                f"unknown configuration key {name!r} (allowed here: {', '.join(sorted(allowed))})"
-            )
+def _problem(sub: str, text: str) -> PydanticCustomError:
+    """An error about `sub` (a key below the section being validated); `text` says what is wrong."""
+    return PydanticCustomError("fantasia", "{text}", {"sub": sub, "text": text})
 
 
-def _int(value: Any, key: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}: must be ≥ {minimum}, got {value}")
-    return value
-
-
-def _float(value: Any, key: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{key}: must be within [{low}, {high}], got {value}")
-    return float(value)
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _path(value: Any, key: str) -> Path:
-    if not isinstance(value, str) or not value or "\x00" in value:
-        raise ConfigError(f"{key}: expected a path, got {value!r}")
-    return Path(value).expanduser().resolve()
-
-
-def threshold_value(value: Any, key: str) -> float | None:
+def _threshold(value: Any) -> float | None:
     """SPEC: null, false, "off"/"none"/"null" or ≤ 0 mean no threshold; other strings are errors."""
     if value is None or value is False:
         return None
     if isinstance(value, str):
         if value.strip().lower() in _OFF:
             return None
-        raise ConfigError(f"{key}: expected a number or off/none/null, got the string {value!r}")
+        raise ValueError("expected a number or off/none/null, got a string")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{key}: expected a number or null, got {value!r}")
+        raise ValueError(f"expected a number or null, got {value!r}")
     return None if value <= 0 else float(value)
 
 
-def _layers(value: Any, key: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise ConfigError(f"{key}: an empty list selects no layer; use null for every layer")
-    return tuple(sorted({_int(v, f"{key}[{i}]", minimum=0) for i, v in enumerate(values)}))
+def _path(value: str) -> Path:
+    if not value or "\x00" in value:
+        raise ValueError("expected a path")
+    return Path(value).expanduser().resolve()
 
 
-def _string_map(value: Any, key: str) -> dict[str, str]:
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ConfigError(f"{key}: expected a mapping of names to names")
-    return dict(value)
+def _taxa(key: str):
+    return AfterValidator(lambda value: validate_taxon_ids(value, key))
+
+
+FilePath = Annotated[str, AfterValidator(_path)]
+Count = Annotated[int, Field(ge=1)]
+
+
+class _Section(BaseModel):
+    """One mapping of the file: strict types (no "5" for 5, no "yes" for true), no unknown key."""
+
+    model_config = ConfigDict(strict=True, frozen=True, allow_inf_nan=False, hide_input_in_errors=True)
+    # keys of the original that this project refuses, with why and what to use instead
+    removed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if data is None:  # `lookup:` with nothing under it
+            return {}
+        if not isinstance(data, Mapping):
+            raise PydanticCustomError(
+                "not_mapping", "expected a mapping, got {kind}", {"kind": type(data).__name__}
+            )
+        for key in data:
+            if key in cls.removed:
+                raise _problem(str(key), cls.removed[key])
+            if key not in cls.model_fields:
+                raise PydanticCustomError(
+                    "unknown_key",
+                    "unknown key",
+                    {"key": str(key), "allowed": ", ".join(sorted(cls.model_fields))},
+                )
+        return data
+
+
+class _ModelSection(_Section):
+    enabled: bool = True
+    distance_threshold: Annotated[Any, AfterValidator(_threshold)] = None
+    batch_size: Count | None = None
+    layer_index: list[Annotated[int, Field(ge=0)]] | None = [0]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_layer(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("layer_index"), int):
+            return {**data, "layer_index": [data["layer_index"]]}  # `layer_index: 3` is `[3]`
+        return data
+
+    @model_validator(mode="after")
+    def _some_layer(self) -> _ModelSection:
+        if self.layer_index is not None and not self.layer_index:
+            raise _problem("layer_index", "an empty list selects no layer; use null for every layer")
+        return self
+
+    def to_config(self, name: str) -> ModelConfig:
+        layers = self.layer_index
+        return ModelConfig(
+            name=name,
+            enabled=self.enabled,
+            distance_threshold=self.distance_threshold,
+            batch_size=self.batch_size,
+            layer_index=None if layers is None else tuple(sorted(set(layers))),
+        )
+
+
+class _EmbeddingSection(_Section):
+    models: dict[str, _ModelSection]
+
+    @model_validator(mode="after")
+    def _named(self) -> _EmbeddingSection:
+        if not self.models:
+            raise _problem("models", "expected a mapping of model names to settings")
+        if any(not name.strip() for name in self.models):
+            raise _problem("models", "model names must be non-empty strings")
+        return self
+
+
+class _RedundancySection(_Section):
+    identity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
+    threads: Annotated[int, Field(ge=1, le=1024)] = 4
+
+
+class _TaxonomySection(_Section):
+    exclude: Annotated[Any, _taxa("lookup.taxonomy.exclude")] = ()
+    include_only: Annotated[Any, _taxa("lookup.taxonomy.include_only")] = ()
+    get_descendants: bool = False
+    nodes_path: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _dump_for_descendants(self) -> _TaxonomySection:
+        if self.get_descendants and self.nodes_path is None:
+            raise _problem("get_descendants", "needs lookup.taxonomy.nodes_path (an NCBI taxonomy nodes.dmp)")
+        return self
+
+
+class _LookupSection(_Section):
+    use_gpu: bool = True
+    batch_size: Count | None = None
+    # each neighbour becomes one row per GO term of its protein: k stays within what a run can hold
+    limit_per_entry: Annotated[int, Field(ge=1, le=1000)] | None = None
+    topgo: bool = True
+    lookup_cache_max: Annotated[int, Field(ge=0, le=64)] = 4
+    distance_metric: Literal["cosine", "euclidean"] = "cosine"
+    backend: Literal["torch", "numpy", "scipy"] = "torch"
+    tie_expansion: bool = False
+    redundancy: _RedundancySection = _RedundancySection()
+    taxonomy: _TaxonomySection = _TaxonomySection()
+
+
+# min/max/mean of a raw column (SPEC §4.2); "avg" is the original's word for mean
+_AGGREGATION_WORDS = ("min", "max", "mean", "avg")
+# the raw columns a summary may aggregate: the numeric ones that differ between neighbours
+SUMMARY_METRICS = ("distance", "reliability_index", "query_len", "ref_len", *ALIGNMENT_COLUMNS)
+
+
+class _SummarySection(_Section):
+    include_counts: bool = True
+    metrics: dict[str, list[str]] | None = None
+    aliases: dict[str, str] | None = None
+    weights: dict[str, Any] | None = None
+    weighted_prefix: str = "w_"
+
+    @model_validator(mode="after")
+    def _usable(self) -> _SummarySection:
+        self.to_spec()
+        return self
+
+    def to_spec(self) -> SummarySpec:
+        """The spec, checked: known metrics and aggregations, weights that apply, a defined score."""
+        default = SummarySpec.default()
+        metrics = self.metrics if self.metrics is not None else default.metrics
+        aliases = self.aliases if self.aliases is not None else default.aliases
+        for metric, aggs in metrics.items():
+            if metric not in SUMMARY_METRICS:
+                raise _problem(
+                    f"metrics.{metric}",
+                    f"no raw column of that name; use one of {', '.join(SUMMARY_METRICS)}",
+                )
+            unknown = [agg for agg in aggs if agg not in _AGGREGATION_WORDS]
+            if unknown:
+                raise _problem(
+                    f"metrics.{metric}",
+                    f"unknown aggregation(s) {unknown}; use {', '.join(_AGGREGATION_WORDS)}",
+                )
+        outputs = [f"{agg}_{aliases.get(m, m)}" for m, aggs in metrics.items() for agg in dict.fromkeys(aggs)]
+        outputs += [COUNT] if self.include_counts else []
+        twice = sorted({n for n in outputs if outputs.count(n) > 1} | ({FINAL_SCORE} & set(outputs)))
+        if twice:
+            raise _problem("aliases", f"the outputs {twice} would be produced twice; change an alias")
+        if self.weights is None:
+            weights = default.weights
+        else:
+            weights = self.weights
+            self._check_weights(metrics, aliases)
+        spec = SummarySpec(
+            metrics={m: list(a) for m, a in metrics.items()},
+            aliases=dict(aliases),
+            weights={k: dict(v) if isinstance(v, Mapping) else float(v) for k, v in weights.items()},
+            include_counts=self.include_counts,
+            weighted_prefix=self.weighted_prefix,
+        )
+        try:  # no positive weight: final_score is undefined
+            spec.columns()
+        except ValueError as error:
+            raise _problem("", str(error)) from None
+        return spec
+
+    def _check_weights(self, metrics: Mapping[str, list[str]], aliases: Mapping[str, str]) -> None:
+        """Every weight a number ≥ 0 that applies to an output: a misspelt key would drop out of the score."""
+        known = {COUNT} if self.include_counts else set()
+        for metric, aggs in metrics.items():
+            alias = aliases.get(metric, metric)
+            known |= {metric, alias} | {f"{agg}_{name}" for agg in aggs for name in (alias, metric)}
+        for key, weight in (self.weights or {}).items():
+            if key not in known:
+                raise _problem(f"weights.{key}", "matches no summary output, metric or alias")
+            inner = weight.items() if isinstance(weight, Mapping) else [(None, weight)]
+            for agg, value in inner:
+                where = f"weights.{key}" + (f".{agg}" if agg is not None else "")
+                if agg is not None and agg not in _AGGREGATION_WORDS:
+                    raise _problem(where, f"unknown aggregation; use {', '.join(_AGGREGATION_WORDS)}")
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not (math.isfinite(value) and value >= 0)
+                ):
+                    raise _problem(where, "a weight must be a number ≥ 0")
+
+
+class _PostprocessSection(_Section):
+    removed: ClassVar[dict[str, str]] = {
+        "store_workers": "the original's HDF5 store processes; this project writes its outputs "
+        "in one pass and has none: remove the key (parasail threads: postprocess.alignment_threads)"
+    }
+    keep_sequences: bool = False
+    alignment: bool = True
+    alignment_threads: Annotated[int, Field(ge=1, le=1024)] = 4
+    summary: _SummarySection = _SummarySection()
+
+
+class _ConfigFile(_Section):
+    experiment_path: FilePath
+    embeddings_path: FilePath
+    batch_size: Count | None = None
+    limit_per_entry: Annotated[int, Field(ge=1, le=1000)] | None = None
+    # digits after the point in CSV output: float64 carries no more than 16
+    precision: Annotated[int, Field(ge=0, le=16)] = 4
+    limit_execution: Count | None = None
+    lookup: _LookupSection = _LookupSection()
+    embedding: _EmbeddingSection
+    postprocess: _PostprocessSection = _PostprocessSection()
+
+    def to_config(self) -> LookupConfig:
+        lookup, post = self.lookup, self.postprocess
+        red, tax = lookup.redundancy, lookup.taxonomy
+        return LookupConfig(
+            experiment_path=self.experiment_path,
+            embeddings_path=self.embeddings_path,
+            models=tuple(settings.to_config(name) for name, settings in self.embedding.models.items()),
+            batch_size=next(v for v in (lookup.batch_size, self.batch_size, 516) if v is not None),
+            limit_per_entry=next(
+                v for v in (lookup.limit_per_entry, self.limit_per_entry, 5) if v is not None
+            ),
+            precision=self.precision,
+            limit_execution=self.limit_execution,
+            use_gpu=lookup.use_gpu,
+            topgo=lookup.topgo,
+            lookup_cache_max=lookup.lookup_cache_max,
+            distance_metric=lookup.distance_metric,
+            backend=lookup.backend,
+            tie_expansion=lookup.tie_expansion,
+            redundancy=RedundancyConfig(red.identity, red.coverage, red.threads),
+            taxonomy=TaxonomyFilter(tax.exclude, tax.include_only, tax.get_descendants, tax.nodes_path),
+            keep_sequences=post.keep_sequences,
+            alignment=post.alignment,
+            alignment_threads=post.alignment_threads,
+            summary=post.summary.to_spec(),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# errors in our format: "key.path: what is wrong"
+
+_PHRASES = {
+    "int_type": "expected an integer",
+    "bool_type": "expected true or false",
+    "float_type": "expected a number",
+    "finite_number": "expected a finite number",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "greater_than_equal": "must be ≥ {ge}",
+    "less_than_equal": "must be ≤ {le}",
+    "literal_error": "expected one of {expected}",
+    "path_type": "expected a path",
+}
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        if part == "[key]":
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _message(error: dict) -> str:
+    ctx = error.get("ctx") or {}
+    key = _dotted(error["loc"])
+    kind = error["type"]
+    if kind == "missing":
+        return f"missing configuration key {key!r}"
+    if kind == "unknown_key":
+        name = f"{key}.{ctx['key']}" if key else ctx["key"]
+        return f"unknown configuration key {name!r} (allowed here: {ctx['allowed']})"
+    if kind == "fantasia":
+        sub, text = ctx["sub"], ctx["text"]
+        key = f"{key}.{sub}" if key and sub else key or sub
+        return text if text.startswith(key) else f"{key}: {text}"
+    if kind == "value_error":
+        text = str(ctx.get("error", error["msg"]))
+        return text if key and text.startswith(key) else f"{key}: {text}"
+    if "[key]" in error["loc"]:
+        return f"{key}: names must be strings"
+    text = _PHRASES.get(kind, error["msg"]).format(**ctx)
+    value = error.get("input")
+    if kind in _PHRASES and isinstance(value, (bool, int, float)):
+        text += f", got {value!r}"  # numbers help; text values may hold what must not be shown
+    elif kind in _PHRASES and isinstance(value, str):
+        text += ", got a string"
+    return f"{key or 'configuration'}: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials and YAML
 
 
 _DATABASE_KEYS = {"db_username", "db_user", "db_password", "db_host", "db_port", "db_name"}
@@ -216,144 +464,15 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _models(section: Any) -> tuple[ModelConfig, ...]:
-    _check_keys(section or {}, {"models"}, "embedding")
-    models = (section or {}).get("models")
-    if not isinstance(models, Mapping) or not models:
-        raise ConfigError("embedding.models: expected a mapping of model names to settings")
-    out = []
-    for name, settings in models.items():
-        key = f"embedding.models.{name}"
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"embedding.models: model names must be non-empty strings, got {name!r}")
-        settings = settings or {}
-        _check_keys(settings, {"enabled", "distance_threshold", "batch_size", "layer_index"}, key)
-        out.append(
-            ModelConfig(
-                name=name,
-                enabled=_bool(settings.get("enabled", True), f"{key}.enabled"),
-                distance_threshold=threshold_value(
-                    settings.get("distance_threshold"), f"{key}.distance_threshold"
-                ),
-                batch_size=_int(settings.get("batch_size"), f"{key}.batch_size", 1, allow_none=True),
-                layer_index=_layers(settings.get("layer_index", [0]), f"{key}.layer_index"),
-            )
-        )
-    return tuple(out)
-
-
-def _summary(section: Any) -> SummarySpec:
-    default = SummarySpec.default()
-    if section is None:
-        return default
-    allowed = {"include_counts", "metrics", "aliases", "weights", "weighted_prefix"}
-    _check_keys(section, allowed, "postprocess.summary")
-    metrics = section.get("metrics", default.metrics)
-    if not isinstance(metrics, Mapping) or not all(
-        isinstance(m, str) and isinstance(aggs, list) and all(isinstance(a, str) for a in aggs)
-        for m, aggs in metrics.items()
-    ):
-        raise ConfigError("postprocess.summary.metrics: expected {metric: [aggregations]}")
-    weights = section.get("weights", default.weights)
-    if not isinstance(weights, Mapping):
-        raise ConfigError("postprocess.summary.weights: expected a mapping")
-    for name, weight in weights.items():
-        inner = weight if isinstance(weight, Mapping) else {None: weight}
-        for agg, w in inner.items():
-            where = f"postprocess.summary.weights.{name}" + (f".{agg}" if agg else "")
-            _float(w, where, 0.0, math.inf)
-    prefix = section.get("weighted_prefix", default.weighted_prefix)
-    if not isinstance(prefix, str):
-        raise ConfigError("postprocess.summary.weighted_prefix: expected a string")
-    return SummarySpec(
-        metrics={m: list(a) for m, a in metrics.items()},
-        aliases=_string_map(section.get("aliases", default.aliases), "postprocess.summary.aliases"),
-        weights={k: (dict(v) if isinstance(v, Mapping) else float(v)) for k, v in weights.items()},
-        include_counts=_bool(
-            section.get("include_counts", default.include_counts), "postprocess.summary.include_counts"
-        ),
-        weighted_prefix=prefix,
-    )
-
-
-def _taxonomy(section: Any) -> TaxonomyFilter:
-    section = section or {}
-    _check_keys(section, {"exclude", "include_only", "get_descendants", "nodes_path"}, "lookup.taxonomy")
-    try:
-        exclude = validate_taxon_ids(section.get("exclude") or [], "lookup.taxonomy.exclude")
-        include = validate_taxon_ids(section.get("include_only") or [], "lookup.taxonomy.include_only")
-    except TaxonomyError as exc:
-        raise ConfigError(str(exc)) from exc
-    nodes = section.get("nodes_path")
-    descendants = _bool(section.get("get_descendants", False), "lookup.taxonomy.get_descendants")
-    if descendants and nodes is None:
-        raise ConfigError(
-            "lookup.taxonomy.get_descendants needs lookup.taxonomy.nodes_path (an NCBI taxonomy nodes.dmp)"
-        )
-    return TaxonomyFilter(
-        exclude=exclude,
-        include_only=include,
-        get_descendants=descendants,
-        nodes_path=_path(nodes, "lookup.taxonomy.nodes_path") if nodes is not None else None,
-    )
-
-
 def parse_config(raw: Any) -> LookupConfig:
     """Validate a configuration mapping (as read from YAML) into a `LookupConfig`."""
-    top = {
-        "experiment_path", "embeddings_path", "batch_size", "limit_per_entry", "precision",
-        "limit_execution", "lookup", "embedding", "postprocess",
-    }  # fmt: skip
     _reject_credentials(raw)
-    _check_keys(raw, top, "")
-    for required in ("experiment_path", "embeddings_path", "embedding"):
-        if required not in raw:
-            raise ConfigError(f"missing configuration key {required!r}")
-    lookup = raw.get("lookup") or {}
-    _check_keys(
-        lookup,
-        {
-            "use_gpu", "batch_size", "limit_per_entry", "topgo", "lookup_cache_max", "distance_metric",
-            "redundancy", "taxonomy", "backend", "tie_expansion",
-        },
-        "lookup",
-    )  # fmt: skip
-    redundancy = lookup.get("redundancy") or {}
-    _check_keys(redundancy, {"identity", "coverage", "threads"}, "lookup.redundancy")
-    post = raw.get("postprocess") or {}
-    _check_keys(post, {"keep_sequences", "alignment", "store_workers", "summary"}, "postprocess")
-
-    def pick(name: str, default: int, minimum: int) -> int:
-        top = _int(raw[name], name, minimum) if name in raw else default
-        return _int(lookup[name], f"lookup.{name}", minimum) if name in lookup else top
-
-    return LookupConfig(
-        experiment_path=_path(raw["experiment_path"], "experiment_path"),
-        embeddings_path=_path(raw["embeddings_path"], "embeddings_path"),
-        models=_models(raw["embedding"]),
-        batch_size=pick("batch_size", 516, 1),
-        limit_per_entry=pick("limit_per_entry", 5, 1),
-        precision=_int(raw.get("precision", 4), "precision", 0),
-        limit_execution=_int(raw.get("limit_execution"), "limit_execution", 1, allow_none=True),
-        use_gpu=_bool(lookup.get("use_gpu", True), "lookup.use_gpu"),
-        topgo=_bool(lookup.get("topgo", True), "lookup.topgo"),
-        lookup_cache_max=_int(lookup.get("lookup_cache_max", 4), "lookup.lookup_cache_max", 0),
-        distance_metric=_choice(
-            lookup.get("distance_metric", "cosine"), "lookup.distance_metric", ("cosine", "euclidean")
-        ),
-        backend=_choice(lookup.get("backend", "torch"), "lookup.backend", ("torch", "numpy", "scipy")),
-        tie_expansion=_bool(lookup.get("tie_expansion", False), "lookup.tie_expansion"),
-        redundancy=RedundancyConfig(
-            identity=_float(redundancy.get("identity", 0.0), "lookup.redundancy.identity", 0.0, 1.0),
-            coverage=_float(redundancy.get("coverage", 0.7), "lookup.redundancy.coverage", 0.0, 1.0),
-            threads=_int(redundancy.get("threads", 4), "lookup.redundancy.threads", 1),
-        ),
-        taxonomy=_taxonomy(lookup.get("taxonomy")),
-        keep_sequences=_bool(post.get("keep_sequences", False), "postprocess.keep_sequences"),
-        alignment=_bool(post.get("alignment", True), "postprocess.alignment"),
-        store_workers=_int(post.get("store_workers", 4), "postprocess.store_workers", 1),
-        summary=_summary(post.get("summary")),
-    )
+    try:
+        return _ConfigFile.model_validate(raw).to_config()
+    except ValidationError as error:
+        problems = [_message(e) for e in error.errors(include_url=False)]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more) from None
 
 
 def load_config(path: str | Path) -> LookupConfig:

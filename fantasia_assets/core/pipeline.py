@@ -446,7 +446,7 @@ def build_raw_rows(
     timings["transfer"] = time.perf_counter() - started
     if config.alignment and rows.height:
         started = time.perf_counter()
-        cache = alignments or AlignmentCache(config.store_workers)
+        cache = alignments or AlignmentCache(config.alignment_threads)
         metrics = cache.metrics(rows, queries.sequences, ref_map)
         rows = rows.join(metrics, on=["query_idx", "ref_idx"], how="left").with_columns(
             pl.col(COUNT_COLUMNS).cast(pl.Int64)
@@ -667,7 +667,7 @@ def run_lookup(
     )
     timings["annotations"] = time.perf_counter() - started
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
-    alignments = AlignmentCache(config.store_workers)
+    alignments = AlignmentCache(config.alignment_threads)
     sequences = SequenceCache(engine)
     device = resolve_device(config)
     reports, raw_frames = [], []
