@@ -241,8 +241,11 @@ def redundancy_clusters(
     partitions: list[Partition],
     cache_dir: Path,
     progress: Progress = no_progress,
+    binary: str | None = None,
 ) -> dict[str, str] | None:
-    """MMseqs2 clusters of every reference and query sequence, or None when masking is off."""
+    """MMseqs2 clusters of every reference and query sequence, or None when masking is off.
+
+    `binary`: the MMseqs2 executable (default: `redundancy.mmseqs_binary()`)."""
     if config.redundancy.identity <= 0 or not partitions:
         return None
     include, exclude = config.taxonomy.resolve()
@@ -256,6 +259,7 @@ def redundancy_clusters(
         threads=config.redundancy.threads,
         cache_dir=cache_dir,
         progress=progress,
+        binary=binary,
     )
 
 

@@ -245,7 +245,8 @@ class ReferenceStore:
         self._lock = threading.Lock()
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
 
-    def _file(self, fingerprint: str) -> Path:
+    def cache_file(self, fingerprint: str) -> Path:
+        """Where the disk cache keeps the matrix of this fingerprint."""
         return self.cache_dir / f"matrix-{fingerprint}.npz"
 
     def _from_disk(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix | None:
@@ -273,7 +274,7 @@ class ReferenceStore:
                 self._memory.move_to_end(fingerprint)
                 self.last_source = "memory"
                 return self._memory[fingerprint]
-        path = self._file(fingerprint)
+        path = self.cache_file(fingerprint)
         matrix = self._from_disk(path, scope, fingerprint)
         if matrix is not None:
             self.last_source = "disk"
