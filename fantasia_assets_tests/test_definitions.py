@@ -51,10 +51,24 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
         assert sorted(keys) == ["AntiBERTy|layer_0", "AntiBERTy|layer_3", "NEAR|layer_0", "NEAR|layer_1"]
         for key in keys:
             assert instance.get_materialized_partitions(dg.AssetKey("raw_result_shards")) >= {key}
-        checks = instance.event_log_storage.get_asset_check_execution_history(
-            dg.AssetCheckKey(dg.AssetKey("neighbour_hits"), "every_query_answered"), limit=10
-        )
-        assert checks and all(c.status.value == "SUCCEEDED" for c in checks)
+        for asset, name in [
+            ("reference_embeddings", "dimensions_agree"),
+            ("neighbour_hits", "every_query_answered"),
+            ("topgo_exports", "topgo_rows_in_raw_rows"),
+            ("lookup_summary", "covers_every_partition"),
+        ]:  # the jobs ran every check, and each passed on the files written
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                dg.AssetCheckKey(dg.AssetKey(asset), name), limit=10
+            )
+            assert history and all(c.status.value == "SUCCEEDED" for c in history), name
+            evaluations = [c.event.asset_check_evaluation for c in history]
+            assert all(e.passed for e in evaluations), name
+        for asset in ("mmseqs_clusters", "neighbour_hits"):
+            [record] = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+            assert record.asset_materialization.tags.get("dagster/data_version"), asset
+        assert {r.job_name for r in instance.get_runs()} == {
+            "lookup_shared_inputs_job", "lookup_partition_job", "lookup_outputs_job",
+        }  # fmt: skip
         experiment = Path(settings.load().experiment_path)
         assert (experiment / "summary.csv").exists()
         assert (experiment / "topgo" / "ensemble" / "P.topgo").exists()
