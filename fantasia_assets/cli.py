@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .cli_db import add_db_parser, run_db
 
 
 def _add_load_parser(commands) -> None:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    add_db_parser(commands)
     return parser
 
 
@@ -114,8 +116,10 @@ def _load(args, progress) -> int:
 def _lookup(args, progress) -> int:
     from .config import load_config
     from .core.pipeline import run_lookup
+    from .db import get_engine, schema_ready
 
     config = load_config(args.config)
+    schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
     result = run_lookup(config, progress=progress)
     for line in result.report_lines():
         print(line)
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from .db.sources import InputFileError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo, "db": run_db}
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)

@@ -6,8 +6,8 @@ against the working directory, as FANTASIA does. Where a key exists both at the 
 under `lookup` (`batch_size`, `limit_per_entry`), the `lookup` value wins; a model's own
 `batch_size` wins over both. Keys this project adds to the original's: `lookup.backend`,
 `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`, `postprocess.alignment`,
-`postprocess.alignment_threads`. The original's `postprocess.store_workers` is refused with
-an error saying why. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
+`postprocess.alignment_threads`, `postprocess.fantasia_compat`. The original's
+`postprocess.store_workers` is refused with an error saying why. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
 `DB_PORT`, `DB_NAME`) and any password key are rejected: the database, credentials included, is
 named only by the environment variable `FANTASIA_DATABASE_URL`, so that no password sits in a
 file that is copied, committed or shown. Error messages name keys, never text values.
@@ -72,6 +72,7 @@ class LookupConfig:
     keep_sequences: bool = False
     alignment: bool = True
     alignment_threads: int = 4
+    fantasia_compat: bool = False  # FANTASIA 4.1.1's output conventions (core/compat.py)
     summary: SummarySpec = field(default_factory=SummarySpec.default)
 
     def enabled_models(self) -> tuple[ModelConfig, ...]:
@@ -168,6 +169,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         keep_sequences=post.keep_sequences,
         alignment=post.alignment,
         alignment_threads=post.alignment_threads,
+        fantasia_compat=post.fantasia_compat,
         summary=post.summary.to_spec(),
     )
 

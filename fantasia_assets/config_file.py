@@ -242,6 +242,7 @@ class _PostprocessSection(_Section):
     keep_sequences: bool = False
     alignment: bool = True
     alignment_threads: Annotated[int, Field(ge=1, le=1024)] = 4
+    fantasia_compat: bool = False
     summary: _SummarySection = _SummarySection()
 
 

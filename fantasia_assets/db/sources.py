@@ -53,6 +53,7 @@ _NAMESPACES = {
     "biological_process": "P", "molecular_function": "F", "cellular_component": "C",
     "p": "P", "f": "F", "c": "C", "bp": "P", "mf": "F", "cc": "C",
     "process": "P", "function": "F", "component": "C",
+    "undefined": None,  # PIS's marker of a term without an aspect (go_terms.category is NOT NULL)
 }  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import polars as pl
 
 from ..core import exports, pipeline
 from ..core.queries import ACCESSION_PREFIX
-from ..core.summary import column_suffix, topgo_tables
+from ..core.summary import column_suffix
 from .lookup import neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
 from .outputs import lookup_summary
 from .partitions import MODEL_LAYER, LookupState, partition_key
@@ -131,6 +131,11 @@ def every_query_answered(
 
 
 def _read_topgo(source: Path | io.BytesIO) -> pl.DataFrame:
+    """A .topgo file (TSV without header); empty input gives an empty table."""
+    if isinstance(source, io.BytesIO) and not source.getbuffer().nbytes:
+        return pl.DataFrame(
+            schema={"accession": pl.String, "go_id": pl.String, "reliability_index": pl.Float64}
+        )
     return pl.read_csv(
         source,
         separator="\t",
@@ -159,31 +164,31 @@ def topgo_rows_in_raw_rows(
     except _UNREADABLE as error:
         return _unreadable(paths["raw"], error)
     keys = ["accession", "go_id"]
+    lines = [*keys, "reliability_index"]
     # what each file should hold, read back in the written form (RI at the configured precision)
     expected = {
         exports.safe_name(str(category)) + ".topgo": _read_topgo(
             io.BytesIO(exports.csv_bytes(table, config.precision, header=False, separator="\t"))
         )
-        for (_, _, category), table in topgo_tables(raw).items()
+        for category, table in pipeline.partition_topgo_tables(config, raw).items()
     }
     written = sorted(p.name for p in paths["topgo"].glob("*.topgo")) if paths["topgo"].is_dir() else []
     counts = {"lines": 0, "not_in_raw": 0, "missing": 0, "wrong_ri": 0}
     for name in sorted(set(expected) | set(written)):
-        want = expected.get(name, pl.DataFrame(schema=dict.fromkeys(keys, pl.String)))
+        want = expected.get(name, _read_topgo(io.BytesIO(b"")))
         if name in written:
             try:
                 have = _read_topgo(paths["topgo"] / name)
             except _UNREADABLE as error:
                 return _unreadable(paths["topgo"] / name, error)
         else:
-            have = want.clear().select(*keys, pl.lit(None, pl.Float64).alias("reliability_index"))
-        joined = have.join(want, on=keys, how="inner", suffix="_raw")
+            have = want.clear()
+        unmatched = have.join(want, on=lines, how="anti")  # a line that is no raw row
+        wrong_ri = unmatched.join(want, on=keys, how="semi").height  # the pair is, with another RI
         counts["lines"] += have.height
-        counts["not_in_raw"] += have.join(want, on=keys, how="anti").height
-        counts["missing"] += want.join(have, on=keys, how="anti").height
-        counts["wrong_ri"] += joined.filter(
-            pl.col("reliability_index") != pl.col("reliability_index_raw")
-        ).height
+        counts["wrong_ri"] += wrong_ri
+        counts["not_in_raw"] += unmatched.height - wrong_ri
+        counts["missing"] += want.join(have, on=lines, how="anti").height
     return dg.AssetCheckResult(
         passed=counts["not_in_raw"] == counts["missing"] == counts["wrong_ri"] == 0,
         metadata={**counts, "folder": dg.MetadataValue.path(str(paths["topgo"]))},
