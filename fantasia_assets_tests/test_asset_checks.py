@@ -71,7 +71,8 @@ def instance():
 def test_each_asset_check_reads_the_written_file__and_fails_when_that_file_is_damaged(
     sample_loaded, tmp_path, instance
 ):
-    config = _config(tmp_path)
+    # FANTASIA's conventions here (several TopGO lines per term); the demo's test covers ours
+    config = _config(tmp_path, **{"postprocess.fantasia_compat": True})
     checked = [*PARTITIONED, *checks.ALL[:3]]
     assert _materialize(instance, config, [lookup.go_annotation_cache, *checked]).success
     summary = [lookup.raw_result_shards, outputs.lookup_summary, checks.covers_every_partition]
