@@ -70,7 +70,12 @@ def dimensions_agree(
 ) -> dg.AssetCheckResult:
     state = LookupState.open(settings, database)
     partition = state.partition(context.partition_key)
-    path = Path(_latest_metadata(context, reference_embeddings).get("matrix_file", ""))
+    recorded = _latest_metadata(context, reference_embeddings).get("matrix_file")
+    if recorded is None:
+        return dg.AssetCheckResult(
+            passed=False, metadata={"matrix_file": "none recorded: reference_embeddings not materialised"}
+        )
+    path = Path(recorded)
     try:
         reference_dim = matrix_columns(path)
     except _UNREADABLE as error:
