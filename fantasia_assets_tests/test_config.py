@@ -180,13 +180,12 @@ def test_sections_left_empty_take_the_defaults():
 def test_cli_lookup_with_an_unusable_config__exits_2_naming_the_key_before_any_search(
     tmp_path, capsys, monkeypatch, path, value, key
 ):
-    from fantasia_assets import cli
-    from fantasia_assets.core import pipeline
+    from fantasia_assets import cli, runner
 
     def no_search(*args, **kwargs):
         raise AssertionError("the lookup started")
 
-    monkeypatch.setattr(pipeline, "run_lookup", no_search)
+    monkeypatch.setattr(runner, "run_lookup", no_search)
     raw = _with(path, value)
     raw["experiment_path"] = str(tmp_path / "experiment")
     bad = tmp_path / "bad.yaml"

@@ -14,7 +14,8 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from ..core import exports, pipeline
+from .. import runner
+from ..core import exports
 from ..core.queries import ACCESSION_PREFIX
 from ..core.summary import column_suffix
 from .lookup import neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
@@ -101,7 +102,7 @@ def every_query_answered(
     context: dg.AssetCheckExecutionContext, settings: LookupSettings, database: ReferenceDatabase
 ) -> dg.AssetCheckResult:
     state = LookupState.open(settings, database)
-    paths = pipeline.partition_paths(state.config, state.partition(context.partition_key))
+    paths = runner.partition_paths(state.config, state.partition(context.partition_key))
     frames = {}
     for name in ("hits", "no_hits", "skipped"):
         try:
@@ -163,7 +164,7 @@ def topgo_rows_in_raw_rows(
     config = state.config
     if not config.topgo:
         return dg.AssetCheckResult(passed=True, metadata={"topgo": "off (lookup.topgo is false)"})
-    paths = pipeline.partition_paths(config, state.partition(context.partition_key))
+    paths = runner.partition_paths(config, state.partition(context.partition_key))
     try:
         raw = pl.read_parquet(paths["raw"])
     except _UNREADABLE as error:
@@ -175,7 +176,7 @@ def topgo_rows_in_raw_rows(
         exports.safe_name(str(category)) + ".topgo": _read_topgo(
             io.BytesIO(exports.csv_bytes(table, config.precision, header=False, separator="\t"))
         )
-        for category, table in pipeline.partition_topgo_tables(config, raw).items()
+        for category, table in runner.partition_topgo_tables(config, raw).items()
     }
     written = sorted(p.name for p in paths["topgo"].glob("*.topgo")) if paths["topgo"].is_dir() else []
     counts = {"lines": 0, "not_in_raw": 0, "missing": 0, "wrong_ri": 0}

@@ -1,7 +1,7 @@
 """The lookup assets: shared caches, then per (model, layer) references → neighbours → rows → TopGO.
 
-Each asset opens the lookup state, calls one stage of `core.pipeline` and reports what it did;
-the science stays in `core/`. What an asset hands to the next one travels through files and
+Each asset opens the lookup state, calls one stage through `fantasia_assets.runner` and reports
+what it did; the science stays in `core/`. What an asset hands to the next one travels through files and
 caches, so each records in its metadata the fingerprint of what it consumed (reference matrix,
 clusters, hits, raw rows); the checks of `checks.py` read what was written.
 """
@@ -11,8 +11,11 @@ import time
 import dagster as dg
 import polars as pl
 
-from ..core import pipeline
-from ..core.references import AnnotationStore
+from .. import runner
+from ..core import redundancy, stages
+from ..core.summary import TOPGO_CODE_VERSION
+from ..core.writers import OUTPUT_FORMAT_VERSION
+from ..db.stores import ANNOTATIONS_CODE_VERSION, MATRIX_CODE_VERSION, AnnotationStore
 from ..paths import cache_dir
 from ..progress import log_progress
 from .inputs import go_ontology, query_embeddings, reference_set
@@ -27,6 +30,7 @@ GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits
 
 
 @dg.asset(
+    code_version=ANNOTATIONS_CODE_VERSION,
     group_name="lookup",
     deps=[go_ontology, reference_set],
     kinds={"postgres", "parquet"},
@@ -42,7 +46,7 @@ def go_annotation_cache(
     state = LookupState.open(settings, database)
     started = time.perf_counter()
     first = next(iter(state.partitions.values()), None)
-    scope = pipeline.reference_scope(state.config, first) if first else None
+    scope = runner.reference_scope(state.config, first) if first else None
     annotations, version = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)
     timings = {"fetch": time.perf_counter() - started}
     by_category = dict(annotations.group_by("category").len().sort("category").iter_rows())
@@ -60,6 +64,7 @@ def go_annotation_cache(
 
 
 @dg.asset(
+    code_version=redundancy.CODE_VERSION,
     group_name="lookup",
     deps=[reference_set, query_embeddings],
     kinds={"mmseqs2"},
@@ -81,7 +86,7 @@ def mmseqs_clusters(
         )
     started = time.perf_counter()
     binary = mmseqs.binary()
-    clusters = pipeline.redundancy_clusters(
+    clusters = runner.redundancy_clusters(
         state.config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs"),
         log_progress(context.log), binary=binary,
     )  # fmt: skip
@@ -96,6 +101,7 @@ def mmseqs_clusters(
 
 
 @dg.asset(
+    code_version=MATRIX_CODE_VERSION,
     partitions_def=MODEL_LAYER,
     group_name="lookup",
     deps=[reference_set],
@@ -114,7 +120,7 @@ def reference_embeddings(
     partition = state.partition(context.partition_key)
     store = state.reference_store()
     started = time.perf_counter()
-    matrix = store.get(pipeline.reference_scope(state.config, partition), log_progress(context.log))
+    matrix = store.get(runner.reference_scope(state.config, partition), log_progress(context.log))
     timings = {"fetch": time.perf_counter() - started}
     version = record_lineage(context, lineage, state, {"references": len(matrix)}, timings, partition)
     return dg.MaterializeResult(
@@ -132,6 +138,7 @@ def reference_embeddings(
 
 
 @dg.asset(
+    code_version=stages.SEARCH_CODE_VERSION,
     partitions_def=MODEL_LAYER,
     group_name="lookup",
     deps=[reference_embeddings, query_embeddings, mmseqs_clusters],
@@ -152,7 +159,7 @@ def neighbour_hits(
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
     binary = mmseqs.binary() if config.redundancy.identity > 0 else None
-    clusters = pipeline.redundancy_clusters(
+    clusters = runner.redundancy_clusters(
         config,
         state.queries,
         state.engine,
@@ -161,10 +168,10 @@ def neighbour_hits(
         binary=binary,
     )
     where = device.device(config)
-    outcome = pipeline.search_partition(
+    outcome = runner.search_partition(
         config, state.queries, partition, state.reference_store(), clusters, where, log_progress(context.log)
     )
-    paths = pipeline.write_hits(config, partition, outcome)
+    paths = runner.write_hits(config, partition, outcome)
     counts = {"queries": outcome.n_queries, "neighbours": outcome.hits.height}
     version = record_lineage(context, lineage, state, counts, outcome.timings, partition)
     written = files_version([paths["hits"], paths["no_hits"], paths["skipped"]])
@@ -189,6 +196,7 @@ def neighbour_hits(
 
 
 @dg.asset(
+    code_version=f"{stages.RAW_ROWS_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     partitions_def=MODEL_LAYER,
     group_name="lookup",
     deps=[neighbour_hits, go_annotation_cache],
@@ -204,18 +212,18 @@ def raw_result_shards(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
-    paths = pipeline.partition_paths(config, partition)
-    hits = pipeline.read_hits(config, partition)
+    paths = runner.partition_paths(config, partition)
+    hits = runner.read_hits(config, partition)
     consumed_hits = files_version([paths["hits"], paths["no_hits"], paths["skipped"]])
     annotations, annotation_version = AnnotationStore(state.engine, cache_dir("annotations")).get(
-        pipeline.reference_scope(config, partition)
+        runner.reference_scope(config, partition)
     )
     timings: dict[str, float] = {}
-    raw = pipeline.build_raw_rows(
+    raw = runner.build_raw_rows(
         config, state.queries, partition, hits, annotations, state.engine, timings=timings
     )
     started = time.perf_counter()
-    pipeline.write_raw(config, partition, raw, state.queries)
+    runner.write_raw(config, partition, raw, state.queries)
     timings["write"] = time.perf_counter() - started
     counts = {"rows": raw.height, "accessions": raw["accession"].n_unique()}
     version = record_lineage(context, lineage, state, counts, timings, partition)
@@ -236,6 +244,7 @@ def raw_result_shards(
 
 
 @dg.asset(
+    code_version=f"{TOPGO_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     partitions_def=MODEL_LAYER,
     group_name="outputs",
     deps=[raw_result_shards],
@@ -253,10 +262,10 @@ def topgo_exports(
     config, partition = state.config, state.partition(context.partition_key)
     if not config.topgo:
         return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
-    source = pipeline.partition_paths(config, partition)["raw"]
+    source = runner.partition_paths(config, partition)["raw"]
     raw = pl.read_parquet(source)
     started = time.perf_counter()
-    files = pipeline.write_partition_topgo(config, partition, raw)
+    files = runner.write_partition_topgo(config, partition, raw)
     lines = sum(len(f.read_bytes().splitlines()) for f in files)
     record_lineage(
         context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition

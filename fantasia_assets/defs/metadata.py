@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ..core.queries import file_digest
+from ..core.digest import file_digest
 
 
 def clusters_version(clusters: dict[str, str] | None) -> str:
@@ -34,8 +34,8 @@ def distance_histogram(distances: np.ndarray, bins: int = 10) -> str:
     counts, edges = np.histogram(distances, bins=bins)
     peak = max(int(counts.max()), 1)
     lines = ["| distance | neighbours | |", "|---|---:|---|"]
-    for count, low, high in zip(counts, edges[:-1], edges[1:]):
-        bar = "█" * int(round(30 * count / peak))
+    for count, low, high in zip(counts, edges[:-1], edges[1:], strict=True):
+        bar = "█" * round(float(30 * count / peak))
         lines.append(f"| {low:.3f}–{high:.3f} | {int(count)} | {bar} |")
     return "\n".join(lines)
 

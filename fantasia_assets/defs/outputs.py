@@ -4,19 +4,23 @@ import time
 
 import dagster as dg
 
-from ..core import pipeline
+from .. import runner
+from ..core.plan import Partition
+from ..core.summary import SUMMARY_CODE_VERSION, TOPGO_CODE_VERSION
+from ..core.writers import OUTPUT_FORMAT_VERSION
 from .lookup import raw_result_shards
 from .metadata import best_predictions, files_version
 from .partitions import LookupState, partition_key, record_lineage
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 
-def materialised(state: LookupState) -> list[pipeline.Partition]:
+def materialised(state: LookupState) -> list[Partition]:
     """Current partitions whose raw rows exist on disk."""
-    return [p for p in state.partitions.values() if pipeline.partition_paths(state.config, p)["raw"].exists()]
+    return [p for p in state.partitions.values() if runner.partition_paths(state.config, p)["raw"].exists()]
 
 
 @dg.asset(
+    code_version=f"{SUMMARY_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     group_name="outputs",
     deps=[raw_result_shards],
     kinds={"csv"},
@@ -33,10 +37,10 @@ def lookup_summary(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    raw = pipeline.read_raw_rows(state.config, partitions)
-    path, summary = pipeline.write_summary(state.config, raw)
-    fasta, mapping = pipeline.write_sequences(state.config, state.queries, raw, state.engine)
-    records = pipeline.write_run_records(state.config, state.queries, list(state.partitions.values()))
+    raw = runner.read_raw_rows(state.config, partitions)
+    path, summary = runner.write_summary(state.config, raw)
+    fasta, mapping = runner.write_sequences(state.config, state.queries, raw, state.engine)
+    records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
     record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(partitions)}, timings)
     return dg.MaterializeResult(
@@ -54,17 +58,18 @@ def lookup_summary(
     )
 
 
-def _consumed(state: LookupState, partitions: list[pipeline.Partition]) -> dg.MetadataValue:
+def _consumed(state: LookupState, partitions: list[Partition]) -> dg.MetadataValue:
     """Partition key → fingerprint of the raw rows Parquet read (raw_result_shards' data version)."""
     return dg.MetadataValue.json(
         {
-            partition_key(p): files_version([pipeline.partition_paths(state.config, p)["raw"]])
+            partition_key(p): files_version([runner.partition_paths(state.config, p)["raw"]])
             for p in partitions
         }
     )
 
 
 @dg.asset(
+    code_version=f"{TOPGO_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     group_name="outputs",
     deps=[raw_result_shards],
     kinds={"topgo"},
@@ -83,7 +88,7 @@ def topgo_ensemble(
         return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
     partitions = materialised(state)
     started = time.perf_counter()
-    files = pipeline.write_ensemble(state.config, pipeline.read_raw_rows(state.config, partitions))
+    files = runner.write_ensemble(state.config, runner.read_raw_rows(state.config, partitions))
     record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
         metadata={

@@ -63,9 +63,9 @@ class ComputeDevice(dg.ConfigurableResource):
     """
 
     def device(self, config: LookupConfig) -> str:
-        from ..core.pipeline import resolve_device
+        from ..runner import device_for
 
-        return resolve_device(config)
+        return device_for(config)
 
 
 class MMseqs(dg.ConfigurableResource):

@@ -17,9 +17,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from .core.exports import ALIGNMENT_COLUMNS
-from .core.summary import COUNT, FINAL_SCORE, SummarySpec
-from .core.taxonomy import validate_taxon_ids
+from ..core.exports import ALIGNMENT_COLUMNS
+from ..core.summary import COUNT, FINAL_SCORE, SummarySpec
+from ..core.taxonomy import validate_taxon_ids
 
 _OFF = {"off", "none", "null", "false", ""}
 

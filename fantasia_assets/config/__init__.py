@@ -1,6 +1,6 @@
 """Typed lookup configuration: the SPEC §2.3 keys, parsed by pydantic models; every error names its key.
 
-The file's shape is described by the pydantic models of `config_file` (one per YAML mapping);
+The file's shape is described by the pydantic models of `config.schema` (one per YAML mapping);
 parsing builds the flat `LookupConfig` value the rest of the code reads. Relative paths are resolved
 against the working directory, as FANTASIA does. Where a key exists both at the top level and
 under `lookup` (`batch_size`, `limit_per_entry`), the `lookup` value wins; a model's own
@@ -27,9 +27,9 @@ from pydantic import ValidationError
 
 from fantasia_assets.errors import FantasiaError
 
-from .config_file import ConfigFile, error_message
-from .core.summary import SummarySpec
-from .core.taxonomy import TaxonomyFilter
+from ..core.summary import SummarySpec
+from ..core.taxonomy import TaxonomyFilter
+from .schema import ConfigFile, error_message
 
 
 class ConfigError(FantasiaError, ValueError):
