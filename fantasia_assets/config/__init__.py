@@ -7,10 +7,11 @@ under `lookup` (`batch_size`, `limit_per_entry`), the `lookup` value wins; a mod
 `batch_size` wins over both. Keys this project adds to the original's: `lookup.backend`,
 `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`, `postprocess.alignment`,
 `postprocess.alignment_threads`, `postprocess.fantasia_compat`. The original's
-`postprocess.store_workers` is refused with an error saying why. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
-`DB_PORT`, `DB_NAME`) and any password key are rejected: the database, credentials included, is
-named only by the environment variable `FANTASIA_DATABASE_URL`, so that no password sits in a
-file that is copied, committed or shown. Error messages name keys, never text values.
+`postprocess.store_workers` is refused with an error saying why. The original's database keys
+(`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`, `DB_PORT`, `DB_NAME`) and any password key are
+rejected: the database, credentials included, is named only by the environment variable
+`FANTASIA_DATABASE_URL`, so that no password sits in a file that is copied, committed or shown.
+Error messages name keys, never text values.
 """
 
 from __future__ import annotations

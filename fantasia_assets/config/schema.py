@@ -217,7 +217,7 @@ class _SummarySection(_Section):
         return known
 
     def _check_weights(self, known: set[str]) -> None:
-        """Every weight a number ≥ 0 that applies to an output: a misspelt key would drop out of the score."""
+        """Each weight a number ≥ 0 that applies to an output: a misspelt key would leave the score."""
         for key, weight in (self.weights or {}).items():
             if key not in known:
                 raise _problem(f"weights.{key}", "matches no summary output, metric or alias")

@@ -1,9 +1,9 @@
 """The lookup assets: shared caches, then per (model, layer) references → neighbours → rows → TopGO.
 
 Each asset opens the lookup state, calls one stage through `fantasia_assets.runner` and reports
-what it did; the science stays in `core/`. What an asset hands to the next one travels through files and
-caches, so each records in its metadata the fingerprint of what it consumed (reference matrix,
-clusters, hits, raw rows); the checks of `checks.py` read what was written.
+what it did; the science stays in `core/`. What an asset hands to the next one travels through
+files and caches, so each records in its metadata the fingerprint of what it consumed (reference
+matrix, clusters, hits, raw rows); the checks of `checks.py` read what was written.
 """
 
 import time
