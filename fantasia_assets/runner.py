@@ -68,6 +68,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
         limit_per_entry=config.limit_per_entry,
         batch_size=config.batch_size,
         tie_expansion=config.tie_expansion,
+        screening=config.screening,
     )
 
 

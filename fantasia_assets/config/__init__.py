@@ -5,7 +5,7 @@ parsing builds the flat `LookupConfig` value the rest of the code reads. Relativ
 against the working directory, as FANTASIA does. Where a key exists both at the top level and
 under `lookup` (`batch_size`, `limit_per_entry`), the `lookup` value wins; a model's own
 `batch_size` wins over both. Keys this project adds to the original's: `lookup.backend`,
-`lookup.tie_expansion`, `lookup.taxonomy.nodes_path`, `postprocess.alignment`,
+`lookup.screening`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`, `postprocess.alignment`,
 `postprocess.alignment_threads`, `postprocess.fantasia_compat`. The original's
 `postprocess.store_workers` is refused with an error saying why. The original's database keys
 (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`, `DB_PORT`, `DB_NAME`) and any password key are
@@ -67,6 +67,7 @@ class LookupConfig:
     lookup_cache_max: int = 4
     distance_metric: str = "cosine"
     backend: str = "torch"
+    screening: str = "auto"  # the search's screening arithmetic; results never depend on it
     tie_expansion: bool = False
     redundancy: RedundancyConfig = field(default_factory=RedundancyConfig)
     taxonomy: TaxonomyFilter = field(default_factory=TaxonomyFilter)
@@ -164,6 +165,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         lookup_cache_max=lookup.lookup_cache_max,
         distance_metric=lookup.distance_metric,
         backend=lookup.backend,
+        screening=lookup.screening,
         tie_expansion=lookup.tie_expansion,
         redundancy=RedundancyConfig(red.identity, red.coverage, red.threads),
         taxonomy=TaxonomyFilter(tax.exclude, tax.include_only, tax.get_descendants, tax.nodes_path),

@@ -144,6 +144,7 @@ class _LookupSection(_Section):
     lookup_cache_max: Annotated[int, Field(ge=0, le=64)] = 4
     distance_metric: Literal["cosine", "euclidean"] = "cosine"
     backend: Literal["torch", "numpy", "scipy"] = "torch"
+    screening: Literal["auto", "bf16", "fp32"] = "auto"
     tie_expansion: bool = False
     redundancy: _RedundancySection = _RedundancySection()
     taxonomy: _TaxonomySection = _TaxonomySection()

@@ -90,6 +90,7 @@ class SearchSettings:
     limit_per_entry: int = 5
     batch_size: int = 516
     tie_expansion: bool = False
+    screening: str = "auto"  # `core.screen`: the screen's arithmetic; results never depend on it
 
 
 def search_partition(
@@ -114,7 +115,9 @@ def search_partition(
                 clusters,
             )
     with timed(timings, "search"):
-        engine = SearchEngine(settings.metric, settings.backend, settings.device)
+        engine = SearchEngine(
+            settings.metric, settings.backend, settings.device, screening=settings.screening
+        )
         engine.build(matrix.vectors)
         batch = partition.model.batch_size or settings.batch_size
         parts = []
