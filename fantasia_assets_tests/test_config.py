@@ -128,6 +128,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("precision", 17, "precision"),
         ("lookup.limit_per_entry", 100_000, "lookup.limit_per_entry"),
         ("lookup.lookup_cache_max", -1, "lookup.lookup_cache_max"),
+        ("lookup.screening", "fp16", "lookup.screening"),
         ("limit_execution", 0, "limit_execution"),
     ],
 )
