@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_science
 
 
 def _add_load_parser(commands) -> None:
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    cli_science.add_parsers(commands)
     return parser
 
 
@@ -216,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     import sqlalchemy as sa
 
     from .config import ConfigError
+    from .core.evaluation import EvaluationError
     from .core.exports import OutputWriteError
+    from .core.ontology import OntologyError
     from .core.pipeline import LookupPlanError
     from .core.queries import EmbeddingFileError
     from .core.redundancy import MMseqsError
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from .db.sources import InputFileError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo}
+    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo, **cli_science.HANDLERS}
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         ReferenceError,
         MMseqsError,
         OutputWriteError,
+        EvaluationError,
+        OntologyError,
     ) as exc:
         progress.end_line()
         _print_error(str(exc))

@@ -24,6 +24,7 @@ import yaml
 
 from fantasia_assets.errors import FantasiaError
 
+from .core.scoring import ScoringSettings
 from .core.summary import SummarySpec
 from .core.taxonomy import TaxonomyError, TaxonomyFilter, validate_taxon_ids
 
@@ -71,6 +72,7 @@ class LookupConfig:
     alignment: bool = True
     store_workers: int = 4
     summary: SummarySpec = field(default_factory=SummarySpec.default)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
 
     def enabled_models(self) -> tuple[ModelConfig, ...]:
         return tuple(m for m in self.models if m.enabled)
@@ -302,7 +304,7 @@ def parse_config(raw: Any) -> LookupConfig:
     """Validate a configuration mapping (as read from YAML) into a `LookupConfig`."""
     top = {
         "experiment_path", "embeddings_path", "batch_size", "limit_per_entry", "precision",
-        "limit_execution", "lookup", "embedding", "postprocess",
+        "limit_execution", "lookup", "embedding", "postprocess", "scoring",
     }  # fmt: skip
     _reject_credentials(raw)
     _check_keys(raw, top, "")
@@ -353,6 +355,15 @@ def parse_config(raw: Any) -> LookupConfig:
         alignment=_bool(post.get("alignment", True), "postprocess.alignment"),
         store_workers=_int(post.get("store_workers", 4), "postprocess.store_workers", 1),
         summary=_summary(post.get("summary")),
+        scoring=_scoring(raw.get("scoring")),
+    )
+
+
+def _scoring(section: Any) -> ScoringSettings:
+    section = section or {}
+    _check_keys(section, {"ontology", "model"}, "scoring")
+    return ScoringSettings(
+        **{k: _path(section[k], f"scoring.{k}") for k in ("ontology", "model") if section.get(k)}
     )
 
 

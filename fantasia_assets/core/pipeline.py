@@ -44,6 +44,7 @@ from .references import (
     SequenceCache,
     fetch_reference_sequences,
 )
+from .scoring import run_predictions
 from .summary import summarise, topgo_ensemble, topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
@@ -721,4 +722,7 @@ def run_lookup(
     outputs["query mapping"] = mapping
     outputs.update(write_run_records(config, queries, partitions))
     timings["fasta+mapping"] = time.perf_counter() - started
+    started = time.perf_counter()
+    outputs.update(run_predictions(config.experiment_path, raw_all, config.scoring, config.precision))
+    timings["predictions"] = time.perf_counter() - started
     return LookupResult(config, reports, outputs, timings)
