@@ -50,6 +50,21 @@ def add_parsers(commands) -> None:
     _truth_arguments(evaluate)
     evaluate.add_argument("--out", type=Path, help="output folder (default: {experiment_path}/evaluation)")
     evaluate.add_argument("--roots", action="store_true", help="also score the three GO roots")
+    train = commands.add_parser(
+        "train-scorer",
+        help="fit the learned scorer on queries with known annotations",
+        description=(
+            "Reuse the raw rows of CFG's lookup (or run it), build features per (query, GO term) "
+            "from every (model, layer), label them with the truth GAF (loader's filter, "
+            "propagated) and fit LightGBM with isotonic calibration, folds grouped by protein. "
+            "The model file records the features, partitions, library versions and the hashes of "
+            "the training data; `scoring: {model: PATH}` makes the lookup use it."
+        ),
+    )
+    _truth_arguments(train)
+    train.add_argument("--out", type=Path, required=True, help="model file to write")
+    train.add_argument("--folds", type=int, default=5, help="protein-grouped folds (default 5)")
+    train.add_argument("--rerun", action="store_true", help="run the lookup even when its raw rows exist")
 
 
 def _ontology_path(args, config) -> Path:
@@ -145,4 +160,64 @@ def run_evaluate(args, progress) -> int:
     return 0
 
 
-HANDLERS = {"evaluate": run_evaluate}
+def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
+    """The lookup's raw rows of every enabled partition: from its Parquet files, or a fresh run."""
+    from .core.exports import model_dir_name
+
+    base = config.experiment_path / "parquet"
+    files = sorted(
+        f for m in config.enabled_models() for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
+    )
+    if rerun or not files:
+        from .core.pipeline import run_lookup
+
+        run_lookup(config)
+        files = sorted(
+            f for m in config.enabled_models() for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
+        )
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+
+
+def training_set(raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: pl.DataFrame):
+    """(features, labels, partitions, term statistics) of the candidates of truth proteins, in the
+    aspects where each has truth (CAFA scores a protein only in those)."""
+    from .core import scorer
+
+    terms = scorer.term_statistics(references, ontology)
+    frame, partitions = scorer.features(raw, ontology, terms)
+    mapped, _ = ontology.map_ids(truth, "truth")
+    aspects = mapped.join(
+        pl.DataFrame({"go_id": list(ontology.aspect), "aspect": list(ontology.aspect.values())}), on="go_id"
+    ).select("accession", "aspect").unique()
+    frame = frame.join(aspects, on=["accession", "aspect"], how="semi").sort("accession", "go_id")
+    return frame, scorer.labels(frame, truth, ontology), partitions, terms
+
+
+def run_train(args, progress) -> int:
+    import hashlib
+
+    from .config import load_config
+    from .core import scorer
+    from .core.evaluation import truth_table
+    from .core.ontology import read_ontology
+
+    config = load_config(args.config)
+    obo = _ontology_path(args, config)
+    ontology = read_ontology(obo)
+    raw = lookup_rows(config, args.rerun)
+    truth = truth_table(read_truth(args.truth, obo, args.evidence), raw["accession"].unique().to_list(), str(args.truth[0]))
+    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations())
+    hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in args.truth}
+    hashes["features"] = scorer.frame_hash(frame)
+    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=args.folds)
+    scorer.save_scorer(args.out, model)
+    print(
+        f"trained on {frame['accession'].n_unique():,} proteins, {len(y):,} candidate terms "
+        f"({int(y.sum()):,} true), partitions {', '.join(partitions)}, {len(model.features)} features"
+    )
+    print(f"out-of-fold AUC (folds grouped by protein): {model.cross_validation['auc_out_of_fold']:.3f}")
+    print(f"model: {args.out}")
+    return 0
+
+
+HANDLERS = {"evaluate": run_evaluate, "train-scorer": run_train}

@@ -66,10 +66,13 @@ def supported_terms(raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
 def heuristic_scores(raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
     """accession, go_id, aspect, score in [0, 1], GO-consistent, sorted.
 
-    Per partition, a neighbour's weight is its RI times its global sequence identity when the
-    alignment ran (measured best on mouse against human references; see the README), else its
-    RI; a term's vote is the weight of the neighbours supporting it over the weight of the
-    neighbours annotated in that aspect; the score is the mean vote over the partitions.
+    Per partition, a neighbour's weight w is its RI times its global sequence identity when the
+    alignment ran, else its RI. A term's vote is the weight of the neighbours supporting it
+    over the weight of the neighbours annotated in that aspect, times √(max w in that aspect)
+    so that a query whose best neighbour is remote scores lower overall (CAFA picks one
+    threshold for all proteins). The score is the mean over the partitions. Measured on mouse
+    queries against human references (README, "Evaluation"): against plain RI votes, identity
+    weighting gains 0.03 Fmax in every aspect and the √max factor 0.01 more in BP.
     """
     if raw.is_empty():
         return pl.DataFrame(schema={c: pl.Float64 if c == "score" else pl.String for c in PREDICTION_COLUMNS})
@@ -83,14 +86,14 @@ def heuristic_scores(raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
         terms.select("accession", *PARTITION, "ref_idx", "aspect", "weight")
         .unique()
         .group_by("accession", *PARTITION, "aspect")
-        .agg(pl.col("weight").sum().alias("total"))
+        .agg(pl.col("weight").sum().alias("total"), pl.col("weight").max().sqrt().alias("confidence"))
     )
     partitions = raw.select(PARTITION).unique().height
     votes = (
         terms.group_by("accession", *PARTITION, "go_id", "aspect")
         .agg(pl.col("weight").sum())
         .join(per_aspect, on=["accession", *PARTITION, "aspect"])
-        .with_columns((pl.col("weight") / pl.col("total")).fill_nan(0.0).alias("vote"))
+        .with_columns((pl.col("weight") / pl.col("total") * pl.col("confidence")).fill_nan(0.0).alias("vote"))
         .group_by("accession", "go_id", "aspect")
         .agg((pl.col("vote").sum() / partitions).clip(0.0, 1.0).alias("score"))
     )
