@@ -152,9 +152,11 @@ def _demo(args, progress) -> int:
         "skipped_queries.csv",
         "output_names.csv",
         "lineage.duckdb",
+        "predictions.tsv",
     ):
         print(f"  {config.experiment_path / name}")
     print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
+    cli_science.demo_evaluation(config)
     return 0
 
 

@@ -100,13 +100,13 @@ def query_accessions(experiment_path: Path) -> list[str]:
     return frame["accessions"].str.split("|").explode().drop_nulls().unique().sort().to_list()
 
 
-def reference_annotations() -> pl.DataFrame:
+def reference_annotations(engine=None) -> pl.DataFrame:
     """(protein_id, go_id) of every reference protein in the database."""
     from .core.references import AnnotationStore
     from .db import get_engine
     from .paths import cache_dir
 
-    annotations, _ = AnnotationStore(get_engine(), cache_dir("annotations")).get()
+    annotations, _ = AnnotationStore(engine or get_engine(), cache_dir("annotations")).get()
     return annotations.select("protein_id", "go_id")
 
 
@@ -160,6 +160,21 @@ def run_evaluate(args, progress) -> int:
     return 0
 
 
+def demo_evaluation(config) -> None:
+    """`make demo`'s last step: the sample queries' outputs against their mouse GOA slice."""
+    from .sample import SAMPLE_DIR
+
+    if config.scoring.ontology is None:
+        print("evaluation skipped: scoring.ontology is not set")
+        return
+    truth = SAMPLE_DIR / "queries_truth.gaf.gz"
+    result, paths = evaluate_experiment(config, [truth], config.scoring.ontology)
+    print(f"--- CAFA evaluation (cafaeval) of the sample queries against {truth.name}: Fmax and Smin per aspect")
+    for line in metrics_table(result.metrics):
+        print(line)
+    print(f"  metrics: {paths['metrics']}, curves: {paths['plot']}")
+
+
 def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
     """The lookup's raw rows of every enabled partition: from its Parquet files, or a fresh run."""
     from .core.exports import model_dir_name
@@ -193,24 +208,33 @@ def training_set(raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: p
     return frame, scorer.labels(frame, truth, ontology), partitions, terms
 
 
-def run_train(args, progress) -> int:
+def train_scorer(config, truth_paths: list[Path], obo: Path, out: Path, evidence=None, folds=5, rerun=False, engine=None):
+    """Fit and save the learned scorer on CFG's queries; returns (model, features, labels)."""
     import hashlib
 
-    from .config import load_config
     from .core import scorer
     from .core.evaluation import truth_table
     from .core.ontology import read_ontology
 
-    config = load_config(args.config)
-    obo = _ontology_path(args, config)
     ontology = read_ontology(obo)
-    raw = lookup_rows(config, args.rerun)
-    truth = truth_table(read_truth(args.truth, obo, args.evidence), raw["accession"].unique().to_list(), str(args.truth[0]))
-    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations())
-    hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in args.truth}
+    raw = lookup_rows(config, rerun)
+    truth = truth_table(read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0]))
+    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine))
+    hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in truth_paths}
     hashes["features"] = scorer.frame_hash(frame)
-    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=args.folds)
-    scorer.save_scorer(args.out, model)
+    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=folds)
+    scorer.save_scorer(out, model)
+    return model, frame, y
+
+
+def run_train(args, progress) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
+    model, frame, y = train_scorer(
+        config, args.truth, _ontology_path(args, config), args.out, args.evidence, args.folds, args.rerun
+    )
+    partitions = model.partitions
     print(
         f"trained on {frame['accession'].n_unique():,} proteins, {len(y):,} candidate terms "
         f"({int(y.sum()):,} true), partitions {', '.join(partitions)}, {len(model.features)} features"

@@ -116,9 +116,11 @@ def features(raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame) -> 
         .with_columns(
             (pl.col("votes") / pl.col("n_neighbours")).alias("vote_fraction"),
             (pl.col("weight") / pl.col("aspect_weight")).fill_nan(0.0).alias("weighted_vote"),
-            pl.struct(PARTITION)
-            .map_elements(lambda s: partition_name(s["model_name"], s["layer_index"]), return_dtype=pl.String)
-            .alias("partition"),
+            pl.concat_str(
+                pl.col("model_name"),
+                pl.lit("|layer_"),
+                pl.col("layer_index").cast(pl.String).fill_null("legacy"),
+            ).alias("partition"),
         )
     )
     names = PER_PARTITION + (ALIGNED if aligned else [])

@@ -11,7 +11,7 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     """Register the current partitions, then materialise shared inputs, every partition and the
     run-wide outputs, in that order. Returns the partition keys."""
     from ..definitions import defs
-    from . import inputs, lookup, outputs
+    from . import inputs, lookup, outputs, science
     from .partitions import LookupState
 
     resources = defs.resources
@@ -34,7 +34,7 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
         lookup.raw_result_shards,
         lookup.topgo_exports,
     ]
-    run_wide = [outputs.lookup_summary, outputs.topgo_ensemble]
+    run_wide = [outputs.lookup_summary, outputs.topgo_ensemble, science.predictions]
     everything = sources + shared + partitioned + run_wide
 
     def run(selection, partition_key=None):
