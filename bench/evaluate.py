@@ -40,7 +40,11 @@ def halves_by_cluster(experiment: Path, proteins: list[str], seed: int = 0) -> t
     ).explode("protein")
     with tempfile.TemporaryDirectory() as tmp:
         clusters = cluster_sequences(dict(fasta.rows()), 0.3, 0.8, 2, Path(tmp))
-    cluster_of = dict(members.with_columns(pl.col("accession").replace_strict(clusters)).select("protein", "accession").rows())
+    cluster_of = dict(
+        members.with_columns(pl.col("accession").replace_strict(clusters))
+        .select("protein", "accession")
+        .rows()
+    )
     names = sorted({cluster_of[p] for p in proteins})
     order = np.random.default_rng(seed).permutation(len(names))
     first_clusters = {names[i] for i in order[: len(names) // 2]}
@@ -58,7 +62,9 @@ def table(metrics: pl.DataFrame, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--truth", type=Path, action="append", required=True)
     parser.add_argument("--obo", type=Path, required=True)
@@ -77,15 +83,12 @@ def main() -> None:
     out = args.out or config.experiment_path / "bench_evaluation"
     ontology = read_ontology(args.obo)
     raw = cs.lookup_rows(config)
-    truth = truth_table(cs.read_truth(args.truth, args.obo, None), raw["accession"].unique().to_list(), "truth")
+    truth = truth_table(
+        cs.read_truth(args.truth, args.obo, None), raw["accession"].unique().to_list(), "truth"
+    )
     references = cs.reference_annotations()
     outputs = experiment_outputs(config.experiment_path)
     outputs["predictions"] = heuristic_scores(raw, ontology).select("accession", "go_id", "score")
-    if not args.skip_full:
-        started = time.perf_counter()
-        result = evaluate(outputs, truth, ontology, references, threads=2)
-        write_evaluation(out / "all", result, 4)
-        table(result.metrics, f"all {truth['accession'].n_unique():,} truth queries ({time.perf_counter() - started:.0f} s)")
 
     proteins = sorted(truth["accession"].unique().to_list())
     for split, (train, test) in {
@@ -102,12 +105,22 @@ def main() -> None:
             **{k: v.filter(pl.col("accession").is_in(list(test))) for k, v in outputs.items()
                if k in ("predictions", "topgo_ensemble", "topgo_NEAR_layer_0", "summary_final_score_NEAR_L0")},
         }  # fmt: skip
-        result = evaluate(held, truth.filter(pl.col("accession").is_in(list(test))), ontology, references, threads=2)
+        result = evaluate(
+            held, truth.filter(pl.col("accession").is_in(list(test))), ontology, references, threads=2
+        )
         write_evaluation(out / split, result, 4)
         table(
             result.metrics,
             f"split by {split}: trained on {len(train):,} proteins ({len(y):,} candidates, out-of-fold AUC "
             f"{model.cross_validation['auc_out_of_fold']:.3f}), evaluated on {len(test):,}",
+        )
+    if not args.skip_full:
+        started = time.perf_counter()
+        result = evaluate(outputs, truth, ontology, references, threads=2)
+        write_evaluation(out / "all", result, 4)
+        table(
+            result.metrics,
+            f"all {truth['accession'].n_unique():,} truth queries ({time.perf_counter() - started:.0f} s)",
         )
 
 

@@ -169,7 +169,9 @@ def demo_evaluation(config) -> None:
         return
     truth = SAMPLE_DIR / "queries_truth.gaf.gz"
     result, paths = evaluate_experiment(config, [truth], config.scoring.ontology)
-    print(f"--- CAFA evaluation (cafaeval) of the sample queries against {truth.name}: Fmax and Smin per aspect")
+    print(
+        f"--- CAFA evaluation (cafaeval) of the sample queries against {truth.name}: Fmax and Smin per aspect"
+    )
     for line in metrics_table(result.metrics):
         print(line)
     print(f"  metrics: {paths['metrics']}, curves: {paths['plot']}")
@@ -188,7 +190,9 @@ def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
 
         run_lookup(config)
         files = sorted(
-            f for m in config.enabled_models() for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
+            f
+            for m in config.enabled_models()
+            for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
         )
     return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
 
@@ -201,14 +205,21 @@ def training_set(raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: p
     terms = scorer.term_statistics(references, ontology)
     frame, partitions = scorer.features(raw, ontology, terms)
     mapped, _ = ontology.map_ids(truth, "truth")
-    aspects = mapped.join(
-        pl.DataFrame({"go_id": list(ontology.aspect), "aspect": list(ontology.aspect.values())}), on="go_id"
-    ).select("accession", "aspect").unique()
+    aspects = (
+        mapped.join(
+            pl.DataFrame({"go_id": list(ontology.aspect), "aspect": list(ontology.aspect.values())}),
+            on="go_id",
+        )
+        .select("accession", "aspect")
+        .unique()
+    )
     frame = frame.join(aspects, on=["accession", "aspect"], how="semi").sort("accession", "go_id")
     return frame, scorer.labels(frame, truth, ontology), partitions, terms
 
 
-def train_scorer(config, truth_paths: list[Path], obo: Path, out: Path, evidence=None, folds=5, rerun=False, engine=None):
+def train_scorer(
+    config, truth_paths: list[Path], obo: Path, out: Path, evidence=None, folds=5, rerun=False, engine=None
+):
     """Fit and save the learned scorer on CFG's queries; returns (model, features, labels)."""
     import hashlib
 
@@ -218,7 +229,9 @@ def train_scorer(config, truth_paths: list[Path], obo: Path, out: Path, evidence
 
     ontology = read_ontology(obo)
     raw = lookup_rows(config, rerun)
-    truth = truth_table(read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0]))
+    truth = truth_table(
+        read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0])
+    )
     frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine))
     hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in truth_paths}
     hashes["features"] = scorer.frame_hash(frame)

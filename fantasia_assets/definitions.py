@@ -27,7 +27,10 @@ defs = dg.Definitions(
     jobs=[automation.partition_job, automation.shared_inputs_job, automation.outputs_job],
     sensors=[automation.reference_change_sensor, automation.output_automation],
     schedules=[automation.daily_backstop],
-    resources={**default_resources(), "truth": science.TruthAnnotations(gaf_paths=dg.EnvVar("FANTASIA_TRUTH"))},
+    resources={
+        **default_resources(),
+        "truth": science.TruthAnnotations(gaf_paths=dg.EnvVar("FANTASIA_TRUTH")),
+    },
     # steps of a run share one process: imports (torch, polars) are paid once per run, and the
     # GPU pool, not process parallelism, decides what runs together
     executor=dg.in_process_executor,

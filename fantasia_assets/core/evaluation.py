@@ -246,7 +246,7 @@ def precision_recall_png(evaluation: Evaluation) -> bytes:
     figure, axes = plt.subplots(
         1, max(len(aspects), 1), figsize=(5 * max(len(aspects), 1), 4.6), squeeze=False
     )
-    for axis, aspect in zip(axes[0], aspects):
+    for axis, aspect in zip(axes[0], aspects, strict=False):
         for output in sorted(set(evaluation.metrics["output"].to_list())):
             curve = evaluation.curves.filter(pl.col("output") == output, pl.col("aspect") == aspect)
             if curve.is_empty():

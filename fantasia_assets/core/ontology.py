@@ -154,7 +154,7 @@ class GeneOntology:
         """
         closed = self.propagate_terms(annotations, key)
         proteins = closed[key].unique().sort()
-        index = dict(zip(proteins.to_list(), range(len(proteins))))
+        index = dict(zip(proteins.to_list(), range(len(proteins)), strict=True))
         carriers = {
             go_id: np.sort(np.fromiter((index[p] for p in members), dtype=np.int64))
             for go_id, members in closed.group_by("go_id").agg(pl.col(key)).iter_rows()

@@ -25,9 +25,25 @@ from .scoring import PARTITION, consistent, neighbours, supported_terms
 
 EXPERIMENTAL = ("EXP", "IDA", "IPI", "IMP", "IGI", "IEP")
 CURATOR = ("TAS", "IC")
-PER_PARTITION = ["d_min", "d_mean", "rank_first", "ri_max", "votes", "vote_fraction", "spread", "weighted_vote"]
+PER_PARTITION = [
+    "d_min",
+    "d_mean",
+    "rank_first",
+    "ri_max",
+    "votes",
+    "vote_fraction",
+    "spread",
+    "weighted_vote",
+]
 ALIGNED = ["identity_max", "similarity_max", "identity_sw_max"]
-GLOBAL = ["aspect_code", "term_frequency", "information_content", "agreement", "evidence_experimental", "evidence_curator"]
+GLOBAL = [
+    "aspect_code",
+    "term_frequency",
+    "information_content",
+    "agreement",
+    "evidence_experimental",
+    "evidence_curator",
+]
 FORMAT = 1
 
 
@@ -61,7 +77,9 @@ def term_statistics(references: pl.DataFrame, ontology: GeneOntology) -> pl.Data
     )
 
 
-def features(raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+def features(
+    raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame
+) -> tuple[pl.DataFrame, list[str]]:
     """One row per candidate (accession, go_id, aspect) with the features; and the partitions.
 
     A candidate is a term some neighbour carries (propagated, roots out) in some partition.
@@ -88,8 +106,12 @@ def features(raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame) -> 
     query_level = table.group_by("accession", *PARTITION).agg(
         pl.len().alias("n_neighbours"), (pl.col("distance").max() - pl.col("distance").min()).alias("spread")
     )
-    weight = (pl.col("ri").clip(0.0, 1.0) * (pl.col("identity").fill_null(0.0) if aligned else 1.0)).alias("weight")
-    support = supported_terms(raw, ontology).join(table.with_columns(weight), on=["accession", *PARTITION, "ref_idx"])
+    weight = (pl.col("ri").clip(0.0, 1.0) * (pl.col("identity").fill_null(0.0) if aligned else 1.0)).alias(
+        "weight"
+    )
+    support = supported_terms(raw, ontology).join(
+        table.with_columns(weight), on=["accession", *PARTITION, "ref_idx"]
+    )
     totals = (
         support.select("accession", *PARTITION, "ref_idx", "aspect", "weight")
         .unique()
@@ -139,8 +161,14 @@ def features(raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame) -> 
         wide.join(shares, on=["accession", "go_id"])
         .join(terms, on="go_id", how="left")
         .with_columns(
-            pl.col("aspect").replace_strict({"P": 0.0, "F": 1.0, "C": 2.0}, return_dtype=pl.Float64).alias("aspect_code"),
-            *(pl.col(f"{n}@{p}").fill_null(0.0) for n in ("votes", "vote_fraction", "weighted_vote") for p in partitions),
+            pl.col("aspect")
+            .replace_strict({"P": 0.0, "F": 1.0, "C": 2.0}, return_dtype=pl.Float64)
+            .alias("aspect_code"),
+            *(
+                pl.col(f"{n}@{p}").fill_null(0.0)
+                for n in ("votes", "vote_fraction", "weighted_vote")
+                for p in partitions
+            ),
         )
         .sort("accession", "go_id")
     )
@@ -218,7 +246,9 @@ class Scorer:
     def predict(self, raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
         frame, partitions = features(raw, ontology, self.terms)
         self.check(partitions, [c for c in frame.columns if c not in ("accession", "go_id", "aspect")])
-        scores = frame.select("accession", "go_id").with_columns(pl.Series("score", self.probabilities(frame)))
+        scores = frame.select("accession", "go_id").with_columns(
+            pl.Series("score", self.probabilities(frame))
+        )
         return consistent(scores, ontology)
 
     def to_bytes(self) -> bytes:
@@ -256,7 +286,11 @@ def fit(
         calibrated.fit(matrix[test], y[test])
         held_out[test] = booster.predict_proba(matrix[test])[:, 1]
         models.append(calibrated)
-    versions = {"lightgbm": lightgbm.__version__, "scikit-learn": sklearn.__version__, "polars": pl.__version__}
+    versions = {
+        "lightgbm": lightgbm.__version__,
+        "scikit-learn": sklearn.__version__,
+        "polars": pl.__version__,
+    }
     return Scorer(
         models=models, features=names, partitions=partitions, terms=terms, versions=versions,
         training_hashes=training_hashes, cross_validation={"auc_out_of_fold": float(roc_auc_score(y, held_out))},

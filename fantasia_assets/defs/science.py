@@ -27,7 +27,9 @@ class TruthAnnotations(dg.ConfigurableResource):
     def paths(self) -> list[Path]:
         paths = [Path(p.strip()) for p in self.gaf_paths.split(",") if p.strip()]
         if not paths:
-            raise dg.Failure("no truth annotations: set FANTASIA_TRUTH to one or more GAF files (comma-separated)")
+            raise dg.Failure(
+                "no truth annotations: set FANTASIA_TRUTH to one or more GAF files (comma-separated)"
+            )
         return paths
 
 
@@ -50,7 +52,9 @@ def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.Mat
     _ontology(state)
     started = time.perf_counter()
     raw = pipeline.read_raw_rows(state.config, materialised(state))
-    path = run_predictions(state.config.experiment_path, raw, state.config.scoring, state.config.precision)["predictions"]
+    path = run_predictions(state.config.experiment_path, raw, state.config.scoring, state.config.precision)[
+        "predictions"
+    ]
     frame = pl.read_csv(path, separator="\t")
     top = frame.sort("score", descending=True).head(10)
     preview = "\n".join(["| accession | go_id | aspect | score |", "|---|---|---|---:|"] + [
@@ -74,7 +78,9 @@ def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.Mat
     description="The learned scorer ({experiment_path}/scoring/model.pkl) fitted on the configured queries "
     "labelled by FANTASIA_TRUTH; set scoring.model to it to score predictions.tsv with it.",
 )
-def scoring_model(settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations) -> dg.MaterializeResult:
+def scoring_model(
+    settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations
+) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     out = state.config.experiment_path / "scoring" / "model.pkl"
     model, frame, y = cli_science.train_scorer(
@@ -100,7 +106,9 @@ def scoring_model(settings: LookupSettings, database: ReferenceDatabase, truth: 
     description="evaluation/metrics.tsv: Fmax, Smin, weighted Fmax, coverage and threshold per aspect for every "
     "output, by the CAFA evaluator against FANTASIA_TRUTH; precision-recall curves shown here.",
 )
-def evaluation(settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations) -> dg.MaterializeResult:
+def evaluation(
+    settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations
+) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     result, paths = cli_science.evaluate_experiment(
         state.config, truth.paths(), _ontology(state), engine=state.engine

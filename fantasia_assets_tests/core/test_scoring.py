@@ -60,7 +60,7 @@ def assert_consistent(predictions: pl.DataFrame, ontology) -> None:
         for parent in ontology.parents[go]:
             if parent not in ontology.roots:
                 assert score[(accession, parent)] >= value, (go, parent)
-    for accession, go, aspect, _ in predictions.iter_rows():
+    for _, go, aspect, _ in predictions.iter_rows():
         assert ontology.aspect[go] == aspect
 
 
@@ -79,7 +79,9 @@ def test_scores_are_consistent_with_the_dag(ontology):
 
 
 def test_features_by_hand(ontology):
-    references = pl.DataFrame({"protein_id": ["a", "b", "b"], "go_id": ["GO:0000002", "GO:0000004", "GO:0000011"]})
+    references = pl.DataFrame(
+        {"protein_id": ["a", "b", "b"], "go_id": ["GO:0000002", "GO:0000004", "GO:0000011"]}
+    )
     terms = sc.term_statistics(references, ontology)
     frame, partitions = sc.features(raw_rows(), ontology, terms)
     assert partitions == ["M|layer_0", "M|layer_1"]
@@ -122,12 +124,53 @@ def test_a_model_for_other_partitions_or_features_is_refused(ontology, tmp_path)
     names = frame.columns[3:]
     model = sc.Scorer(models=[], features=names, partitions=["M|layer_0", "N|layer_3"], terms=terms,
                       versions={}, training_hashes={})  # fmt: skip
-    with pytest.raises(sc.ScorerError, match=r"missing: \['N\|layer_3'\], not in the model: \['M\|layer_1'\]"):
+    with pytest.raises(
+        sc.ScorerError, match=r"missing: \['N\|layer_3'\], not in the model: \['M\|layer_1'\]"
+    ):
         model.predict(raw_rows(), ontology)
     model.partitions = partitions
     unaligned = raw_rows().drop("identity", "similarity", "identity_sw")
     with pytest.raises(sc.ScorerError, match="missing: \\['identity_max@M\\|layer_0'"):
         model.predict(unaligned, ontology)
     (tmp_path / "junk.model").write_bytes(b"not a pickle")
-    with pytest.raises(sc.ScorerError, match="junk.model: not a scoring model"):
+    with pytest.raises(sc.ScorerError, match=r"junk\.model: not a scoring model"):
         sc.load_scorer(tmp_path / "junk.model")
+
+
+def _labelled_rows(n: int = 30) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """n queries, two neighbours each; the near one's term is the query's true term."""
+    rng = np.random.default_rng(1)
+    rows, truth = [], []
+    terms = ["GO:0000002", "GO:0000004", "GO:0000011", "GO:0000020"]
+    for i in range(n):
+        near, far = terms[i % 4], terms[(i + 1) % 4]
+        d = float(rng.uniform(0.05, 0.3))
+        rows.append((f"Q{i}", "M", 0, 1 + i, near, d, 0.6, 0.7, 0.8, "IDA"))
+        rows.append((f"Q{i}", "M", 0, 100 + i, far, d + 0.2, 0.2, 0.3, 0.4, "TAS"))
+        truth.append((f"Q{i}", near))
+    names = raw_rows().columns[:-1]
+    raw = pl.DataFrame(rows, schema=names, orient="row").with_columns(pl.col("layer_index").cast(pl.Int64))
+    raw = raw.with_columns((1 - pl.col("distance")).alias("reliability_index"))
+    return raw, pl.DataFrame(truth, schema=["accession", "go_id"], orient="row")
+
+
+def test_trained_model_scores_predictions_tsv(ontology, tmp_path, caplog):
+    from fantasia_assets.core.scoring import ScoringSettings, run_predictions
+
+    raw, truth = _labelled_rows()
+    terms = sc.term_statistics(truth.rename({"accession": "protein_id"}), ontology)
+    frame, partitions = sc.features(raw, ontology, terms)
+    y = sc.labels(frame, truth, ontology)
+    assert y.sum() > 0 and y.sum() < len(y)
+    model = sc.fit(frame, y, partitions, terms, {"truth.gaf": "abc"}, n_folds=3)
+    path = sc.save_scorer(tmp_path / "model.pkl", model)
+    loaded = sc.load_scorer(path)
+    assert loaded.partitions == ["M|layer_0"] and loaded.features == frame.columns[3:]
+    assert set(loaded.versions) == {"lightgbm", "scikit-learn", "polars"}
+    assert loaded.training_hashes == {"truth.gaf": "abc"}
+    written = run_predictions(tmp_path, raw, ScoringSettings(ontology=ontology.source, model=path), 4)
+    predictions = pl.read_csv(written["predictions"], separator="\t")
+    assert predictions.columns == ["accession", "go_id", "aspect", "score"]
+    assert_consistent(predictions, ontology)
+    assert run_predictions(tmp_path / "none", raw, ScoringSettings(), 4) == {}
+    assert "scoring.ontology is not set" in caplog.text
