@@ -119,14 +119,14 @@ def main() -> None:
 
     from fantasia_assets.config import parse_config
     from fantasia_assets.core.pipeline import run_lookup
-    from fantasia_assets.db import ensure_schema, get_engine
+    from fantasia_assets.db import get_engine, schema_ready
     from fantasia_assets.db.embedded import embedded_server
     from fantasia_assets.db.engine import dispose_engines
 
     rng = np.random.default_rng(0)
     try:
         engine = get_engine()
-        ensure_schema(engine)
+        schema_ready(engine)
         started = time.perf_counter()
         references = build_references(engine, args.references, args.dim, args.terms_per_reference, rng)
         queries = write_queries(work / "queries.h5", references, args.queries, rng)

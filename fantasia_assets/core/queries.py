@@ -47,6 +47,9 @@ _OTHER_DTYPE = -1
 _CATALOGUE_FORMAT = 1
 
 LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
+# The `layer_index` a legacy entry has in the database, where PIS makes the column NOT NULL:
+# no real layer uses it (layers count from 0 = last hidden).
+LEGACY_LAYER_INDEX = -1
 
 
 class EmbeddingFileError(FantasiaError, ValueError):

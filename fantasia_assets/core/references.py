@@ -34,6 +34,7 @@ from fantasia_assets.errors import FantasiaError
 
 from ..db.sources import normalise_category
 from ..progress import Progress, no_progress
+from .queries import LEGACY_LAYER_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,14 @@ def _protein_filter(scope: ReferenceScope, alias: str) -> tuple[sql.Composable, 
 
 def _rows_query(scope: ReferenceScope, columns: sql.Composable) -> tuple[sql.Composable, dict]:
     condition, params = _protein_filter(scope, "p")
-    params.update(type_id=scope.type_id, layer=scope.layer)
+    # the database keeps a legacy entry (no layer) under LEGACY_LAYER_INDEX (PIS: NOT NULL)
+    layer = LEGACY_LAYER_INDEX if scope.layer is None else scope.layer
+    params.update(type_id=scope.type_id, layer=layer)
     query = sql.SQL(
         """
         SELECT {columns} FROM sequence_embeddings se
         WHERE se.embedding_type_id = %(type_id)s
-          AND se.layer_index IS NOT DISTINCT FROM %(layer)s
+          AND se.layer_index = %(layer)s
           AND EXISTS (SELECT 1 FROM protein p WHERE p.sequence_id = se.sequence_id AND {condition})
         ORDER BY se.sequence_id
         """

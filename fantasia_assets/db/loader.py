@@ -29,7 +29,8 @@ from fantasia_assets.errors import FantasiaError
 
 from ..core.queries import EmbeddingCatalogue, EmbeddingFileError, scan
 from ..progress import Progress, no_progress
-from .schema import ensure_schema
+from .migrate import schema_ready
+from .models import LEGACY_LAYER_INDEX, UNDEFINED_CATEGORY
 from .sources import (
     DEFAULT_EVIDENCE,
     ORGANISMS,
@@ -209,13 +210,14 @@ def _write_ontology(cursor, ontology, report: LoadReport) -> None:
     cursor.execute(
         """
         INSERT INTO go_terms (go_id, category, description)
-        SELECT go_id, category, description FROM _go
+        SELECT go_id, coalesce(category, %s), description FROM _go
         ON CONFLICT (go_id) DO UPDATE
             SET category = EXCLUDED.category, description = EXCLUDED.description
             WHERE (go_terms.category, go_terms.description)
                   IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description)
         RETURNING (xmax = 0)
-        """
+        """,
+        (UNDEFINED_CATEGORY,),  # PIS: NOT NULL, 'undefined' when the term has no aspect
     )
     report.go_terms = _merge_counts(cursor.fetchall())
     report.go_terms.unchanged = ontology.terms.height - report.go_terms.inserted - report.go_terms.updated
@@ -252,14 +254,14 @@ def _write_annotations(cursor, data: _Annotations, report: LoadReport) -> None:
     )
     cursor.execute(
         """
-        INSERT INTO protein (id, sequence_id, gene_name, organism, taxonomy_id, description)
-        SELECT p.id, s.id, p.gene_name, p.organism, p.taxonomy_id, p.description
+        INSERT INTO protein (id, sequence_id, gene_name, organism, taxonomy_id, description, created_at)
+        SELECT p.id, s.id, p.gene_name, p.organism, p.taxonomy_id, p.description, now()
         FROM _protein p JOIN sequence s ON s.sequence_hash = p.sequence_hash
         ORDER BY p.id
         ON CONFLICT (id) DO UPDATE
             SET sequence_id = EXCLUDED.sequence_id, gene_name = EXCLUDED.gene_name,
                 organism = EXCLUDED.organism, taxonomy_id = EXCLUDED.taxonomy_id,
-                description = EXCLUDED.description
+                description = EXCLUDED.description, updated_at = now()
             WHERE (protein.sequence_id, protein.gene_name, protein.organism,
                    protein.taxonomy_id, protein.description)
                   IS DISTINCT FROM (EXCLUDED.sequence_id, EXCLUDED.gene_name, EXCLUDED.organism,
@@ -271,8 +273,8 @@ def _write_annotations(cursor, data: _Annotations, report: LoadReport) -> None:
     report.proteins.unchanged = proteins.height - report.proteins.inserted - report.proteins.updated
     cursor.execute(
         """
-        INSERT INTO accession (code, "primary", protein_id)
-        SELECT id, true, id FROM _protein ORDER BY id
+        INSERT INTO accession (code, "primary", protein_id, created_at)
+        SELECT id, true, id, now() FROM _protein ORDER BY id
         ON CONFLICT (code) DO NOTHING
         """
     )
@@ -358,7 +360,19 @@ def _resolve_embedding_type(cursor, catalogue: EmbeddingCatalogue, model: str, t
             str(catalogue.attrs.get("model_name") or model),
         ),
     )
+    _advance_type_sequence(cursor, type_id)
     return type_id
+
+
+def _advance_type_sequence(cursor, type_id: int) -> None:
+    """Move the id serial past an explicit id, so PIS's own inserts (no id) never collide."""
+    cursor.execute(
+        """
+        SELECT setval(seq, GREATEST(%s, coalesce(pg_sequence_last_value(seq), 0)))
+        FROM (SELECT pg_get_serial_sequence('sequence_embedding_type', 'id')::regclass AS seq) s
+        """,
+        (type_id,),
+    )
 
 
 def _check_dimensions(cursor, catalogue: EmbeddingCatalogue, type_id: int, model: str) -> int:
@@ -467,12 +481,12 @@ def _write_embeddings(
             SELECT sequence_id, %(type)s, %(layer)s, embedding, ARRAY[%(dim)s]::int[]
             FROM _embedding ORDER BY sequence_id
             ON CONFLICT (sequence_id, embedding_type_id, layer_index) DO UPDATE
-                SET embedding = EXCLUDED.embedding, shape = EXCLUDED.shape
+                SET embedding = EXCLUDED.embedding, shape = EXCLUDED.shape, updated_at = now()
                 WHERE sequence_embeddings.embedding IS DISTINCT FROM EXCLUDED.embedding
                    OR sequence_embeddings.shape IS DISTINCT FROM EXCLUDED.shape
             RETURNING (xmax = 0)
             """,
-            {"type": type_id, "layer": layer, "dim": dim},
+            {"type": type_id, "layer": LEGACY_LAYER_INDEX if layer is None else layer, "dim": dim},
         )
         change = _merge_counts(cursor.fetchall())
         change.unchanged = len(rows) - change.inserted - change.updated
@@ -579,7 +593,7 @@ def load_references(
         for _group, reason in catalogue.skipped:
             report.skipped[f"HDF5 groups: {reason}"] += 1
 
-    ensure_schema(engine)
+    schema_ready(engine)
     with engine.begin() as conn:
         cursor = conn.connection.driver_connection.cursor()
         _take_load_lock(cursor, report)

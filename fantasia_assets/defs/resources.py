@@ -43,10 +43,10 @@ class ReferenceDatabase(dg.ConfigurableResource):
     )
 
     def engine(self) -> Engine:
-        from ..db import ensure_schema, get_engine
+        from ..db import get_engine, schema_ready
 
         engine = get_engine(self.url) if self.url else get_engine()
-        ensure_schema(engine)
+        schema_ready(engine)  # migrates on the first call of the process only
         return engine
 
     def label(self) -> str:

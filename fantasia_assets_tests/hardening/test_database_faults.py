@@ -22,7 +22,7 @@ from fantasia_assets import progress as progress_module
 from fantasia_assets.cli import main
 from fantasia_assets.config import parse_config
 from fantasia_assets.core.pipeline import run_lookup
-from fantasia_assets.db import ensure_schema, get_engine
+from fantasia_assets.db import get_engine, schema_ready
 from fantasia_assets.db.embedded import embedded_server
 from fantasia_assets.db.engine import dispose_engines, normalise_url, redacted
 from fantasia_assets.sample import SAMPLE_DIR, load_sample
@@ -79,7 +79,7 @@ def private_server(fantasia_home):
     url = normalise_url(server.get_uri()).set(database="postgres")
     try:
         engine = get_engine(url)
-        ensure_schema(engine)
+        schema_ready(engine)
         load_sample(engine)
         yield server, url
     finally:
@@ -191,6 +191,6 @@ def test_lookup_against_a_database_never_loaded__error_says_to_load_references_f
     experiment = tmp_path / "experiment"
     assert main(["lookup", "--config", str(_config_file(tmp_path, experiment))]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the reference database has no reference tables yet")
+    assert err.startswith("error: the reference database has no reference set yet")
     assert "load-references" in err and "Traceback" not in err
     assert not experiment.exists()
