@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     import sqlalchemy as sa
 
     from .config import ConfigError
-    from .core.evaluation import EvaluationError
     from .core.embedding import EmbeddingError, ModelUnavailableError
+    from .core.evaluation import EvaluationError
     from .core.exports import OutputWriteError
     from .core.ontology import OntologyError
     from .core.pipeline import LookupPlanError
