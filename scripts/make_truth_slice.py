@@ -5,7 +5,8 @@
 Writes `queries_truth.gaf.gz`, every mouse GOA line of the sample queries (the evaluation's
 truth; the loader's filter picks the experimental ones), and `go-evaluation.obo.gz`, the GO
 ontology trimmed to the terms that the sample references and queries carry plus all their
-is_a and part_of ancestors (the sample's go-basic.obo.gz keeps is_a ancestors only).
+is_a and part_of ancestors, with only those two relations (the sample's go-basic.obo.gz
+keeps is_a ancestors only).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main() -> None:
         ids += [line[8:] for line in lines if line.startswith("alt_id: ")]
         parents = [line[6:16] for line in lines if line.startswith("is_a: ")]
         parents += [line.split()[2] for line in lines if line.startswith("relationship: part_of ")]
-        stanzas[ids[0]] = ("[" + "\n".join(lines), parents, ids)
+        # other relations (regulates, has_part, …) may name terms left out: dropped
+        kept = [ln for ln in lines if not ln.startswith("relationship: ") or ln.startswith("relationship: part_of ")]
+        stanzas[ids[0]] = ("[" + "\n".join(kept), parents, ids)
     alias = {alt: primary for primary, (_, _, ids) in stanzas.items() for alt in ids}
     keep, stack = set(), [alias[t] for t in used if t in alias]
     while stack:

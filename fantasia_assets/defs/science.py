@@ -115,7 +115,7 @@ def evaluation(
     )
     image = base64.b64encode(paths["plot"].read_bytes()).decode()
     table = "\n".join(["| output | aspect | Fmax | Smin | wFmax | coverage |", "|---|---|---:|---:|---:|---:|"] + [
-        f"| {r['output']} | {r['aspect']} | {r['fmax']:.3f} | {r['smin'] or float('nan'):.2f} | {r['wfmax']:.3f} | "
+        f"| {r['output']} | {r['aspect']} | {r['fmax']:.3f} | {float('nan') if r['smin'] is None else r['smin']:.2f} | {r['wfmax']:.3f} | "
         f"{r['coverage']:.2f} |" for r in result.metrics.iter_rows(named=True)
     ])  # fmt: skip
     return dg.MaterializeResult(
