@@ -70,6 +70,13 @@ def main() -> None:
     parser.add_argument("--obo", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None, help="where metrics TSVs and the PNG go")
     parser.add_argument("--skip-full", action="store_true", help="only the held-out halves")
+    parser.add_argument(
+        "--split", action="append", choices=["protein", "mmseqs2-30%", "none"], default=None,
+        help="held-out halves to run (default both; repeatable; none: only the whole set)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", action="append", default=None, help="evaluate only these outputs (repeatable)"
+    )
     args = parser.parse_args()
 
     from fantasia_assets import cli_science as cs
@@ -89,12 +96,16 @@ def main() -> None:
     references = cs.reference_annotations()
     outputs = experiment_outputs(config.experiment_path)
     outputs["predictions"] = heuristic_scores(raw, ontology).select("accession", "go_id", "score")
+    if args.only:
+        outputs = {k: v for k, v in outputs.items() if k in args.only}
 
     proteins = sorted(truth["accession"].unique().to_list())
-    for split, (train, test) in {
-        "protein": halves_by_protein(proteins),
-        "mmseqs2-30%": halves_by_cluster(config.experiment_path, proteins),
-    }.items():
+    splits = {
+        "protein": lambda: halves_by_protein(proteins),
+        "mmseqs2-30%": lambda: halves_by_cluster(config.experiment_path, proteins),
+    }
+    for split in [s for s in args.split or list(splits) if s != "none"]:
+        train, test = splits[split]()
         raw_train = raw.filter(pl.col("accession").is_in(list(train)))
         truth_train = truth.filter(pl.col("accession").is_in(list(train)))
         frame, y, partitions, terms = cs.training_set(raw_train, truth_train, ontology, references)
@@ -103,7 +114,7 @@ def main() -> None:
         held = {
             "learned": model.predict(raw_test, ontology).select("accession", "go_id", "score"),
             **{k: v.filter(pl.col("accession").is_in(list(test))) for k, v in outputs.items()
-               if k in ("predictions", "topgo_ensemble", "topgo_NEAR_layer_0", "summary_final_score_NEAR_L0")},
+               if k in ("predictions", "summary_final_score_NEAR_L0")},
         }  # fmt: skip
         result = evaluate(
             held, truth.filter(pl.col("accession").is_in(list(test))), ontology, references, threads=2
