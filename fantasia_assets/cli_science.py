@@ -102,8 +102,8 @@ def query_accessions(experiment_path: Path) -> list[str]:
 
 def reference_annotations(engine=None) -> pl.DataFrame:
     """(protein_id, go_id) of every reference protein in the database."""
-    from .core.references import AnnotationStore
     from .db import get_engine
+    from .db.stores import AnnotationStore
     from .paths import cache_dir
 
     annotations, _ = AnnotationStore(engine or get_engine(), cache_dir("annotations")).get()
@@ -186,7 +186,7 @@ def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
         f for m in config.enabled_models() for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
     )
     if rerun or not files:
-        from .core.pipeline import run_lookup
+        from .runner import run_lookup
 
         run_lookup(config)
         files = sorted(

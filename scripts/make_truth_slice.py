@@ -56,7 +56,11 @@ def main() -> None:
         parents = [line[6:16] for line in lines if line.startswith("is_a: ")]
         parents += [line.split()[2] for line in lines if line.startswith("relationship: part_of ")]
         # other relations (regulates, has_part, …) may name terms left out: dropped
-        kept = [ln for ln in lines if not ln.startswith("relationship: ") or ln.startswith("relationship: part_of ")]
+        kept = [
+            ln
+            for ln in lines
+            if not ln.startswith("relationship: ") or ln.startswith("relationship: part_of ")
+        ]
         stanzas[ids[0]] = ("[" + "\n".join(kept), parents, ids)
     alias = {alt: primary for primary, (_, _, ids) in stanzas.items() for alt in ids}
     keep, stack = set(), [alias[t] for t in used if t in alias]

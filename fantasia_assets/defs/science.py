@@ -9,8 +9,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from .. import cli_science
-from ..core import pipeline
+from .. import cli_science, runner
 from ..core.scoring import run_predictions
 from .lookup import raw_result_shards
 from .outputs import lookup_summary, materialised, topgo_ensemble
@@ -51,7 +50,7 @@ def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.Mat
     state = LookupState.open(settings, database)
     _ontology(state)
     started = time.perf_counter()
-    raw = pipeline.read_raw_rows(state.config, materialised(state))
+    raw = runner.read_raw_rows(state.config, materialised(state))
     path = run_predictions(state.config.experiment_path, raw, state.config.scoring, state.config.precision)[
         "predictions"
     ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fantasia_assets.progress import Progress, no_progress
+from fantasia_assets.core.progress import Progress, no_progress
 
 from .cache import EmbeddingCache
 from .encoders import EmbeddingError, Encoder, TooLong
