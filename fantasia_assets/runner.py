@@ -23,6 +23,7 @@ from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_que
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
 from .core.references import ReferenceScope, ReferenceSetError
+from .core.scoring import run_predictions
 from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
@@ -362,6 +363,9 @@ def run_lookup(
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        with timed(timings, "predictions"):
+            predicted = run_predictions(root, raw_all, config.scoring, config.precision)
+        entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
             staging.publish(entries)
     base = config.experiment_path
@@ -376,6 +380,7 @@ def run_lookup(
             "skipped queries": base / SKIPPED,
         }
     )
+    outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
     # every partition of the configuration was just published: any other partition folder is stale
     for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
