@@ -22,7 +22,7 @@ from fantasia_assets.errors import FantasiaError
 
 from ..config import LookupConfig, ModelConfig
 from ..progress import Progress, no_progress
-from . import exports
+from . import aggregate, exports
 from .alignment import alignment_metrics
 from .knn import SearchEngine
 from .queries import (
@@ -44,7 +44,7 @@ from .references import (
     SequenceCache,
     fetch_reference_sequences,
 )
-from .summary import summarise, topgo_ensemble, topgo_tables
+from .summary import topgo_tables
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
 log = logging.getLogger(__name__)
@@ -512,26 +512,32 @@ def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.Da
     return exports.write_topgo_dir(partition_paths(config, partition)["topgo"], tables, config.precision)
 
 
-def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
-    """The raw rows of the given partitions, from their Parquet files."""
+def open_raw_rows(config: LookupConfig, partitions: list[Partition]):
+    """DuckDB over the given partitions' raw rows Parquet (view `raw_rows`), spilling under $FANTASIA_HOME/tmp."""
+    from ..paths import fantasia_home
+
     files = [partition_paths(config, p)["raw"] for p in partitions]
     missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise LookupPlanError(f"partitions not computed yet: {', '.join(missing)}")
-    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else pl.DataFrame()
+    if missing or not files:
+        raise LookupPlanError(f"partitions not computed yet: {', '.join(missing) or 'none materialised'}")
+    return aggregate.parquet_connection({aggregate.RAW_ROWS: files}, fantasia_home() / "tmp")
 
 
-def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
-    summary = summarise(raw, config.summary, config.limit_per_entry)
-    path = config.experiment_path / "summary.csv"
-    exports.write_bytes_atomic(path, exports.csv_bytes(summary, config.precision))
-    return path, summary
+def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
+    with open_raw_rows(config, partitions) as rows:
+        return aggregate.write_summary(
+            rows,
+            config.summary,
+            config.limit_per_entry,
+            config.experiment_path / "summary.csv",
+            config.precision,
+        )
 
 
-def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
-    return exports.write_topgo_dir(
-        config.experiment_path / "topgo" / "ensemble", topgo_ensemble(raw), config.precision
-    )
+def write_ensemble(config: LookupConfig, partitions: list[Partition]) -> list[Path]:
+    with open_raw_rows(config, partitions) as rows:
+        tables = aggregate.ensemble_tables(rows)
+    return exports.write_topgo_dir(config.experiment_path / "topgo" / "ensemble", tables, config.precision)
 
 
 def write_sequences(
@@ -690,7 +696,7 @@ def run_lookup(
         if config.topgo:
             write_partition_topgo(config, partition, raw)
         outcome.timings["write partition"] = time.perf_counter() - began
-        raw_frames.append(raw)
+        raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
         reports.append(
             PartitionReport(
                 partition,
@@ -705,14 +711,13 @@ def run_lookup(
             )  # fmt: skip
         )
     started = time.perf_counter()
-    # the frames just written, not re-read from their Parquet files
-    raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
-    summary_path, _ = write_summary(config, raw_all)
+    summary = write_summary(config, partitions)
     timings["summary"] = time.perf_counter() - started
-    outputs = {"summary": summary_path, "raw shards": config.experiment_path / "raw_results"}
+    outputs = {"summary": summary.path, "raw shards": config.experiment_path / "raw_results"}
+    raw_all = pl.concat(raw_frames)
     if config.topgo:
         started = time.perf_counter()
-        write_ensemble(config, raw_all)
+        write_ensemble(config, partitions)
         outputs["TopGO"] = config.experiment_path / "topgo"
         timings["topgo ensemble"] = time.perf_counter() - started
     started = time.perf_counter()

@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from ..core import pipeline
+from ..core import aggregate, pipeline
 from ..core.summary import column_suffix
 from .lookup import raw_result_shards
 from .metadata import best_predictions
@@ -35,13 +35,14 @@ def lookup_summary(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    raw = pipeline.read_raw_rows(state.config, partitions)
-    path, summary = pipeline.write_summary(state.config, raw)
-    fasta, mapping = pipeline.write_sequences(state.config, state.queries, raw, state.engine)
+    summary = pipeline.write_summary(state.config, partitions)
+    with pipeline.open_raw_rows(state.config, partitions) as rows:
+        references, top = aggregate.reference_ids(rows), aggregate.top_predictions(rows, 15)
+    fasta, mapping = pipeline.write_sequences(state.config, state.queries, references, state.engine)
     records = pipeline.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
     keys = [p.key for p in partitions]
-    record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(keys)}, timings)
+    record_lineage(context, lineage, state, {"rows": summary.rows, "partitions": len(keys)}, timings)
     done = {
         k
         for k in context.instance.get_materialized_partitions(raw_result_shards.key)
@@ -54,14 +55,14 @@ def lookup_summary(
     }
     return dg.MaterializeResult(
         metadata={
-            "rows": summary.height,
+            "rows": summary.rows,
             "partitions": dg.MetadataValue.json(keys),
-            "summary": dg.MetadataValue.path(str(path)),
+            "summary": dg.MetadataValue.path(str(summary.path)),
             "sequences": dg.MetadataValue.path(str(fasta)),
             "query_mapping": dg.MetadataValue.path(str(mapping)),
             "skipped_queries": dg.MetadataValue.path(str(records["skipped queries"])),
             "output_names": dg.MetadataValue.path(str(records["output names"])),
-            "best_predictions": dg.MetadataValue.md(best_predictions(raw)),
+            "best_predictions": dg.MetadataValue.md(best_predictions(top)),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -92,7 +93,7 @@ def topgo_ensemble(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    files = pipeline.write_ensemble(state.config, pipeline.read_raw_rows(state.config, partitions))
+    files = pipeline.write_ensemble(state.config, partitions)
     record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
         metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "partitions": len(partitions)}

@@ -43,10 +43,10 @@ def main(config_path: str, mode: str) -> None:
             os.write(descriptor, bytes(data[: len(data) // 2]))
             _die()
 
-        def write_summary(config, raw):
+        def write_summary(config, partitions):
             exports._write_all = half_then_die
             try:
-                return real_write_summary(config, raw)
+                return real_write_summary(config, partitions)
             finally:
                 exports._write_all = real_write_all
 
