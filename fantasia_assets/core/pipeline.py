@@ -22,7 +22,7 @@ from fantasia_assets.errors import FantasiaError
 
 from ..config import LookupConfig, ModelConfig
 from ..progress import Progress, no_progress
-from . import aggregate, exports
+from . import aggregate, exports, lineage
 from .alignment import alignment_metrics
 from .knn import SearchEngine
 from .queries import (
@@ -668,7 +668,7 @@ def run_lookup(
     clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
     timings["redundancy clustering"] = time.perf_counter() - started
     started = time.perf_counter()
-    annotations, _ = AnnotationStore(engine, cache_dir("annotations")).get(
+    annotations, annotation_version = AnnotationStore(engine, cache_dir("annotations")).get(
         reference_scope(config, partitions[0])
     )
     timings["annotations"] = time.perf_counter() - started
@@ -676,7 +676,7 @@ def run_lookup(
     alignments = AlignmentCache(config.store_workers)
     sequences = SequenceCache(engine)
     device = resolve_device(config)
-    reports, raw_frames = [], []
+    reports, raw_frames, fingerprints = [], [], []
     for partition in partitions:
         outcome = search_partition(config, queries, partition, store, clusters, device, progress)
         raw = build_raw_rows(
@@ -696,6 +696,7 @@ def run_lookup(
         if config.topgo:
             write_partition_topgo(config, partition, raw)
         outcome.timings["write partition"] = time.perf_counter() - began
+        fingerprints.append(outcome.matrix.fingerprint)
         raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
         reports.append(
             PartitionReport(
@@ -726,4 +727,25 @@ def run_lookup(
     outputs["query mapping"] = mapping
     outputs.update(write_run_records(config, queries, partitions))
     timings["fasta+mapping"] = time.perf_counter() - started
+    # the lineage rows the assets would write: one per partition's raw rows, one for the summary
+    run_id, config_hash = lineage.new_run_id(), config.fingerprint()
+    rows = [
+        lineage.LineageRow(
+            run_id,
+            "raw_result_shards",
+            f"{exports.model_dir_name(r.partition.model.name)}|{exports.layer_dir_name(r.partition.layer)}",
+            f"{fingerprint}-{annotation_version}",
+            queries.content_hash,
+            config_hash,
+            {"queries": r.n_queries, "neighbours": r.n_hits, "rows": r.n_rows},
+            r.timings,
+            origin="cli",
+        )
+        for r, fingerprint in zip(reports, fingerprints, strict=True)
+    ]
+    counts = {"rows": summary.rows, "partitions": len(partitions)}
+    summary_row = [run_id, "lookup_summary", None, annotation_version, queries.content_hash, config_hash]
+    rows.append(lineage.LineageRow(*summary_row, counts, {"summary": timings["summary"]}, origin="cli"))
+    lineage.record(config.experiment_path / "lineage.duckdb", rows)
+    outputs["lineage"] = config.experiment_path / "lineage.duckdb"
     return LookupResult(config, reports, outputs, timings)

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from ..config import LookupConfig
 from ..core import exports
+from ..core.lineage import CODE_VERSION, LineageRow
 from ..core.pipeline import Partition, QuerySet, model_types, open_queries, plan_partitions, reference_scope
 from ..core.references import annotation_version, reference_fingerprint
 from ..paths import cache_dir
@@ -75,18 +76,26 @@ class LookupState:
 def record_lineage(
     context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None
 ) -> str:
-    """One row of the lineage table for this materialisation; returns the reference version."""
+    """One row of the lineage table for this materialisation; returns the reference version.
+
+    The code version is the asset's `code_version` when it has one, else the package's.
+    """
     reference_version = (
         state.reference_version(partition) if partition is not None else state.annotation_version
     )
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or CODE_VERSION
     lineage.record(
         state.config,
-        run_id=context.run.run_id,
-        asset=context.asset_key.to_user_string(),
-        partition=context.partition_key if context.has_partition_key else None,
-        reference_version=reference_version,
-        query_version=state.queries.content_hash,
-        row_counts=rows,
-        timings=timings,
+        LineageRow(
+            run_id=context.run.run_id,
+            asset=context.asset_key.to_user_string(),
+            partition=context.partition_key if context.has_partition_key else None,
+            reference_version=reference_version,
+            query_version=state.queries.content_hash,
+            config_hash=state.config.fingerprint(),
+            row_counts=rows,
+            timings=timings,
+            code_version=code_version,
+        ),
     )
     return reference_version
