@@ -94,8 +94,6 @@ def summarise(raw: RawRows, spec: SummarySpec, limit_per_entry: int) -> pl.DataF
     return terms.select(ordered).sort(TERM_KEYS).collect()
 
 
-
-
 def topgo_ensemble(raw: RawRows) -> dict[str, pl.DataFrame]:
     """TopGO tables per category, keeping the best RI of each (accession, go_id) over all models and layers.
 
@@ -106,8 +104,6 @@ def topgo_ensemble(raw: RawRows) -> dict[str, pl.DataFrame]:
         category: frame.select(TOPGO_COLUMNS)
         for (category,), frame in best.partition_by("category", as_dict=True, maintain_order=True).items()
     }
-
-
 
 
 def _aggregate(column: SummaryColumn, present: set[str], limit_per_entry: int) -> pl.Expr:

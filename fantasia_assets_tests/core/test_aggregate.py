@@ -175,11 +175,11 @@ def test_partitions_missing_a_column_read_it_as_null(tmp_path: Path) -> None:
 
 
 def test_missing_inputs_are_named(tmp_path: Path) -> None:
-    with pytest.raises(aggregate.RawRowsError, match="gone.parquet"):
-        with aggregate.parquet_connection({"raw_rows": [tmp_path / "gone.parquet"]}, tmp_path):
-            pass
+    gone = aggregate.parquet_connection({"raw_rows": [tmp_path / "gone.parquet"]}, tmp_path)
+    with pytest.raises(aggregate.RawRowsError, match=r"gone\.parquet"), gone:
+        pass
     pl.DataFrame({"accession": ["A"], "go_id": ["GO:1"]}).write_parquet(tmp_path / "thin.parquet")
-    with aggregate.parquet_connection({"raw_rows": [tmp_path / "thin.parquet"]}, tmp_path) as rows:
-        with pytest.raises(aggregate.RawRowsError, match="model_name"):
-            aggregate.summary_batches(rows, SummarySpec.default(), 5)
+    thin = aggregate.parquet_connection({"raw_rows": [tmp_path / "thin.parquet"]}, tmp_path)
+    with thin as rows, pytest.raises(aggregate.RawRowsError, match="model_name"):
+        aggregate.summary_batches(rows, SummarySpec.default(), 5)
     assert not list(tmp_path.glob("duckdb-*"))  # the spill folder goes with the connection
