@@ -12,7 +12,7 @@ alignment metrics are ratios of whole numbers like real identities. The default 
 20,000 queries × 4 partitions × 5 neighbours × 10 terms = 4 M rows.
 
 Each variant runs in a child process of its own, so that its peak RSS (`os.wait4`'s rusage)
-is its own: `before` reads the Parquet into one polars frame and runs the polars `summarise`
+is its own, with its CPU time (all threads): `before` reads the Parquet into one polars frame and runs the polars `summarise`
 kept as the reference of the tests (what the lookup did before), then writes summary.csv with
 the same writer; `after` is `aggregate.write_summary`, DuckDB over the Parquet under a memory
 limit. Both files are compared byte for byte. Medians over `repeats` runs, ratios last.
@@ -166,6 +166,7 @@ def measure(variant: str, files: list[Path], out: Path, limit: int, memory_limit
         raise SystemExit(f"{variant} failed with exit code {process.returncode}")
     result = json.loads(stdout)
     result["peak_gib"] = usage.ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
+    result["cpu"] = usage.ru_utime + usage.ru_stime  # all threads, imports and start-up included
     return result
 
 
@@ -209,7 +210,8 @@ def main() -> None:
                 runs[variant].append(result)
                 digests[variant] = hashlib.sha256(out.read_bytes()).hexdigest()
                 print(
-                    f"  run {repeat + 1} {variant:>6}: {result['seconds']:6.2f} s, peak RSS "
+                    f"  run {repeat + 1} {variant:>6}: {result['seconds']:6.2f} s (process CPU "
+                    f"{result['cpu']:.2f} s), peak RSS "
                     f"{result['peak_gib']:.2f} GiB, {result['rows']:,} summary rows"
                 )
         identical = digests["before"] == digests["after"]
@@ -218,12 +220,17 @@ def main() -> None:
             variant: (
                 statistics.median(r["seconds"] for r in results),
                 statistics.median(r["peak_gib"] for r in results),
+                statistics.median(r["cpu"] for r in results),
             )
             for variant, results in runs.items()
         }
-        for variant, (seconds, peak) in medians.items():
-            print(f"{variant:>6}: median {seconds:.2f} s, median peak RSS {peak:.2f} GiB")
-        (before_s, before_rss), (after_s, after_rss) = medians["before"], medians["after"]
+        for variant, (seconds, peak, cpu) in medians.items():
+            print(f"{variant:>6}: median {seconds:.2f} s, CPU {cpu:.2f} s, peak RSS {peak:.2f} GiB")
+        (before_s, before_rss, before_cpu), (after_s, after_rss, after_cpu) = (
+            medians["before"],
+            medians["after"],
+        )
+        print(f"CPU time: after / before = {after_cpu / before_cpu:.2f}")
         print(f"time: after / before = {after_s / before_s:.2f} (target: after ≤ 3 s)")
         print(f"peak RSS: after / before = {after_rss / before_rss:.2f} (target: after ≤ 2 GiB)")
         if not identical:
