@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test ui install bench-load clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# PIS's model definitions, for the schema tests; without its deps (torch, esm, Bio…)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps protein-information-system==3.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

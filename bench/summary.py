@@ -127,8 +127,7 @@ def write_synthetic(
 
 def _before(files: list[Path], out: Path, limit: int) -> int:
     from fantasia_assets.core import exports
-    from fantasia_assets.core.summary import SummarySpec
-    from fantasia_assets_tests.core.polars_reference import summarise
+    from fantasia_assets.core.summary import SummarySpec, summarise
 
     raw = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
     summary = summarise(raw, SummarySpec.default(), limit)

@@ -70,6 +70,7 @@ class LookupConfig:
     keep_sequences: bool = False
     alignment: bool = True
     store_workers: int = 4
+    fantasia_compat: bool = False  # FANTASIA 4.1.1's output conventions (core/compat.py)
     summary: SummarySpec = field(default_factory=SummarySpec.default)
 
     def enabled_models(self) -> tuple[ModelConfig, ...]:
@@ -321,7 +322,9 @@ def parse_config(raw: Any) -> LookupConfig:
     redundancy = lookup.get("redundancy") or {}
     _check_keys(redundancy, {"identity", "coverage", "threads"}, "lookup.redundancy")
     post = raw.get("postprocess") or {}
-    _check_keys(post, {"keep_sequences", "alignment", "store_workers", "summary"}, "postprocess")
+    _check_keys(
+        post, {"keep_sequences", "alignment", "store_workers", "summary", "fantasia_compat"}, "postprocess"
+    )
 
     def pick(name: str, default: int, minimum: int) -> int:
         top = _int(raw[name], name, minimum) if name in raw else default
@@ -352,6 +355,7 @@ def parse_config(raw: Any) -> LookupConfig:
         keep_sequences=_bool(post.get("keep_sequences", False), "postprocess.keep_sequences"),
         alignment=_bool(post.get("alignment", True), "postprocess.alignment"),
         store_workers=_int(post.get("store_workers", 4), "postprocess.store_workers", 1),
+        fantasia_compat=_bool(post.get("fantasia_compat", False), "postprocess.fantasia_compat"),
         summary=_summary(post.get("summary")),
     )
 

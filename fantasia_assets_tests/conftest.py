@@ -70,11 +70,11 @@ def database_url(pg_server, monkeypatch):
 
 @pytest.fixture()
 def engine(database_url):
-    """An engine on the fresh database, with the reference schema created."""
-    from fantasia_assets.db import ensure_schema, get_engine
+    """An engine on the fresh database, migrated to the current schema."""
+    from fantasia_assets.db import get_engine, schema_ready
 
     engine = get_engine(database_url)
-    ensure_schema(engine)
+    schema_ready(engine)
     return engine
 
 

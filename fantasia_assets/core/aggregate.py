@@ -6,8 +6,8 @@ spilling to a private scratch folder, and streams the result to the output file,
 memory a summary needs no longer grows with the raw rows. `parquet_connection` is the entry
 point for any run-wide SQL (the evaluation reads predictions through it too).
 
-The results are those of the polars implementation this replaced (`fantasia_assets_tests/
-core/polars_reference.py`; a property test holds the two together), with every order of
+The results are those of the polars implementation this replaced (`core.summary.summarise`,
+still used by the FANTASIA-compatible mode; a property test holds the two together), with every order of
 evaluation that SQL and parallel engines leave free fixed, so that a re-run is identical:
 
 - **weighted scores** add up as a balanced tree (first half, then second half, recursively),

@@ -1,9 +1,12 @@
-"""Scoring GO transfers: the summary's column plan, and TopGO tables of one partition.
+"""Scoring GO transfers: raw neighbour rows → a wide summary per (accession, GO term), and TopGO tables.
 
-`SummarySpec` turns the `postprocess.summary` block (SPEC §2.3) into the score columns of
-`summary.csv` (SPEC §4.2); `core.aggregate` computes them over every partition in DuckDB.
-`topgo_tables` builds one partition's TopGO tables (SPEC §4.3) from its raw rows in memory,
-as a polars DataFrame or LazyFrame.
+Input is the raw result table of SPEC §4.1 (one row per query accession × neighbour × GO term,
+all models and layers together), as a polars DataFrame or LazyFrame. Outputs follow SPEC §4.2
+(`summary.csv`) and §4.3 (TopGO). Everything is grouped and joined by polars; the only Python
+loops run over summary columns and (model, layer) partitions, never over rows. The run-wide
+summary and ensemble are computed out of core by `core.aggregate` (DuckDB over the partitions'
+Parquet); `summarise` and `topgo_ensemble` serve the FANTASIA-compatible mode and are the
+reference the DuckDB results are tested against.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 
 import polars as pl
+
+from .values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +30,12 @@ TOPGO_COLUMNS = ("accession", "go_id", "reliability_index")
 COUNT = "count"
 FINAL_SCORE = "final_score"
 
-# Aggregation word as the user writes it → the aggregation computed. "avg" is the original's synonym
-# of mean; the output keeps the user's word (`avg_id_g`) so a configured column name is never renamed.
+# Aggregation word as the user writes it → polars method. "avg" is the original's synonym of mean;
+# the output keeps the user's word (`avg_id_g`) so a configured column name is never renamed.
 AGGREGATIONS = {"min": "min", "max": "max", "mean": "mean", "avg": "mean"}
 _AGG_SYNONYM = {"avg": "mean", "mean": "avg"}
 
+_SUMMARY_REQUIRED = (*TERM_KEYS, *PARTITION_KEYS, "category", "go_description", "protein_id")
 _TOPGO_REQUIRED = (*TERM_KEYS, *PARTITION_KEYS, "category", "reliability_index")
 
 
@@ -74,7 +79,7 @@ class SummarySpec:
             values = weight.items() if isinstance(weight, Mapping) else [(None, weight)]
             for agg, value in values:
                 where = f"postprocess.summary.weights.{key}" + (f".{agg}" if agg else "")
-                if not _is_number(value) or value < 0:
+                if not is_number(value) or value < 0:
                     raise ValueError(f"{where}: a weight must be a number ≥ 0, got {value!r}")
 
     @classmethod
@@ -149,6 +154,73 @@ def column_suffix(model_name: str, layer_index: int | None) -> str:
     return f"{model_name}_L{'legacy' if layer_index is None else layer_index}"
 
 
+def summarise(raw: RawRows, spec: SummarySpec, limit_per_entry: int) -> pl.DataFrame:
+    """The wide summary of SPEC §4.2, one row per (accession, go_id), sorted by both.
+
+    Columns: accession, go_id, category, go_description; then for each (model, layer), sorted by
+    model name then layer (legacy last), the spec's score columns, weighted columns and
+    final_score suffixed `_{model}_L{layer}`; then term_count (raw rows over all partitions) and
+    proteins (distinct protein ids, sorted, joined by '|'). A term absent from a partition has
+    nulls in that partition's columns. Metrics whose raw column is absent (alignment off) are null
+    and count 0 in the score. `count` is rows / limit_per_entry.
+    """
+    if limit_per_entry < 1:
+        raise ValueError(f"limit_per_entry must be ≥ 1 to normalise counts, got {limit_per_entry}")
+    rows = raw.lazy()
+    present = set(_require(rows, _SUMMARY_REQUIRED, "summary"))
+    columns = spec.columns()
+    weighted = [c for c in columns if c.weight is not None]
+
+    scores = (
+        rows.group_by(*TERM_KEYS, *PARTITION_KEYS)
+        .agg(_aggregate(c, present, limit_per_entry).alias(c.name) for c in columns)
+        .with_columns(
+            (pl.col(c.name).fill_null(0.0) * c.weight).alias(spec.weighted_prefix + c.name) for c in weighted
+        )
+        .with_columns(pl.sum_horizontal(spec.weighted_prefix + c.name for c in weighted).alias(FINAL_SCORE))
+        .collect()
+    )
+    score_names = [
+        *(c.name for c in columns),
+        *(spec.weighted_prefix + c.name for c in weighted),
+        FINAL_SCORE,
+    ]
+
+    # Filtering, sorting and joining inside the group_by would run per group, which is several
+    # times slower on millions of small groups; list kernels after it run over all groups at once.
+    terms = (
+        rows.group_by(*TERM_KEYS)
+        .agg(
+            pl.col("category").first(ignore_nulls=True),
+            pl.col("go_description").first(ignore_nulls=True),
+            pl.len().alias("term_count"),
+            pl.col("protein_id").unique().alias("proteins"),
+        )
+        .with_columns(pl.col("proteins").list.drop_nulls().list.sort().list.join("|"))
+    )
+
+    partitions = scores.select(PARTITION_KEYS).unique().sort(PARTITION_KEYS, nulls_last=True)
+    wide_names: list[str] = []
+    for model_name, layer_index in partitions.iter_rows():
+        suffix = column_suffix(model_name, layer_index)
+        renamed = {name: f"{name}_{suffix}" for name in score_names}
+        partition = scores.lazy().filter(
+            pl.col("model_name") == model_name, pl.col("layer_index").eq_missing(layer_index)
+        )
+        terms = terms.join(
+            partition.select(*TERM_KEYS, *(pl.col(n).alias(w) for n, w in renamed.items())),
+            on=list(TERM_KEYS),
+            how="left",
+        )
+        wide_names.extend(renamed.values())
+
+    ordered = [*TERM_KEYS, "category", "go_description", *wide_names, "term_count", "proteins"]
+    if len(set(ordered)) != len(ordered):
+        clashes = sorted({n for n in ordered if ordered.count(n) > 1})
+        raise ValueError(f"summary columns {clashes} collide between model names; rename a model or an alias")
+    return terms.select(ordered).sort(TERM_KEYS).collect()
+
+
 def topgo_tables(raw: RawRows) -> dict[tuple[str, int | None, str], pl.DataFrame]:
     """TopGO tables per (model_name, layer_index, category) (SPEC §4.3).
 
@@ -167,6 +239,18 @@ def topgo_tables(raw: RawRows) -> dict[tuple[str, int | None, str], pl.DataFrame
     }
 
 
+def topgo_ensemble(raw: RawRows) -> dict[str, pl.DataFrame]:
+    """TopGO tables per category, keeping the best RI of each (accession, go_id) over all models and layers.
+
+    Frames have accession, go_id, reliability_index, sorted by accession then go_id; keys sorted.
+    """
+    best = _best_reliability(raw, ["category"]).sort(["category", *TERM_KEYS])
+    return {
+        category: frame.select(TOPGO_COLUMNS)
+        for (category,), frame in best.partition_by("category", as_dict=True, maintain_order=True).items()
+    }
+
+
 def _best_reliability(raw: RawRows, keys: list[str]) -> pl.DataFrame:
     rows = raw.lazy()
     _require(rows, _TOPGO_REQUIRED, "TopGO")
@@ -176,6 +260,16 @@ def _best_reliability(raw: RawRows, keys: list[str]) -> pl.DataFrame:
         .agg(pl.col("reliability_index").max())
         .collect()
     )
+
+
+def _aggregate(column: SummaryColumn, present: set[str], limit_per_entry: int) -> pl.Expr:
+    if column.agg is None:
+        return pl.len() / limit_per_entry
+    if column.metric not in present:
+        # Alignment off: the metric columns are not written at all; the score treats them as 0.
+        return pl.lit(None, dtype=pl.Float64)
+    values = pl.col(column.metric).cast(pl.Float64)
+    return getattr(values, AGGREGATIONS[column.agg])()
 
 
 def _lookup_weight(
@@ -189,7 +283,7 @@ def _lookup_weight(
     """
     full_names = [name] + ([f"{agg}_{keys[0]}"] if agg is not None else [])
     for key in full_names + list(keys):
-        if _is_number(weights.get(key)):
+        if is_number(weights.get(key)):
             return float(weights[key])
     if agg is None:
         return None
@@ -197,13 +291,9 @@ def _lookup_weight(
         by_agg = weights.get(key)
         if isinstance(by_agg, Mapping):
             for word in (agg, _AGG_SYNONYM.get(agg)):
-                if _is_number(by_agg.get(word)):
+                if is_number(by_agg.get(word)):
                     return float(by_agg[word])
     return None
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _require(rows: pl.LazyFrame, required: Sequence[str], purpose: str) -> list[str]:

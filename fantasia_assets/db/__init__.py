@@ -1,6 +1,6 @@
-"""Reference database: models, engine (external URL or embedded server), schema, loaders."""
+"""Reference database: models, engine (external URL or embedded server), migrations, loaders."""
 
 from .engine import database_url, get_engine, redacted
-from .schema import ensure_schema
+from .migrate import schema_ready
 
-__all__ = ["database_url", "ensure_schema", "get_engine", "redacted"]
+__all__ = ["database_url", "get_engine", "redacted", "schema_ready"]

@@ -4,7 +4,9 @@ import time
 
 import dagster as dg
 
-from ..core import aggregate, pipeline
+from .. import runner
+from ..core import aggregate
+from ..core.plan import Partition
 from ..core.summary import column_suffix
 from .lookup import raw_result_shards
 from .metadata import best_predictions
@@ -12,9 +14,9 @@ from .partitions import LookupState, partition_key, record_lineage
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 
-def materialised(state: LookupState) -> list[pipeline.Partition]:
+def materialised(state: LookupState) -> list[Partition]:
     """Current partitions whose raw rows exist on disk."""
-    return [p for p in state.partitions.values() if pipeline.partition_paths(state.config, p)["raw"].exists()]
+    return [p for p in state.partitions.values() if runner.partition_paths(state.config, p)["raw"].exists()]
 
 
 @dg.asset(
@@ -35,11 +37,11 @@ def lookup_summary(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    summary = pipeline.write_summary(state.config, partitions)
-    with pipeline.open_raw_rows(state.config, partitions) as rows:
+    summary = runner.write_summary(state.config, partitions)
+    with runner.open_raw_rows(state.config, partitions) as rows:
         references, top = aggregate.reference_ids(rows), aggregate.top_predictions(rows, 15)
-    fasta, mapping = pipeline.write_sequences(state.config, state.queries, references, state.engine)
-    records = pipeline.write_run_records(state.config, state.queries, list(state.partitions.values()))
+    fasta, mapping = runner.write_sequences(state.config, state.queries, references, state.engine)
+    records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
     keys = [p.key for p in partitions]
     record_lineage(context, lineage, state, {"rows": summary.rows, "partitions": len(keys)}, timings)
@@ -93,7 +95,7 @@ def topgo_ensemble(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    files = pipeline.write_ensemble(state.config, partitions)
+    files = runner.write_ensemble(state.config, partitions)
     record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
         metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "partitions": len(partitions)}

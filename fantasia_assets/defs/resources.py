@@ -42,10 +42,10 @@ class ReferenceDatabase(dg.ConfigurableResource):
     )
 
     def engine(self) -> Engine:
-        from ..db import ensure_schema, get_engine
+        from ..db import get_engine, schema_ready
 
         engine = get_engine(self.url) if self.url else get_engine()
-        ensure_schema(engine)
+        schema_ready(engine)  # migrates on the first call of the process only
         return engine
 
     def label(self) -> str:
@@ -60,11 +60,9 @@ class ComputeDevice(dg.ConfigurableResource):
     use_gpu: bool = True
 
     def device(self, config: LookupConfig) -> str:
-        if not (self.use_gpu and config.use_gpu and config.backend == "torch"):
-            return "cpu"
-        import torch
+        from ..core.device import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(config.backend, use_gpu=self.use_gpu and config.use_gpu)
 
 
 class MMseqs(dg.ConfigurableResource):

@@ -17,8 +17,7 @@ import polars as pl
 import pytest
 
 from fantasia_assets.core import aggregate, exports
-from fantasia_assets.core.summary import SummarySpec
-from fantasia_assets_tests.core.polars_reference import summarise, topgo_ensemble
+from fantasia_assets.core.summary import SummarySpec, summarise, topgo_ensemble
 
 MODELS = ["ProtT5", "ESM/2 x|y", "a,b", 'quote"d']
 METRICS = {"reliability_index": "ri", "identity": "id_g", "identity_sw": "id_l", "distance": "d"}

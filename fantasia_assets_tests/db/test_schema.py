@@ -2,7 +2,7 @@
 
 import sqlalchemy as sa
 
-from fantasia_assets.db import ensure_schema
+from fantasia_assets.db import schema_ready
 
 
 def _columns(conn, table):
@@ -52,8 +52,8 @@ def test_schema_and_extension_created(engine):
 def test_schema_creation_is_idempotent(engine):
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO go_terms VALUES ('GO:0000001', 'P', 'kept')"))
-    ensure_schema(engine)
-    ensure_schema(engine)
+    schema_ready(engine)
+    schema_ready(engine)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT description FROM go_terms")).scalar() == "kept"
 

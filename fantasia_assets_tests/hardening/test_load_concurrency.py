@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from fantasia_assets.db import ensure_schema
+from fantasia_assets.db import schema_ready
 from fantasia_assets.db.engine import normalise_url
 from fantasia_assets.db.loader import LOAD_LOCK, load_references
 from fantasia_assets.sample import SAMPLE_DIR, SAMPLE_MODELS
@@ -81,7 +81,7 @@ def serial_counts(pg_server):
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     engine = sa.create_engine(base.set(database=name))
     try:
-        ensure_schema(engine)
+        schema_ready(engine)
         out = {}
         for model in ("NEAR", "AntiBERTy"):
             load_references(engine, **FILES, embeddings=SAMPLE_DIR / H5[model], model=model)

@@ -1,0 +1,71 @@
+"""`fantasia-assets db upgrade|current|check`: the reference database's schema revision."""
+
+from __future__ import annotations
+
+_WHICH = (
+    "The reference database is FANTASIA_DATABASE_URL, or the embedded server under "
+    "$FANTASIA_HOME/pg. Every command that uses the database upgrades it on first use as well; "
+    "these commands do it, or look, on their own."
+)
+
+
+def add_db_parser(commands) -> None:
+    parser = commands.add_parser(
+        "db",
+        help="the reference database's schema: upgrade it, show its revision, check it",
+        description="Schema migrations of the reference database (Alembic). " + _WHICH,
+    )
+    actions = parser.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    actions.add_parser(
+        "upgrade",
+        help="apply every pending migration (safe to run at any time, and concurrently)",
+        description="Bring the schema to this version's revision, in one transaction, keeping every "
+        "row. A database made before migrations existed, or a FANTASIA (PIS 3.1.2) database, is "
+        "recognised and upgraded in place. " + _WHICH,
+    )
+    actions.add_parser(
+        "current",
+        help="print the database's schema revision and this version's",
+        description="Print the revision the database is at and the one this version expects. " + _WHICH,
+    )
+    actions.add_parser(
+        "check",
+        help="compare the database's tables with the models; exit 1 when they differ",
+        description="Compare every column, type, default, NOT NULL, constraint and index of the "
+        "shared tables with the models (which are PIS 3.1.2's), and the revision with this "
+        "version's. Prints each difference; exits 1 when there is one. " + _WHICH,
+    )
+
+
+def run_db(args, progress) -> int:
+    from .db import get_engine, migrate, redacted
+
+    engine = get_engine()
+    print(f"reference database: {redacted(engine.url)}")
+    head = migrate.head_revision()
+    if args.db_command == "upgrade":
+        before, after = migrate.upgrade(engine)
+        if before == after:
+            print(f"schema already at revision {after} (current)")
+        else:
+            print(f"schema upgraded: {before or 'unversioned'} -> {after}")
+        return 0
+    if args.db_command == "current":
+        with engine.connect() as conn:
+            current = migrate.current_revision(conn)
+        if current == head:
+            state = "current"
+        elif current is None:
+            state = f"never migrated; this version expects {head}: run `fantasia-assets db upgrade`"
+        else:
+            state = f"this version expects {head}: run `fantasia-assets db upgrade`"
+        print(f"revision: {current or 'none'} ({state})")
+        return 0
+    problems = migrate.check(engine)
+    if not problems:
+        print(f"schema matches the models (revision {head})")
+        return 0
+    print(f"schema differs from the models ({len(problems)}):")
+    for problem in problems:
+        print(f"  {problem}")
+    return 1

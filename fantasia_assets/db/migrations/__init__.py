@@ -1,0 +1,1 @@
+"""Alembic migrations of the reference schema, shipped in the package (run by `db.migrate`)."""
