@@ -8,9 +8,11 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import polars as pl
 from sqlalchemy.engine import Engine
 
@@ -194,7 +196,9 @@ def scratch_dir() -> Path:
     return fantasia_home() / "tmp"
 
 
-def open_raw_rows(config: LookupConfig, partitions: list[Partition]):
+def open_raw_rows(
+    config: LookupConfig, partitions: list[Partition]
+) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
     """DuckDB over the partitions' raw rows (view `raw_rows`) under the memory limit of `core.aggregate`."""
     return writers.open_raw_rows(config.experiment_path, partitions, scratch_dir())
 

@@ -56,6 +56,8 @@ ROW_ORDER = "row_order"
 # DuckDB's own buffers; Python holds one output batch besides. Measured by bench/summary.py.
 MEMORY_LIMIT = "1GB"
 BATCH_ROWS = 100_000
+# Kahan steps written out as projections; a group with more values takes the (slower) list_reduce
+_UNROLLED = 8
 
 _SUMMARY_REQUIRED = (*TERM_KEYS, *PARTITION_KEYS, "category", "go_description", "protein_id")
 _TOPGO_REQUIRED = (*TERM_KEYS, "category", "reliability_index")
@@ -334,9 +336,6 @@ def _summary_query(
         ORDER BY t.accession NULLS FIRST, t.go_id NULLS FIRST
     """
     return query, params
-
-
-_UNROLLED = 8
 
 
 def _max_ignoring_nan(value: str) -> str:

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import duckdb
 import polars as pl
 
 from . import aggregate, compat, exports
@@ -83,7 +85,9 @@ def raw_row_files(root: Path, partitions: list[Partition]) -> list[Path]:
     return files
 
 
-def open_raw_rows(root: Path, partitions: list[Partition], scratch: Path):
+def open_raw_rows(
+    root: Path, partitions: list[Partition], scratch: Path
+) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
     """DuckDB over the partitions' raw rows (view `raw_rows`, `core.aggregate`), spilling under `scratch`."""
     return aggregate.parquet_connection({aggregate.RAW_ROWS: raw_row_files(root, partitions)}, scratch)
 
