@@ -15,7 +15,8 @@ Each variant runs in a child process of its own, so that its peak RSS (`os.wait4
 is its own, with its CPU time (all threads): `before` reads the Parquet into one polars frame and runs the polars `summarise`
 kept as the reference of the tests (what the lookup did before), then writes summary.csv with
 the same writer; `after` is `aggregate.write_summary`, DuckDB over the Parquet under a memory
-limit. Both files are compared byte for byte. Medians over `repeats` runs, ratios last.
+limit. The two files are compared line by line: they may differ only where a mean sits exactly
+on a rounding tie, as `core/aggregate.py` explains. Medians over `repeats` runs, ratios last.
 Target: after ≤ 3 s and ≤ 2 GiB peak RSS.
 """
 
