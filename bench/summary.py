@@ -226,7 +226,7 @@ def main() -> None:
         )
         print(
             f"summary.csv byte-identical: {digests['before'] == digests['after']} ({differ} of "
-            f"{len(before_lines) - 1:,} lines differ, {fields} fields: a mean on a rounding tie, see "
+            f"{len(before_lines) - 2:,} data lines differ, {fields} fields: a mean on a rounding tie, see "
             "core/aggregate.py)"
         )
         medians = {
