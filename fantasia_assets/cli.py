@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="GO function transfer by nearest neighbours in protein embedding space.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages; show the traceback of an error"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_load_parser(commands)
     _add_lookup_parser(commands)
@@ -126,10 +129,11 @@ def _load(args, progress) -> int:
 
 def _lookup(args, progress) -> int:
     from .config import load_config
+
+    config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .db import get_engine, schema_ready
     from .runner import run_lookup
 
-    config = load_config(args.config)
     schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
     result = run_lookup(config, progress=progress)
     progress.end_line()
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from .errors import FantasiaError
+    from .paths import clear_stale_temporaries
     from .progress import terminal_progress
 
     handlers = {
@@ -227,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     progress = terminal_progress()
     try:
+        clear_stale_temporaries()
         return handlers[args.command](args, progress)
     except FantasiaError as exc:
         # every user-facing error, database-driver errors included (translated by db/)
         progress.end_line()
+        if args.verbose:
+            traceback.print_exc()
         _print_error(str(exc))
         return exc.exit_code
     finally:

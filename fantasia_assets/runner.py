@@ -30,6 +30,7 @@ from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
+from .core.stale import remove_stale_partitions
 from .core.timing import timed
 from .db.engine import get_engine
 from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
@@ -70,6 +71,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
         limit_per_entry=config.limit_per_entry,
         batch_size=config.batch_size,
         tie_expansion=config.tie_expansion,
+        screening=config.screening,
     )
 
 
@@ -380,6 +382,9 @@ def run_lookup(
             "skipped queries": base / SKIPPED,
         }
     )
+    # every partition of the configuration was just published: any other partition folder is stale
+    for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
+        outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings)
 
 
