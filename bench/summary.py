@@ -140,7 +140,7 @@ def _after(files: list[Path], out: Path, limit: int, memory_limit: str) -> int:
     from fantasia_assets.core import aggregate
     from fantasia_assets.core.summary import SummarySpec
 
-    with aggregate.parquet_connection({"raw_rows": files}, out.parent / "scratch", memory_limit) as rows:
+    with aggregate.parquet_connection({"raw_rows": files}, out.parent / "spill", memory_limit) as rows:
         return aggregate.write_summary(rows, SummarySpec.default(), limit, out, 4).rows
 
 

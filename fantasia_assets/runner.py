@@ -8,7 +8,8 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from .core.timing import timed
 from .db.engine import get_engine
 from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
-from .paths import cache_dir, fantasia_home
+from .paths import cache_dir, temporary_file
 
 # ---------------------------------------------------------------------------------------------
 # configuration → plain values
@@ -193,32 +194,33 @@ def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.Da
     )
 
 
-def scratch_dir() -> Path:
-    """Where DuckDB spills: `$FANTASIA_HOME/tmp` (each connection takes a folder of its own there)."""
-    return fantasia_home() / "tmp"
-
-
-def open_raw_rows(
-    config: LookupConfig, partitions: list[Partition]
-) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-    """DuckDB over the partitions' raw rows (view `raw_rows`) under the memory limit of `core.aggregate`."""
-    return writers.open_raw_rows(config.experiment_path, partitions, scratch_dir())
+@contextmanager
+def open_raw_rows(config: LookupConfig, partitions: list[Partition]) -> Iterator[duckdb.DuckDBPyConnection]:
+    """DuckDB over the partitions' raw rows (view `raw_rows`) under the memory limit of
+    `core.aggregate`, spilling to a scratch folder under $FANTASIA_HOME/tmp (`paths`)."""
+    with (
+        temporary_file("-duckdb") as spill,
+        writers.open_raw_rows(config.experiment_path, partitions, spill) as rows,
+    ):
+        yield rows
 
 
 def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
-    return writers.write_summary(
-        config.experiment_path,
-        partitions,
-        config.summary,
-        config.limit_per_entry,
-        config.precision,
-        scratch_dir(),
-        config.fantasia_compat,
-    )
+    with temporary_file("-duckdb") as spill:
+        return writers.write_summary(
+            config.experiment_path,
+            partitions,
+            config.summary,
+            config.limit_per_entry,
+            config.precision,
+            spill,
+            config.fantasia_compat,
+        )
 
 
 def write_ensemble(config: LookupConfig, partitions: list[Partition]) -> list[Path]:
-    return writers.write_ensemble(config.experiment_path, partitions, config.precision, scratch_dir())
+    with temporary_file("-duckdb") as spill:
+        return writers.write_ensemble(config.experiment_path, partitions, config.precision, spill)
 
 
 def reference_sequences_of(raw: pl.DataFrame, sequences: SequenceCache) -> dict[int, str]:
@@ -343,19 +345,19 @@ def run_lookup(
                 )
             )
         raw_all = pl.concat(raw_frames)
-        with timed(timings, "summary"):
+        with timed(timings, "summary"), temporary_file("-duckdb") as spill:
             summary = writers.write_summary(
                 root,
                 partitions,
                 config.summary,
                 config.limit_per_entry,
                 config.precision,
-                scratch_dir(),
+                spill,
                 config.fantasia_compat,
             )
         if config.topgo:
-            with timed(timings, "topgo ensemble"):
-                writers.write_ensemble(root, partitions, config.precision, scratch_dir())
+            with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
+                writers.write_ensemble(root, partitions, config.precision, spill)
         with timed(timings, "fasta+mapping"):
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)

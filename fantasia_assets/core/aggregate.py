@@ -28,7 +28,6 @@ the output is sorted on unique keys: nothing depends on thread scheduling.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ class SummaryFile:
 @contextmanager
 def parquet_connection(
     views: Mapping[str, Sequence[Path]],
-    scratch: Path,
+    spill: Path,
     memory_limit: str = MEMORY_LIMIT,
     threads: int | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -87,8 +86,9 @@ def parquet_connection(
 
     Files are read in the order given, their columns unified by name (a column missing from
     one file reads as null there); each view adds `row_order`, a BIGINT that orders rows by
-    file then by row within the file. DuckDB keeps to `memory_limit` and spills to a fresh
-    folder under `scratch`, removed on exit, so concurrent runs never share spill files.
+    file then by row within the file. DuckDB keeps to `memory_limit` and spills to the folder
+    `spill`, which must not exist yet (so that concurrent runs never share spill files): it is
+    created here and removed on exit.
     """
     for name, files in views.items():
         if not files:
@@ -96,8 +96,7 @@ def parquet_connection(
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise RawRowsError(f"{name}: Parquet files missing: {', '.join(missing)}")
-    scratch.mkdir(parents=True, exist_ok=True)
-    spill = Path(tempfile.mkdtemp(prefix="duckdb-", dir=scratch))
+    spill.mkdir(parents=True)
     settings = {"memory_limit": memory_limit, "temp_directory": str(spill)}
     if threads is not None:
         settings["threads"] = threads

@@ -86,10 +86,10 @@ def raw_row_files(root: Path, partitions: list[Partition]) -> list[Path]:
 
 
 def open_raw_rows(
-    root: Path, partitions: list[Partition], scratch: Path
+    root: Path, partitions: list[Partition], spill: Path
 ) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-    """DuckDB over the partitions' raw rows (view `raw_rows`, `core.aggregate`), spilling under `scratch`."""
-    return aggregate.parquet_connection({aggregate.RAW_ROWS: raw_row_files(root, partitions)}, scratch)
+    """DuckDB over the partitions' raw rows (view `raw_rows`, `core.aggregate`), spilling to `spill`."""
+    return aggregate.parquet_connection({aggregate.RAW_ROWS: raw_row_files(root, partitions)}, spill)
 
 
 def write_summary(
@@ -98,7 +98,7 @@ def write_summary(
     spec: SummarySpec,
     limit_per_entry: int,
     precision: int,
-    scratch: Path,
+    spill: Path,
     fantasia_compat: bool = False,
 ) -> aggregate.SummaryFile:
     """summary.csv over the partitions' raw rows: DuckDB out of core, or FANTASIA's arithmetic."""
@@ -107,12 +107,12 @@ def write_summary(
         summary = compat.summary(read_raw_rows(root, partitions), spec, limit_per_entry, precision)
         exports.write_bytes_atomic(path, exports.csv_bytes(summary, precision))
         return aggregate.SummaryFile(path, summary.height, tuple(summary.columns))
-    with open_raw_rows(root, partitions, scratch) as rows:
+    with open_raw_rows(root, partitions, spill) as rows:
         return aggregate.write_summary(rows, spec, limit_per_entry, path, precision)
 
 
-def write_ensemble(root: Path, partitions: list[Partition], precision: int, scratch: Path) -> list[Path]:
-    with open_raw_rows(root, partitions, scratch) as rows:
+def write_ensemble(root: Path, partitions: list[Partition], precision: int, spill: Path) -> list[Path]:
+    with open_raw_rows(root, partitions, spill) as rows:
         tables = aggregate.ensemble_tables(rows)
     return exports.write_topgo_dir(root / ENSEMBLE, tables, precision)
 

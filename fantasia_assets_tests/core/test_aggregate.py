@@ -98,7 +98,7 @@ def _spec(rng: random.Random) -> SummarySpec:
 
 
 def _duckdb(files: list[Path], folder: Path, spec: SummarySpec, limit: int):
-    with aggregate.parquet_connection({"raw_rows": files}, folder) as rows:
+    with aggregate.parquet_connection({"raw_rows": files}, folder / "spill") as rows:
         names, batches = aggregate.summary_batches(rows, spec, limit)
         frames = list(batches)
         ensemble = aggregate.ensemble_tables(rows)
@@ -174,11 +174,11 @@ def test_partitions_missing_a_column_read_it_as_null(tmp_path: Path) -> None:
 
 
 def test_missing_inputs_are_named(tmp_path: Path) -> None:
-    gone = aggregate.parquet_connection({"raw_rows": [tmp_path / "gone.parquet"]}, tmp_path)
+    gone = aggregate.parquet_connection({"raw_rows": [tmp_path / "gone.parquet"]}, tmp_path / "spill")
     with pytest.raises(aggregate.RawRowsError, match=r"gone\.parquet"), gone:
         pass
     pl.DataFrame({"accession": ["A"], "go_id": ["GO:1"]}).write_parquet(tmp_path / "thin.parquet")
-    thin = aggregate.parquet_connection({"raw_rows": [tmp_path / "thin.parquet"]}, tmp_path)
+    thin = aggregate.parquet_connection({"raw_rows": [tmp_path / "thin.parquet"]}, tmp_path / "spill")
     with thin as rows, pytest.raises(aggregate.RawRowsError, match="model_name"):
         aggregate.summary_batches(rows, SummarySpec.default(), 5)
-    assert not list(tmp_path.glob("duckdb-*"))  # the spill folder goes with the connection
+    assert not (tmp_path / "spill").exists()  # the spill folder goes with the connection

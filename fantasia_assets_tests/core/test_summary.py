@@ -89,7 +89,7 @@ def summarise(raw: pl.DataFrame | pl.LazyFrame, spec: SummarySpec, limit_per_ent
     """The DuckDB summary of `raw`, written as partitions, gathered into one frame."""
     with tempfile.TemporaryDirectory() as folder:
         files = partition_files(raw, Path(folder))
-        with aggregate.parquet_connection({"raw_rows": files}, Path(folder)) as rows:
+        with aggregate.parquet_connection({"raw_rows": files}, Path(folder) / "spill") as rows:
             names, batches = aggregate.summary_batches(rows, spec, limit_per_entry)
             frames = list(batches)
     return pl.concat(frames) if frames else pl.DataFrame(schema=dict.fromkeys(names, pl.String))
@@ -98,7 +98,7 @@ def summarise(raw: pl.DataFrame | pl.LazyFrame, spec: SummarySpec, limit_per_ent
 def topgo_ensemble(raw: pl.DataFrame | pl.LazyFrame) -> dict[str, pl.DataFrame]:
     with tempfile.TemporaryDirectory() as folder:
         files = partition_files(raw, Path(folder))
-        with aggregate.parquet_connection({"raw_rows": files}, Path(folder)) as rows:
+        with aggregate.parquet_connection({"raw_rows": files}, Path(folder) / "spill") as rows:
             return aggregate.ensemble_tables(rows)
 
 
