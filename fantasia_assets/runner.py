@@ -43,9 +43,12 @@ from .paths import cache_dir, temporary_file
 
 
 def model_specs(config: LookupConfig) -> list[ModelSpec]:
-    """The enabled models as the plan sees them."""
+    """The enabled models as the plan sees them. With a FASTA query file, only those that embed it:
+    the others have no vectors there, and were named in a warning when it was embedded."""
     return [
-        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index) for m in config.enabled_models()
+        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index)
+        for m in config.enabled_models()
+        if config.query_fasta is None or m.embed_with
     ]
 
 
@@ -78,7 +81,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
 
 def raw_row_settings(config: LookupConfig) -> RawRowSettings:
     return RawRowSettings(
-        config.distance_metric, config.keep_sequences, config.alignment, config.store_workers
+        config.distance_metric, config.keep_sequences, config.alignment, config.alignment_threads
     )
 
 
@@ -93,8 +96,12 @@ def redundancy_clusters(
     partitions: list[Partition],
     cache: Path,
     progress: Progress = no_progress,
+    binary: str | None = None,
 ) -> dict[str, str] | None:
-    """MMseqs2 clusters of every reference and query sequence, or None when masking is off."""
+    """MMseqs2 clusters of every reference and query sequence, or None when masking is off.
+
+    `binary`: the MMseqs2 executable (the Dagster `mmseqs` resource's; default: found as
+    `redundancy.mmseqs_binary` says)."""
     if config.redundancy.identity <= 0 or not partitions:
         return None
     include, exclude = config.taxonomy.resolve()
@@ -107,6 +114,7 @@ def redundancy_clusters(
         threads=config.redundancy.threads,
         cache_dir=cache,
         progress=progress,
+        binary=binary,
     )
 
 
@@ -192,6 +200,15 @@ def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.Da
     return writers.write_partition_topgo(
         config.experiment_path, partition, raw, config.precision, config.fantasia_compat
     )
+
+
+def partition_topgo_tables(config: LookupConfig, raw: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Category → what a partition's TopGO files hold, under this configuration's conventions."""
+    return writers.partition_topgo_tables(raw, config.precision, config.fantasia_compat)
+
+
+def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
+    return writers.read_raw_rows(config.experiment_path, partitions)
 
 
 @contextmanager
@@ -300,7 +317,7 @@ def run_lookup(
             reference_scope(config, partitions[0])
         )
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
-    alignments = AlignmentCache(config.store_workers)
+    alignments = AlignmentCache(config.alignment_threads)
     sequences = SequenceCache(engine)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
