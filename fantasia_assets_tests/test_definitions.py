@@ -42,7 +42,7 @@ def test_definitions_load():
     unversioned = {
         spec.key.to_user_string() for spec in defs.resolve_all_asset_specs() if spec.code_version is None
     }
-    assert unversioned == {"reference_set", "query_embeddings", "go_ontology"}
+    assert unversioned == {"reference_set", "query_sequences", "go_ontology"}
 
 
 def test_materialize_everything(sample_loaded, settings, tmp_path):
@@ -73,10 +73,11 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
             [record] = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
             assert record.asset_materialization.tags.get("dagster/data_version"), asset
         assert {r.job_name for r in instance.get_runs()} == {
-            "lookup_shared_inputs_job", "lookup_partition_job", "lookup_outputs_job",
+            "query_embeddings_job", "lookup_shared_inputs_job", "lookup_partition_job", "lookup_outputs_job",
         }  # fmt: skip
         experiment = Path(settings.load().experiment_path)
         assert (experiment / "summary.csv").exists()
+        assert (experiment / "predictions.tsv").exists()
         assert (experiment / "topgo" / "ensemble" / "P.topgo").exists()
         with duckdb.connect(str(experiment / "lineage.duckdb"), read_only=True) as conn:
             rows = conn.execute(

@@ -23,6 +23,9 @@ from .ontology import GeneOntology, plain_obo
 
 log = logging.getLogger(__name__)
 
+# the version of the evaluation protocol (truth filter, propagation, IA): bump when it changes
+EVALUATION_CODE_VERSION = "evaluation-1"
+
 NAMESPACE_ASPECT = {"biological_process": "P", "molecular_function": "F", "cellular_component": "C"}
 METRIC_COLUMNS = ["output", "aspect", "fmax", "smin", "wfmax", "coverage", "threshold"]
 SCORE_SCHEMA = {"accession": pl.String, "go_id": pl.String, "score": pl.Float64}

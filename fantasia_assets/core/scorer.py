@@ -23,6 +23,9 @@ from . import exports
 from .ontology import GeneOntology
 from .scoring import PARTITION, consistent, neighbours, supported_terms
 
+# the version of the learned scorer's features and fitting: bump when they change
+SCORER_CODE_VERSION = "scorer-1"
+
 EXPERIMENTAL = ("EXP", "IDA", "IPI", "IMP", "IGI", "IEP")
 CURATOR = ("TAS", "IC")
 PER_PARTITION = [

@@ -18,6 +18,9 @@ from .ontology import GeneOntology, read_ontology
 
 log = logging.getLogger(__name__)
 
+# the version of the predictions' science: bump when the same inputs would score differently
+PREDICTIONS_CODE_VERSION = "predictions-1"
+
 PARTITION = ["model_name", "layer_index"]
 PREDICTION_COLUMNS = ["accession", "go_id", "aspect", "score"]
 

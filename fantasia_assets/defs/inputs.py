@@ -9,6 +9,7 @@ import warnings
 import dagster as dg
 
 from ..core.digest import file_digest
+from ..core.embedding.run import EMBEDDING_CODE_VERSION
 from ..db.reads import table_version
 from ..query_fasta import ensure_query_embeddings, fasta_version
 from .partitions import MODEL_LAYER, LookupState
@@ -45,6 +46,7 @@ def query_sequences(settings: LookupSettings) -> dg.DataVersion:
 @dg.asset(
     deps=[query_sequences],
     group_name="inputs",
+    code_version=EMBEDDING_CODE_VERSION,
     description="The query embeddings HDF5 the lookup reads. When the configuration names a FASTA "
     "file, it is embedded here with each enabled model's embed_with (cached under "
     "$FANTASIA_HOME/cache/embeddings) into {experiment_path}/query_embeddings.h5, and left as it "

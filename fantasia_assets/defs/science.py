@@ -10,7 +10,9 @@ import dagster as dg
 import polars as pl
 
 from .. import cli_science, runner
-from ..core.scoring import run_predictions
+from ..core.evaluation import EVALUATION_CODE_VERSION
+from ..core.scorer import SCORER_CODE_VERSION
+from ..core.scoring import PREDICTIONS_CODE_VERSION, run_predictions
 from .lookup import raw_result_shards
 from .outputs import lookup_summary, materialised, topgo_ensemble
 from .partitions import LookupState
@@ -42,6 +44,7 @@ def _ontology(state: LookupState) -> Path:
     group_name="science",
     deps=[raw_result_shards],
     kinds={"tsv"},
+    code_version=PREDICTIONS_CODE_VERSION,
     automation_condition=dg.AutomationCondition.eager(),
     description="predictions.tsv: accession, go_id, aspect, score in [0, 1], GO-consistent (no term below a "
     "descendant, roots left out); the learned scorer's probability when scoring.model is set.",
@@ -74,6 +77,7 @@ def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.Mat
     group_name="science",
     deps=[raw_result_shards],
     kinds={"lightgbm"},
+    code_version=SCORER_CODE_VERSION,
     description="The learned scorer ({experiment_path}/scoring/model.pkl) fitted on the configured queries "
     "labelled by FANTASIA_TRUTH; set scoring.model to it to score predictions.tsv with it.",
 )
@@ -102,6 +106,7 @@ def scoring_model(
     group_name="science",
     deps=[predictions, lookup_summary, topgo_ensemble],
     kinds={"cafaeval"},
+    code_version=EVALUATION_CODE_VERSION,
     description="evaluation/metrics.tsv: Fmax, Smin, weighted Fmax, coverage and threshold per aspect for every "
     "output, by the CAFA evaluator against FANTASIA_TRUTH; precision-recall curves shown here.",
 )

@@ -20,6 +20,9 @@ from fantasia_assets.core.progress import Progress, no_progress
 from .cache import EmbeddingCache
 from .encoders import EmbeddingError, Encoder, TooLong
 
+# the version of the embedding pipeline (pooling, batching, layers): bump when vectors would change
+EMBEDDING_CODE_VERSION = "embedding-1"
+
 DEFAULT_TOKEN_BUDGET = 16384
 
 
