@@ -85,12 +85,12 @@ def main() -> None:
 def real_pairs(shared: Path) -> list[tuple[str, str]]:
     """The benchmark's (mouse query, human reference) sequence pairs, in a fixed order."""
     frame = read_fasta(shared / "sequences.fasta.gz")
-    sequences = dict(zip(frame["accession"], frame["sequence"]))
+    sequences = dict(zip(frame["accession"], frame["sequence"], strict=True))
     mouse, human = _accessions(shared / "queries_mouse.h5"), _accessions(shared / "reference_human.h5")
     symbols = pl.read_csv(
         shared / "annotations_human_mouse.tsv.gz", separator="\t", columns=["accession", "db_object_symbol"]
     ).unique("accession", keep="first")
-    symbol_of = dict(zip(symbols["accession"], symbols["db_object_symbol"].str.to_uppercase()))
+    symbol_of = dict(zip(symbols["accession"], symbols["db_object_symbol"].str.to_uppercase(), strict=True))
     human_by_symbol: dict[str, str] = {}
     for accession in human:
         if accession in symbol_of:
@@ -134,7 +134,7 @@ def compare_kernels(pairs: list[tuple[str, str]]) -> None:
 
 def _accessions(path: Path) -> list[str]:
     with h5py.File(path, "r") as handle:
-        return sorted(name.removeprefix("accession_") for name in handle.keys())
+        return sorted(name.removeprefix("accession_") for name in handle)
 
 
 if __name__ == "__main__":

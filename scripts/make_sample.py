@@ -56,7 +56,7 @@ def _copy_groups(source: Path, target: Path, accessions: list[str], types: list[
 
 
 def _trim_obo(source: Path, target: Path, wanted: set[str]) -> int:
-    text = gzip.open(source, "rt", encoding="utf-8").read()
+    text = gzip.decompress(source.read_bytes()).decode("utf-8")
     header, *stanzas = re.split(r"\n(?=\[(?:Term|Typedef)\])", text)
     terms: dict[str, str] = {}
     alt: dict[str, str] = {}

@@ -136,7 +136,7 @@ def alignment_metrics(
     slots: dict[tuple[bytes, bytes], int] = {}
     pair_slot = np.empty(len(queries), dtype=np.int64)
     skipped = np.zeros(len(queries), dtype=bool)
-    for i, (query, reference) in enumerate(zip(queries, references)):
+    for i, (query, reference) in enumerate(zip(queries, references, strict=True)):
         if skip_unusable and not (_usable(query) and _usable(reference)):
             skipped[i], pair_slot[i] = True, 0
             continue
@@ -220,7 +220,7 @@ def _align_task(
 ) -> None:
     """Align one query against `references`, writing counts[slots[k]] for each reference k."""
     profiles: dict[int, parasail.Profile] = {}
-    for slot, reference in zip(slots, references):
+    for slot, reference in zip(slots, references, strict=True):
         if query and reference:
             global_counts = _scan_counts(_GLOBAL_KERNELS, query, reference, profiles, memory)
             local_counts = _scan_counts(_LOCAL_KERNELS, query, reference, profiles, memory)

@@ -78,7 +78,8 @@ def open_queries(path: Path, cache_dir: Path | None = None) -> QuerySet:
         )
     _warn_mapped_duplicates(catalogue)
     warn_unusable_queries(
-        catalogue.path, zip(map(catalogue.group, range(len(catalogue.sequences))), catalogue.sequences)
+        catalogue.path,
+        zip(map(catalogue.group, range(len(catalogue.sequences))), catalogue.sequences, strict=True),
     )
     index: dict[str, int] = {}
     query_idx = np.empty(len(catalogue.accessions), dtype=np.int64)

@@ -112,7 +112,7 @@ class TaxonomyTree:
         ids = np.array([int(t) for t in wanted], dtype=np.int64)
         found = np.minimum(np.searchsorted(self.tax_ids, ids), len(self) - 1)
         present = self.tax_ids[found] == ids
-        unknown = [t for t, ok in zip(wanted, present.tolist()) if not ok]
+        unknown = [t for t, ok in zip(wanted, present.tolist(), strict=True) if not ok]
         return found[present].astype(np.int64), unknown
 
 

@@ -36,7 +36,6 @@ def neighbour_hits(
     `accessions[i]` whose unique-sequence index is `query_idx[i]`. Rows come out ordered by
     query, then rank (ascending distance, ties by reference id, as the engine ordered them).
     """
-    n, width = indices.shape
     valid = indices >= 0
     rows, ranks = np.nonzero(valid)
     return pl.DataFrame(

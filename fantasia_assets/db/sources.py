@@ -207,7 +207,7 @@ def read_gaf(
                 f"{path}:{number}: GAF line has {columns} tab-separated columns, expected {GAF_COLUMNS}"
             )
         split = lines.select(pl.col("line").str.split_exact("\t", GAF_COLUMNS - 1)).unnest("line")
-        frames.append(split.rename(dict(zip(split.columns, _GAF_NAMES))).fill_null(""))
+        frames.append(split.rename(dict(zip(split.columns, _GAF_NAMES, strict=True))).fill_null(""))
     if not frames:
         raise InputFileError("no GAF file given")
     gaf = pl.concat(frames)

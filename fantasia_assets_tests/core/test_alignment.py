@@ -41,7 +41,7 @@ TIES = (
 @pytest.fixture(scope="module")
 def sequences() -> dict[str, str]:
     frame = read_fasta(shared_file("sequences.fasta.gz"))
-    return dict(zip(frame["accession"], frame["sequence"]))
+    return dict(zip(frame["accession"], frame["sequence"], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def real_pairs(sequences: dict[str, str]) -> list[tuple[str, str]]:
         separator="\t",
         columns=["accession", "db_object_symbol"],
     ).unique("accession", keep="first")
-    symbol_of = dict(zip(symbols["accession"], symbols["db_object_symbol"].str.to_uppercase()))
+    symbol_of = dict(zip(symbols["accession"], symbols["db_object_symbol"].str.to_uppercase(), strict=True))
     human_by_symbol: dict[str, str] = {}
     for accession in human:
         if accession in symbol_of:
@@ -73,7 +73,7 @@ def real_pairs(sequences: dict[str, str]) -> list[tuple[str, str]]:
     short_human = [a for a in human if fits(a)]
     mouse_picks = rng.integers(0, len(short_mouse), N_UNRELATED)
     human_picks = rng.integers(0, len(short_human), N_UNRELATED)
-    unrelated = [(short_mouse[i], short_human[j]) for i, j in zip(mouse_picks, human_picks)]
+    unrelated = [(short_mouse[i], short_human[j]) for i, j in zip(mouse_picks, human_picks, strict=True)]
     shortest = sorted(sequences, key=lambda a: (len(sequences[a]), a))[:6]  # 24-37 aa
     tiny = [(a, b) for a in shortest for b in shortest[:3]] + [
         (a, short_human[k]) for k, a in enumerate(shortest)
@@ -84,7 +84,7 @@ def real_pairs(sequences: dict[str, str]) -> list[tuple[str, str]]:
 
 def _accessions(path: Path) -> list[str]:
     with h5py.File(path, "r") as handle:
-        return sorted(name.removeprefix("accession_") for name in handle.keys())
+        return sorted(name.removeprefix("accession_") for name in handle)
 
 
 def _expected(pairs: list[tuple[str, str]]) -> pl.DataFrame:

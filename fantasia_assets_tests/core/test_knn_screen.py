@@ -259,5 +259,5 @@ def test_screening_choices_and_errors():
     base = {"experiment_path": "x", "embeddings_path": "y.h5", "embedding": {"models": {"M": {}}}}
     assert parse_config(base).screening == "auto"
     assert parse_config({**base, "lookup": {"screening": "bf16"}}).screening == "bf16"
-    with pytest.raises(ConfigError, match="lookup.screening"):
+    with pytest.raises(ConfigError, match=r"lookup\.screening"):
         parse_config({**base, "lookup": {"screening": "fp16"}})

@@ -143,7 +143,7 @@ def test_hostile_accessions_stay_inside_the_experiment(sample_loaded, tmp_path):
     hostile = ["../../etc/passwd", "a/b", "...", "x" * 300, "semi;colon"]
     queries = tmp_path / "hostile.h5"
     with h5py.File(SAMPLE / "queries.h5") as source, h5py.File(queries, "w") as out:
-        for name, new in zip(sorted(source)[:5], hostile):
+        for name, new in zip(sorted(source)[:5], hostile, strict=True):
             group = out.create_group("accession_" + new.replace("/", "\u2215"))
             group.create_dataset(
                 "sequence", data=source[name]["sequence"][()].decode(), dtype=h5py.string_dtype()
@@ -190,7 +190,7 @@ def test_sample_shards_keep_sequences_when_asked(sample_loaded, tmp_path):
                 "postprocess.keep_sequences": True,
                 "postprocess.alignment": False,
             },
-        )  # fmt: skip
+        )
     )
     run_lookup(config, sample_loaded)
     shard = next((config.experiment_path / "raw_results" / "NEAR" / "layer_0").glob("*.csv"))
@@ -291,5 +291,5 @@ def test_groups_without_sequence_are_skipped_with_a_warning(tmp_path, caplog):
     assert len(catalogue.accessions) == 3 and missing[len("accession_") :] not in catalogue.accessions
     assert catalogue.skipped == [(missing, "no 'sequence' dataset")]
     assert f"skipped {missing}: no 'sequence' dataset" in caplog.text
-    vectors, rows = catalogue.read((1, 0))
+    vectors, _rows = catalogue.read((1, 0))
     assert vectors.shape == (3, 256)

@@ -220,7 +220,7 @@ def test_binary_resolution_order(tmp_path: Path, monkeypatch) -> None:
     assert mmseqs_binary(str(elsewhere)) == str(elsewhere)
     plain = tmp_path / "plain-file"
     plain.write_text("not a program\n")
-    with pytest.raises(MMseqsError, match="configured MMseqs2 binary .* is not executable"):
+    with pytest.raises(MMseqsError, match=r"configured MMseqs2 binary .* is not executable"):
         mmseqs_binary(str(plain))
 
 

@@ -266,12 +266,12 @@ def test_avg_is_mean_and_unknown_aggregations_are_ignored(caplog: pytest.LogCapt
 
 
 def test_bad_weights_are_reported_with_their_key(caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(ValueError, match="weights.identity.max"):
+    with pytest.raises(ValueError, match=r"weights\.identity\.max"):
         SummarySpec(metrics={"identity": ["max"]}, aliases={}, weights={"identity": {"max": -1}})
     with pytest.raises(ValueError, match="no positive weight"):
         SummarySpec(metrics={"identity": ["max"]}, aliases={}, weights={"idnetity": 1}).columns()
     assert "idnetity" in caplog.text
-    with pytest.raises(ValueError, match="metrics.identity"):
+    with pytest.raises(ValueError, match=r"metrics\.identity"):
         SummarySpec(metrics={"identity": "max"}, aliases={}, weights={"count": 1})
     with pytest.raises(ValueError, match="produced twice"):
         SummarySpec(

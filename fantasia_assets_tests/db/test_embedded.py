@@ -31,7 +31,7 @@ def test_second_process_reuses_the_running_server(pg_server):
 def test_dead_process_handles_are_pruned(pg_server):
     handles = pg_server.pgdata / ".handle_pids.json"
     pids = json.loads(handles.read_text())
-    handles.write_text(json.dumps(pids + [2**22 + 12345]))  # no such process
+    handles.write_text(json.dumps([*pids, 2**22 + 12345]))  # no such process
     embedded_server(pg_server.pgdata)
     assert 2**22 + 12345 not in json.loads(handles.read_text())
 

@@ -27,7 +27,7 @@ NEAR = SAMPLE / "references_near.h5"
 def _obo_ids(path: Path):
     """(alt id or id → primary id, obsolete ids), by a parse independent of goatools."""
     primary, obsolete = {}, set()
-    for stanza in gzip.open(path, "rt").read().split("\n[Term]")[1:]:
+    for stanza in gzip.decompress(Path(path).read_bytes()).decode().split("\n[Term]")[1:]:
         term = re.search(r"^id: (GO:\d+)", stanza, re.M).group(1)
         stanza = stanza.split("\n[Typedef]")[0]
         if re.search(r"^is_obsolete: true", stanza, re.M):
@@ -41,7 +41,7 @@ def _obo_ids(path: Path):
 
 def _fasta(path: Path) -> dict[str, str]:
     out, name = {}, None
-    for line in gzip.open(path, "rt"):
+    for line in gzip.decompress(Path(path).read_bytes()).decode().splitlines(keepends=True):
         line = line.strip()
         if line.startswith(">"):
             name = line[1:].split()[0]
@@ -55,7 +55,7 @@ def expected_counts(gaf=GAF, fasta=FASTA, obo=OBO, h5=NEAR):
     primary, _ = _obo_ids(obo)
     sequences = _fasta(fasta)
     pairs = {}
-    for line in gzip.open(gaf, "rt"):
+    for line in gzip.decompress(Path(gaf).read_bytes()).decode().splitlines(keepends=True):
         if line.startswith("!"):
             continue
         f = line.rstrip("\n").split("\t")
@@ -171,7 +171,7 @@ def test_reload_is_a_no_op(engine):
 
 def test_newer_gaf_updates_annotations(engine, tmp_path):
     _load(engine)
-    lines = gzip.open(GAF, "rt").read().splitlines(keepends=True)
+    lines = gzip.decompress(Path(GAF).read_bytes()).decode().splitlines(keepends=True)
     body = [line for line in lines if not line.startswith("!")]
     kept = [line for line in body if line.split("\t")[6] in EVIDENCE and "NOT" not in line.split("\t")[3]]
     negated = kept[0].split("\t")
@@ -200,7 +200,7 @@ def _truncated_gzip(source: Path, target: Path) -> Path:
 
 
 def _wrong_columns(source: Path, target: Path) -> Path:
-    lines = gzip.open(source, "rt").read().splitlines(keepends=True)
+    lines = gzip.decompress(Path(source).read_bytes()).decode().splitlines(keepends=True)
     index = next(i for i, line in enumerate(lines) if not line.startswith("!")) + 3
     lines[index] = "\t".join(lines[index].split("\t")[:12]) + "\n"
     with gzip.open(target, "wt") as handle:

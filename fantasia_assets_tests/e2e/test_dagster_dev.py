@@ -122,7 +122,8 @@ def dagster_dev(pg_server, tmp_path_factory):
     log = work / "dagster_dev.log"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=PROJECT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=PROJECT, env=env, stdout=open(log, "wb"),  # noqa: SIM115 -- the server writes it until it is stopped
+        stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     server = Dagster(f"http://127.0.0.1:{port}", process, env, work / "experiment", log)
     try:

@@ -52,7 +52,10 @@ def _inside(root: Path) -> None:
 
 
 def test_hostile_accessions_in_the_query_file__files_confined_unique_and_mapped(sample_loaded, tmp_path):
-    groups = [("accession_" + name, content) for name, (_, content) in zip(HDF5_HOSTILE, sample_groups())]
+    groups = [
+        ("accession_" + name, content)
+        for name, (_, content) in zip(HDF5_HOSTILE, sample_groups(), strict=False)
+    ]
     queries = write_queries(tmp_path / "queries.h5", groups)
     experiment = tmp_path / "experiment"
     run_lookup(parse_config(config_dict(experiment, queries, **near_only([0]))), sample_loaded)

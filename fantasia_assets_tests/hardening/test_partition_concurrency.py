@@ -37,25 +37,25 @@ def test_two_partitions_materialised_at_once__disjoint_files_and_same_results(sa
                 str(experiment),
                 str(record),
                 str(go),
-            ],  # fmt: skip
+            ],
             cwd=PROJECT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for key, record in zip(keys, records)
+        for key, record in zip(keys, records, strict=True)
     ]
     go.touch()
     outputs = [driver.communicate(timeout=600)[0] for driver in drivers]
-    for driver, output in zip(drivers, outputs):
+    for driver, output in zip(drivers, outputs, strict=True):
         assert driver.returncode == 0, output[-3000:]
 
     touched = [set(record.read_text().split("\n")) - {""} for record in records]
     assert all(len(t) > 50 for t in touched)  # the hook saw the shard files
     assert touched[0].isdisjoint(touched[1]), sorted(touched[0] & touched[1])[:10]
     # each partition wrote only inside its own folders (or their temporaries, `.layer_0.<pid>-….tmp`)
-    for key, paths in zip(keys, touched):
+    for key, paths in zip(keys, touched, strict=True):
         own = re.compile(rf"^[a-z_]+/NEAR/\.?{re.escape(key.split('|')[1])}(\.[^/]+)?(/|$)")
         assert all(own.match(p) for p in paths), [p for p in paths if not own.match(p)][:5]
     # and the results are the single-process ones
@@ -97,7 +97,7 @@ def test_same_outputs_written_by_two_writers_at_once__both_finish_and_one_whole_
         try:
             exports.replace_dir(target, build)
             exports.write_bytes_atomic(summary, tag.encode() * 500_000)
-        except Exception as error:  # noqa: BLE001 - the test reports any failure
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=writer, args=(tag,)) for tag in ("A", "B")]
