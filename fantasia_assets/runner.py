@@ -382,7 +382,9 @@ def run_lookup(
             writers.write_run_records(root, queries, partitions, shard_names)
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
         with timed(timings, "predictions"):
-            predicted = run_predictions(root, raw_all, config.scoring, config.precision)
+            predicted = run_predictions(
+                root, lambda: writers.read_raw_rows(root, partitions), config.scoring, config.precision
+            )
         entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
             staging.publish(entries)

@@ -8,6 +8,7 @@ all its children), averaged over the (model, layer) partitions. See `heuristic_s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,12 +117,20 @@ def write_predictions(path: Path, predictions: pl.DataFrame, precision: int) -> 
 
 
 def run_predictions(
-    experiment_path: Path, raw: pl.DataFrame, settings: ScoringSettings, precision: int
+    experiment_path: Path,
+    raw: pl.DataFrame | Callable[[], pl.DataFrame],
+    settings: ScoringSettings,
+    precision: int,
 ) -> dict[str, Path]:
-    """predictions.tsv of a finished lookup; nothing (with a warning) when no ontology is configured."""
+    """predictions.tsv of a finished lookup; nothing (with a warning) when no ontology is configured.
+
+    `raw`: every partition's raw rows, or a function that reads them (called only when
+    predictions are written: the run keeps no raw rows in memory otherwise).
+    """
     if settings.ontology is None:
         log.warning("scoring.ontology is not set: predictions.tsv not written (it needs the GO graph)")
         return {}
+    raw = raw() if callable(raw) else raw
     ontology = read_ontology(settings.ontology)
     if settings.model is not None:
         from .scorer import load_scorer
