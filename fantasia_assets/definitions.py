@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs import automation, inputs, lookup, outputs
+from .defs import automation, cluster, inputs, lookup, outputs
 from .defs.resources import default_resources
 
 defs = dg.Definitions(
@@ -21,7 +21,12 @@ defs = dg.Definitions(
         outputs.lookup_summary,
         outputs.topgo_ensemble,
     ],
-    jobs=[automation.partition_job, automation.shared_inputs_job, automation.outputs_job],
+    jobs=[
+        automation.partition_job,
+        automation.shared_inputs_job,
+        automation.outputs_job,
+        cluster.partition_dask_job,
+    ],
     sensors=[automation.reference_change_sensor, automation.output_automation],
     schedules=[automation.daily_backstop],
     resources=default_resources(),
