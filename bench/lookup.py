@@ -30,7 +30,8 @@ AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
 
 def build_references(engine, n_refs: int, dim: int, terms: int, rng) -> np.ndarray:
     """Insert a synthetic reference set with COPY; returns the float16 reference matrix."""
-    from fantasia_assets.db.loader import _halfvec_copy_payload, load_references
+    from fantasia_assets.db import halfvec
+    from fantasia_assets.db.loader import load_references
 
     load_references(engine, obo=PROJECT / "data" / "sample" / "go-basic.obo.gz")
     with engine.connect() as conn:
@@ -60,7 +61,7 @@ def build_references(engine, n_refs: int, dim: int, terms: int, rng) -> np.ndarr
         cursor.execute("INSERT INTO sequence_embedding_type (id, name) VALUES (1, 'Synthetic')")
         cursor.execute("CREATE TEMP TABLE _e (sequence_id int4, embedding halfvec) ON COMMIT DROP")
         with cursor.copy("COPY _e FROM STDIN (FORMAT binary)") as copy:
-            copy.write(_halfvec_copy_payload(np.arange(1, n_refs + 1), vectors))
+            copy.write(halfvec.encode(np.arange(1, n_refs + 1), vectors))
         cursor.execute(
             "INSERT INTO sequence_embeddings (sequence_id, embedding_type_id, layer_index, embedding, shape) "
             "SELECT sequence_id, 1, 0, embedding, ARRAY[%s] FROM _e",
@@ -118,10 +119,10 @@ def main() -> None:
     os.environ.pop("FANTASIA_DATABASE_URL", None)
 
     from fantasia_assets.config import parse_config
-    from fantasia_assets.core.pipeline import run_lookup
     from fantasia_assets.db import get_engine, schema_ready
     from fantasia_assets.db.embedded import embedded_server
     from fantasia_assets.db.engine import dispose_engines
+    from fantasia_assets.runner import run_lookup
 
     rng = np.random.default_rng(0)
     try:

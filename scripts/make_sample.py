@@ -6,8 +6,8 @@ Picks 50 mouse queries that carry both models (NEAR type_1, AntiBERTy type_2) an
 references that carry both too: the 3 nearest references of every query by NEAR layer-0
 cosine distance (so the demo finds real homologues), then seeded random ones. Writes their
 sequences, every GOA line of the references (non-experimental ones too, so the loader's
-filters have work), a GO ontology trimmed to the terms used and their is_a ancestors, and the
-embeddings in FANTASIA's HDF5 layout.
+filters have work), a GO ontology trimmed to the terms used and their is_a ancestors, the
+embeddings in FANTASIA's HDF5 layout, and the queries' sequences as a FASTA.
 """
 
 from __future__ import annotations
@@ -85,6 +85,20 @@ def _trim_obo(source: Path, target: Path, wanted: set[str]) -> int:
     return len(keep)
 
 
+def _write_fasta(shared: Path, wanted: set[str], target: Path) -> None:
+    """The records of `wanted` accessions of the shared FASTA, as they are there, in its order."""
+    fasta_out = []
+    with gzip.open(shared / "sequences.fasta.gz", "rt") as handle:
+        keep = False
+        for line in handle:
+            if line.startswith(">"):
+                keep = line[1:].split()[0] in wanted
+            if keep:
+                fasta_out.append(line)
+    with _gzip_text(target) as handle:
+        handle.writelines(fasta_out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,16 +130,9 @@ def main() -> None:
     references = sorted(candidates[i] for i in chosen)
 
     wanted = set(references)
-    fasta_out = []
-    with gzip.open(shared / "sequences.fasta.gz", "rt") as handle:
-        keep = False
-        for line in handle:
-            if line.startswith(">"):
-                keep = line[1:].split()[0] in wanted
-            if keep:
-                fasta_out.append(line)
-    with _gzip_text(out / "references.fasta.gz") as handle:
-        handle.writelines(fasta_out)
+    _write_fasta(shared, wanted, out / "references.fasta.gz")
+    # the queries as a proteome FASTA too: `make demo` embeds them itself (fantasia-assets embed)
+    _write_fasta(shared, set(queries), out / "queries.fasta.gz")
 
     gaf_out, go_ids = [], set()
     with gzip.open(shared / "goa_human.gaf.gz", "rt") as handle:

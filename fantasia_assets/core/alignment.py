@@ -50,8 +50,6 @@ import polars as pl
 
 GAP_OPEN = 10
 GAP_EXTEND = 1
-QUERY_SEQUENCE = "query_sequence"
-REFERENCE_SEQUENCE = "reference_sequence"
 METRIC_COLUMNS = (
     "identity",
     "similarity",
@@ -150,22 +148,6 @@ def alignment_metrics(
             for _ in pool.map(run, tasks):
                 pass
     return _metrics_frame(counts[pair_slot])
-
-
-def unique_pair_metrics(pairs: pl.DataFrame, workers: int | None = None) -> pl.DataFrame:
-    """The distinct (query_sequence, reference_sequence) rows of `pairs`, each with its metrics.
-
-    Rows keep the order of their first appearance; each distinct pair is aligned once, on
-    `workers` threads as in `alignment_metrics`.
-    """
-    missing = [c for c in (QUERY_SEQUENCE, REFERENCE_SEQUENCE) if c not in pairs.columns]
-    if missing:
-        raise ValueError(f"pairs lack column(s) {missing}; found {pairs.columns}")
-    unique = pairs.select(QUERY_SEQUENCE, REFERENCE_SEQUENCE).unique(maintain_order=True)
-    metrics = alignment_metrics(
-        unique[QUERY_SEQUENCE].to_list(), unique[REFERENCE_SEQUENCE].to_list(), workers
-    )
-    return pl.concat([unique, metrics], how="horizontal")
 
 
 def _normalise(sequence: str | None, name: str) -> bytes:

@@ -192,17 +192,12 @@ _engines: dict[tuple, object] = {}
 _engines_lock = threading.Lock()
 
 
-def _worker_device(backend: str, use_gpu: bool) -> str:
-    import torch
-
-    return "cuda" if use_gpu and backend == "torch" and torch.cuda.is_available() else "cpu"
-
-
 def _worker_engine(matrix: MatrixFile, settings: BlockSettings):
     """The worker's engine on the matrix, built from the shared cache file on first use."""
+    from .device import resolve_device
     from .knn import SearchEngine
 
-    device = _worker_device(settings.backend, settings.use_gpu)
+    device = resolve_device(settings.backend, use_gpu=settings.use_gpu)
     budget = settings.engine_budget if device == "cpu" else None
     key = (matrix.fingerprint, settings.metric, settings.backend, device, budget)
     with _engines_lock:

@@ -109,12 +109,12 @@ def layer_dir_name(layer: int | None) -> str:
     return f"layer_{layer}" if layer is not None else "layer_legacy"
 
 
-def _tmp_sibling(path: Path, kind: str = "tmp") -> Path:
+def tmp_sibling(path: Path, kind: str = "tmp") -> Path:
     """A hidden sibling named after the writing process: `.{name}.{pid}-{random}.{kind}`."""
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +124,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_siblings(path: Path) -> None:
+def remove_stale_siblings(path: Path) -> None:
     """Remove temporaries of `path` left by writers that died (SIGKILL, power loss).
 
     A temporary of a live process (another partition or run writing now) is left alone.
@@ -132,7 +132,7 @@ def _remove_stale_siblings(path: Path) -> None:
     for kind in ("tmp", "old"):
         for stale in path.parent.glob(f".{glob_escape(path.name)}.*.{kind}"):
             pid = stale.name[len(path.name) + 2 :].split("-", 1)[0]
-            if pid.isdigit() and _pid_alive(int(pid)):  # this process too: another thread's
+            if pid.isdigit() and pid_alive(int(pid)):  # this process too: another thread's
                 continue
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -145,7 +145,7 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _writing(path: Path, action: Callable[[], None]) -> None:
+def writing(path: Path, action: Callable[[], None]) -> None:
     """Run `action`; a failure of the file system becomes an `OutputWriteError` naming `path`."""
     try:
         action()
@@ -170,25 +170,39 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary sibling and a rename."""
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """Make `path` with `writer(tmp)` on a temporary sibling, then rename it into place.
+
+    The one atomic-write helper: a reader (or a crash) sees the old file or the new one, whole.
+    Temporaries of writers that died are removed first; a file-system failure becomes an
+    `OutputWriteError` naming `path`.
+    """
 
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_siblings(path)
-        tmp = _tmp_sibling(path)
+        remove_stale_siblings(path)
+        tmp = tmp_sibling(path)
         try:
-            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(descriptor, data)
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            writer(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
-    _writing(path, write)
+    writing(path, write)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling (synced) and a rename."""
+
+    def write(tmp: Path) -> None:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(descriptor, data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    atomic_write(path, write)
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
@@ -209,28 +223,39 @@ def write_parquet_atomic(path: Path, frame: pl.DataFrame) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def swap_in(staged: Path, target: Path) -> None:
+    """Move a finished file or folder `staged` to `target`, replacing what is there.
+
+    A file is one atomic rename. A folder cannot replace a folder atomically: the old one is
+    renamed aside first (`.{name}.{pid}-{random}.old`, removed after, or by the next write of
+    `target` if this process dies in between), so `target` is never a mix of both.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if staged.is_dir() and target.exists():
+        old = tmp_sibling(target, "old")
+        os.rename(target, old)
+        os.rename(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+
+
 def replace_dir(target: Path, build) -> None:
     """Build a folder's new content aside with `build(tmp_dir)`, then swap it in for `target`."""
 
     def swap() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_siblings(target)
-        tmp = _tmp_sibling(target)
+        remove_stale_siblings(target)
+        tmp = tmp_sibling(target)
         tmp.mkdir()
         try:
             build(tmp)
-            if target.exists():
-                old = _tmp_sibling(target, "old")
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
+            swap_in(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    _writing(target, swap)
+    writing(target, swap)
 
 
 def _one_line_strings(frame: pl.DataFrame) -> pl.DataFrame:

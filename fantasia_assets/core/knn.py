@@ -46,6 +46,8 @@ import psutil
 import torch
 from scipy.spatial.distance import cdist
 
+from .device import resolve_device
+
 METRICS = ("cosine", "euclidean")
 BACKENDS = ("torch", "numpy", "scipy")
 
@@ -506,15 +508,7 @@ def _inverse_norms(sq_norms: np.ndarray) -> np.ndarray:
 
 
 def _resolve_device(backend: str, device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if backend == "torch" and torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}")
-    if device == "cuda" and backend != "torch":
-        raise ValueError(f"the {backend} backend runs on the CPU; use backend='torch' for CUDA")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
-    return torch.device(device)
+    return torch.device(resolve_device(backend, device))
 
 
 def _default_memory_budget(device: torch.device) -> int:

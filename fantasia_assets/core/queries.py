@@ -16,11 +16,10 @@ compressed (no single byte offset) are read through h5py instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -30,6 +29,9 @@ import h5py
 import numpy as np
 
 from fantasia_assets.errors import FantasiaError
+
+from .digest import file_digest
+from .exports import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +206,6 @@ class EmbeddingCatalogue:
                     row = int(entries.rows[positions[i]])
                     out[i] = handle[_dataset_path(self.accessions[row], key)][()]
         return out
-
-    def iter_batches(
-        self, key: LayerKey, batch_size: int, rows: np.ndarray | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """`read` in slices of `batch_size` proteins, so huge files never sit in memory whole."""
-        entries = self.layers[key]
-        all_rows = entries.rows if rows is None else np.asarray(rows, dtype=np.int64)
-        for start in range(0, len(all_rows), max(1, batch_size)):
-            yield self.read(key, all_rows[start : start + batch_size])
 
 
 def describe_key(key: LayerKey) -> str:
@@ -401,15 +394,6 @@ def _plain(value):
     return value
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 (16 hex digits) of a file's bytes: the data version of a query file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, str]:
     """`scan`, remembered per file content: (catalogue, content digest).
 
@@ -430,11 +414,7 @@ def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, 
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
             log.warning("unreadable catalogue cache %s; scanning %s again", cached, path)
     catalogue = scan(path)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            pickle.dump(catalogue, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cached)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(
+        cached, lambda tmp: tmp.write_bytes(pickle.dumps(catalogue, protocol=pickle.HIGHEST_PROTOCOL))
+    )
     return catalogue, digest

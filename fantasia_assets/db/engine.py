@@ -10,9 +10,13 @@ clear: use `redacted(url)` for anything shown to people (it masks the user-info 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
@@ -29,6 +33,74 @@ _engines_lock = threading.Lock()
 
 class DatabaseError(FantasiaError, RuntimeError):
     """The reference database cannot be reached or is not usable."""
+
+
+# A database that is down, or goes away mid-run: SQLAlchemy wraps what goes through it; the
+# binary COPY and raw cursors (db.reads, db.loader) raise psycopg's own errors.
+DRIVER_ERRORS = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def translate_errors(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Raise the driver errors of `function` as `DatabaseError`, with one clear line.
+
+    Every public entry point of `db/` that talks to the server carries it, so that callers
+    (the CLI, the Dagster sensor) catch `FantasiaError` only.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except DRIVER_ERRORS as error:
+            raise DatabaseError(database_message(error)) from error
+
+    return wrapper
+
+
+def _database_label() -> tuple[str, str]:
+    """(the reference database as it may be shown, password masked; where to check it)."""
+    from ..paths import fantasia_home
+
+    configured = os.environ.get(ENV_URL)
+    if not configured:
+        pgdata = fantasia_home() / "pg"
+        return (
+            f"(embedded server under {pgdata})",
+            f"the embedded server stopped; its log is {pgdata / 'log'}",
+        )
+    hint = f"check that the server {ENV_URL} names is running and that the URL is right"
+    try:
+        return redacted(normalise_url(configured)), hint
+    except (DatabaseError, sa.exc.ArgumentError):  # unparsable: never echo what may hold a password
+        return f"({ENV_URL})", hint
+
+
+# SQLSTATEs of a server that is going away or not taking connections (the "08" class, connection
+# exceptions, is matched by prefix); a failure without SQLSTATE happened in the client: no server.
+_UNREACHABLE_STATES = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
+
+
+def database_message(error: BaseException) -> str:
+    """One line for a failed connection to the reference database or a failed query on it."""
+    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
+    state = getattr(driver_error, "sqlstate", None)
+    invalidated = isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+    database, hint = _database_label()
+    if invalidated or state is None or state.startswith("08") or state in _UNREACHABLE_STATES:
+        return (
+            f"cannot reach the reference database {database}: {reason} -- {hint}, then run the "
+            "command again (outputs are replaced whole, nothing needs cleaning up)"
+        )
+    return f"the reference database {database} failed: {reason}"
 
 
 # libpq connection parameters that carry secrets when given in the URL's query string
@@ -76,6 +148,7 @@ def redacted(url: str | URL) -> str:
     return text + ("&" if "?" in text else "?") + masked if secret else text
 
 
+@translate_errors
 def embedded_url(database: str = EMBEDDED_DATABASE) -> URL:
     """URL of `database` on the embedded server, created on first use."""
     server = embedded_server()

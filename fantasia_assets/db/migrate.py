@@ -29,7 +29,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
 
-from .engine import DatabaseError
+from .engine import DatabaseError, translate_errors
 from .models import SHARED_TABLES, Base
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
@@ -110,6 +110,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     return before, after
 
 
+@translate_errors
 def schema_ready(engine: Engine) -> None:
     """Make sure the database behind `engine` has the current schema; once per engine."""
     if engine in _ready:

@@ -101,29 +101,41 @@ def fasta_accession(header: str) -> str:
     return token
 
 
-def read_fasta(path: str | Path) -> pl.DataFrame:
-    """Sequences of a FASTA file as (accession, sequence); the first record of an accession wins."""
+def fasta_records(path: str | Path) -> list[tuple[str, str, int]]:
+    """Every record of a FASTA file in order, duplicates included: (accession, sequence, header line).
+
+    Sequences are upper-cased with their line breaks (LF or CRLF) removed; plain or gzip.
+    """
     path = Path(path)
     text = _text(path, read_bytes(path))
-    accessions: list[str] = []
-    sequences: list[str] = []
+    records: list[tuple[str, str, int]] = []
     chunks: list[str] = []
     current: str | None = None
+    start = 0
     for number, line in enumerate(text.splitlines(), start=1):
         if line.startswith(">"):
             if current is not None:
-                sequences.append("".join(chunks).upper())
+                records.append((current, "".join(chunks).upper(), start))
             current = fasta_accession(line[1:])
             if not current:
                 raise InputFileError(f"{path}:{number}: FASTA header without an identifier")
-            accessions.append(current)
+            start = number
             chunks = []
         elif line.strip():
             if current is None:
                 raise InputFileError(f"{path}:{number}: sequence data before the first '>' header")
             chunks.append(line.strip())
     if current is not None:
-        sequences.append("".join(chunks).upper())
+        records.append((current, "".join(chunks).upper(), start))
+    return records
+
+
+def read_fasta(path: str | Path) -> pl.DataFrame:
+    """Sequences of a FASTA file as (accession, sequence); the first record of an accession wins."""
+    path = Path(path)
+    records = fasta_records(path)
+    accessions = [accession for accession, _, _ in records]
+    sequences = [sequence for _, sequence, _ in records]
     frame = pl.DataFrame(
         {"accession": accessions, "sequence": sequences},
         schema={"accession": pl.String, "sequence": pl.String},

@@ -11,11 +11,8 @@ It also keeps the dynamic partitions equal to the current (model, layer) pairs.
 import json
 
 import dagster as dg
-from sqlalchemy import exc as sa_exc
 
-from ..config import ConfigError
-from ..core.queries import EmbeddingFileError
-from ..db.engine import DatabaseError
+from ..errors import FantasiaError
 from .inputs import query_embeddings, reference_set
 from .lookup import (
     go_annotation_cache,
@@ -135,13 +132,7 @@ def guarded_tick(
     """
     try:
         return evaluate_changes(LookupState.open(settings, database), cursor, known)
-    except (
-        ConfigError,
-        EmbeddingFileError,
-        DatabaseError,
-        sa_exc.OperationalError,
-        sa_exc.InterfaceError,
-    ) as error:
+    except FantasiaError as error:  # database-driver errors arrive translated by db/
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         return dg.SkipReason(f"inputs not readable now, looking again next tick: {message}")
 

@@ -7,9 +7,9 @@ marks exactly the dependent partitions stale.
 import warnings
 
 import dagster as dg
-import sqlalchemy as sa
 
-from ..core.queries import file_digest
+from ..core.digest import file_digest
+from ..db.reads import table_version
 from .partitions import MODEL_LAYER, LookupState
 from .resources import LookupSettings, ReferenceDatabase
 
@@ -37,10 +37,7 @@ def query_embeddings(settings: LookupSettings) -> dg.DataVersion:
 
 
 def ontology_version(engine) -> str:
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.text("SELECT count(*) || '-' || coalesce(sum(xmin::text::bigint), 0) FROM go_terms")
-        ).scalar()
+    return table_version(engine, "go_terms")
 
 
 @dg.observable_source_asset(

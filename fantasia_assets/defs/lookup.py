@@ -1,7 +1,7 @@
 """The lookup assets: shared caches, then per (model, layer) references → neighbours → rows → TopGO.
 
-Each asset opens the lookup state, calls one stage of `core.pipeline` and reports what it did;
-the science stays in `core/`.
+Each asset opens the lookup state, calls one stage through `fantasia_assets.runner` and reports
+what it did; the science stays in `core/`.
 """
 
 import time
@@ -9,10 +9,10 @@ import time
 import dagster as dg
 import polars as pl
 
-from ..core import pipeline
+from .. import runner
 from ..core.queries import ACCESSION_PREFIX
-from ..core.references import AnnotationStore, ReferenceStore
 from ..core.summary import topgo_tables
+from ..db.stores import AnnotationStore, ReferenceStore
 from ..paths import cache_dir
 from ..progress import log_progress
 from .inputs import go_ontology, query_embeddings, reference_set
@@ -46,7 +46,7 @@ def go_annotation_cache(
     state = LookupState.open(settings, database)
     started = time.perf_counter()
     first = next(iter(state.partitions.values()), None)
-    scope = pipeline.reference_scope(state.config, first) if first else None
+    scope = runner.reference_scope(state.config, first) if first else None
     annotations, version = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)
     timings = {"fetch": time.perf_counter() - started}
     by_category = dict(annotations.group_by("category").len().sort("category").iter_rows())
@@ -81,7 +81,7 @@ def mmseqs_clusters(
     if state.config.redundancy.identity <= 0:
         return dg.MaterializeResult(metadata={"masking": "off (lookup.redundancy.identity is 0)"})
     started = time.perf_counter()
-    clusters = pipeline.redundancy_clusters(
+    clusters = runner.redundancy_clusters(
         state.config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs"),
         log_progress(context.log),
     )  # fmt: skip
@@ -110,7 +110,7 @@ def reference_embeddings(
     partition = state.partition(context.partition_key)
     store = ReferenceStore(state.engine, cache_dir("references"), state.config.lookup_cache_max)
     started = time.perf_counter()
-    matrix = store.get(pipeline.reference_scope(state.config, partition), log_progress(context.log))
+    matrix = store.get(runner.reference_scope(state.config, partition), log_progress(context.log))
     timings = {"fetch": time.perf_counter() - started}
     query_dim = state.queries.catalogue.layers[(partition.type_id, partition.layer)].dim
     version = record_lineage(context, lineage, state, {"references": len(matrix)}, timings, partition)
@@ -153,15 +153,15 @@ def neighbour_hits(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
-    clusters = pipeline.redundancy_clusters(
+    clusters = runner.redundancy_clusters(
         config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs")
     )
     store = ReferenceStore(state.engine, cache_dir("references"), config.lookup_cache_max)
     where = device.device(config)
-    outcome = pipeline.search_partition(
+    outcome = runner.search_partition(
         config, state.queries, partition, store, clusters, where, log_progress(context.log)
     )
-    pipeline.write_hits(config, partition, outcome)
+    runner.write_hits(config, partition, outcome)
     counts = {"queries": outcome.n_queries, "neighbours": outcome.hits.height}
     version = record_lineage(context, lineage, state, counts, outcome.timings, partition)
     answered = set(outcome.hits["accession"].unique().to_list()) | set(outcome.queries_without_hits)
@@ -218,16 +218,16 @@ def raw_result_shards(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
-    hits = pipeline.read_hits(config, partition)
+    hits = runner.read_hits(config, partition)
     annotations, _ = AnnotationStore(state.engine, cache_dir("annotations")).get(
-        pipeline.reference_scope(config, partition)
+        runner.reference_scope(config, partition)
     )
     timings: dict[str, float] = {}
-    raw = pipeline.build_raw_rows(
+    raw = runner.build_raw_rows(
         config, state.queries, partition, hits, annotations, state.engine, timings=timings
     )
     started = time.perf_counter()
-    paths = pipeline.write_raw(config, partition, raw, state.queries)
+    paths = runner.write_raw(config, partition, raw, state.queries)
     timings["write"] = time.perf_counter() - started
     counts = {"rows": raw.height, "accessions": raw["accession"].n_unique()}
     version = record_lineage(context, lineage, state, counts, timings, partition)
@@ -259,9 +259,9 @@ def topgo_exports(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
-    raw = pl.read_parquet(pipeline.partition_paths(config, partition)["raw"])
+    raw = pl.read_parquet(runner.partition_paths(config, partition)["raw"])
     started = time.perf_counter()
-    files = pipeline.write_partition_topgo(config, partition, raw)
+    files = runner.write_partition_topgo(config, partition, raw)
     exported = pl.concat([t for t in topgo_tables(raw).values()]) if raw.height else None
     missing = (
         exported.join(

@@ -4,7 +4,8 @@ import time
 
 import dagster as dg
 
-from ..core import pipeline
+from .. import runner
+from ..core.plan import Partition
 from ..core.summary import column_suffix
 from .lookup import raw_result_shards
 from .metadata import best_predictions
@@ -12,9 +13,9 @@ from .partitions import LookupState, partition_key, record_lineage
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 
-def materialised(state: LookupState) -> list[pipeline.Partition]:
+def materialised(state: LookupState) -> list[Partition]:
     """Current partitions whose raw rows exist on disk."""
-    return [p for p in state.partitions.values() if pipeline.partition_paths(state.config, p)["raw"].exists()]
+    return [p for p in state.partitions.values() if runner.partition_paths(state.config, p)["raw"].exists()]
 
 
 @dg.asset(
@@ -35,10 +36,10 @@ def lookup_summary(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    raw = pipeline.read_raw_rows(state.config, partitions)
-    path, summary = pipeline.write_summary(state.config, raw)
-    fasta, mapping = pipeline.write_sequences(state.config, state.queries, raw, state.engine)
-    records = pipeline.write_run_records(state.config, state.queries, list(state.partitions.values()))
+    raw = runner.read_raw_rows(state.config, partitions)
+    path, summary = runner.write_summary(state.config, raw)
+    fasta, mapping = runner.write_sequences(state.config, state.queries, raw, state.engine)
+    records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
     keys = [p.key for p in partitions]
     record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(keys)}, timings)
@@ -92,7 +93,7 @@ def topgo_ensemble(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    files = pipeline.write_ensemble(state.config, pipeline.read_raw_rows(state.config, partitions))
+    files = runner.write_ensemble(state.config, runner.read_raw_rows(state.config, partitions))
     record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
         metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "partitions": len(partitions)}

@@ -15,10 +15,10 @@ import dagster as dg
 from sqlalchemy.engine import Engine
 
 from ..config import LookupConfig
-from ..core import exports
-from ..core.pipeline import Partition, QuerySet, model_types, open_queries, plan_partitions, reference_scope
-from ..core.references import annotation_version, reference_fingerprint
+from ..core.plan import Partition, QuerySet, open_queries
+from ..db.reads import annotation_version, model_types, reference_fingerprint
 from ..paths import cache_dir
+from ..runner import plan_partitions, reference_scope
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
@@ -26,7 +26,7 @@ MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
 
 def partition_key(partition: Partition) -> str:
     """`{model}|layer_{k}`, with the model's folder name: names Dagster would refuse are hashed."""
-    return f"{exports.model_dir_name(partition.model.name)}|{exports.layer_dir_name(partition.layer)}"
+    return partition.key
 
 
 @dataclass

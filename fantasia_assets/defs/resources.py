@@ -61,11 +61,9 @@ class ComputeDevice(dg.ConfigurableResource):
     use_gpu: bool = True
 
     def device(self, config: LookupConfig) -> str:
-        if not (self.use_gpu and config.use_gpu and config.backend == "torch"):
-            return "cpu"
-        import torch
+        from ..core.device import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(config.backend, use_gpu=self.use_gpu and config.use_gpu)
 
 
 class MMseqs(dg.ConfigurableResource):

@@ -14,7 +14,6 @@ from fantasia_assets.core.alignment import (
     METRIC_COLUMNS,
     alignment_metrics,
     traceback_metrics,
-    unique_pair_metrics,
 )
 from fantasia_assets.db.sources import read_fasta
 from fantasia_assets_tests.conftest import shared_file
@@ -210,27 +209,3 @@ def test_a_memory_budget_below_one_table_still_aligns_everything(real_pairs):
     picked = real_pairs[:20]
     fast = alignment_metrics([q for q, _ in picked], [r for _, r in picked], workers=2, trace_memory_bytes=1)
     _assert_identical(fast, _expected(picked))
-
-
-def test_unique_pair_metrics():
-    pairs = pl.DataFrame(
-        {
-            "query_sequence": ["MKTAYIAKQR", "WHEAT", "MKTAYIAKQR", "WHEAT"],
-            "reference_sequence": ["MKTAYAKQR", "WHEAT", "MKTAYAKQR", "MKV"],
-            "accession": ["a", "b", "c", "d"],
-        }
-    )
-    unique = unique_pair_metrics(pairs)
-    assert unique.columns == ["query_sequence", "reference_sequence", *METRIC_COLUMNS]
-    assert unique.select("query_sequence", "reference_sequence").rows() == [
-        ("MKTAYIAKQR", "MKTAYAKQR"),
-        ("WHEAT", "WHEAT"),
-        ("WHEAT", "MKV"),
-    ]
-    assert unique.row(0, named=True) == {
-        "query_sequence": "MKTAYIAKQR",
-        "reference_sequence": "MKTAYAKQR",
-        **traceback_metrics("MKTAYIAKQR", "MKTAYAKQR"),
-    }
-    with pytest.raises(ValueError, match=r"lack column\(s\) \['reference_sequence'\]"):
-        unique_pair_metrics(pairs.drop("reference_sequence"))

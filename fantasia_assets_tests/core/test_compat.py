@@ -7,8 +7,8 @@ import polars as pl
 
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import compat, exports
-from fantasia_assets.core.pipeline import run_lookup
 from fantasia_assets.core.summary import SummarySpec, summarise, topgo_tables
+from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import SAMPLE
 from fantasia_assets_tests.hardening.helpers import config_dict, near_only
 

@@ -1,5 +1,7 @@
 """Output helpers: safe names, FASTA text, whole-folder replacement."""
 
+import pytest
+
 from fantasia_assets.core.exports import fasta_bytes, replace_dir, safe_name
 
 
@@ -29,9 +31,7 @@ def test_replace_dir_swaps_whole_content(tmp_path):
         (d / "c.csv").write_text("3")
         raise RuntimeError("disk full")
 
-    try:
+    with pytest.raises(RuntimeError, match="disk full"):
         replace_dir(target, failing)
-    except RuntimeError:
-        pass
     assert sorted(p.name for p in target.iterdir()) == ["b.csv"]  # a failed build leaves the old content
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer_0"]

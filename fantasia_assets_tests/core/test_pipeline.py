@@ -14,7 +14,7 @@ import yaml
 
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
-from fantasia_assets.core.pipeline import run_lookup
+from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
 
 
@@ -191,7 +191,8 @@ def test_sample_shards_keep_sequences_when_asked(sample_loaded, tmp_path):
 
 
 def test_reference_scope_filters_in_sql(sample_loaded):
-    from fantasia_assets.core.references import ReferenceScope, fetch_reference_matrix
+    from fantasia_assets.core.references import ReferenceScope
+    from fantasia_assets.db.reads import fetch_reference_matrix
 
     def rows(**scope):
         return fetch_reference_matrix(sample_loaded, ReferenceScope(1, 0, **scope), "test").sequence_ids
@@ -243,7 +244,8 @@ def test_legacy_layout_without_layers(engine, tmp_path):
 
 
 def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_path):
-    from fantasia_assets.core.references import ReferenceScope, ReferenceStore
+    from fantasia_assets.core.references import ReferenceScope
+    from fantasia_assets.db.stores import ReferenceStore
 
     store = ReferenceStore(sample_loaded, tmp_path, max_in_memory=0, max_on_disk=2)
     first = store.get(ReferenceScope(1, 0))

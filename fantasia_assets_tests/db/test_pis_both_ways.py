@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session
 
 from fantasia_assets.cli import main
 from fantasia_assets.config import parse_config
-from fantasia_assets.core.pipeline import run_lookup
 from fantasia_assets.db import get_engine, migrate
 from fantasia_assets.db.loader import load_references
 from fantasia_assets.db.models import SHARED_TABLES
+from fantasia_assets.runner import run_lookup
 from fantasia_assets.sample import SAMPLE_DIR
 from fantasia_assets_tests.db.pis import create_pis_database, pis, pis_url
 from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree, write_config

@@ -18,8 +18,9 @@ def _die() -> None:
 
 
 def main(config_path: str, mode: str) -> None:
+    from fantasia_assets import runner
     from fantasia_assets.config import load_config
-    from fantasia_assets.core import exports, pipeline
+    from fantasia_assets.core import exports, writers
 
     if mode.startswith("shards:"):
         limit = int(mode.split(":", 1)[1])
@@ -36,24 +37,24 @@ def main(config_path: str, mode: str) -> None:
 
         exports.os.writev = writev
     elif mode == "summary":
-        real_write_summary = pipeline.write_summary
+        real_write_summary = writers.write_summary
         real_write_all = exports._write_all
 
         def half_then_die(descriptor, data):
             os.write(descriptor, bytes(data[: len(data) // 2]))
             _die()
 
-        def write_summary(config, raw):
+        def write_summary(*args, **kwargs):
             exports._write_all = half_then_die
             try:
-                return real_write_summary(config, raw)
+                return real_write_summary(*args, **kwargs)
             finally:
                 exports._write_all = real_write_all
 
-        pipeline.write_summary = write_summary
+        writers.write_summary = write_summary
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    pipeline.run_lookup(load_config(config_path))
+    runner.run_lookup(load_config(config_path))
     raise SystemExit("the lookup finished: the kill point was never reached")
 
 

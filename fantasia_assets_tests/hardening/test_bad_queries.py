@@ -14,7 +14,8 @@ import pytest
 
 from fantasia_assets import cli
 from fantasia_assets.config import parse_config
-from fantasia_assets.core.pipeline import LookupPlanError, run_lookup
+from fantasia_assets.core.plan import LookupPlanError
+from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.hardening.helpers import (
     SAMPLE_QUERIES,
     config_dict,

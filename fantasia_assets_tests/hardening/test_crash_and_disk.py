@@ -14,7 +14,7 @@ import pytest
 from fantasia_assets import cli
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
-from fantasia_assets.core.pipeline import run_lookup
+from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import PROJECT
 from fantasia_assets_tests.hardening.helpers import config_dict, hidden, near_only, tree, write_config
 

@@ -21,10 +21,10 @@ import yaml
 from fantasia_assets import progress as progress_module
 from fantasia_assets.cli import main
 from fantasia_assets.config import parse_config
-from fantasia_assets.core.pipeline import run_lookup
 from fantasia_assets.db import get_engine, schema_ready
 from fantasia_assets.db.embedded import embedded_server
 from fantasia_assets.db.engine import dispose_engines, normalise_url, redacted
+from fantasia_assets.runner import run_lookup
 from fantasia_assets.sample import SAMPLE_DIR, load_sample
 from fantasia_assets_tests.conftest import PROJECT
 from fantasia_assets_tests.hardening.helpers import tree
@@ -141,7 +141,8 @@ def test_database_stopped_during_a_partition__clear_error_and_rerun_is_identical
     """Killed once the nth partition's reference matrix is in memory and its search has begun.
 
     The later stages still need the database (reference sequences for the raw rows, the next
-    partition's fingerprint), so the run fails; partitions before the nth are already written.
+    partition's fingerprint), so the run fails; it is all or nothing, so the partitions before
+    the nth, computed already, are not published either.
     """
     server, url = server_url
     experiment = tmp_path / "experiment"
@@ -169,10 +170,8 @@ def test_database_stopped_during_a_partition__clear_error_and_rerun_is_identical
     error_lines = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and captured.err.endswith(error_lines[0] + "\n"), captured.err
     _assert_unreachable_error(error_lines[0] + "\n", url)
-    # the partitions before the failing one were written (it may be too, when it found every
-    # sequence it needed in memory: then the next partition's fingerprint is what fails)
-    assert nth - 1 <= len(list(experiment.glob("parquet/*/*/raw_rows.parquet"))) < 4
-    assert not (experiment / "summary.csv").exists()  # the run-wide outputs were not
+    # nothing of the failed run is published: no partition, no run-wide output, no staging left
+    assert tree(experiment) == {}
 
     _restart(server)
     monkeypatch.setattr(progress_module, "terminal_progress", real_terminal_progress)

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from fantasia_assets import cli
 from fantasia_assets.config import parse_config
-from fantasia_assets.core.pipeline import run_lookup
+from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.hardening.helpers import config_dict, near_only, write_config
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
-from fantasia_assets.core.pipeline import run_lookup
 from fantasia_assets.db.loader import load_references
 from fantasia_assets.defs.partitions import partition_key
+from fantasia_assets.runner import run_lookup
 from fantasia_assets.sample import SAMPLE_DIR
 from fantasia_assets_tests.hardening.helpers import (
     config_dict,

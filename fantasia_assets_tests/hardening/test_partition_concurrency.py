@@ -9,9 +9,10 @@ import sys
 import threading
 import time
 
-from fantasia_assets.config import ModelConfig, parse_config
+from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
-from fantasia_assets.core.pipeline import Partition, partition_paths, run_lookup
+from fantasia_assets.core.plan import ModelSpec, Partition
+from fantasia_assets.runner import partition_paths, run_lookup
 from fantasia_assets_tests.conftest import PROJECT
 from fantasia_assets_tests.hardening.helpers import config_dict, hidden, near_only, tree, write_config
 
@@ -68,7 +69,7 @@ def test_partition_folders_of_distinct_models__never_the_same_even_after_sanitis
     config = parse_config(config_dict(tmp_path / "experiment"))
     names = ["a/b", "a_b", "a|b", "a,b", "ensemble", "a...b", "a_b~" + "0" * 10, "..", "x" * 300, "x" * 301]
     folders = {
-        partition_paths(config, Partition(ModelConfig(name), 1, layer))[area]
+        partition_paths(config, Partition(ModelSpec(name), 1, layer))[area]
         for name in names
         for layer in (0, None)
         for area in ("shards", "topgo")

@@ -1,0 +1,286 @@
+"""The lookup's science, stage by stage, on plain values: redundancy clusters, the exact k-NN
+search of one partition, and its raw rows (GO transfer, lengths, alignment metrics).
+
+Stages take arrays, frames and the settings they use; reading the database and the
+configuration is the caller's (`fantasia_assets.runner`, the Dagster assets).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from . import exports
+from .alignment import alignment_metrics
+from .distributed import Exclusions, slice_exclusions
+from .knn import SearchEngine
+from .plan import LookupPlanError, Partition, QuerySet
+from .progress import Progress, no_progress
+from .queries import describe_key
+from .redundancy import cluster_sequences, exclusion_csr
+from .references import ReferenceMatrix
+from .timing import timed
+from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
+
+log = logging.getLogger(__name__)
+
+# alignment scores and lengths are whole numbers: written as integers, not with `precision` digits
+COUNT_COLUMNS = ["alignment_score", "alignment_length", "alignment_score_sw", "alignment_length_sw"]
+_WARN_EACH = 20
+
+# reference sequence id → sequence, for the ids asked (a `db.stores.SequenceCache`, or a dict's lookup)
+SequenceSource = Callable[[np.ndarray], Mapping[int, str]]
+
+
+def redundancy_clusters(
+    queries: QuerySet,
+    reference_sequences: pl.DataFrame,
+    *,
+    identity: float,
+    coverage: float,
+    threads: int,
+    cache_dir: Path,
+    progress: Progress = no_progress,
+) -> dict[str, str]:
+    """MMseqs2 clusters of every reference (`R{id}`) and query (`Q{query_idx}`) sequence."""
+    sequences = {f"R{sid}": seq for sid, seq in reference_sequences.iter_rows()}
+    sequences.update({f"Q{i}": seq for i, seq in enumerate(queries.sequences)})
+    return cluster_sequences(
+        sequences,
+        identity=identity,
+        coverage=coverage,
+        threads=threads,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
+@dataclass
+class SearchOutcome:
+    hits: pl.DataFrame
+    matrix: ReferenceMatrix
+    n_queries: int
+    queries_without_hits: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+    matrix_source: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason): not searched
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The configuration keys the search reads (the partition's model adds threshold and batch)."""
+
+    metric: str = "cosine"
+    backend: str = "torch"
+    device: str = "cpu"
+    limit_per_entry: int = 5
+    batch_size: int = 516
+    tie_expansion: bool = False
+
+
+# (queries (n, dim), exclusion CSR or None, batch) → (start row, (distances, indices)) of every
+# batch of `batch` rows, in order
+BatchSearch = Callable[
+    [np.ndarray, Exclusions | None, int], Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]]
+]
+
+
+def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition) -> BatchSearch:
+    """The engine built here on the matrix, searched batch after batch."""
+
+    def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
+        engine = SearchEngine(settings.metric, settings.backend, settings.device).build(matrix.vectors)
+        for start in range(0, len(vectors), batch):
+            stop = min(start + batch, len(vectors))
+            yield (
+                start,
+                engine.search(
+                    vectors[start:stop],
+                    settings.limit_per_entry,
+                    threshold=partition.model.distance_threshold,
+                    exclude=slice_exclusions(exclude, start, stop),
+                    tie_expansion=settings.tie_expansion,
+                ),
+            )
+
+    return search
+
+
+def search_partition(
+    queries: QuerySet,
+    partition: Partition,
+    matrix: ReferenceMatrix,
+    settings: SearchSettings,
+    clusters: dict[str, str] | None = None,
+    progress: Progress = no_progress,
+    timings: dict[str, float] | None = None,
+    batch_search: BatchSearch | None = None,
+) -> SearchOutcome:
+    """Exact k-NN of every usable query of the partition against its reference matrix.
+
+    The batches are searched in this process, or by `batch_search` (the runner's blocks on a
+    Dask cluster, `core.distributed`), which must return the same batches in the same order.
+    """
+    timings = timings if timings is not None else {}
+    with timed(timings, "read queries"):
+        vectors, rows, skipped = usable_queries(queries, partition, matrix.dim)
+    with timed(timings, "redundancy mask"):
+        exclude = None
+        if clusters is not None:
+            exclude = exclusion_csr(
+                [f"Q{i}" for i in queries.query_idx[rows]],
+                [f"R{sid}" for sid in matrix.sequence_ids],
+                clusters,
+            )
+    with timed(timings, "search"):
+        batch = partition.model.batch_size or settings.batch_size
+        searched = (batch_search or in_process_search(matrix, settings, partition))(vectors, exclude, batch)
+        parts = []
+        for start, (distances, indices) in searched:
+            stop = min(start + batch, len(rows))
+            parts.append(
+                neighbour_hits(
+                    [queries.catalogue.accessions[r] for r in rows[start:stop]],
+                    queries.query_idx[rows[start:stop]],
+                    distances,
+                    indices,
+                    matrix.sequence_ids,
+                )
+            )
+            progress(f"search {partition.key}", stop, len(rows))
+    hits = pl.concat(parts) if parts else pl.DataFrame(schema=HIT_SCHEMA)
+    found = set(hits["accession"].unique().to_list())
+    without = sorted(
+        queries.catalogue.accessions[r] for r in rows if queries.catalogue.accessions[r] not in found
+    )
+    return SearchOutcome(hits, matrix, len(rows), without, timings, None, skipped)
+
+
+def usable_queries(
+    queries: QuerySet, partition: Partition, dim: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """The partition's query vectors that can be searched, and every query left out, with why.
+
+    A query without this layer, with a vector of the wrong length or with NaN/Inf values is
+    left out with a warning naming the file, group and reason; the others are searched. When
+    none is usable the partition fails with the first reasons (a wrong model id, typically).
+    """
+    catalogue = queries.catalogue
+    key = (partition.type_id, partition.layer)
+    vectors, rows, skipped = catalogue.read_valid(key, dim)
+    present = np.zeros(len(catalogue.accessions), dtype=bool)
+    present[catalogue.layers[key].rows] = True
+    absent = [
+        (catalogue.group(int(r)), f"no {describe_key(key)} embedding") for r in np.flatnonzero(~present)
+    ]
+    skipped = absent + skipped
+    if not len(rows):
+        reasons = "; ".join(f"{group}: {reason}" for group, reason in skipped[:3])
+        raise LookupPlanError(
+            f"{queries.path}: no usable query vector for {partition.model.name} "
+            f"{exports.layer_dir_name(partition.layer)} (reference vectors have {dim} values; is "
+            f"type_{partition.type_id} the right model?): {reasons}"
+        )
+    for group, reason in skipped[:_WARN_EACH]:
+        log.warning("%s: %s left out of %s: %s", queries.path, group, partition.key, reason)
+    if len(skipped) > _WARN_EACH:
+        log.warning(
+            "%s: %d more queries left out of %s; all are listed in skipped_queries.csv",
+            queries.path, len(skipped) - _WARN_EACH, partition.key,
+        )  # fmt: skip
+    return vectors, rows, skipped
+
+
+class AlignmentCache:
+    """Alignment metrics by (query_idx, ref_idx), computed once per run across partitions."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._known = pl.DataFrame(schema={"query_idx": pl.Int64, "ref_idx": pl.Int64})
+
+    def metrics(
+        self, pairs: pl.DataFrame, query_sequences: list[str], ref_sequences: Mapping[int, str]
+    ) -> pl.DataFrame:
+        pairs = pairs.select("query_idx", "ref_idx").unique().sort("query_idx", "ref_idx")
+        new = pairs.join(self._known.select("query_idx", "ref_idx"), on=["query_idx", "ref_idx"], how="anti")
+        if new.height:
+            computed = alignment_metrics(
+                [query_sequences[i] for i in new["query_idx"].to_list()],
+                [ref_sequences[i] for i in new["ref_idx"].to_list()],
+                workers=self.workers,
+            )
+            self._known = pl.concat(
+                [self._known, pl.concat([new, computed], how="horizontal")], how="diagonal"
+            )
+        return pairs.join(self._known, on=["query_idx", "ref_idx"], how="left")
+
+
+@dataclass(frozen=True)
+class RawRowSettings:
+    """The configuration keys the raw rows read."""
+
+    metric: str = "cosine"
+    keep_sequences: bool = False
+    alignment: bool = True
+    alignment_workers: int = 4
+
+
+def build_raw_rows(
+    queries: QuerySet,
+    partition: Partition,
+    hits: pl.DataFrame,
+    annotations: pl.DataFrame,
+    sequences: SequenceSource,
+    settings: RawRowSettings,
+    alignments: AlignmentCache | None = None,
+    timings: dict[str, float] | None = None,
+) -> pl.DataFrame:
+    """SPEC §4.1 raw rows of one partition, sorted by accession, rank, protein, GO id."""
+    timings = timings if timings is not None else {}
+    with timed(timings, "transfer"):
+        rows = transfer_annotations(hits, annotations, settings.metric)
+        ref_map = dict(sequences(rows["ref_idx"].to_numpy()))
+        query_lengths = pl.DataFrame(
+            {
+                "query_idx": np.arange(len(queries.sequences)),
+                "query_len": [len(s) for s in queries.sequences],
+            },
+            schema={"query_idx": pl.Int64, "query_len": pl.Int64},
+        )
+        ref_lengths = pl.DataFrame(
+            {"ref_idx": list(ref_map), "ref_len": [len(s) for s in ref_map.values()]},
+            schema={"ref_idx": pl.Int64, "ref_len": pl.Int64},
+        )
+        rows = rows.join(query_lengths, on="query_idx", how="left").join(
+            ref_lengths, on="ref_idx", how="left"
+        )
+        rows = rows.with_columns(
+            pl.lit(partition.model.name).alias("model_name"),
+            pl.lit(partition.type_id, dtype=pl.Int64).alias("embedding_type_id"),
+            pl.lit(partition.layer, dtype=pl.Int64).alias("layer_index"),
+            pl.lit(settings.metric).alias("distance_metric"),
+            pl.lit(partition.model.distance_threshold, dtype=pl.Float64).alias("distance_threshold"),
+        )
+        if settings.keep_sequences:
+            rows = rows.with_columns(
+                pl.col("query_idx")
+                .map_elements(lambda i: queries.sequences[i], return_dtype=pl.String)
+                .alias("sequence_query"),
+                pl.col("ref_idx").replace_strict(ref_map, return_dtype=pl.String).alias("sequence_reference"),
+            )
+    if settings.alignment and rows.height:
+        with timed(timings, "alignment"):
+            cache = alignments or AlignmentCache(settings.alignment_workers)
+            metrics = cache.metrics(rows, queries.sequences, ref_map)
+            rows = rows.join(metrics, on=["query_idx", "ref_idx"], how="left").with_columns(
+                pl.col(COUNT_COLUMNS).cast(pl.Int64)
+            )
+    columns = exports.raw_columns(settings.keep_sequences, settings.alignment)
+    if not rows.height:
+        return pl.DataFrame(schema={c: rows.schema.get(c, pl.String) for c in columns})
+    return rows.sort(["accession", "rank", "protein_id", "go_id"]).select(columns)

@@ -1,0 +1,99 @@
+"""All or nothing per run: a run's outputs are built aside and published together at the end.
+
+A run of the whole lookup writes every output set (each partition's Parquet, shards and TopGO;
+then the run-wide summary, ensemble, FASTA, mapping and records) into a hidden staging folder
+`.run.{pid}-{random}.staging` under experiment_path, in the final layout. Only when everything
+is written does `publish` record the list of entries in the folder's manifest and move them
+into place, partition sets first, then the run-wide set. A run that fails before that leaves
+the previous outputs exactly as they were, and removes its staging folder.
+
+A run killed while publishing leaves a manifest behind: the next run (`recover`) finishes its
+moves before starting, so the tree becomes the killed run's complete outputs, never a mix. A
+staging folder without a manifest (killed while writing) is removed. Folders of live processes
+(a concurrent run) are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+from . import exports
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+_NAME = "run"  # staging folders are `.run.{pid}-{random}.staging`
+
+
+def _pid_of(folder: Path) -> int | None:
+    pid = folder.name[len(_NAME) + 2 :].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def recover(experiment_path: Path) -> None:
+    """Finish the publication of runs killed while publishing; drop the rest of dead runs' staging."""
+    if not experiment_path.is_dir():
+        return
+    for folder in sorted(experiment_path.glob(f".{_NAME}.*.staging")):
+        pid = _pid_of(folder)
+        if pid is not None and pid != os.getpid() and exports.pid_alive(pid):
+            continue
+        manifest = folder / MANIFEST
+        if manifest.exists():
+            entries = [Path(entry) for entry in json.loads(manifest.read_text())["entries"]]
+            log.warning("%s: finishing the publication of a run that was killed while publishing", folder)
+            _move_all(folder, experiment_path, entries)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _move_all(staging: Path, experiment_path: Path, entries: list[Path]) -> None:
+    for entry in entries:
+        staged, target = staging / entry, experiment_path / entry
+        exports.remove_stale_siblings(target)
+        if staged.exists() or staged.is_symlink():  # moved already by an earlier, killed attempt otherwise
+            exports.swap_in(staged, target)
+
+
+class RunStaging:
+    """The staging folder of one run: write under `root`, then `publish(entries)`.
+
+    Used as a context manager: leaving it without publishing (an error) removes the folder;
+    an `OutputWriteError` then names the final path rather than the staging one.
+    """
+
+    def __init__(self, experiment_path: Path) -> None:
+        self.experiment_path = Path(experiment_path)
+        self.experiment_path.mkdir(parents=True, exist_ok=True)
+        recover(self.experiment_path)
+        self.root = exports.tmp_sibling(self.experiment_path / _NAME, "staging")
+        self.root.mkdir()
+
+    def __enter__(self) -> RunStaging:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if isinstance(error, exports.OutputWriteError):
+            message = str(error).replace(str(self.root), str(self.experiment_path))
+            raise exports.OutputWriteError(error.errno, message) from error
+
+    def publish(self, entries: list[Path]) -> None:
+        """Move `entries` (paths relative to experiment_path, written under `root`) into place."""
+        missing = [str(entry) for entry in entries if not (self.root / entry).exists()]
+        if missing:
+            raise FileNotFoundError(f"staged outputs missing before publication: {missing}")
+
+        def publish() -> None:
+            exports.write_bytes_atomic(
+                self.root / MANIFEST, json.dumps({"entries": [str(e) for e in entries]}).encode()
+            )
+            _move_all(self.root, self.experiment_path, entries)
+
+        exports.writing(self.experiment_path, publish)

@@ -1,0 +1,151 @@
+"""Writing and reading back the lookup's outputs (SPEC §4) under a root folder, each atomically.
+
+`root` is experiment_path (the Dagster assets write there directly) or a run's staging folder
+(the CLI's whole-run lookup, published at the end by `core.staging`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from . import compat, exports
+from .layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, SKIPPED, SUMMARY, partition_paths
+from .plan import LookupPlanError, Partition, QuerySet
+from .stages import SearchOutcome
+from .summary import SummarySpec, summarise, topgo_ensemble, topgo_tables
+
+
+def write_hits(root: Path, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
+    """The partition's neighbours, the queries that have none within the threshold, and the
+    queries left out of it."""
+    paths = partition_paths(root, partition)
+    exports.write_parquet_atomic(paths["hits"], outcome.hits)
+    exports.write_parquet_atomic(
+        paths["no_hits"],
+        pl.DataFrame({"accession": outcome.queries_without_hits}, schema={"accession": pl.String}),
+    )
+    exports.write_parquet_atomic(
+        paths["skipped"],
+        pl.DataFrame(outcome.skipped, schema={"group": pl.String, "reason": pl.String}, orient="row"),
+    )
+    return paths
+
+
+def read_hits(root: Path, partition: Partition) -> pl.DataFrame:
+    path = partition_paths(root, partition)["hits"]
+    if not path.exists():
+        raise LookupPlanError(f"{partition.key}: neighbour hits not computed yet ({path})")
+    return pl.read_parquet(path)
+
+
+def shard_file_names(queries: QuerySet, fantasia_compat: bool = False) -> dict[str, str]:
+    """Accession → raw shard file name (FANTASIA's lower case in compat mode)."""
+    return compat.shard_names(queries.shard_names) if fantasia_compat else queries.shard_names
+
+
+def write_raw(
+    root: Path,
+    partition: Partition,
+    raw: pl.DataFrame,
+    shard_names: dict[str, str],
+    precision: int,
+    fantasia_compat: bool = False,
+) -> dict[str, Path]:
+    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
+    paths = partition_paths(root, partition)
+    exports.write_parquet_atomic(paths["raw"], raw)
+    shards = compat.with_length_columns(raw) if fantasia_compat else raw
+    exports.write_raw_shards(paths["shards"], shards, shards.columns, precision, shard_names)
+    return paths
+
+
+def write_partition_topgo(
+    root: Path, partition: Partition, raw: pl.DataFrame, precision: int, fantasia_compat: bool = False
+) -> list[Path]:
+    per_layer = compat.topgo_tables(raw, precision) if fantasia_compat else topgo_tables(raw)
+    tables = {category: table for (_, _, category), table in per_layer.items()}
+    return exports.write_topgo_dir(partition_paths(root, partition)["topgo"], tables, precision)
+
+
+def read_raw_rows(root: Path, partitions: list[Partition]) -> pl.DataFrame:
+    """The raw rows of the given partitions, from their Parquet files."""
+    files = [partition_paths(root, p)["raw"] for p in partitions]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise LookupPlanError(f"partitions not computed yet: {', '.join(missing)}")
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else pl.DataFrame()
+
+
+def write_summary(
+    root: Path,
+    raw: pl.DataFrame,
+    spec: SummarySpec,
+    limit_per_entry: int,
+    precision: int,
+    fantasia_compat: bool = False,
+) -> tuple[Path, pl.DataFrame]:
+    if fantasia_compat:
+        summary = compat.summary(raw, spec, limit_per_entry, precision)
+    else:
+        summary = summarise(raw, spec, limit_per_entry)
+    path = root / SUMMARY
+    exports.write_bytes_atomic(path, exports.csv_bytes(summary, precision))
+    return path, summary
+
+
+def write_ensemble(root: Path, raw: pl.DataFrame, precision: int) -> list[Path]:
+    return exports.write_topgo_dir(root / ENSEMBLE, topgo_ensemble(raw), precision)
+
+
+def write_sequences(
+    root: Path, queries: QuerySet, references: dict[int, str], precision: int
+) -> tuple[Path, Path]:
+    """sequences.fasta (>Q{query_idx}, >R{ref_idx}) and query_index_mapping.csv.
+
+    `references`: the sequence of every reference the raw rows name.
+    """
+    records = [(f"Q{i}", s) for i, s in enumerate(queries.sequences)]
+    records += [(f"R{sid}", s) for sid, s in sorted(references.items())]
+    fasta = root / FASTA
+    exports.write_bytes_atomic(fasta, exports.fasta_bytes(records))
+    mapping = root / MAPPING
+    exports.write_bytes_atomic(mapping, exports.csv_bytes(queries.mapping(), precision))
+    return fasta, mapping
+
+
+def write_run_records(
+    root: Path, queries: QuerySet, partitions: list[Partition], shard_names: dict[str, str]
+) -> dict[str, Path]:
+    """output_names.csv (original name → file or folder name) and skipped_queries.csv.
+
+    Names from data become file names only after sanitising (`exports.safe_name`); these files
+    record the exact original of every changed or unchanged name, and every query group left
+    out of the lookup (in the whole file, or of one partition) with the reason (read from the
+    partitions' Parquet under `root`).
+    """
+    names = [("accession", accession, file) for accession, file in shard_names.items()]
+    models = {p.model.name for p in partitions}
+    names += [("model", model, exports.model_dir_name(model)) for model in sorted(models)]
+    frame = pl.DataFrame(
+        names, schema={"kind": pl.String, "name": pl.String, "file_name": pl.String}, orient="row"
+    )
+    names_path = root / OUTPUT_NAMES
+    # not csv_bytes: names are recorded exactly (CSV quoting keeps line breaks), never rewritten
+    exports.write_bytes_atomic(names_path, frame.write_csv().encode("utf-8"))
+    skipped = [(group, "", reason) for group, reason in queries.catalogue.skipped]
+    for partition in partitions:
+        path = partition_paths(root, partition)["skipped"]
+        if path.exists():
+            skipped += [(group, partition.key, reason) for group, reason in pl.read_parquet(path).iter_rows()]
+    skipped_path = root / SKIPPED
+    exports.write_bytes_atomic(
+        skipped_path,
+        pl.DataFrame(
+            skipped, schema={"group": pl.String, "partition": pl.String, "reason": pl.String}, orient="row"
+        )
+        .write_csv()
+        .encode("utf-8"),
+    )
+    return {"output names": names_path, "skipped queries": skipped_path}

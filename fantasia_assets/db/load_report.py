@@ -1,0 +1,78 @@
+"""What a load of references did (changes per table, skips, timings), and its error class."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from fantasia_assets.errors import FantasiaError
+
+
+class LoadError(FantasiaError, ValueError):
+    """The inputs cannot be loaded as asked; nothing was written."""
+
+
+@dataclass
+class Change:
+    """Rows inserted and updated by one merge, and rows that were already identical."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+
+    def __str__(self) -> str:
+        text = f"{self.inserted:,} new, {self.updated:,} updated, {self.unchanged:,} unchanged"
+        return text + (f", {self.deleted:,} removed" if self.deleted else "")
+
+
+@dataclass
+class LoadReport:
+    """What a load did: changes per table, totals, skips with reasons, and stage timings."""
+
+    go_terms: Change = field(default_factory=Change)
+    sequences: Change = field(default_factory=Change)
+    proteins: Change = field(default_factory=Change)
+    annotations: Change = field(default_factory=Change)
+    annotations_by_aspect: dict[str, int] = field(default_factory=dict)
+    model: str | None = None
+    embedding_type_id: int | None = None
+    embeddings_by_layer: dict[int | None, Change] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def embedding_rows(self) -> int:
+        return sum(c.inserted + c.updated + c.unchanged for c in self.embeddings_by_layer.values())
+
+    def lines(self) -> list[str]:
+        """A human-readable account, one line per fact."""
+        out = []
+        if self.go_terms.inserted + self.go_terms.updated + self.go_terms.unchanged:
+            out.append(f"GO terms:     {self.go_terms}")
+        if self.proteins.inserted + self.proteins.updated + self.proteins.unchanged:
+            out.append(f"sequences:    {self.sequences}")
+            out.append(f"proteins:     {self.proteins}")
+            out.append(f"annotations:  {self.annotations}")
+            aspects = ", ".join(f"{k} {v:,}" for k, v in sorted(self.annotations_by_aspect.items()))
+            out.append(f"  kept by aspect: {aspects}")
+        for layer, change in self.embeddings_by_layer.items():
+            name = f"layer_{layer}" if layer is not None else "legacy (no layer)"
+            out.append(f"embeddings:   {self.model} (type_{self.embedding_type_id}) {name}: {change}")
+        for reason, count in sorted(self.skipped.items()):
+            if count:
+                out.append(f"skipped:      {count:,} {reason}")
+        if self.timings:
+            out.append("timings (s):  " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+        return out
+
+
+@dataclass
+class Annotations:
+    """Proteins and annotations of the GAF files, ready to merge; `covered`: every protein named."""
+
+    proteins: pl.DataFrame
+    annotations: pl.DataFrame
+    covered: list[str]

@@ -1,0 +1,402 @@
+"""The lookup on a configuration and a reference database: what the CLI and the assets call.
+
+Core stages (`core.plan`, `core.stages`, `core.writers`) take plain values; this module reads
+them off a `LookupConfig`, fetches what the stages need from the database (`db.reads`,
+`db.stores`) and hands the arrays and frames over. `run_lookup` is the whole lookup in one
+process (the CLI's); the Dagster assets call the single stages below, one asset each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sqlalchemy.engine import Engine
+
+from .config import LookupConfig
+from .core import writers
+from .core.device import resolve_device
+from .core.distributed import BlockSettings, DaskSearch, MatrixFile
+from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
+from .core.layout import partition_paths as _partition_paths
+from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
+from .core.plan import plan_partitions as _plan_partitions
+from .core.progress import Progress, no_progress
+from .core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
+from .core.stages import AlignmentCache, BatchSearch, RawRowSettings, SearchOutcome, SearchSettings
+from .core.stages import build_raw_rows as _build_raw_rows
+from .core.stages import redundancy_clusters as _redundancy_clusters
+from .core.stages import search_partition as _search_partition
+from .core.staging import RunStaging
+from .core.timing import timed
+from .db.engine import get_engine
+from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
+from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
+from .paths import cache_dir
+
+# ---------------------------------------------------------------------------------------------
+# configuration → plain values
+
+
+def model_specs(config: LookupConfig) -> list[ModelSpec]:
+    """The enabled models as the plan sees them."""
+    return [
+        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index) for m in config.enabled_models()
+    ]
+
+
+def plan_partitions(config: LookupConfig, queries: QuerySet, types: dict[str, int]) -> list[Partition]:
+    """Enabled models known to the database × requested layers present in the query file."""
+    return _plan_partitions(model_specs(config), queries, types)
+
+
+def reference_scope(config: LookupConfig, partition: Partition) -> ReferenceScope:
+    include, exclude = config.taxonomy.resolve()
+    return ReferenceScope(partition.type_id, partition.layer, include, exclude, config.limit_execution)
+
+
+def device_for(config: LookupConfig) -> str:
+    """ "cuda" when the GPU is wanted, the backend is torch and a GPU is present; else "cpu"."""
+    return resolve_device(config.backend, use_gpu=config.use_gpu)
+
+
+def search_settings(config: LookupConfig, device: str | None = None) -> SearchSettings:
+    return SearchSettings(
+        metric=config.distance_metric,
+        backend=config.backend,
+        device=device or device_for(config),
+        limit_per_entry=config.limit_per_entry,
+        batch_size=config.batch_size,
+        tie_expansion=config.tie_expansion,
+    )
+
+
+def raw_row_settings(config: LookupConfig) -> RawRowSettings:
+    return RawRowSettings(
+        config.distance_metric, config.keep_sequences, config.alignment, config.store_workers
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# stages that read the database
+
+
+def redundancy_clusters(
+    config: LookupConfig,
+    queries: QuerySet,
+    engine: Engine,
+    partitions: list[Partition],
+    cache: Path,
+    progress: Progress = no_progress,
+) -> dict[str, str] | None:
+    """MMseqs2 clusters of every reference and query sequence, or None when masking is off."""
+    if config.redundancy.identity <= 0 or not partitions:
+        return None
+    include, exclude = config.taxonomy.resolve()
+    references = fetch_reference_sequences(engine, sorted({p.type_id for p in partitions}), include, exclude)
+    return _redundancy_clusters(
+        queries,
+        references,
+        identity=config.redundancy.identity,
+        coverage=config.redundancy.coverage,
+        threads=config.redundancy.threads,
+        cache_dir=cache,
+        progress=progress,
+    )
+
+
+def search_partition(
+    config: LookupConfig,
+    queries: QuerySet,
+    partition: Partition,
+    store: ReferenceStore,
+    clusters: dict[str, str] | None = None,
+    device: str | None = None,
+    progress: Progress = no_progress,
+    cluster: DaskSearch | None = None,
+) -> SearchOutcome:
+    """The partition's reference matrix (from the store), then the exact k-NN of its queries,
+    in this process or, with `cluster`, in blocks on the Dask cluster's workers."""
+    timings: dict[str, float] = {}
+    with timed(timings, "references"):
+        matrix = store.get(reference_scope(config, partition), progress)
+    settings = search_settings(config, device)
+    batch_search = None
+    if cluster is not None:
+        batch_search = cluster_search(cluster, config, partition, store.cache_file(matrix), matrix, settings)
+    outcome = _search_partition(
+        queries, partition, matrix, settings, clusters, progress, timings, batch_search
+    )
+    outcome.matrix_source = store.last_source
+    return outcome
+
+
+def cluster_search(
+    cluster: DaskSearch,
+    config: LookupConfig,
+    partition: Partition,
+    matrix_file: Path,
+    matrix: ReferenceMatrix,
+    settings: SearchSettings,
+) -> BatchSearch:
+    """The partition's batches searched in blocks on the cluster (`core.distributed`)."""
+    where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim)
+
+    def search(vectors: np.ndarray, exclude, batch: int):
+        block = BlockSettings(
+            metric=settings.metric,
+            backend=settings.backend,
+            use_gpu=config.use_gpu,
+            k=settings.limit_per_entry,
+            threshold=partition.model.distance_threshold,
+            tie_expansion=settings.tie_expansion,
+            batch=batch,
+            engine_budget=0,  # set by the block plan
+        )
+        return cluster.search(where, block, vectors, exclude, partition.key)
+
+    return search
+
+
+def build_raw_rows(
+    config: LookupConfig,
+    queries: QuerySet,
+    partition: Partition,
+    hits: pl.DataFrame,
+    annotations: pl.DataFrame,
+    engine: Engine,
+    alignments: AlignmentCache | None = None,
+    timings: dict[str, float] | None = None,
+    sequences: SequenceCache | None = None,
+) -> pl.DataFrame:
+    """SPEC §4.1 raw rows of one partition (reference sequences from `sequences` or the database)."""
+    return _build_raw_rows(
+        queries,
+        partition,
+        hits,
+        annotations,
+        sequences or SequenceCache(engine),
+        raw_row_settings(config),
+        alignments,
+        timings,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs under experiment_path
+
+
+def partition_paths(config: LookupConfig, partition: Partition) -> dict[str, Path]:
+    return _partition_paths(config.experiment_path, partition)
+
+
+def write_hits(config: LookupConfig, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
+    return writers.write_hits(config.experiment_path, partition, outcome)
+
+
+def read_hits(config: LookupConfig, partition: Partition) -> pl.DataFrame:
+    return writers.read_hits(config.experiment_path, partition)
+
+
+def shard_file_names(config: LookupConfig, queries: QuerySet) -> dict[str, str]:
+    """Accession → raw shard file name under this configuration (FANTASIA's lower case in compat)."""
+    return writers.shard_file_names(queries, config.fantasia_compat)
+
+
+def write_raw(
+    config: LookupConfig, partition: Partition, raw: pl.DataFrame, queries: QuerySet
+) -> dict[str, Path]:
+    return writers.write_raw(
+        config.experiment_path,
+        partition,
+        raw,
+        shard_file_names(config, queries),
+        config.precision,
+        config.fantasia_compat,
+    )
+
+
+def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> list[Path]:
+    return writers.write_partition_topgo(
+        config.experiment_path, partition, raw, config.precision, config.fantasia_compat
+    )
+
+
+def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
+    return writers.read_raw_rows(config.experiment_path, partitions)
+
+
+def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
+    return writers.write_summary(
+        config.experiment_path,
+        raw,
+        config.summary,
+        config.limit_per_entry,
+        config.precision,
+        config.fantasia_compat,
+    )
+
+
+def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
+    return writers.write_ensemble(config.experiment_path, raw, config.precision)
+
+
+def reference_sequences_of(raw: pl.DataFrame, sequences: SequenceCache) -> dict[int, str]:
+    """The sequence of every reference the raw rows name."""
+    return sequences.get(raw["ref_idx"].to_numpy()) if raw.height else {}
+
+
+def write_sequences(
+    config: LookupConfig,
+    queries: QuerySet,
+    raw: pl.DataFrame,
+    engine: Engine,
+    sequences: SequenceCache | None = None,
+) -> tuple[Path, Path]:
+    references = reference_sequences_of(raw, sequences or SequenceCache(engine))
+    return writers.write_sequences(config.experiment_path, queries, references, config.precision)
+
+
+def write_run_records(
+    config: LookupConfig, queries: QuerySet, partitions: list[Partition]
+) -> dict[str, Path]:
+    return writers.write_run_records(
+        config.experiment_path, queries, partitions, shard_file_names(config, queries)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole lookup in one process (CLI)
+
+
+@dataclass
+class PartitionReport:
+    partition: Partition
+    n_queries: int
+    n_hits: int
+    n_rows: int
+    queries_without_hits: int
+    n_references: int
+    matrix_source: str | None
+    timings: dict[str, float]
+    skipped: int = 0
+
+
+@dataclass
+class LookupResult:
+    config: LookupConfig
+    partitions: list[PartitionReport]
+    outputs: dict[str, Path]
+    timings: dict[str, float]
+
+
+def run_lookup(
+    config: LookupConfig,
+    engine: Engine | None = None,
+    progress: Progress = no_progress,
+    cluster: DaskSearch | None = None,
+) -> LookupResult:
+    """The whole lookup for every enabled (model, layer), then the run-wide outputs.
+
+    All or nothing: every output set is built in a staging folder and published at the end
+    (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
+    """
+    engine = engine or get_engine()
+    timings: dict[str, float] = {}
+    with timed(timings, "scan queries"):
+        queries = open_queries(config.embeddings_path, cache_dir("queries"))
+    types = model_types(engine)
+    if not types:  # the tables exist (migrated on first use), but nothing was loaded
+        raise ReferenceSetError(NEVER_LOADED)
+    partitions = plan_partitions(config, queries, types)
+    if not partitions:
+        raise LookupPlanError(
+            f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
+            f"query file {queries.path}; see the warnings above"
+        )
+    with timed(timings, "redundancy clustering"):
+        clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
+    with timed(timings, "annotations"):
+        annotations, _ = AnnotationStore(engine, cache_dir("annotations")).get(
+            reference_scope(config, partitions[0])
+        )
+    store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
+    alignments = AlignmentCache(config.store_workers)
+    sequences = SequenceCache(engine)
+    device = device_for(config)
+    shard_names = shard_file_names(config, queries)
+    reports, raw_frames, entries = [], [], []
+    with RunStaging(config.experiment_path) as staging:
+        root = staging.root
+        for partition in partitions:
+            outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
+            raw = build_raw_rows(
+                config,
+                queries,
+                partition,
+                outcome.hits,
+                annotations,
+                engine,
+                alignments,
+                outcome.timings,
+                sequences,
+            )
+            with timed(outcome.timings, "write partition"):
+                writers.write_hits(root, partition, outcome)
+                writers.write_raw(root, partition, raw, shard_names, config.precision, config.fantasia_compat)
+                if config.topgo:
+                    writers.write_partition_topgo(
+                        root, partition, raw, config.precision, config.fantasia_compat
+                    )
+            files = partition_files(partition)
+            entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
+            raw_frames.append(raw)
+            reports.append(
+                PartitionReport(
+                    partition,
+                    outcome.n_queries,
+                    outcome.hits.height,
+                    raw.height,
+                    len(outcome.queries_without_hits),
+                    len(outcome.matrix),
+                    outcome.matrix_source,
+                    outcome.timings,
+                    len(outcome.skipped),
+                )
+            )
+        # the frames just written, not re-read from their Parquet files
+        raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
+        with timed(timings, "summary"):
+            writers.write_summary(
+                root,
+                raw_all,
+                config.summary,
+                config.limit_per_entry,
+                config.precision,
+                config.fantasia_compat,
+            )
+        if config.topgo:
+            with timed(timings, "topgo ensemble"):
+                writers.write_ensemble(root, raw_all, config.precision)
+        with timed(timings, "fasta+mapping"):
+            references = reference_sequences_of(raw_all, sequences)
+            writers.write_sequences(root, queries, references, config.precision)
+            writers.write_run_records(root, queries, partitions, shard_names)
+        entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        with timed(timings, "publish"):
+            staging.publish(entries)
+    base = config.experiment_path
+    outputs = {"summary": base / SUMMARY, "raw shards": base / "raw_results"}
+    if config.topgo:
+        outputs["TopGO"] = base / "topgo"
+    outputs.update(
+        {
+            "sequences": base / FASTA,
+            "query mapping": base / MAPPING,
+            "output names": base / OUTPUT_NAMES,
+            "skipped queries": base / SKIPPED,
+        }
+    )
+    return LookupResult(config, reports, outputs, timings)

@@ -1,0 +1,48 @@
+"""The one halfvec COPY codec: what the loader encodes, the reference fetch decodes exactly."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from pgvector import HalfVector
+
+from fantasia_assets.core.references import ReferenceSetError
+from fantasia_assets.db import halfvec
+
+
+def test_encode_then_decode_returns_ids_and_float16_values_exactly():
+    rng = np.random.default_rng(7)
+    ids = np.array([3, 1, 2**31 - 1, 40], dtype=np.int64)
+    vectors = rng.standard_normal((4, 33)).astype(np.float16)
+    decoded_ids, decoded = halfvec.decode(halfvec.encode(ids, vectors))
+    np.testing.assert_array_equal(decoded_ids, ids)
+    assert decoded.dtype == np.float16 and decoded.flags.c_contiguous
+    np.testing.assert_array_equal(decoded.view(np.uint16), vectors.view(np.uint16))
+
+
+def test_each_row_is_what_pgvector_python_encodes():
+    """The vectorised framing equals the plain one: per row, int4 id then pgvector's halfvec."""
+    ids = np.array([1, 70000, 5], dtype=np.int64)
+    vectors = np.array([[0.5, -2.0, 65504.0], [0.0, -0.0, 1e-7], [np.inf, 1.0, -1.5]], dtype=np.float16)
+    plain = b"".join(
+        struct.pack(">hiii", 2, 4, sequence_id, 4 + 2 * 3) + HalfVector(vector).to_binary()
+        for sequence_id, vector in zip(ids.tolist(), vectors, strict=True)
+    )
+    payload = halfvec.encode(ids, vectors)
+    assert payload[19:-2] == plain
+    assert payload[:19] == b"PGCOPY\n\xff\r\n\x00" + bytes(8) and payload[-2:] == b"\xff\xff"
+
+
+def test_empty_stream_decodes_to_empty_arrays():
+    ids, vectors = halfvec.decode(halfvec.encode(np.empty(0, np.int64), np.empty((0, 8), np.float16)))
+    assert ids.shape == (0,) and vectors.shape == (0, 0)
+
+
+def test_rows_of_two_lengths_are_an_error():
+    short = halfvec.encode(np.array([1]), np.zeros((1, 4), np.float16))
+    long = halfvec.encode(np.array([2]), np.zeros((1, 6), np.float16))
+    mixed = short[:-2] + long[19:]  # header and first row of one, second row and trailer of the other
+    with pytest.raises(ReferenceSetError, match="different dimensions"):
+        halfvec.decode(mixed)
