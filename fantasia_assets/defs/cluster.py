@@ -19,6 +19,8 @@ dependencies and placed by their `dagster-dask/resource_requirements` tag, as da
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 import dask.distributed
 from dagster import Field, StringSource
@@ -26,7 +28,7 @@ from dagster._core.definitions.executor_definition import executor
 from dagster._utils import iterate_with_context
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 
-from ..core.distributed import SCHEDULER_ENV
+from ..core.distributed import SCHEDULER_ENV, ClusterError
 from .lookup import neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
 
 
@@ -82,16 +84,31 @@ class ClusterExecutor(DaskExecutor):
 @executor(
     name="dask_existing_cluster",
     requirements=dg.multiple_process_executor_requirements(),
-    config_schema={"address": Field(StringSource, description="The Dask scheduler's address.")},
+    config_schema={
+        "address": Field(
+            StringSource,
+            is_required=False,
+            description=f"The Dask scheduler's address; default ${SCHEDULER_ENV}.",
+        )
+    },
 )
 def cluster_executor(init_context) -> ClusterExecutor:
-    """Steps as tasks on the existing Dask scheduler at `address`."""
-    return ClusterExecutor("existing", {"address": init_context.executor_config["address"]})
+    """Steps as tasks on the existing Dask scheduler at `address`, else `$FANTASIA_DASK_SCHEDULER`.
+
+    The variable is read here, where the run is orchestrated, not in the run's configuration:
+    workers rebuild the plan from that configuration and need not have it set.
+    """
+    address = init_context.executor_config.get("address") or os.environ.get(SCHEDULER_ENV, "").strip()
+    if not address:
+        raise ClusterError(
+            f"{SCHEDULER_ENV} is not set: the address of the Dask scheduler to run the steps on"
+        )
+    return ClusterExecutor("existing", {"address": address})
 
 
 partition_dask_job = dg.define_asset_job(
     "lookup_partition_dask_job",
     selection=[reference_embeddings, neighbour_hits, raw_result_shards, topgo_exports],
-    executor_def=cluster_executor.configured({"address": {"env": SCHEDULER_ENV}}),
+    executor_def=cluster_executor,
     description="lookup_partition_job with its steps on the Dask cluster at $FANTASIA_DASK_SCHEDULER.",
 )
