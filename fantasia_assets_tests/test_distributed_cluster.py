@@ -289,7 +289,7 @@ def small_cluster(folder):
         f"DASK_DISTRIBUTED__WORKER__MEMORY__{key}": "False"
         for key in ("TARGET", "SPILL", "PAUSE", "TERMINATE")
     }
-    running = start_cluster(folder / "small", n_workers=1, memory_limit=limit, env=env)
+    running = start_cluster(folder / "small_cluster", n_workers=1, memory_limit=limit, env=env)
     yield running
     running.stop()
 
