@@ -3,7 +3,7 @@
 Relative paths are resolved against the working directory, as FANTASIA does. Where a key
 exists both at the top level and under `lookup` (`batch_size`, `limit_per_entry`), the
 `lookup` value wins; a model's own `batch_size` wins over both. Keys this project adds to the
-original's: `lookup.backend`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`,
+original's: `lookup.backend`, `lookup.screening`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`,
 `postprocess.alignment`. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
 `DB_PORT`, `DB_NAME`) and any password key are rejected: the database, credentials included, is
 named only by the environment variable `FANTASIA_DATABASE_URL`, so that no password sits in a
@@ -64,6 +64,7 @@ class LookupConfig:
     lookup_cache_max: int = 4
     distance_metric: str = "cosine"
     backend: str = "torch"
+    screening: str = "auto"  # the search's screening arithmetic; results never depend on it
     tie_expansion: bool = False
     redundancy: RedundancyConfig = field(default_factory=RedundancyConfig)
     taxonomy: TaxonomyFilter = field(default_factory=TaxonomyFilter)
@@ -315,7 +316,7 @@ def parse_config(raw: Any) -> LookupConfig:
         lookup,
         {
             "use_gpu", "batch_size", "limit_per_entry", "topgo", "lookup_cache_max", "distance_metric",
-            "redundancy", "taxonomy", "backend", "tie_expansion",
+            "redundancy", "taxonomy", "backend", "screening", "tie_expansion",
         },
         "lookup",
     )  # fmt: skip
@@ -345,6 +346,7 @@ def parse_config(raw: Any) -> LookupConfig:
             lookup.get("distance_metric", "cosine"), "lookup.distance_metric", ("cosine", "euclidean")
         ),
         backend=_choice(lookup.get("backend", "torch"), "lookup.backend", ("torch", "numpy", "scipy")),
+        screening=_choice(lookup.get("screening", "auto"), "lookup.screening", ("auto", "bf16", "fp32")),
         tie_expansion=_bool(lookup.get("tie_expansion", False), "lookup.tie_expansion"),
         redundancy=RedundancyConfig(
             identity=_float(redundancy.get("identity", 0.0), "lookup.redundancy.identity", 0.0, 1.0),

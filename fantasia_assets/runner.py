@@ -70,6 +70,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
         limit_per_entry=config.limit_per_entry,
         batch_size=config.batch_size,
         tie_expansion=config.tie_expansion,
+        screening=config.screening,
     )
 
 
@@ -154,6 +155,7 @@ def cluster_search(
             tie_expansion=settings.tie_expansion,
             batch=batch,
             engine_budget=0,  # set by the block plan
+            screening=settings.screening,
         )
         return cluster.search(where, block, vectors, exclude, partition.key)
 

@@ -186,6 +186,7 @@ class BlockSettings:
     tie_expansion: bool
     batch: int
     engine_budget: int | None
+    screening: str = "auto"  # `core.screen`: the screen's arithmetic; results never depend on it
 
 
 _engines: dict[tuple, object] = {}
@@ -199,7 +200,7 @@ def _worker_engine(matrix: MatrixFile, settings: BlockSettings):
 
     device = resolve_device(settings.backend, use_gpu=settings.use_gpu)
     budget = settings.engine_budget if device == "cpu" else None
-    key = (matrix.fingerprint, settings.metric, settings.backend, device, budget)
+    key = (matrix.fingerprint, settings.metric, settings.backend, device, budget, settings.screening)
     with _engines_lock:
         if key in _engines:
             return _engines[key]
@@ -217,7 +218,9 @@ def _worker_engine(matrix: MatrixFile, settings: BlockSettings):
                 f"the reference cache {matrix.path} seen by a Dask worker holds {vectors.shape}, "
                 f"the driver's {(matrix.n_references, matrix.dim)}: is $FANTASIA_HOME shared?"
             )
-        engine = SearchEngine(settings.metric, settings.backend, device, budget).build(vectors)
+        engine = SearchEngine(
+            settings.metric, settings.backend, device, budget, screening=settings.screening
+        ).build(vectors)
         del vectors
         lock = threading.Lock()
         _engines[key] = (engine, lock)

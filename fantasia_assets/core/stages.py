@@ -81,6 +81,7 @@ class SearchSettings:
     limit_per_entry: int = 5
     batch_size: int = 516
     tie_expansion: bool = False
+    screening: str = "auto"  # `core.screen`: the screen's arithmetic; results never depend on it
 
 
 # (queries (n, dim), exclusion CSR or None, batch) → (start row, (distances, indices)) of every
@@ -94,7 +95,9 @@ def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partiti
     """The engine built here on the matrix, searched batch after batch."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
-        engine = SearchEngine(settings.metric, settings.backend, settings.device).build(matrix.vectors)
+        engine = SearchEngine(
+            settings.metric, settings.backend, settings.device, screening=settings.screening
+        ).build(matrix.vectors)
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
             yield (

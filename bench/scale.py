@@ -1,0 +1,140 @@
+"""Benchmark at FANTASIA's published size: the whole lookup, cold from the database, against the
+bare matmuls of the same shape, with stage splits and peak resident memory.
+
+    .venv/bin/python bench/scale.py                    # 20,000 × 124,000 × 1,024, k = 5, cosine
+    .venv/bin/python bench/scale.py --queries 2000 --references 12400   # a quicker look
+
+Data: ``../shared/tools/synth_scale.py --plain`` (references are noisy members of 2,000
+families, queries perturbed references), generated into a temporary directory (or ``--data``
+DIR, kept from an earlier run). The references
+go into a fresh embedded database with COPY (float16 halfvec, as the loader stores them; five
+GO annotations each from the sample ontology), the queries stay in synth_scale's HDF5. Then,
+in this process: one lookup with alignment off whose reference matrix comes from the database
+(cold), its peak RSS sampled every 2 ms; the bare float32 and bfloat16 matmuls of the same
+shape; and a float64 brute-force check of 64 queries' neighbours. Targets: the whole cold lookup
+≤ 0.6 × the bare float32 matmul; its search stage ≤ 1.5 × the bare bfloat16 matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from lookup import bare_matmul_seconds, insert_references, search_seconds
+from search import PeakRss, oracle_neighbours
+
+GIB = 2**30
+SYNTH = Path(__file__).resolve().parents[2] / "shared" / "tools" / "synth_scale.py"
+
+
+def generate(synth: Path, out: Path, n_references: int, n_queries: int, dim: int) -> None:
+    """Run synth_scale.py --plain in this process, without its refs.h5: this benchmark loads the
+    references from ref_emb.npy, and writing 124,000 HDF5 groups would take most of an hour."""
+    spec = importlib.util.spec_from_file_location("synth_scale", synth)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    write_h5 = module.write_h5
+    module.write_h5 = lambda path, *rest: None if path.endswith("/refs.h5") else write_h5(path, *rest)
+    argv = sys.argv
+    sys.argv = [str(synth), "--out", str(out), "--refs", str(n_references), "--queries", str(n_queries),
+                "--dim", str(dim), "--plain"]  # fmt: skip
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queries", type=int, default=20_000)
+    parser.add_argument("--references", type=int, default=124_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--screening", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--synth", type=Path, default=SYNTH, help="path of synth_scale.py")
+    parser.add_argument(
+        "--data", type=Path, help="a directory synth_scale.py --plain already wrote for this shape"
+    )
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fa-bench-scale-"))
+    os.environ["FANTASIA_HOME"] = str(work / "home")
+    os.environ.pop("FANTASIA_DATABASE_URL", None)
+
+    from fantasia_assets.config import parse_config
+    from fantasia_assets.core.knn import SearchEngine
+    from fantasia_assets.db import get_engine, schema_ready
+    from fantasia_assets.db.embedded import embedded_server
+    from fantasia_assets.db.engine import dispose_engines
+    from fantasia_assets.runner import run_lookup
+
+    try:
+        started = time.perf_counter()
+        data = args.data or work / "synth"
+        if args.data is None:
+            generate(args.synth, data, args.references, args.queries, args.dim)
+        print(f"synthetic data: {time.perf_counter() - started:.1f} s")
+        started = time.perf_counter()
+        engine = get_engine()
+        schema_ready(engine)
+        insert_references(
+            engine, np.load(data / "ref_emb.npy").astype(np.float16), 5, np.random.default_rng(0)
+        )
+        print(f"database load (COPY): {time.perf_counter() - started:.1f} s")
+        config = parse_config(
+            {
+                "experiment_path": str(work / "experiment"),
+                "embeddings_path": str(data / "queries.h5"),
+                "limit_per_entry": args.k,
+                "lookup": {"use_gpu": False, "batch_size": args.queries, "screening": args.screening},
+                "embedding": {"models": {"Synthetic": {"layer_index": [0]}}},
+                "postprocess": {"alignment": False},
+            }
+        )
+        with PeakRss() as peak:
+            started = time.perf_counter()
+            result = run_lookup(config, engine)
+            cold = time.perf_counter() - started
+        print(f"--- cold lookup: {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB")
+        for line in result.report_lines():
+            if line and not line.startswith("  ") and not line.startswith("outputs"):
+                print(line)
+
+        queries = np.load(data / "query_emb.npy")
+        references = np.load(data / "ref_emb.npy").astype(np.float16)
+        matmul = bare_matmul_seconds(queries, references, "cpu", repeats=1)
+        matmul_bf16 = bare_matmul_seconds(queries, references, "cpu", "bfloat16", repeats=1)
+        engine_64 = SearchEngine("cosine", "torch", "cpu", screening=args.screening).build(references)
+        found = engine_64.search(queries[:64], args.k)[1]
+        identical = np.array_equal(found, oracle_neighbours(queries[:64], references, "cosine", args.k))
+
+        flops = 2.0 * args.queries * args.references * args.dim
+        search = search_seconds(result)
+        print()
+        print(f"shape={args.queries}x{args.references}x{args.dim} k={args.k} screening={engine_64.screening}")
+        print(f"bare_fp32_matmul_seconds={matmul:.3f} ({flops / matmul / 1e9:.0f} GFLOP/s)")
+        print(f"bare_bf16_matmul_seconds={matmul_bf16:.3f} ({flops / matmul_bf16 / 1e9:.0f} GFLOP/s)")
+        print(f"cold_lookup_seconds={cold:.3f}")
+        print(f"search_seconds={search:.3f}")
+        print(f"peak_rss_GiB={peak.peak / GIB:.2f}")
+        print(f"neighbours_identical_to_float64_oracle={identical}  (64 queries)")
+        print(f"search_over_bare_fp32={search / matmul:.2f}")
+        print(f"search_over_bare_bf16={search / matmul_bf16:.2f}  (target <= 1.5)")
+        print(f"cold_lookup_over_bare_bf16={cold / matmul_bf16:.2f}")
+        print(f"cold_lookup_over_bare_fp32={cold / matmul:.2f}  (target <= 0.6)")
+    finally:
+        dispose_engines()
+        embedded_server().cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Inputs and resources of the k-NN engine (`knn`): the exclusion CSR, row norms, the device
+and the memory budget, checked with errors that name what is wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import psutil
+import torch
+
+from .device import resolve_device as choose_device
+from .knn_bounds import MAX_NORM
+
+_BUDGET_FRACTION = 0.25
+# Beyond a few hundred MiB per block the per-block overhead is already under 1% of the product's
+# time, so larger blocks would only take memory from the rest of the pipeline.
+_CPU_BUDGET_CAP = 512 * 2**20
+_GPU_BUDGET_CAP = 4 * 2**30
+_NORM_ROWS_PER_CHUNK = 4096
+
+Exclusions = tuple[np.ndarray, np.ndarray]  # (query row, reference index) pairs, int64
+
+
+def exclusions_for_rows(exclusions: Exclusions, rows: np.ndarray, n_rows: int) -> Exclusions:
+    """The exclusion pairs of `rows`, renumbered to positions in `rows`."""
+    excluded_rows, excluded_references = exclusions
+    position = np.full(n_rows, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    new_rows = position[excluded_rows]
+    kept = new_rows >= 0
+    return new_rows[kept], excluded_references[kept]
+
+
+def validate_exclusions(
+    exclude: tuple[np.ndarray, np.ndarray] | None, n_queries: int, n_references: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check the exclusion CSR against the search's shape; returns (indptr, ref_indices) int64."""
+    if exclude is None:
+        return np.zeros(n_queries + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    indptr, excluded = (np.asarray(part) for part in exclude)
+    integers = np.issubdtype(indptr.dtype, np.integer) and (
+        excluded.size == 0 or np.issubdtype(excluded.dtype, np.integer)
+    )
+    if not integers or indptr.shape != (n_queries + 1,) or excluded.ndim != 1:
+        raise ValueError(
+            f"exclude must be (indptr, ref_indices), 1-D integer arrays, indptr of n_queries + 1 "
+            f"= {n_queries + 1} entries; got {indptr.dtype} {indptr.shape} and "
+            f"{excluded.dtype} {excluded.shape}"
+        )
+    if indptr[0] != 0 or indptr[-1] != len(excluded) or np.any(np.diff(indptr) < 0):
+        raise ValueError("exclude indptr must rise from 0 to len(ref_indices) without decreasing")
+    if excluded.size and (excluded.min() < 0 or excluded.max() >= n_references):
+        raise ValueError(f"exclude ref_indices must be reference indices, in [0, {n_references})")
+    return indptr.astype(np.int64), excluded.astype(np.int64)
+
+
+def row_sq_norms(matrix: np.ndarray, name: str, metric: str) -> np.ndarray:
+    """Squared L2 norm of each float32 row, accumulated in float64: (n,), chunked copies.
+
+    Euclidean rows must be shorter than `MAX_NORM`, so that no float32 square or product of the
+    screen overflows (cosine rows are normalised first).
+    """
+    sq_norms = np.empty(len(matrix))
+    for start in range(0, len(matrix), _NORM_ROWS_PER_CHUNK):
+        chunk = matrix[start : start + _NORM_ROWS_PER_CHUNK].astype(np.float64)
+        sq_norms[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
+    if not np.isfinite(sq_norms).all():  # any NaN or inf in a row makes its norm non-finite
+        row = int(np.argmin(np.isfinite(sq_norms)))
+        raise ValueError(f"{name} contain NaN or infinite values (row {row})")
+    if metric == "euclidean" and len(sq_norms) and sq_norms.max() >= MAX_NORM**2:
+        row = int(np.argmax(sq_norms))
+        raise ValueError(f"{name} row {row} has a norm ≥ 2^56: its squared distances overflow float32")
+    return sq_norms
+
+
+def inverse_norms(sq_norms: np.ndarray) -> np.ndarray:
+    """1/‖x‖ per row (float64); 0 for zero-norm rows, whose normalised form is the zero vector."""
+    inverse = np.zeros_like(sq_norms)
+    np.divide(1.0, np.sqrt(sq_norms), out=inverse, where=sq_norms > 0)
+    return inverse
+
+
+def resolve_device(backend: str, device: str | None) -> torch.device:
+    """The engine's device (`core.device`, the one place that decides), as a torch device."""
+    return torch.device(choose_device(backend, device))
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A safe share of the memory free on the device now, capped (_CPU/_GPU_BUDGET_CAP)."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return int(min(_BUDGET_FRACTION * free_bytes, _GPU_BUDGET_CAP))
+    return int(min(_BUDGET_FRACTION * psutil.virtual_memory().available, _CPU_BUDGET_CAP))

@@ -1,0 +1,275 @@
+"""Screening arithmetic of the k-NN engine: which precision screens, and its fast kernels.
+
+The engine's screen (see `knn`) is a matrix product whose rounding `knn_bounds` bounds. It runs in
+float32 everywhere, or in a 16-bit type on matrix units that run it several times faster:
+
+* CPU: bfloat16 through oneDNN when the CPU has AMX-BF16 or AVX512-BF16 (``/proc/cpuinfo``)
+  and a start-up probe measures torch's bfloat16 product at least `_PROBE_MIN_SPEEDUP` × faster
+  than float32 on this machine (a loaded or throttled machine can lose the advantage). Products
+  accumulate in float32 and the result is rounded once to bfloat16 (torch has no float32 output
+  for bfloat16 operands on the CPU).
+* CUDA: tensor cores, bfloat16 on cards that have it (compute capability ≥ 8.0), float16 on
+  Volta/Turing (7.x) for cosine (unit vectors stay inside float16's range; euclidean vectors
+  need not, so those cards screen euclidean in float32). Results stay float32 where torch offers
+  ``out_dtype``; reduced-precision split-K reductions are switched off while screening.
+* Elsewhere, and for the numpy and scipy backends: float32.
+
+``screening="bf16"`` pins the 16-bit screen (an error where no matrix unit runs it), ``"fp32"``
+pins float32, ``"auto"`` chooses as above. Results are identical either way; only speed changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fantasia_assets.errors import FantasiaError
+
+SCREENINGS = ("auto", "bf16", "fp32")
+_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+_PROBE_SHAPE = (256, 2048, 1024)  # (queries, references, dim): ~1 GFLOP, a few ms in float32
+_PROBE_MIN_SPEEDUP = 1.5  # the 16-bit screen's conversions and wider selection eat a smaller gain
+_GROUP = 32  # columns per group of the two-stage selection (`smallest_columns`)
+_CONVERT_ROWS = 4096  # rows converted per chunk: bounds the float64 temporaries
+
+
+class ScreeningError(FantasiaError, ValueError):
+    """The pinned screening cannot run here (backend, card or CPU); the message says why."""
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a screen's matrix product rounds, as unit roundoffs (0: that step is exact).
+
+    Attributes:
+        name: "fp32", "bf16" or "fp16".
+        dtype: operand type of the product (float32 for the float32 screen).
+        accumulation_unit: of the kernel's sums (and products, for float32 operands).
+        output_unit: of the rounding of each result to the output type.
+        smallest_normal: operands below it in magnitude are zeroed before the product, so that a
+            kernel that flushes subnormals computes exactly what the bound accounts for.
+    """
+
+    name: str
+    dtype: torch.dtype
+    accumulation_unit: float
+    output_unit: float
+    smallest_normal: float
+
+    @property
+    def half(self) -> bool:
+        return self.dtype != torch.float32
+
+
+FP32 = Arithmetic("fp32", torch.float32, 2.0**-24, 0.0, 0.0)
+# 16-bit operands: their products are exact in float32 (8 + 8 or 11 + 11 significant bits), so
+# only the float32 sums round. Tensor cores align and truncate instead of rounding to nearest
+# (Fasi, Higham, Mikaitis & Pranesh, PeerJ CS 2021), so the bound takes 2⁻²², four float32 units.
+_HALF_ACCUMULATION = 2.0**-22
+_SMALLEST_NORMAL = {torch.bfloat16: 2.0**-126, torch.float16: 2.0**-14}
+_OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_screening(requested: str, backend: str, device: torch.device, metric: str) -> Arithmetic:
+    """The arithmetic a search screens in (module docstring); ScreeningError for an impossible pin."""
+    if requested not in SCREENINGS:
+        raise ValueError(f"unknown screening {requested!r}; expected one of {SCREENINGS}")
+    if requested == "fp32":
+        return FP32
+    if backend != "torch":
+        if requested == "bf16":
+            raise ScreeningError(f"lookup.screening 'bf16' needs lookup.backend 'torch', not {backend!r}")
+        return FP32
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        dtype = torch.bfloat16 if major >= 8 else torch.float16 if major == 7 and metric == "cosine" else None
+        if dtype is None:
+            if requested == "bf16":
+                raise ScreeningError(
+                    f"lookup.screening 'bf16': this card (compute capability {major}.x) has no 16-bit "
+                    f"tensor cores for the {metric} screen"
+                )
+            return FP32
+        output_unit = 0.0 if _float32_output_available(device, dtype) else _OUTPUT_UNIT[dtype]
+        return Arithmetic(_NAMES[dtype], dtype, _HALF_ACCUMULATION, output_unit, _SMALLEST_NORMAL[dtype])
+    if not cpu_has_bf16_units():
+        if requested == "bf16":
+            raise ScreeningError(
+                f"lookup.screening 'bf16': this CPU has none of {_CPU_FLAGS} (see /proc/cpuinfo)"
+            )
+        return FP32
+    if requested == "auto" and not _bf16_beats_float32():
+        return FP32
+    dtype = torch.bfloat16
+    return Arithmetic(_NAMES[dtype], dtype, _HALF_ACCUMULATION, _OUTPUT_UNIT[dtype], _SMALLEST_NORMAL[dtype])
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether the CPU reports AMX-BF16 or AVX512-BF16 (Linux's /proc/cpuinfo flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+    return any(flag in flags for flag in _CPU_FLAGS)
+
+
+@functools.cache
+def _bf16_beats_float32() -> bool:
+    """Start-up probe, once per process: the best of three products of `_PROBE_SHAPE` each."""
+    n_queries, n_references, dim = _PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(n_queries, dim, generator=generator)
+    references = torch.randn(n_references, dim, generator=generator)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = queries.to(dtype), references.to(dtype)
+        torch.mm(a, b.T)  # the first call builds oneDNN's kernel: not timed
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.mm(a, b.T)
+            times.append(time.perf_counter() - started)
+        best[dtype] = min(times)
+    return best[torch.float32] >= _PROBE_MIN_SPEEDUP * best[torch.bfloat16]
+
+
+def _float32_output_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch can return the 16-bit product in float32 on `device` (``out_dtype``)."""
+    operand = torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        torch.mm(operand, operand, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def to_operands(
+    matrix: torch.Tensor, arithmetic: Arithmetic, centre: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """`matrix` (float32, less `centre` if given) as the screen's operands, and per-row float64
+    norms for the bound: "norm" of the float32 row, "operand_norm", "residual" ‖row - operand‖.
+
+    Operands below the type's smallest normal are zeroed; the residual norms (float64, from exact
+    differences) account for every change the product will see. The float32 screen without a
+    centre uses `matrix` itself.
+    """
+    if not arithmetic.half and centre is None:
+        norms = np.empty(len(matrix))
+        for start in range(0, len(matrix), _CONVERT_ROWS):
+            chunk = matrix[start : start + _CONVERT_ROWS].double()
+            norms[start : start + len(chunk)] = chunk.norm(dim=1).cpu().numpy()
+        return matrix, {"norm": norms, "operand_norm": norms, "residual": np.zeros(len(matrix))}
+    operands = torch.empty(matrix.shape, dtype=arithmetic.dtype, device=matrix.device)
+    stats = {name: np.empty(len(matrix)) for name in ("norm", "operand_norm", "residual")}
+    for start in range(0, len(matrix), _CONVERT_ROWS):
+        rows = slice(start, start + _CONVERT_ROWS)
+        chunk = matrix[rows] if centre is None else matrix[rows] - centre
+        operand = chunk.to(arithmetic.dtype)
+        operand.masked_fill_(operand.abs() < arithmetic.smallest_normal, 0)
+        operands[rows] = operand
+        wide, exact = operand.double(), chunk.double()
+        stats["norm"][rows] = exact.norm(dim=1).cpu().numpy()
+        stats["operand_norm"][rows] = wide.norm(dim=1).cpu().numpy()
+        stats["residual"][rows] = (exact - wide).norm(dim=1).cpu().numpy()
+    return operands, stats
+
+
+def product(
+    queries: torch.Tensor, references: torch.Tensor, arithmetic: Arithmetic, buffer: torch.Tensor | None
+) -> torch.Tensor:
+    """queries @ referencesᵀ in the screen's arithmetic: float32 where it rounds to float32,
+    else the 16-bit type; written into `buffer` (flat, at least b × n_ref elements) when given."""
+    out = None
+    if buffer is not None:
+        out = buffer[: len(queries) * len(references)].view(len(queries), len(references))
+    if arithmetic.half and arithmetic.output_unit == 0.0:
+        return torch.mm(queries, references.T, out_dtype=torch.float32, out=out)
+    return torch.mm(queries, references.T, out=out)
+
+
+def output_dtype(arithmetic: Arithmetic) -> torch.dtype:
+    """The type `product` returns."""
+    return torch.float32 if arithmetic.output_unit == 0.0 else arithmetic.dtype
+
+
+def smallest_columns(values: torch.Tensor, count: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Column positions (b, count) of `count` smallest values of each row, unordered.
+
+    Two stages, because one pass of minima is several times cheaper than a top-k over a wide
+    row: split each row's columns into G-member groups (column c in group c mod (width // G),
+    G = 32, a power of two), keep the `count`
+    groups of smallest minimum, then take the top-`count` of their members. Exact: a value in
+    a group left out is at least that group's minimum, which is at least every kept group's
+    minimum, so `count` kept values are no larger than it. `scratch` (flat, ≥ b × width / 2
+    elements of the values' type) holds the minima instead of fresh allocations.
+    """
+    rows, width = values.shape
+    groups = width // _GROUP
+    if groups < 4 * count:  # too few groups to prune anything
+        return torch.topk(values, count, dim=1, largest=False, sorted=False).indices
+    body = groups * _GROUP
+    # group minima by halving (element-wise minima of the two halves, log2 G times): column c
+    # meets every c + j·groups; contiguous halves stream through memory faster than a strided
+    # reduction
+    half = body // 2
+    out = None if scratch is None else scratch[: rows * half].view(rows, half)
+    minima = torch.minimum(values[:, :half], values[:, half:body], out=out)
+    while minima.shape[1] > groups:  # in place: each level's output is its first input
+        half = minima.shape[1] // 2
+        minima = torch.minimum(minima[:, :half], minima[:, half:], out=minima[:, :half])
+    chosen = torch.topk(minima, count, dim=1, largest=False, sorted=False).indices
+    members = torch.arange(0, body, groups, device=values.device)
+    columns = (chosen[:, :, None] + members).reshape(rows, count * _GROUP)
+    if body < width:  # the last width % G columns belong to no group: always candidates
+        tail = torch.arange(body, width, device=values.device).expand(rows, -1)
+        columns = torch.cat((columns, tail), dim=1)
+    picked = torch.topk(values.gather(1, columns), count, dim=1, largest=False, sorted=False).indices
+    return columns.gather(1, picked)
+
+
+def smallest_positions(values: np.ndarray | torch.Tensor, count: int) -> np.ndarray | torch.Tensor:
+    """Column positions of the `count` smallest values of each row, unordered."""
+    if isinstance(values, torch.Tensor):
+        return torch.topk(values, count, dim=1, largest=False, sorted=False).indices
+    if count >= values.shape[1]:
+        return np.broadcast_to(np.arange(values.shape[1]), values.shape)
+    return np.argpartition(values, count - 1, axis=1)[:, :count]
+
+
+def take(values: np.ndarray | torch.Tensor, positions: np.ndarray | torch.Tensor):
+    """values[row, positions[row]] for every row."""
+    if isinstance(values, torch.Tensor):
+        return values.gather(1, positions)
+    return np.take_along_axis(values, positions, axis=1)
+
+
+@contextlib.contextmanager
+def exact_matmul_settings() -> Iterator[None]:
+    """Keep float32 products in IEEE float32 (no TF32 or bf16 passes) and 16-bit products'
+    reductions in float32 (no reduced-precision split-K), so that the bound holds; the settings
+    are process-wide, so the caller's are restored."""
+    cuda_matmul = torch.backends.cuda.matmul
+    previous = (
+        torch.get_float32_matmul_precision(),
+        cuda_matmul.allow_bf16_reduced_precision_reduction,
+        cuda_matmul.allow_fp16_reduced_precision_reduction,
+    )
+    torch.set_float32_matmul_precision("highest")
+    cuda_matmul.allow_bf16_reduced_precision_reduction = False
+    cuda_matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        cuda_matmul.allow_bf16_reduced_precision_reduction = previous[1]
+        cuda_matmul.allow_fp16_reduced_precision_reduction = previous[2]

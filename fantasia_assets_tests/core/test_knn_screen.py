@@ -1,0 +1,263 @@
+"""The 16-bit screen: every engine equals an exact oracle on real and adversarial data, and the
+screen's error never exceeds the bound `knn_bounds` derives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fantasia_assets.config import ConfigError, parse_config
+from fantasia_assets.core import screen
+from fantasia_assets.core.knn import METRICS, SearchEngine
+from fantasia_assets_tests.conftest import shared_file
+from fantasia_assets_tests.core.test_knn import read_embeddings
+
+BF16 = pytest.mark.skipif(
+    not screen.cpu_has_bf16_units(), reason="this CPU has no AMX-BF16 or AVX512-BF16 units"
+)
+
+
+def engines():
+    """(backend, device, screening) of every engine this machine runs: the 16-bit screens on
+    each device it has (CUDA's choice of bf16 or fp16 is the card's), and the float32 screens."""
+    found = [("torch", "cpu", "fp32"), ("numpy", "cpu", "fp32"), ("scipy", "cpu", "fp32")]
+    if screen.cpu_has_bf16_units():
+        found.insert(0, ("torch", "cpu", "bf16"))
+    if torch.cuda.is_available():
+        found.append(("torch", "cuda", "auto"))
+    return found
+
+
+def exact_oracle(queries, references, metric, k, threshold=None, ties=False):
+    """The answer by definition (SPEC §3.3): float64 distances of the float32 rows, rounded to
+    float32, ordered by (distance, index); cosine against references normalised in float32."""
+    q = queries.astype(np.float32).astype(np.float64)
+    r32 = references.astype(np.float32)
+    if metric == "cosine":
+        norms = np.sqrt((q * q).sum(1, keepdims=True))
+        q_unit = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+        r_norms = np.sqrt((r32.astype(np.float64) ** 2).sum(1))
+        inverse = np.divide(1.0, r_norms, out=np.zeros_like(r_norms), where=r_norms > 0)
+        r_unit = (r32 * inverse.astype(np.float32)[:, None]).astype(np.float64)
+        distances = np.clip(1.0 - q_unit @ r_unit.T, 0.0, 2.0)
+    else:
+        r = r32.astype(np.float64)
+        distances = np.stack([np.sqrt(((row - r) ** 2).sum(1)) for row in q])
+    distances = distances.astype(np.float32)
+    rows = []
+    for row in distances:
+        order = np.lexsort((np.arange(len(row)), row))
+        kept = order[:k]
+        if ties and len(order) >= k:
+            kept = order[row[order] <= row[order[k - 1]]]
+        if threshold is not None:
+            kept = kept[row[kept].astype(np.float64) <= threshold]
+        rows.append((row[kept], kept))
+    width = max([k] + [len(kept) for _, kept in rows])
+    out_d = np.full((len(rows), width), np.inf, dtype=np.float32)
+    out_i = np.full((len(rows), width), -1, dtype=np.int64)
+    for i, (d, kept) in enumerate(rows):
+        out_d[i, : len(kept)], out_i[i, : len(kept)] = d, kept
+    return out_d, out_i
+
+
+def assert_every_engine_equals_oracle(queries, references, metric, k, **options):
+    expected = exact_oracle(
+        queries, references, metric, k, options.get("threshold"), options.get("tie_expansion", False)
+    )
+    for backend, device, screening in engines():
+        engine = SearchEngine(metric, backend, device, screening=screening).build(references)
+        assert screening == "auto" or engine.screening == screening
+        label = f"{backend} {device} {engine.screening}"
+        distances, indices = engine.search(queries, k, **options)
+        np.testing.assert_array_equal(indices, expected[1], err_msg=f"{label} {metric} indices")
+        np.testing.assert_array_equal(distances, expected[0], err_msg=f"{label} {metric} distances")
+
+
+@pytest.fixture(scope="module")
+def real_data():
+    queries = read_embeddings(shared_file("queries_mouse.h5"), 200)
+    references = read_embeddings(shared_file("reference_human.h5"), 2000)
+    return queries, references
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_real_data_every_engine_equals_the_exact_oracle(real_data, metric):
+    queries, references = real_data
+    assert_every_engine_equals_oracle(queries, references, metric, 10)
+    assert_every_engine_equals_oracle(queries, references.astype(np.float16), metric, 5)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_real_data_threshold_ties_and_exclusions(real_data, metric):
+    queries, references = real_data
+    queries = queries[:60]
+    first = exact_oracle(queries, references, metric, 3)[0]
+    threshold = float(first[7, 2])  # exactly a distance of the answer: it must be kept
+    assert_every_engine_equals_oracle(queries, references, metric, 5, threshold=threshold)
+    twins = np.repeat(references[:50], 3, axis=0)  # every reference three times: exact ties
+    assert_every_engine_equals_oracle(queries, twins, metric, 4, tie_expansion=True)
+
+
+def adversarial(name: str, metric: str, rng: np.random.Generator):
+    """(queries, references) built to stress the screen's window and its bound."""
+    dim = 64
+    if name == "exact ties":  # 6 distinct rows, each repeated: whole rows of equal distances
+        references = np.repeat(rng.standard_normal((6, dim)), 40, axis=0)
+        return rng.standard_normal((8, dim)), rng.permutation(references)
+    if name == "ties within 1e-6":  # distances to the query differ by ~1e-7 relative
+        query = rng.standard_normal((1, dim))
+        references = query + 0.3 * rng.standard_normal((1, dim)) + 3e-8 * rng.standard_normal((300, dim))
+        return np.vstack([query, references[:3]]), references
+    if name == "huge dynamic range":  # components from 1e-26 to 1e12, rows over 12 decades
+        scale = 10.0 ** rng.uniform(-20, 6, (1, dim)) * 10.0 ** rng.uniform(-6, 6, (240, 1))
+        references = rng.standard_normal((240, dim)) * scale
+        return references[:10] * (1 + 1e-3 * rng.standard_normal((10, dim))), references
+    if name == "zero vectors":
+        references = rng.standard_normal((200, dim))
+        references[::7] = 0
+        queries = rng.standard_normal((6, dim))
+        queries[0] = 0
+        queries[1] = references[8]
+        return queries, references
+    if name == "k above the reference count":
+        return rng.standard_normal((5, dim)), rng.standard_normal((3, dim))
+    raise ValueError(name)
+
+
+ADVERSARIAL = [
+    "exact ties",
+    "ties within 1e-6",
+    "huge dynamic range",
+    "zero vectors",
+    "k above the reference count",
+]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_adversarial_data_every_engine_equals_the_exact_oracle(name, metric):
+    queries, references = adversarial(name, metric, np.random.default_rng(len(name)))
+    queries, references = queries.astype(np.float32), references.astype(np.float32)
+    assert_every_engine_equals_oracle(queries, references, metric, 5)
+    assert_every_engine_equals_oracle(queries, references, metric, 5, tie_expansion=True)
+    distances = exact_oracle(queries, references, metric, 5)[0]
+    at_a_distance = float(distances[np.isfinite(distances)].max())
+    assert_every_engine_equals_oracle(queries, references, metric, 5, threshold=at_a_distance)
+
+
+def screened_errors(engine: SearchEngine, queries: np.ndarray, references: np.ndarray):
+    """(|s̃ - T| (b, n_ref), its bound (b, n_ref)) over every reference, from the engine's own screen
+    and an extended-precision oracle of the target T (`knn_bounds`)."""
+    q32 = queries.astype(np.float32)
+    sq_norms = (q32.astype(np.float64) ** 2).sum(1)
+    fast, offsets, _, coefficients = engine._prepare_queries(q32, sq_norms)
+    no_exclusions = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    with screen.exact_matmul_settings():
+        values, indices = engine._screen(fast, no_exclusions, engine.n_references)
+    scores = np.empty(values.shape)
+    np.put_along_axis(scores, indices.cpu().numpy(), (values.cpu().numpy() + offsets[:, None]), axis=1)
+    q, r = q32.astype(np.longdouble), engine._reference.cpu().numpy().astype(np.longdouble)
+    if engine.metric == "cosine":
+        norms = np.sqrt((q * q).sum(1, keepdims=True))
+        unit = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+        target = 1 - unit @ r.T
+        bound = np.broadcast_to(coefficients[:, :1], target.shape)
+    else:
+        target = np.stack([((row - r) ** 2).sum(1) for row in q])
+        a, b, c, z = (coefficients[:, i : i + 1] for i in range(4))
+        root = z + np.sqrt(target.astype(np.float64))
+        bound = a + b * root + c * root**2
+    return np.abs(scores - target.astype(np.float64)), bound
+
+
+@st.composite
+def stressed_rows(draw):
+    """Rows from a few generators: plain, offset (cancelling euclidean products), wide exponent
+    ranges, zeros and duplicates."""
+    dim = draw(st.sampled_from([1, 3, 17, 64, 256]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from(["plain", "offset", "range", "zeros", "twins"]))
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((48, dim))
+    if kind == "offset":
+        matrix += draw(st.floats(-1e4, 1e4))
+    elif kind == "range":
+        matrix *= 10.0 ** rng.uniform(-12, 3, (48, dim))
+    elif kind == "zeros":
+        matrix[rng.random((48, dim)) < 0.5] = 0
+        matrix[::5] = 0
+    elif kind == "twins":
+        matrix[24:] = matrix[:24] * (1 + 1e-7 * rng.standard_normal((24, dim)))
+    matrix *= 2.0 ** draw(st.integers(-60, 20))
+    return matrix.astype(np.float32)
+
+
+@BF16
+@pytest.mark.parametrize("metric", METRICS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=stressed_rows())
+def test_bf16_screen_error_never_exceeds_its_bound(metric, rows):
+    engine = SearchEngine(metric, "torch", "cpu", screening="bf16").build(rows[16:])
+    errors, bound = screened_errors(engine, rows[:16], rows[16:])
+    assert np.all(errors <= bound), float((errors / np.maximum(bound, 1e-300)).max())
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=stressed_rows())
+def test_fp32_screen_error_never_exceeds_its_bound(metric, rows):
+    engine = SearchEngine(metric, "torch", "cpu", screening="fp32").build(rows[16:])
+    errors, bound = screened_errors(engine, rows[:16], rows[16:])
+    assert np.all(errors <= bound)
+
+
+@BF16
+def test_bf16_bound_is_tight_enough_to_screen_few_candidates(real_data):
+    """On real embeddings the window stays narrow: the cosine bound is a few 2⁻⁹, far from the
+    distances' range, and every row is settled by the first screen of k + 32 candidates."""
+    queries, references = real_data
+    engine = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(references)
+    _, bound = screened_errors(engine, queries[:50], references)
+    assert 2.0**-9 < bound.max() < 6 * 2.0**-9
+    screens = []
+    original = engine._screen
+    engine._screen = lambda *args: screens.append((len(args[0]), args[2])) or original(*args)
+    engine.search(queries, 5)
+    assert screens[0] == (len(queries), 37) and sum(rows for rows, _ in screens[1:]) <= len(queries) // 20
+
+
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=1, max_size=2000).map(np.array),
+    count=st.integers(1, 12),
+)
+@settings(max_examples=80, deadline=None)
+def test_two_stage_selection_keeps_the_smallest_values(values, count):
+    rows = torch.from_numpy(np.tile(values, (3, 1))).float()
+    rows[1] = rows[1].flip(0)
+    count = min(count, rows.shape[1])
+    picked = screen.smallest_columns(rows, count)
+    assert all(len(set(row)) == count for row in picked.tolist())
+    expected = rows.sort(dim=1).values[:, :count]
+    assert torch.equal(rows.gather(1, picked).sort(dim=1).values, expected)
+
+
+def test_screening_choices_and_errors():
+    with pytest.raises(ValueError, match="unknown screening"):
+        SearchEngine(screening="fp8")
+    engine = SearchEngine("cosine", "numpy", screening="auto").build(np.eye(4, dtype=np.float32))
+    assert engine.screening == "fp32"
+    with pytest.raises(screen.ScreeningError, match="backend 'torch'"):
+        SearchEngine("cosine", "scipy", screening="bf16").build(np.eye(4, dtype=np.float32))
+    engine = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(np.eye(4, dtype=np.float32))
+    assert engine.screening == "fp32"
+    with pytest.raises(ValueError, match="2\\^56"):
+        SearchEngine("euclidean", "numpy").build(np.full((2, 4), 2.0**60, dtype=np.float32))
+    base = {"experiment_path": "x", "embeddings_path": "y.h5", "embedding": {"models": {"M": {}}}}
+    assert parse_config(base).screening == "auto"
+    assert parse_config({**base, "lookup": {"screening": "bf16"}}).screening == "bf16"
+    with pytest.raises(ConfigError, match="lookup.screening"):
+        parse_config({**base, "lookup": {"screening": "fp16"}})
