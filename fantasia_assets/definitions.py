@@ -10,6 +10,7 @@ from .defs.resources import default_resources
 defs = dg.Definitions(
     assets=[
         inputs.reference_set,
+        inputs.query_sequences,
         inputs.query_embeddings,
         inputs.go_ontology,
         lookup.go_annotation_cache,
@@ -25,6 +26,7 @@ defs = dg.Definitions(
         automation.partition_job,
         automation.shared_inputs_job,
         automation.outputs_job,
+        automation.query_embeddings_job,
         cluster.partition_dask_job,
     ],
     sensors=[automation.reference_change_sensor, automation.output_automation],

@@ -25,6 +25,7 @@ from . import merge
 from .engine import translate_errors
 from .load_report import Annotations, Change, LoadError, LoadReport
 from .migrate import schema_ready
+from .reload import check_changed_proteins
 from .sources import (
     DEFAULT_EVIDENCE,
     ORGANISMS,
@@ -195,4 +196,6 @@ def load_references(
         if catalogue is not None:
             with timed(report.timings, "write embeddings"):
                 merge.write_embeddings(cursor, catalogue, model, type_id, report, progress)
+        if annotations is not None:
+            check_changed_proteins(cursor, report)
     return report
