@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs import automation, cluster, inputs, lookup, outputs
+from .defs import automation, checks, cluster, inputs, lookup, outputs
 from .defs.resources import default_resources
 
 defs = dg.Definitions(
@@ -22,6 +22,7 @@ defs = dg.Definitions(
         outputs.lookup_summary,
         outputs.topgo_ensemble,
     ],
+    asset_checks=checks.ALL,
     jobs=[
         automation.partition_job,
         automation.shared_inputs_job,

@@ -80,7 +80,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
 
 def raw_row_settings(config: LookupConfig) -> RawRowSettings:
     return RawRowSettings(
-        config.distance_metric, config.keep_sequences, config.alignment, config.store_workers
+        config.distance_metric, config.keep_sequences, config.alignment, config.alignment_threads
     )
 
 
@@ -95,8 +95,12 @@ def redundancy_clusters(
     partitions: list[Partition],
     cache: Path,
     progress: Progress = no_progress,
+    binary: str | None = None,
 ) -> dict[str, str] | None:
-    """MMseqs2 clusters of every reference and query sequence, or None when masking is off."""
+    """MMseqs2 clusters of every reference and query sequence, or None when masking is off.
+
+    `binary`: the MMseqs2 executable (the Dagster `mmseqs` resource's; default: found as
+    `redundancy.mmseqs_binary` says)."""
     if config.redundancy.identity <= 0 or not partitions:
         return None
     include, exclude = config.taxonomy.resolve()
@@ -109,6 +113,7 @@ def redundancy_clusters(
         threads=config.redundancy.threads,
         cache_dir=cache,
         progress=progress,
+        binary=binary,
     )
 
 
@@ -230,6 +235,11 @@ def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.Da
     )
 
 
+def partition_topgo_tables(config: LookupConfig, raw: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Category → what a partition's TopGO files hold, under this configuration's conventions."""
+    return writers.partition_topgo_tables(raw, config.precision, config.fantasia_compat)
+
+
 def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
     return writers.read_raw_rows(config.experiment_path, partitions)
 
@@ -329,7 +339,7 @@ def run_lookup(
             reference_scope(config, partitions[0])
         )
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
-    alignments = AlignmentCache(config.store_workers)
+    alignments = AlignmentCache(config.alignment_threads)
     sequences = SequenceCache(engine)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
