@@ -135,7 +135,7 @@ def search_partition(
     settings = search_settings(config, device)
     batch_search = None
     if cluster is not None:
-        batch_search = cluster_search(cluster, config, partition, store.cache_file(matrix), matrix, settings)
+        batch_search = cluster_search(cluster, config, partition, store.shared_file(matrix), matrix, settings)
     outcome = _search_partition(
         queries, partition, matrix, settings, clusters, progress, timings, batch_search
     )

@@ -77,9 +77,9 @@ class ReferenceStore:
         os.utime(path)  # recently used: kept by the pruning below
         return matrix
 
-    def cache_file(self, matrix: ReferenceMatrix) -> Path:
+    def shared_file(self, matrix: ReferenceMatrix) -> Path:
         """The matrix's cache file, written again if pruned since: what Dask workers load."""
-        path = self._file(matrix.fingerprint)
+        path = self.cache_file(matrix.fingerprint)
         if not path.exists():
             atomic_write(path, lambda tmp: _save_matrix(tmp, matrix))
         return path.resolve()
