@@ -8,15 +8,18 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 from sqlalchemy.engine import Engine
 
 from .config import LookupConfig
-from .core import writers
+from .core import aggregate, exports, lineage, writers
 from .core.device import resolve_device
 from .core.distributed import BlockSettings, DaskSearch, MatrixFile
 from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
@@ -25,6 +28,7 @@ from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_que
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
 from .core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
+from .core.scoring import run_predictions
 from .core.stages import AlignmentCache, BatchSearch, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
@@ -35,7 +39,7 @@ from .core.timing import timed
 from .db.engine import get_engine
 from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
-from .paths import cache_dir
+from .paths import cache_dir, temporary_file
 
 # ---------------------------------------------------------------------------------------------
 # configuration → plain values
@@ -244,19 +248,33 @@ def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataF
     return writers.read_raw_rows(config.experiment_path, partitions)
 
 
-def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
-    return writers.write_summary(
-        config.experiment_path,
-        raw,
-        config.summary,
-        config.limit_per_entry,
-        config.precision,
-        config.fantasia_compat,
-    )
+@contextmanager
+def open_raw_rows(config: LookupConfig, partitions: list[Partition]) -> Iterator[duckdb.DuckDBPyConnection]:
+    """DuckDB over the partitions' raw rows (view `raw_rows`) under the memory limit of
+    `core.aggregate`, spilling to a scratch folder under $FANTASIA_HOME/tmp (`paths`)."""
+    with (
+        temporary_file("-duckdb") as spill,
+        writers.open_raw_rows(config.experiment_path, partitions, spill) as rows,
+    ):
+        yield rows
 
 
-def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
-    return writers.write_ensemble(config.experiment_path, raw, config.precision)
+def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
+    with temporary_file("-duckdb") as spill:
+        return writers.write_summary(
+            config.experiment_path,
+            partitions,
+            config.summary,
+            config.limit_per_entry,
+            config.precision,
+            spill,
+            config.fantasia_compat,
+        )
+
+
+def write_ensemble(config: LookupConfig, partitions: list[Partition]) -> list[Path]:
+    with temporary_file("-duckdb") as spill:
+        return writers.write_ensemble(config.experiment_path, partitions, config.precision, spill)
 
 
 def reference_sequences_of(raw: pl.DataFrame, sequences: SequenceCache) -> dict[int, str]:
@@ -335,7 +353,7 @@ def run_lookup(
     with timed(timings, "redundancy clustering"):
         clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
     with timed(timings, "annotations"):
-        annotations, _ = AnnotationStore(engine, cache_dir("annotations")).get(
+        annotations, annotation_version = AnnotationStore(engine, cache_dir("annotations")).get(
             reference_scope(config, partitions[0])
         )
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
@@ -343,7 +361,7 @@ def run_lookup(
     sequences = SequenceCache(engine)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
-    reports, raw_frames, entries = [], [], []
+    reports, raw_frames, entries, fingerprints = [], [], [], []
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
         for partition in partitions:
@@ -368,7 +386,8 @@ def run_lookup(
                     )
             files = partition_files(partition)
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
-            raw_frames.append(raw)
+            raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
+            fingerprints.append(outcome.matrix.fingerprint)
             reports.append(
                 PartitionReport(
                     partition,
@@ -382,29 +401,39 @@ def run_lookup(
                     len(outcome.skipped),
                 )
             )
-        # the frames just written, not re-read from their Parquet files
-        raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
-        with timed(timings, "summary"):
-            writers.write_summary(
+        raw_all = pl.concat(raw_frames)
+        with timed(timings, "summary"), temporary_file("-duckdb") as spill:
+            summary = writers.write_summary(
                 root,
-                raw_all,
+                partitions,
                 config.summary,
                 config.limit_per_entry,
                 config.precision,
+                spill,
                 config.fantasia_compat,
             )
         if config.topgo:
-            with timed(timings, "topgo ensemble"):
-                writers.write_ensemble(root, raw_all, config.precision)
+            with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
+                writers.write_ensemble(root, partitions, config.precision, spill)
         with timed(timings, "fasta+mapping"):
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        with timed(timings, "predictions"):
+            predicted = run_predictions(root, raw_all, config.scoring, config.precision)
+        entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
             staging.publish(entries)
     base = config.experiment_path
-    outputs = {"summary": base / SUMMARY, "raw shards": base / "raw_results"}
+    record_run_lineage(
+        config, queries, partitions, reports, fingerprints, annotation_version, summary, timings
+    )
+    outputs = {
+        "summary": base / SUMMARY,
+        "raw shards": base / "raw_results",
+        "lineage": base / "lineage.duckdb",
+    }
     if config.topgo:
         outputs["TopGO"] = base / "topgo"
     outputs.update(
@@ -415,7 +444,41 @@ def run_lookup(
             "skipped queries": base / SKIPPED,
         }
     )
+    outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
     # every partition of the configuration was just published: any other partition folder is stale
     for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings)
+
+
+def record_run_lineage(
+    config: LookupConfig,
+    queries: QuerySet,
+    partitions: list[Partition],
+    reports: list[PartitionReport],
+    fingerprints: list[str],
+    annotation_version: str,
+    summary: aggregate.SummaryFile,
+    timings: dict[str, float],
+) -> None:
+    """The lineage rows the assets would write, under a generated run id: one per partition's
+    raw rows, one for the summary."""
+    run_id, config_hash = lineage.new_run_id(), config.fingerprint()
+    rows = [
+        lineage.LineageRow(
+            run_id,
+            "raw_result_shards",
+            f"{exports.model_dir_name(r.partition.model.name)}|{exports.layer_dir_name(r.partition.layer)}",
+            f"{fingerprint}-{annotation_version}",
+            queries.content_hash,
+            config_hash,
+            {"queries": r.n_queries, "neighbours": r.n_hits, "rows": r.n_rows},
+            r.timings,
+            origin="cli",
+        )
+        for r, fingerprint in zip(reports, fingerprints, strict=True)
+    ]
+    counts = {"rows": summary.rows, "partitions": len(partitions)}
+    summary_row = [run_id, "lookup_summary", None, annotation_version, queries.content_hash, config_hash]
+    rows.append(lineage.LineageRow(*summary_row, counts, {"summary": timings["summary"]}, origin="cli"))
+    lineage.record(config.experiment_path / "lineage.duckdb", rows)

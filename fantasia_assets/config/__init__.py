@@ -8,7 +8,8 @@ under `lookup` (`batch_size`, `limit_per_entry`), the `lookup` value wins; a mod
 `lookup.screening`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`, `postprocess.alignment`,
 `postprocess.alignment_threads`, `postprocess.fantasia_compat`, `embedding.models.<name>.embed_with`
 (the embedder of a FASTA query file: `embeddings_path` may name a FASTA, .fa/.fasta/.faa/.fas,
-gzipped or not; it is embedded into `{experiment_path}/query_embeddings.h5`). The original's
+gzipped or not; it is embedded into `{experiment_path}/query_embeddings.h5`), `scoring.ontology`
+and `scoring.model` (what `predictions.tsv` is propagated over and scored by). The original's
 `postprocess.store_workers` is refused with an error saying why. The original's database keys
 (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`, `DB_PORT`, `DB_NAME`) and any password key are
 rejected: the database, credentials included, is named only by the environment variable
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 
 from fantasia_assets.errors import FantasiaError
 
+from ..core.scoring import ScoringSettings
 from ..core.summary import SummarySpec
 from ..core.taxonomy import TaxonomyFilter
 from .schema import ConfigFile, error_message
@@ -79,6 +81,7 @@ class LookupConfig:
     alignment_threads: int = 4
     fantasia_compat: bool = False  # FANTASIA 4.1.1's output conventions (core/compat.py)
     summary: SummarySpec = field(default_factory=SummarySpec.default)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     # set when `embeddings_path` names a FASTA file: `embeddings_path` is then the HDF5 it is
     # embedded into (`{experiment_path}/query_embeddings.h5`), read like any query file
     query_fasta: Path | None = None
@@ -191,6 +194,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         alignment_threads=post.alignment_threads,
         fantasia_compat=post.fantasia_compat,
         summary=post.summary.to_spec(),
+        scoring=ScoringSettings(ontology=file.scoring.ontology, model=file.scoring.model),
     )
 
 

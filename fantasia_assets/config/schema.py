@@ -249,6 +249,12 @@ class _PostprocessSection(_Section):
     summary: _SummarySection = _SummarySection()
 
 
+class _ScoringSection(_Section):
+    # the GO ontology predictions are propagated over, and a learned scorer (`train-scorer`)
+    ontology: FilePath | None = None
+    model: FilePath | None = None
+
+
 class ConfigFile(_Section):
     experiment_path: FilePath
     embeddings_path: FilePath
@@ -260,6 +266,7 @@ class ConfigFile(_Section):
     lookup: _LookupSection = _LookupSection()
     embedding: _EmbeddingSection
     postprocess: _PostprocessSection = _PostprocessSection()
+    scoring: _ScoringSection = _ScoringSection()
 
 
 # ---------------------------------------------------------------------------------------------
