@@ -59,13 +59,16 @@ def _add_load_parser(commands) -> None:
 def _add_lookup_parser(commands) -> None:
     parser = commands.add_parser(
         "lookup",
-        help="run the whole lookup for every enabled (model, layer) and write the outputs",
+        help="run the whole lookup for every enabled (model, layer) and write the outputs "
+        "(the search on the Dask cluster at $FANTASIA_DASK_SCHEDULER when it is set)",
         description=(
             "Nearest-neighbour GO transfer for the query HDF5 named by the configuration (a FASTA "
             "file is first embedded with each model's embed_with, cached, into "
             "experiment_path/query_embeddings.h5): every "
             "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
-            "Prints a per-stage timing table."
+            "Prints a per-stage timing table. With FANTASIA_DASK_SCHEDULER set (a Dask scheduler's "
+            "address), each partition's search runs in blocks on that cluster's workers, with "
+            "the same outputs; FANTASIA_DASK_TIMEOUT (seconds, default 10) bounds the wait for it."
         ),
     )
     parser.add_argument("--config", type=Path, required=True, help="configuration YAML (SPEC §2.3)")
@@ -135,21 +138,32 @@ def _lookup(args, progress) -> int:
     from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
+    from .core.distributed import connect_from_environment
     from .db import get_engine, schema_ready
     from .runner import run_lookup
 
-    schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
-    if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
-        from .query_fasta import ensure_query_embeddings
+    # the cluster is reached before anything is read or written: an unreachable one changes nothing
+    cluster = connect_from_environment()
+    try:
+        schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
+        if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
+            from .query_fasta import ensure_query_embeddings
 
-        embedded = ensure_query_embeddings(config, get_engine(), progress)
-        progress.end_line()
-        for line in embedded.lines:
-            print(line)
-    result = run_lookup(config, progress=progress)
+            embedded = ensure_query_embeddings(config, get_engine(), progress)
+            progress.end_line()
+            for line in embedded.lines:
+                print(line)
+        result = run_lookup(config, progress=progress, cluster=cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
     progress.end_line()
     for line in report_lines(result):
         print(line)
+    if cluster is not None:
+        print(f"search on the Dask cluster at {cluster.address}:")
+        for key, plan in cluster.plans.items():
+            print(f"  {key}: {plan.n_blocks} blocks of ≤ {plan.block_queries} queries")
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs import automation, checks, inputs, lookup, outputs, science
+from .defs import automation, checks, cluster, inputs, lookup, outputs, science
 from .defs.resources import default_resources
 
 defs = dg.Definitions(
@@ -31,6 +31,7 @@ defs = dg.Definitions(
         automation.shared_inputs_job,
         automation.outputs_job,
         automation.query_embeddings_job,
+        cluster.partition_dask_job,
     ],
     sensors=[automation.reference_change_sensor, automation.output_automation],
     schedules=[automation.daily_backstop],

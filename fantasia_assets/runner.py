@@ -14,20 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 from sqlalchemy.engine import Engine
 
 from .config import LookupConfig
 from .core import aggregate, exports, lineage, writers
 from .core.device import resolve_device
+from .core.distributed import BlockSettings, DaskSearch, MatrixFile
 from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
 from .core.layout import partition_paths as _partition_paths
 from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
-from .core.references import ReferenceScope, ReferenceSetError
+from .core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
 from .core.scoring import run_predictions
-from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
+from .core.stages import AlignmentCache, BatchSearch, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
@@ -127,16 +129,50 @@ def search_partition(
     clusters: dict[str, str] | None = None,
     device: str | None = None,
     progress: Progress = no_progress,
+    cluster: DaskSearch | None = None,
 ) -> SearchOutcome:
-    """The partition's reference matrix (from the store), then the exact k-NN of its queries."""
+    """The partition's reference matrix (from the store), then the exact k-NN of its queries,
+    in this process or, with `cluster`, in blocks on the Dask cluster's workers."""
     timings: dict[str, float] = {}
     with timed(timings, "references"):
         matrix = store.get(reference_scope(config, partition), progress)
+    settings = search_settings(config, device)
+    batch_search = None
+    if cluster is not None:
+        batch_search = cluster_search(cluster, config, partition, store.shared_file(matrix), matrix, settings)
     outcome = _search_partition(
-        queries, partition, matrix, search_settings(config, device), clusters, progress, timings
+        queries, partition, matrix, settings, clusters, progress, timings, batch_search
     )
     outcome.matrix_source = store.last_source
     return outcome
+
+
+def cluster_search(
+    cluster: DaskSearch,
+    config: LookupConfig,
+    partition: Partition,
+    matrix_file: Path,
+    matrix: ReferenceMatrix,
+    settings: SearchSettings,
+) -> BatchSearch:
+    """The partition's batches searched in blocks on the cluster (`core.distributed`)."""
+    where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim)
+
+    def search(vectors: np.ndarray, exclude, batch: int):
+        block = BlockSettings(
+            metric=settings.metric,
+            backend=settings.backend,
+            use_gpu=config.use_gpu,
+            k=settings.limit_per_entry,
+            threshold=partition.model.distance_threshold,
+            tie_expansion=settings.tie_expansion,
+            batch=batch,
+            engine_budget=0,  # set by the block plan
+            screening=settings.screening,
+        )
+        return cluster.search(where, block, vectors, exclude, partition.key)
+
+    return search
 
 
 def build_raw_rows(
@@ -291,7 +327,10 @@ class LookupResult:
 
 
 def run_lookup(
-    config: LookupConfig, engine: Engine | None = None, progress: Progress = no_progress
+    config: LookupConfig,
+    engine: Engine | None = None,
+    progress: Progress = no_progress,
+    cluster: DaskSearch | None = None,
 ) -> LookupResult:
     """The whole lookup for every enabled (model, layer), then the run-wide outputs.
 
@@ -326,7 +365,7 @@ def run_lookup(
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
         for partition in partitions:
-            outcome = search_partition(config, queries, partition, store, clusters, device, progress)
+            outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
             raw = build_raw_rows(
                 config,
                 queries,

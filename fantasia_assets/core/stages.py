@@ -8,7 +8,7 @@ configuration is the caller's (`fantasia_assets.runner`, the Dagster assets).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import polars as pl
 
 from . import exports
 from .alignment import alignment_metrics
+from .distributed import Exclusions, slice_exclusions
 from .knn import SearchEngine
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
@@ -105,6 +106,36 @@ class SearchSettings:
     screening: str = "auto"  # `core.screen`: the screen's arithmetic; results never depend on it
 
 
+# (queries (n, dim), exclusion CSR or None, batch) → (start row, (distances, indices)) of every
+# batch of `batch` rows, in order
+BatchSearch = Callable[
+    [np.ndarray, Exclusions | None, int], Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]]
+]
+
+
+def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition) -> BatchSearch:
+    """The engine built here on the matrix, searched batch after batch."""
+
+    def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
+        engine = SearchEngine(
+            settings.metric, settings.backend, settings.device, screening=settings.screening
+        ).build(matrix.vectors)
+        for start in range(0, len(vectors), batch):
+            stop = min(start + batch, len(vectors))
+            yield (
+                start,
+                engine.search(
+                    vectors[start:stop],
+                    settings.limit_per_entry,
+                    threshold=partition.model.distance_threshold,
+                    exclude=slice_exclusions(exclude, start, stop),
+                    tie_expansion=settings.tie_expansion,
+                ),
+            )
+
+    return search
+
+
 def search_partition(
     queries: QuerySet,
     partition: Partition,
@@ -113,8 +144,13 @@ def search_partition(
     clusters: dict[str, str] | None = None,
     progress: Progress = no_progress,
     timings: dict[str, float] | None = None,
+    batch_search: BatchSearch | None = None,
 ) -> SearchOutcome:
-    """Exact k-NN of every usable query of the partition against its reference matrix."""
+    """Exact k-NN of every usable query of the partition against its reference matrix.
+
+    The batches are searched in this process, or by `batch_search` (the runner's blocks on a
+    Dask cluster, `core.distributed`), which must return the same batches in the same order.
+    """
     timings = timings if timings is not None else {}
     with timed(timings, "read queries"):
         vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, settings.metric)
@@ -127,28 +163,11 @@ def search_partition(
                 clusters,
             )
     with timed(timings, "search"):
-        engine = SearchEngine(
-            settings.metric, settings.backend, settings.device, screening=settings.screening
-        )
-        engine.build(matrix.vectors)
         batch = partition.model.batch_size or settings.batch_size
+        searched = (batch_search or in_process_search(matrix, settings, partition))(vectors, exclude, batch)
         parts = []
-        for start in range(0, len(rows), batch):
+        for start, (distances, indices) in searched:
             stop = min(start + batch, len(rows))
-            batch_exclude = None
-            if exclude is not None:
-                indptr, indices = exclude
-                batch_exclude = (
-                    indptr[start : stop + 1] - indptr[start],
-                    indices[indptr[start] : indptr[stop]],
-                )
-            distances, indices = engine.search(
-                vectors[start:stop],
-                settings.limit_per_entry,
-                threshold=partition.model.distance_threshold,
-                exclude=batch_exclude,
-                tie_expansion=settings.tie_expansion,
-            )
             parts.append(
                 neighbour_hits(
                     [queries.catalogue.accessions[r] for r in rows[start:stop]],

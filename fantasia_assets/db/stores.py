@@ -77,6 +77,13 @@ class ReferenceStore:
         os.utime(path)  # recently used: kept by the pruning below
         return matrix
 
+    def shared_file(self, matrix: ReferenceMatrix) -> Path:
+        """The matrix's cache file, written again if pruned since: what Dask workers load."""
+        path = self.cache_file(matrix.fingerprint)
+        if not path.exists():
+            atomic_write(path, lambda tmp: _save_matrix(tmp, matrix))
+        return path.resolve()
+
     def _prune(self) -> None:
         files = sorted(self.cache_dir.glob("matrix-*.npz"), key=lambda f: f.stat().st_mtime, reverse=True)
         for stale in files[self.max_on_disk :]:

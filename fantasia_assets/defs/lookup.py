@@ -25,8 +25,12 @@ from .resources import ComputeDevice, LineageStore, LookupSettings, MMseqs, Refe
 
 GPU_POOL = "gpu"
 # Read by dagster-k8s's k8s_job_executor (one pod per step): the search step's pod asks the
-# cluster for one GPU; other executors ignore the tag.
-GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+# cluster for one GPU; by dagster-dask's executor: the step runs on a worker started with
+# `--resources GPU=1`. Other executors ignore the tags.
+GPU_OP_TAGS = {
+    "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
+    "dagster-dask/resource_requirements": {"GPU": 1},
+}
 
 
 @dg.asset(
