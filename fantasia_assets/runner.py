@@ -19,6 +19,7 @@ from .core import writers
 from .core.device import resolve_device
 from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
 from .core.layout import partition_paths as _partition_paths
+from .core.locks import experiment_lock
 from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
@@ -30,6 +31,7 @@ from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.timing import timed
 from .db.engine import get_engine
+from .db.loader import reference_snapshot
 from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .paths import cache_dir
@@ -159,7 +161,8 @@ def partition_paths(config: LookupConfig, partition: Partition) -> dict[str, Pat
 
 
 def write_hits(config: LookupConfig, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
-    return writers.write_hits(config.experiment_path, partition, outcome)
+    with experiment_lock(config.experiment_path):
+        return writers.write_hits(config.experiment_path, partition, outcome)
 
 
 def read_hits(config: LookupConfig, partition: Partition) -> pl.DataFrame:
@@ -174,20 +177,22 @@ def shard_file_names(config: LookupConfig, queries: QuerySet) -> dict[str, str]:
 def write_raw(
     config: LookupConfig, partition: Partition, raw: pl.DataFrame, queries: QuerySet
 ) -> dict[str, Path]:
-    return writers.write_raw(
-        config.experiment_path,
-        partition,
-        raw,
-        shard_file_names(config, queries),
-        config.precision,
-        config.fantasia_compat,
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_raw(
+            config.experiment_path,
+            partition,
+            raw,
+            shard_file_names(config, queries),
+            config.precision,
+            config.fantasia_compat,
+        )
 
 
 def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> list[Path]:
-    return writers.write_partition_topgo(
-        config.experiment_path, partition, raw, config.precision, config.fantasia_compat
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_partition_topgo(
+            config.experiment_path, partition, raw, config.precision, config.fantasia_compat
+        )
 
 
 def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
@@ -195,18 +200,20 @@ def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataF
 
 
 def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
-    return writers.write_summary(
-        config.experiment_path,
-        raw,
-        config.summary,
-        config.limit_per_entry,
-        config.precision,
-        config.fantasia_compat,
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_summary(
+            config.experiment_path,
+            raw,
+            config.summary,
+            config.limit_per_entry,
+            config.precision,
+            config.fantasia_compat,
+        )
 
 
 def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
-    return writers.write_ensemble(config.experiment_path, raw, config.precision)
+    with experiment_lock(config.experiment_path):
+        return writers.write_ensemble(config.experiment_path, raw, config.precision)
 
 
 def reference_sequences_of(raw: pl.DataFrame, sequences: SequenceCache) -> dict[int, str]:
@@ -222,15 +229,17 @@ def write_sequences(
     sequences: SequenceCache | None = None,
 ) -> tuple[Path, Path]:
     references = reference_sequences_of(raw, sequences or SequenceCache(engine))
-    return writers.write_sequences(config.experiment_path, queries, references, config.precision)
+    with experiment_lock(config.experiment_path):
+        return writers.write_sequences(config.experiment_path, queries, references, config.precision)
 
 
 def write_run_records(
     config: LookupConfig, queries: QuerySet, partitions: list[Partition]
 ) -> dict[str, Path]:
-    return writers.write_run_records(
-        config.experiment_path, queries, partitions, shard_file_names(config, queries)
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_run_records(
+            config.experiment_path, queries, partitions, shard_file_names(config, queries)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +276,12 @@ def run_lookup(
     (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
     """
     engine = engine or get_engine()
+    # one run per experiment_path at a time; one committed reference set for the whole run
+    with experiment_lock(config.experiment_path), reference_snapshot(engine):
+        return _run_lookup(config, engine, progress)
+
+
+def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> LookupResult:
     timings: dict[str, float] = {}
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
