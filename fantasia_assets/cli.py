@@ -168,13 +168,45 @@ def report_lines(result) -> list[str]:
     return lines
 
 
+def demo_environment() -> None:
+    """What `make demo` sets, for a `demo` run by hand from any folder.
+
+    Without DAGSTER_HOME, the instance is `.dagster_home` in the working directory (the
+    Makefile's), with the repository's dagster.yaml when it has none. Without FANTASIA_CONFIG,
+    the sample configuration is read from the package (not from a relative data/config.yaml),
+    its query file made absolute; outputs still go under the working directory.
+    """
+    import shutil
+
+    import yaml
+
+    from .core.exports import write_bytes_atomic
+    from .paths import fantasia_home, state_folder
+    from .sample import DATA_DIR, SAMPLE_CONFIG, SAMPLE_DIR
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = state_folder(Path(".dagster_home").resolve(), "DAGSTER_HOME")
+        instance_yaml = DATA_DIR.parent / "dagster.yaml"
+        if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
+            shutil.copyfile(instance_yaml, home / "dagster.yaml")
+        os.environ["DAGSTER_HOME"] = str(home)
+        print(f"DAGSTER_HOME is not set: using {home}")
+    if not os.environ.get("FANTASIA_CONFIG"):
+        raw = yaml.safe_load(SAMPLE_CONFIG.read_text(encoding="utf-8"))
+        raw["embeddings_path"] = str(SAMPLE_DIR / "queries.h5")
+        config = state_folder(fantasia_home() / "demo", "the demo folder") / "config.yaml"
+        write_bytes_atomic(config, yaml.safe_dump(raw, sort_keys=False).encode())
+        os.environ["FANTASIA_CONFIG"] = str(config)
+
+
 def _demo(args, progress) -> int:
     import dagster as dg
 
     from .db import get_engine, redacted
     from .defs.demo import materialize_everything
-    from .sample import SAMPLE_CONFIG, load_sample
+    from .sample import load_sample
 
+    demo_environment()
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     for model, report in load_sample(engine, progress):
@@ -186,7 +218,7 @@ def _demo(args, progress) -> int:
         materialize_everything(instance)
     from .config import load_config
 
-    config = load_config(os.environ.get("FANTASIA_CONFIG") or SAMPLE_CONFIG)
+    config = load_config(os.environ["FANTASIA_CONFIG"])
     print(f"outputs under {config.experiment_path}:")
     for name in (
         "summary.csv",

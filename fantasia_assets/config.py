@@ -12,6 +12,7 @@ file that is copied, committed or shown. Error messages name keys, never their v
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -362,13 +363,70 @@ def parse_config(raw: Any) -> LookupConfig:
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few kB; this bounds reading and parsing
+MAX_YAML_NODES = 100_000  # values after alias expansion: a "billion laughs" is refused, not walked
+
+
+def _config_text(path: Path) -> str:
+    """The file's text: UTF-8 (a BOM allowed), or UTF-16 with its BOM; a clear error otherwise."""
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a configuration file")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path}: not a regular file")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a configuration file is at most {MAX_CONFIG_BYTES}")
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        return data.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not {'UTF-16' if utf16 else 'UTF-8'} text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under `node` with every alias expanded (each anchor counted once per use)."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] < 0:
+            raise ConfigError("a YAML alias refers to a value that contains it")
+        return sizes[key]
+    sizes[key] = -1  # in progress: an alias back to it is a cycle
+    children: list = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"more than {MAX_YAML_NODES} values once YAML aliases are expanded")
+    sizes[key] = total
+    return total
+
+
 def load_config(path: str | Path) -> LookupConfig:
     """Read and validate a YAML configuration file."""
     path = Path(path)
+    text = _config_text(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such configuration file") from exc
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _expanded_size(root, {})
+        raw = yaml.safe_load(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if raw is None:
