@@ -8,6 +8,7 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,11 @@ from .core.staging import RunStaging
 from .core.timing import timed
 from .db.engine import get_engine
 from .db.loader import reference_snapshot
-from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
+from .db.reads import NEVER_LOADED, fetch_reference_sequences, layers_with_rows, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # configuration → plain values
@@ -267,6 +270,18 @@ class LookupResult:
     timings: dict[str, float]
 
 
+def _with_references(partitions: list[Partition], engine: Engine) -> list[Partition]:
+    """The partitions whose (model, layer) has reference embeddings; the others skipped, with a warning."""
+    loaded = layers_with_rows(engine, [(p.type_id, p.layer) for p in partitions])
+    for p in partitions:
+        if (p.type_id, p.layer) not in loaded:
+            log.warning(
+                "%s: no reference embeddings are loaded for model %s (type_%d), layer %s; skipped",
+                p.key, p.model.name, p.type_id, "legacy" if p.layer is None else p.layer,
+            )  # fmt: skip
+    return [p for p in partitions if (p.type_id, p.layer) in loaded]
+
+
 def run_lookup(
     config: LookupConfig, engine: Engine | None = None, progress: Progress = no_progress
 ) -> LookupResult:
@@ -288,7 +303,7 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
     types = model_types(engine)
     if not types:  # the tables exist (migrated on first use), but nothing was loaded
         raise ReferenceSetError(NEVER_LOADED)
-    partitions = plan_partitions(config, queries, types)
+    partitions = _with_references(plan_partitions(config, queries, types), engine)
     if not partitions:
         raise LookupPlanError(
             f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "

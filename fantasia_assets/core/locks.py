@@ -17,17 +17,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import exports
+
 log = logging.getLogger(__name__)
 
 _held: dict[tuple[str, int], int] = {}  # (folder, thread) → depth
 _held_lock = threading.Lock()
 
 
+def _probe(folder: Path) -> None:
+    """Fail now, not after the search, when nothing can be written into `folder`."""
+    probe = exports.tmp_sibling(folder / "probe", "tmp")
+    probe.touch()
+    probe.unlink()
+
+
 @contextmanager
 def experiment_lock(experiment_path: Path) -> Iterator[None]:
-    """Hold the exclusive lock of `experiment_path` (created when missing) for the block."""
+    """Hold the exclusive lock of `experiment_path` (created when missing) for the block.
+
+    A folder that cannot be created or written into is an `OutputWriteError` at once.
+    """
     folder = Path(experiment_path)
-    folder.mkdir(parents=True, exist_ok=True)
+    exports.writing(folder, lambda: folder.mkdir(parents=True, exist_ok=True))
     key = (str(folder.resolve()), threading.get_ident())
     with _held_lock:
         depth = _held.get(key, 0)
@@ -41,6 +53,7 @@ def experiment_lock(experiment_path: Path) -> Iterator[None]:
         return
     fd = None
     try:
+        exports.writing(folder, lambda: _probe(folder))
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
