@@ -31,6 +31,10 @@ AREAS = {
     "test_crash_and_disk.py": "crash, full disk",
     "test_partition_concurrency.py": "concurrency",
     "test_load_concurrency.py": "concurrency",
+    "test_run_concurrency.py": "concurrency",
+    "test_config_leftovers.py": "hostile configuration",
+    "test_paths_and_state.py": "paths and state",
+    "test_permissions.py": "permissions",
     "test_credentials.py": "credentials",
     "test_readme_table.py": "documentation",
 }
