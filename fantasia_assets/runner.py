@@ -30,6 +30,7 @@ from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
+from .core.stale import remove_stale_partitions
 from .core.timing import timed
 from .db.engine import get_engine
 from .db.loader import reference_snapshot
@@ -44,9 +45,12 @@ log = logging.getLogger(__name__)
 
 
 def model_specs(config: LookupConfig) -> list[ModelSpec]:
-    """The enabled models as the plan sees them."""
+    """The enabled models as the plan sees them. With a FASTA query file, only those that embed it:
+    the others have no vectors there, and were named in a warning when it was embedded."""
     return [
-        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index) for m in config.enabled_models()
+        ModelSpec(m.name, m.distance_threshold, m.batch_size, m.layer_index)
+        for m in config.enabled_models()
+        if config.query_fasta is None or m.embed_with
     ]
 
 
@@ -392,4 +396,7 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
             "skipped queries": base / SKIPPED,
         }
     )
+    # every partition of the configuration was just published: any other partition folder is stale
+    for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
+        outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings)

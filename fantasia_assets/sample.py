@@ -11,6 +11,7 @@ from .progress import Progress, no_progress
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_DIR = DATA_DIR / "sample"
 SAMPLE_CONFIG = DATA_DIR / "config.yaml"
+SAMPLE_FASTA_CONFIG = DATA_DIR / "config_fasta.yaml"  # the demo's: the queries as FASTA, embedded first
 SAMPLE_MODELS = (("NEAR", "references_near.h5"), ("AntiBERTy", "references_antiberty.h5"))
 
 

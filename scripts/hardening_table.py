@@ -36,6 +36,13 @@ AREAS = {
     "test_paths_and_state.py": "paths and state",
     "test_permissions.py": "permissions",
     "test_credentials.py": "credentials",
+    "test_hostile_sequences.py": "sequence characters",
+    "test_hdf5_shapes.py": "HDF5 shapes",
+    "test_text_oddities.py": "text oddities",
+    "test_reference_reload.py": "reference reload",
+    "test_stray_files.py": "stray files",
+    "test_parser_properties.py": "parser properties",
+    "test_error_surface.py": "error surface",
     "test_readme_table.py": "documentation",
 }
 
@@ -49,6 +56,7 @@ _SPELLING = {
     "nan": "NaN", "inf": "Inf", "hdf5": "HDF5", "cli": "CLI", "mmseqs": "MMseqs2", "yaml": "YAML",
     "postgresql": "PostgreSQL", "dagster": "Dagster", "url": "URL", "readme": "README", "sql": "SQL",
     "env": "environment", "var": "variable", "sigkill": "SIGKILL", "gaf": "GAF", "pid": "PID",
+    "fasta": "FASTA", "obo": "OBO",
 }  # fmt: skip
 
 

@@ -14,8 +14,10 @@ Local metrics carry the suffix ``_sw``. All values are float64, as in FANTASIA.
 
 Conventions where FANTASIA's parasail calls have no answer:
 
-* Sequences are upper-cased first; letters A–Z and ``*`` are accepted (BLOSUM62 scores J, O, U
-  like ``*``), anything else raises `ValueError` naming the sequence and the character.
+* Sequences are normalised first by the rule of `core.sequences` (whitespace, digits and the
+  gaps ``-``/``.`` removed, letters upper-cased); letters A–Z and ``*`` are accepted (BLOSUM62
+  scores J, O, U like ``*``), anything else raises `ValueError` naming the sequence and the
+  character, unless `alignment_metrics` is asked to leave such pairs' metrics empty.
 * An alignment of length 0 has identity, similarity and gaps 0.0 (FANTASIA's own rule). That is
   the local alignment when no residue pair scores positive, and then its score is 0 (the
   Smith–Waterman definition; parasail's striped 32-bit kernel reports INT32_MIN/2 instead).
@@ -48,6 +50,8 @@ import numpy as np
 import parasail
 import polars as pl
 
+from . import sequences as sequence_rule
+
 GAP_OPEN = 10
 GAP_EXTEND = 1
 METRIC_COLUMNS = (
@@ -67,7 +71,6 @@ METRIC_COLUMNS = (
 DEFAULT_TRACE_MEMORY_BYTES = 4 << 30
 
 _MATRIX = parasail.blosum62
-_ALLOWED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ*")
 # Pairs per worker task: one query profile serves them all, and tasks stay small enough to
 # balance the threads when a few pairs are much longer than the rest.
 _PAIRS_PER_TASK = 16
@@ -111,6 +114,7 @@ def alignment_metrics(
     references: Sequence[str],
     workers: int | None = None,
     trace_memory_bytes: int = DEFAULT_TRACE_MEMORY_BYTES,
+    skip_unusable: bool = False,
 ) -> pl.DataFrame:
     """Metrics of every (queries[i], references[i]) pair: one row per pair, in input order.
 
@@ -119,6 +123,10 @@ def alignment_metrics(
     aligned once, on `workers` threads (default: all CPUs; ctypes releases the GIL in parasail). Worker
     threads together hold at most `trace_memory_bytes` of traceback tables; a pair needing more
     runs alone. Columns: `METRIC_COLUMNS`, all float64.
+
+    With `skip_unusable`, a pair whose query or reference breaks the sequence rule (empty
+    included) is not aligned and gets null in every column, instead of raising `ValueError`:
+    the caller names it to the user.
     """
     if len(queries) != len(references):
         raise ValueError(f"{len(queries)} queries but {len(references)} references: pairs need one of each")
@@ -127,7 +135,11 @@ def alignment_metrics(
         raise ValueError(f"workers must be at least 1, got {workers}")
     slots: dict[tuple[bytes, bytes], int] = {}
     pair_slot = np.empty(len(queries), dtype=np.int64)
+    skipped = np.zeros(len(queries), dtype=bool)
     for i, (query, reference) in enumerate(zip(queries, references)):
+        if skip_unusable and not (_usable(query) and _usable(reference)):
+            skipped[i], pair_slot[i] = True, 0
+            continue
         key = (_normalise(query, f"queries[{i}]"), _normalise(reference, f"references[{i}]"))
         pair_slot[i] = slots.setdefault(key, len(slots))
     unique_pairs = list(slots)
@@ -147,21 +159,29 @@ def alignment_metrics(
         with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
             for _ in pool.map(run, tasks):
                 pass
-    return _metrics_frame(counts[pair_slot])
+    frame = _metrics_frame(counts[pair_slot] if len(unique_pairs) else np.zeros((len(queries), 10), np.int64))
+    if skipped.any():
+        keep = pl.Series(~skipped)
+        frame = frame.select(pl.when(keep).then(pl.col(c)).alias(c) for c in METRIC_COLUMNS)
+    return frame
+
+
+def _usable(sequence: object) -> bool:
+    return isinstance(sequence, str) and sequence_rule.usable(sequence_rule.clean(sequence))
 
 
 def _normalise(sequence: str | None, name: str) -> bytes:
-    """The upper-cased sequence as ASCII bytes, what parasail reads; `ValueError` naming it if unusable."""
+    """The sequence under the rule of `core.sequences`, as ASCII bytes (what parasail reads).
+
+    Empty is allowed here (see the module docstring); other breaches raise `ValueError` naming it.
+    """
     if not isinstance(sequence, str):
         raise ValueError(f"{name} is {type(sequence).__name__}, expected a sequence string")
-    upper = sequence.upper()
-    if not _ALLOWED.issuperset(upper):
-        bad = next(c for c in upper if c not in _ALLOWED)
-        raise ValueError(
-            f"{name} contains {bad!r} at position {upper.index(bad)}; "
-            "only letters A-Z (any case) and '*' are allowed"
-        )
-    return upper.encode("ascii")
+    cleaned = sequence_rule.clean(sequence)
+    reason = sequence_rule.problem(cleaned) if cleaned else None
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    return cleaned.encode("ascii")
 
 
 def _traceback_counts(result: parasail.Result) -> _Counts:

@@ -17,6 +17,7 @@ from fantasia_assets.errors import FantasiaError
 from . import exports
 from .digest import file_digest
 from .queries import ACCESSION_PREFIX, EmbeddingCatalogue, EmbeddingFileError, scan, scan_cached
+from .sequences import warn_unusable_queries
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,13 @@ def open_queries(path: Path, cache_dir: Path | None = None) -> QuerySet:
             f"{path}: no query proteins (no usable '{ACCESSION_PREFIX}<ID>' group){detail}"
         )
     _warn_mapped_duplicates(catalogue)
+    warn_unusable_queries(
+        catalogue.path, zip(map(catalogue.group, range(len(catalogue.sequences))), catalogue.sequences)
+    )
     index: dict[str, int] = {}
     query_idx = np.empty(len(catalogue.accessions), dtype=np.int64)
-    for row, sequence in enumerate(catalogue.sequences):
-        query_idx[row] = index.setdefault(sequence.upper(), len(index))
+    for row, sequence in enumerate(catalogue.sequences):  # clean already: same residues, same index
+        query_idx[row] = index.setdefault(sequence, len(index))
     return QuerySet(catalogue, query_idx, list(index), digest)
 
 

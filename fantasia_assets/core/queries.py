@@ -32,6 +32,7 @@ from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
+from .sequences import clean
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ _NATIVE_DTYPES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1}
 _NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]
 _OTHER_DTYPE = -1
 
-# bump when EmbeddingCatalogue changes shape, so pickles of an older layout are not reused
-_CATALOGUE_FORMAT = 1
+# bump when EmbeddingCatalogue changes shape or meaning (2: clean sequences, rank > 1 skipped)
+_CATALOGUE_FORMAT = 2
 
 LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
 # The `layer_index` a legacy entry has in the database, where PIS makes the column NOT NULL:
@@ -79,7 +80,7 @@ class EmbeddingCatalogue:
 
     path: Path
     accessions: list[str]  # group names without the 'accession_' prefix, in file order
-    sequences: list[str | None]
+    sequences: list[str | None]  # clean (core.sequences.clean): whitespace, digits, gaps removed
     layers: dict[LayerKey, LayerEntries]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason)
     attrs: dict = field(default_factory=dict)
@@ -132,13 +133,14 @@ class EmbeddingCatalogue:
         return matrix, entries.rows[positions]
 
     def read_valid(
-        self, key: LayerKey, dim: int | None = None
+        self, key: LayerKey, dim: int | None = None, metric: str | None = None
     ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         """Every usable vector of `key`, and the groups left out with the reason.
 
         Unlike `read`, one bad query does not stop the others: a vector whose length is not
         `dim` (default: the most common length in the file) or that holds NaN or infinite
-        values is left out and reported as (group, reason). Returns (vectors, rows, skipped).
+        values is left out and reported as (group, reason). Under the `"cosine"` metric, so is
+        a vector without a direction (see `directionless`). Returns (vectors, rows, skipped).
         """
         entries = self.layers.get(key)
         if entries is None:
@@ -156,6 +158,17 @@ class EmbeddingCatalogue:
         if not finite.all():
             reasons.update({int(p): f"{describe_key(key)} has NaN or infinite values" for p in keep[~finite]})
             matrix, keep = matrix[finite], keep[finite]
+        if metric == "cosine":
+            flat = directionless(matrix)
+            if flat.any():
+                reasons.update(
+                    {
+                        int(p): f"{describe_key(key)} is a zero vector (or too close to zero): "
+                        "no direction, so no cosine distance"
+                        for p in keep[flat]
+                    }
+                )
+                matrix, keep = matrix[~flat], keep[~flat]
         skipped = [(self.group(int(entries.rows[p])), reasons[p]) for p in sorted(reasons)]
         return matrix, entries.rows[keep], skipped
 
@@ -204,8 +217,15 @@ class EmbeddingCatalogue:
             with h5py.File(self.path, "r") as handle:
                 for i in slow:
                     row = int(entries.rows[positions[i]])
-                    out[i] = handle[_dataset_path(self.accessions[row], key)][()]
+                    out[i] = np.asarray(handle[_dataset_path(self.accessions[row], key)][()]).reshape(-1)
         return out
+
+
+def directionless(vectors: np.ndarray) -> np.ndarray:
+    """Rows (bool, n) whose cosine distance is undefined: norm zero, not finite, or so small that
+    its inverse overflows float32 (the search normalises rows in float32)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
+    return ~np.isfinite(norms) | (norms * float(np.finfo(np.float32).max) <= 1.0)
 
 
 def describe_key(key: LayerKey) -> str:
@@ -231,10 +251,16 @@ def _suffix_int(name: bytes, prefix: str) -> int | None:
 
 
 def _read_string(dataset: h5py.h5d.DatasetID) -> str:
+    """The text of a string dataset (scalar, or the first element); `TypeError` for anything else."""
+    string_type = dataset.get_type()
+    if not isinstance(string_type, h5py.h5t.TypeStringID):
+        raise TypeError(f"holds {string_type.dtype}, not text")
     buffer = np.empty(
-        dataset.shape, dtype=h5py.string_dtype() if dataset.get_type().is_variable_str() else dataset.dtype
+        dataset.shape, dtype=h5py.string_dtype() if string_type.is_variable_str() else dataset.dtype
     )
     dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
+    if buffer.size == 0:
+        return ""
     value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
     if isinstance(value, bytes):
         value = value.decode("utf-8")
@@ -250,16 +276,16 @@ def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
     dtype = dataset.get_type().dtype
     if dtype.kind != "f":
         return f"embedding has dtype {dtype}, expected float32 or float64"
+    # the rank costs ~15 µs, but a (16, 16) matrix must not pass as a 256-vector; (1, n) is a vector
+    if dataset.rank != 1:
+        shape = dataset.shape
+        if len(shape) != 2 or 1 not in shape:
+            return f"embedding has shape {shape}, expected a 1-D vector"
     offset = dataset.get_offset()
     code = _NATIVE_DTYPES.get(dtype, _OTHER_DTYPE)
     if offset is not None:
         return (int(offset), dataset.get_storage_size() // dtype.itemsize, code)
-    shape = dataset.shape
-    if len(shape) == 2 and 1 in shape:
-        shape = (shape[0] * shape[1],)
-    if len(shape) != 1:
-        return f"embedding has shape {dataset.shape}, expected a 1-D vector"
-    return (-1, int(shape[0]), code)
+    return (-1, int(np.prod(dataset.shape)), code)
 
 
 def _scan_groups(path: str, names: list[str]) -> dict:
@@ -271,54 +297,86 @@ def _scan_groups(path: str, names: list[str]) -> dict:
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
     try:
         for name in names:
-            encoded = name.encode("utf-8")
+            if not isinstance(name, str):  # h5py hands names that are not UTF-8 over as bytes
+                skipped.append((name.decode("utf-8", "replace"), "group name is not UTF-8 text"))
+                continue
             if not name.startswith(ACCESSION_PREFIX):
                 skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
                 continue
             try:
-                group = h5py.h5g.open(fid, encoded)
-            except (KeyError, ValueError):
-                skipped.append((name, "not a group"))
+                found = _scan_group(fid, name)
+            except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
+                # a damaged object inside the group: the group is left out, the file still read
+                skipped.append((name, f"unreadable HDF5 content ({exc})"))
                 continue
-            members = [group.get_objname_by_idx(i) for i in range(group.get_num_objs())]
-            if b"sequence" not in members:
-                skipped.append((name, "no 'sequence' dataset"))
+            if isinstance(found, str):
+                skipped.append((name, found))
                 continue
-            try:
-                sequence = _read_string(h5py.h5d.open(group, b"sequence"))
-            except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
-                skipped.append((name, f"unreadable 'sequence' dataset ({exc})"))
-                continue
+            sequence, vectors, group_skips = found
             row = len(accessions)
             accessions.append(name[len(ACCESSION_PREFIX) :])
             sequences.append(sequence)
-            for member in members:
-                type_id = _suffix_int(member, TYPE_PREFIX)
-                if type_id is None:
-                    continue
-                type_group = h5py.h5g.open(group, member)
-                children = [type_group.get_objname_by_idx(i) for i in range(type_group.get_num_objs())]
-                for child in children:
-                    if child == b"embedding":
-                        layer: int | None = None
-                        dataset_name = b"embedding"
-                    else:
-                        layer = _suffix_int(child, LAYER_PREFIX)
-                        if layer is None:
-                            continue
-                        dataset_name = child + b"/embedding"
-                    try:
-                        entry = _vector_entry(h5py.h5d.open(type_group, dataset_name))
-                    except (KeyError, ValueError):
-                        entry = "no 'embedding' dataset"
-                    where = f"{name}/{member.decode()}/{dataset_name.decode()}"
-                    if isinstance(entry, str):
-                        skipped.append((where, entry))
-                        continue
-                    entries.setdefault((type_id, layer), []).append((row, *entry))
+            skipped.extend(group_skips)
+            for key, entry in vectors:
+                entries.setdefault(key, []).append((row, *entry))
     finally:
         fid.close()
     return {"accessions": accessions, "sequences": sequences, "entries": entries, "skipped": skipped}
+
+
+def _scan_group(
+    fid: h5py.h5f.FileID, name: str
+) -> str | tuple[str, list[tuple[LayerKey, tuple[int, int, int]]], list[tuple[str, str]]]:
+    """(clean sequence, vector entries, skipped parts) of one accession group, or why it is unusable."""
+    try:
+        group = h5py.h5g.open(fid, name.encode("utf-8"))
+    except (KeyError, ValueError):
+        return "not a group"
+    members = [group.get_objname_by_idx(i) for i in range(group.get_num_objs())]
+    if b"sequence" not in members:
+        return "no 'sequence' dataset"
+    try:
+        sequence = _read_string(h5py.h5d.open(group, b"sequence"))
+    except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+        return f"unreadable 'sequence' dataset ({exc})"
+    vectors: list[tuple[LayerKey, tuple[int, int, int]]] = []
+    skipped: list[tuple[str, str]] = []
+    for member in members:
+        type_id = _suffix_int(member, TYPE_PREFIX)
+        if type_id is None:
+            continue
+        where = f"{name}/{member.decode('utf-8', 'replace')}"
+        try:
+            type_group = h5py.h5g.open(group, member)
+        except (KeyError, ValueError):
+            skipped.append((where, "not a group of layer_<k> groups (a dataset?)"))
+            continue
+        children = [type_group.get_objname_by_idx(i) for i in range(type_group.get_num_objs())]
+        for child in children:
+            if child == b"embedding":
+                layer: int | None = None
+                dataset_name = b"embedding"
+            else:
+                layer = _suffix_int(child, LAYER_PREFIX)
+                if layer is None:
+                    continue
+                dataset_name = child + b"/embedding"
+            try:
+                entry = _vector_entry(h5py.h5d.open(type_group, dataset_name))
+            except (KeyError, ValueError):
+                entry = "no 'embedding' dataset"
+            if isinstance(entry, str):
+                skipped.append((f"{where}/{dataset_name.decode('utf-8', 'replace')}", entry))
+                continue
+            vectors.append(((type_id, layer), entry))
+    return clean(sequence), vectors, skipped
+
+
+def _check_is_file(path: Path) -> None:
+    if not path.exists():
+        raise EmbeddingFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise EmbeddingFileError(f"{path}: not a file (a folder?)")
 
 
 def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
@@ -329,29 +387,28 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     `catalogue.skipped` with the reason, and logged as warnings.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EmbeddingFileError(f"{path}: no such file")
+    _check_is_file(path)
     try:
         with h5py.File(path, "r") as handle:
             names = list(handle.keys())
             attrs = {k: _plain(v) for k, v in handle.attrs.items()}
-    except OSError as exc:
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:  # h5py's errors of damaged files
         raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc})") from exc
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
-        size = -(-len(names) // (workers * 4))
-        slices = [names[i : i + size] for i in range(0, len(names), size)]
-        # forkserver: workers fork from a clean single-threaded server, never from this process,
-        # whose threads (Dagster's gRPC server, torch) could hold locks a forked child inherits
-        context = get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            parts = list(pool.map(_scan_groups, [str(path)] * len(slices), slices))
-    else:
-        parts = [_scan_groups(str(path), names)]
     try:
+        if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
+            size = -(-len(names) // (workers * 4))
+            slices = [names[i : i + size] for i in range(0, len(names), size)]
+            # forkserver: workers fork from a clean single-threaded server, never from this process,
+            # whose threads (Dagster's gRPC server, torch) could hold locks a forked child inherits
+            context = get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                parts = list(pool.map(_scan_groups, [str(path)] * len(slices), slices))
+        else:
+            parts = [_scan_groups(str(path), names)]
         catalogue = _merge(path, parts, attrs)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         raise EmbeddingFileError(f"{path}: unreadable HDF5 content ({exc})") from exc
     for group, reason in catalogue.skipped:
         log.warning("%s: skipped %s: %s", path, group, reason)
@@ -401,9 +458,11 @@ def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, 
     per MiB, so a file already seen is recognised by its digest and not scanned again.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EmbeddingFileError(f"{path}: no such file")
-    digest = file_digest(path)
+    _check_is_file(path)
+    try:
+        digest = file_digest(path)
+    except OSError as exc:
+        raise EmbeddingFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     cached = Path(cache_dir) / f"catalogue-v{_CATALOGUE_FORMAT}-{digest}.pkl"
     if cached.exists():
         try:

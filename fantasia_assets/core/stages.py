@@ -23,6 +23,7 @@ from .progress import Progress, no_progress
 from .queries import describe_key
 from .redundancy import cluster_sequences, exclusion_csr
 from .references import ReferenceMatrix
+from .sequences import clean, usable
 from .timing import timed
 from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
@@ -47,16 +48,27 @@ def redundancy_clusters(
     progress: Progress = no_progress,
 ) -> dict[str, str]:
     """MMseqs2 clusters of every reference (`R{id}`) and query (`Q{query_idx}`) sequence."""
-    sequences = {f"R{sid}": seq for sid, seq in reference_sequences.iter_rows()}
+    sequences = {f"R{sid}": clean(seq) for sid, seq in reference_sequences.iter_rows()}
     sequences.update({f"Q{i}": seq for i, seq in enumerate(queries.sequences)})
-    return cluster_sequences(
-        sequences,
+    # MMseqs2 cannot read what breaks the sequence rule (an empty sequence, say): such a
+    # sequence is its own cluster, so nothing is masked for it (its query was warned about)
+    alone = sorted(name for name, seq in sequences.items() if not usable(seq))
+    if alone:
+        log.warning(
+            "%d sequences cannot be clustered by MMseqs2 (empty, or not IUPAC protein letters): %s; "
+            "redundancy masking does not apply to them",
+            len(alone), ", ".join(alone[:10]) + (", …" if len(alone) > 10 else ""),
+        )  # fmt: skip
+    clusters = cluster_sequences(
+        {name: seq for name, seq in sequences.items() if usable(seq)},
         identity=identity,
         coverage=coverage,
         threads=threads,
         cache_dir=cache_dir,
         progress=progress,
     )
+    clusters.update({name: name for name in alone})
+    return clusters
 
 
 @dataclass
@@ -95,7 +107,7 @@ def search_partition(
     """Exact k-NN of every usable query of the partition against its reference matrix."""
     timings = timings if timings is not None else {}
     with timed(timings, "read queries"):
-        vectors, rows, skipped = usable_queries(queries, partition, matrix.dim)
+        vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, settings.metric)
     with timed(timings, "redundancy mask"):
         exclude = None
         if clusters is not None:
@@ -146,17 +158,18 @@ def search_partition(
 
 
 def usable_queries(
-    queries: QuerySet, partition: Partition, dim: int
+    queries: QuerySet, partition: Partition, dim: int, metric: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """The partition's query vectors that can be searched, and every query left out, with why.
 
-    A query without this layer, with a vector of the wrong length or with NaN/Inf values is
-    left out with a warning naming the file, group and reason; the others are searched. When
-    none is usable the partition fails with the first reasons (a wrong model id, typically).
+    A query without this layer, with a vector of the wrong length or with NaN/Inf values, or
+    (cosine `metric`) a zero vector, is left out with a warning naming the file, group and
+    reason; the others are searched. When none is usable the partition fails with the first
+    reasons (a wrong model id, typically).
     """
     catalogue = queries.catalogue
     key = (partition.type_id, partition.layer)
-    vectors, rows, skipped = catalogue.read_valid(key, dim)
+    vectors, rows, skipped = catalogue.read_valid(key, dim, metric)
     present = np.zeros(len(catalogue.accessions), dtype=bool)
     present[catalogue.layers[key].rows] = True
     absent = [
@@ -193,10 +206,20 @@ class AlignmentCache:
         pairs = pairs.select("query_idx", "ref_idx").unique().sort("query_idx", "ref_idx")
         new = pairs.join(self._known.select("query_idx", "ref_idx"), on=["query_idx", "ref_idx"], how="anti")
         if new.height:
+            # unusable query sequences were warned about when the query file was opened;
+            # references loaded before the sequence rule existed are named here
+            bad_refs = sorted({i for i in new["ref_idx"].to_list() if not usable(clean(ref_sequences[i]))})
+            if bad_refs:
+                log.warning(
+                    "reference sequences %s break the sequence rule (empty, or not IUPAC protein "
+                    "letters): their alignment metrics are left empty; reload them to fix it",
+                    ", ".join(f"R{i}" for i in bad_refs[:10]) + (", …" if len(bad_refs) > 10 else ""),
+                )
             computed = alignment_metrics(
                 [query_sequences[i] for i in new["query_idx"].to_list()],
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],
                 workers=self.workers,
+                skip_unusable=True,
             )
             self._known = pl.concat(
                 [self._known, pl.concat([new, computed], how="horizontal")], how="diagonal"

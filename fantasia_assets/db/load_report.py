@@ -42,6 +42,11 @@ class LoadReport:
     embeddings_by_layer: dict[int | None, Change] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
     timings: dict[str, float] = field(default_factory=dict)
+    # proteins whose FASTA sequence differs from the one loaded before, the embeddings of old
+    # sequences removed with them, and (protein, model) pairs left without embeddings for now
+    changed_sequences: list[str] = field(default_factory=list)
+    stale_embeddings: int = 0
+    without_embeddings: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def embedding_rows(self) -> int:
@@ -61,12 +66,32 @@ class LoadReport:
         for layer, change in self.embeddings_by_layer.items():
             name = f"layer_{layer}" if layer is not None else "legacy (no layer)"
             out.append(f"embeddings:   {self.model} (type_{self.embedding_type_id}) {name}: {change}")
+        out.extend(changed_sequence_lines(self))
         for reason, count in sorted(self.skipped.items()):
             if count:
                 out.append(f"skipped:      {count:,} {reason}")
         if self.timings:
             out.append("timings (s):  " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
         return out
+
+
+def changed_sequence_lines(report: LoadReport) -> list[str]:
+    """Report lines about proteins whose sequence changed (none when none did)."""
+    if not report.changed_sequences:
+        return []
+    named = ", ".join(report.changed_sequences[:10]) + (", …" if len(report.changed_sequences) > 10 else "")
+    out = [
+        f"changed:      {len(report.changed_sequences):,} proteins have a new sequence ({named}); "
+        f"{report.stale_embeddings:,} embeddings of their old sequences removed"
+    ]
+    if report.without_embeddings:
+        missing = ", ".join(f"{p} ({m})" for p, m in report.without_embeddings[:10])
+        more = ", …" if len(report.without_embeddings) > 10 else ""
+        out.append(
+            f"warning:      out of the search until embeddings of their new sequence are loaded "
+            f"(--embeddings … --model …): {missing}{more}"
+        )
+    return out
 
 
 @dataclass

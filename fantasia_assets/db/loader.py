@@ -27,6 +27,7 @@ from . import merge
 from .engine import DRIVER_ERRORS, translate_errors
 from .load_report import Annotations, Change, LoadError, LoadReport
 from .migrate import schema_ready
+from .reload import check_changed_proteins
 from .sources import (
     DEFAULT_EVIDENCE,
     ORGANISMS,
@@ -239,4 +240,6 @@ def load_references(
         if catalogue is not None:
             with timed(report.timings, "write embeddings"):
                 merge.write_embeddings(cursor, catalogue, model, type_id, report, progress)
+        if annotations is not None:
+            check_changed_proteins(cursor, report)
     return report

@@ -13,9 +13,11 @@ import polars as pl
 
 from ..core.progress import Progress
 from ..core.queries import EmbeddingCatalogue, EmbeddingFileError
+from ..core.sequences import clean
 from . import halfvec
 from .load_report import Annotations, Change, LoadError, LoadReport
 from .models import LEGACY_LAYER_INDEX, UNDEFINED_CATEGORY
+from .reload import note_changed_sequences, remove_stale_embeddings
 
 # Rows per COPY chunk of embeddings: bounds memory at ~2 KiB × dim per chunk.
 _EMBEDDING_CHUNK = 20000
@@ -83,6 +85,7 @@ def write_annotations(cursor, data: Annotations, report: LoadReport) -> None:
         "_protein",
         proteins.select("id", "sequence_hash", "gene_name", "organism", "taxonomy_id", "description"),
     )
+    note_changed_sequences(cursor)
     cursor.execute(
         """
         INSERT INTO protein (id, sequence_id, gene_name, organism, taxonomy_id, description, created_at)
@@ -102,6 +105,7 @@ def write_annotations(cursor, data: Annotations, report: LoadReport) -> None:
     )
     report.proteins = _merge_counts(cursor.fetchall())
     report.proteins.unchanged = proteins.height - report.proteins.inserted - report.proteins.updated
+    remove_stale_embeddings(cursor, report)
     cursor.execute(
         """
         INSERT INTO accession (code, "primary", protein_id, created_at)
@@ -170,13 +174,20 @@ def _resolve_embedding_type(cursor, catalogue: EmbeddingCatalogue, model: str, t
             )
         type_id = in_file[0]
     elif type_id not in in_file:
-        raise LoadError(f"{catalogue.path}: no type_{type_id} groups for model {model!r}")
+        raise LoadError(
+            f"{catalogue.path}: no type_{type_id} groups for model {model!r} (the file has "
+            f"{', '.join(f'type_{t}' for t in in_file) or 'no type_<id> groups'})"
+        )
     cursor.execute("SELECT name FROM sequence_embedding_type WHERE id = %s", (type_id,))
     clash = cursor.fetchone()
     if clash is not None:
+        # --type-id only says which groups of the file to read: a model's id in the database is
+        # the one its query files carry, so a second model cannot share type_<id> with the first
         raise LoadError(
             f"{catalogue.path}: type_{type_id} is already the id of model {clash[0]!r} in the "
-            f"database; load {model!r} with another id (--type-id) or under the name {clash[0]!r}"
+            f"database, and query files find a model by that id; to add these vectors to "
+            f"{clash[0]!r}, load them with --model {clash[0]!r}; to load them as a separate model "
+            f"{model!r}, store them under a type_<id> no model uses yet, in this file and in its query files"
         )
     cursor.execute(
         """
@@ -257,7 +268,8 @@ def _match_sequences(cursor, catalogue: EmbeddingCatalogue, report: LoadReport) 
             report.skipped["embedded proteins that are not reference proteins in the database"] += 1
             continue
         sequence_id, sequence = hit
-        if catalogue.sequences[row] is not None and catalogue.sequences[row].upper() != sequence:
+        # both sides under the sequence rule: references loaded before it may hold gaps
+        if catalogue.sequences[row] is not None and catalogue.sequences[row] != clean(sequence):
             report.skipped["embedded proteins whose HDF5 sequence differs from the database's"] += 1
             continue
         if sequence_id in seen:

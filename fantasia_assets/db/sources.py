@@ -2,6 +2,7 @@
 
 Each parser reads a whole file (plain or gzip) before anything is written to the database,
 so a corrupt file is reported with its name and line and never leaves a half-load behind.
+Text is UTF-8; a leading byte order mark (as some Windows editors write) is ignored.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from fantasia_assets.core.sequences import SequenceError, normalise
 from fantasia_assets.errors import FantasiaError
+from fantasia_assets.paths import temporary_file
 
 # SPEC §2.2: the experimental evidence codes kept by default, in order of preference when a
 # protein carries the same GO term under several codes (the table keeps one per pair).
@@ -83,11 +85,16 @@ def read_bytes(path: str | Path) -> bytes:
         raise InputFileError(f"{path}: no such file") from exc
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputFileError(f"{path}: corrupt or truncated gzip ({exc})") from exc
+    except OSError as exc:  # a folder, no permission, an I/O error of the disk
+        raise InputFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 def _text(path: Path, data: bytes) -> str:
     try:
-        return data.decode("utf-8")
+        return data.removeprefix(_BOM).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputFileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
 
@@ -101,49 +108,66 @@ def fasta_accession(header: str) -> str:
     return token
 
 
+def _fasta_chunks(path: Path) -> list[tuple[str, list[str], int]]:
+    """(accession, sequence lines as written, header line) of every record of a FASTA file, in order."""
+    text = _text(path, read_bytes(path))
+    records: list[tuple[str, list[str], int]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(">"):
+            accession = fasta_accession(line[1:])
+            if not accession:
+                raise InputFileError(f"{path}:{number}: FASTA header without an identifier")
+            records.append((accession, [], number))
+        elif line.strip():
+            if not records:
+                raise InputFileError(f"{path}:{number}: sequence data before the first '>' header")
+            records[-1][1].append(line)
+    return records
+
+
 def fasta_records(path: str | Path) -> list[tuple[str, str, int]]:
     """Every record of a FASTA file in order, duplicates included: (accession, sequence, header line).
 
     Sequences are upper-cased with their line breaks (LF or CRLF) removed; plain or gzip.
     """
-    path = Path(path)
-    text = _text(path, read_bytes(path))
-    records: list[tuple[str, str, int]] = []
-    chunks: list[str] = []
-    current: str | None = None
-    start = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.startswith(">"):
-            if current is not None:
-                records.append((current, "".join(chunks).upper(), start))
-            current = fasta_accession(line[1:])
-            if not current:
-                raise InputFileError(f"{path}:{number}: FASTA header without an identifier")
-            start = number
-            chunks = []
-        elif line.strip():
-            if current is None:
-                raise InputFileError(f"{path}:{number}: sequence data before the first '>' header")
-            chunks.append(line.strip())
-    if current is not None:
-        records.append((current, "".join(chunks).upper(), start))
-    return records
+    return [
+        (accession, "".join(line.strip() for line in lines).upper(), number)
+        for accession, lines, number in _fasta_chunks(Path(path))
+    ]
 
 
 def read_fasta(path: str | Path) -> pl.DataFrame:
-    """Sequences of a FASTA file as (accession, sequence); the first record of an accession wins."""
+    """Sequences of a FASTA file as (accession, sequence), in file order.
+
+    Sequences follow the rule of `core.sequences` (whitespace, digits and gaps removed,
+    IUPAC protein letters only); a record breaking it is an error naming file, line and record.
+    An accession given twice is kept once when both records hold the same sequence, and is an
+    error naming both records otherwise.
+    """
     path = Path(path)
-    records = fasta_records(path)
-    accessions = [accession for accession, _, _ in records]
-    sequences = [sequence for _, sequence, _ in records]
-    frame = pl.DataFrame(
+    first: dict[str, tuple[int, str]] = {}
+    accessions: list[str] = []
+    sequences: list[str] = []
+    for accession, lines, number in _fasta_chunks(path):
+        try:
+            sequence = normalise("".join(lines), f"{path}:{number}: record {accession!r}")
+        except SequenceError as exc:
+            raise InputFileError(str(exc)) from exc
+        if accession in first:
+            earlier, known = first[accession]
+            if known != sequence:
+                raise InputFileError(
+                    f"{path}: records {accession!r} at lines {earlier} and {number} have different "
+                    f"sequences ({len(known)} and {len(sequence)} residues); keep one of them"
+                )
+            continue
+        first[accession] = (number, sequence)
+        accessions.append(accession)
+        sequences.append(sequence)
+    return pl.DataFrame(
         {"accession": accessions, "sequence": sequences},
         schema={"accession": pl.String, "sequence": pl.String},
     )
-    empty = frame.filter(pl.col("sequence") == "")
-    if empty.height:
-        raise InputFileError(f"{path}: record {empty['accession'][0]!r} has an empty sequence")
-    return frame.unique("accession", keep="first", maintain_order=True)
 
 
 @dataclass
@@ -241,19 +265,24 @@ def read_obo(path: str | Path) -> Ontology:
     from goatools.obo_parser import GODag
 
     path = Path(path)
-    data = read_bytes(path)
+    data = read_bytes(path).removeprefix(_BOM)
     if b"[Term]" not in data:
         raise InputFileError(f"{path}: not an OBO ontology (no [Term] stanza)")
-    # goatools reads only plain files from a path
-    with tempfile.NamedTemporaryFile("wb", suffix=".obo", delete=False) as plain:
-        plain.write(data)
-    try:
-        with open(os.devnull, "w") as quiet:
-            dag = GODag(plain.name, optional_attrs=["def"], load_obsolete=True, prt=quiet)
-    except Exception as exc:  # goatools raises bare Exceptions on malformed stanzas
-        raise InputFileError(f"{path}: malformed OBO ({exc})") from exc
-    finally:
-        os.unlink(plain.name)
+    _text(path, data)  # goatools would stop at the first undecodable byte with its own error
+    # goatools reads only plain files from a path: a decompressed copy under $FANTASIA_HOME/tmp,
+    # which the next process start clears if this one is killed before removing it
+    with temporary_file(".obo") as plain:
+        plain.write_bytes(data)
+        try:
+            with open(os.devnull, "w") as quiet:
+                dag = GODag(str(plain), optional_attrs=["def"], load_obsolete=True, prt=quiet)
+        except KeyError as exc:  # goatools links is_a parents by id after reading every stanza
+            raise InputFileError(
+                f"{path}: malformed OBO (a term refers to {exc.args[0] if exc.args else exc!r}, "
+                "which no [Term] stanza defines)"
+            ) from exc
+        except Exception as exc:  # goatools raises bare Exceptions on malformed stanzas
+            raise InputFileError(f"{path}: malformed OBO ({exc})") from exc
     version = None
     for line in io.StringIO(data[:4096].decode("utf-8", "replace")):
         if line.startswith("data-version:"):

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from ..core.exports import atomic_write
 from ..core.progress import Progress, no_progress
 from ..core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
+from ..core.sequences import clean
 from .reads import (
     annotation_version,
     fetch_annotations,
@@ -142,7 +143,9 @@ class SequenceCache:
         wanted = np.unique(np.asarray(sequence_ids, dtype=np.int64))
         missing = [i for i in wanted.tolist() if i not in self._known]
         if missing:
-            self._known.update(fetch_sequences(self.engine, np.asarray(missing)).iter_rows())
+            # under the sequence rule, as at load: references stored before it may hold gaps
+            fetched = fetch_sequences(self.engine, np.asarray(missing)).iter_rows()
+            self._known.update((sequence_id, clean(sequence)) for sequence_id, sequence in fetched)
         return {i: self._known[i] for i in wanted.tolist() if i in self._known}
 
     __call__ = get

@@ -4,7 +4,9 @@
 query file's hash each tick (cheap SQL, no vector read). A changed fingerprint records a new
 observation of `reference_set` for that partition and requests exactly that partition's
 re-computation; a changed query file requests every partition. The first tick only records.
-It also keeps the dynamic partitions equal to the current (model, layer) pairs.
+It also keeps the dynamic partitions equal to the current (model, layer) pairs. When the
+configuration names a FASTA query file whose HDF5 is missing or stale, the tick requests
+`query_embeddings_job` first (`embedding_request`).
 `lookup_summary` and `topgo_ensemble` follow by their eager automation condition.
 """
 
@@ -13,7 +15,8 @@ import json
 import dagster as dg
 
 from ..errors import FantasiaError
-from .inputs import query_embeddings, reference_set
+from ..query_fasta import embedded_source, fasta_version, source_key
+from .inputs import query_embeddings, query_sequences, reference_set
 from .lookup import (
     go_annotation_cache,
     mmseqs_clusters,
@@ -37,6 +40,11 @@ shared_inputs_job = dg.define_asset_job(
     "lookup_shared_inputs_job",
     selection=[go_annotation_cache, mmseqs_clusters],
     description="Refresh the annotation table and the MMseqs2 clusters shared by every partition.",
+)
+query_embeddings_job = dg.define_asset_job(
+    "query_embeddings_job",
+    selection=[query_embeddings],
+    description="Embed the configuration's FASTA query file (or record its HDF5) as query_embeddings.",
 )
 outputs_job = dg.define_asset_job(
     "lookup_outputs_job",
@@ -108,8 +116,35 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
     )
 
 
+def embedding_request(settings: LookupSettings, database: ReferenceDatabase, cursor: str | None):
+    """A run of `query_embeddings_job` while a FASTA query file's HDF5 is missing or stale, else None.
+
+    The partitions are not requested with it: once the new HDF5 is written, the next tick sees
+    its hash differ from the cursor's and requests every partition, as for any new query file.
+    """
+    config = settings.load()
+    if config.query_fasta is None:
+        return None
+    engine = database.engine()
+    version = fasta_version(config)
+    key = source_key(config, engine, version)
+    if embedded_source(config.embeddings_path) == key:
+        return None
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                job_name=query_embeddings_job.name,
+                run_key=f"embed:{key}",
+                tags={"fantasia/trigger": "query FASTA or embedders changed"},
+            )
+        ],
+        cursor=cursor,
+        asset_events=[dg.AssetObservation(asset_key=query_sequences.key, tags={DATA_VERSION_TAG: version})],
+    )
+
+
 @dg.sensor(
-    jobs=[partition_job, shared_inputs_job],
+    jobs=[partition_job, shared_inputs_job, query_embeddings_job],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Re-materialise the (model, layer) partitions whose references or queries changed.",
@@ -131,7 +166,9 @@ def guarded_tick(
     the reason, the cursor stays, and the change is seen once the inputs are readable again.
     """
     try:
-        return evaluate_changes(LookupState.open(settings, database), cursor, known)
+        return embedding_request(settings, database, cursor) or evaluate_changes(
+            LookupState.open(settings, database), cursor, known
+        )
     except FantasiaError as error:  # database-driver errors arrive translated by db/
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         return dg.SkipReason(f"inputs not readable now, looking again next tick: {message}")

@@ -15,6 +15,7 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     from .partitions import LookupState
 
     resources = defs.resources
+    embed_queries(instance, log)  # a FASTA query file is embedded before the partitions are planned
     # resolve EnvVar fields the way a run does, outside of one
     state = LookupState.open(
         resources["settings"].process_config_and_initialize(),
@@ -26,7 +27,7 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     stale = sorted(known - set(keys))
     for key in stale:
         instance.delete_dynamic_partition(MODEL_LAYER.name, key)
-    sources = [inputs.reference_set, inputs.query_embeddings, inputs.go_ontology]
+    sources = [inputs.reference_set, inputs.query_sequences, inputs.query_embeddings, inputs.go_ontology]
     shared = [lookup.go_annotation_cache, lookup.mmseqs_clusters]
     partitioned = [
         lookup.reference_embeddings,
@@ -57,3 +58,16 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     log("materialising summary and TopGO ensemble")
     run(run_wide)
     return keys
+
+
+def embed_queries(instance: dg.DagsterInstance, log=print) -> None:
+    """Run `query_embeddings_job`: embeds the configuration's FASTA query file, or records its HDF5."""
+    from ..definitions import defs
+    from .automation import query_embeddings_job
+
+    log(f"running {query_embeddings_job.name}")
+    result = defs.resolve_job_def(query_embeddings_job.name).execute_in_process(
+        instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    )
+    if not result.success:
+        raise RuntimeError(f"{query_embeddings_job.name} failed")

@@ -1,4 +1,4 @@
-"""Observable inputs: the reference set per (model, layer), the query file, the GO ontology.
+"""Inputs: the reference set per (model, layer), the query FASTA and embeddings, the GO ontology.
 
 Their data versions are fingerprints of what downstream assets read, so a changed input
 marks exactly the dependent partitions stale.
@@ -10,6 +10,7 @@ import dagster as dg
 
 from ..core.digest import file_digest
 from ..db.reads import table_version
+from ..query_fasta import ensure_query_embeddings, fasta_version
 from .partitions import MODEL_LAYER, LookupState
 from .resources import LookupSettings, ReferenceDatabase
 
@@ -28,12 +29,49 @@ def reference_set(settings: LookupSettings, database: ReferenceDatabase) -> dg.D
     return dg.DataVersionsByPartition(state.versions())
 
 
+NO_FASTA = "no FASTA: embeddings_path names an HDF5 file"
+
+
 @dg.observable_source_asset(
     group_name="inputs",
-    description="The query embeddings HDF5 of the configuration. Data version: SHA-256 of its bytes.",
+    description="The FASTA query file, when the configuration's embeddings_path names one "
+    "(.fa/.fasta/.faa/.fas, gzipped or not). Data version: SHA-256 of its bytes.",
 )
-def query_embeddings(settings: LookupSettings) -> dg.DataVersion:
-    return dg.DataVersion(file_digest(settings.load().embeddings_path))
+def query_sequences(settings: LookupSettings) -> dg.DataVersion:
+    config = settings.load()
+    return dg.DataVersion(fasta_version(config) if config.query_fasta is not None else NO_FASTA)
+
+
+@dg.asset(
+    deps=[query_sequences],
+    group_name="inputs",
+    description="The query embeddings HDF5 the lookup reads. When the configuration names a FASTA "
+    "file, it is embedded here with each enabled model's embed_with (cached under "
+    "$FANTASIA_HOME/cache/embeddings) into {experiment_path}/query_embeddings.h5, and left as it "
+    "is while FASTA, embedders and type ids are unchanged; an HDF5 named by the configuration is "
+    "recorded as it is. Data version: SHA-256 of the HDF5's bytes.",
+)
+def query_embeddings(
+    context: dg.AssetExecutionContext, settings: LookupSettings, database: ReferenceDatabase
+) -> dg.MaterializeResult:
+    config = settings.load()
+    metadata: dict = {"path": dg.MetadataValue.path(str(config.embeddings_path))}
+    if config.query_fasta is not None:
+        embedded = ensure_query_embeddings(config, database.engine())
+        for line in embedded.lines:
+            (context.log.warning if line.startswith("warning:") else context.log.info)(line)
+        metadata |= {
+            "fasta": dg.MetadataValue.path(str(config.query_fasta)),
+            "fasta_version": embedded.fasta_version,
+            "source_key": embedded.source_key,
+            "embedded_now": embedded.written,
+            "models_not_embedded": ", ".join(embedded.skipped_models) or "none",
+        }
+    else:
+        metadata["fasta"] = NO_FASTA
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(file_digest(config.embeddings_path)), metadata=metadata
+    )
 
 
 def ontology_version(engine) -> str:

@@ -160,13 +160,29 @@ def test_case_and_rare_letters():
 
 
 @pytest.mark.parametrize(
-    "bad, message", [("MK-V", "'-' at position 2"), ("MK V", "' ' at position 2"), ("MKÉ", "'É'")]
+    "bad, message", [("MK#V", "'#' at residue 3"), ("MKÉ", "'É' at residue 3"), ("MKßV", "'ß'")]
 )
 def test_invalid_characters_name_the_sequence(bad, message):
-    with pytest.raises(ValueError, match=f"references\\[1\\] contains {message}"):
+    with pytest.raises(ValueError, match=f"references\\[1\\]: character {message}"):
         alignment_metrics(["MKV", "MKV"], ["MKV", bad])
     with pytest.raises(ValueError, match=message):
         traceback_metrics("MKV", bad)
+
+
+@pytest.mark.parametrize("written", ["MK-V", "mk v", "MK\nV", "1 MKV 3", "M.K-V"])
+def test_gaps_digits_and_whitespace_are_removed_before_aligning(written):
+    assert traceback_metrics("MKVW", written) == traceback_metrics("MKVW", "MKV")
+    assert alignment_metrics(["MKVW"], [written]).equals(alignment_metrics(["MKVW"], ["MKV"]))
+
+
+def test_unusable_pairs_left_empty_on_request():
+    queries, references = ["MKVW", "MK#V", "", "MKVW"], ["MKV", "MKV", "MKV", "MKÉ"]
+    frame = alignment_metrics(queries, references, skip_unusable=True)
+    assert frame.row(0, named=True) == traceback_metrics("MKVW", "MKV")
+    assert all(value is None for row in frame.rows()[1:] for value in row)
+    assert frame.schema == alignment_metrics(["M"], ["M"]).schema
+    everything_unusable = alignment_metrics(["MK#"], ["MKV"], skip_unusable=True)
+    assert everything_unusable.rows() == [(None,) * 10]
 
 
 def test_invalid_arguments():

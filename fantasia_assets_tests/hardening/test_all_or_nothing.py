@@ -32,7 +32,7 @@ def _fail_after(monkeypatch, module, name: str, calls_before_failure: int) -> No
         (exports, "write_parquet_atomic", 2),  # first partition: one Parquet file of three written
     ],
 )
-def test_fault_between_two_writes_leaves_the_previous_run_in_place(
+def test_fault_between_two_writes__leaves_the_previous_run_in_place(
     sample_loaded, tmp_path, monkeypatch, module, name, calls
 ):
     experiment = tmp_path / "experiment"

@@ -107,7 +107,7 @@ def test_asset_graph_materialised_with_a_password_in_the_url__password_nowhere_i
         with dg.instance_for_test(temp_dir=str(instance_dir)) as instance:
             demo.materialize_everything(instance)
             runs = instance.get_runs()
-            assert len(runs) == 6  # shared inputs, four partitions, run-wide outputs
+            assert len(runs) == 7  # query embeddings, shared inputs, four partitions, run-wide outputs
             labels = []
             for run in runs:
                 _assert_no_secret(dg.serialize_value(run), f"run {run.run_id} (config, tags)")

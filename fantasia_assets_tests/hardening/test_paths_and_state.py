@@ -111,6 +111,6 @@ def test_demo_without_dagster_home_outside_the_repository__makefile_defaults_and
     with dg.DagsterInstance.get() as instance:
         assert Path(instance.root_directory) == tmp_path / ".dagster_home"
     config = load_config(os.environ["FANTASIA_CONFIG"])
-    assert config.embeddings_path.is_file()
+    assert (config.query_fasta or config.embeddings_path).is_file()
     assert config.experiment_path == tmp_path / "experiments" / "sample"
     assert yaml.safe_load(Path(os.environ["FANTASIA_CONFIG"]).read_text())["embeddings_path"].startswith("/")

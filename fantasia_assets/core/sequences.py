@@ -1,0 +1,95 @@
+"""The one rule for protein sequence text, applied to references at load and to queries at lookup.
+
+Rule (README, "Sequences"):
+
+* whitespace (spaces, tabs, line breaks), digits (the position numbers of GenBank or
+  Clustal-style text) and the gap characters ``-`` and ``.`` of alignments are removed;
+* letters are upper-cased; every remaining character must be an IUPAC protein letter
+  (A–Z: the 20 standard residues, U selenocysteine, O pyrrolysine, and the ambiguity codes
+  B, Z, J, X) or ``*``, the translation stop;
+* anything else (``#``, ``>``, a letter outside ASCII, ...) makes the sequence unusable, and
+  so does a sequence left empty.
+
+A reference with an unusable sequence is refused at load, naming the record. A query with one
+is still searched (its embedding is what is searched), but cannot be aligned or clustered:
+its alignment metrics are left empty and a warning names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from collections.abc import Iterable
+from pathlib import Path
+
+from fantasia_assets.errors import FantasiaError
+
+log = logging.getLogger(__name__)
+
+PROTEIN_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ*")
+# removed before checking: whitespace, digits, alignment gaps
+_REMOVED = re.compile(r"[\s0-9.\-]+")
+_UNUSABLE = re.compile(r"[^A-Z*]")
+_PLAIN = re.compile(r"[A-Z*]+")
+# ASCII letters only: str.upper() would turn 'ß' into 'SS' and 'ı' into 'I', forging residues
+_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+class SequenceError(FantasiaError, ValueError):
+    """A sequence breaks the rule above; the message names the record and the character."""
+
+
+def clean(text: str) -> str:
+    """`text` upper-cased with whitespace, digits and gaps removed (not yet checked)."""
+    if _PLAIN.fullmatch(text):  # the common case, one C-level scan: nothing to change
+        return text
+    return _REMOVED.sub("", text).translate(_UPPER)
+
+
+def problem(cleaned: str) -> str | None:
+    """Why an already `clean`ed sequence is unusable (one phrase), or None when it is usable."""
+    if not cleaned:
+        return "empty sequence (no residue left after removing whitespace, digits and gaps)"
+    bad = _UNUSABLE.search(cleaned)
+    if bad is None:
+        return None
+    return (
+        f"character {bad.group()!r} at residue {bad.start() + 1} is not an IUPAC protein letter "
+        "(A-Z, or '*' for a stop)"
+    )
+
+
+def normalise(text: str, record: str) -> str:
+    """The clean sequence of `record`; `SequenceError` naming the record when it is unusable."""
+    if _PLAIN.fullmatch(text):
+        return text
+    cleaned = clean(text)
+    reason = problem(cleaned)
+    if reason is not None:
+        raise SequenceError(f"{record}: {reason}")
+    return cleaned
+
+
+def usable(cleaned: str) -> bool:
+    """Whether an already `clean`ed sequence can be aligned and clustered."""
+    return problem(cleaned) is None
+
+
+def warn_unusable_queries(path: Path, groups: Iterable[tuple[str, str | None]]) -> list[tuple[str, str]]:
+    """Warn about, and return as (group, reason), the queries of `path` whose clean sequence is unusable.
+
+    They stay in the lookup: their embedding is what is searched. Only what needs the sequence
+    itself is left out for them: alignment metrics (left empty) and redundancy masking.
+    """
+    found = []
+    for group, sequence in groups:
+        reason = problem(sequence or "")
+        if reason is not None:
+            found.append((group, reason))
+            log.warning(
+                "%s: %s: %s; it is still searched, but its alignment metrics are left empty and "
+                "redundancy masking does not apply to it",
+                path, group, reason,
+            )  # fmt: skip
+    return found
