@@ -26,7 +26,14 @@ _held_lock = threading.Lock()
 
 
 def _probe(folder: Path) -> None:
-    """Fail now, not after the search, when nothing can be written into `folder`."""
+    """Fail now, not after the search, when nothing can be written into `folder`.
+
+    Probes of processes killed between creating and removing theirs are removed first.
+    """
+    for stale in folder.glob(".probe.*.tmp"):
+        pid = stale.name[len(".probe.") :].split("-", 1)[0]
+        if pid.isdigit() and not exports.pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     probe = exports.tmp_sibling(folder / "probe", "tmp")
     probe.touch()
     probe.unlink()
