@@ -134,18 +134,21 @@ def _lookup(args, progress) -> int:
     from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
+    from .core.locks import experiment_lock
     from .db import get_engine, schema_ready
     from .runner import run_lookup
 
     schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
-    if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
-        from .query_fasta import ensure_query_embeddings
+    # the embedded queries are written into experiment_path too: one run there at a time, from here
+    with experiment_lock(config.experiment_path):
+        if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
+            from .query_fasta import ensure_query_embeddings
 
-        embedded = ensure_query_embeddings(config, get_engine(), progress)
-        progress.end_line()
-        for line in embedded.lines:
-            print(line)
-    result = run_lookup(config, progress=progress)
+            embedded = ensure_query_embeddings(config, get_engine(), progress)
+            progress.end_line()
+            for line in embedded.lines:
+                print(line)
+        result = run_lookup(config, progress=progress)
     progress.end_line()
     for line in report_lines(result):
         print(line)
