@@ -10,7 +10,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_science
 from .cli_db import add_db_parser, run_db
 from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    cli_science.add_parsers(commands)
     add_db_parser(commands)
     add_embed_parser(commands)
     return parser
@@ -251,9 +252,11 @@ def _demo(args, progress) -> int:
         "skipped_queries.csv",
         "output_names.csv",
         "lineage.duckdb",
+        "predictions.tsv",
     ):
         print(f"  {config.experiment_path / name}")
     print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
+    cli_science.demo_evaluation(config)
     return 0
 
 
@@ -297,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _demo,
         "db": run_db,
         "embed": run_embed,
+        **cli_science.HANDLERS,
     }
     progress = terminal_progress()
     try:

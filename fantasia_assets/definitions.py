@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs import automation, inputs, lookup, outputs
+from .defs import automation, checks, inputs, lookup, outputs, science
 from .defs.resources import default_resources
 
 defs = dg.Definitions(
@@ -21,7 +21,11 @@ defs = dg.Definitions(
         lookup.topgo_exports,
         outputs.lookup_summary,
         outputs.topgo_ensemble,
+        science.predictions,
+        science.scoring_model,
+        science.evaluation,
     ],
+    asset_checks=checks.ALL,
     jobs=[
         automation.partition_job,
         automation.shared_inputs_job,
@@ -30,7 +34,10 @@ defs = dg.Definitions(
     ],
     sensors=[automation.reference_change_sensor, automation.output_automation],
     schedules=[automation.daily_backstop],
-    resources=default_resources(),
+    resources={
+        **default_resources(),
+        "truth": science.TruthAnnotations(gaf_paths=dg.EnvVar("FANTASIA_TRUTH")),
+    },
     # steps of a run share one process: imports (torch, polars) are paid once per run, and the
     # GPU pool, not process parallelism, decides what runs together
     executor=dg.in_process_executor,

@@ -25,6 +25,7 @@ from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_que
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
 from .core.references import ReferenceScope, ReferenceSetError
+from .core.scoring import run_predictions
 from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
@@ -83,7 +84,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
 
 def raw_row_settings(config: LookupConfig) -> RawRowSettings:
     return RawRowSettings(
-        config.distance_metric, config.keep_sequences, config.alignment, config.store_workers
+        config.distance_metric, config.keep_sequences, config.alignment, config.alignment_threads
     )
 
 
@@ -98,8 +99,12 @@ def redundancy_clusters(
     partitions: list[Partition],
     cache: Path,
     progress: Progress = no_progress,
+    binary: str | None = None,
 ) -> dict[str, str] | None:
-    """MMseqs2 clusters of every reference and query sequence, or None when masking is off."""
+    """MMseqs2 clusters of every reference and query sequence, or None when masking is off.
+
+    `binary`: the MMseqs2 executable (the Dagster `mmseqs` resource's; default: found as
+    `redundancy.mmseqs_binary` says)."""
     if config.redundancy.identity <= 0 or not partitions:
         return None
     include, exclude = config.taxonomy.resolve()
@@ -112,6 +117,7 @@ def redundancy_clusters(
         threads=config.redundancy.threads,
         cache_dir=cache,
         progress=progress,
+        binary=binary,
     )
 
 
@@ -200,6 +206,11 @@ def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.Da
         return writers.write_partition_topgo(
             config.experiment_path, partition, raw, config.precision, config.fantasia_compat
         )
+
+
+def partition_topgo_tables(config: LookupConfig, raw: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Category → what a partition's TopGO files hold, under this configuration's conventions."""
+    return writers.partition_topgo_tables(raw, config.precision, config.fantasia_compat)
 
 
 def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataFrame:
@@ -320,7 +331,7 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
             reference_scope(config, partitions[0])
         )
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
-    alignments = AlignmentCache(config.store_workers)
+    alignments = AlignmentCache(config.alignment_threads)
     sequences = SequenceCache(engine)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
@@ -382,6 +393,9 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        with timed(timings, "predictions"):
+            predicted = run_predictions(root, raw_all, config.scoring, config.precision)
+        entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
             staging.publish(entries)
     base = config.experiment_path
@@ -396,6 +410,7 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
             "skipped queries": base / SKIPPED,
         }
     )
+    outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
     # every partition of the configuration was just published: any other partition folder is stale
     for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder

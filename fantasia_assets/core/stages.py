@@ -29,6 +29,12 @@ from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
 
 log = logging.getLogger(__name__)
 
+# Code versions of the stages (Dagster's asset `code_version`): bumped when, for the same inputs,
+# a stage would give other rows. The search's covers `usable_queries`, `core.knn` and the
+# redundancy mask; the raw rows' covers `core.transfer` and `core.alignment`.
+SEARCH_CODE_VERSION = "search-1"
+RAW_ROWS_CODE_VERSION = "raw-rows-1"
+
 # alignment scores and lengths are whole numbers: written as integers, not with `precision` digits
 COUNT_COLUMNS = ["alignment_score", "alignment_length", "alignment_score_sw", "alignment_length_sw"]
 _WARN_EACH = 20
@@ -46,8 +52,11 @@ def redundancy_clusters(
     threads: int,
     cache_dir: Path,
     progress: Progress = no_progress,
+    binary: str | None = None,
 ) -> dict[str, str]:
-    """MMseqs2 clusters of every reference (`R{id}`) and query (`Q{query_idx}`) sequence."""
+    """MMseqs2 clusters of every reference (`R{id}`) and query (`Q{query_idx}`) sequence.
+
+    `binary`: the MMseqs2 executable (default: `redundancy.mmseqs_binary()`)."""
     sequences = {f"R{sid}": clean(seq) for sid, seq in reference_sequences.iter_rows()}
     sequences.update({f"Q{i}": seq for i, seq in enumerate(queries.sequences)})
     # MMseqs2 cannot read what breaks the sequence rule (an empty sequence, say): such a
@@ -66,6 +75,7 @@ def redundancy_clusters(
         threads=threads,
         cache_dir=cache_dir,
         progress=progress,
+        binary=binary,
     )
     clusters.update({name: name for name in alone})
     return clusters

@@ -27,6 +27,11 @@ TOPGO_COLUMNS = ("accession", "go_id", "reliability_index")
 COUNT = "count"
 FINAL_SCORE = "final_score"
 
+# Code versions (Dagster's asset `code_version`): bumped when the same raw rows would give another
+# summary (`summarise`) or other TopGO tables (`topgo_tables`, `topgo_ensemble`).
+SUMMARY_CODE_VERSION = "summary-1"
+TOPGO_CODE_VERSION = "topgo-1"
+
 # Aggregation word as the user writes it → polars method. "avg" is the original's synonym of mean;
 # the output keeps the user's word (`avg_id_g`) so a configured column name is never renamed.
 _AGGREGATIONS = {"min": "min", "max": "max", "mean": "mean", "avg": "mean"}

@@ -16,6 +16,9 @@ from .plan import LookupPlanError, Partition, QuerySet
 from .stages import SearchOutcome
 from .summary import SummarySpec, summarise, topgo_ensemble, topgo_tables
 
+# bumped when a written file's layout or number format changes (SPEC §4), whatever computed it
+OUTPUT_FORMAT_VERSION = "outputs-1"
+
 
 def write_hits(root: Path, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
     """The partition's neighbours, the queries that have none within the threshold, and the
@@ -61,11 +64,18 @@ def write_raw(
     return paths
 
 
+def partition_topgo_tables(
+    raw: pl.DataFrame, precision: int, fantasia_compat: bool = False
+) -> dict[str, pl.DataFrame]:
+    """Category → the TopGO table of one partition's raw rows (FANTASIA's conventions in compat mode)."""
+    per_layer = compat.topgo_tables(raw, precision) if fantasia_compat else topgo_tables(raw)
+    return {category: table for (_, _, category), table in per_layer.items()}
+
+
 def write_partition_topgo(
     root: Path, partition: Partition, raw: pl.DataFrame, precision: int, fantasia_compat: bool = False
 ) -> list[Path]:
-    per_layer = compat.topgo_tables(raw, precision) if fantasia_compat else topgo_tables(raw)
-    tables = {category: table for (_, _, category), table in per_layer.items()}
+    tables = partition_topgo_tables(raw, precision, fantasia_compat)
     return exports.write_topgo_dir(partition_paths(root, partition)["topgo"], tables, precision)
 
 

@@ -34,6 +34,11 @@ from .reads import (
 
 log = logging.getLogger(__name__)
 
+# Code versions (Dagster's asset `code_version`): bumped when the same database rows would give
+# another reference matrix (`ReferenceStore`) or annotation table (`AnnotationStore`).
+MATRIX_CODE_VERSION = "matrix-1"
+ANNOTATIONS_CODE_VERSION = "annotations-1"
+
 
 def _save_matrix(tmp: Path, matrix: ReferenceMatrix) -> None:
     with open(tmp, "wb") as handle:
@@ -56,7 +61,8 @@ class ReferenceStore:
         self._lock = threading.Lock()
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
 
-    def _file(self, fingerprint: str) -> Path:
+    def cache_file(self, fingerprint: str) -> Path:
+        """Where the disk cache keeps the matrix of this fingerprint."""
         return self.cache_dir / f"matrix-{fingerprint}.npz"
 
     def _from_disk(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix | None:
@@ -84,7 +90,7 @@ class ReferenceStore:
                 self._memory.move_to_end(fingerprint)
                 self.last_source = "memory"
                 return self._memory[fingerprint]
-        path = self._file(fingerprint)
+        path = self.cache_file(fingerprint)
         matrix = self._from_disk(path, scope, fingerprint)
         if matrix is not None:
             self.last_source = "disk"

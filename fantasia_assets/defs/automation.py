@@ -28,6 +28,7 @@ from .lookup import (
 from .outputs import lookup_summary, topgo_ensemble
 from .partitions import MODEL_LAYER, LookupState
 from .resources import LookupSettings, ReferenceDatabase
+from .science import predictions
 
 DATA_VERSION_TAG = "dagster/data_version"
 
@@ -48,8 +49,9 @@ query_embeddings_job = dg.define_asset_job(
 )
 outputs_job = dg.define_asset_job(
     "lookup_outputs_job",
-    selection=[lookup_summary, topgo_ensemble],
-    description="Rebuild summary.csv, sequences.fasta, the query mapping and the TopGO ensemble.",
+    selection=[lookup_summary, topgo_ensemble, predictions],
+    description="Rebuild summary.csv, sequences.fasta, the query mapping, the TopGO ensemble and "
+    "predictions.tsv.",
 )
 
 

@@ -1,4 +1,4 @@
-"""Materialise the whole asset graph in-process (the demo, and tests), recorded in an instance."""
+"""Materialise the whole asset graph in-process through the defined jobs (the demo, and tests)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from .partitions import MODEL_LAYER
 
 
 def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]:
-    """Register the current partitions, then materialise shared inputs, every partition and the
-    run-wide outputs, in that order. Returns the partition keys."""
+    """Register the current partitions, then run the jobs of `definitions` in order: shared inputs,
+    the partition job for every partition, the run-wide outputs. Returns the partition keys."""
     from ..definitions import defs
-    from . import inputs, lookup, outputs
+    from .automation import outputs_job, partition_job, shared_inputs_job
     from .partitions import LookupState
 
     resources = defs.resources
@@ -24,39 +24,25 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     keys = list(state.partitions)
     known = set(instance.get_dynamic_partitions(MODEL_LAYER.name))
     instance.add_dynamic_partitions(MODEL_LAYER.name, [k for k in keys if k not in known])
-    stale = sorted(known - set(keys))
-    for key in stale:
+    for key in sorted(known - set(keys)):
         instance.delete_dynamic_partition(MODEL_LAYER.name, key)
-    sources = [inputs.reference_set, inputs.query_sequences, inputs.query_embeddings, inputs.go_ontology]
-    shared = [lookup.go_annotation_cache, lookup.mmseqs_clusters]
-    partitioned = [
-        lookup.reference_embeddings,
-        lookup.neighbour_hits,
-        lookup.raw_result_shards,
-        lookup.topgo_exports,
-    ]
-    run_wide = [outputs.lookup_summary, outputs.topgo_ensemble]
-    everything = sources + shared + partitioned + run_wide
 
-    def run(selection, partition_key=None):
-        result = dg.materialize(
-            everything,
-            selection=selection,
-            resources=resources,
+    def run(job: dg.UnresolvedAssetJobDefinition, partition_key: str | None = None) -> None:
+        result = defs.resolve_job_def(job.name).execute_in_process(
             instance=instance,
             partition_key=partition_key,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
         if not result.success:
-            raise RuntimeError(f"materialisation of {selection} failed")
+            raise RuntimeError(f"{job.name} {partition_key or ''} failed")
 
-    log(f"materialising shared inputs: {', '.join(a.key.to_user_string() for a in shared)}")
-    run(shared)
+    log(f"running {shared_inputs_job.name}")
+    run(shared_inputs_job)
     for key in keys:
-        log(f"materialising partition {key}")
-        run(partitioned, key)
-    log("materialising summary and TopGO ensemble")
-    run(run_wide)
+        log(f"running {partition_job.name} for partition {key}")
+        run(partition_job, key)
+    log(f"running {outputs_job.name}")
+    run(outputs_job)
     return keys
 
 

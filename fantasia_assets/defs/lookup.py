@@ -1,7 +1,9 @@
 """The lookup assets: shared caches, then per (model, layer) references → neighbours → rows → TopGO.
 
 Each asset opens the lookup state, calls one stage through `fantasia_assets.runner` and reports
-what it did; the science stays in `core/`.
+what it did; the science stays in `core/`. What an asset hands to the next one travels through
+files and caches, so each records in its metadata the fingerprint of what it consumed (reference
+matrix, clusters, hits, raw rows); the checks of `checks.py` read what was written.
 """
 
 import time
@@ -10,13 +12,14 @@ import dagster as dg
 import polars as pl
 
 from .. import runner
-from ..core.queries import ACCESSION_PREFIX
-from ..core.summary import topgo_tables
-from ..db.stores import AnnotationStore, ReferenceStore
+from ..core import redundancy, stages
+from ..core.summary import TOPGO_CODE_VERSION
+from ..core.writers import OUTPUT_FORMAT_VERSION
+from ..db.stores import ANNOTATIONS_CODE_VERSION, MATRIX_CODE_VERSION, AnnotationStore
 from ..paths import cache_dir
 from ..progress import log_progress
 from .inputs import go_ontology, query_embeddings, reference_set
-from .metadata import best_predictions, distance_histogram, timings_table
+from .metadata import best_predictions, clusters_version, distance_histogram, files_version, timings_table
 from .partitions import MODEL_LAYER, LookupState, record_lineage
 from .resources import ComputeDevice, LineageStore, LookupSettings, MMseqs, ReferenceDatabase
 
@@ -27,6 +30,7 @@ GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits
 
 
 @dg.asset(
+    code_version=ANNOTATIONS_CODE_VERSION,
     group_name="lookup",
     deps=[go_ontology, reference_set],
     kinds={"postgres", "parquet"},
@@ -60,11 +64,13 @@ def go_annotation_cache(
 
 
 @dg.asset(
+    code_version=redundancy.CODE_VERSION,
     group_name="lookup",
     deps=[reference_set, query_embeddings],
     kinds={"mmseqs2"},
     description="MMseqs2 clusters of all reference and query sequences (SPEC §3.5), computed once per "
-    "(reference set, query set, identity, coverage) and cached; off when redundancy.identity is 0.",
+    "(reference set, query set, identity, coverage, binary) and cached; off when redundancy.identity "
+    "is 0. Data version: fingerprint of the clusters, which neighbour_hits records as consumed.",
 )
 def mmseqs_clusters(
     context: dg.AssetExecutionContext,
@@ -75,26 +81,34 @@ def mmseqs_clusters(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     if state.config.redundancy.identity <= 0:
-        return dg.MaterializeResult(metadata={"masking": "off (lookup.redundancy.identity is 0)"})
+        return dg.MaterializeResult(
+            metadata={"masking": "off (lookup.redundancy.identity is 0)"}, data_version=dg.DataVersion("off")
+        )
     started = time.perf_counter()
+    binary = mmseqs.binary()
     clusters = runner.redundancy_clusters(
         state.config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs"),
-        log_progress(context.log),
+        log_progress(context.log), binary=binary,
     )  # fmt: skip
     timings = {"cluster": time.perf_counter() - started}
-    counts = {"sequences": len(clusters), "clusters": len(set(clusters.values()))}
+    counts = {"sequences": len(clusters or {}), "clusters": len(set((clusters or {}).values()))}
     record_lineage(context, lineage, state, counts, timings)
-    return dg.MaterializeResult(metadata={**counts, "binary": mmseqs.binary(), "seconds": timings["cluster"]})
+    version = clusters_version(clusters)
+    return dg.MaterializeResult(
+        metadata={**counts, "binary": binary, "clusters_version": version, "seconds": timings["cluster"]},
+        data_version=dg.DataVersion(version),
+    )
 
 
 @dg.asset(
+    code_version=MATRIX_CODE_VERSION,
     partitions_def=MODEL_LAYER,
     group_name="lookup",
     deps=[reference_set],
     kinds={"postgres", "numpy"},
-    check_specs=[dg.AssetCheckSpec("dimensions_agree", asset="reference_embeddings")],
     description="The (model, layer) reference matrix streamed from PostgreSQL, cached on disk by "
-    "fingerprint so unchanged references are never fetched twice.",
+    "fingerprint so unchanged references are never fetched twice; the steps of a run share it in "
+    "memory (lookup.lookup_cache_max).",
 )
 def reference_embeddings(
     context: dg.AssetExecutionContext,
@@ -104,101 +118,85 @@ def reference_embeddings(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     partition = state.partition(context.partition_key)
-    store = ReferenceStore(state.engine, cache_dir("references"), state.config.lookup_cache_max)
+    store = state.reference_store()
     started = time.perf_counter()
     matrix = store.get(runner.reference_scope(state.config, partition), log_progress(context.log))
     timings = {"fetch": time.perf_counter() - started}
-    query_dim = state.queries.catalogue.layers[(partition.type_id, partition.layer)].dim
     version = record_lineage(context, lineage, state, {"references": len(matrix)}, timings, partition)
     return dg.MaterializeResult(
         metadata={
             "references": len(matrix),
             "dimensions": matrix.dim,
             "source": store.last_source,
+            "matrix_file": dg.MetadataValue.path(str(store.cache_file(matrix.fingerprint))),
+            "matrix_fingerprint": matrix.fingerprint,
             "reference_version": version,
             "seconds": timings["fetch"],
         },
         data_version=dg.DataVersion(version),
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="dimensions_agree",
-                passed=query_dim == matrix.dim,
-                metadata={"query_dimensions": query_dim, "reference_dimensions": matrix.dim},
-            )
-        ],
     )
 
 
 @dg.asset(
+    code_version=stages.SEARCH_CODE_VERSION,
     partitions_def=MODEL_LAYER,
     group_name="lookup",
     deps=[reference_embeddings, query_embeddings, mmseqs_clusters],
     kinds={"torch", "parquet"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
-    check_specs=[dg.AssetCheckSpec("every_query_answered", asset="neighbour_hits")],
     description="Exact k nearest references of every query (blocked matmul + top-k on the GPU "
-    "when there is one), written once as Parquet.",
+    "when there is one), written once as Parquet. Data version: digest of the written files.",
 )
 def neighbour_hits(
     context: dg.AssetExecutionContext,
     settings: LookupSettings,
     database: ReferenceDatabase,
     device: ComputeDevice,
+    mmseqs: MMseqs,
     lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
+    binary = mmseqs.binary() if config.redundancy.identity > 0 else None
     clusters = runner.redundancy_clusters(
-        config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs")
+        config,
+        state.queries,
+        state.engine,
+        list(state.partitions.values()),
+        cache_dir("mmseqs"),
+        binary=binary,
     )
-    store = ReferenceStore(state.engine, cache_dir("references"), config.lookup_cache_max)
     where = device.device(config)
     outcome = runner.search_partition(
-        config, state.queries, partition, store, clusters, where, log_progress(context.log)
+        config, state.queries, partition, state.reference_store(), clusters, where, log_progress(context.log)
     )
-    runner.write_hits(config, partition, outcome)
+    paths = runner.write_hits(config, partition, outcome)
     counts = {"queries": outcome.n_queries, "neighbours": outcome.hits.height}
     version = record_lineage(context, lineage, state, counts, outcome.timings, partition)
-    answered = set(outcome.hits["accession"].unique().to_list()) | set(outcome.queries_without_hits)
-    catalogue = state.queries.catalogue
-    left_out = {group[len(ACCESSION_PREFIX) :] for group, _ in outcome.skipped}
-    expected = set(catalogue.accessions)
-    unaccounted = expected - answered - left_out
+    written = files_version([paths["hits"], paths["no_hits"], paths["skipped"]])
     return dg.MaterializeResult(
         metadata={
             **counts,
             "queries_without_neighbours": len(outcome.queries_without_hits),
+            "left_out": len(outcome.skipped),
             "device": where,
             "reference_version": version,
             "query_version": state.queries.content_hash,
+            "consumed_matrix": f"{outcome.matrix.fingerprint} (from {outcome.matrix_source})",
+            "consumed_clusters": clusters_version(clusters),
+            "hits": dg.MetadataValue.path(str(paths["hits"])),
             "distance_histogram": dg.MetadataValue.md(
                 distance_histogram(outcome.hits["distance"].to_numpy())
             ),
             "timings": dg.MetadataValue.md(timings_table(outcome.timings)),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="every_query_answered",
-                # a query left out for bad data is accounted for, but is worth a warning
-                passed=not unaccounted and not left_out,
-                severity=dg.AssetCheckSeverity.ERROR if unaccounted else dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "queries": len(expected),
-                    "with_neighbours": len(answered) - len(outcome.queries_without_hits),
-                    "none_within_threshold": dg.MetadataValue.json(outcome.queries_without_hits[:100]),
-                    "left_out": len(left_out),
-                    "left_out_reasons": dg.MetadataValue.json(
-                        [f"{group}: {reason}" for group, reason in outcome.skipped[:100]]
-                    ),
-                    "unaccounted": len(unaccounted),
-                },
-            )
-        ],
+        data_version=dg.DataVersion(written),
     )
 
 
 @dg.asset(
+    code_version=f"{stages.RAW_ROWS_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     partitions_def=MODEL_LAYER,
     group_name="lookup",
     deps=[neighbour_hits, go_annotation_cache],
@@ -214,8 +212,10 @@ def raw_result_shards(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
+    paths = runner.partition_paths(config, partition)
     hits = runner.read_hits(config, partition)
-    annotations, _ = AnnotationStore(state.engine, cache_dir("annotations")).get(
+    consumed_hits = files_version([paths["hits"], paths["no_hits"], paths["skipped"]])
+    annotations, annotation_version = AnnotationStore(state.engine, cache_dir("annotations")).get(
         runner.reference_scope(config, partition)
     )
     timings: dict[str, float] = {}
@@ -223,7 +223,7 @@ def raw_result_shards(
         config, state.queries, partition, hits, annotations, state.engine, timings=timings
     )
     started = time.perf_counter()
-    paths = runner.write_raw(config, partition, raw, state.queries)
+    runner.write_raw(config, partition, raw, state.queries)
     timings["write"] = time.perf_counter() - started
     counts = {"rows": raw.height, "accessions": raw["accession"].n_unique()}
     version = record_lineage(context, lineage, state, counts, timings, partition)
@@ -231,21 +231,26 @@ def raw_result_shards(
         metadata={
             **counts,
             "shards": dg.MetadataValue.path(str(paths["shards"])),
+            "raw_rows": dg.MetadataValue.path(str(paths["raw"])),
             "reference_version": version,
             "query_version": state.queries.content_hash,
+            "consumed_hits": consumed_hits,
+            "consumed_annotations": annotation_version,
             "best_predictions": dg.MetadataValue.md(best_predictions(raw)),
             "timings": dg.MetadataValue.md(timings_table(timings)),
-        }
+        },
+        data_version=dg.DataVersion(files_version([paths["raw"]])),
     )
 
 
 @dg.asset(
+    code_version=f"{TOPGO_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     partitions_def=MODEL_LAYER,
     group_name="outputs",
     deps=[raw_result_shards],
     kinds={"topgo"},
-    check_specs=[dg.AssetCheckSpec("topgo_rows_in_raw_rows", asset="topgo_exports")],
-    description="topgo/{model}/layer_{k}/{category}.topgo: best RI per (accession, GO term).",
+    description="topgo/{model}/layer_{k}/{category}.topgo: best RI per (accession, GO term); "
+    "nothing is written when lookup.topgo is false.",
 )
 def topgo_exports(
     context: dg.AssetExecutionContext,
@@ -255,28 +260,20 @@ def topgo_exports(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     config, partition = state.config, state.partition(context.partition_key)
-    raw = pl.read_parquet(runner.partition_paths(config, partition)["raw"])
+    if not config.topgo:
+        return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
+    source = runner.partition_paths(config, partition)["raw"]
+    raw = pl.read_parquet(source)
     started = time.perf_counter()
     files = runner.write_partition_topgo(config, partition, raw)
-    exported = pl.concat([t for t in topgo_tables(raw).values()]) if raw.height else None
-    missing = (
-        exported.join(
-            raw.select("accession", "go_id", "reliability_index").unique(),
-            on=["accession", "go_id", "reliability_index"],
-            how="anti",
-        ).height
-        if exported is not None
-        else 0
-    )
-    lines = exported.height if exported is not None else 0
+    lines = sum(len(f.read_bytes().splitlines()) for f in files)
     record_lineage(
         context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition
     )
     return dg.MaterializeResult(
-        metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "lines": lines},
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="topgo_rows_in_raw_rows", passed=missing == 0, metadata={"not_in_raw": missing}
-            )
-        ],
+        metadata={
+            "files": dg.MetadataValue.json([str(f) for f in files]),
+            "lines": lines,
+            "consumed_raw_rows": f"{source} ({files_version([source])})",
+        }
     )

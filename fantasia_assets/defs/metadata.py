@@ -1,9 +1,30 @@
-"""What people look at in the UI: previews and histograms rendered as markdown metadata."""
+"""What people look at in the UI: previews and histograms rendered as markdown metadata, and the
+fingerprints that show what one asset handed to the next."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import polars as pl
+
+from ..core.digest import file_digest
+
+
+def clusters_version(clusters: dict[str, str] | None) -> str:
+    """Fingerprint of an id → representative map ("off" without masking), in id order."""
+    if clusters is None:
+        return "off"
+    digest = hashlib.sha256()
+    for member, representative in sorted(clusters.items()):
+        digest.update(f"{member}\t{representative}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def files_version(paths: list[Path]) -> str:
+    """One fingerprint of several written files (their contents, in the given order)."""
+    return hashlib.sha256("".join(file_digest(p) for p in paths).encode()).hexdigest()[:16]
 
 
 def distance_histogram(distances: np.ndarray, bins: int = 10) -> str:
@@ -13,8 +34,8 @@ def distance_histogram(distances: np.ndarray, bins: int = 10) -> str:
     counts, edges = np.histogram(distances, bins=bins)
     peak = max(int(counts.max()), 1)
     lines = ["| distance | neighbours | |", "|---|---:|---|"]
-    for count, low, high in zip(counts, edges[:-1], edges[1:]):
-        bar = "█" * int(round(30 * count / peak))
+    for count, low, high in zip(counts, edges[:-1], edges[1:], strict=True):
+        bar = "█" * round(float(30 * count / peak))
         lines.append(f"| {low:.3f}–{high:.3f} | {int(count)} | {bar} |")
     return "\n".join(lines)
 

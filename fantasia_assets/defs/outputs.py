@@ -6,9 +6,10 @@ import dagster as dg
 
 from .. import runner
 from ..core.plan import Partition
-from ..core.summary import column_suffix
+from ..core.summary import SUMMARY_CODE_VERSION, TOPGO_CODE_VERSION
+from ..core.writers import OUTPUT_FORMAT_VERSION
 from .lookup import raw_result_shards
-from .metadata import best_predictions
+from .metadata import best_predictions, files_version
 from .partitions import LookupState, partition_key, record_lineage
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
@@ -19,11 +20,11 @@ def materialised(state: LookupState) -> list[Partition]:
 
 
 @dg.asset(
+    code_version=f"{SUMMARY_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     group_name="outputs",
     deps=[raw_result_shards],
     kinds={"csv"},
     automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[dg.AssetCheckSpec("covers_every_partition", asset="lookup_summary")],
     description="summary.csv (SPEC §4.2) over every materialised (model, layer), plus "
     "sequences.fasta and query_index_mapping.csv.",
 )
@@ -41,22 +42,12 @@ def lookup_summary(
     fasta, mapping = runner.write_sequences(state.config, state.queries, raw, state.engine)
     records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
-    keys = [p.key for p in partitions]
-    record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(keys)}, timings)
-    done = {
-        k
-        for k in context.instance.get_materialized_partitions(raw_result_shards.key)
-        if k in state.partitions
-    }
-    covered = {
-        partition_key(p)
-        for p in partitions
-        if f"final_score_{column_suffix(p.model.name, p.layer)}" in summary.columns
-    }
+    record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(partitions)}, timings)
     return dg.MaterializeResult(
         metadata={
             "rows": summary.height,
-            "partitions": dg.MetadataValue.json(keys),
+            "partitions": dg.MetadataValue.json([partition_key(p) for p in partitions]),
+            "consumed_raw_rows": _consumed(state, partitions),
             "summary": dg.MetadataValue.path(str(path)),
             "sequences": dg.MetadataValue.path(str(fasta)),
             "query_mapping": dg.MetadataValue.path(str(mapping)),
@@ -64,25 +55,27 @@ def lookup_summary(
             "output_names": dg.MetadataValue.path(str(records["output names"])),
             "best_predictions": dg.MetadataValue.md(best_predictions(raw)),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="covers_every_partition",
-                passed=done <= covered,
-                metadata={
-                    "materialised": dg.MetadataValue.json(sorted(done)),
-                    "missing": dg.MetadataValue.json(sorted(done - covered)),
-                },
-            )
-        ],
+    )
+
+
+def _consumed(state: LookupState, partitions: list[Partition]) -> dg.MetadataValue:
+    """Partition key → fingerprint of the raw rows Parquet read (raw_result_shards' data version)."""
+    return dg.MetadataValue.json(
+        {
+            partition_key(p): files_version([runner.partition_paths(state.config, p)["raw"]])
+            for p in partitions
+        }
     )
 
 
 @dg.asset(
+    code_version=f"{TOPGO_CODE_VERSION}+{OUTPUT_FORMAT_VERSION}",
     group_name="outputs",
     deps=[raw_result_shards],
     kinds={"topgo"},
     automation_condition=dg.AutomationCondition.eager(),
-    description="topgo/ensemble/{category}.topgo: best RI per (accession, GO term) across all models and layers.",
+    description="topgo/ensemble/{category}.topgo: best RI per (accession, GO term) across all models and "
+    "layers; nothing is written when lookup.topgo is false.",
 )
 def topgo_ensemble(
     context: dg.AssetExecutionContext,
@@ -91,10 +84,16 @@ def topgo_ensemble(
     lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
+    if not state.config.topgo:
+        return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
     partitions = materialised(state)
     started = time.perf_counter()
     files = runner.write_ensemble(state.config, runner.read_raw_rows(state.config, partitions))
     record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
-        metadata={"files": dg.MetadataValue.json([str(f) for f in files]), "partitions": len(partitions)}
+        metadata={
+            "files": dg.MetadataValue.json([str(f) for f in files]),
+            "partitions": len(partitions),
+            "consumed_raw_rows": _consumed(state, partitions),
+        }
     )

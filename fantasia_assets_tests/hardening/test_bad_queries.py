@@ -250,7 +250,7 @@ def test_nan_query_in_a_dagster_partition__check_warns_with_the_group_and_run_su
     sample_loaded, tmp_path
 ):
     from fantasia_assets.definitions import defs
-    from fantasia_assets.defs import lookup
+    from fantasia_assets.defs import checks, lookup
     from fantasia_assets.defs.partitions import MODEL_LAYER
     from fantasia_assets.defs.resources import LookupSettings
 
@@ -264,7 +264,7 @@ def test_nan_query_in_a_dagster_partition__check_warns_with_the_group_and_run_su
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(MODEL_LAYER.name, ["NEAR|layer_0"])
         result = dg.materialize(
-            [lookup.reference_embeddings, lookup.neighbour_hits],
+            [lookup.reference_embeddings, lookup.neighbour_hits, checks.every_query_answered],
             resources=resources,
             instance=instance,
             partition_key="NEAR|layer_0",

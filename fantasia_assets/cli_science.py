@@ -1,0 +1,260 @@
+"""`fantasia-assets evaluate` and `train-scorer`: CAFA metrics of a lookup and the learned scorer.
+
+Input files are read here (GAF through the loader's own filter, the reference annotations from
+the database) and handed to `core.evaluation` / `core.scorer` as plain frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+
+def _truth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="configuration YAML of the lookup")
+    parser.add_argument(
+        "--truth",
+        type=Path,
+        action="append",
+        required=True,
+        help="GOA GAF with the known annotations; repeatable",
+    )
+    parser.add_argument(
+        "--obo", type=Path, help="GO OBO (.gz accepted); default: the config's scoring.ontology"
+    )
+    parser.add_argument(
+        "--evidence",
+        default=None,
+        help="evidence codes kept in the truth (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
+    )
+
+
+def add_parsers(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="CAFA metrics (cafaeval) of every output of a lookup against known annotations",
+        description=(
+            "Fmax, Smin, weighted Fmax, coverage and the threshold at Fmax per aspect, computed by "
+            "the CAFA evaluator (cafaeval) for predictions.tsv, each (model, layer)'s TopGO, the "
+            "ensemble and each final_score of summary.csv. Truth: the GAF lines that the loader "
+            "keeps (experimental evidence, NOT dropped, alt ids mapped), propagated. Information "
+            "accretion from the reference annotations in the database. Writes "
+            "{experiment_path}/evaluation/metrics.tsv, curves.tsv and precision_recall.png."
+        ),
+    )
+    _truth_arguments(evaluate)
+    evaluate.add_argument("--out", type=Path, help="output folder (default: {experiment_path}/evaluation)")
+    evaluate.add_argument("--roots", action="store_true", help="also score the three GO roots")
+    train = commands.add_parser(
+        "train-scorer",
+        help="fit the learned scorer on queries with known annotations",
+        description=(
+            "Reuse the raw rows of CFG's lookup (or run it), build features per (query, GO term) "
+            "from every (model, layer), label them with the truth GAF (loader's filter, "
+            "propagated) and fit LightGBM with isotonic calibration, folds grouped by protein. "
+            "The model file records the features, partitions, library versions and the hashes of "
+            "the training data; `scoring: {model: PATH}` makes the lookup use it."
+        ),
+    )
+    _truth_arguments(train)
+    train.add_argument("--out", type=Path, required=True, help="model file to write")
+    train.add_argument("--folds", type=int, default=5, help="protein-grouped folds (default 5)")
+    train.add_argument("--rerun", action="store_true", help="run the lookup even when its raw rows exist")
+
+
+def _ontology_path(args, config) -> Path:
+    from .config import ConfigError
+
+    path = args.obo or config.scoring.ontology
+    if path is None:
+        raise ConfigError("no GO ontology: pass --obo or set scoring.ontology in the configuration")
+    return path
+
+
+def read_truth(paths: list[Path], obo: Path, evidence: str | None) -> pl.DataFrame:
+    """(protein_id, go_id) kept by the loader's GAF filter; prints what was dropped."""
+    from .db.sources import DEFAULT_EVIDENCE, read_gaf, read_obo
+
+    codes = tuple(evidence.split(",")) if evidence else DEFAULT_EVIDENCE
+    gaf = read_gaf(paths, read_obo(obo), codes)
+    dropped = ", ".join(f"{n:,} {why}" for why, n in gaf.skipped.items() if n)
+    print(
+        f"truth: {gaf.kept.height:,} annotations of {gaf.kept['protein_id'].n_unique():,} proteins ({dropped} dropped)"
+    )
+    return gaf.kept.select("protein_id", "go_id")
+
+
+def query_accessions(experiment_path: Path) -> list[str]:
+    """The accessions of the lookup's queries, from query_index_mapping.csv."""
+    from .core.evaluation import EvaluationError
+
+    mapping = Path(experiment_path) / "query_index_mapping.csv"
+    if not mapping.exists():
+        raise EvaluationError(f"{mapping} not found: run the lookup first")
+    frame = pl.read_csv(mapping, infer_schema_length=0)
+    return frame["accessions"].str.split("|").explode().drop_nulls().unique().sort().to_list()
+
+
+def reference_annotations(engine=None) -> pl.DataFrame:
+    """(protein_id, go_id) of every reference protein in the database."""
+    from .db import get_engine
+    from .db.stores import AnnotationStore
+    from .paths import cache_dir
+
+    annotations, _ = AnnotationStore(engine or get_engine(), cache_dir("annotations")).get()
+    return annotations.select("protein_id", "go_id")
+
+
+def evaluate_experiment(
+    config, truth_paths: list[Path], obo: Path | None = None, evidence=None, out=None, roots=False
+):
+    """Evaluate a finished lookup; returns (Evaluation, written paths)."""
+    from .core.evaluation import evaluate, experiment_outputs, truth_table, write_evaluation
+    from .core.ontology import read_ontology
+
+    ontology = read_ontology(obo)
+    truth = truth_table(
+        read_truth(truth_paths, obo, evidence), query_accessions(config.experiment_path), str(truth_paths[0])
+    )
+    result = evaluate(
+        experiment_outputs(config.experiment_path), truth, ontology, reference_annotations(), roots=roots
+    )
+    paths = write_evaluation(out or config.experiment_path / "evaluation", result, config.precision)
+    return result, paths
+
+
+def metrics_table(metrics: pl.DataFrame) -> list[str]:
+    """Fmax (Smin) per aspect, one line per output."""
+    lines = [
+        f"{'output':<40} {'BP Fmax':>8} {'MF Fmax':>8} {'CC Fmax':>8}   {'BP Smin':>8} {'MF Smin':>8} {'CC Smin':>8}"
+    ]
+    for output in sorted(set(metrics["output"].to_list())):
+        rows = {r["aspect"]: r for r in metrics.filter(pl.col("output") == output).iter_rows(named=True)}
+        fmax = [f"{rows[a]['fmax']:8.3f}" if a in rows else f"{'-':>8}" for a in "PFC"]
+        smin = [
+            f"{rows[a]['smin']:8.2f}" if a in rows and rows[a]["smin"] is not None else f"{'-':>8}"
+            for a in "PFC"
+        ]
+        lines.append(f"{output:<40} {' '.join(fmax)}   {' '.join(smin)}")
+    return lines
+
+
+def run_evaluate(args, progress) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
+    result, paths = evaluate_experiment(
+        config, args.truth, _ontology_path(args, config), args.evidence, args.out, args.roots
+    )
+    counts = ", ".join(f"{a} {n:,}" for a, n in sorted(result.truth_proteins.items()))
+    print(f"evaluated against {counts} truth proteins (cafaeval)")
+    for line in metrics_table(result.metrics):
+        print(line)
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def demo_evaluation(config) -> None:
+    """`make demo`'s last step: the sample queries' outputs against their mouse GOA slice."""
+    from .sample import SAMPLE_DIR
+
+    if config.scoring.ontology is None:
+        print("evaluation skipped: scoring.ontology is not set")
+        return
+    truth = SAMPLE_DIR / "queries_truth.gaf.gz"
+    result, paths = evaluate_experiment(config, [truth], config.scoring.ontology)
+    print(
+        f"--- CAFA evaluation (cafaeval) of the sample queries against {truth.name}: Fmax and Smin per aspect"
+    )
+    for line in metrics_table(result.metrics):
+        print(line)
+    print(f"  metrics: {paths['metrics']}, curves: {paths['plot']}")
+
+
+def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
+    """The lookup's raw rows of every enabled partition: from its Parquet files, or a fresh run."""
+    from .core.exports import model_dir_name
+
+    base = config.experiment_path / "parquet"
+    files = sorted(
+        f for m in config.enabled_models() for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
+    )
+    if rerun or not files:
+        from .runner import run_lookup
+
+        run_lookup(config)
+        files = sorted(
+            f
+            for m in config.enabled_models()
+            for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
+        )
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+
+
+def training_set(raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: pl.DataFrame):
+    """(features, labels, partitions, term statistics) of the candidates of truth proteins, in the
+    aspects where each has truth (CAFA scores a protein only in those)."""
+    from .core import scorer
+
+    terms = scorer.term_statistics(references, ontology)
+    frame, partitions = scorer.features(raw, ontology, terms)
+    mapped, _ = ontology.map_ids(truth, "truth")
+    aspects = (
+        mapped.join(
+            pl.DataFrame({"go_id": list(ontology.aspect), "aspect": list(ontology.aspect.values())}),
+            on="go_id",
+        )
+        .select("accession", "aspect")
+        .unique()
+    )
+    frame = frame.join(aspects, on=["accession", "aspect"], how="semi").sort("accession", "go_id")
+    return frame, scorer.labels(frame, truth, ontology), partitions, terms
+
+
+def train_scorer(
+    config, truth_paths: list[Path], obo: Path, out: Path, evidence=None, folds=5, rerun=False, engine=None
+):
+    """Fit and save the learned scorer on CFG's queries; returns (model, features, labels)."""
+    import hashlib
+
+    from .core import scorer
+    from .core.evaluation import truth_table
+    from .core.ontology import read_ontology
+
+    ontology = read_ontology(obo)
+    raw = lookup_rows(config, rerun)
+    truth = truth_table(
+        read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0])
+    )
+    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine))
+    hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in truth_paths}
+    hashes["features"] = scorer.frame_hash(frame)
+    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=folds)
+    scorer.save_scorer(out, model)
+    return model, frame, y
+
+
+def run_train(args, progress) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
+    model, frame, y = train_scorer(
+        config, args.truth, _ontology_path(args, config), args.out, args.evidence, args.folds, args.rerun
+    )
+    partitions = model.partitions
+    print(
+        f"trained on {frame['accession'].n_unique():,} proteins, {len(y):,} candidate terms "
+        f"({int(y.sum()):,} true), partitions {', '.join(partitions)}, {len(model.features)} features"
+    )
+    print(f"out-of-fold AUC (folds grouped by protein): {model.cross_validation['auc_out_of_fold']:.3f}")
+    print(f"model: {args.out}")
+    return 0
+
+
+HANDLERS = {"evaluate": run_evaluate, "train-scorer": run_train}

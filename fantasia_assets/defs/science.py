@@ -1,0 +1,127 @@
+"""Assets of the final predictions, the learned scorer and the CAFA evaluation."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from .. import cli_science, runner
+from ..core.scoring import run_predictions
+from .lookup import raw_result_shards
+from .outputs import lookup_summary, materialised, topgo_ensemble
+from .partitions import LookupState
+from .resources import LookupSettings, ReferenceDatabase
+
+
+class TruthAnnotations(dg.ConfigurableResource):
+    """Known GO annotations of the queries, for training and evaluation: `FANTASIA_TRUTH`
+    (GAF paths separated by commas), with the GO ontology of the configuration's scoring.ontology."""
+
+    gaf_paths: str = ""
+
+    def paths(self) -> list[Path]:
+        paths = [Path(p.strip()) for p in self.gaf_paths.split(",") if p.strip()]
+        if not paths:
+            raise dg.Failure(
+                "no truth annotations: set FANTASIA_TRUTH to one or more GAF files (comma-separated)"
+            )
+        return paths
+
+
+def _ontology(state: LookupState) -> Path:
+    if state.config.scoring.ontology is None:
+        raise dg.Failure("scoring.ontology is not set in the configuration: predictions need the GO graph")
+    return state.config.scoring.ontology
+
+
+@dg.asset(
+    group_name="science",
+    deps=[raw_result_shards],
+    kinds={"tsv"},
+    automation_condition=dg.AutomationCondition.eager(),
+    description="predictions.tsv: accession, go_id, aspect, score in [0, 1], GO-consistent (no term below a "
+    "descendant, roots left out); the learned scorer's probability when scoring.model is set.",
+)
+def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.MaterializeResult:
+    state = LookupState.open(settings, database)
+    _ontology(state)
+    started = time.perf_counter()
+    raw = runner.read_raw_rows(state.config, materialised(state))
+    path = run_predictions(state.config.experiment_path, raw, state.config.scoring, state.config.precision)[
+        "predictions"
+    ]
+    frame = pl.read_csv(path, separator="\t")
+    top = frame.sort("score", descending=True).head(10)
+    preview = "\n".join(["| accession | go_id | aspect | score |", "|---|---|---|---:|"] + [
+        f"| {a} | {g} | {asp} | {s:.3f} |" for a, g, asp, s in top.iter_rows()
+    ])  # fmt: skip
+    return dg.MaterializeResult(
+        metadata={
+            "rows": frame.height,
+            "scorer": str(state.config.scoring.model or "heuristic: identity-weighted neighbour votes"),
+            "predictions": dg.MetadataValue.path(str(path)),
+            "top": dg.MetadataValue.md(preview),
+            "seconds": time.perf_counter() - started,
+        }
+    )
+
+
+@dg.asset(
+    group_name="science",
+    deps=[raw_result_shards],
+    kinds={"lightgbm"},
+    description="The learned scorer ({experiment_path}/scoring/model.pkl) fitted on the configured queries "
+    "labelled by FANTASIA_TRUTH; set scoring.model to it to score predictions.tsv with it.",
+)
+def scoring_model(
+    settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations
+) -> dg.MaterializeResult:
+    state = LookupState.open(settings, database)
+    out = state.config.experiment_path / "scoring" / "model.pkl"
+    model, frame, y = cli_science.train_scorer(
+        state.config, truth.paths(), _ontology(state), out, engine=state.engine
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "model": dg.MetadataValue.path(str(out)),
+            "proteins": frame["accession"].n_unique(),
+            "candidates": len(y),
+            "positives": int(y.sum()),
+            "auc_out_of_fold": model.cross_validation["auc_out_of_fold"],
+            "partitions": dg.MetadataValue.json(model.partitions),
+            "versions": dg.MetadataValue.json(model.versions),
+        }
+    )
+
+
+@dg.asset(
+    group_name="science",
+    deps=[predictions, lookup_summary, topgo_ensemble],
+    kinds={"cafaeval"},
+    description="evaluation/metrics.tsv: Fmax, Smin, weighted Fmax, coverage and threshold per aspect for every "
+    "output, by the CAFA evaluator against FANTASIA_TRUTH; precision-recall curves shown here.",
+)
+def evaluation(
+    settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations
+) -> dg.MaterializeResult:
+    state = LookupState.open(settings, database)
+    result, paths = cli_science.evaluate_experiment(
+        state.config, truth.paths(), _ontology(state), engine=state.engine
+    )
+    image = base64.b64encode(paths["plot"].read_bytes()).decode()
+    table = "\n".join(["| output | aspect | Fmax | Smin | wFmax | coverage |", "|---|---|---:|---:|---:|---:|"] + [
+        f"| {r['output']} | {r['aspect']} | {r['fmax']:.3f} | {float('nan') if r['smin'] is None else r['smin']:.2f} | {r['wfmax']:.3f} | "
+        f"{r['coverage']:.2f} |" for r in result.metrics.iter_rows(named=True)
+    ])  # fmt: skip
+    return dg.MaterializeResult(
+        metadata={
+            "metrics": dg.MetadataValue.md(table),
+            "precision_recall": dg.MetadataValue.md(f"![precision-recall](data:image/png;base64,{image})"),
+            "metrics_file": dg.MetadataValue.path(str(paths["metrics"])),
+            "truth_proteins": dg.MetadataValue.json(result.truth_proteins),
+        }
+    )
