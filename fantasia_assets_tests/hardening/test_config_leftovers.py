@@ -45,3 +45,19 @@ def test_enabled_model_with_no_reference_rows__skipped_with_a_warning_others_wri
     assert "taxonomy" not in caplog.text
     assert (experiment / "summary.csv").is_file() and tree(experiment / "raw_results" / "NEAR")
     assert hidden(experiment) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("precision", 65536), ("limit_per_entry", 1e9), ("lookup.limit_per_entry", 10**9)]
+)
+def test_precision_or_limit_per_entry_far_out_of_range__exit_2_naming_the_key_before_any_work(
+    key, value, tmp_path, capsys
+):
+    from fantasia_assets import cli
+    from fantasia_assets_tests.hardening.helpers import write_config
+
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "out", **{key: value}))
+    assert cli.main(["lookup", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key.split(".")[-1] in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
