@@ -9,14 +9,17 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import polars as pl
 from sqlalchemy.engine import Engine
 
 from .config import LookupConfig
-from .core import writers
+from .core import aggregate, exports, lineage, writers
 from .core.device import resolve_device
 from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
 from .core.layout import partition_paths as _partition_paths
@@ -37,7 +40,7 @@ from .db.engine import get_engine
 from .db.loader import reference_snapshot
 from .db.reads import NEVER_LOADED, fetch_reference_sequences, layers_with_rows, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
-from .paths import cache_dir
+from .paths import cache_dir, temporary_file
 
 log = logging.getLogger(__name__)
 
@@ -217,21 +220,33 @@ def read_raw_rows(config: LookupConfig, partitions: list[Partition]) -> pl.DataF
     return writers.read_raw_rows(config.experiment_path, partitions)
 
 
-def write_summary(config: LookupConfig, raw: pl.DataFrame) -> tuple[Path, pl.DataFrame]:
-    with experiment_lock(config.experiment_path):
+@contextmanager
+def open_raw_rows(config: LookupConfig, partitions: list[Partition]) -> Iterator[duckdb.DuckDBPyConnection]:
+    """DuckDB over the partitions' raw rows (view `raw_rows`) under the memory limit of
+    `core.aggregate`, spilling to a scratch folder under $FANTASIA_HOME/tmp (`paths`)."""
+    with (
+        temporary_file("-duckdb") as spill,
+        writers.open_raw_rows(config.experiment_path, partitions, spill) as rows,
+    ):
+        yield rows
+
+
+def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
+    with experiment_lock(config.experiment_path), temporary_file("-duckdb") as spill:
         return writers.write_summary(
             config.experiment_path,
-            raw,
+            partitions,
             config.summary,
             config.limit_per_entry,
             config.precision,
+            spill,
             config.fantasia_compat,
         )
 
 
-def write_ensemble(config: LookupConfig, raw: pl.DataFrame) -> list[Path]:
-    with experiment_lock(config.experiment_path):
-        return writers.write_ensemble(config.experiment_path, raw, config.precision)
+def write_ensemble(config: LookupConfig, partitions: list[Partition]) -> list[Path]:
+    with experiment_lock(config.experiment_path), temporary_file("-duckdb") as spill:
+        return writers.write_ensemble(config.experiment_path, partitions, config.precision, spill)
 
 
 def reference_sequences_of(raw: pl.DataFrame, sequences: SequenceCache) -> dict[int, str]:
@@ -327,7 +342,7 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
     with timed(timings, "redundancy clustering"):
         clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
     with timed(timings, "annotations"):
-        annotations, _ = AnnotationStore(engine, cache_dir("annotations")).get(
+        annotations, annotation_version = AnnotationStore(engine, cache_dir("annotations")).get(
             reference_scope(config, partitions[0])
         )
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
@@ -335,7 +350,7 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
     sequences = SequenceCache(engine)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
-    reports, raw_frames, entries = [], [], []
+    reports, raw_frames, entries, fingerprints = [], [], [], []
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
         for partition in partitions:
@@ -360,7 +375,8 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
                     )
             files = partition_files(partition)
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
-            raw_frames.append(raw)
+            raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
+            fingerprints.append(outcome.matrix.fingerprint)
             reports.append(
                 PartitionReport(
                     partition,
@@ -374,20 +390,20 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
                     len(outcome.skipped),
                 )
             )
-        # the frames just written, not re-read from their Parquet files
-        raw_all = pl.concat(raw_frames, how="diagonal_relaxed")
-        with timed(timings, "summary"):
-            writers.write_summary(
+        raw_all = pl.concat(raw_frames)
+        with timed(timings, "summary"), temporary_file("-duckdb") as spill:
+            summary = writers.write_summary(
                 root,
-                raw_all,
+                partitions,
                 config.summary,
                 config.limit_per_entry,
                 config.precision,
+                spill,
                 config.fantasia_compat,
             )
         if config.topgo:
-            with timed(timings, "topgo ensemble"):
-                writers.write_ensemble(root, raw_all, config.precision)
+            with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
+                writers.write_ensemble(root, partitions, config.precision, spill)
         with timed(timings, "fasta+mapping"):
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)
@@ -399,7 +415,14 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
         with timed(timings, "publish"):
             staging.publish(entries)
     base = config.experiment_path
-    outputs = {"summary": base / SUMMARY, "raw shards": base / "raw_results"}
+    record_run_lineage(
+        config, queries, partitions, reports, fingerprints, annotation_version, summary, timings
+    )
+    outputs = {
+        "summary": base / SUMMARY,
+        "raw shards": base / "raw_results",
+        "lineage": base / "lineage.duckdb",
+    }
     if config.topgo:
         outputs["TopGO"] = base / "topgo"
     outputs.update(
@@ -415,3 +438,36 @@ def _run_lookup(config: LookupConfig, engine: Engine, progress: Progress) -> Loo
     for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings)
+
+
+def record_run_lineage(
+    config: LookupConfig,
+    queries: QuerySet,
+    partitions: list[Partition],
+    reports: list[PartitionReport],
+    fingerprints: list[str],
+    annotation_version: str,
+    summary: aggregate.SummaryFile,
+    timings: dict[str, float],
+) -> None:
+    """The lineage rows the assets would write, under a generated run id: one per partition's
+    raw rows, one for the summary."""
+    run_id, config_hash = lineage.new_run_id(), config.fingerprint()
+    rows = [
+        lineage.LineageRow(
+            run_id,
+            "raw_result_shards",
+            f"{exports.model_dir_name(r.partition.model.name)}|{exports.layer_dir_name(r.partition.layer)}",
+            f"{fingerprint}-{annotation_version}",
+            queries.content_hash,
+            config_hash,
+            {"queries": r.n_queries, "neighbours": r.n_hits, "rows": r.n_rows},
+            r.timings,
+            origin="cli",
+        )
+        for r, fingerprint in zip(reports, fingerprints, strict=True)
+    ]
+    counts = {"rows": summary.rows, "partitions": len(partitions)}
+    summary_row = [run_id, "lookup_summary", None, annotation_version, queries.content_hash, config_hash]
+    rows.append(lineage.LineageRow(*summary_row, counts, {"summary": timings["summary"]}, origin="cli"))
+    lineage.record(config.experiment_path / "lineage.duckdb", rows)

@@ -193,11 +193,21 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary sibling (synced) and a rename."""
+    write_chunks_atomic(path, [data])
+
+
+def write_chunks_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write the concatenated `chunks` to `path` via a temporary sibling (synced) and a rename.
+
+    The chunks are written as they come, so a large file is never held whole in memory; an
+    error raised by the iterator leaves `path` as it was.
+    """
 
     def write(tmp: Path) -> None:
         descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(descriptor, data)
+            for data in chunks:
+                _write_all(descriptor, data)
             os.fsync(descriptor)
         finally:
             os.close(descriptor)

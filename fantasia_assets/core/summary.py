@@ -3,7 +3,10 @@
 Input is the raw result table of SPEC §4.1 (one row per query accession × neighbour × GO term,
 all models and layers together), as a polars DataFrame or LazyFrame. Outputs follow SPEC §4.2
 (`summary.csv`) and §4.3 (TopGO). Everything is grouped and joined by polars; the only Python
-loops run over summary columns and (model, layer) partitions, never over rows.
+loops run over summary columns and (model, layer) partitions, never over rows. The run-wide
+summary and ensemble are computed out of core by `core.aggregate` (DuckDB over the partitions'
+Parquet); `summarise` and `topgo_ensemble` serve the FANTASIA-compatible mode and are the
+reference the DuckDB results are tested against.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ TOPGO_CODE_VERSION = "topgo-1"
 
 # Aggregation word as the user writes it → polars method. "avg" is the original's synonym of mean;
 # the output keeps the user's word (`avg_id_g`) so a configured column name is never renamed.
-_AGGREGATIONS = {"min": "min", "max": "max", "mean": "mean", "avg": "mean"}
+AGGREGATIONS = {"min": "min", "max": "max", "mean": "mean", "avg": "mean"}
 _AGG_SYNONYM = {"avg": "mean", "mean": "avg"}
 
 _SUMMARY_REQUIRED = (*TERM_KEYS, *PARTITION_KEYS, "category", "go_description", "protein_id")
@@ -107,12 +110,12 @@ class SummarySpec:
         for metric, aggs in self.metrics.items():
             alias = self.aliases.get(metric, metric)
             for agg in dict.fromkeys(aggs):
-                if agg not in _AGGREGATIONS:
+                if agg not in AGGREGATIONS:
                     log.warning(
                         "postprocess.summary.metrics.%s: aggregation %r ignored (use one of %s)",
                         metric,
                         agg,
-                        ", ".join(_AGGREGATIONS),
+                        ", ".join(AGGREGATIONS),
                     )
                     continue
                 planned.append((f"{agg}_{alias}", metric, agg, (metric, alias)))
@@ -271,7 +274,7 @@ def _aggregate(column: SummaryColumn, present: set[str], limit_per_entry: int) -
         # Alignment off: the metric columns are not written at all; the score treats them as 0.
         return pl.lit(None, dtype=pl.Float64)
     values = pl.col(column.metric).cast(pl.Float64)
-    return getattr(values, _AGGREGATIONS[column.agg])()
+    return getattr(values, AGGREGATIONS[column.agg])()
 
 
 def _lookup_weight(

@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import duckdb
 import polars as pl
 
-from . import compat, exports
+from . import aggregate, compat, exports
 from .layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, SKIPPED, SUMMARY, partition_paths
 from .plan import LookupPlanError, Partition, QuerySet
 from .stages import SearchOutcome
-from .summary import SummarySpec, summarise, topgo_ensemble, topgo_tables
+from .summary import SummarySpec, topgo_tables
 
 # bumped when a written file's layout or number format changes (SPEC §4), whatever computed it
 OUTPUT_FORMAT_VERSION = "outputs-1"
@@ -80,33 +82,49 @@ def write_partition_topgo(
 
 
 def read_raw_rows(root: Path, partitions: list[Partition]) -> pl.DataFrame:
-    """The raw rows of the given partitions, from their Parquet files."""
+    """The raw rows of the given partitions, from their Parquet files, in memory."""
+    return pl.concat([pl.read_parquet(f) for f in raw_row_files(root, partitions)], how="diagonal_relaxed")
+
+
+def raw_row_files(root: Path, partitions: list[Partition]) -> list[Path]:
+    """The raw rows Parquet of each partition, in partition order; all must exist."""
     files = [partition_paths(root, p)["raw"] for p in partitions]
     missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise LookupPlanError(f"partitions not computed yet: {', '.join(missing)}")
-    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else pl.DataFrame()
+    if missing or not files:
+        raise LookupPlanError(f"partitions not computed yet: {', '.join(missing) or 'none materialised'}")
+    return files
+
+
+def open_raw_rows(
+    root: Path, partitions: list[Partition], spill: Path
+) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    """DuckDB over the partitions' raw rows (view `raw_rows`, `core.aggregate`), spilling to `spill`."""
+    return aggregate.parquet_connection({aggregate.RAW_ROWS: raw_row_files(root, partitions)}, spill)
 
 
 def write_summary(
     root: Path,
-    raw: pl.DataFrame,
+    partitions: list[Partition],
     spec: SummarySpec,
     limit_per_entry: int,
     precision: int,
+    spill: Path,
     fantasia_compat: bool = False,
-) -> tuple[Path, pl.DataFrame]:
-    if fantasia_compat:
-        summary = compat.summary(raw, spec, limit_per_entry, precision)
-    else:
-        summary = summarise(raw, spec, limit_per_entry)
+) -> aggregate.SummaryFile:
+    """summary.csv over the partitions' raw rows: DuckDB out of core, or FANTASIA's arithmetic."""
     path = root / SUMMARY
-    exports.write_bytes_atomic(path, exports.csv_bytes(summary, precision))
-    return path, summary
+    if fantasia_compat:  # FANTASIA rounds as it goes: polars, on the rows in memory
+        summary = compat.summary(read_raw_rows(root, partitions), spec, limit_per_entry, precision)
+        exports.write_bytes_atomic(path, exports.csv_bytes(summary, precision))
+        return aggregate.SummaryFile(path, summary.height, tuple(summary.columns))
+    with open_raw_rows(root, partitions, spill) as rows:
+        return aggregate.write_summary(rows, spec, limit_per_entry, path, precision)
 
 
-def write_ensemble(root: Path, raw: pl.DataFrame, precision: int) -> list[Path]:
-    return exports.write_topgo_dir(root / ENSEMBLE, topgo_ensemble(raw), precision)
+def write_ensemble(root: Path, partitions: list[Partition], precision: int, spill: Path) -> list[Path]:
+    with open_raw_rows(root, partitions, spill) as rows:
+        tables = aggregate.ensemble_tables(rows)
+    return exports.write_topgo_dir(root / ENSEMBLE, tables, precision)
 
 
 def write_sequences(

@@ -5,6 +5,7 @@ import time
 import dagster as dg
 
 from .. import runner
+from ..core import aggregate
 from ..core.plan import Partition
 from ..core.summary import SUMMARY_CODE_VERSION, TOPGO_CODE_VERSION
 from ..core.writers import OUTPUT_FORMAT_VERSION
@@ -37,23 +38,24 @@ def lookup_summary(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     started = time.perf_counter()
-    raw = runner.read_raw_rows(state.config, partitions)
-    path, summary = runner.write_summary(state.config, raw)
-    fasta, mapping = runner.write_sequences(state.config, state.queries, raw, state.engine)
+    summary = runner.write_summary(state.config, partitions)
+    with runner.open_raw_rows(state.config, partitions) as rows:
+        references, top = aggregate.reference_ids(rows), aggregate.top_predictions(rows, 15)
+    fasta, mapping = runner.write_sequences(state.config, state.queries, references, state.engine)
     records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
     timings = {"summary": time.perf_counter() - started}
-    record_lineage(context, lineage, state, {"rows": summary.height, "partitions": len(partitions)}, timings)
+    record_lineage(context, lineage, state, {"rows": summary.rows, "partitions": len(partitions)}, timings)
     return dg.MaterializeResult(
         metadata={
-            "rows": summary.height,
+            "rows": summary.rows,
             "partitions": dg.MetadataValue.json([partition_key(p) for p in partitions]),
             "consumed_raw_rows": _consumed(state, partitions),
-            "summary": dg.MetadataValue.path(str(path)),
+            "summary": dg.MetadataValue.path(str(summary.path)),
             "sequences": dg.MetadataValue.path(str(fasta)),
             "query_mapping": dg.MetadataValue.path(str(mapping)),
             "skipped_queries": dg.MetadataValue.path(str(records["skipped queries"])),
             "output_names": dg.MetadataValue.path(str(records["output names"])),
-            "best_predictions": dg.MetadataValue.md(best_predictions(raw)),
+            "best_predictions": dg.MetadataValue.md(best_predictions(top)),
         },
     )
 
@@ -88,7 +90,7 @@ def topgo_ensemble(
         return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
     partitions = materialised(state)
     started = time.perf_counter()
-    files = runner.write_ensemble(state.config, runner.read_raw_rows(state.config, partitions))
+    files = runner.write_ensemble(state.config, partitions)
     record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
     return dg.MaterializeResult(
         metadata={

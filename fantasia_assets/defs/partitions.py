@@ -16,6 +16,7 @@ import dagster as dg
 from sqlalchemy.engine import Engine
 
 from ..config import LookupConfig
+from ..core.lineage import CODE_VERSION, LineageRow
 from ..core.plan import Partition, QuerySet, open_queries
 from ..db.reads import annotation_version, model_types, reference_fingerprint
 from ..db.stores import ReferenceStore
@@ -92,18 +93,26 @@ class LookupState:
 def record_lineage(
     context, lineage: LineageStore, state: LookupState, rows: dict, timings: dict, partition=None
 ) -> str:
-    """One row of the lineage table for this materialisation; returns the reference version."""
+    """One row of the lineage table for this materialisation; returns the reference version.
+
+    The code version is the asset's `code_version` when it has one, else the package's.
+    """
     reference_version = (
         state.reference_version(partition) if partition is not None else state.annotation_version
     )
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or CODE_VERSION
     lineage.record(
         state.config,
-        run_id=context.run.run_id,
-        asset=context.asset_key.to_user_string(),
-        partition=context.partition_key if context.has_partition_key else None,
-        reference_version=reference_version,
-        query_version=state.queries.content_hash,
-        row_counts=rows,
-        timings=timings,
+        LineageRow(
+            run_id=context.run.run_id,
+            asset=context.asset_key.to_user_string(),
+            partition=context.partition_key if context.has_partition_key else None,
+            reference_version=reference_version,
+            query_version=state.queries.content_hash,
+            config_hash=state.config.fingerprint(),
+            row_counts=rows,
+            timings=timings,
+            code_version=code_version,
+        ),
     )
     return reference_version

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +10,8 @@ from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from ..config import LookupConfig, load_config
+from ..core import lineage
+from ..core.lineage import LineageRow
 
 DEFAULT_CONFIG = "data/config.yaml"
 
@@ -83,45 +82,16 @@ class MMseqs(dg.ConfigurableResource):
         return mmseqs_binary(self.path)
 
 
-LINEAGE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS lineage (
-    run_id VARCHAR, asset VARCHAR, partition VARCHAR, reference_version VARCHAR,
-    query_version VARCHAR, config_hash VARCHAR, row_counts JSON, timings JSON,
-    materialized_at TIMESTAMP
-)
-"""
-
-
 class LineageStore(dg.ConfigurableResource):
-    """The DuckDB `lineage` table: one row per materialisation (default under experiment_path)."""
+    """The DuckDB `lineage` table (`core.lineage`): one row per materialisation (default under experiment_path)."""
 
     path: str | None = None
 
     def location(self, config: LookupConfig) -> Path:
         return Path(self.path) if self.path else config.experiment_path / "lineage.duckdb"
 
-    def record(self, config: LookupConfig, **row) -> None:
-        """Append one row; DuckDB admits one writing process, so a busy file is retried."""
-        import duckdb
-
-        location = self.location(config)
-        location.parent.mkdir(parents=True, exist_ok=True)
-        values = [
-            row.get("run_id"), row.get("asset"), row.get("partition"), row.get("reference_version"),
-            row.get("query_version"), config.fingerprint(), json.dumps(row.get("row_counts", {})),
-            json.dumps({k: round(v, 4) for k, v in row.get("timings", {}).items()}),
-            datetime.now(timezone.utc).replace(tzinfo=None),
-        ]  # fmt: skip
-        for attempt in range(60):
-            try:
-                with duckdb.connect(str(location)) as conn:
-                    conn.execute(LINEAGE_SCHEMA)
-                    conn.execute("INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
-                return
-            except duckdb.IOException:
-                if attempt == 59:
-                    raise
-                time.sleep(0.25 + 0.05 * (os.getpid() % 5))
+    def record(self, config: LookupConfig, row: LineageRow) -> None:
+        lineage.record(self.location(config), [row])
 
 
 def default_resources() -> dict:

@@ -6,6 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import duckdb
 import h5py
 import numpy as np
 import polars as pl
@@ -32,10 +33,11 @@ def _config(tmp_path: Path, queries: Path | None = None, **overrides) -> dict:
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
+    """Digest of every output; lineage.duckdb is a log that every run appends to, so it is left out."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != "lineage.duckdb"
     }
 
 
@@ -90,6 +92,15 @@ def test_rerun_is_byte_identical_and_replaces(sample_loaded, tmp_path):
     assert _tree_digest(config.experiment_path) == first  # no duplicate rows, stray shard gone
     assert {p.matrix_source for p in again.partitions} == {"disk"}  # unchanged references: not refetched
     assert not list(config.experiment_path.rglob("*.tmp"))
+    with duckdb.connect(str(config.experiment_path / "lineage.duckdb"), read_only=True) as conn:
+        runs = conn.execute(
+            "SELECT run_id, count(*), count(DISTINCT reference_version), any_value(config_hash), "
+            "list(partition ORDER BY partition) FROM lineage GROUP BY run_id"
+        ).fetchall()
+    assert len(runs) == 2  # each CLI run recorded under its own generated run id
+    for _, rows, references, config_hash, partitions in runs:
+        assert rows == 5 and references == 5 and config_hash == config.fingerprint()
+        assert partitions == ["AntiBERTy|layer_0", "AntiBERTy|layer_3", "NEAR|layer_0", "NEAR|layer_1", None]
 
 
 def test_identical_query_is_masked_by_mmseqs2(sample_loaded, tmp_path):

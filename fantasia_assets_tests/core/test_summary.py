@@ -1,19 +1,20 @@
-"""Summary scores and TopGO tables, checked against values computed by hand."""
+"""Summary scores and TopGO tables, checked against values computed by hand.
+
+The summary and ensemble run in DuckDB over Parquet, one file per (model, layer) as the lookup
+writes them (`test_aggregate.py` holds them to the polars reference on random rows).
+"""
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import polars as pl
 import pytest
 
-from fantasia_assets.core.summary import (
-    SummarySpec,
-    column_suffix,
-    summarise,
-    topgo_ensemble,
-    topgo_tables,
-)
+from fantasia_assets.core import aggregate
+from fantasia_assets.core.summary import SummarySpec, column_suffix, topgo_tables
 
 T5 = "Prot-T5"
 ESM = "ESM/2 x|y"  # odd characters stay in column names as they are
@@ -71,6 +72,34 @@ DEFAULT_SCORES = [
     "w_count",
     "final_score",
 ]
+
+
+def partition_files(raw: pl.DataFrame | pl.LazyFrame, folder: Path) -> list[Path]:
+    """One Parquet file per (model, layer), in order of first appearance, rows in their order."""
+    files = []
+    for i, (_, frame) in enumerate(
+        raw.lazy().collect().group_by("model_name", "layer_index", maintain_order=True)
+    ):
+        files.append(folder / f"part{i}.parquet")
+        frame.write_parquet(files[-1])
+    return files
+
+
+def summarise(raw: pl.DataFrame | pl.LazyFrame, spec: SummarySpec, limit_per_entry: int) -> pl.DataFrame:
+    """The DuckDB summary of `raw`, written as partitions, gathered into one frame."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = partition_files(raw, Path(folder))
+        with aggregate.parquet_connection({"raw_rows": files}, Path(folder) / "spill") as rows:
+            names, batches = aggregate.summary_batches(rows, spec, limit_per_entry)
+            frames = list(batches)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=dict.fromkeys(names, pl.String))
+
+
+def topgo_ensemble(raw: pl.DataFrame | pl.LazyFrame) -> dict[str, pl.DataFrame]:
+    with tempfile.TemporaryDirectory() as folder:
+        files = partition_files(raw, Path(folder))
+        with aggregate.parquet_connection({"raw_rows": files}, Path(folder) / "spill") as rows:
+            return aggregate.ensemble_tables(rows)
 
 
 def _column(frame: pl.DataFrame, name: str) -> list:

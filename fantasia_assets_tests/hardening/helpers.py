@@ -43,13 +43,17 @@ def near_only(layers: list[int] | None = None) -> dict:
 
 
 def tree(root: Path) -> dict[str, str]:
-    """Relative path → SHA-256 of every file under `root` (hidden temporaries included)."""
+    """Relative path → SHA-256 of every output file under `root` (hidden temporaries included).
+
+    lineage.duckdb is left out: it is the log every successful run appends its rows to, not
+    part of an output set.
+    """
     if not root.exists():
         return {}
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != "lineage.duckdb"
     }
 
 

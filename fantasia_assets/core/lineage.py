@@ -1,0 +1,102 @@
+"""The lineage table (`lineage.duckdb`): one row per materialised asset or partition and what made it.
+
+Both the Dagster assets (through the `lineage` resource) and the CLI's `lookup` append here:
+which run, which asset and partition, from which references (embedding rows and annotations
+fingerprint), which query file (content hash), which configuration (hash), which code, how
+many rows, and how long each stage took. A table written by an earlier version gains the
+new columns on the next write (null in the old rows); no row is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fantasia_assets import __version__
+
+TABLE = "lineage"
+# (name, type) in table order; columns after `materialized_at` were added later and are
+# migrated into older tables by ALTER TABLE.
+COLUMNS = (
+    ("run_id", "VARCHAR"),
+    ("asset", "VARCHAR"),
+    ("partition", "VARCHAR"),
+    ("reference_version", "VARCHAR"),
+    ("query_version", "VARCHAR"),
+    ("config_hash", "VARCHAR"),
+    ("row_counts", "JSON"),
+    ("timings", "JSON"),
+    ("materialized_at", "TIMESTAMP"),
+    ("code_version", "VARCHAR"),
+    ("origin", "VARCHAR"),
+)
+CODE_VERSION = f"fantasia-assets {__version__}"
+
+
+@dataclass(frozen=True)
+class LineageRow:
+    """One materialisation. `reference_version` is `{embedding fingerprint}-{annotation version}`
+    for a partition, the annotation version for run-wide assets; `origin` is "dagster" or "cli"."""
+
+    run_id: str
+    asset: str
+    partition: str | None
+    reference_version: str | None
+    query_version: str | None
+    config_hash: str
+    row_counts: Mapping[str, int] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    code_version: str = CODE_VERSION
+    origin: str = "dagster"
+
+
+def new_run_id() -> str:
+    """A run id for runs outside Dagster (the CLI), shaped like Dagster's (a UUID)."""
+    return str(uuid.uuid4())
+
+
+def record(path: Path, rows: Sequence[LineageRow], attempts: int = 60) -> None:
+    """Append `rows` to the table at `path`, creating or migrating it first.
+
+    DuckDB admits one writing process per file: a file busy in another process (two partitions
+    finishing at once) is retried for about `attempts` × 0.25 s.
+    """
+    import duckdb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    values = [
+        [
+            row.run_id, row.asset, row.partition, row.reference_version, row.query_version,
+            row.config_hash, json.dumps(dict(row.row_counts)),
+            json.dumps({stage: round(seconds, 4) for stage, seconds in row.timings.items()}),
+            now, row.code_version, row.origin,
+        ]
+        for row in rows
+    ]  # fmt: skip
+    names = ", ".join(name for name, _ in COLUMNS)
+    marks = ", ".join("?" for _ in COLUMNS)
+    for attempt in range(attempts):
+        try:
+            with duckdb.connect(str(path)) as conn:
+                migrate(conn)
+                conn.executemany(f"INSERT INTO {TABLE} ({names}) VALUES ({marks})", values)
+            return
+        except duckdb.IOException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.25 + 0.05 * (os.getpid() % 5))
+
+
+def migrate(conn) -> None:
+    """Create the table, or add the columns a table of an earlier version lacks (rows kept)."""
+    first = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({first})")
+    for name, kind in COLUMNS:
+        conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {name} {kind}")
