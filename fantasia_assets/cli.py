@@ -139,6 +139,7 @@ def _lookup(args, progress) -> int:
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .core.distributed import connect_from_environment
+    from .core.locks import experiment_lock
     from .db import get_engine, schema_ready
     from .runner import run_lookup
 
@@ -146,14 +147,18 @@ def _lookup(args, progress) -> int:
     cluster = connect_from_environment()
     try:
         schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
-        if config.query_fasta is not None:  # a FASTA query file: embedded first (cached), then read as HDF5
-            from .query_fasta import ensure_query_embeddings
+        # the embedded queries are written into experiment_path too: one run there at a time, from here
+        with experiment_lock(config.experiment_path):
+            if (
+                config.query_fasta is not None
+            ):  # a FASTA query file: embedded first (cached), then read as HDF5
+                from .query_fasta import ensure_query_embeddings
 
-            embedded = ensure_query_embeddings(config, get_engine(), progress)
-            progress.end_line()
-            for line in embedded.lines:
-                print(line)
-        result = run_lookup(config, progress=progress, cluster=cluster)
+                embedded = ensure_query_embeddings(config, get_engine(), progress)
+                progress.end_line()
+                for line in embedded.lines:
+                    print(line)
+            result = run_lookup(config, progress=progress, cluster=cluster)
     finally:
         if cluster is not None:
             cluster.close()
@@ -197,16 +202,47 @@ def report_lines(result) -> list[str]:
     return lines
 
 
+def demo_environment() -> None:
+    """What `make demo` sets, for a `demo` run by hand from any folder.
+
+    Without DAGSTER_HOME, the instance is `.dagster_home` in the working directory (the
+    Makefile's), with the repository's dagster.yaml when it has none. Without FANTASIA_CONFIG,
+    the sample configuration is read from the package (not from a relative data/ path), its
+    query file made absolute; outputs still go under the working directory.
+    """
+    import shutil
+
+    import yaml
+
+    from .core.exports import write_bytes_atomic
+    from .paths import fantasia_home, state_folder
+    from .sample import DATA_DIR, SAMPLE_FASTA_CONFIG
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = state_folder(Path(".dagster_home").resolve(), "DAGSTER_HOME")
+        instance_yaml = DATA_DIR.parent / "dagster.yaml"
+        if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
+            shutil.copyfile(instance_yaml, home / "dagster.yaml")
+        os.environ["DAGSTER_HOME"] = str(home)
+        print(f"DAGSTER_HOME is not set: using {home}")
+    if not os.environ.get("FANTASIA_CONFIG"):
+        raw = yaml.safe_load(SAMPLE_FASTA_CONFIG.read_text(encoding="utf-8"))
+        raw["embeddings_path"] = str((DATA_DIR.parent / raw["embeddings_path"]).resolve())
+        config = state_folder(fantasia_home() / "demo", "the demo folder") / "config.yaml"
+        write_bytes_atomic(config, yaml.safe_dump(raw, sort_keys=False).encode())
+        os.environ["FANTASIA_CONFIG"] = str(config)
+
+
 def _demo(args, progress) -> int:
     import dagster as dg
 
     from .config import load_config
     from .db import get_engine, redacted
     from .defs.demo import materialize_everything
-    from .sample import SAMPLE_FASTA_CONFIG, load_sample
+    from .sample import load_sample
 
     # the demo starts from the sample proteome FASTA; the resources read the variable when defined
-    os.environ.setdefault("FANTASIA_CONFIG", str(SAMPLE_FASTA_CONFIG))
+    demo_environment()
     config = load_config(os.environ["FANTASIA_CONFIG"])
     if config.query_fasta is not None:
         for line in demo_embedding_lines(config):

@@ -11,6 +11,28 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from fantasia_assets.errors import FantasiaError
+
+
+class StateFolderError(FantasiaError, OSError):
+    """A folder of the platform's state is not usable (a file in its place, say)."""
+
+
+def state_folder(path: Path, what: str) -> Path:
+    """Create the folder `path` (and its parents) or say in one line why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise StateFolderError(
+            f"{what} {path} cannot be a folder: {blocker} is a file; move it away, or set FANTASIA_HOME "
+            "to another folder"
+        ) from None
+    except PermissionError:
+        raise StateFolderError(f"{what} {path}: permission denied creating it") from None
+    return path
+
+
 log = logging.getLogger(__name__)
 
 # Temporaries are named `{host}~{pid}~{random}{suffix}`, so a later process can tell whether
@@ -24,16 +46,12 @@ def _home_path() -> Path:
 
 def fantasia_home() -> Path:
     """The state directory (embedded database, caches), created on first use."""
-    home = _home_path()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    return state_folder(_home_path(), "FANTASIA_HOME")
 
 
 def cache_dir(kind: str) -> Path:
     """A cache folder under `$FANTASIA_HOME/cache/<kind>`."""
-    path = fantasia_home() / "cache" / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return state_folder(fantasia_home() / "cache" / kind, "the cache folder")
 
 
 def temp_dir() -> Path:
@@ -42,9 +60,7 @@ def temp_dir() -> Path:
     A process killed before removing its scratch files leaves them here, where
     `clear_stale_temporaries` (run when a command starts) removes them.
     """
-    path = fantasia_home() / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return state_folder(fantasia_home() / "tmp", "the scratch folder")
 
 
 @contextlib.contextmanager

@@ -8,28 +8,29 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import polars as pl
 from sqlalchemy.engine import Engine
 
 from .config import LookupConfig
 from .core import aggregate, exports, lineage, writers
 from .core.device import resolve_device
-from .core.distributed import BlockSettings, DaskSearch, MatrixFile
+from .core.distributed import DaskSearch, cluster_search
 from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
 from .core.layout import partition_paths as _partition_paths
+from .core.locks import experiment_lock
 from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
-from .core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
+from .core.references import ReferenceScope, ReferenceSetError
 from .core.scoring import run_predictions
-from .core.stages import AlignmentCache, BatchSearch, RawRowSettings, SearchOutcome, SearchSettings
+from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
@@ -37,9 +38,12 @@ from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
 from .core.timing import timed
 from .db.engine import get_engine
-from .db.reads import NEVER_LOADED, fetch_reference_sequences, model_types
+from .db.loader import reference_snapshot
+from .db.reads import NEVER_LOADED, fetch_reference_sequences, layers_with_rows, model_types
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .paths import cache_dir, temporary_file
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # configuration → plain values
@@ -139,40 +143,14 @@ def search_partition(
     settings = search_settings(config, device)
     batch_search = None
     if cluster is not None:
-        batch_search = cluster_search(cluster, config, partition, store.shared_file(matrix), matrix, settings)
+        batch_search = cluster_search(
+            cluster, partition, store.shared_file(matrix), matrix, settings, config.use_gpu
+        )
     outcome = _search_partition(
         queries, partition, matrix, settings, clusters, progress, timings, batch_search
     )
     outcome.matrix_source = store.last_source
     return outcome
-
-
-def cluster_search(
-    cluster: DaskSearch,
-    config: LookupConfig,
-    partition: Partition,
-    matrix_file: Path,
-    matrix: ReferenceMatrix,
-    settings: SearchSettings,
-) -> BatchSearch:
-    """The partition's batches searched in blocks on the cluster (`core.distributed`)."""
-    where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim)
-
-    def search(vectors: np.ndarray, exclude, batch: int):
-        block = BlockSettings(
-            metric=settings.metric,
-            backend=settings.backend,
-            use_gpu=config.use_gpu,
-            k=settings.limit_per_entry,
-            threshold=partition.model.distance_threshold,
-            tie_expansion=settings.tie_expansion,
-            batch=batch,
-            engine_budget=0,  # set by the block plan
-            screening=settings.screening,
-        )
-        return cluster.search(where, block, vectors, exclude, partition.key)
-
-    return search
 
 
 def build_raw_rows(
@@ -208,7 +186,8 @@ def partition_paths(config: LookupConfig, partition: Partition) -> dict[str, Pat
 
 
 def write_hits(config: LookupConfig, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
-    return writers.write_hits(config.experiment_path, partition, outcome)
+    with experiment_lock(config.experiment_path):
+        return writers.write_hits(config.experiment_path, partition, outcome)
 
 
 def read_hits(config: LookupConfig, partition: Partition) -> pl.DataFrame:
@@ -223,20 +202,22 @@ def shard_file_names(config: LookupConfig, queries: QuerySet) -> dict[str, str]:
 def write_raw(
     config: LookupConfig, partition: Partition, raw: pl.DataFrame, queries: QuerySet
 ) -> dict[str, Path]:
-    return writers.write_raw(
-        config.experiment_path,
-        partition,
-        raw,
-        shard_file_names(config, queries),
-        config.precision,
-        config.fantasia_compat,
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_raw(
+            config.experiment_path,
+            partition,
+            raw,
+            shard_file_names(config, queries),
+            config.precision,
+            config.fantasia_compat,
+        )
 
 
 def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> list[Path]:
-    return writers.write_partition_topgo(
-        config.experiment_path, partition, raw, config.precision, config.fantasia_compat
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_partition_topgo(
+            config.experiment_path, partition, raw, config.precision, config.fantasia_compat
+        )
 
 
 def partition_topgo_tables(config: LookupConfig, raw: pl.DataFrame) -> dict[str, pl.DataFrame]:
@@ -260,7 +241,7 @@ def open_raw_rows(config: LookupConfig, partitions: list[Partition]) -> Iterator
 
 
 def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
-    with temporary_file("-duckdb") as spill:
+    with experiment_lock(config.experiment_path), temporary_file("-duckdb") as spill:
         return writers.write_summary(
             config.experiment_path,
             partitions,
@@ -273,7 +254,7 @@ def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregat
 
 
 def write_ensemble(config: LookupConfig, partitions: list[Partition]) -> list[Path]:
-    with temporary_file("-duckdb") as spill:
+    with experiment_lock(config.experiment_path), temporary_file("-duckdb") as spill:
         return writers.write_ensemble(config.experiment_path, partitions, config.precision, spill)
 
 
@@ -290,15 +271,17 @@ def write_sequences(
     sequences: SequenceCache | None = None,
 ) -> tuple[Path, Path]:
     references = reference_sequences_of(raw, sequences or SequenceCache(engine))
-    return writers.write_sequences(config.experiment_path, queries, references, config.precision)
+    with experiment_lock(config.experiment_path):
+        return writers.write_sequences(config.experiment_path, queries, references, config.precision)
 
 
 def write_run_records(
     config: LookupConfig, queries: QuerySet, partitions: list[Partition]
 ) -> dict[str, Path]:
-    return writers.write_run_records(
-        config.experiment_path, queries, partitions, shard_file_names(config, queries)
-    )
+    with experiment_lock(config.experiment_path):
+        return writers.write_run_records(
+            config.experiment_path, queries, partitions, shard_file_names(config, queries)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +309,18 @@ class LookupResult:
     timings: dict[str, float]
 
 
+def _with_references(partitions: list[Partition], engine: Engine) -> list[Partition]:
+    """The partitions whose (model, layer) has reference embeddings; the others skipped, with a warning."""
+    loaded = layers_with_rows(engine, [(p.type_id, p.layer) for p in partitions])
+    for p in partitions:
+        if (p.type_id, p.layer) not in loaded:
+            log.warning(
+                "%s: no reference embeddings are loaded for model %s (type_%d), layer %s; skipped",
+                p.key, p.model.name, p.type_id, "legacy" if p.layer is None else p.layer,
+            )  # fmt: skip
+    return [p for p in partitions if (p.type_id, p.layer) in loaded]
+
+
 def run_lookup(
     config: LookupConfig,
     engine: Engine | None = None,
@@ -338,13 +333,21 @@ def run_lookup(
     (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
     """
     engine = engine or get_engine()
+    # one run per experiment_path at a time; one committed reference set for the whole run
+    with experiment_lock(config.experiment_path), reference_snapshot(engine):
+        return _run_lookup(config, engine, progress, cluster)
+
+
+def _run_lookup(
+    config: LookupConfig, engine: Engine, progress: Progress, cluster: DaskSearch | None
+) -> LookupResult:
     timings: dict[str, float] = {}
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
     types = model_types(engine)
     if not types:  # the tables exist (migrated on first use), but nothing was loaded
         raise ReferenceSetError(NEVER_LOADED)
-    partitions = plan_partitions(config, queries, types)
+    partitions = _with_references(plan_partitions(config, queries, types), engine)
     if not partitions:
         raise LookupPlanError(
             f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "

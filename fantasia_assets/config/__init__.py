@@ -29,16 +29,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fantasia_assets.errors import FantasiaError
-
 from ..core.scoring import ScoringSettings
 from ..core.summary import SummarySpec
 from ..core.taxonomy import TaxonomyFilter
+from .reading import ConfigError, read_yaml
 from .schema import ConfigFile, error_message
-
-
-class ConfigError(FantasiaError, ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -223,9 +218,7 @@ def load_config(path: str | Path) -> LookupConfig:
     """Read and validate a YAML configuration file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such configuration file") from exc
+        raw = read_yaml(path)  # encoding, size and alias expansion checked there
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if raw is None:

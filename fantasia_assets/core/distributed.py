@@ -27,11 +27,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fantasia_assets import __version__
 from fantasia_assets.errors import FantasiaError
+
+if TYPE_CHECKING:  # stages imports this module: these are for annotations only
+    from .plan import Partition
+    from .references import ReferenceMatrix
+    from .stages import BatchSearch, SearchSettings
 
 log = logging.getLogger(__name__)
 
@@ -403,3 +409,31 @@ class DaskSearch:
             raise ClusterError(f"lost the Dask scheduler at {self.address} during {label}: {exc}") from None
         finally:
             self.client.cancel([f for f in futures if not f.done()])
+
+
+def cluster_search(
+    cluster: DaskSearch,
+    partition: Partition,
+    matrix_file: Path,
+    matrix: ReferenceMatrix,
+    settings: SearchSettings,
+    use_gpu: bool,
+) -> BatchSearch:
+    """The partition's batches searched in blocks on the cluster ."""
+    where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim)
+
+    def search(vectors: np.ndarray, exclude, batch: int):
+        block = BlockSettings(
+            metric=settings.metric,
+            backend=settings.backend,
+            use_gpu=use_gpu,
+            k=settings.limit_per_entry,
+            threshold=partition.model.distance_threshold,
+            tie_expansion=settings.tie_expansion,
+            batch=batch,
+            engine_budget=0,  # set by the block plan
+            screening=settings.screening,
+        )
+        return cluster.search(where, block, vectors, exclude, partition.key)
+
+    return search

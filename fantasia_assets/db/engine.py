@@ -26,6 +26,7 @@ from .embedded import embedded_server
 
 ENV_URL = "FANTASIA_DATABASE_URL"
 EMBEDDED_DATABASE = "fantasia"
+_CREATE_LOCK = "fantasia_assets.create_database"
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -156,11 +157,17 @@ def embedded_url(database: str = EMBEDDED_DATABASE) -> URL:
     admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            exists = conn.execute(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": database}
-            ).scalar()
-            if not exists:
-                conn.execute(sa.text(f'CREATE DATABASE "{_identifier(database)}"'))
+            # commands started together on a fresh home would both see no database and both
+            # create it (the loser failing on pg_database's unique name): one at a time
+            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": _CREATE_LOCK})
+            try:
+                exists = conn.execute(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": database}
+                ).scalar()
+                if not exists:
+                    conn.execute(sa.text(f'CREATE DATABASE "{_identifier(database)}"'))
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": _CREATE_LOCK})
     finally:
         admin.dispose()
     return base.set(database=database)

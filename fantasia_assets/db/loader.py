@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -22,7 +24,7 @@ from ..core.progress import Progress, no_progress
 from ..core.queries import EmbeddingFileError, scan
 from ..core.timing import timed
 from . import merge
-from .engine import translate_errors
+from .engine import DRIVER_ERRORS, translate_errors
 from .load_report import Annotations, Change, LoadError, LoadReport
 from .migrate import schema_ready
 from .reload import check_changed_proteins
@@ -39,7 +41,7 @@ _log = logging.getLogger(__name__)
 
 LOAD_LOCK = "fantasia_assets.load_references"
 # what callers import from here
-__all__ = ["LOAD_LOCK", "Change", "LoadError", "LoadReport", "load_references"]
+__all__ = ["LOAD_LOCK", "Change", "LoadError", "LoadReport", "load_references", "reference_snapshot"]
 
 
 def _md5(text: str) -> str:
@@ -128,12 +130,54 @@ def _take_load_lock(cursor, report: LoadReport) -> None:
     if cursor.fetchone()[0]:
         return
     _log.warning(
-        "another load-references is writing to this database%s; waiting for it to finish",
+        "another load-references is writing to this database, or a lookup is reading it%s; "
+        "waiting for it to finish",
         _lock_holder(cursor),
     )
     with timed(report.timings, "wait for other load"):
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (LOAD_LOCK,))
     _log.info("the other load-references finished; loading now")
+
+
+@translate_errors
+def _snapshot_connection(engine: Engine):
+    """A connection of its own holding the load lock shared (waiting, and saying so, for a load)."""
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    cursor = conn.connection.driver_connection.cursor()
+    cursor.execute(
+        "SELECT set_config('application_name', %s, false)",
+        (f"fantasia-assets lookup, pid {os.getpid()} on {socket.gethostname()}"[:63],),
+    )
+    cursor.execute("SELECT pg_try_advisory_lock_shared(hashtext(%s))", (LOAD_LOCK,))
+    if not cursor.fetchone()[0]:
+        _log.warning(
+            "load-references is writing to this database%s; the lookup waits for it to commit, "
+            "so that it reads one consistent reference set",
+            _lock_holder(cursor),
+        )
+        cursor.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", (LOAD_LOCK,))
+    return conn
+
+
+@contextmanager
+def reference_snapshot(engine: Engine) -> Iterator[None]:
+    """Read one committed reference set for the block: the load lock, held shared.
+
+    A lookup reads matrices, annotations and sequences in many queries; a load committing in
+    between would mix two reference sets. Holding the load lock shared makes loads wait for the
+    lookup, and the lookup wait for a load in progress (both say so). Session-scoped, on a
+    connection of its own: it goes with that connection if this process dies.
+    """
+    with _snapshot_connection(engine) as conn:
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            yield
+        finally:
+            try:
+                cursor.execute("SELECT pg_advisory_unlock_shared(hashtext(%s))", (LOAD_LOCK,))
+                cursor.execute("SELECT set_config('application_name', '', false)")
+            except DRIVER_ERRORS:
+                conn.invalidate()  # a pooled connection must never keep the lock
 
 
 @translate_errors

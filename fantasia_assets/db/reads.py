@@ -69,6 +69,25 @@ def model_types(engine: Engine) -> dict[str, int]:
     return {name: int(type_id) for name, type_id in rows}
 
 
+@translate_errors
+def layers_with_rows(engine: Engine, wanted: list[tuple[int, int | None]]) -> set[tuple[int, int | None]]:
+    """Which of the (type id, layer) pairs have at least one reference embedding loaded."""
+    found = set()
+    with engine.connect() as conn:
+        for type_id, layer in wanted:
+            stored = LEGACY_LAYER_INDEX if layer is None else layer
+            row = conn.execute(
+                sa.text(
+                    "SELECT 1 FROM sequence_embeddings "
+                    "WHERE embedding_type_id = :type_id AND layer_index = :layer LIMIT 1"
+                ),
+                {"type_id": type_id, "layer": stored},
+            ).first()
+            if row is not None:
+                found.add((type_id, layer))
+    return found
+
+
 def _protein_filter(scope: ReferenceScope, alias: str) -> tuple[sql.Composable, dict]:
     """SQL condition on protein `alias` for the taxonomy filter; values are bound, never inlined."""
     parts: list[sql.Composable] = [sql.SQL("true")]

@@ -1,0 +1,76 @@
+"""An exclusive lock per experiment_path, so that two runs never write into one folder at once.
+
+The lock is a `flock` on the experiment_path folder itself: no lock file is left behind, it is
+shared by every process that opens the folder (whatever its `FANTASIA_HOME`), and the kernel
+drops it with the process, SIGKILL included. A run that finds the folder taken logs a warning
+naming it and waits its turn. Re-entrant within a thread (the CLI run holds it while its
+writers take it again); two threads of one process exclude each other like two processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import exports
+
+log = logging.getLogger(__name__)
+
+_held: dict[tuple[str, int], int] = {}  # (folder, thread) → depth
+_held_lock = threading.Lock()
+
+
+def _probe(folder: Path) -> None:
+    """Fail now, not after the search, when nothing can be written into `folder`.
+
+    Probes of processes killed between creating and removing theirs are removed first.
+    """
+    for stale in folder.glob(".probe.*.tmp"):
+        pid = stale.name[len(".probe.") :].split("-", 1)[0]
+        if pid.isdigit() and not exports.pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    probe = exports.tmp_sibling(folder / "probe", "tmp")
+    probe.touch()
+    probe.unlink()
+
+
+@contextmanager
+def experiment_lock(experiment_path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `experiment_path` (created when missing) for the block.
+
+    A folder that cannot be created or written into is an `OutputWriteError` at once.
+    """
+    folder = Path(experiment_path)
+    exports.writing(folder, lambda: folder.mkdir(parents=True, exist_ok=True))
+    key = (str(folder.resolve()), threading.get_ident())
+    with _held_lock:
+        depth = _held.get(key, 0)
+        _held[key] = depth + 1
+    if depth:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
+    fd = None
+    try:
+        exports.writing(folder, lambda: _probe(folder))
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another run is writing into %s; waiting for it to finish", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.warning("the other run into %s finished; continuing", folder)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+        with _held_lock:
+            del _held[key]

@@ -1,0 +1,116 @@
+"""Paths and state a user gets wrong: config files, FANTASIA_HOME and its folders, the demo's setup.
+
+Each case runs the CLI in-process (`cli.main`) and expects one line `error: ...` and exit 2, or
+the documented fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fantasia_assets import cli
+from fantasia_assets.config import load_config
+from fantasia_assets_tests.hardening.helpers import config_dict, write_config
+
+
+def _fails(argv: list[str], capsys) -> str:
+    """Run the CLI; it must exit 2 with one `error:` line and no traceback; returns that line."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_config_path_that_is_a_folder__one_line_error_exit_2(tmp_path, capsys):
+    err = _fails(["lookup", "--config", str(tmp_path)], capsys)
+    assert str(tmp_path) in err and "is a folder" in err
+
+
+def test_config_in_latin1__one_line_error_naming_the_byte(tmp_path, capsys):
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "out"))
+    config.write_bytes(config.read_bytes() + "# café\n".encode("latin-1"))
+    err = _fails(["lookup", "--config", str(config)], capsys)
+    assert "not UTF-8 text (byte 0xe9" in err and "save the file as UTF-8" in err
+
+
+def test_config_in_utf16__read_as_the_same_config_in_utf8(tmp_path):
+    raw = config_dict(tmp_path / "out")
+    utf8 = write_config(tmp_path / "utf8.yaml", raw)
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(utf8.read_text(encoding="utf-8").encode("utf-16"))  # with its BOM
+    assert load_config(utf16) == load_config(utf8)
+
+
+def test_config_of_nested_aliases_billion_laughs__refused_at_once(tmp_path, capsys):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 9):
+        previous = chr(ord("a") + level - 1)
+        lines.append(f"{chr(ord('a') + level)}: &{chr(ord('a') + level)} [{','.join(['*' + previous] * 9)}]")
+    config = tmp_path / "laughs.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    err = _fails(["lookup", "--config", str(config)], capsys)
+    assert time.monotonic() - started < 10
+    assert "once YAML aliases are expanded" in err
+
+
+def test_config_file_of_several_megabytes__refused_before_parsing(tmp_path, capsys):
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "out"))
+    config.write_text(config.read_text() + "# " + "x" * (2 << 20) + "\n")
+    assert "a configuration file is at most" in _fails(["lookup", "--config", str(config)], capsys)
+
+
+@pytest.mark.parametrize("blocked", ["", "pg"])
+def test_fantasia_home_or_its_pg_folder_being_a_file__one_line_error(blocked, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    if blocked:
+        home.mkdir()
+    (home / blocked).write_text("not a folder")
+    monkeypatch.setenv("FANTASIA_HOME", str(home))
+    monkeypatch.delenv("FANTASIA_DATABASE_URL", raising=False)
+    assert f"{home / blocked} is a file" in _fails(["db", "current"], capsys)
+
+
+def test_cache_folder_being_a_file__one_line_error(database_url, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "cache").write_text("not a folder")
+    monkeypatch.setenv("FANTASIA_HOME", str(home))
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "out"))
+    assert f"{home / 'cache'} is a file" in _fails(["lookup", "--config", str(config)], capsys)
+
+
+def test_corrupt_pg_version__one_line_error_and_no_server_started(tmp_path, monkeypatch, capsys):
+    pgdata = tmp_path / "home" / "pg"
+    pgdata.mkdir(parents=True)
+    (pgdata / "PG_VERSION").write_text("garbage\n")
+    monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FANTASIA_DATABASE_URL", raising=False)
+    err = _fails(["db", "current"], capsys)
+    assert "PG_VERSION is corrupt ('garbage'" in err and "move it away" in err
+    assert sorted(p.name for p in pgdata.iterdir()) == ["PG_VERSION"]
+
+
+def test_demo_without_dagster_home_outside_the_repository__makefile_defaults_and_packaged_sample(
+    tmp_path, monkeypatch, capsys
+):
+    import dagster as dg
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("FANTASIA_CONFIG", raising=False)
+    monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
+    cli.demo_environment()
+    assert os.environ["DAGSTER_HOME"] == str(tmp_path / ".dagster_home")
+    assert "DAGSTER_HOME is not set" in capsys.readouterr().out
+    with dg.DagsterInstance.get() as instance:
+        assert Path(instance.root_directory) == tmp_path / ".dagster_home"
+    config = load_config(os.environ["FANTASIA_CONFIG"])
+    assert (config.query_fasta or config.embeddings_path).is_file()
+    assert config.experiment_path == tmp_path / "experiments" / "sample"
+    assert yaml.safe_load(Path(os.environ["FANTASIA_CONFIG"]).read_text())["embeddings_path"].startswith("/")
