@@ -16,9 +16,11 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fantasia_assets.config import ConfigError, load_config
 from fantasia_assets.core.queries import EmbeddingFileError, scan
 from fantasia_assets.core.sequences import clean
 from fantasia_assets.db.sources import InputFileError, Ontology, read_fasta, read_gaf, read_obo
@@ -298,3 +300,67 @@ def test_hdf5_with_damaged_bytes__a_result_or_a_clear_error(tmp_path, small_hdf5
     for where, value in damage:
         data[int(where * len(data))] = value
     _check_catalogue(_write(tmp_path / "queries.h5", bytes(data), False))
+
+
+# ---------------------------------------------------------------------------------------------
+# the configuration file
+
+_SAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "data" / "config.yaml"
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _check_config(path: Path) -> None:
+    try:
+        config = load_config(path)
+    except FantasiaError as error:
+        _expect_clear(error, path)
+        assert isinstance(error, ConfigError)
+        return
+    assert config.enabled_models() is not None and config.precision >= 0
+
+
+@st.composite
+def _config_mutations(draw) -> dict:
+    """The sample configuration with a few keys removed, replaced by any YAML value, or added."""
+    config = yaml.safe_load(_SAMPLE_CONFIG.read_text())
+    for _ in range(draw(st.integers(1, 3))):
+        node, path = config, []
+        while isinstance(node, dict) and node and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(node, key=str)))
+            path.append(key)
+            if not isinstance(node[key], dict):
+                break
+            node = node[key]
+        parent = config
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "remove", "add"]))
+        if action == "add" or not path:
+            parent[draw(st.text(max_size=8))] = draw(_VALUES)
+        elif action == "remove":
+            parent.pop(path[-1], None)
+        else:
+            parent[path[-1]] = draw(_VALUES)
+    return config
+
+
+@PROPERTY
+@given(data=st.binary(max_size=600))
+def test_arbitrary_bytes_as_configuration__a_result_or_a_clear_error(tmp_path, data):
+    _check_config(_write(tmp_path / "config.yaml", data, False))
+
+
+@PROPERTY
+@given(config=_config_mutations())
+def test_configuration_with_structured_mutations__a_result_or_a_clear_error(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    _check_config(path)
