@@ -241,9 +241,15 @@ def open_raw_rows(config: LookupConfig, partitions: list[Partition]) -> Iterator
 
 
 def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
-    with experiment_lock(config.experiment_path), temporary_file("-duckdb") as spill:
+    with experiment_lock(config.experiment_path):
+        return _summary_into(config.experiment_path, config, partitions)
+
+
+def _summary_into(root: Path, config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
+    """summary.csv under `root` (experiment_path or a run's staging), DuckDB spilling to scratch."""
+    with temporary_file("-duckdb") as spill:
         return writers.write_summary(
-            config.experiment_path,
+            root,
             partitions,
             config.summary,
             config.limit_per_entry,
@@ -405,16 +411,8 @@ def _run_lookup(
                 )
             )
         raw_all = pl.concat(raw_frames)
-        with timed(timings, "summary"), temporary_file("-duckdb") as spill:
-            summary = writers.write_summary(
-                root,
-                partitions,
-                config.summary,
-                config.limit_per_entry,
-                config.precision,
-                spill,
-                config.fantasia_compat,
-            )
+        with timed(timings, "summary"):
+            summary = _summary_into(root, config, partitions)
         if config.topgo:
             with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
                 writers.write_ensemble(root, partitions, config.precision, spill)
