@@ -327,6 +327,14 @@ def _with_references(partitions: list[Partition], engine: Engine) -> list[Partit
     return [p for p in partitions if (p.type_id, p.layer) in loaded]
 
 
+def require_references(engine: Engine) -> dict[str, int]:
+    """Model name → type id of the reference database; `ReferenceSetError` when nothing was loaded."""
+    types = model_types(engine)
+    if not types:  # the tables exist (migrated on first use), but nothing was loaded
+        raise ReferenceSetError(NEVER_LOADED)
+    return types
+
+
 def run_lookup(
     config: LookupConfig,
     engine: Engine | None = None,
@@ -339,6 +347,7 @@ def run_lookup(
     (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
     """
     engine = engine or get_engine()
+    require_references(engine)  # before the lock creates experiment_path: a refused run leaves nothing
     # one run per experiment_path at a time; one committed reference set for the whole run
     with experiment_lock(config.experiment_path), reference_snapshot(engine):
         return _run_lookup(config, engine, progress, cluster)
@@ -350,9 +359,7 @@ def _run_lookup(
     timings: dict[str, float] = {}
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
-    types = model_types(engine)
-    if not types:  # the tables exist (migrated on first use), but nothing was loaded
-        raise ReferenceSetError(NEVER_LOADED)
+    types = require_references(engine)
     partitions = _with_references(plan_partitions(config, queries, types), engine)
     if not partitions:
         raise LookupPlanError(
