@@ -186,7 +186,7 @@ def partition_paths(config: LookupConfig, partition: Partition) -> dict[str, Pat
 
 
 def write_hits(config: LookupConfig, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
-    with experiment_lock(config.experiment_path):
+    with experiment_lock(config.experiment_path, probe=False):
         return writers.write_hits(config.experiment_path, partition, outcome)
 
 
@@ -202,7 +202,7 @@ def shard_file_names(config: LookupConfig, queries: QuerySet) -> dict[str, str]:
 def write_raw(
     config: LookupConfig, partition: Partition, raw: pl.DataFrame, queries: QuerySet
 ) -> dict[str, Path]:
-    with experiment_lock(config.experiment_path):
+    with experiment_lock(config.experiment_path, probe=False):
         return writers.write_raw(
             config.experiment_path,
             partition,
@@ -214,7 +214,7 @@ def write_raw(
 
 
 def write_partition_topgo(config: LookupConfig, partition: Partition, raw: pl.DataFrame) -> list[Path]:
-    with experiment_lock(config.experiment_path):
+    with experiment_lock(config.experiment_path, probe=False):
         return writers.write_partition_topgo(
             config.experiment_path, partition, raw, config.precision, config.fantasia_compat
         )
@@ -241,7 +241,7 @@ def open_raw_rows(config: LookupConfig, partitions: list[Partition]) -> Iterator
 
 
 def write_summary(config: LookupConfig, partitions: list[Partition]) -> aggregate.SummaryFile:
-    with experiment_lock(config.experiment_path):
+    with experiment_lock(config.experiment_path, probe=False):
         return _summary_into(config.experiment_path, config, partitions)
 
 
@@ -260,7 +260,7 @@ def _summary_into(root: Path, config: LookupConfig, partitions: list[Partition])
 
 
 def write_ensemble(config: LookupConfig, partitions: list[Partition]) -> list[Path]:
-    with experiment_lock(config.experiment_path), temporary_file("-duckdb") as spill:
+    with experiment_lock(config.experiment_path, probe=False), temporary_file("-duckdb") as spill:
         return writers.write_ensemble(config.experiment_path, partitions, config.precision, spill)
 
 
@@ -277,14 +277,14 @@ def write_sequences(
     sequences: SequenceCache | None = None,
 ) -> tuple[Path, Path]:
     references = reference_sequences_of(raw, sequences or SequenceCache(engine))
-    with experiment_lock(config.experiment_path):
+    with experiment_lock(config.experiment_path, probe=False):
         return writers.write_sequences(config.experiment_path, queries, references, config.precision)
 
 
 def write_run_records(
     config: LookupConfig, queries: QuerySet, partitions: list[Partition]
 ) -> dict[str, Path]:
-    with experiment_lock(config.experiment_path):
+    with experiment_lock(config.experiment_path, probe=False):
         return writers.write_run_records(
             config.experiment_path, queries, partitions, shard_file_names(config, queries)
         )

@@ -40,10 +40,12 @@ def _probe(folder: Path) -> None:
 
 
 @contextmanager
-def experiment_lock(experiment_path: Path) -> Iterator[None]:
+def experiment_lock(experiment_path: Path, probe: bool = True) -> Iterator[None]:
     """Hold the exclusive lock of `experiment_path` (created when missing) for the block.
 
-    A folder that cannot be created or written into is an `OutputWriteError` at once.
+    With `probe`, a folder that cannot be written into is an `OutputWriteError` at once (a whole
+    run, before its search); one output's writer needs no probe: its own write says so, and a
+    probe file would be a write outside the folders it owns.
     """
     folder = Path(experiment_path)
     exports.writing(folder, lambda: folder.mkdir(parents=True, exist_ok=True))
@@ -60,7 +62,8 @@ def experiment_lock(experiment_path: Path) -> Iterator[None]:
         return
     fd = None
     try:
-        exports.writing(folder, lambda: _probe(folder))
+        if probe:
+            exports.writing(folder, lambda: _probe(folder))
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
