@@ -273,13 +273,14 @@ def test_browser_renders_asset_graph(dagster_dev):
     for flag in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1600,1000",
+        "--window-size=2560,1600",
     ):  # fmt: skip
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={dagster_dev.experiment.parent / 'chromium-profile'}")
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        # the lineage graph around neighbour_hits, six levels both ways: the whole graph, expanded
+        # the lineage graph around neighbour_hits, six levels both ways: the whole graph, expanded (the
+        # window is wide enough for the UI to draw full nodes, whose labels are not truncated)
         browser.get(
             f"{dagster_dev.url}/assets/neighbour_hits?view=lineage&lineageScope=neighbors&lineageDepth=6"
         )
