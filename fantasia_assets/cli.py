@@ -141,13 +141,12 @@ def _lookup(args, progress) -> int:
     from .core.distributed import connect_from_environment
     from .core.locks import experiment_lock
     from .db import get_engine, schema_ready
-    from .runner import require_references, run_lookup
+    from .runner import run_lookup
 
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:
         schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
-        require_references(get_engine())  # nothing loaded: say so before experiment_path is made
         # the embedded queries are written into experiment_path too: one run there at a time, from here
         with experiment_lock(config.experiment_path):
             if (

@@ -347,7 +347,6 @@ def run_lookup(
     (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
     """
     engine = engine or get_engine()
-    require_references(engine)  # before the lock creates experiment_path: a refused run leaves nothing
     # one run per experiment_path at a time; one committed reference set for the whole run
     with experiment_lock(config.experiment_path), reference_snapshot(engine):
         return _run_lookup(config, engine, progress, cluster)

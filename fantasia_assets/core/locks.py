@@ -9,6 +9,7 @@ writers take it again); two threads of one process exclude each other like two p
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -39,6 +40,14 @@ def _probe(folder: Path) -> None:
     probe.unlink()
 
 
+def _same_folder(fd: int, folder: Path) -> bool:
+    """Whether the locked descriptor is still the folder at `folder` (not one removed meanwhile)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(folder))
+    except FileNotFoundError:
+        return False
+
+
 @contextmanager
 def experiment_lock(experiment_path: Path, probe: bool = True) -> Iterator[None]:
     """Hold the exclusive lock of `experiment_path` (created when missing) for the block.
@@ -48,6 +57,7 @@ def experiment_lock(experiment_path: Path, probe: bool = True) -> Iterator[None]
     probe file would be a write outside the folders it owns.
     """
     folder = Path(experiment_path)
+    created = not folder.exists()
     exports.writing(folder, lambda: folder.mkdir(parents=True, exist_ok=True))
     key = (str(folder.resolve()), threading.get_ident())
     with _held_lock:
@@ -64,16 +74,27 @@ def experiment_lock(experiment_path: Path, probe: bool = True) -> Iterator[None]
     try:
         if probe:
             exports.writing(folder, lambda: _probe(folder))
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another run is writing into %s; waiting for it to finish", folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            log.warning("the other run into %s finished; continuing", folder)
+        while True:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("another run is writing into %s; waiting for it to finish", folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                log.warning("the other run into %s finished; continuing", folder)
+            if _same_folder(fd, folder):
+                break
+            # the run before removed the folder it had made and left empty: make it again
+            os.close(fd)
+            fd = None
+            exports.writing(folder, lambda: folder.mkdir(parents=True, exist_ok=True))
         yield
     finally:
         if fd is not None:
+            if created:
+                # a run that made the folder and wrote nothing (refused early) leaves no trace
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # fails unless empty
             os.close(fd)  # releases the lock
         with _held_lock:
             del _held[key]
