@@ -79,7 +79,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from fantasia_assets import cli_science as cs
+    from fantasia_assets import science as cs
     from fantasia_assets.config import load_config
     from fantasia_assets.core import scorer
     from fantasia_assets.core.evaluation import evaluate, experiment_outputs, truth_table, write_evaluation

@@ -1,7 +1,6 @@
 """`fantasia-assets evaluate` and `train-scorer`: CAFA metrics of a lookup and the learned scorer.
 
-Input files are read here (GAF through the loader's own filter, the reference annotations from
-the database) and handed to `core.evaluation` / `core.scorer` as plain frames.
+Arguments and reports; the work itself is in `science.py`, shared with the science assets.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ import logging
 from pathlib import Path
 
 import polars as pl
+
+from .science import evaluate_experiment, train_scorer
 
 log = logging.getLogger(__name__)
 
@@ -76,58 +77,6 @@ def _ontology_path(args, config) -> Path:
     return path
 
 
-def read_truth(paths: list[Path], obo: Path, evidence: str | None) -> pl.DataFrame:
-    """(protein_id, go_id) kept by the loader's GAF filter; prints what was dropped."""
-    from .db.sources import DEFAULT_EVIDENCE, read_gaf, read_obo
-
-    codes = tuple(evidence.split(",")) if evidence else DEFAULT_EVIDENCE
-    gaf = read_gaf(paths, read_obo(obo), codes)
-    dropped = ", ".join(f"{n:,} {why}" for why, n in gaf.skipped.items() if n)
-    print(
-        f"truth: {gaf.kept.height:,} annotations of {gaf.kept['protein_id'].n_unique():,} proteins ({dropped} dropped)"
-    )
-    return gaf.kept.select("protein_id", "go_id")
-
-
-def query_accessions(experiment_path: Path) -> list[str]:
-    """The accessions of the lookup's queries, from query_index_mapping.csv."""
-    from .core.evaluation import EvaluationError
-
-    mapping = Path(experiment_path) / "query_index_mapping.csv"
-    if not mapping.exists():
-        raise EvaluationError(f"{mapping} not found: run the lookup first")
-    frame = pl.read_csv(mapping, infer_schema_length=0)
-    return frame["accessions"].str.split("|").explode().drop_nulls().unique().sort().to_list()
-
-
-def reference_annotations(engine=None) -> pl.DataFrame:
-    """(protein_id, go_id) of every reference protein in the database."""
-    from .db import get_engine
-    from .db.stores import AnnotationStore
-    from .paths import cache_dir
-
-    annotations, _ = AnnotationStore(engine or get_engine(), cache_dir("annotations")).get()
-    return annotations.select("protein_id", "go_id")
-
-
-def evaluate_experiment(
-    config, truth_paths: list[Path], obo: Path | None = None, evidence=None, out=None, roots=False
-):
-    """Evaluate a finished lookup; returns (Evaluation, written paths)."""
-    from .core.evaluation import evaluate, experiment_outputs, truth_table, write_evaluation
-    from .core.ontology import read_ontology
-
-    ontology = read_ontology(obo)
-    truth = truth_table(
-        read_truth(truth_paths, obo, evidence), query_accessions(config.experiment_path), str(truth_paths[0])
-    )
-    result = evaluate(
-        experiment_outputs(config.experiment_path), truth, ontology, reference_annotations(), roots=roots
-    )
-    paths = write_evaluation(out or config.experiment_path / "evaluation", result, config.precision)
-    return result, paths
-
-
 def metrics_table(metrics: pl.DataFrame) -> list[str]:
     """Fmax (Smin) per aspect, one line per output."""
     lines = [
@@ -175,69 +124,6 @@ def demo_evaluation(config) -> None:
     for line in metrics_table(result.metrics):
         print(line)
     print(f"  metrics: {paths['metrics']}, curves: {paths['plot']}")
-
-
-def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
-    """The lookup's raw rows of every enabled partition: from its Parquet files, or a fresh run."""
-    from .core.exports import model_dir_name
-
-    base = config.experiment_path / "parquet"
-    files = sorted(
-        f for m in config.enabled_models() for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
-    )
-    if rerun or not files:
-        from .runner import run_lookup
-
-        run_lookup(config)
-        files = sorted(
-            f
-            for m in config.enabled_models()
-            for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet")
-        )
-    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-
-
-def training_set(raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: pl.DataFrame):
-    """(features, labels, partitions, term statistics) of the candidates of truth proteins, in the
-    aspects where each has truth (CAFA scores a protein only in those)."""
-    from .core import scorer
-
-    terms = scorer.term_statistics(references, ontology)
-    frame, partitions = scorer.features(raw, ontology, terms)
-    mapped, _ = ontology.map_ids(truth, "truth")
-    aspects = (
-        mapped.join(
-            pl.DataFrame({"go_id": list(ontology.aspect), "aspect": list(ontology.aspect.values())}),
-            on="go_id",
-        )
-        .select("accession", "aspect")
-        .unique()
-    )
-    frame = frame.join(aspects, on=["accession", "aspect"], how="semi").sort("accession", "go_id")
-    return frame, scorer.labels(frame, truth, ontology), partitions, terms
-
-
-def train_scorer(
-    config, truth_paths: list[Path], obo: Path, out: Path, evidence=None, folds=5, rerun=False, engine=None
-):
-    """Fit and save the learned scorer on CFG's queries; returns (model, features, labels)."""
-    import hashlib
-
-    from .core import scorer
-    from .core.evaluation import truth_table
-    from .core.ontology import read_ontology
-
-    ontology = read_ontology(obo)
-    raw = lookup_rows(config, rerun)
-    truth = truth_table(
-        read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0])
-    )
-    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine))
-    hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in truth_paths}
-    hashes["features"] = scorer.frame_hash(frame)
-    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=folds)
-    scorer.save_scorer(out, model)
-    return model, frame, y
 
 
 def run_train(args, progress) -> int:

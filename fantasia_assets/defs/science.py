@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from .. import cli_science, runner
+from .. import runner, science
 from ..core.evaluation import EVALUATION_CODE_VERSION
 from ..core.scorer import SCORER_CODE_VERSION
 from ..core.scoring import PREDICTIONS_CODE_VERSION, run_predictions
@@ -86,7 +86,7 @@ def scoring_model(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     out = state.config.experiment_path / "scoring" / "model.pkl"
-    model, frame, y = cli_science.train_scorer(
+    model, frame, y = science.train_scorer(
         state.config, truth.paths(), _ontology(state), out, engine=state.engine
     )
     return dg.MaterializeResult(
@@ -114,7 +114,7 @@ def evaluation(
     settings: LookupSettings, database: ReferenceDatabase, truth: TruthAnnotations
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
-    result, paths = cli_science.evaluate_experiment(
+    result, paths = science.evaluate_experiment(
         state.config, truth.paths(), _ontology(state), engine=state.engine
     )
     image = base64.b64encode(paths["plot"].read_bytes()).decode()
