@@ -157,3 +157,22 @@ def test_sensor_requests_every_partition_when_queries_change(sample_loaded, tmp_
     after = evaluate_changes(LookupState.open(settings, ReferenceDatabase()), first.cursor, keys)
     assert sorted(r.partition_key for r in after.run_requests if r.partition_key) == sorted(keys)
     assert any(e.asset_key == dg.AssetKey("query_embeddings") for e in after.asset_events)
+
+
+def test_evaluation_asset_evaluates_every_output_of_a_finished_lookup(sample_loaded, settings):
+    from fantasia_assets.defs.science import TruthAnnotations, evaluation
+    from fantasia_assets.runner import run_lookup
+
+    config = settings.load()
+    run_lookup(config, sample_loaded)
+    truth = TruthAnnotations(gaf_paths=str(SAMPLE / "queries_truth.gaf.gz"))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [evaluation],
+            resources={"settings": settings, "database": ReferenceDatabase(), "truth": truth},
+            instance=instance,
+        )
+        assert result.success
+    metrics = (config.experiment_path / "evaluation" / "metrics.tsv").read_text().splitlines()
+    outputs = {line.split("\t")[0] for line in metrics[1:]}
+    assert {"predictions", "topgo_ensemble"} <= outputs, outputs
