@@ -419,7 +419,7 @@ def cluster_search(
     settings: SearchSettings,
     use_gpu: bool,
 ) -> BatchSearch:
-    """The partition's batches searched in blocks on the cluster ."""
+    """The partition's batches searched in blocks on the cluster."""
     where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim)
 
     def search(vectors: np.ndarray, exclude, batch: int):

@@ -6,14 +6,13 @@ files and caches, so each records in its metadata the fingerprint of what it con
 matrix, clusters, hits, raw rows); the checks of `checks.py` read what was written.
 """
 
-import time
-
 import dagster as dg
 import polars as pl
 
 from .. import runner
 from ..core import redundancy, stages
 from ..core.summary import TOPGO_CODE_VERSION
+from ..core.timing import timed
 from ..core.writers import OUTPUT_FORMAT_VERSION
 from ..db.stores import ANNOTATIONS_CODE_VERSION, MATRIX_CODE_VERSION, AnnotationStore
 from ..paths import cache_dir
@@ -48,11 +47,11 @@ def go_annotation_cache(
     lineage: LineageStore,
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
-    started = time.perf_counter()
-    first = next(iter(state.partitions.values()), None)
-    scope = runner.reference_scope(state.config, first) if first else None
-    annotations, version = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)
-    timings = {"fetch": time.perf_counter() - started}
+    timings: dict[str, float] = {}
+    with timed(timings, "fetch"):
+        first = next(iter(state.partitions.values()), None)
+        scope = runner.reference_scope(state.config, first) if first else None
+        annotations, version = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)
     by_category = dict(annotations.group_by("category").len().sort("category").iter_rows())
     record_lineage(context, lineage, state, {"annotations": annotations.height}, timings)
     return dg.MaterializeResult(
@@ -88,13 +87,13 @@ def mmseqs_clusters(
         return dg.MaterializeResult(
             metadata={"masking": "off (lookup.redundancy.identity is 0)"}, data_version=dg.DataVersion("off")
         )
-    started = time.perf_counter()
     binary = mmseqs.binary()
-    clusters = runner.redundancy_clusters(
-        state.config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs"),
-        log_progress(context.log), binary=binary,
-    )  # fmt: skip
-    timings = {"cluster": time.perf_counter() - started}
+    timings: dict[str, float] = {}
+    with timed(timings, "cluster"):
+        clusters = runner.redundancy_clusters(
+            state.config, state.queries, state.engine, list(state.partitions.values()), cache_dir("mmseqs"),
+            log_progress(context.log), binary=binary,
+        )  # fmt: skip
     counts = {"sequences": len(clusters or {}), "clusters": len(set((clusters or {}).values()))}
     record_lineage(context, lineage, state, counts, timings)
     version = clusters_version(clusters)
@@ -123,9 +122,9 @@ def reference_embeddings(
     state = LookupState.open(settings, database)
     partition = state.partition(context.partition_key)
     store = state.reference_store()
-    started = time.perf_counter()
-    matrix = store.get(runner.reference_scope(state.config, partition), log_progress(context.log))
-    timings = {"fetch": time.perf_counter() - started}
+    timings: dict[str, float] = {}
+    with timed(timings, "fetch"):
+        matrix = store.get(runner.reference_scope(state.config, partition), log_progress(context.log))
     version = record_lineage(context, lineage, state, {"references": len(matrix)}, timings, partition)
     return dg.MaterializeResult(
         metadata={
@@ -226,9 +225,8 @@ def raw_result_shards(
     raw = runner.build_raw_rows(
         config, state.queries, partition, hits, annotations, state.engine, timings=timings
     )
-    started = time.perf_counter()
-    runner.write_raw(config, partition, raw, state.queries)
-    timings["write"] = time.perf_counter() - started
+    with timed(timings, "write"):
+        runner.write_raw(config, partition, raw, state.queries)
     counts = {"rows": raw.height, "accessions": raw["accession"].n_unique()}
     version = record_lineage(context, lineage, state, counts, timings, partition)
     return dg.MaterializeResult(
@@ -268,12 +266,11 @@ def topgo_exports(
         return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
     source = runner.partition_paths(config, partition)["raw"]
     raw = pl.read_parquet(source)
-    started = time.perf_counter()
-    files = runner.write_partition_topgo(config, partition, raw)
+    timings: dict[str, float] = {}
+    with timed(timings, "write"):
+        files = runner.write_partition_topgo(config, partition, raw)
     lines = sum(len(f.read_bytes().splitlines()) for f in files)
-    record_lineage(
-        context, lineage, state, {"lines": lines}, {"write": time.perf_counter() - started}, partition
-    )
+    record_lineage(context, lineage, state, {"lines": lines}, timings, partition)
     return dg.MaterializeResult(
         metadata={
             "files": dg.MetadataValue.json([str(f) for f in files]),

@@ -1,13 +1,12 @@
 """Run-wide outputs over every materialised (model, layer): summary.csv and the TopGO ensemble."""
 
-import time
-
 import dagster as dg
 
 from .. import runner
 from ..core import aggregate
 from ..core.plan import Partition
 from ..core.summary import SUMMARY_CODE_VERSION, TOPGO_CODE_VERSION
+from ..core.timing import timed
 from ..core.writers import OUTPUT_FORMAT_VERSION
 from .lookup import raw_result_shards
 from .metadata import best_predictions, files_version
@@ -37,13 +36,13 @@ def lookup_summary(
 ) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     partitions = materialised(state)
-    started = time.perf_counter()
-    summary = runner.write_summary(state.config, partitions)
-    with runner.open_raw_rows(state.config, partitions) as rows:
-        references, top = aggregate.reference_ids(rows), aggregate.top_predictions(rows, 15)
-    fasta, mapping = runner.write_sequences(state.config, state.queries, references, state.engine)
-    records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
-    timings = {"summary": time.perf_counter() - started}
+    timings: dict[str, float] = {}
+    with timed(timings, "summary"):
+        summary = runner.write_summary(state.config, partitions)
+        with runner.open_raw_rows(state.config, partitions) as rows:
+            references, top = aggregate.reference_ids(rows), aggregate.top_predictions(rows, 15)
+        fasta, mapping = runner.write_sequences(state.config, state.queries, references, state.engine)
+        records = runner.write_run_records(state.config, state.queries, list(state.partitions.values()))
     record_lineage(context, lineage, state, {"rows": summary.rows, "partitions": len(partitions)}, timings)
     return dg.MaterializeResult(
         metadata={
@@ -89,9 +88,10 @@ def topgo_ensemble(
     if not state.config.topgo:
         return dg.MaterializeResult(metadata={"topgo": "off (lookup.topgo is false)"})
     partitions = materialised(state)
-    started = time.perf_counter()
-    files = runner.write_ensemble(state.config, partitions)
-    record_lineage(context, lineage, state, {"files": len(files)}, {"write": time.perf_counter() - started})
+    timings: dict[str, float] = {}
+    with timed(timings, "write"):
+        files = runner.write_ensemble(state.config, partitions)
+    record_lineage(context, lineage, state, {"files": len(files)}, timings)
     return dg.MaterializeResult(
         metadata={
             "files": dg.MetadataValue.json([str(f) for f in files]),

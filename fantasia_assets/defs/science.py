@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +12,7 @@ from .. import runner, science
 from ..core.evaluation import EVALUATION_CODE_VERSION
 from ..core.scorer import SCORER_CODE_VERSION
 from ..core.scoring import PREDICTIONS_CODE_VERSION, run_predictions
+from ..core.timing import timed
 from .lookup import raw_result_shards
 from .outputs import lookup_summary, materialised, topgo_ensemble
 from .partitions import LookupState
@@ -52,11 +52,12 @@ def _ontology(state: LookupState) -> Path:
 def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.MaterializeResult:
     state = LookupState.open(settings, database)
     _ontology(state)
-    started = time.perf_counter()
-    raw = runner.read_raw_rows(state.config, materialised(state))
-    path = run_predictions(state.config.experiment_path, raw, state.config.scoring, state.config.precision)[
-        "predictions"
-    ]
+    timings: dict[str, float] = {}
+    with timed(timings, "predictions"):
+        raw = runner.read_raw_rows(state.config, materialised(state))
+        path = run_predictions(
+            state.config.experiment_path, raw, state.config.scoring, state.config.precision
+        )["predictions"]
     frame = pl.read_csv(path, separator="\t")
     top = frame.sort("score", descending=True).head(10)
     preview = "\n".join(["| accession | go_id | aspect | score |", "|---|---|---|---:|"] + [
@@ -68,7 +69,7 @@ def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.Mat
             "scorer": str(state.config.scoring.model or "heuristic: identity-weighted neighbour votes"),
             "predictions": dg.MetadataValue.path(str(path)),
             "top": dg.MetadataValue.md(preview),
-            "seconds": time.perf_counter() - started,
+            "seconds": timings["predictions"],
         }
     )
 
