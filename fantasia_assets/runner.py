@@ -83,6 +83,7 @@ def search_settings(config: LookupConfig, device: str | None = None) -> SearchSe
         batch_size=config.batch_size,
         tie_expansion=config.tie_expansion,
         screening=config.screening,
+        per_aspect=config.per_aspect,
     )
 
 
@@ -134,9 +135,11 @@ def search_partition(
     device: str | None = None,
     progress: Progress = no_progress,
     cluster: DaskSearch | None = None,
+    annotations: pl.DataFrame | None = None,
 ) -> SearchOutcome:
     """The partition's reference matrix (from the store), then the exact k-NN of its queries,
-    in this process or, with `cluster`, in blocks on the Dask cluster's workers."""
+    in this process or, with `cluster`, in blocks on the Dask cluster's workers; `lookup.per_aspect`
+    needs the reference `annotations`."""
     timings: dict[str, float] = {}
     with timed(timings, "references"):
         matrix = store.get(reference_scope(config, partition), progress)
@@ -147,7 +150,7 @@ def search_partition(
             cluster, partition, store.shared_file(matrix), matrix, settings, config.use_gpu
         )
     outcome = _search_partition(
-        queries, partition, matrix, settings, clusters, progress, timings, batch_search
+        queries, partition, matrix, settings, clusters, progress, timings, batch_search, annotations
     )
     outcome.matrix_source = store.last_source
     return outcome
@@ -380,7 +383,9 @@ def _run_lookup(
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
         for partition in partitions:
-            outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
+            outcome = search_partition(
+                config, queries, partition, store, clusters, device, progress, cluster, annotations
+            )
             raw = build_raw_rows(
                 config,
                 queries,

@@ -69,6 +69,7 @@ class LookupConfig:
     backend: str = "torch"
     screening: str = "auto"  # the search's screening arithmetic; results never depend on it
     tie_expansion: bool = False
+    per_aspect: bool = False  # goPredSim: k nearest per GO aspect among references annotated in it
     redundancy: RedundancyConfig = field(default_factory=RedundancyConfig)
     taxonomy: TaxonomyFilter = field(default_factory=TaxonomyFilter)
     keep_sequences: bool = False
@@ -182,6 +183,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         backend=lookup.backend,
         screening=lookup.screening,
         tie_expansion=lookup.tie_expansion,
+        per_aspect=lookup.per_aspect,
         redundancy=RedundancyConfig(red.identity, red.coverage, red.threads),
         taxonomy=TaxonomyFilter(tax.exclude, tax.include_only, tax.get_descendants, tax.nodes_path),
         keep_sequences=post.keep_sequences,

@@ -148,6 +148,7 @@ class _LookupSection(_Section):
     backend: Literal["torch", "numpy", "scipy"] = "torch"
     screening: Literal["auto", "bf16", "fp32"] = "auto"
     tie_expansion: bool = False
+    per_aspect: bool = False
     redundancy: _RedundancySection = _RedundancySection()
     taxonomy: _TaxonomySection = _TaxonomySection()
 

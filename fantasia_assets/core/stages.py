@@ -19,6 +19,7 @@ from . import exports
 from .alignment import alignment_metrics
 from .distributed import Exclusions, slice_exclusions
 from .knn import SearchEngine
+from .knn_aspect import ASPECTS, aspect_masks, search_by_aspect
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
 from .queries import describe_key
@@ -26,7 +27,7 @@ from .redundancy import cluster_sequences, exclusion_csr
 from .references import ReferenceMatrix
 from .sequences import clean, usable
 from .timing import timed
-from .transfer import HIT_SCHEMA, neighbour_hits, transfer_annotations
+from .transfer import ASPECT_HIT_SCHEMA, HIT_SCHEMA, neighbour_hits, transfer_annotations
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +105,21 @@ class SearchSettings:
     batch_size: int = 516
     tie_expansion: bool = False
     screening: str = "auto"  # `core.screen`: the screen's arithmetic; results never depend on it
+    per_aspect: bool = False  # k nearest per GO aspect among the references annotated in it
 
 
 # (queries (n, dim), exclusion CSR or None, batch) → (start row, (distances, indices)) of every
-# batch of `batch` rows, in order
+# batch of `batch` rows, in order; per aspect, (start row, [(distances, indices) per `ASPECTS`])
 BatchSearch = Callable[
     [np.ndarray, Exclusions | None, int], Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]]
 ]
 
 
-def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition) -> BatchSearch:
-    """The engine built here on the matrix, searched batch after batch."""
+def in_process_search(
+    matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition, masks: np.ndarray | None = None
+) -> BatchSearch:
+    """The engine built here on the matrix, searched batch after batch; with `masks` (one boolean
+    row per aspect over the matrix rows, `knn_aspect.aspect_masks`), per aspect."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
         engine = SearchEngine(
@@ -122,16 +127,18 @@ def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partiti
         ).build(matrix.vectors)
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
-            yield (
-                start,
-                engine.search(
-                    vectors[start:stop],
-                    settings.limit_per_entry,
-                    threshold=partition.model.distance_threshold,
-                    exclude=slice_exclusions(exclude, start, stop),
-                    tie_expansion=settings.tie_expansion,
-                ),
+            arguments = dict(
+                threshold=partition.model.distance_threshold,
+                exclude=slice_exclusions(exclude, start, stop),
+                tie_expansion=settings.tie_expansion,
             )
+            if masks is None:
+                yield start, engine.search(vectors[start:stop], settings.limit_per_entry, **arguments)
+            else:
+                found = search_by_aspect(
+                    engine, masks, vectors[start:stop], settings.limit_per_entry, **arguments
+                )
+                yield start, found
 
     return search
 
@@ -145,11 +152,15 @@ def search_partition(
     progress: Progress = no_progress,
     timings: dict[str, float] | None = None,
     batch_search: BatchSearch | None = None,
+    annotations: pl.DataFrame | None = None,
 ) -> SearchOutcome:
     """Exact k-NN of every usable query of the partition against its reference matrix.
 
     The batches are searched in this process, or by `batch_search` (the runner's blocks on a
     Dask cluster, `core.distributed`), which must return the same batches in the same order.
+    With `settings.per_aspect`, the k nearest per GO aspect among the references that carry an
+    annotation in it (`annotations`: sequence_id, category); the hits then have an `aspect`
+    column and rank neighbours within their aspect.
     """
     timings = timings if timings is not None else {}
     with timed(timings, "read queries"):
@@ -162,28 +173,53 @@ def search_partition(
                 [f"R{sid}" for sid in matrix.sequence_ids],
                 clusters,
             )
+    masks = None
+    if settings.per_aspect:
+        if annotations is None:
+            raise ValueError("a per-aspect search needs the reference annotations")
+        if batch_search is not None:
+            raise LookupPlanError("lookup.per_aspect runs in this process only, not on a Dask cluster")
+        masks = aspect_masks(matrix.sequence_ids, annotations)
     with timed(timings, "search"):
         batch = partition.model.batch_size or settings.batch_size
-        searched = (batch_search or in_process_search(matrix, settings, partition))(vectors, exclude, batch)
+        searched = (batch_search or in_process_search(matrix, settings, partition, masks))(
+            vectors, exclude, batch
+        )
         parts = []
-        for start, (distances, indices) in searched:
+        for start, found in searched:
             stop = min(start + batch, len(rows))
-            parts.append(
-                neighbour_hits(
-                    [queries.catalogue.accessions[r] for r in rows[start:stop]],
-                    queries.query_idx[rows[start:stop]],
-                    distances,
-                    indices,
-                    matrix.sequence_ids,
-                )
-            )
+            accessions = [queries.catalogue.accessions[r] for r in rows[start:stop]]
+            query_idx = queries.query_idx[rows[start:stop]]
+            if masks is None:
+                parts.append(neighbour_hits(accessions, query_idx, *found, matrix.sequence_ids))
+            else:
+                parts.append(_aspect_hits(accessions, query_idx, found, matrix.sequence_ids))
             progress(f"search {partition.key}", stop, len(rows))
-    hits = pl.concat(parts) if parts else pl.DataFrame(schema=HIT_SCHEMA)
+    schema = HIT_SCHEMA if masks is None else ASPECT_HIT_SCHEMA
+    hits = pl.concat(parts) if parts else pl.DataFrame(schema=schema)
     found = set(hits["accession"].unique().to_list())
     without = sorted(
         queries.catalogue.accessions[r] for r in rows if queries.catalogue.accessions[r] not in found
     )
     return SearchOutcome(hits, matrix, len(rows), without, timings, None, skipped)
+
+
+def _aspect_hits(
+    accessions: list[str], query_idx: np.ndarray, found: list, reference_ids: np.ndarray
+) -> pl.DataFrame:
+    """The hits of one batch searched per aspect: query by query in the batch's order, as the
+    plain search's, then by aspect (`ASPECTS` order) and rank within the aspect."""
+    frames = [
+        neighbour_hits(accessions, query_idx, distances, indices, reference_ids, aspect)
+        for aspect, (distances, indices) in zip(ASPECTS, found, strict=True)
+    ]
+    position = {accession: i for i, accession in enumerate(accessions)}
+    aspect_order = {aspect: i for i, aspect in enumerate(ASPECTS)}
+    return pl.concat(frames).sort(
+        pl.col("accession").replace_strict(position, return_dtype=pl.Int64),
+        pl.col("aspect").replace_strict(aspect_order, return_dtype=pl.Int8),
+        "rank",
+    )
 
 
 def usable_queries(

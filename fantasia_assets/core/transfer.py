@@ -12,6 +12,16 @@ HIT_SCHEMA = {
     "ref_idx": pl.Int64,  # the reference's sequence id: stable across runs
     "distance": pl.Float64,
 }
+# hits of a per-aspect search (`lookup.per_aspect`): the aspect a neighbour serves (P, F or C),
+# its rank counted within that aspect; a neighbour serving several aspects has one row in each
+ASPECT_HIT_SCHEMA = {
+    "accession": pl.String,
+    "query_idx": pl.Int64,
+    "aspect": pl.String,
+    "rank": pl.Int32,
+    "ref_idx": pl.Int64,
+    "distance": pl.Float64,
+}
 
 
 def reliability_index(distance: pl.Expr, metric: str) -> pl.Expr:
@@ -29,24 +39,28 @@ def neighbour_hits(
     distances: np.ndarray,
     indices: np.ndarray,
     reference_ids: np.ndarray,
+    aspect: str | None = None,
 ) -> pl.DataFrame:
     """Long table of the search result: one row per kept (query, neighbour).
 
     `distances`/`indices` are the engine's (n, K) arrays (padding: index −1); row i belongs to
     `accessions[i]` whose unique-sequence index is `query_idx[i]`. Rows come out ordered by
     query, then rank (ascending distance, ties by reference id, as the engine ordered them).
+    With `aspect`, the neighbours found for that GO aspect: `ASPECT_HIT_SCHEMA`.
     """
     valid = indices >= 0
     rows, ranks = np.nonzero(valid)
-    return pl.DataFrame(
-        {
-            "accession": pl.Series(accessions, dtype=pl.String).gather(rows),
-            "query_idx": np.asarray(query_idx, dtype=np.int64)[rows],
-            "rank": ranks.astype(np.int32),
-            "ref_idx": np.asarray(reference_ids, dtype=np.int64)[indices[valid]],
-            "distance": distances[valid].astype(np.float64),
-        },
-        schema=HIT_SCHEMA,
+    columns = {
+        "accession": pl.Series(accessions, dtype=pl.String).gather(rows),
+        "query_idx": np.asarray(query_idx, dtype=np.int64)[rows],
+        "rank": ranks.astype(np.int32),
+        "ref_idx": np.asarray(reference_ids, dtype=np.int64)[indices[valid]],
+        "distance": distances[valid].astype(np.float64),
+    }
+    if aspect is None:
+        return pl.DataFrame(columns, schema=HIT_SCHEMA)
+    return pl.DataFrame({**columns, "aspect": pl.repeat(aspect, len(rows), eager=True)}).select(
+        pl.col(name).cast(dtype) for name, dtype in ASPECT_HIT_SCHEMA.items()
     )
 
 
@@ -54,8 +68,17 @@ def transfer_annotations(hits: pl.DataFrame, annotations: pl.DataFrame, metric: 
     """Join hits with the annotation table on the reference sequence (SPEC §3.6-3.7).
 
     A sequence shared by several proteins yields each protein's annotations. Neighbours
-    without any annotation yield no row. Output ordered by accession, rank, protein, GO id.
+    without any annotation yield no row. Hits of a per-aspect search (an `aspect` column)
+    transfer only the annotations of the aspect each neighbour served: `category` is that
+    aspect. Output ordered by accession, rank, protein, GO id.
     """
+    if "aspect" in hits.columns:
+        hits = hits.join(
+            annotations, left_on=["ref_idx", "aspect"], right_on=["sequence_id", "category"], how="inner"
+        ).rename({"aspect": "category"})
+        return hits.with_columns(
+            reliability_index(pl.col("distance"), metric).alias("reliability_index")
+        ).sort(["accession", "rank", "protein_id", "go_id"], maintain_order=True)
     return (
         hits.join(annotations, left_on="ref_idx", right_on="sequence_id", how="inner")
         .with_columns(reliability_index(pl.col("distance"), metric).alias("reliability_index"))

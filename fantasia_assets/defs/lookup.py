@@ -171,9 +171,14 @@ def neighbour_hits(
         binary=binary,
     )
     where = device.device(config)
+    annotations = None
+    if config.per_aspect:  # which references serve which aspect: the annotation cache's categories
+        scope = runner.reference_scope(config, partition)
+        annotations = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)[0]
     outcome = runner.search_partition(
-        config, state.queries, partition, state.reference_store(), clusters, where, log_progress(context.log)
-    )
+        config, state.queries, partition, state.reference_store(), clusters, where, log_progress(context.log),
+        annotations=annotations,
+    )  # fmt: skip
     paths = runner.write_hits(config, partition, outcome)
     counts = {"queries": outcome.n_queries, "neighbours": outcome.hits.height}
     version = record_lineage(context, lineage, state, counts, outcome.timings, partition)

@@ -1,0 +1,222 @@
+"""Per-aspect exact k-NN (goPredSim's search per ontology): for each GO aspect, the k nearest
+references that carry at least one annotation in that aspect, from one screen of the matrix.
+
+`aspect_masks` says which reference rows serve which aspect (three boolean masks over the rows);
+`search_by_aspect` answers every mask at once with a built `knn.SearchEngine`. Each block of the
+screening product is computed once and reduced per mask (its columns restricted to the mask's
+rows) into that mask's running top-m, so the matrix is read once however many aspects there are.
+Sufficiency, refinement in float64 and selection are the engine's, per mask: the answer for a mask
+is exactly the engine's answer with every reference outside the mask excluded, with the same
+distances, (distance, index) ties, threshold and tie expansion (the tests compare both, and a
+float64 brute-force oracle). A row whose screen cannot yet prove its answer for some aspect is
+screened again, with a wider window, for those aspects only, as the engine does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import torch
+
+from . import knn, screen
+from .knn_bounds import screened_enough
+from .knn_inputs import Exclusions, exclusions_for_rows, row_sq_norms, validate_exclusions
+
+ASPECTS = ("P", "F", "C")  # biological process, molecular function, cellular component
+
+
+def aspect_masks(sequence_ids: np.ndarray, annotations: pl.DataFrame) -> np.ndarray:
+    """(3, n_ref) bool in `ASPECTS` order: row j serves an aspect when reference sequence
+    `sequence_ids[j]` carries an annotation (`annotations`: sequence_id, category) in it.
+
+    Annotations whose category is none of P/F/C (a GO term without namespace) serve no aspect.
+    """
+    ids = np.asarray(sequence_ids, dtype=np.int64)
+    served = annotations.select("sequence_id", "category").unique()
+    masks = np.zeros((len(ASPECTS), len(ids)), dtype=bool)
+    for a, aspect in enumerate(ASPECTS):
+        carriers = served.filter(pl.col("category") == aspect)["sequence_id"].to_numpy()
+        masks[a] = np.isin(ids, carriers)
+    return masks
+
+
+def search_by_aspect(
+    engine: knn.SearchEngine,
+    masks: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    threshold: float | None = None,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    tie_expansion: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`engine.search` restricted to each mask's references, for every mask, in one screen.
+
+    Args:
+        engine: a built engine; `masks` (n_masks, n_ref) bool selects each mask's reference rows.
+        queries, k, threshold, exclude, tie_expansion: as `SearchEngine.search`.
+
+    Returns:
+        one (distances float32 (n_q, K), indices int64 (n_q, K)) per mask, as `SearchEngine.search`
+        returns them; a mask without references gives rows of +inf and -1.
+    """
+    n_references, dim = engine._built_reference().shape
+    masks = np.asarray(masks)
+    if masks.dtype != bool or masks.ndim != 2 or masks.shape[1] != n_references:
+        raise ValueError(f"masks must be boolean (n_masks, {n_references}), got {masks.dtype} {masks.shape}")
+    query_matrix = np.asarray(queries)
+    if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
+        raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
+    if not np.issubdtype(query_matrix.dtype, np.floating):
+        raise ValueError(f"queries must be floating point, got {query_matrix.dtype}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+    if threshold is not None and not threshold >= 0:
+        raise ValueError(f"threshold must be None or a distance ≥ 0, got {threshold!r}")
+    n_queries, k = len(query_matrix), int(k)
+    indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
+    q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
+    q_sq_norms = row_sq_norms(q32, "queries", engine.metric)
+    columns = [np.flatnonzero(mask) for mask in masks]
+    query_block = engine._block_shape(n_queries)[0]
+    parts: list[list] = [[] for _ in masks]
+    with screen.exact_matmul_settings():
+        for start in range(0, n_queries, query_block):
+            block = slice(start, min(start + query_block, n_queries))
+            pointers = indptr[block.start : block.stop + 1]
+            rows = np.repeat(np.arange(len(pointers) - 1), np.diff(pointers))
+            exclusions = (rows, excluded[pointers[0] : pointers[-1]])
+            found = _search_query_block(
+                engine, columns, q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
+            )
+            for a, (distances, indices) in enumerate(found):
+                parts[a].append((np.arange(block.start, block.stop), distances, indices))
+    return [knn._assemble(n_queries, k, mask_parts) for mask_parts in parts]
+
+
+def _search_query_block(
+    engine: knn.SearchEngine,
+    columns: list[np.ndarray],
+    q32: np.ndarray,
+    q_sq_norms: np.ndarray,
+    exclusions: Exclusions,
+    k: int,
+    threshold: float | None,
+    tie_expansion: bool,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`SearchEngine._search_query_block` for every mask, each round screening the rows still
+    pending in some mask once."""
+    n_rows, device = len(q32), engine.device
+    fast_queries, offsets, exact_queries, bounds = engine._prepare_queries(q32, q_sq_norms)
+    bounds = torch.from_numpy(bounds).to(device)
+    offsets = torch.from_numpy(offsets).to(device)
+    margin = knn._SCREEN_MARGIN["half" if engine.arithmetic.half else "fp32"]
+    sizes = [len(c) for c in columns]
+    pending = [np.arange(n_rows) if size else np.zeros(0, dtype=np.int64) for size in sizes]
+    widths = [min(k + margin, size) for size in sizes]
+    parts: list[list] = [[] for _ in columns]
+    while any(p.size for p in pending):
+        union = np.unique(np.concatenate(pending))
+        union_exclusions = exclusions_for_rows(exclusions, union, n_rows)
+        positions = [np.searchsorted(union, p) for p in pending]
+        screened = _screen(engine, fast_queries[union], union_exclusions, columns, positions, widths)
+        for a, (values, indices) in enumerate(screened):
+            if not pending[a].size:
+                continue
+            pending_device = torch.from_numpy(pending[a]).to(device)
+            scores = values + offsets[pending_device, None]
+            enough, limit = screened_enough(
+                scores, k, bounds[pending_device], threshold, engine.metric, engine.dim
+            )
+            if widths[a] >= sizes[a]:  # every reference of the mask screened: every row is done
+                enough = torch.ones_like(enough)
+                limit = torch.full_like(limit, math.inf)
+            rows = enough.nonzero().squeeze(1)
+            kept = scores[rows]
+            admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (indices[rows] >= 0)
+            distances = engine._refine(exact_queries[pending_device[rows]], indices[rows], admissible)
+            done = rows.cpu().numpy()
+            selected = knn._select(distances, indices[rows], k, threshold, tie_expansion)
+            parts[a].append((pending[a][done], *selected))
+            pending[a] = np.delete(pending[a], done)
+            widths[a] = min(widths[a] * knn._MARGIN_GROWTH, sizes[a])
+    return [knn._assemble(n_rows, k, mask_parts) for mask_parts in parts]
+
+
+def _screen(
+    engine: knn.SearchEngine,
+    fast_queries: np.ndarray | torch.Tensor,
+    exclusions: Exclusions,
+    columns: list[np.ndarray],
+    positions: list[np.ndarray],
+    widths: list[int],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per mask, the `widths[a]` smallest block values of the rows `positions[a]` (of
+    `fast_queries`) among the mask's `columns[a]`, from one pass over the reference blocks.
+
+    Returns per mask (values float64 (len(positions[a]), width), indices int64) on the device,
+    unordered; excluded references and padding have value +inf (padding has index -1).
+    """
+    n_rows, device = len(fast_queries), engine.device
+    # each mask's slice of a block is a copy beside the block: half the engine's block keeps the budget
+    reference_block = max(1, engine._block_shape(n_rows)[1] // 2)
+    torch_backend = engine.backend == "torch"
+    buffers = []
+    if torch_backend:
+        size = n_rows * reference_block
+        buffers = [engine._buffer("product", size, screen.output_dtype(engine.arithmetic))]
+        if engine.arithmetic.half and engine.metric == "euclidean":
+            buffers.append(engine._buffer("sum", size, torch.float32))
+        excluded_rows, excluded_cols = (torch.from_numpy(pairs).to(device) for pairs in exclusions)
+    else:
+        excluded_rows, excluded_cols = exclusions
+    best = []
+    for a, rows in enumerate(positions):
+        shape = (len(rows), widths[a])
+        if torch_backend:
+            best.append(
+                (
+                    torch.full(shape, math.inf, device=device),
+                    torch.full(shape, -1, dtype=torch.int64, device=device),
+                )
+            )
+        else:
+            best.append((np.full(shape, np.inf), np.full(shape, -1, dtype=np.int64)))
+    all_rows = [len(rows) == n_rows for rows in positions]  # rows in order: no row selection needed
+    row_index = [torch.from_numpy(rows).to(device) if torch_backend else rows for rows in positions]
+    for start in range(0, engine.n_references, reference_block):
+        stop = min(start + reference_block, engine.n_references)
+        values = engine._block_values(fast_queries, start, stop, buffers)
+        if len(excluded_cols):
+            in_block = (excluded_cols >= start) & (excluded_cols < stop)
+            values[excluded_rows[in_block], excluded_cols[in_block] - start] = math.inf
+        for a, mask_columns in enumerate(columns):
+            if not len(positions[a]):
+                continue
+            lo, hi = np.searchsorted(mask_columns, (start, stop))
+            if lo == hi:
+                continue
+            block_columns = mask_columns[lo:hi] - start
+            if torch_backend:
+                block_columns = torch.from_numpy(block_columns).to(device)
+                sub = values if all_rows[a] else values.index_select(0, row_index[a])
+                sub = sub.index_select(1, block_columns)
+                count = min(widths[a], sub.shape[1])
+                scratch = engine._buffer("minima", sub.numel() // 2, sub.dtype)
+                chosen = screen.smallest_columns(sub, count, scratch)
+                candidates = screen.take(sub, chosen).float()  # 16-bit values widen exactly
+            else:
+                sub = values[:, block_columns] if all_rows[a] else values[np.ix_(row_index[a], block_columns)]
+                count = min(widths[a], sub.shape[1])
+                chosen = screen.smallest_positions(sub, count)
+                candidates = screen.take(sub, chosen)
+            xp = torch if torch_backend else np
+            best_values, best_indices = best[a]
+            merged_values = xp.concatenate((best_values, candidates), axis=1)
+            merged_indices = xp.concatenate((best_indices, block_columns[chosen] + start), axis=1)
+            keep = screen.smallest_positions(merged_values, widths[a])
+            best[a] = (screen.take(merged_values, keep), screen.take(merged_indices, keep))
+    if torch_backend:
+        return [(values.double(), indices) for values, indices in best]
+    return [tuple(torch.from_numpy(part).to(device) for part in pair) for pair in best]
