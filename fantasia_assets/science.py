@@ -128,6 +128,6 @@ def train_scorer(
     frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine))
     hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in truth_paths}
     hashes["features"] = scorer.frame_hash(frame)
-    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=folds)
+    model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=folds, per_aspect=config.per_aspect)
     scorer.save_scorer(out, model)
     return model, frame, y

@@ -191,7 +191,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         alignment_threads=post.alignment_threads,
         fantasia_compat=post.fantasia_compat,
         summary=post.summary.to_spec(),
-        scoring=ScoringSettings(ontology=file.scoring.ontology, model=file.scoring.model),
+        scoring=ScoringSettings(file.scoring.ontology, file.scoring.model, lookup.per_aspect),
     )
 
 

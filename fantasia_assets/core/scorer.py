@@ -224,9 +224,17 @@ class Scorer:
     versions: dict[str, str]
     training_hashes: dict[str, str]
     cross_validation: dict[str, float] = field(default_factory=dict)
+    per_aspect: bool = False  # trained on the neighbours of a `lookup.per_aspect` search
 
-    def check(self, partitions: list[str], names: list[str]) -> None:
-        """Refuse other partitions or features than the model was trained on, naming the difference."""
+    def check(self, partitions: list[str], names: list[str], per_aspect: bool = False) -> None:
+        """Refuse other partitions, features or neighbour search than the model was trained on,
+        naming the difference."""
+        if per_aspect != self.per_aspect:
+            said = {True: "per aspect (lookup.per_aspect: true)", False: "over all references"}
+            raise ScorerError(
+                f"the scoring model was trained on neighbours searched {said[self.per_aspect]}, "
+                f"the lookup searched {said[per_aspect]}"
+            )
         if partitions != self.partitions:
             missing = sorted(set(self.partitions) - set(partitions))
             extra = sorted(set(partitions) - set(self.partitions))
@@ -246,9 +254,10 @@ class Scorer:
         matrix = frame.select(self.features).to_numpy().astype(np.float64)
         return np.mean([m.predict_proba(matrix)[:, 1] for m in self.models], axis=0)
 
-    def predict(self, raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
+    def predict(self, raw: pl.DataFrame, ontology: GeneOntology, per_aspect: bool = False) -> pl.DataFrame:
         frame, partitions = features(raw, ontology, self.terms)
-        self.check(partitions, [c for c in frame.columns if c not in ("accession", "go_id", "aspect")])
+        names = [c for c in frame.columns if c not in ("accession", "go_id", "aspect")]
+        self.check(partitions, names, per_aspect)
         scores = frame.select("accession", "go_id").with_columns(
             pl.Series("score", self.probabilities(frame))
         )
@@ -266,6 +275,7 @@ def fit(
     training_hashes: dict[str, str],
     n_folds: int = 5,
     seed: int = 0,
+    per_aspect: bool = False,
 ) -> Scorer:
     """LightGBM per protein fold, each calibrated (isotonic) on its held-out proteins."""
     import lightgbm
@@ -297,6 +307,7 @@ def fit(
     return Scorer(
         models=models, features=names, partitions=partitions, terms=terms, versions=versions,
         training_hashes=training_hashes, cross_validation={"auc_out_of_fold": float(roc_auc_score(y, held_out))},
+        per_aspect=per_aspect,
     )  # fmt: skip
 
 

@@ -29,10 +29,12 @@ PREDICTION_COLUMNS = ["accession", "go_id", "aspect", "score"]
 @dataclass(frozen=True)
 class ScoringSettings:
     """The `scoring` section of the configuration: the GO ontology that predictions are
-    propagated over, and optionally a learned scorer (`train-scorer`)."""
+    propagated over, and optionally a learned scorer (`train-scorer`); and `lookup.per_aspect`,
+    which the scorer's training must have shared (its features count the neighbours searched)."""
 
     ontology: Path | None = None
     model: Path | None = None
+    per_aspect: bool = False
 
 
 def neighbours(raw: pl.DataFrame) -> pl.DataFrame:
@@ -135,7 +137,7 @@ def run_predictions(
     if settings.model is not None:
         from .scorer import load_scorer
 
-        predictions = load_scorer(settings.model).predict(raw, ontology)
+        predictions = load_scorer(settings.model).predict(raw, ontology, settings.per_aspect)
     else:
         predictions = heuristic_scores(raw, ontology)
     return {

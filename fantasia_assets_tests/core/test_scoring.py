@@ -132,6 +132,17 @@ def test_a_model_for_other_partitions_or_features_is_refused(ontology, tmp_path)
     unaligned = raw_rows().drop("identity", "similarity", "identity_sw")
     with pytest.raises(sc.ScorerError, match="missing: \\['identity_max@M\\|layer_0'"):
         model.predict(unaligned, ontology)
+    model.check(partitions, list(names))  # made for this lookup: accepted
+    with pytest.raises(
+        sc.ScorerError,
+        match=r"trained on neighbours searched over all references, the lookup searched per aspect",
+    ):
+        model.predict(raw_rows(), ontology, per_aspect=True)
+    model.per_aspect = True
+    with pytest.raises(
+        sc.ScorerError, match=r"searched per aspect \(lookup.per_aspect: true\), the lookup searched over all"
+    ):
+        model.predict(raw_rows(), ontology)
     (tmp_path / "junk.model").write_bytes(b"not a pickle")
     with pytest.raises(sc.ScorerError, match=r"junk\.model: not a scoring model"):
         sc.load_scorer(tmp_path / "junk.model")
