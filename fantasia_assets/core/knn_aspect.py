@@ -3,8 +3,12 @@ references that carry at least one annotation in that aspect, from one screen of
 
 `aspect_masks` says which reference rows serve which aspect (three boolean masks over the rows);
 `search_by_aspect` answers every mask at once with a built `knn.SearchEngine`. Each block of the
-screening product is computed once and reduced per mask (its columns restricted to the mask's
-rows) into that mask's running top-m, so the matrix is read once however many aspects there are.
+screening product is computed once. Its columns are split by *pattern* (the set of masks a
+reference is in: P only, P and F, …; a reference in no mask is skipped), each pattern's columns
+are reduced to their top-m once, and each mask merges the candidates of the patterns it contains
+into its running top-m. A mask's m smallest values lie among the m smallest of each of its
+patterns, so this is exact, and the selection, the screen's costliest step, reads every column
+once however many masks share it (against once per mask for a selection per mask).
 Sufficiency, refinement in float64 and selection are the engine's, per mask: the answer for a mask
 is exactly the engine's answer with every reference outside the mask excluded, with the same
 distances, (distance, index) ties, threshold and tie expansion (the tests compare both, and a
@@ -78,7 +82,7 @@ def search_by_aspect(
     indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
     q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
     q_sq_norms = row_sq_norms(q32, "queries", engine.metric)
-    columns = [np.flatnonzero(mask) for mask in masks]
+    patterns = _patterns(masks)
     query_block = engine._block_shape(n_queries)[0]
     parts: list[list] = [[] for _ in masks]
     with screen.exact_matmul_settings():
@@ -88,16 +92,34 @@ def search_by_aspect(
             rows = np.repeat(np.arange(len(pointers) - 1), np.diff(pointers))
             exclusions = (rows, excluded[pointers[0] : pointers[-1]])
             found = _search_query_block(
-                engine, columns, q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
+                engine,
+                masks.sum(1),
+                patterns,
+                q32[block],
+                q_sq_norms[block],
+                exclusions,
+                k,
+                threshold,
+                tie_expansion,
             )
             for a, (distances, indices) in enumerate(found):
                 parts[a].append((np.arange(block.start, block.stop), distances, indices))
     return [knn._assemble(n_queries, k, mask_parts) for mask_parts in parts]
 
 
+def _patterns(masks: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
+    """(columns, masks containing them) per pattern of mask membership; columns ascending."""
+    bits = (masks.astype(np.int64) << np.arange(len(masks))[:, None]).sum(0)
+    found = []
+    for pattern in np.unique(bits[bits > 0]).tolist():
+        found.append((np.flatnonzero(bits == pattern), [a for a in range(len(masks)) if pattern >> a & 1]))
+    return found
+
+
 def _search_query_block(
     engine: knn.SearchEngine,
-    columns: list[np.ndarray],
+    sizes: np.ndarray,
+    patterns: list[tuple[np.ndarray, list[int]]],
     q32: np.ndarray,
     q_sq_norms: np.ndarray,
     exclusions: Exclusions,
@@ -112,15 +134,15 @@ def _search_query_block(
     bounds = torch.from_numpy(bounds).to(device)
     offsets = torch.from_numpy(offsets).to(device)
     margin = knn._SCREEN_MARGIN["half" if engine.arithmetic.half else "fp32"]
-    sizes = [len(c) for c in columns]
+    sizes = sizes.tolist()
     pending = [np.arange(n_rows) if size else np.zeros(0, dtype=np.int64) for size in sizes]
     widths = [min(k + margin, size) for size in sizes]
-    parts: list[list] = [[] for _ in columns]
+    parts: list[list] = [[] for _ in sizes]
     while any(p.size for p in pending):
         union = np.unique(np.concatenate(pending))
         union_exclusions = exclusions_for_rows(exclusions, union, n_rows)
         positions = [np.searchsorted(union, p) for p in pending]
-        screened = _screen(engine, fast_queries[union], union_exclusions, columns, positions, widths)
+        screened = _screen(engine, fast_queries[union], union_exclusions, patterns, positions, widths)
         for a, (values, indices) in enumerate(screened):
             if not pending[a].size:
                 continue
@@ -148,20 +170,22 @@ def _screen(
     engine: knn.SearchEngine,
     fast_queries: np.ndarray | torch.Tensor,
     exclusions: Exclusions,
-    columns: list[np.ndarray],
+    patterns: list[tuple[np.ndarray, list[int]]],
     positions: list[np.ndarray],
     widths: list[int],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per mask, the `widths[a]` smallest block values of the rows `positions[a]` (of
-    `fast_queries`) among the mask's `columns[a]`, from one pass over the reference blocks.
+    """Per mask a, the `widths[a]` smallest block values of the rows `positions[a]` (of
+    `fast_queries`) among the mask's references, from one pass over the reference blocks
+    (module docstring: each pattern's columns are selected once, then merged per mask).
 
     Returns per mask (values float64 (len(positions[a]), width), indices int64) on the device,
     unordered; excluded references and padding have value +inf (padding has index -1).
     """
     n_rows, device = len(fast_queries), engine.device
-    # each mask's slice of a block is a copy beside the block: half the engine's block keeps the budget
+    # a pattern's columns are copied beside the block: half the engine's block keeps to the budget
     reference_block = max(1, engine._block_shape(n_rows)[1] // 2)
     torch_backend = engine.backend == "torch"
+    xp = torch if torch_backend else np
     buffers = []
     if torch_backend:
         size = n_rows * reference_block
@@ -191,30 +215,38 @@ def _screen(
         if len(excluded_cols):
             in_block = (excluded_cols >= start) & (excluded_cols < stop)
             values[excluded_rows[in_block], excluded_cols[in_block] - start] = math.inf
-        for a, mask_columns in enumerate(columns):
-            if not len(positions[a]):
+        found: list[list] = [[] for _ in positions]  # per mask: its patterns' candidates in this block
+        for pattern_columns, members in patterns:
+            wanted = [a for a in members if len(positions[a])]
+            lo, hi = np.searchsorted(pattern_columns, (start, stop))
+            if lo == hi or not wanted:
                 continue
-            lo, hi = np.searchsorted(mask_columns, (start, stop))
-            if lo == hi:
-                continue
-            block_columns = mask_columns[lo:hi] - start
+            block_columns = pattern_columns[lo:hi] - start
+            width = max(widths[a] for a in wanted)
             if torch_backend:
                 block_columns = torch.from_numpy(block_columns).to(device)
-                sub = values if all_rows[a] else values.index_select(0, row_index[a])
-                sub = sub.index_select(1, block_columns)
-                count = min(widths[a], sub.shape[1])
-                scratch = engine._buffer("minima", sub.numel() // 2, sub.dtype)
-                chosen = screen.smallest_columns(sub, count, scratch)
-                candidates = screen.take(sub, chosen).float()  # 16-bit values widen exactly
+                candidates = values.index_select(1, block_columns)
+                if width < len(block_columns):  # else every column is a candidate
+                    scratch = engine._buffer("minima", candidates.numel() // 2, candidates.dtype)
+                    chosen = screen.smallest_columns(candidates, width, scratch)
+                    candidates, block_columns = screen.take(candidates, chosen), block_columns[chosen]
+                candidates = candidates.float()  # 16-bit values widen exactly
             else:
-                sub = values[:, block_columns] if all_rows[a] else values[np.ix_(row_index[a], block_columns)]
-                count = min(widths[a], sub.shape[1])
-                chosen = screen.smallest_positions(sub, count)
-                candidates = screen.take(sub, chosen)
-            xp = torch if torch_backend else np
-            best_values, best_indices = best[a]
-            merged_values = xp.concatenate((best_values, candidates), axis=1)
-            merged_indices = xp.concatenate((best_indices, block_columns[chosen] + start), axis=1)
+                candidates = values[:, block_columns]
+                if width < len(block_columns):
+                    chosen = screen.smallest_positions(candidates, width)
+                    candidates, block_columns = screen.take(candidates, chosen), block_columns[chosen]
+            indices = xp.broadcast_to(block_columns + start, candidates.shape)
+            for a in wanted:
+                if all_rows[a]:
+                    found[a].append((candidates, indices))
+                else:
+                    found[a].append((candidates[row_index[a]], indices[row_index[a]]))
+        for a, pairs in enumerate(found):
+            if not pairs:
+                continue
+            merged_values = xp.concatenate([best[a][0], *(v for v, _ in pairs)], axis=1)
+            merged_indices = xp.concatenate([best[a][1], *(i for _, i in pairs)], axis=1)
             keep = screen.smallest_positions(merged_values, widths[a])
             best[a] = (screen.take(merged_values, keep), screen.take(merged_indices, keep))
     if torch_backend:
