@@ -7,8 +7,8 @@
    final_score) against the truth of every query: Fmax, Smin, weighted Fmax per aspect.
 2. The learned scorer trained on one half of the truth proteins and evaluated on the other,
    the halves split at random by protein, then by MMseqs2 cluster at 30 % identity (so that
-   close homologs do not straddle the split); beside it, the heuristic and the TopGO ensemble
-   and layer-0 summary on the same half.
+   close homologs do not straddle the split); beside it, the heuristic and
+   every other output on the same half.
 Reference annotations (for IA and term frequencies) come from the database the lookup used.
 """
 
@@ -109,12 +109,11 @@ def main() -> None:
         raw_train = raw.filter(pl.col("accession").is_in(list(train)))
         truth_train = truth.filter(pl.col("accession").is_in(list(train)))
         frame, y, partitions, terms = cs.training_set(raw_train, truth_train, ontology, references)
-        model = scorer.fit(frame, y, partitions, terms, {"bench": split})
+        model = scorer.fit(frame, y, partitions, terms, {"bench": split}, per_aspect=config.per_aspect)
         raw_test = raw.filter(pl.col("accession").is_in(list(test)))
         held = {
-            "learned": model.predict(raw_test, ontology).select("accession", "go_id", "score"),
-            **{k: v.filter(pl.col("accession").is_in(list(test))) for k, v in outputs.items()
-               if k in ("predictions", "summary_final_score_NEAR_L0")},
+            "learned": model.predict(raw_test, ontology, config.per_aspect).select("accession", "go_id", "score"),
+            **{k: v.filter(pl.col("accession").is_in(list(test))) for k, v in outputs.items()},
         }  # fmt: skip
         result = evaluate(
             held, truth.filter(pl.col("accession").is_in(list(test))), ontology, references, threads=2
