@@ -86,3 +86,48 @@ def test_per_aspect_lookup_matches_the_oracle_and_transfers_served_aspects(sampl
         assert topgo.height == best.height
     predictions = pl.read_csv(base / "predictions.tsv", separator="\t")
     assert predictions.height and set(predictions["aspect"].unique()) == set(ASPECTS)
+
+
+def test_per_aspect_assets_write_what_the_cli_writes(sample_loaded, tmp_path, monkeypatch):
+    """neighbour_hits and raw_result_shards of a per-aspect partition, materialised by Dagster
+    (which reads the annotation cache for the masks), equal the CLI lookup's Parquet files."""
+    import dagster as dg
+    import yaml
+
+    from fantasia_assets.defs.lookup import neighbour_hits, raw_result_shards
+    from fantasia_assets.defs.partitions import MODEL_LAYER
+    from fantasia_assets.defs.resources import (
+        ComputeDevice,
+        LineageStore,
+        LookupSettings,
+        MMseqs,
+        ReferenceDatabase,
+    )
+
+    overrides = {"embedding.models.AntiBERTy.enabled": False, "embedding.models.NEAR.layer_index": [0],
+                 "postprocess.alignment": False, "lookup.per_aspect": True}  # fmt: skip
+    cli = parse_config(_config(tmp_path / "cli", **overrides))
+    run_lookup(cli, sample_loaded)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path / "dagster", **overrides)))
+    monkeypatch.setenv("FANTASIA_CONFIG", str(path))
+    settings = LookupSettings(config_path=str(path))
+    resources = {"settings": settings, "database": ReferenceDatabase(), "device": ComputeDevice(),
+                 "mmseqs": MMseqs(), "lineage": LineageStore()}  # fmt: skip
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(MODEL_LAYER.name, ["NEAR|layer_0"])
+        result = dg.materialize(
+            [neighbour_hits, raw_result_shards],
+            resources=resources,
+            instance=instance,
+            partition_key="NEAR|layer_0",
+        )
+        assert result.success
+    base = settings.load().experiment_path / "parquet" / "NEAR" / "layer_0"
+    for name in ("neighbour_hits", "raw_rows"):
+        written = pl.read_parquet(base / f"{name}.parquet")
+        assert written.equals(
+            pl.read_parquet(cli.experiment_path / "parquet/NEAR/layer_0" / f"{name}.parquet")
+        )
+    hits = pl.read_parquet(base / "neighbour_hits.parquet")
+    assert hits.schema == pl.Schema(ASPECT_HIT_SCHEMA) and set(hits["aspect"].unique()) == set(ASPECTS)
