@@ -13,7 +13,9 @@ Sufficiency, refinement in float64 and selection are the engine's, per mask: the
 is exactly the engine's answer with every reference outside the mask excluded, with the same
 distances, (distance, index) ties, threshold and tie expansion (the tests compare both, and a
 float64 brute-force oracle). A row whose screen cannot yet prove its answer for some aspect is
-screened again, with a wider window, for those aspects only, as the engine does.
+screened again, with a wider window, for those aspects only, as the engine does. It drives the
+engine's own steps (`_prepare_queries`, `_block_values`, `_refine`, `knn._select`), so both
+searches share one arithmetic and one error bound.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def search_by_aspect(
         one (distances float32 (n_q, K), indices int64 (n_q, K)) per mask, as `SearchEngine.search`
         returns them; a mask without references gives rows of +inf and -1.
     """
-    n_references, dim = engine._built_reference().shape
+    n_references, dim = engine.n_references, engine.dim  # the public properties: RuntimeError before build
     masks = np.asarray(masks)
     if masks.dtype != bool or masks.ndim != 2 or masks.shape[1] != n_references:
         raise ValueError(f"masks must be boolean (n_masks, {n_references}), got {masks.dtype} {masks.shape}")
