@@ -162,6 +162,10 @@ def search_partition(
     annotation in it (`annotations`: sequence_id, category); the hits then have an `aspect`
     column and rank neighbours within their aspect.
     """
+    if settings.per_aspect and batch_search is not None:
+        raise LookupPlanError("lookup.per_aspect runs in the lookup's process only, not on a Dask cluster")
+    if settings.per_aspect and annotations is None:
+        raise ValueError("a per-aspect search needs the reference annotations")
     timings = timings if timings is not None else {}
     with timed(timings, "read queries"):
         vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, settings.metric)
@@ -173,13 +177,7 @@ def search_partition(
                 [f"R{sid}" for sid in matrix.sequence_ids],
                 clusters,
             )
-    masks = None
-    if settings.per_aspect:
-        if annotations is None:
-            raise ValueError("a per-aspect search needs the reference annotations")
-        if batch_search is not None:
-            raise LookupPlanError("lookup.per_aspect runs in this process only, not on a Dask cluster")
-        masks = aspect_masks(matrix.sequence_ids, annotations)
+    masks = aspect_masks(matrix.sequence_ids, annotations) if settings.per_aspect else None
     with timed(timings, "search"):
         batch = partition.model.batch_size or settings.batch_size
         searched = (batch_search or in_process_search(matrix, settings, partition, masks))(

@@ -175,3 +175,16 @@ def test_bad_masks_are_refused():
         search_by_aspect(engine, np.ones((3, 5), dtype=bool), np.eye(4, dtype=np.float32), 2)
     with pytest.raises(ValueError, match="masks must be boolean"):
         search_by_aspect(engine, np.ones((3, 4)), np.eye(4, dtype=np.float32), 2)
+
+
+def test_per_aspect_search_is_refused_on_a_cluster_and_without_annotations():
+    from fantasia_assets.core.plan import LookupPlanError
+    from fantasia_assets.core.stages import SearchSettings, search_partition
+
+    settings = SearchSettings(per_aspect=True)
+    with pytest.raises(LookupPlanError, match=r"lookup\.per_aspect runs in the lookup's process only"):
+        search_partition(
+            None, None, None, settings, batch_search=lambda *_: iter(()), annotations=pl.DataFrame()
+        )
+    with pytest.raises(ValueError, match="needs the reference annotations"):
+        search_partition(None, None, None, settings)
