@@ -174,5 +174,11 @@ def test_evaluation_asset_evaluates_every_output_of_a_finished_lookup(sample_loa
         )
         assert result.success
     metrics = (config.experiment_path / "evaluation" / "metrics.tsv").read_text().splitlines()
-    outputs = {line.split("\t")[0] for line in metrics[1:]}
-    assert {"predictions", "topgo_ensemble"} <= outputs, outputs
+    rows = [line.split("\t")[:2] for line in metrics[1:]]
+    partitions = ["AntiBERTy_L0", "AntiBERTy_L3", "NEAR_L0", "NEAR_L1"]
+    # every output the issue names: predictions, each (model, layer)'s TopGO, the ensemble, each final_score
+    expected = {"predictions", "topgo_ensemble"}
+    expected |= {f"topgo_{p.replace('_L', '_layer_')}" for p in partitions}
+    expected |= {f"summary_final_score_{p}" for p in partitions}
+    assert {output for output, _ in rows} == expected
+    assert sorted(rows) == sorted([output, aspect] for output in expected for aspect in "CFP")
