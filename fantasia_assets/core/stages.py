@@ -18,7 +18,7 @@ import polars as pl
 from . import exports
 from .alignment import alignment_metrics
 from .distributed import Exclusions, slice_exclusions
-from .knn import SearchEngine
+from .knn_numpy import engine_for
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
 from .queries import describe_key
@@ -114,11 +114,19 @@ BatchSearch = Callable[
 
 
 def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition) -> BatchSearch:
-    """The engine built here on the matrix, searched batch after batch."""
+    """The engine built here on the matrix, searched batch after batch (a small CPU search in
+    numpy alone, `knn_numpy.engine_for`: the same answer without torch's start-up)."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
-        engine = SearchEngine(
-            settings.metric, settings.backend, settings.device, screening=settings.screening
+        n_references, dim = matrix.vectors.shape
+        engine = engine_for(
+            settings.metric,
+            settings.backend,
+            settings.device,
+            settings.screening,
+            len(vectors),
+            n_references,
+            dim,
         ).build(matrix.vectors)
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
