@@ -140,31 +140,23 @@ def database_identity(engine: Engine) -> str:
 
 @translate_errors
 def quiescent_state(engine: Engine) -> dict | None:
-    """The cluster's identity and next transaction id X0 while no transaction is in progress
-    (`db.snapshot`: a stamp is written only then), or None: transactions in progress, or the
-    control functions not readable by this role."""
+    """The next transaction id X0 while no transaction is in progress (`db.snapshot`: a stamp is
+    written only then), with the data directory and database name; None when transactions are in
+    progress or the settings are not readable by this role."""
     with engine.connect() as conn:
         try:
             with conn.begin_nested():
-                xmin, xmax = conn.execute(
+                xmin, xmax, folder, database = conn.execute(
                     sa.text(
-                        "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text "
-                        "FROM pg_current_snapshot() s"
+                        "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, "
+                        "current_setting('data_directory'), current_database() FROM pg_current_snapshot() s"
                     )
                 ).one()
-                system, catalog = conn.execute(
-                    sa.text(
-                        "SELECT system_identifier::text, catalog_version_no::text FROM pg_control_system()"
-                    )
-                ).one()
-                timeline = conn.execute(
-                    sa.text("SELECT timeline_id::text FROM pg_control_checkpoint()")
-                ).scalar()
         except sa.exc.DBAPIError:
             return None
     if xmin != xmax:
         return None
-    return {"system": system, "timeline": timeline, "catalog": catalog, "next_xid": int(xmax)}
+    return {"next_xid": int(xmax), "data_directory": folder, "database": database}
 
 
 @translate_errors

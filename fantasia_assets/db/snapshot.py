@@ -176,6 +176,21 @@ def _server_identity(fields: dict[str, str]) -> dict | None:
     }
 
 
+def _running_identity(pgdata: Path, next_xid: int) -> dict | None:
+    """The identity a clean stop of the running server will leave in its control file, with
+    X0 as its next XID (read by pg_controldata: the SQL functions need the server to reach the
+    file through every parent folder, which a private home may forbid)."""
+    fields = control_data(pgdata)
+    if fields is None:
+        return None
+    return {
+        "system": fields.get("Database system identifier", ""),
+        "timeline": fields.get("Latest checkpoint's TimeLineID", ""),
+        "catalog": fields.get("Catalog version number", ""),
+        "next_xid": next_xid,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # the stamp
 
@@ -289,14 +304,22 @@ class LiveReads:
     def snapshot(self) -> Iterator[None]:
         """The load lock held shared (`loader.reference_snapshot`), and the stamp's X0 read
         before any answer."""
-        from .engine import ENV_URL as engine_env
+        from .engine import EMBEDDED_DATABASE
         from .loader import reference_snapshot
         from .reads import quiescent_state
 
-        assert engine_env == ENV_URL
         with reference_snapshot(self.engine):
-            embedded = not os.environ.get(ENV_URL)
-            self._start = quiescent_state(self.engine) if embedded else None
+            self._start = None
+            if not os.environ.get(ENV_URL) and self.engine.url.database == EMBEDDED_DATABASE:
+                state = quiescent_state(self.engine)
+                # the embedded server's own database, not another one on it (tests make those)
+                pgdata = (fantasia_home() / "pg").resolve()
+                if (
+                    state is not None
+                    and state["database"] == EMBEDDED_DATABASE
+                    and Path(state["data_directory"]).resolve() == pgdata
+                ):
+                    self._start = _running_identity(pgdata, state["next_xid"])
             yield
 
     def model_types(self) -> dict[str, int]:

@@ -116,7 +116,7 @@ def screened_errors(engine: NumpySearchEngine, queries: np.ndarray):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=stressed_rows())
 def test_screen_error_never_exceeds_its_bound(metric, rows):
     engine = NumpySearchEngine(metric).build(rows[16:])
