@@ -81,6 +81,7 @@ _SCREEN_MARGIN = 8
 _MARGIN_GROWTH = 4
 _BYTES_PER_PAIR = 16  # float32 block values, argpartition's int64 positions, headroom
 _NO_CANDIDATE = np.iinfo(np.int64).max
+_GROUP = 32  # columns per group of the two-stage selection (`smallest_columns`): a power of two
 
 
 def gamma(terms: int, unit: float) -> float:
@@ -261,7 +262,7 @@ class NumpySearchEngine:
         if width >= values.shape[1]:
             positions = np.broadcast_to(np.arange(values.shape[1]), values.shape)
         else:
-            positions = np.argpartition(values, width - 1, axis=1)[:, :width]
+            positions = smallest_columns(values, width)
         chosen = np.take_along_axis(values, positions, axis=1).astype(np.float64)
         return chosen, np.ascontiguousarray(positions, dtype=np.int64)
 
@@ -307,6 +308,33 @@ class NumpySearchEngine:
             values = np.sqrt(np.einsum("ij,ij->i", candidates, candidates))
         distances[rows, columns] = values.astype(np.float32)
         return distances
+
+
+def smallest_columns(values: np.ndarray, count: int) -> np.ndarray:
+    """Column positions (b, count) of `count` smallest values of each row, unordered.
+
+    Two stages, as `screen.smallest_columns` (where the exactness argument is), because a
+    partition over a wide row costs several times a pass of minima: column c belongs to group
+    c mod (width // G), G = 32; the `count` groups of smallest minimum hold `count` values no
+    larger than any value of the other groups, so the answer is among their members (and the
+    last width % G columns, in no group).
+    """
+    rows, width = values.shape
+    groups = width // _GROUP
+    if groups < 4 * count:  # too few groups to prune anything
+        return np.argpartition(values, count - 1, axis=1)[:, :count]
+    body = groups * _GROUP
+    half = body // 2
+    minima = np.minimum(values[:, :half], values[:, half:body])
+    while minima.shape[1] > groups:  # halving: column c meets every c + j·groups
+        half = minima.shape[1] // 2
+        minima = np.minimum(minima[:, :half], minima[:, half:], out=minima[:, :half])
+    chosen = np.argpartition(minima, count - 1, axis=1)[:, :count]
+    columns = (chosen[:, :, None] + np.arange(0, body, groups)).reshape(rows, count * _GROUP)
+    if body < width:
+        columns = np.hstack((columns, np.broadcast_to(np.arange(body, width), (rows, width - body))))
+    picked = np.argpartition(np.take_along_axis(values, columns, axis=1), count - 1, axis=1)[:, :count]
+    return np.take_along_axis(columns, picked, axis=1)
 
 
 def _select(distances, indices, k: int, threshold: float | None, ties: bool):

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fantasia_assets.core.knn_numpy import SMALL_SEARCH_FLOPS, NumpySearchEngine, engine_for
+from fantasia_assets.core.knn_numpy import SMALL_SEARCH_FLOPS, NumpySearchEngine, engine_for, smallest_columns
 from fantasia_assets_tests.conftest import PROJECT, shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
 from fantasia_assets_tests.core.test_knn_screen import ADVERSARIAL, adversarial, exact_oracle, stressed_rows
@@ -179,3 +180,18 @@ def test_a_small_search_stage_never_imports_torch(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, env=environment, timeout=120
     )
     assert done.returncode == 0, done.stderr
+
+
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=1, max_size=2000).map(np.array),
+    count=st.integers(1, 12),
+)
+@settings(max_examples=60, deadline=None)
+def test_two_stage_selection_keeps_the_smallest_values(values, count):
+    rows = np.tile(values, (3, 1)).astype(np.float32)
+    rows[1] = rows[1][::-1]
+    count = min(count, rows.shape[1])
+    picked = smallest_columns(rows, count)
+    assert all(len(set(row)) == count for row in picked.tolist())
+    expected = np.sort(rows, axis=1)[:, :count]
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(rows, picked, axis=1), axis=1), expected)
