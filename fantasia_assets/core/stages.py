@@ -16,7 +16,6 @@ import numpy as np
 import polars as pl
 
 from . import exports
-from .alignment import alignment_metrics
 from .distributed import Exclusions, slice_exclusions
 from .knn_numpy import engine_for
 from .plan import LookupPlanError, Partition, QuerySet
@@ -252,6 +251,8 @@ class AlignmentCache:
                     "letters): their alignment metrics are left empty; reload them to fix it",
                     ", ".join(f"R{i}" for i in bad_refs[:10]) + (", …" if len(bad_refs) > 10 else ""),
                 )
+            from .alignment import alignment_metrics  # parasail: only for a lookup that aligns
+
             computed = alignment_metrics(
                 [query_sequences[i] for i in new["query_idx"].to_list()],
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],
