@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 ENV_URL = "FANTASIA_DATABASE_URL"  # `engine.ENV_URL`, not imported: that module loads SQLAlchemy
 STAMP_FORMAT = 1
+_SEQUENCE_FILES_KEPT = 8  # as many as reference matrices (`stores.ReferenceStore`)
 _MIGRATIONS = Path(__file__).resolve().with_name("migrations")
 
 
@@ -211,12 +212,15 @@ def current_snapshot() -> RecordedReads | None:
     pgdata = (fantasia_home() / "pg").resolve()
     stamp = _read_stamp()
     if stamp is None or stamp.get("pgdata") != str(pgdata) or stamp.get("code") != code_versions():
+        log.debug("no cache stamp of this database and code: starting the server")
         return None
     if (pgdata / "postmaster.pid").exists():  # running, or killed and not yet recovered
+        log.debug("the embedded server is running (or was killed): joining it")
         return None
     fields = control_data(pgdata)
     identity = _server_identity(fields) if fields is not None else None
     if identity is None or identity != stamp.get("server"):
+        log.debug("the database changed since the cache stamp (%s): starting the server", identity)
         return None
     return RecordedReads(stamp.get("answers", {}))
 
@@ -384,9 +388,14 @@ class LiveReads:
         self._record("sequence_version", "", version)
         for fingerprint, scope in self._scopes.items():
             path = sequences_file(fingerprint, version)
-            if not path.exists():
+            if path.exists():
+                os.utime(path)  # recently used: kept by the pruning below
+            else:
                 frame = fetch_scope_sequences(self.engine, scope)
                 atomic_write(path, frame.write_parquet)
+        files = sorted(cache_dir("sequences").glob("sequences-*.parquet"), key=lambda f: f.stat().st_mtime)
+        for stale in files[:-_SEQUENCE_FILES_KEPT]:
+            stale.unlink(missing_ok=True)  # a stamp naming it then misses, and takes the server
         pgdata = str((fantasia_home() / "pg").resolve())
         answers = self._answers
         previous = _read_stamp()
