@@ -1,7 +1,7 @@
 """Per-aspect exact k-NN (goPredSim's search per ontology): for each GO aspect, the k nearest
 references that carry at least one annotation in that aspect, from one screen of the matrix.
 
-`aspect_masks` says which reference rows serve which aspect (three boolean masks over the rows);
+`transfer.aspect_masks` says which reference rows serve which aspect (three boolean masks over the rows);
 `search_by_aspect` answers every mask at once with a built `knn.SearchEngine`. Each block of the
 screening product is computed once. Its columns are split by *pattern* (the set of masks a
 reference is in: P only, P and F, …; a reference in no mask is skipped), each pattern's columns
@@ -23,29 +23,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import polars as pl
 import torch
 
 from . import knn, screen
 from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions, exclusions_for_rows, row_sq_norms, validate_exclusions
-
-ASPECTS = ("P", "F", "C")  # biological process, molecular function, cellular component
-
-
-def aspect_masks(sequence_ids: np.ndarray, annotations: pl.DataFrame) -> np.ndarray:
-    """(3, n_ref) bool in `ASPECTS` order: row j serves an aspect when reference sequence
-    `sequence_ids[j]` carries an annotation (`annotations`: sequence_id, category) in it.
-
-    Annotations whose category is none of P/F/C (a GO term without namespace) serve no aspect.
-    """
-    ids = np.asarray(sequence_ids, dtype=np.int64)
-    served = annotations.select("sequence_id", "category").unique()
-    masks = np.zeros((len(ASPECTS), len(ids)), dtype=bool)
-    for a, aspect in enumerate(ASPECTS):
-        carriers = served.filter(pl.col("category") == aspect)["sequence_id"].to_numpy()
-        masks[a] = np.isin(ids, carriers)
-    return masks
 
 
 def search_by_aspect(

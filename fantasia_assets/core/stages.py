@@ -16,10 +16,8 @@ import numpy as np
 import polars as pl
 
 from . import exports
-from .alignment import alignment_metrics
 from .distributed import Exclusions, slice_exclusions
-from .knn import SearchEngine
-from .knn_aspect import ASPECTS, aspect_masks, search_by_aspect
+from .knn_numpy import engine_for
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
 from .queries import describe_key
@@ -27,7 +25,14 @@ from .redundancy import cluster_sequences, exclusion_csr
 from .references import ReferenceMatrix
 from .sequences import clean, usable
 from .timing import timed
-from .transfer import ASPECT_HIT_SCHEMA, HIT_SCHEMA, neighbour_hits, transfer_annotations
+from .transfer import (
+    ASPECT_HIT_SCHEMA,
+    ASPECTS,
+    HIT_SCHEMA,
+    aspect_masks,
+    neighbour_hits,
+    transfer_annotations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +123,30 @@ BatchSearch = Callable[
 def in_process_search(
     matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition, masks: np.ndarray | None = None
 ) -> BatchSearch:
-    """The engine built here on the matrix, searched batch after batch; with `masks` (one boolean
-    row per aspect over the matrix rows, `knn_aspect.aspect_masks`), per aspect."""
+    """The engine built here on the matrix, searched batch after batch (a small CPU search in
+    numpy alone, `knn_numpy.engine_for`: the same answer without torch's start-up); with `masks`
+    (one boolean row per aspect over the matrix rows, `transfer.aspect_masks`), per aspect by
+    `knn_aspect`, which drives `knn`'s engine."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
-        engine = SearchEngine(
-            settings.metric, settings.backend, settings.device, screening=settings.screening
-        ).build(matrix.vectors)
+        n_references, dim = matrix.vectors.shape
+        if masks is None:
+            engine = engine_for(
+                settings.metric,
+                settings.backend,
+                settings.device,
+                settings.screening,
+                len(vectors),
+                n_references,
+                dim,
+            ).build(matrix.vectors)
+        else:
+            from .knn import SearchEngine
+            from .knn_aspect import search_by_aspect
+
+            engine = SearchEngine(
+                settings.metric, settings.backend, settings.device, screening=settings.screening
+            ).build(matrix.vectors)
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
             arguments = dict(
@@ -278,6 +300,8 @@ class AlignmentCache:
                     "letters): their alignment metrics are left empty; reload them to fix it",
                     ", ".join(f"R{i}" for i in bad_refs[:10]) + (", …" if len(bad_refs) > 10 else ""),
                 )
+            from .alignment import alignment_metrics  # parasail: only for a lookup that aligns
+
             computed = alignment_metrics(
                 [query_sequences[i] for i in new["query_idx"].to_list()],
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+ASPECTS = ("P", "F", "C")  # GO aspects: biological process, molecular function, cellular component
 HIT_SCHEMA = {
     "accession": pl.String,
     "query_idx": pl.Int64,
@@ -31,6 +32,22 @@ def reliability_index(distance: pl.Expr, metric: str) -> pl.Expr:
     if metric == "euclidean":
         return 0.5 / (0.5 + distance)
     raise ValueError(f"unknown distance metric {metric!r}")
+
+
+def aspect_masks(sequence_ids: np.ndarray, annotations: pl.DataFrame) -> np.ndarray:
+    """(3, n_ref) bool in `ASPECTS` order: row j serves an aspect when reference sequence
+    `sequence_ids[j]` carries an annotation (`annotations`: sequence_id, category) in it; the
+    masks of a per-aspect search (`knn_aspect`).
+
+    Annotations whose category is none of P/F/C (a GO term without namespace) serve no aspect.
+    """
+    ids = np.asarray(sequence_ids, dtype=np.int64)
+    served = annotations.select("sequence_id", "category").unique()
+    masks = np.zeros((len(ASPECTS), len(ids)), dtype=bool)
+    for a, aspect in enumerate(ASPECTS):
+        carriers = served.filter(pl.col("category") == aspect)["sequence_id"].to_numpy()
+        masks[a] = np.isin(ids, carriers)
+    return masks
 
 
 def neighbour_hits(

@@ -11,7 +11,8 @@ import pytest
 
 from fantasia_assets.core import screen
 from fantasia_assets.core.knn import BACKENDS, METRICS, SearchEngine
-from fantasia_assets.core.knn_aspect import ASPECTS, aspect_masks, search_by_aspect
+from fantasia_assets.core.knn_aspect import search_by_aspect
+from fantasia_assets.core.transfer import ASPECTS, aspect_masks
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import assert_matches_oracle, assert_ordered, oracle_distances
 

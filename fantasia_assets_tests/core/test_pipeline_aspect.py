@@ -9,9 +9,8 @@ import numpy as np
 import polars as pl
 
 from fantasia_assets.config import parse_config
-from fantasia_assets.core.knn_aspect import ASPECTS
 from fantasia_assets.core.references import ReferenceScope
-from fantasia_assets.core.transfer import ASPECT_HIT_SCHEMA
+from fantasia_assets.core.transfer import ASPECT_HIT_SCHEMA, ASPECTS
 from fantasia_assets.db.stores import AnnotationStore, ReferenceStore
 from fantasia_assets.paths import cache_dir
 from fantasia_assets.runner import run_lookup
