@@ -399,6 +399,10 @@ class SearchEngine:
         time small enough that the float64 operands stay in cache: the cost is the gather of the
         few candidate rows, not a pass over padded (b, m, dim) blocks.
         """
+        if self.device.type == "cpu":
+            return torch.from_numpy(
+                self._refine_on_host(exact_queries.numpy(), indices.numpy(), admissible.numpy())
+            )
         rows, columns = admissible.nonzero(as_tuple=True)
         chosen = indices[rows, columns]
         distances = torch.full(indices.shape, math.inf, dtype=torch.float64, device=self.device)
@@ -412,6 +416,25 @@ class SearchEngine:
                 exact = candidates.sub_(query).square_().sum(1).sqrt_()
             distances[rows[pairs], columns[pairs]] = exact
         return distances.float()
+
+    def _refine_on_host(
+        self, exact_queries: np.ndarray, indices: np.ndarray, admissible: np.ndarray
+    ) -> np.ndarray:
+        """`_refine` on the CPU, in numpy (`knn_reference.PreparedReferences.host_rows`)."""
+        rows, columns = np.nonzero(admissible)
+        chosen = indices[rows, columns]
+        distances = np.full(indices.shape, np.inf, dtype=np.float32)
+        for start in range(0, len(chosen), _REFINE_PAIRS):
+            pairs = slice(start, start + _REFINE_PAIRS)
+            candidates = self._references.host_rows(chosen[pairs]).astype(np.float64)
+            query = exact_queries[rows[pairs]]
+            if self.metric == "cosine":
+                exact = np.clip(1.0 - np.einsum("ij,ij->i", candidates, query), 0.0, 2.0)
+            else:
+                candidates -= query
+                exact = np.sqrt(np.einsum("ij,ij->i", candidates, candidates))
+            distances[rows[pairs], columns[pairs]] = exact
+        return distances
 
 
 def _select(

@@ -28,7 +28,7 @@ import torch
 from . import screen
 from .knn_inputs import inverse_norms, row_sq_norms
 
-_PREPARE_ROWS = 8192  # rows prepared per chunk at build: bounds the float32/float64 temporaries
+_PREPARE_ROWS = 2048  # rows prepared per chunk at build: bounds the float32/float64 temporaries
 
 
 class PreparedReferences:
@@ -46,9 +46,10 @@ class PreparedReferences:
         self.shape = source.shape
         self.streamed = isinstance(source, np.memmap)
         sq_norms = row_sq_norms(source, "references", metric)
-        self._scale = None  # cosine: float32 fl(1/‖row‖), on the device
+        self._scale_host = self._scale = None  # cosine: float32 fl(1/‖row‖), host and device
         if metric == "cosine":
-            self._scale = torch.from_numpy(inverse_norms(sq_norms).astype(np.float32)).to(device)
+            self._scale_host = inverse_norms(sq_norms).astype(np.float32)
+            self._scale = torch.from_numpy(self._scale_host).to(device)
         self._on_device = None  # CUDA: the in-memory source, where refinement gathers
         if device.type == "cuda" and not self.streamed:
             self._on_device = torch.from_numpy(_writable(source)).to(device)
@@ -81,13 +82,20 @@ class PreparedReferences:
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Prepared float32 rows of `indices` (int64, on the device), bit-identical to `prepared`."""
-        if self._on_device is not None:
-            rows = self._on_device.index_select(0, indices).to(torch.float32)
-        else:
-            picked = indices.cpu().numpy()
-            rows = _to_float32(self.source[picked], self.device, fresh=True)
+        if self._on_device is None:
+            return torch.from_numpy(self.host_rows(indices.cpu().numpy())).to(self.device)
+        rows = self._on_device.index_select(0, indices).to(torch.float32)
         if self._scale is not None:
             rows *= self._scale[indices, None]
+        return rows
+
+    def host_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Prepared float32 rows of `indices` from the host source, in numpy: single-threaded, so
+        that the many small gathers of refinement wait on no thread pool (on a loaded machine
+        each parallel region of a small op can cost a scheduler time slice)."""
+        rows = self.source[indices].astype(np.float32, copy=False)  # fancy indexing copies
+        if self._scale_host is not None:
+            rows *= self._scale_host[indices, None]  # the float32 product of `prepared`
         return rows
 
     def operand_block(self, start: int, stop: int) -> torch.Tensor:
@@ -138,10 +146,7 @@ def _writable(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else np.array(array)
 
 
-def _to_float32(rows: np.ndarray, device: torch.device, fresh: bool = False) -> torch.Tensor:
+def _to_float32(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host rows (float16 or float32) widened exactly to a float32 tensor on `device` that shares
-    no memory with the source (`fresh`: `rows` is already a private copy); torch widens half
-    precision with F16C instructions, ~10× faster than numpy."""
-    if not fresh:
-        rows = np.array(rows)
-    return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
+    no memory with the source."""
+    return torch.from_numpy(np.array(rows)).to(device=device, dtype=torch.float32)
