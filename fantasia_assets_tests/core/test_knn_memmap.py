@@ -1,5 +1,6 @@
 """The engine on a memory-mapped float16 reference matrix (the reference cache of a million rows):
-the same answer as the in-memory array, bit for bit, and memory bounded well below a float32 copy."""
+the same answer as the in-memory array, bit for bit, memory bounded well below a float32 copy,
+and a warm search of the same matrix that does not build its engine again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 import pytest
 
 from fantasia_assets.core.knn import METRICS, SearchEngine
+from fantasia_assets.core.plan import ModelSpec, Partition
+from fantasia_assets.core.references import ReferenceMatrix, ReferenceScope
+from fantasia_assets.core.stages import SearchSettings, in_process_search
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
 from fantasia_assets_tests.core.test_knn_screen import engines, exact_oracle
@@ -103,3 +107,33 @@ def test_search_over_a_memmap_never_holds_it_in_float32(tmp_path, screening):
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     held = 0.25 if measured["screening"] == "fp32" else 0.75
     assert measured["growth"] < held * float32_bytes + budget, measured
+
+
+def test_a_second_search_of_the_same_matrix_reuses_its_engine(monkeypatch, tmp_path):
+    """The in-process search keeps its engine for the next search of the same matrix object and
+    settings (a warm lookup skips the build) with the same answer; another matrix, or other
+    settings, get an engine of their own."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((400, 32), dtype=np.float32).astype(np.float16)
+    queries = rng.standard_normal((30, 32), dtype=np.float32)
+    matrix = ReferenceMatrix(ReferenceScope(1, 0), np.arange(400), memmapped(tmp_path, vectors), "f")
+    partition = Partition(ModelSpec("M"), 1, 0)
+    builds = []
+    original = SearchEngine.build
+    monkeypatch.setattr(SearchEngine, "build", lambda self, m: builds.append(m) or original(self, m))
+
+    def run(matrix, settings):
+        return [found for _, found in in_process_search(matrix, settings, partition)(queries, None, 7)]
+
+    fp32, auto = SearchSettings(screening="fp32"), SearchSettings()
+    first, second = run(matrix, fp32), run(matrix, fp32)
+    assert len(builds) == 1
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    run(matrix, auto)
+    other = ReferenceMatrix(ReferenceScope(1, 0), np.arange(400), vectors.copy(), "f")  # same fingerprint
+    run(other, auto)
+    assert len(builds) == 3
+    fresh = SearchEngine("cosine", "torch", "cpu", screening="fp32")
+    np.testing.assert_array_equal(original(fresh, vectors).search(queries[:7], 5)[1], first[0][1])
