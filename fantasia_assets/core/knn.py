@@ -20,9 +20,11 @@ are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"
 Queries and references are cut into blocks sized from a memory budget; each block's product is
 reduced at once by an exact top-m (`screen.smallest_columns`, ``np.argpartition``, or cdist +
 argsort on the scipy reference backend) merged into a running top-m, so the n_q × n_ref matrix
-never exists. The prepared reference matrix is placed on the device once, at build.
+never exists. The screen's operands are prepared once, at build, and kept on the device
+(`knn_reference`: a memory-mapped float16 matrix is read block by block and never held in float32).
 
-**Refinement** recomputes the candidates' distances directly in float64 (normalised dot product;
+**Refinement** recomputes the distances of the few admissible candidates, gathered from the
+reference rows as given, directly in float64 (normalised dot product;
 norm of the difference, free of the euclidean expansion's cancellation), rounds them to float32
 and sorts by (distance, index). Screening only has to *contain* the answer, so every backend and
 every screening precision returns the same neighbours with the same distances.
