@@ -17,9 +17,8 @@ import numpy as np
 import polars as pl
 
 from . import exports
-from .alignment import alignment_metrics
 from .distributed import Exclusions, slice_exclusions
-from .knn import SearchEngine
+from .knn_numpy import engine_for
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
 from .queries import describe_key
@@ -118,25 +117,33 @@ BatchSearch = Callable[
 # settings: a warm lookup (a long-lived Dagster process, a benchmark's second run) skips the build,
 # which at a million references prepares a billion elements. One engine only, so memory stays
 # bounded; an engine in use is taken out, so concurrent searches never share its buffers.
-_idle_engine: dict[tuple, tuple[np.ndarray, SearchEngine]] = {}
+_idle_engine: dict[tuple, tuple[np.ndarray, object]] = {}  # key → (the vectors, the engine)
 _idle_lock = threading.Lock()
 
 
 def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition) -> BatchSearch:
     """The engine built here on the matrix (or kept from the last search of it), searched batch
-    after batch."""
+    after batch (a small CPU search in numpy alone, `knn_numpy.engine_for`: the same answer
+    without torch's start-up)."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
+        n_references, dim = matrix.vectors.shape
+        engine = engine_for(
+            settings.metric,
+            settings.backend,
+            settings.device,
+            settings.screening,
+            len(vectors),
+            n_references,
+            dim,
+        )
         # the vectors object itself is part of the key (and kept alive with the engine, so its id
         # is not reused): a fingerprint alone would also match another matrix built in a test
-        key = (id(matrix.vectors), matrix.fingerprint, settings.metric, settings.backend,
-               settings.device, settings.screening)  # fmt: skip
+        key = (id(matrix.vectors), matrix.fingerprint, type(engine).__name__, settings.metric,
+               settings.backend, settings.device, settings.screening)  # fmt: skip
         with _idle_lock:
-            engine = _idle_engine.pop(key, (None, None))[1]
-        if engine is None:
-            engine = SearchEngine(
-                settings.metric, settings.backend, settings.device, screening=settings.screening
-            ).build(matrix.vectors)
+            kept = _idle_engine.pop(key, (None, None))[1]
+        engine = kept if kept is not None else engine.build(matrix.vectors)
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
             yield (
@@ -264,6 +271,8 @@ class AlignmentCache:
                     "letters): their alignment metrics are left empty; reload them to fix it",
                     ", ".join(f"R{i}" for i in bad_refs[:10]) + (", …" if len(bad_refs) > 10 else ""),
                 )
+            from .alignment import alignment_metrics  # parasail: only for a lookup that aligns
+
             computed = alignment_metrics(
                 [query_sequences[i] for i in new["query_idx"].to_list()],
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],
