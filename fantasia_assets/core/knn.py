@@ -442,25 +442,29 @@ class SearchEngine:
 def _select(
     distances: torch.Tensor, indices: torch.Tensor, k: int, threshold: float | None, ties: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Order refined candidates by (distance, index) and keep the answer: host arrays (b, K_b)."""
-    admissible = torch.isfinite(distances)
+    """Order refined candidates by (distance, index) and keep the answer: host arrays (b, K_b).
+
+    In numpy on the host: the arrays are small (b × m), and on a loaded machine each of the
+    dozen small torch operations would wait on the thread pool longer than it computes."""
+    distances, indices = distances.cpu().numpy(), indices.cpu().numpy()
+    admissible = np.isfinite(distances)
     if threshold is not None:
-        admissible &= distances.double() <= threshold  # exactly, not against float32(threshold)
+        admissible &= distances.astype(np.float64) <= threshold  # exactly, not against float32(t)
     # Non-negative float32 bit patterns order like the floats, so one int64 key (distance bits
     # high, index low) sorts by (distance, index) in one pass and decodes back into both.
-    keys = (distances.view(torch.int32).long() << 32) | indices
-    keys = torch.where(admissible, keys, _NO_CANDIDATE).sort(dim=1).values
+    keys = (np.ascontiguousarray(distances).view(np.int32).astype(np.int64) << 32) | indices
+    keys = np.sort(np.where(admissible, keys, _NO_CANDIDATE), axis=1)
     valid = keys != _NO_CANDIDATE
-    sorted_distances = torch.where(valid, (keys >> 32).int().view(torch.float32), math.inf)
-    sorted_indices = torch.where(valid, keys & 0xFFFFFFFF, -1)
+    sorted_distances = np.where(valid, (keys >> 32).astype(np.int32).view(np.float32), np.inf)
+    sorted_indices = np.where(valid, keys & 0xFFFFFFFF, -1)
     if ties and keys.shape[1] >= k:
         keep = valid & (sorted_distances <= sorted_distances[:, k - 1 : k])
     else:
-        keep = valid & (torch.arange(keys.shape[1], device=keys.device) < k)
+        keep = valid & (np.arange(keys.shape[1]) < k)
     width = max(k, int(keep.sum(1).max())) if len(keys) else k
-    sorted_distances = torch.where(keep, sorted_distances, math.inf)[:, :width]
-    sorted_indices = torch.where(keep, sorted_indices, -1)[:, :width]
-    return sorted_distances.cpu().numpy(), sorted_indices.cpu().numpy()
+    sorted_distances = np.where(keep, sorted_distances, np.inf)[:, :width].astype(np.float32)
+    sorted_indices = np.where(keep, sorted_indices, -1)[:, :width].astype(np.int64)
+    return sorted_distances, sorted_indices
 
 
 def _assemble(
