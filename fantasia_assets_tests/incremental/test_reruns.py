@@ -98,7 +98,9 @@ def _load(engine, embeddings: Path | None = None, fasta: Path = FASTA, gaf: list
 def _gaf_for(tmp_path: Path, accession: str, template: str | None = None) -> Path:
     """A one-line GAF naming `accession` (the loader creates proteins from GAF and FASTA), with
     the first annotation of `template` (default: of the first protein)."""
-    lines = [line for line in gzip.open(GAF, "rt").read().splitlines() if not line.startswith("!")]
+    lines = [
+        line for line in gzip.decompress(GAF.read_bytes()).decode().splitlines() if not line.startswith("!")
+    ]
     line = next(line for line in lines if template in (None, line.split("\t")[1])).split("\t")
     line[1] = accession
     path = tmp_path / f"{accession}.gaf"
@@ -131,7 +133,7 @@ def test_references_added_then_removed(engine, tmp_path):
     raw = _config(tmp_path)
     assert _run(raw, engine)[1].kind == "full"
     _load(engine, _subset_h5(REFS, tmp_path / "later.h5", names[200:]), gaf=[])
-    result, update = _run(raw, engine)
+    _, update = _run(raw, engine)
     assert update.kind == "references added" and update.searched == 0 and update.merged == 50
     assert update.details["references_added"] == 100
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
@@ -156,7 +158,7 @@ def test_annotations_only_needs_no_search(engine, tmp_path):
     raw = _config(tmp_path, **{"postprocess.alignment": True})
     _run(raw, engine)
     # a newer GAF: every tenth protein keeps only its first annotation
-    lines = gzip.open(GAF, "rt").read().splitlines()
+    lines = gzip.decompress(GAF.read_bytes()).decode().splitlines()
     body = [line for line in lines if not line.startswith("!")]
     proteins = sorted({line.split("\t")[1] for line in body})[::10]
     seen, kept = set(), []
