@@ -129,7 +129,7 @@ class PartitionUpdates:
             digests = query_digests(queries, rows, vectors)
             changes = incremental.diff(
                 state, matrix.sequence_ids, ref_digests, accessions, digests,
-                self.annotation_version or "", config.fingerprint(),
+                self.annotation_version, config.fingerprint(),
             )  # fmt: skip
         searched = set(incremental.queries_to_search(state, changes))
         position = {a: i for i, a in enumerate(accessions)}
@@ -182,8 +182,8 @@ class PartitionUpdates:
 
     def _preload_alignments(self, state, paths, query_idx: dict[str, int], kept: list[str]) -> None:
         """The previous run's alignment metrics of kept queries, renumbered to this query file."""
-        if not self.config.alignment:
-            return
+        if not self.config.alignment or "raw" not in state.meta["outputs"]:
+            return  # raw rows the state does not vouch for (the Dagster assets') are not reused
         old = pl.read_parquet(paths["raw"], columns=["accession", "ref_idx", *METRIC_COLUMNS])
         old = old.filter(pl.col("accession").is_in(kept)).with_columns(
             pl.col("accession").replace_strict(query_idx, return_dtype=pl.Int64).alias("query_idx"),
@@ -199,9 +199,11 @@ class PartitionUpdates:
         accessions = [queries.catalogue.accessions[r] for r in rows]
         self._pending[partition.key] = (key, queries.content_hash, accessions, query_d, outcome, ref_d)
 
-    def stage(self, root: Path, partition: Partition) -> list[Path]:
-        """Write the partition's state under the run's staging `root`, after its outputs; the entry
-        to publish with them."""
+    def stage(
+        self, root: Path, partition: Partition, outputs: tuple[str, ...] = ("hits", "raw")
+    ) -> list[Path]:
+        """Write the partition's state under `root` (the run's staging folder; experiment_path for
+        the Dagster asset), after its `outputs`; returns the entry to publish with them."""
         key, query_hash, accessions, query_d, outcome, ref_d = self._pending.pop(partition.key)
         meta = {
             "search_key": key.as_dict(),
@@ -209,7 +211,7 @@ class PartitionUpdates:
             "annotation_version": self.annotation_version or "",
             "reference_fingerprint": outcome.matrix.fingerprint,
             "query_hash": query_hash,
-            "outputs": incremental.output_digests(partition_paths(root, partition)),
+            "outputs": incremental.output_digests(partition_paths(root, partition), outputs),
         }
         incremental.write_state(
             root, partition, meta, outcome.hits, self.config.limit_per_entry,

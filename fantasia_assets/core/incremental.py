@@ -158,6 +158,9 @@ def write_state(
     `meta` must already hold the digests of the outputs it belongs to (`output_digests`); the
     JSON is written last, so a folder without it is never read as a state."""
     folder = root / state_dir(partition)
+    # written in place (the Dagster asset): the old JSON goes first, so that a write stopped
+    # half-way leaves no state that could be read with the new files
+    (folder / "state.json").unlink(missing_ok=True)
     exports.write_parquet_atomic(folder / "neighbours.parquet", tied_column(hits, k))
     exports.write_parquet_atomic(
         folder / "queries.parquet",
@@ -179,9 +182,10 @@ def write_state(
     return folder
 
 
-def output_digests(paths: Mapping[str, Path]) -> dict[str, str]:
-    """Digests of the partition outputs a state belongs to (`layout.partition_paths`' hits, raw)."""
-    return {name: file_digest(paths[name], None) for name in ("hits", "raw")}
+def output_digests(paths: Mapping[str, Path], names: tuple[str, ...] = ("hits", "raw")) -> dict[str, str]:
+    """Digests of the partition outputs a state belongs to (`layout.partition_paths`' names): the
+    whole-run lookup's hits and raw rows, or the hits alone (the Dagster asset that searches)."""
+    return {name: file_digest(paths[name], None) for name in names}
 
 
 def read_state(root: Path, partition: Partition, key: SearchKey, outputs: Mapping[str, Path]) -> StoredState:
@@ -207,11 +211,14 @@ def read_state(root: Path, partition: Partition, key: SearchKey, outputs: Mappin
     if changed:
         what = "MMseqs2 clusters changed" if changed == ["clusters"] else "search settings changed"
         raise StateUnusable(f"{what}: {', '.join(changed)}")
+    recorded = meta.get("outputs")
+    if not isinstance(recorded, dict) or "hits" not in recorded or not set(recorded) <= set(outputs):
+        raise StateUnusable(f"stored state damaged (outputs {recorded!r})")
     try:
-        current = {name: file_digest(outputs[name], None) for name in ("hits", "raw")}
+        current = {name: file_digest(outputs[name], None) for name in recorded}
     except OSError as error:
         raise StateUnusable(f"partition outputs missing ({error})") from error
-    if current != meta.get("outputs"):
+    if current != recorded:
         raise StateUnusable(
             "the partition's outputs are not the ones the state was written with "
             "(a run that failed part-way, or files rewritten since)"
@@ -270,10 +277,11 @@ def diff(
     reference_digests: list[bytes],
     query_accessions: list[str],
     query_digests: list[bytes],
-    annotation_version: str,
+    annotation_version: str | None,
     config_hash: str,
 ) -> Changes:
-    """Compare the stored state with the current references, queries, annotations and settings."""
+    """Compare the stored state with the current references, queries, annotations (None: not
+    known to the caller, the Dagster search asset) and settings."""
     old_refs = state.references
     new_refs = pl.DataFrame(
         {"sequence_id": np.asarray(reference_ids, dtype=np.int64), "new": reference_digests},
@@ -294,7 +302,7 @@ def diff(
         q.filter(pl.col("digest").is_null())["accession"].sort().to_list(),
         q.filter(pl.col("new").is_null())["accession"].sort().to_list(),
         q.filter(pl.col("digest") != pl.col("new"))["accession"].sort().to_list(),
-        state.meta.get("annotation_version") != annotation_version,
+        annotation_version is not None and state.meta.get("annotation_version") != annotation_version,
         state.meta.get("config_hash") != config_hash,
     )
 
