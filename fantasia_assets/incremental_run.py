@@ -142,8 +142,10 @@ class PartitionUpdates:
         answers = [stored]
         names = [f"Q{i}" for i in queries.query_idx[rows]] if clusters is not None else None
 
-        def run_search(references: np.ndarray, ids: np.ndarray, query_rows: np.ndarray) -> pl.DataFrame:
-            engine = SearchEngine(config.distance_metric, config.backend, device, screening=config.screening)
+        def run_search(
+            references: np.ndarray, ids: np.ndarray, query_rows: np.ndarray, screening: str
+        ) -> pl.DataFrame:
+            engine = SearchEngine(config.distance_metric, config.backend, device, screening=screening)
             engine.build(references)
             exclude = None
             if names is not None:
@@ -157,12 +159,14 @@ class PartitionUpdates:
             if len(new_ids) and kept:
                 at = np.flatnonzero(np.isin(matrix.sequence_ids, new_ids))
                 kept_rows = np.array([position[a] for a in kept], dtype=np.int64)
-                added = run_search(matrix.vectors[at], matrix.sequence_ids[at], kept_rows)
+                # a few new rows: a 16-bit screen keeps 32 candidates per query to refine, more than
+                # the float32 one's 8; the neighbours are the same with either (`core.knn`)
+                added = run_search(matrix.vectors[at], matrix.sequence_ids[at], kept_rows, "fp32")
                 answers = [
                     incremental.merge_answers(stored, added, config.limit_per_entry, config.tie_expansion)
                 ]
             if len(full_rows):
-                answers.append(run_search(matrix.vectors, matrix.sequence_ids, full_rows))
+                answers.append(run_search(matrix.vectors, matrix.sequence_ids, full_rows, config.screening))
         query_idx = dict(zip(accessions, queries.query_idx[rows].tolist(), strict=True))
         hits = incremental.assemble(answers, accessions, query_idx)
         found = set(hits["accession"].unique().to_list())
