@@ -120,9 +120,11 @@ class PartitionUpdates:
         accessions = [queries.catalogue.accessions[r] for r in rows]
         with timed(timings, "compare with the stored state"):
             stored_refs = state.references
-            if state.meta.get("reference_fingerprint") == matrix.fingerprint and len(stored_refs) == len(
-                matrix
-            ):
+            same_ids = len(stored_refs) == len(matrix) and np.array_equal(
+                stored_refs["sequence_id"].to_numpy(), matrix.sequence_ids
+            )
+            if state.meta.get("reference_fingerprint") == matrix.fingerprint and same_ids:
+                # the very matrix the state was computed on (the store caches it by fingerprint)
                 ref_digests = stored_refs["digest"].to_list()
             else:
                 ref_digests = incremental.row_digests(matrix.vectors)
@@ -188,6 +190,8 @@ class PartitionUpdates:
         """The previous run's alignment metrics of kept queries, renumbered to this query file."""
         if not self.config.alignment or "raw" not in state.meta["outputs"]:
             return  # raw rows the state does not vouch for (the Dagster assets') are not reused
+        if not set(METRIC_COLUMNS) <= set(pl.read_parquet_schema(paths["raw"])):
+            return  # the previous run had alignment off
         old = pl.read_parquet(paths["raw"], columns=["accession", "ref_idx", *METRIC_COLUMNS])
         old = old.filter(pl.col("accession").is_in(kept)).with_columns(
             pl.col("accession").replace_strict(query_idx, return_dtype=pl.Int64).alias("query_idx"),

@@ -17,6 +17,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from fantasia_assets import runner
+from fantasia_assets.cli import report_lines
 from fantasia_assets.config import parse_config
 from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets.db.loader import load_references
@@ -133,9 +135,13 @@ def test_references_added_then_removed(engine, tmp_path):
     raw = _config(tmp_path)
     assert _run(raw, engine)[1].kind == "full"
     _load(engine, _subset_h5(REFS, tmp_path / "later.h5", names[200:]), gaf=[])
-    _, update = _run(raw, engine)
+    result, update = _run(raw, engine)
     assert update.kind == "references added" and update.searched == 0 and update.merged == 50
     assert update.details["references_added"] == 100
+    assert (
+        "  update: incremental (references added): 0 queries searched, 50 merged with a search of "
+        "the new references only"
+    ) in report_lines(result)
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
     # remove the first query's nearest neighbour and a few references no query has
     hits = _hits(raw)
@@ -195,6 +201,10 @@ def test_queries_added_removed_changed_and_settings(engine, tmp_path):
     assert update.searched == 10 + 2 and update.merged == 0
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
     raw["precision"] = 6  # an output-only setting
+    _, update = _run(raw, engine)
+    assert update.kind == "output settings" and update.searched == 0
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+    raw["postprocess"]["alignment"] = True  # output-only too: the previous rows have no alignments
     _, update = _run(raw, engine)
     assert update.kind == "output settings" and update.searched == 0
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
@@ -276,10 +286,23 @@ def test_new_reference_joining_a_query_cluster_runs_in_full(engine, tmp_path):
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
 
 
-def test_untrusted_state_falls_back_to_a_full_run(engine, tmp_path, caplog):
+def test_untrusted_state_falls_back_to_a_full_run(engine, tmp_path, caplog, monkeypatch):
     _load(engine, REFS)
     raw = _config(tmp_path)
     _run(raw, engine)
+    # a run that fails part-way publishes nothing: outputs and state stay the previous run's
+    changed = copy.deepcopy(raw)
+    changed["embeddings_path"] = str(
+        _subset_h5(SAMPLE / "queries.h5", tmp_path / "q.h5", _names(SAMPLE / "queries.h5")[5:])
+    )
+
+    def fail(*args):
+        raise RuntimeError("killed while writing the summary")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "_summary_into", fail)
+        with pytest.raises(RuntimeError, match="killed"):
+            _run(changed, engine)
     assert _run(raw, engine)[1].kind == "unchanged"
     state = Path(raw["experiment_path"]) / "state" / "NEAR" / "layer_0"
 
