@@ -11,6 +11,7 @@ state is staged with its outputs, so it is published with them or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def search_key(
         clusters=incremental.clusters_digest(clusters),
         code=f"{incremental.STATE_FORMAT}|{SEARCH_CODE_VERSION}|{CODE_VERSION}",
     )
+
+
+def settings_hash(config: LookupConfig) -> str:
+    """The configuration's hash, wherever its outputs go: the state of an experiment_path copied
+    or moved elsewhere stays valid, and equals a fresh run's there."""
+    return dataclasses.replace(config, experiment_path=Path("experiment_path")).fingerprint()
 
 
 def query_digests(queries: QuerySet, rows: np.ndarray, vectors: np.ndarray) -> list[bytes]:
@@ -131,7 +138,7 @@ class PartitionUpdates:
             digests = query_digests(queries, rows, vectors)
             changes = incremental.diff(
                 state, matrix.sequence_ids, ref_digests, accessions, digests,
-                self.annotation_version, config.fingerprint(),
+                self.annotation_version, settings_hash(config),
             )  # fmt: skip
         searched = set(incremental.queries_to_search(state, changes))
         position = {a: i for i, a in enumerate(accessions)}
@@ -215,7 +222,7 @@ class PartitionUpdates:
         key, query_hash, accessions, query_d, outcome, ref_d = self._pending.pop(partition.key)
         meta = {
             "search_key": key.as_dict(),
-            "config_hash": self.config.fingerprint(),
+            "config_hash": settings_hash(self.config),
             "annotation_version": self.annotation_version or "",
             "reference_fingerprint": outcome.matrix.fingerprint,
             "query_hash": query_hash,
