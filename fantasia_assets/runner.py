@@ -389,19 +389,15 @@ def _run_lookup(
         for partition in partitions:
             outcome = updates.search(queries, partition, store, clusters, device, progress, cluster)
             raw = build_raw_rows(
-                config,
-                queries,
-                partition,
-                outcome.hits,
-                annotations,
-                engine,
-                alignments,
-                outcome.timings,
+                config, queries, partition, outcome.hits, annotations, engine, alignments, outcome.timings,
                 sequences,
-            )
+            )  # fmt: skip
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
-                writers.write_raw(root, partition, raw, shard_names, config.precision, config.fantasia_compat)
+                published = config.experiment_path  # its unchanged shards are linked, not rewritten
+                writers.write_raw(
+                    root, partition, raw, shard_names, config.precision, config.fantasia_compat, published
+                )
                 if config.topgo:
                     writers.write_partition_topgo(
                         root, partition, raw, config.precision, config.fantasia_compat
@@ -477,8 +473,7 @@ def record_run_lineage(
     summary: aggregate.SummaryFile,
     timings: dict[str, float],
 ) -> None:
-    """The lineage rows the assets would write, under a generated run id: one per partition's
-    raw rows, one for the summary."""
+    """Lineage rows as the assets write them, under a generated run id: per partition, and the summary."""
     run_id, config_hash = lineage.new_run_id(), config.fingerprint()
     rows = [
         lineage.LineageRow(
