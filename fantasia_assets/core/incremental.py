@@ -10,7 +10,9 @@ A whole-run lookup stores, per partition, under ``experiment_path/state/{model}/
 - ``state.json``: the format version, the code versions, the search key (metric, k,
   tie_expansion, threshold, MMseqs2 masking settings and a digest of the clusters), the
   configuration hash, the annotation version, the reference matrix fingerprint, and the
-  digests of the partition's ``neighbour_hits.parquet`` and ``raw_rows.parquet`` it belongs to.
+  digests of the partition's ``neighbour_hits.parquet`` and ``raw_rows.parquet`` it belongs to
+  (the whole-run lookup stages the state with those outputs and publishes them together; the
+  Dagster search asset writes it in place after the hits, and vouches for the hits only).
 
 Why the stored answer is all an exact merge needs (no margin beyond k). The search keeps, per
 query, the admissible references (distance ≤ threshold, not masked) ordered by (distance,
