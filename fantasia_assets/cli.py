@@ -68,10 +68,16 @@ def _add_lookup_parser(commands) -> None:
             "enabled model and layer, then summary.csv and TopGO exports under experiment_path. "
             "Prints a per-stage timing table. With FANTASIA_DASK_SCHEDULER set (a Dask scheduler's "
             "address), each partition's search runs in blocks on that cluster's workers, with "
-            "the same outputs; FANTASIA_DASK_TIMEOUT (seconds, default 10) bounds the wait for it."
+            "the same outputs; FANTASIA_DASK_TIMEOUT (seconds, default 10) bounds the wait for it. "
+            "A rerun in the same experiment_path is incremental: each partition searches only what "
+            "changed since the previous run's stored state (state/ under experiment_path), with "
+            "outputs equal to a full run's; the report says which kind of update ran."
         ),
     )
     parser.add_argument("--config", type=Path, required=True, help="configuration YAML (SPEC §2.3)")
+    parser.add_argument(
+        "--full", action="store_true", help="search every partition in full, ignoring the stored state"
+    )
 
 
 def _add_demo_parser(commands) -> None:
@@ -145,7 +151,9 @@ def _lookup(args, progress) -> int:
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:
-        result = _lookup_from_stamp(config, progress, cluster) if config.query_fasta is None else None
+        result = (
+            _lookup_from_stamp(config, progress, cluster, args.full) if config.query_fasta is None else None
+        )
         if result is None:
             from .db import get_engine, schema_ready
 
@@ -159,7 +167,7 @@ def _lookup(args, progress) -> int:
                     progress.end_line()
                     for line in embedded.lines:
                         print(line)
-                result = run_lookup(config, progress=progress, cluster=cluster)
+                result = run_lookup(config, progress=progress, cluster=cluster, full=args.full)
         else:
             print("reference database not started: its caches are current (README, 'The reference database')")
     finally:
@@ -175,7 +183,7 @@ def _lookup(args, progress) -> int:
     return 0
 
 
-def _lookup_from_stamp(config, progress, cluster):
+def _lookup_from_stamp(config, progress, cluster, full=False):
     """The lookup served from the caches without the embedded server when they are provably
     current (`db.snapshot`), or None: the server is needed (nothing was written then)."""
     from .core.locks import experiment_lock
@@ -187,7 +195,7 @@ def _lookup_from_stamp(config, progress, cluster):
         return None
     try:
         with experiment_lock(config.experiment_path):
-            return run_lookup(config, progress=progress, cluster=cluster, reads=reads)
+            return run_lookup(config, progress=progress, cluster=cluster, reads=reads, full=full)
     except SnapshotMiss as miss:
         progress.end_line()
         logging.getLogger(__name__).info("the cache stamp cannot answer (%s): starting the server", miss)
@@ -204,6 +212,9 @@ def report_lines(result) -> list[str]:
             f"{p.queries_without_hits} queries without neighbours within the threshold"
             + (f", {p.skipped} queries left out (skipped_queries.csv)" if p.skipped else "")
         )
+        update = result.updates.get(p.partition.key)
+        if update is not None:
+            lines.append(f"  update: {update_line(update)}")
     stages = sorted({s for p in result.partitions for s in p.timings} | set(result.timings))
     width = max((len(s) for s in stages), default=5)
     lines.append("")
@@ -222,6 +233,14 @@ def report_lines(result) -> list[str]:
     for name, path in result.outputs.items():
         lines.append(f"  {name}: {path}")
     return lines
+
+
+def update_line(update) -> str:
+    """What an incremental run did for one partition (`core.incremental.Update`), in one line."""
+    if update.kind == "full":
+        return f"full search of {update.searched} queries ({update.reason})"
+    merged = f", {update.merged} merged with a search of the new references only" if update.merged else ""
+    return f"incremental ({update.kind}): {update.searched} queries searched{merged}"
 
 
 def demo_environment() -> None:

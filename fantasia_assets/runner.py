@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -320,6 +320,7 @@ class LookupResult:
     partitions: list[PartitionReport]
     outputs: dict[str, Path]
     timings: dict[str, float]
+    updates: dict = field(default_factory=dict)  # partition key → `core.incremental.Update`
 
 
 def _with_references(partitions: list[Partition], reads: Reads) -> list[Partition]:
@@ -350,20 +351,25 @@ def run_lookup(
     progress: Progress = no_progress,
     cluster: DaskSearch | None = None,
     reads: Reads | None = None,
+    full: bool = False,
 ) -> LookupResult:
     """The whole lookup for every enabled (model, layer), then the run-wide outputs.
 
-    All or nothing: every output set is built in a staging folder and published at the end
-    (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
+    Incremental (`incremental_run`): each partition searches only what changed since its stored
+    state, or everything (`full`, or no usable state). All or nothing: every output set is built
+    in a staging folder and published at the end (`core.staging`), so a run that fails part-way
+    leaves the previous outputs (and states) as they were.
     `reads`: the database on `engine` (default), or a current stamp (`db.snapshot`).
     """
+    from .incremental_run import PartitionUpdates
+
     if reads is None:
         from .db.engine import get_engine
 
         reads = LiveReads(engine or get_engine())
     # one run per experiment_path at a time; one committed reference set for the whole run
     with experiment_lock(config.experiment_path), reads.snapshot():
-        result = _run_lookup(config, reads, progress, cluster)
+        result = _run_lookup(config, reads, progress, cluster, PartitionUpdates(config, full=full))
         try:
             reads.finish()  # the stamp a later lookup may be served from
         except (FantasiaError, OSError) as error:
@@ -372,7 +378,7 @@ def run_lookup(
 
 
 def _run_lookup(
-    config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None
+    config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None, updates
 ) -> LookupResult:
     timings: dict[str, float] = {}
     with timed(timings, "scan queries"):
@@ -390,8 +396,9 @@ def _run_lookup(
         annotations, annotation_version = AnnotationStore(None, cache_dir("annotations"), reads).get(
             reference_scope(config, partitions[0])
         )
+    updates.annotation_version = annotation_version
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
-    alignments = AlignmentCache(config.alignment_threads)
+    alignments = updates.alignments
     sequences = SequenceCache(None, reads)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
@@ -399,27 +406,24 @@ def _run_lookup(
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
         for partition in partitions:
-            outcome = search_partition(
-                config, queries, partition, store, clusters, device, progress, cluster, annotations
+            outcome = updates.search(
+                queries, partition, store, clusters, device, progress, cluster, annotations
             )
             raw = build_raw_rows(
-                config,
-                queries,
-                partition,
-                outcome.hits,
-                annotations,
-                None,
-                alignments,
-                outcome.timings,
+                config, queries, partition, outcome.hits, annotations, None, alignments, outcome.timings,
                 sequences,
-            )
+            )  # fmt: skip
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
-                writers.write_raw(root, partition, raw, shard_names, config.precision, config.fantasia_compat)
+                published = config.experiment_path  # its unchanged shards are linked, not rewritten
+                writers.write_raw(
+                    root, partition, raw, shard_names, config.precision, config.fantasia_compat, published
+                )
                 if config.topgo:
                     writers.write_partition_topgo(
                         root, partition, raw, config.precision, config.fantasia_compat
                     )
+                entries += updates.stage(root, partition)  # the state that proves these outputs
             files = partition_files(partition)
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
             raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
@@ -466,16 +470,15 @@ def _run_lookup(
     }
     if config.topgo:
         outputs["TopGO"] = base / "topgo"
-    outputs.update(
-        {
-            "sequences": base / FASTA,
-            "query mapping": base / MAPPING,
-            "output names": base / OUTPUT_NAMES,
-            "skipped queries": base / SKIPPED,
-        }
-    )
+    names = {
+        "sequences": FASTA,
+        "query mapping": MAPPING,
+        "output names": OUTPUT_NAMES,
+        "skipped queries": SKIPPED,
+    }
+    outputs.update({name: base / path for name, path in names.items()})
     outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
     # every partition of the configuration was just published: any other partition folder is stale
     for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
-    return LookupResult(config, reports, outputs, timings)
+    return LookupResult(config, reports, outputs, timings, updates.updates)

@@ -304,6 +304,13 @@ class AlignmentCache:
         self.workers = workers
         self._known = pl.DataFrame(schema={"query_idx": pl.Int64, "ref_idx": pl.Int64})
 
+    def preload(self, known: pl.DataFrame) -> None:
+        """Take metrics computed before (query_idx, ref_idx and the metric columns, as raw rows
+        hold them) as known: an incremental run reuses its previous run's alignments."""
+        if known.height:
+            merged = pl.concat([self._known, known], how="diagonal_relaxed")
+            self._known = merged.unique(["query_idx", "ref_idx"], keep="first", maintain_order=True)
+
     def metrics(
         self, pairs: pl.DataFrame, query_sequences: list[str], ref_sequences: Mapping[int, str]
     ) -> pl.DataFrame:

@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # the per-partition output trees (SPEC §4); topgo/ensemble is run-wide, not a model
-PARTITION_ROOTS = ("raw_results", "topgo", "parquet")
+PARTITION_ROOTS = ("raw_results", "topgo", "parquet", "state")
 _RUN_WIDE = {("topgo", "ensemble")}
 
 

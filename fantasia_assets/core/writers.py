@@ -57,12 +57,17 @@ def write_raw(
     shard_names: dict[str, str],
     precision: int,
     fantasia_compat: bool = False,
+    published: Path | None = None,
 ) -> dict[str, Path]:
-    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
+    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole.
+
+    `published`: experiment_path when `root` is a run's staging folder; its shards that stay
+    byte for byte the same are linked, not rewritten (`exports.write_raw_shards`)."""
     paths = partition_paths(root, partition)
     exports.write_parquet_atomic(paths["raw"], raw)
     shards = compat.with_length_columns(raw) if fantasia_compat else raw
-    exports.write_raw_shards(paths["shards"], shards, shards.columns, precision, shard_names)
+    previous = partition_paths(published, partition)["shards"] if published is not None else None
+    exports.write_raw_shards(paths["shards"], shards, shards.columns, precision, shard_names, previous)
     return paths
 
 

@@ -11,10 +11,12 @@ import polars as pl
 
 from .. import runner
 from ..core import redundancy, stages
+from ..core.locks import experiment_lock
 from ..core.summary import TOPGO_CODE_VERSION
 from ..core.timing import timed
 from ..core.writers import OUTPUT_FORMAT_VERSION
 from ..db.stores import ANNOTATIONS_CODE_VERSION, MATRIX_CODE_VERSION, AnnotationStore
+from ..incremental_run import PartitionUpdates
 from ..paths import cache_dir
 from ..progress import log_progress
 from .inputs import go_ontology, query_embeddings, reference_set
@@ -175,11 +177,16 @@ def neighbour_hits(
     if config.per_aspect:  # which references serve which aspect: the annotation cache's categories
         scope = runner.reference_scope(config, partition)
         annotations = AnnotationStore(state.engine, cache_dir("annotations")).get(scope)[0]
-    outcome = runner.search_partition(
-        config, state.queries, partition, state.reference_store(), clusters, where, log_progress(context.log),
-        annotations=annotations,
+    # incremental: only what changed since the partition's stored state is searched
+    updates = PartitionUpdates(config)
+    outcome = updates.search(
+        state.queries, partition, state.reference_store(), clusters, where, log_progress(context.log), None,
+        annotations,
     )  # fmt: skip
     paths = runner.write_hits(config, partition, outcome)
+    with experiment_lock(config.experiment_path, probe=False):
+        updates.stage(config.experiment_path, partition, outputs=("hits",))
+    update = updates.updates[partition.key]
     counts = {"queries": outcome.n_queries, "neighbours": outcome.hits.height}
     version = record_lineage(context, lineage, state, counts, outcome.timings, partition)
     written = files_version([paths["hits"], paths["no_hits"], paths["skipped"]])
@@ -189,6 +196,10 @@ def neighbour_hits(
             "queries_without_neighbours": len(outcome.queries_without_hits),
             "left_out": len(outcome.skipped),
             "device": where,
+            "update_kind": update.kind,
+            "update_reason": update.reason or "",
+            "queries_searched": update.searched,
+            "queries_merged": update.merged,
             "reference_version": version,
             "query_version": state.queries.content_hash,
             "consumed_matrix": f"{outcome.matrix.fingerprint} (from {outcome.matrix_source})",

@@ -86,6 +86,15 @@ def test_per_aspect_lookup_matches_the_oracle_and_transfers_served_aspects(sampl
     predictions = pl.read_csv(base / "predictions.tsv", separator="\t")
     assert predictions.height and set(predictions["aspect"].unique()) == set(ASPECTS)
 
+    # a rerun is a full search (the aspect masks follow the annotations, so no stored list is
+    # trusted), keeps no incremental state, and writes the same bytes
+    before = {p: p.read_bytes() for p in sorted((base / "parquet").rglob("*.parquet"))}
+    again = run_lookup(config, sample_loaded)
+    (update,) = again.updates.values()
+    assert update.kind == "full" and "per_aspect" in update.reason
+    assert not (base / "state").exists()
+    assert {p: p.read_bytes() for p in sorted((base / "parquet").rglob("*.parquet"))} == before
+
 
 def test_per_aspect_assets_write_what_the_cli_writes(sample_loaded, tmp_path, monkeypatch):
     """neighbour_hits and raw_result_shards of a per-aspect partition, materialised by Dagster

@@ -1,0 +1,260 @@
+"""Incremental whole-run lookups: each partition's neighbours from its stored state and what changed.
+
+`runner.run_lookup` hands a `PartitionUpdates` to its run loop. For each partition it reads the
+state the previous run left (`core.incremental`), compares it with the current references,
+queries, annotations and settings, and searches only what the change needs (queries searched
+in full, or merged with a search of the added references alone); a partition without a usable
+state is searched in full, and the reason logged. The rest of the run (raw rows, shards, TopGO,
+summary, predictions) is the full run's own code on those neighbours, and each partition's new
+state is staged with its outputs, so it is published with them or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .config import LookupConfig
+from .core import incremental
+from .core.alignment import METRIC_COLUMNS
+from .core.distributed import DaskSearch
+from .core.knn import SearchEngine
+from .core.layout import partition_paths
+from .core.lineage import CODE_VERSION
+from .core.plan import Partition, QuerySet
+from .core.progress import Progress
+from .core.redundancy import exclusion_csr
+from .core.stages import SEARCH_CODE_VERSION, AlignmentCache, SearchOutcome, usable_queries
+from .core.timing import timed
+from .db.stores import ReferenceStore
+
+log = logging.getLogger(__name__)
+
+
+def search_key(
+    config: LookupConfig, partition: Partition, clusters: dict[str, str] | None
+) -> incremental.SearchKey:
+    """The settings that decide the partition's neighbours (backend, device, screening and batch
+    sizes do not: every one returns the same neighbours, `core.knn`)."""
+    masking = (config.redundancy.identity, config.redundancy.coverage) if clusters is not None else None
+    return incremental.SearchKey(
+        metric=config.distance_metric,
+        k=config.limit_per_entry,
+        tie_expansion=config.tie_expansion,
+        threshold=partition.model.distance_threshold,
+        masking=masking,
+        clusters=incremental.clusters_digest(clusters),
+        code=f"{incremental.STATE_FORMAT}|{SEARCH_CODE_VERSION}|{CODE_VERSION}",
+    )
+
+
+def settings_hash(config: LookupConfig) -> str:
+    """The configuration's hash, wherever its outputs go: the state of an experiment_path copied
+    or moved elsewhere stays valid, and equals a fresh run's there."""
+    return dataclasses.replace(config, experiment_path=Path("experiment_path")).fingerprint()
+
+
+def query_digests(queries: QuerySet, rows: np.ndarray, vectors: np.ndarray) -> list[bytes]:
+    """Per searched query: its vector's bytes and its sequence (a changed sequence renumbers it)."""
+    sequences = [queries.sequences[i] for i in queries.query_idx[rows]]
+    return [
+        incremental.row_digests(np.frombuffer(digest + seq.encode(), dtype=np.uint8)[None, :])[0]
+        for digest, seq in zip(incremental.row_digests(vectors), sequences, strict=True)
+    ]
+
+
+class PartitionUpdates:
+    """The run loop's search and state staging; `updates` says what each partition's run did."""
+
+    def __init__(
+        self, config: LookupConfig, annotation_version: str | None = None, full: bool = False
+    ) -> None:
+        self.config = config
+        self.full = full
+        self.annotation_version = annotation_version
+        self.alignments = AlignmentCache(config.alignment_threads)
+        self.updates: dict[str, incremental.Update] = {}
+        self._pending: dict[str, tuple] = {}
+
+    def search(
+        self,
+        queries: QuerySet,
+        partition: Partition,
+        store: ReferenceStore,
+        clusters: dict[str, str] | None,
+        device: str,
+        progress: Progress,
+        cluster: DaskSearch | None,
+        annotations: pl.DataFrame | None = None,
+    ) -> SearchOutcome:
+        from .runner import search_partition
+
+        config = self.config
+        if config.per_aspect:
+            # the aspect masks follow the annotations, so no stored list survives an annotation
+            # change; a per-aspect search is always a full one, and keeps no state
+            log.warning("%s: full search: per-aspect neighbours are not updated incrementally", partition.key)
+            outcome = search_partition(
+                config, queries, partition, store, clusters, device, progress, cluster, annotations
+            )
+            self.updates[partition.key] = incremental.Update(
+                "full", "lookup.per_aspect is searched in full", searched=outcome.n_queries
+            )
+            return outcome
+        key = search_key(config, partition, clusters)
+        paths = partition_paths(config.experiment_path, partition)
+        state, reason = None, "a full run was asked for (--full)" if self.full else None
+        if reason is None:
+            try:
+                state = incremental.read_state(config.experiment_path, partition, key, paths)
+            except incremental.StateUnusable as error:
+                reason = str(error)
+        if state is None:
+            log.warning("%s: full search: %s", partition.key, reason)
+            outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
+            with timed(outcome.timings, "incremental state"):
+                layer = (partition.type_id, partition.layer)
+                vectors, rows, _ = queries.catalogue.read_valid(
+                    layer, outcome.matrix.dim, config.distance_metric
+                )
+                self._remember(partition, key, queries, rows, vectors, outcome, None)
+            self.updates[partition.key] = incremental.Update("full", reason, searched=outcome.n_queries)
+            return outcome
+        return self._incremental(queries, partition, store, clusters, device, progress, key, state, paths)
+
+    def _incremental(
+        self, queries, partition, store, clusters, device, progress, key, state, paths
+    ) -> SearchOutcome:
+        from .runner import reference_scope
+
+        config, timings = self.config, {}
+        with timed(timings, "references"):
+            matrix = store.get(reference_scope(config, partition), progress)
+        with timed(timings, "read queries"):
+            vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, config.distance_metric)
+        accessions = [queries.catalogue.accessions[r] for r in rows]
+        with timed(timings, "compare with the stored state"):
+            stored_refs = state.references
+            same_ids = len(stored_refs) == len(matrix) and np.array_equal(
+                stored_refs["sequence_id"].to_numpy(), matrix.sequence_ids
+            )
+            if state.meta.get("reference_fingerprint") == matrix.fingerprint and same_ids:
+                # the very matrix the state was computed on (the store caches it by fingerprint)
+                ref_digests = stored_refs["digest"].to_list()
+            else:
+                ref_digests = incremental.row_digests(matrix.vectors)
+            digests = query_digests(queries, rows, vectors)
+            changes = incremental.diff(
+                state, matrix.sequence_ids, ref_digests, accessions, digests,
+                self.annotation_version, settings_hash(config),
+            )  # fmt: skip
+        searched = set(incremental.queries_to_search(state, changes))
+        position = {a: i for i, a in enumerate(accessions)}
+        full_rows = np.array(sorted(position[a] for a in searched), dtype=np.int64)
+        kept = [a for a in accessions if a not in searched]
+        stored = state.neighbours.filter(pl.col("accession").is_in(kept))
+        new_ids = np.union1d(changes.references_added, changes.references_changed)
+        settings = (config.limit_per_entry, partition.model.distance_threshold, config.tie_expansion)
+        batch = partition.model.batch_size or config.batch_size
+        answers = [stored]
+        names = [f"Q{i}" for i in queries.query_idx[rows]] if clusters is not None else None
+
+        def run_search(
+            references: np.ndarray, ids: np.ndarray, query_rows: np.ndarray, screening: str
+        ) -> pl.DataFrame:
+            engine = SearchEngine(config.distance_metric, config.backend, device, screening=screening)
+            engine.build(references)
+            exclude = None
+            if names is not None:
+                exclude = exclusion_csr([names[r] for r in query_rows], [f"R{s}" for s in ids], clusters)
+            return incremental.search_rows(
+                engine, ids, [accessions[r] for r in query_rows], vectors[query_rows],
+                *settings, batch, exclude,
+            )  # fmt: skip
+
+        with timed(timings, "search"):
+            if len(new_ids) and kept:
+                at = np.flatnonzero(np.isin(matrix.sequence_ids, new_ids))
+                kept_rows = np.array([position[a] for a in kept], dtype=np.int64)
+                # a few new rows: a 16-bit screen keeps 32 candidates per query to refine, more than
+                # the float32 one's 8; the neighbours are the same with either (`core.knn`)
+                added = run_search(matrix.vectors[at], matrix.sequence_ids[at], kept_rows, "fp32")
+                answers = [
+                    incremental.merge_answers(stored, added, config.limit_per_entry, config.tie_expansion)
+                ]
+            if len(full_rows):
+                answers.append(run_search(matrix.vectors, matrix.sequence_ids, full_rows, config.screening))
+        query_idx = dict(zip(accessions, queries.query_idx[rows].tolist(), strict=True))
+        hits = incremental.assemble(answers, accessions, query_idx)
+        found = set(hits["accession"].unique().to_list())
+        without = sorted(a for a in accessions if a not in found)
+        outcome = SearchOutcome(hits, matrix, len(rows), without, timings, store.last_source, skipped)
+        self._remember(partition, key, queries, rows, vectors, outcome, (digests, ref_digests))
+        kinds = changes.kinds()
+        self.updates[partition.key] = incremental.Update(
+            " + ".join(kinds) if kinds else "unchanged",
+            searched=len(full_rows),
+            merged=len(kept) if len(new_ids) else 0,
+            details={name.replace(" ", "_"): n for name, n in _counts(changes).items()},
+        )
+        self._preload_alignments(state, paths, query_idx, kept)
+        log.info("%s: incremental update (%s)", partition.key, self.updates[partition.key].kind)
+        return outcome
+
+    def _preload_alignments(self, state, paths, query_idx: dict[str, int], kept: list[str]) -> None:
+        """The previous run's alignment metrics of kept queries, renumbered to this query file."""
+        if not self.config.alignment or "raw" not in state.meta["outputs"]:
+            return  # raw rows the state does not vouch for (the Dagster assets') are not reused
+        if not set(METRIC_COLUMNS) <= set(pl.read_parquet_schema(paths["raw"])):
+            return  # the previous run had alignment off
+        old = pl.read_parquet(paths["raw"], columns=["accession", "ref_idx", *METRIC_COLUMNS])
+        old = old.filter(pl.col("accession").is_in(kept)).with_columns(
+            pl.col("accession").replace_strict(query_idx, return_dtype=pl.Int64).alias("query_idx"),
+            pl.col(list(METRIC_COLUMNS)).cast(pl.Float64),
+        )
+        self.alignments.preload(old.select("query_idx", "ref_idx", *METRIC_COLUMNS))
+
+    def _remember(self, partition, key, queries, rows, vectors, outcome, digests) -> None:
+        query_d, ref_d = digests or (
+            query_digests(queries, rows, vectors),
+            incremental.row_digests(outcome.matrix.vectors),
+        )
+        accessions = [queries.catalogue.accessions[r] for r in rows]
+        self._pending[partition.key] = (key, queries.content_hash, accessions, query_d, outcome, ref_d)
+
+    def stage(
+        self, root: Path, partition: Partition, outputs: tuple[str, ...] = ("hits", "raw")
+    ) -> list[Path]:
+        """Write the partition's state under `root` (the run's staging folder; experiment_path for
+        the Dagster asset), after its `outputs`; returns the entry to publish with them."""
+        if partition.key not in self._pending:
+            return []  # a per-aspect search keeps no state: the next run is a full one
+        key, query_hash, accessions, query_d, outcome, ref_d = self._pending.pop(partition.key)
+        meta = {
+            "search_key": key.as_dict(),
+            "config_hash": settings_hash(self.config),
+            "annotation_version": self.annotation_version or "",
+            "reference_fingerprint": outcome.matrix.fingerprint,
+            "query_hash": query_hash,
+            "outputs": incremental.output_digests(partition_paths(root, partition), outputs),
+        }
+        incremental.write_state(
+            root, partition, meta, outcome.hits, self.config.limit_per_entry,
+            accessions, query_d, outcome.matrix.sequence_ids, ref_d,
+        )  # fmt: skip
+        return [incremental.state_dir(partition)]
+
+
+def _counts(changes: incremental.Changes) -> dict[str, int]:
+    return {
+        "references added": len(changes.references_added),
+        "references removed": len(changes.references_removed),
+        "references changed": len(changes.references_changed),
+        "queries added": len(changes.queries_added),
+        "queries removed": len(changes.queries_removed),
+        "queries changed": len(changes.queries_changed),
+    }

@@ -1,0 +1,76 @@
+"""The exact merges of `core.incremental` equal a full search, ties and thresholds included."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from fantasia_assets.core import incremental
+from fantasia_assets.core.knn import SearchEngine
+
+
+def _answers(vectors, ids, queries, k, threshold, ties, metric="cosine"):
+    engine = SearchEngine(metric, "torch", "cpu").build(vectors)
+    names = [f"q{i}" for i in range(len(queries))]
+    return incremental.search_rows(engine, ids, names, queries, k, threshold, ties, batch=7)
+
+
+def _data(seed: int, metric: str):
+    """References with exact duplicates (distance ties) and queries equal to some references."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((60, 16)).astype(np.float16)
+    vectors = np.concatenate([base, base[::3], base[::5]])  # duplicated rows tie exactly
+    ids = np.sort(rng.choice(10_000, size=len(vectors), replace=False)).astype(np.int64)
+    queries = np.concatenate([rng.standard_normal((20, 16)), base[:10].astype(np.float32)]).astype(np.float32)
+    return vectors, ids, queries
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("with_threshold", [False, True])
+def test_merge_with_added_references_equals_a_full_search(metric, ties, with_threshold):
+    vectors, ids, queries = _data(7, metric)
+    k = 4
+    full = _answers(vectors, ids, queries, k, None, ties, metric)
+    # the threshold exactly at a distance that occurs, so that a pair sits on it
+    threshold = float(full["distance"].sort()[len(full) // 2]) if with_threshold else None
+    full = _answers(vectors, ids, queries, k, threshold, ties, metric)
+    if with_threshold:
+        assert (full["distance"] == threshold).any()
+    rng = np.random.default_rng(1)
+    added = np.zeros(len(ids), dtype=bool)
+    added[rng.choice(len(ids), size=40, replace=False)] = True
+    # every duplicate pair split across the two sets: new references tie old k-th neighbours
+    old = _answers(vectors[~added], ids[~added], queries, k, threshold, ties, metric)
+    new = _answers(vectors[added], ids[added], queries, k, threshold, ties, metric)
+    merged = incremental.merge_answers(old, new, k, ties)
+    order = [f"q{i}" for i in range(len(queries))]
+    zero = dict.fromkeys(order, 0)
+    assert incremental.assemble([merged], order, zero).equals(incremental.assemble([full], order, zero))
+    if ties:  # the case is exercised: some answers are longer than k
+        assert full.group_by("accession").len()["len"].max() > k
+
+
+def test_answers_without_removed_references_stay_as_stored():
+    vectors, ids, queries = _data(3, "cosine")
+    k = 3
+    stored = _answers(vectors, ids, queries, k, None, True)
+    removed = np.sort(stored["ref_idx"].unique().to_numpy()[::4])
+    keep = ~np.isin(ids, removed)
+    after = _answers(vectors[keep], ids[keep], queries, k, None, True)
+    touched = set(stored.filter(pl.col("ref_idx").is_in(removed.tolist()))["accession"])
+    assert touched and len(touched) < len(queries)
+    for accession in {f"q{i}" for i in range(len(queries))} - touched:
+        assert stored.filter(pl.col("accession") == accession).equals(
+            after.filter(pl.col("accession") == accession)
+        )
+
+
+def test_tied_column_marks_the_kth_distance():
+    hits = pl.DataFrame(
+        {"accession": ["a"] * 4, "query_idx": [0] * 4, "rank": [0, 1, 2, 3], "ref_idx": [1, 2, 3, 4],
+         "distance": [0.1, 0.2, 0.2, 0.2]},
+        schema=incremental.HIT_SCHEMA,
+    )  # fmt: skip
+    assert incremental.tied_column(hits, 2)["tied"].to_list() == [False, True, True, True]

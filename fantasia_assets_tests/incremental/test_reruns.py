@@ -1,0 +1,338 @@
+"""Incremental reruns on real data (the bundled sample: human references, mouse queries): each
+kind of change, and each hostile case, gives outputs byte for byte equal to a full run in a fresh
+experiment_path; a state that cannot be trusted falls back to a full run and says why."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from fantasia_assets import runner
+from fantasia_assets.cli import report_lines
+from fantasia_assets.config import parse_config
+from fantasia_assets.core.knn import SearchEngine
+from fantasia_assets.db.loader import load_references
+from fantasia_assets.runner import run_lookup
+from fantasia_assets_tests.conftest import PROJECT, SAMPLE
+
+REFS = SAMPLE / "references_near.h5"
+FASTA, GAF, OBO = SAMPLE / "references.fasta.gz", SAMPLE / "references.gaf.gz", SAMPLE / "go-basic.obo.gz"
+HITS = Path("parquet/NEAR/layer_0/neighbour_hits.parquet")
+
+
+def _config(tmp_path: Path, queries: Path = SAMPLE / "queries.h5", **overrides) -> dict:
+    raw = yaml.safe_load((PROJECT / "data" / "config.yaml").read_text())
+    raw["experiment_path"] = str(tmp_path / "experiment")
+    raw["embeddings_path"] = str(queries)
+    raw["embedding"]["models"]["AntiBERTy"]["enabled"] = False
+    raw["embedding"]["models"]["NEAR"]["layer_index"] = [0]
+    raw["postprocess"]["alignment"] = False
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """Every output and the incremental state; not the lineage log, which every run appends to."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "lineage.duckdb"
+    }
+
+
+def _run(raw: dict, engine, **kwargs):
+    result = run_lookup(parse_config(raw), engine, **kwargs)
+    return result, result.updates["NEAR|layer_0"]
+
+
+def _fresh_full_run(raw: dict, engine, tmp_path: Path) -> dict[str, str]:
+    """The output digests of a full run of `raw` in a fresh experiment_path."""
+    fresh = copy.deepcopy(raw)
+    fresh["experiment_path"] = str(tmp_path / f"fresh-{len(list(tmp_path.glob('fresh-*')))}")
+    _, update = _run(fresh, engine)
+    assert update.kind == "full" and "no stored state" in update.reason
+    return _digests(Path(fresh["experiment_path"]))
+
+
+def _assert_equals_fresh_full_run(raw: dict, engine, tmp_path: Path) -> None:
+    assert _digests(Path(raw["experiment_path"])) == _fresh_full_run(raw, engine, tmp_path)
+
+
+def _subset_h5(source: Path, target: Path, names: list[str], vectors: dict | None = None) -> Path:
+    """`names` groups of `source` (sequence and every embedding), some vectors replaced."""
+    with h5py.File(source) as src, h5py.File(target, "w") as out:
+        for key, value in src.attrs.items():
+            out.attrs[key] = value
+        for name in names:
+            src.copy(src[name], out, name=name)
+            for path, vector in (vectors or {}).get(name, {}).items():
+                del out[name][path]
+                out[name].create_dataset(path, data=vector)
+    return target
+
+
+def _load(engine, embeddings: Path | None = None, fasta: Path = FASTA, gaf: list[Path] | None = None):
+    return load_references(
+        engine,
+        fasta=fasta,
+        gaf=gaf if gaf is not None else [GAF],
+        obo=OBO,
+        embeddings=embeddings,
+        model="NEAR",
+    )
+
+
+def _gaf_for(tmp_path: Path, accession: str, template: str | None = None) -> Path:
+    """A one-line GAF naming `accession` (the loader creates proteins from GAF and FASTA), with
+    the first annotation of `template` (default: of the first protein)."""
+    lines = [
+        line for line in gzip.decompress(GAF.read_bytes()).decode().splitlines() if not line.startswith("!")
+    ]
+    line = next(line for line in lines if template in (None, line.split("\t")[1])).split("\t")
+    line[1] = accession
+    path = tmp_path / f"{accession}.gaf"
+    path.write_text("!gaf-version: 2.1\n" + "\t".join(line) + "\n")
+    return path
+
+
+def _hits(raw: dict) -> pl.DataFrame:
+    return pl.read_parquet(Path(raw["experiment_path"]) / HITS)
+
+
+def _sequence_id(engine, accession: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT p.sequence_id FROM accession a JOIN protein p ON p.id = a.protein_id WHERE a.code = :c"
+            ),
+            {"c": accession},
+        ).scalar_one()
+
+
+def _names(path: Path) -> list[str]:
+    with h5py.File(path) as handle:
+        return sorted(handle)
+
+
+def test_references_added_then_removed(engine, tmp_path):
+    names = _names(REFS)
+    _load(engine, _subset_h5(REFS, tmp_path / "first.h5", names[:200]))
+    raw = _config(tmp_path)
+    assert _run(raw, engine)[1].kind == "full"
+    _load(engine, _subset_h5(REFS, tmp_path / "later.h5", names[200:]), gaf=[])
+    result, update = _run(raw, engine)
+    assert update.kind == "references added" and update.searched == 0 and update.merged == 50
+    assert update.details["references_added"] == 100
+    assert (
+        "  update: incremental (references added): 0 queries searched, 50 merged with a search of "
+        "the new references only"
+    ) in report_lines(result)
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+    # remove the first query's nearest neighbour and a few references no query has
+    hits = _hits(raw)
+    nearest = int(hits.filter(pl.col("rank") == 0)["ref_idx"][0])
+    unused = sorted(set(range(1, 400)) - set(hits["ref_idx"].to_list()))[:5]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("DELETE FROM sequence_embeddings WHERE sequence_id = ANY(:ids)"),
+            {"ids": [nearest, *unused]},
+        )
+    _, update = _run(raw, engine)
+    touched = hits.filter(pl.col("ref_idx") == nearest)["accession"].n_unique()
+    assert update.kind == "references removed" and update.searched == touched and 0 < touched < 50
+    assert nearest not in _hits(raw)["ref_idx"].to_list()
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_annotations_only_needs_no_search(engine, tmp_path):
+    _load(engine, REFS)
+    raw = _config(tmp_path, **{"postprocess.alignment": True})
+    _run(raw, engine)
+    # a newer GAF: every tenth protein keeps only its first annotation
+    lines = gzip.decompress(GAF.read_bytes()).decode().splitlines()
+    body = [line for line in lines if not line.startswith("!")]
+    proteins = sorted({line.split("\t")[1] for line in body})[::10]
+    seen, kept = set(), []
+    for line in body:
+        protein = line.split("\t")[1]
+        if protein in proteins and protein in seen:
+            continue
+        seen.add(protein)
+        kept.append(line)
+    trimmed = tmp_path / "trimmed.gaf"
+    trimmed.write_text("\n".join([lines[0], *kept]) + "\n")
+    report = load_references(engine, fasta=FASTA, gaf=[trimmed], obo=OBO)
+    assert report.annotations.deleted > 0
+    _, update = _run(raw, engine)
+    assert update.kind == "annotations" and update.searched == 0 and update.merged == 0
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_queries_added_removed_changed_and_settings(engine, tmp_path):
+    _load(engine, REFS)
+    queries = _names(SAMPLE / "queries.h5")
+    first = _subset_h5(SAMPLE / "queries.h5", tmp_path / "q1.h5", queries[:40])
+    raw = _config(tmp_path, first)
+    _run(raw, engine)
+    with h5py.File(SAMPLE / "queries.h5") as handle:
+        moved = {
+            name: {"type_1/layer_0/embedding": handle[name]["type_1/layer_0/embedding"][()][::-1].copy()}
+            for name in queries[5:7]
+        }
+    second = _subset_h5(SAMPLE / "queries.h5", tmp_path / "q2.h5", queries[3:], moved)
+    raw = _config(tmp_path, second)
+    _, update = _run(raw, engine)
+    assert update.kind == "queries added + queries removed + queries changed + output settings"
+    assert update.searched == 10 + 2 and update.merged == 0
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+    raw["precision"] = 6  # an output-only setting
+    _, update = _run(raw, engine)
+    assert update.kind == "output settings" and update.searched == 0
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+    raw["postprocess"]["alignment"] = True  # output-only too: the previous rows have no alignments
+    _, update = _run(raw, engine)
+    assert update.kind == "output settings" and update.searched == 0
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+    raw["lookup"]["limit_per_entry"] = 3  # changes the search
+    _, update = _run(raw, engine)
+    assert update.kind == "full" and update.reason == "search settings changed: k"
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_new_reference_tying_the_kth_neighbour(engine, tmp_path, ties):
+    _load(engine, REFS)
+    raw = _config(tmp_path, **{"lookup.tie_expansion": ties})
+    _run(raw, engine)
+    kth = _hits(raw).filter(pl.col("rank") == 4).row(0, named=True)
+    with engine.connect() as conn:
+        accession, sequence = conn.execute(
+            sa.text("SELECT a.code, s.sequence FROM accession a JOIN protein p ON p.id = a.protein_id "
+                    "JOIN sequence s ON s.id = p.sequence_id WHERE p.sequence_id = :i LIMIT 1"),
+            {"i": kth["ref_idx"]},
+        ).one()  # fmt: skip
+    fasta = tmp_path / "tie.fasta"
+    fasta.write_text(f">TIE001\nW{sequence[1:]}\n")  # another sequence, the same vector
+    twin = tmp_path / "tie.h5"
+    with h5py.File(REFS) as src, h5py.File(twin, "w") as out:
+        for key, value in src.attrs.items():
+            out.attrs[key] = value
+        src.copy(src[f"accession_{accession}"], out, name="accession_TIE001")
+        del out["accession_TIE001/sequence"]
+        out["accession_TIE001"].create_dataset("sequence", data=f"W{sequence[1:]}", dtype=h5py.string_dtype())
+    _load(engine, twin, fasta=fasta, gaf=[_gaf_for(tmp_path, "TIE001", accession)])
+    _, update = _run(raw, engine)
+    assert update.kind == "references added + annotations" and update.searched == 0
+    new_id = _sequence_id(engine, "TIE001")
+    assert new_id > kth["ref_idx"]  # ties go to the smaller id: the newcomer ranks after
+    mine = _hits(raw).filter(pl.col("accession") == kth["accession"])
+    assert (new_id in mine["ref_idx"].to_list()) == ties
+    if ties:
+        assert mine.filter(pl.col("ref_idx") == new_id)["distance"][0] == kth["distance"]
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_distance_exactly_at_the_threshold(engine, tmp_path):
+    names = _names(REFS)
+    _load(engine, _subset_h5(REFS, tmp_path / "first.h5", names[:250]))
+    with h5py.File(REFS) as refs, h5py.File(SAMPLE / "queries.h5") as queries:
+        later = np.stack([refs[n]["type_1/layer_0/embedding"][()] for n in names[250:]]).astype(np.float16)
+        query = queries[_names(SAMPLE / "queries.h5")[0]]["type_1/layer_0/embedding"][()][None, :]
+    distances, _ = SearchEngine("cosine", "torch", "cpu").build(later).search(query.astype(np.float32), 1)
+    threshold = float(distances[0, 0])  # the float32 distance, exactly: a later reference sits on it
+    raw = _config(tmp_path, **{"embedding.models.NEAR.distance_threshold": threshold})
+    _run(raw, engine)
+    _load(engine, _subset_h5(REFS, tmp_path / "later.h5", names[250:]), gaf=[])
+    _, update = _run(raw, engine)
+    assert update.kind == "references added"
+    assert (_hits(raw)["distance"] == threshold).any()
+    assert (_hits(raw)["distance"] <= threshold).all()
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_new_reference_joining_a_query_cluster_runs_in_full(engine, tmp_path):
+    """MMseqs2 masking: a reference with a query's own sequence changes the clusters, so the
+    partition is searched in full (clusters are not merged), and masks the newcomer."""
+    _load(engine, REFS)
+    raw = _config(tmp_path, **{"lookup.redundancy.identity": 0.9})
+    _run(raw, engine)
+    query = _names(SAMPLE / "queries.h5")[0]
+    twin = _subset_h5(SAMPLE / "queries.h5", tmp_path / "twin.h5", [query])
+    with h5py.File(twin, "a") as handle:
+        handle.move(query, "accession_TWIN01")
+        for model in [k for k in handle["accession_TWIN01"] if k.startswith("type_") and k != "type_1"]:
+            del handle["accession_TWIN01"][model]
+        sequence = handle["accession_TWIN01/sequence"][()].decode()
+    fasta = tmp_path / "twin.fasta"
+    fasta.write_text(f">TWIN01\n{sequence}\n")
+    _load(engine, twin, fasta=fasta, gaf=[_gaf_for(tmp_path, "TWIN01")])
+    _, update = _run(raw, engine)
+    assert update.kind == "full" and update.reason.startswith("MMseqs2 clusters changed")
+    assert _sequence_id(engine, "TWIN01") not in _hits(raw)["ref_idx"].to_list()
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_untrusted_state_falls_back_to_a_full_run(engine, tmp_path, caplog, monkeypatch):
+    _load(engine, REFS)
+    raw = _config(tmp_path)
+    _run(raw, engine)
+    # a run that fails part-way publishes nothing: outputs and state stay the previous run's
+    changed = copy.deepcopy(raw)
+    changed["embeddings_path"] = str(
+        _subset_h5(SAMPLE / "queries.h5", tmp_path / "q.h5", _names(SAMPLE / "queries.h5")[5:])
+    )
+
+    def fail(*args):
+        raise RuntimeError("killed while writing the summary")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "_summary_into", fail)
+        with pytest.raises(RuntimeError, match="killed"):
+            _run(changed, engine)
+    assert _run(raw, engine)[1].kind == "unchanged"
+    state = Path(raw["experiment_path"]) / "state" / "NEAR" / "layer_0"
+
+    def damage_neighbours():
+        (state / "neighbours.parquet").write_bytes(b"PAR1 not a parquet file")
+
+    def other_code():
+        meta = json.loads((state / "state.json").read_text())
+        meta["search_key"]["code"] = "an older version"
+        (state / "state.json").write_text(json.dumps(meta))
+
+    def outputs_rewritten():  # as a run that failed after writing some outputs leaves them
+        raw_rows = Path(raw["experiment_path"]) / "parquet" / "NEAR" / "layer_0" / "raw_rows.parquet"
+        pl.read_parquet(raw_rows).head(3).write_parquet(raw_rows)
+
+    def missing():
+        for path in state.iterdir():
+            path.unlink()
+
+    cases = [
+        (damage_neighbours, "stored state damaged"),
+        (other_code, "stored state from other code"),
+        (outputs_rewritten, "the partition's outputs are not the ones"),
+        (missing, "no stored state"),
+    ]
+    expected = _fresh_full_run(raw, engine, tmp_path)
+    for harm, reason in cases:
+        harm()
+        caplog.clear()
+        _, update = _run(raw, engine)
+        assert update.kind == "full" and update.reason.startswith(reason), update.reason
+        assert reason in caplog.text
+        assert _digests(Path(raw["experiment_path"])) == expected
