@@ -145,6 +145,7 @@ def main() -> None:
     os.environ["FANTASIA_HOME"] = str(work / "home")
     os.environ.pop("FANTASIA_DATABASE_URL", None)
 
+    from fantasia_assets.cli import report_lines
     from fantasia_assets.config import parse_config
     from fantasia_assets.db import get_engine, schema_ready
     from fantasia_assets.db.embedded import embedded_server
@@ -179,7 +180,7 @@ def main() -> None:
         matmul_bf16 = bare_matmul_seconds(queries, references, args.device, "bfloat16")
         for label, (total, result) in results.items():
             print(f"--- {label} run: {total:.2f} s")
-            for line in result.report_lines():
+            for line in report_lines(result):
                 if line and not line.startswith("  ") and not line.startswith("outputs"):
                     print(line)
         flops = 2.0 * args.queries * args.references * args.dim

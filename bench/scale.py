@@ -69,6 +69,7 @@ def main() -> None:
     os.environ["FANTASIA_HOME"] = str(work / "home")
     os.environ.pop("FANTASIA_DATABASE_URL", None)
 
+    from fantasia_assets.cli import report_lines
     from fantasia_assets.config import parse_config
     from fantasia_assets.core.knn import SearchEngine
     from fantasia_assets.db import get_engine, schema_ready
@@ -104,7 +105,7 @@ def main() -> None:
             result = run_lookup(config, engine)
             cold = time.perf_counter() - started
         print(f"--- cold lookup: {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB")
-        for line in result.report_lines():
+        for line in report_lines(result):
             if line and not line.startswith("  ") and not line.startswith("outputs"):
                 print(line)
 

@@ -63,21 +63,62 @@ def encode(sequence_ids: np.ndarray, vectors: np.ndarray) -> bytes:
     return stream.tobytes()
 
 
+class StreamDecoder:
+    """Decodes a binary COPY stream of (int4, halfvec) rows as its blocks arrive.
+
+    `feed` takes the next block and returns the rows it completed as (int64 ids, native
+    float16 matrix), or None while no row is whole; `finish` checks that only the trailer is
+    left. The stream is never held whole: at most one block plus one partial row is pending.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._started = False  # the header was consumed
+        self.dim: int | None = None
+
+    def feed(self, block: bytes | memoryview) -> tuple[np.ndarray, np.ndarray] | None:
+        self._pending += block
+        if not self._started:
+            if len(self._pending) < len(_HEADER):
+                return None
+            del self._pending[: len(_HEADER)]
+            self._started = True
+        if self.dim is None:
+            if len(self._pending) < 2 * _ROW_WORDS or self._pending[:2] == _TRAILER:
+                return None
+            self.dim = int.from_bytes(self._pending[14:16], "big", signed=True)
+        record = record_dtype(self.dim)
+        whole = len(self._pending) // record.itemsize * record.itemsize
+        if not whole:
+            return None
+        rows = np.frombuffer(bytes(self._pending[:whole]), dtype=record)
+        del self._pending[:whole]
+        odd = np.flatnonzero((rows["nfields"] != 2) | (rows["dim"] != self.dim))
+        if len(odd):
+            raise _mixed(int(rows["id"][odd[0]]), int(rows["dim"][odd[0]]), self.dim)
+        return rows["id"].astype(np.int64), rows["values"].astype(np.float16)
+
+    def finish(self) -> None:
+        """Raise `ReferenceSetError` unless what is left is the trailer (rows of another length)."""
+        if not self._started or bytes(self._pending) != _TRAILER:
+            raise ReferenceSetError(
+                "reference embeddings of one model and layer have different dimensions "
+                "(or the COPY stream was cut short)"
+            )
+
+
+def _mixed(sequence_id: int, dim: int, expected: int) -> ReferenceSetError:
+    return ReferenceSetError(
+        f"reference embeddings of one model and layer have different dimensions: sequence "
+        f"{sequence_id} has a {dim}-dim embedding, others have {expected}"
+    )
+
+
 def decode(payload: bytes) -> tuple[np.ndarray, np.ndarray]:
     """(int64 sequence ids, C-contiguous float16 matrix) from a binary COPY of (int4, halfvec)."""
-    body = memoryview(payload)[len(_HEADER) :]
-    if len(body) <= len(_TRAILER):
+    decoder = StreamDecoder()
+    rows = decoder.feed(payload)
+    decoder.finish()
+    if rows is None:
         return np.empty(0, np.int64), np.empty((0, 0), np.float16)
-    dim = int.from_bytes(body[14:16], "big", signed=True)
-    record = record_dtype(dim)
-    usable = len(body) - len(_TRAILER)
-    if usable % record.itemsize:
-        raise ReferenceSetError("reference embeddings of one model and layer have different dimensions")
-    rows = np.frombuffer(body[:usable], dtype=record)
-    odd = np.flatnonzero((rows["nfields"] != 2) | (rows["dim"] != dim))
-    if len(odd):
-        raise ReferenceSetError(
-            f"sequence {int(rows['id'][odd[0]])} has a {int(rows['dim'][odd[0]])}-dim embedding, "
-            f"others have {dim}"
-        )
-    return rows["id"].astype(np.int64), np.ascontiguousarray(rows["values"], dtype=np.float16)
+    return rows

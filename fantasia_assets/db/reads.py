@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -183,11 +184,52 @@ def _copy_out(engine: Engine, query: sql.Composable, params: dict, options: str)
 
 
 @translate_errors
-def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
-    """Stream the scope's embeddings from the database (binary COPY) into one array."""
+def copy_reference_rows(
+    engine: Engine, scope: ReferenceScope, sink: Callable[[np.ndarray, np.ndarray], None]
+) -> int:
+    """Stream the scope's embeddings (binary COPY, ascending sequence id) into `sink`, block by
+    block as (int64 ids, float16 rows): the matrix is never held whole. Returns the dimension
+    (0 when the scope has no rows).
+
+    The database stores halfvec (float16), so the float16 rows are its values exactly.
+    """
     query, params = _rows_query(scope, sql.SQL("se.sequence_id, se.embedding"))
-    ids, vectors = halfvec.decode(_copy_out(engine, query, params, "FORMAT binary"))
-    return ReferenceMatrix(scope, ids, vectors, fingerprint)
+    decoder = halfvec.StreamDecoder()
+    pending: list[bytes] = []
+    size = 0
+    with engine.connect() as conn:
+        cursor = _raw_cursor(conn)
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
+        with cursor.copy(statement, params) as copy:
+            for block in copy:
+                # decoded in batches of ~16 MiB: per-call numpy overhead stays small
+                pending.append(bytes(block))
+                size += len(block)
+                if size >= _DECODE_BATCH:
+                    _decode_into(decoder, pending, sink)
+                    pending, size = [], 0
+    _decode_into(decoder, pending, sink)
+    decoder.finish()
+    return decoder.dim or 0
+
+
+_DECODE_BATCH = 16 << 20
+
+
+def _decode_into(decoder: halfvec.StreamDecoder, blocks: list[bytes], sink) -> None:
+    rows = decoder.feed(b"".join(blocks))
+    if rows is not None and len(rows[0]):
+        sink(*rows)
+
+
+def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
+    """The scope's embeddings in memory (float16), for callers that want no cache file."""
+    ids: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    dim = copy_reference_rows(engine, scope, lambda i, v: (ids.append(i), vectors.append(v)))
+    if not ids:
+        return ReferenceMatrix(scope, np.empty(0, np.int64), np.empty((0, dim), np.float16), fingerprint)
+    return ReferenceMatrix(scope, np.concatenate(ids), np.concatenate(vectors), fingerprint)
 
 
 @translate_errors

@@ -46,3 +46,27 @@ def test_rows_of_two_lengths_are_an_error():
     mixed = short[:-2] + long[19:]  # header and first row of one, second row and trailer of the other
     with pytest.raises(ReferenceSetError, match="different dimensions"):
         halfvec.decode(mixed)
+
+
+@pytest.mark.parametrize("block", [1, 7, 19, 1000, 10**6])
+def test_a_stream_fed_in_blocks_decodes_to_the_whole_payload(block):
+    """The reference fetch decodes COPY blocks as they arrive, cut anywhere: the same rows."""
+    rng = np.random.default_rng(11)
+    ids = np.arange(1, 51, dtype=np.int64) * 3
+    vectors = rng.standard_normal((50, 17)).astype(np.float16)
+    payload = halfvec.encode(ids, vectors)
+    decoder = halfvec.StreamDecoder()
+    parts = [decoder.feed(payload[i : i + block]) for i in range(0, len(payload), block)]
+    decoder.finish()
+    found = [p for p in parts if p is not None]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in found]), ids)
+    decoded = np.concatenate([p[1] for p in found])
+    np.testing.assert_array_equal(decoded.view(np.uint16), vectors.view(np.uint16))
+
+
+def test_a_stream_cut_short_is_an_error():
+    payload = halfvec.encode(np.array([1, 2]), np.zeros((2, 4), np.float16))
+    decoder = halfvec.StreamDecoder()
+    decoder.feed(payload[:-5])
+    with pytest.raises(ReferenceSetError, match="cut short"):
+        decoder.finish()
