@@ -187,39 +187,23 @@ def _copy_out(engine: Engine, query: sql.Composable, params: dict, options: str)
 def copy_reference_rows(
     engine: Engine, scope: ReferenceScope, sink: Callable[[np.ndarray, np.ndarray], None]
 ) -> int:
-    """Stream the scope's embeddings (binary COPY, ascending sequence id) into `sink`, block by
-    block as (int64 ids, float16 rows): the matrix is never held whole. Returns the dimension
-    (0 when the scope has no rows).
+    """Stream the scope's embeddings into `sink` in ascending sequence id, group by group as
+    (int64 ids, float16 rows), packed by the server (`halfvec.grouped_select`, binary COPY):
+    the matrix is never held whole. Returns the dimension (0 when the scope has no rows).
 
     The database stores halfvec (float16), so the float16 rows are its values exactly.
     """
     query, params = _rows_query(scope, sql.SQL("se.sequence_id, se.embedding"))
-    decoder = halfvec.StreamDecoder()
-    pending: list[bytes] = []
-    size = 0
+    decoder = halfvec.GroupDecoder()
     with engine.connect() as conn:
         cursor = _raw_cursor(conn)
-        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(halfvec.grouped_select(query))
         with cursor.copy(statement, params) as copy:
             for block in copy:
-                # decoded in batches of ~16 MiB: per-call numpy overhead stays small
-                pending.append(bytes(block))
-                size += len(block)
-                if size >= _DECODE_BATCH:
-                    _decode_into(decoder, pending, sink)
-                    pending, size = [], 0
-    _decode_into(decoder, pending, sink)
+                for ids, vectors in decoder.feed(block):
+                    sink(ids, vectors)
     decoder.finish()
     return decoder.dim or 0
-
-
-_DECODE_BATCH = 16 << 20
-
-
-def _decode_into(decoder: halfvec.StreamDecoder, blocks: list[bytes], sink) -> None:
-    rows = decoder.feed(b"".join(blocks))
-    if rows is not None and len(rows[0]):
-        sink(*rows)
 
 
 def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from pgvector import HalfVector
 
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
@@ -266,8 +267,19 @@ def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_pa
     store = ReferenceStore(sample_loaded, tmp_path, max_in_memory=0, max_on_disk=2)
     first = store.get(ReferenceScope(1, 0))
     assert store.last_source == "database"
-    # streamed into the cache file and mapped read-only: equal to the rows fetched in memory
+    # streamed into the cache file and mapped read-only: equal to the rows fetched in memory,
+    # and to the database's rows read one by one through pgvector-python's own decoder
     plain = fetch_reference_matrix(sample_loaded, ReferenceScope(1, 0), first.fingerprint)
+    with sample_loaded.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT se.sequence_id, halfvec_send(se.embedding) FROM sequence_embeddings se "
+            "WHERE se.embedding_type_id = 1 AND se.layer_index = 0 ORDER BY se.sequence_id"
+        ).all()
+    one_by_one = np.array([HalfVector.from_binary(bytes(value)).to_numpy() for _, value in rows])
+    np.testing.assert_array_equal(plain.sequence_ids, [sequence_id for sequence_id, _ in rows])
+    np.testing.assert_array_equal(
+        plain.vectors.view(np.uint16), one_by_one.astype(np.float16).view(np.uint16)
+    )
     assert isinstance(first.vectors, np.memmap) and not first.vectors.flags.writeable
     assert first.vectors.dtype == np.float16 and first.vectors.flags.c_contiguous
     np.testing.assert_array_equal(first.vectors.view(np.uint16), plain.vectors.view(np.uint16))
