@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,21 +357,27 @@ def _run_lookup(
     config: LookupConfig, engine: Engine, progress: Progress, cluster: DaskSearch | None
 ) -> LookupResult:
     timings: dict[str, float] = {}
-    with timed(timings, "scan queries"):
-        queries = open_queries(config.embeddings_path, cache_dir("queries"))
-    types = require_references(engine)
-    partitions = _with_references(plan_partitions(config, queries, types), engine)
-    if not partitions:
-        raise LookupPlanError(
-            f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
-            f"query file {queries.path}; see the warnings above"
+    # The annotation table depends on the taxonomy filter alone, not on the queries: it is fetched
+    # from the database while the query file is scanned (HDF5, in worker processes). Its errors
+    # surface where it was fetched before, after the plan; an earlier error drops them unread.
+    include, exclude = config.taxonomy.resolve()
+    with ThreadPoolExecutor(1, thread_name_prefix="annotations") as background:
+        pending = background.submit(
+            AnnotationStore(engine, cache_dir("annotations")).get, ReferenceScope(0, None, include, exclude)
         )
-    with timed(timings, "redundancy clustering"):
-        clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
-    with timed(timings, "annotations"):
-        annotations, annotation_version = AnnotationStore(engine, cache_dir("annotations")).get(
-            reference_scope(config, partitions[0])
-        )
+        with timed(timings, "scan queries"):
+            queries = open_queries(config.embeddings_path, cache_dir("queries"))
+        types = require_references(engine)
+        partitions = _with_references(plan_partitions(config, queries, types), engine)
+        if not partitions:
+            raise LookupPlanError(
+                f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
+                f"query file {queries.path}; see the warnings above"
+            )
+        with timed(timings, "redundancy clustering"):
+            clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
+        with timed(timings, "annotations (wait)"):
+            annotations, annotation_version = pending.result()
     store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
     alignments = AlignmentCache(config.alignment_threads)
     sequences = SequenceCache(engine)

@@ -45,6 +45,7 @@ screened again with a larger m until it is, or until m = n_ref.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -161,8 +162,11 @@ class SearchEngine:
         # Cosine normalises in place, so it needs its own copy.
         copy = True if self.metric == "cosine" else None
         if matrix.dtype == np.float16:
-            # torch widens half precision with F16C instructions, ~10× faster than numpy here
-            prepared = torch.from_numpy(np.ascontiguousarray(matrix)).to(torch.float32).numpy()
+            # torch widens half precision with F16C instructions, ~10× faster than numpy here;
+            # a read-only map (the reference cache) is only read: torch's warning does not apply
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                prepared = torch.from_numpy(np.ascontiguousarray(matrix)).to(torch.float32).numpy()
         else:
             prepared = np.array(matrix, dtype=np.float32, order="C", copy=copy)
         sq_norms = row_sq_norms(prepared, "references", self.metric)
