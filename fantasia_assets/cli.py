@@ -140,25 +140,28 @@ def _lookup(args, progress) -> int:
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .core.distributed import connect_from_environment
     from .core.locks import experiment_lock
-    from .db import get_engine, schema_ready
     from .runner import run_lookup
 
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:
-        schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
-        # the embedded queries are written into experiment_path too: one run there at a time, from here
-        with experiment_lock(config.experiment_path):
-            if (
-                config.query_fasta is not None
-            ):  # a FASTA query file: embedded first (cached), then read as HDF5
-                from .query_fasta import ensure_query_embeddings
+        result = _lookup_from_stamp(config, progress, cluster) if config.query_fasta is None else None
+        if result is None:
+            from .db import get_engine, schema_ready
 
-                embedded = ensure_query_embeddings(config, get_engine(), progress)
-                progress.end_line()
-                for line in embedded.lines:
-                    print(line)
-            result = run_lookup(config, progress=progress, cluster=cluster)
+            schema_ready(get_engine())  # a database of an earlier version is migrated before it is read
+            # the embedded queries are written into experiment_path too: one run there at a time
+            with experiment_lock(config.experiment_path):
+                if config.query_fasta is not None:  # a FASTA query file: embedded first (cached)
+                    from .query_fasta import ensure_query_embeddings
+
+                    embedded = ensure_query_embeddings(config, get_engine(), progress)
+                    progress.end_line()
+                    for line in embedded.lines:
+                        print(line)
+                result = run_lookup(config, progress=progress, cluster=cluster)
+        else:
+            print("reference database not started: its caches are current (README, 'The reference database')")
     finally:
         if cluster is not None:
             cluster.close()
@@ -170,6 +173,25 @@ def _lookup(args, progress) -> int:
         for key, plan in cluster.plans.items():
             print(f"  {key}: {plan.n_blocks} blocks of ≤ {plan.block_queries} queries")
     return 0
+
+
+def _lookup_from_stamp(config, progress, cluster):
+    """The lookup served from the caches without the embedded server when they are provably
+    current (`db.snapshot`), or None: the server is needed (nothing was written then)."""
+    from .core.locks import experiment_lock
+    from .db.snapshot import SnapshotMiss, current_snapshot
+    from .runner import run_lookup
+
+    reads = current_snapshot()
+    if reads is None:
+        return None
+    try:
+        with experiment_lock(config.experiment_path):
+            return run_lookup(config, progress=progress, cluster=cluster, reads=reads)
+    except SnapshotMiss as miss:
+        progress.end_line()
+        logging.getLogger(__name__).info("the cache stamp cannot answer (%s): starting the server", miss)
+        return None
 
 
 def report_lines(result) -> list[str]:

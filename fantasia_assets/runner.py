@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
-from sqlalchemy.engine import Engine
 
 from .config import LookupConfig
-from .core import aggregate, exports, lineage, writers
+from .core import aggregate, writers
 from .core.device import resolve_device
 from .core.distributed import DaskSearch, cluster_search
 from .core.layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, RUN_WIDE, SKIPPED, SUMMARY, partition_files
@@ -38,11 +38,14 @@ from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
 from .core.timing import timed
-from .db.engine import get_engine
-from .db.loader import reference_snapshot
-from .db.reads import NEVER_LOADED, fetch_reference_sequences, layers_with_rows, model_types
+from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
+from .errors import FantasiaError
 from .paths import cache_dir, temporary_file
+from .run_lineage import record_run_lineage
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only where the database is used (`db.snapshot`)
+    from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def raw_row_settings(config: LookupConfig) -> RawRowSettings:
 def redundancy_clusters(
     config: LookupConfig,
     queries: QuerySet,
-    engine: Engine,
+    engine: Engine | Reads,
     partitions: list[Partition],
     cache: Path,
     progress: Progress = no_progress,
@@ -109,11 +112,12 @@ def redundancy_clusters(
     """MMseqs2 clusters of every reference and query sequence, or None when masking is off.
 
     `binary`: the MMseqs2 executable (the Dagster `mmseqs` resource's; default: found as
-    `redundancy.mmseqs_binary` says)."""
+    `redundancy.mmseqs_binary` says). `engine` may be the run's `Reads` instead."""
     if config.redundancy.identity <= 0 or not partitions:
         return None
     include, exclude = config.taxonomy.resolve()
-    references = fetch_reference_sequences(engine, sorted({p.type_id for p in partitions}), include, exclude)
+    reads = engine if isinstance(engine, (LiveReads, RecordedReads)) else LiveReads(engine)
+    references = reads.fetch_reference_sequences(sorted({p.type_id for p in partitions}), include, exclude)
     return _redundancy_clusters(
         queries,
         references,
@@ -160,7 +164,7 @@ def build_raw_rows(
     partition: Partition,
     hits: pl.DataFrame,
     annotations: pl.DataFrame,
-    engine: Engine,
+    engine: Engine | None,
     alignments: AlignmentCache | None = None,
     timings: dict[str, float] | None = None,
     sequences: SequenceCache | None = None,
@@ -316,9 +320,9 @@ class LookupResult:
     timings: dict[str, float]
 
 
-def _with_references(partitions: list[Partition], engine: Engine) -> list[Partition]:
+def _with_references(partitions: list[Partition], reads: Reads) -> list[Partition]:
     """The partitions whose (model, layer) has reference embeddings; the others skipped, with a warning."""
-    loaded = layers_with_rows(engine, [(p.type_id, p.layer) for p in partitions])
+    loaded = reads.layers_with_rows([(p.type_id, p.layer) for p in partitions])
     for p in partitions:
         if (p.type_id, p.layer) not in loaded:
             log.warning(
@@ -328,10 +332,12 @@ def _with_references(partitions: list[Partition], engine: Engine) -> list[Partit
     return [p for p in partitions if (p.type_id, p.layer) in loaded]
 
 
-def require_references(engine: Engine) -> dict[str, int]:
+def require_references(reads: Reads) -> dict[str, int]:
     """Model name → type id of the reference database; `ReferenceSetError` when nothing was loaded."""
-    types = model_types(engine)
+    types = reads.model_types()
     if not types:  # the tables exist (migrated on first use), but nothing was loaded
+        from .db.reads import NEVER_LOADED
+
         raise ReferenceSetError(NEVER_LOADED)
     return types
 
@@ -341,20 +347,30 @@ def run_lookup(
     engine: Engine | None = None,
     progress: Progress = no_progress,
     cluster: DaskSearch | None = None,
+    reads: Reads | None = None,
 ) -> LookupResult:
     """The whole lookup for every enabled (model, layer), then the run-wide outputs.
 
     All or nothing: every output set is built in a staging folder and published at the end
     (`core.staging`), so a run that fails part-way leaves the previous outputs as they were.
+    `reads`: the database on `engine` (default), or a current stamp (`db.snapshot`).
     """
-    engine = engine or get_engine()
+    if reads is None:
+        from .db.engine import get_engine
+
+        reads = LiveReads(engine or get_engine())
     # one run per experiment_path at a time; one committed reference set for the whole run
-    with experiment_lock(config.experiment_path), reference_snapshot(engine):
-        return _run_lookup(config, engine, progress, cluster)
+    with experiment_lock(config.experiment_path), reads.snapshot():
+        result = _run_lookup(config, reads, progress, cluster)
+        try:
+            reads.finish()  # the stamp a later lookup may be served from
+        except (FantasiaError, OSError) as error:
+            log.warning("no cache stamp written (%s): the next lookup starts the server", error)
+        return result
 
 
 def _run_lookup(
-    config: LookupConfig, engine: Engine, progress: Progress, cluster: DaskSearch | None
+    config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None
 ) -> LookupResult:
     timings: dict[str, float] = {}
     # The annotation table depends on the taxonomy filter alone, not on the queries: it is fetched
@@ -363,24 +379,25 @@ def _run_lookup(
     include, exclude = config.taxonomy.resolve()
     with ThreadPoolExecutor(1, thread_name_prefix="annotations") as background:
         pending = background.submit(
-            AnnotationStore(engine, cache_dir("annotations")).get, ReferenceScope(0, None, include, exclude)
+            AnnotationStore(None, cache_dir("annotations"), reads).get,
+            ReferenceScope(0, None, include, exclude),
         )
         with timed(timings, "scan queries"):
             queries = open_queries(config.embeddings_path, cache_dir("queries"))
-        types = require_references(engine)
-        partitions = _with_references(plan_partitions(config, queries, types), engine)
+        types = require_references(reads)
+        partitions = _with_references(plan_partitions(config, queries, types), reads)
         if not partitions:
             raise LookupPlanError(
                 f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
                 f"query file {queries.path}; see the warnings above"
             )
         with timed(timings, "redundancy clustering"):
-            clusters = redundancy_clusters(config, queries, engine, partitions, cache_dir("mmseqs"), progress)
+            clusters = redundancy_clusters(config, queries, reads, partitions, cache_dir("mmseqs"), progress)
         with timed(timings, "annotations (wait)"):
             annotations, annotation_version = pending.result()
-    store = ReferenceStore(engine, cache_dir("references"), config.lookup_cache_max)
+    store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
     alignments = AlignmentCache(config.alignment_threads)
-    sequences = SequenceCache(engine)
+    sequences = SequenceCache(None, reads)
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
     reports, raw_frames, entries, fingerprints = [], [], [], []
@@ -394,7 +411,7 @@ def _run_lookup(
                 partition,
                 outcome.hits,
                 annotations,
-                engine,
+                None,
                 alignments,
                 outcome.timings,
                 sequences,
@@ -465,36 +482,3 @@ def _run_lookup(
     for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings)
-
-
-def record_run_lineage(
-    config: LookupConfig,
-    queries: QuerySet,
-    partitions: list[Partition],
-    reports: list[PartitionReport],
-    fingerprints: list[str],
-    annotation_version: str,
-    summary: aggregate.SummaryFile,
-    timings: dict[str, float],
-) -> None:
-    """The lineage rows the assets would write, under a generated run id: one per partition's
-    raw rows, one for the summary."""
-    run_id, config_hash = lineage.new_run_id(), config.fingerprint()
-    rows = [
-        lineage.LineageRow(
-            run_id,
-            "raw_result_shards",
-            f"{exports.model_dir_name(r.partition.model.name)}|{exports.layer_dir_name(r.partition.layer)}",
-            f"{fingerprint}-{annotation_version}",
-            queries.content_hash,
-            config_hash,
-            {"queries": r.n_queries, "neighbours": r.n_hits, "rows": r.n_rows},
-            r.timings,
-            origin="cli",
-        )
-        for r, fingerprint in zip(reports, fingerprints, strict=True)
-    ]
-    counts = {"rows": summary.rows, "partitions": len(partitions)}
-    summary_row = [run_id, "lookup_summary", None, annotation_version, queries.content_hash, config_hash]
-    rows.append(lineage.LineageRow(*summary_row, counts, {"summary": timings["summary"]}, origin="cli"))
-    lineage.record(config.experiment_path / "lineage.duckdb", rows)

@@ -66,13 +66,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import knn_inputs
 from .screen import Arithmetic
 
 UNIT = 2.0**-24
 _DOUBLE_UNIT = 2.0**-53
 _UNDERFLOW = 2.0**-126
 _NORM_SLACK = 1 + 2.0**-20  # relative error of the float64 norms and sums in the bound's terms
-MAX_NORM = 2.0**56  # rows at least this long could overflow float32 squares and products
+MAX_NORM = knn_inputs.MAX_NORM  # rows at least this long could overflow float32 squares and products
 
 
 def gamma(terms: int, unit: float) -> float:

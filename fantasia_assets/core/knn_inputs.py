@@ -1,14 +1,20 @@
-"""Inputs and resources of the k-NN engine (`knn`): the exclusion CSR, row norms, the device
-and the memory budget, checked with errors that name what is wrong."""
+"""Inputs and resources of the k-NN engines (`knn`, `knn_numpy`): the exclusion CSR, row norms,
+the device and the memory budget, checked with errors that name what is wrong.
+
+torch is imported only by the functions that need a torch device: `knn_numpy` uses the rest
+without loading it."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import psutil
-import torch
 
 from .device import resolve_device as choose_device
-from .knn_bounds import MAX_NORM
+
+if TYPE_CHECKING:
+    import torch
 
 _BUDGET_FRACTION = 0.25
 # Beyond a few hundred MiB per block the per-block overhead is already under 1% of the product's
@@ -16,6 +22,7 @@ _BUDGET_FRACTION = 0.25
 _CPU_BUDGET_CAP = 512 * 2**20
 _GPU_BUDGET_CAP = 4 * 2**30
 _NORM_ROWS_PER_CHUNK = 4096
+MAX_NORM = 2.0**56  # rows at least this long could overflow float32 squares and products
 
 Exclusions = tuple[np.ndarray, np.ndarray]  # (query row, reference index) pairs, int64
 
@@ -81,12 +88,21 @@ def inverse_norms(sq_norms: np.ndarray) -> np.ndarray:
 
 def resolve_device(backend: str, device: str | None) -> torch.device:
     """The engine's device (`core.device`, the one place that decides), as a torch device."""
+    import torch
+
     return torch.device(choose_device(backend, device))
 
 
 def default_memory_budget(device: torch.device) -> int:
     """A safe share of the memory free on the device now, capped (_CPU/_GPU_BUDGET_CAP)."""
     if device.type == "cuda":
+        import torch
+
         free_bytes, _ = torch.cuda.mem_get_info(device)
         return int(min(_BUDGET_FRACTION * free_bytes, _GPU_BUDGET_CAP))
+    return cpu_memory_budget()
+
+
+def cpu_memory_budget() -> int:
+    """A safe share of the memory free now, capped at `_CPU_BUDGET_CAP`."""
     return int(min(_BUDGET_FRACTION * psutil.virtual_memory().available, _CPU_BUDGET_CAP))

@@ -16,9 +16,8 @@ import numpy as np
 import polars as pl
 
 from . import exports
-from .alignment import alignment_metrics
 from .distributed import Exclusions, slice_exclusions
-from .knn import SearchEngine
+from .knn_numpy import engine_for
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
 from .queries import describe_key
@@ -114,11 +113,19 @@ BatchSearch = Callable[
 
 
 def in_process_search(matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition) -> BatchSearch:
-    """The engine built here on the matrix, searched batch after batch."""
+    """The engine built here on the matrix, searched batch after batch (a small CPU search in
+    numpy alone, `knn_numpy.engine_for`: the same answer without torch's start-up)."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
-        engine = SearchEngine(
-            settings.metric, settings.backend, settings.device, screening=settings.screening
+        n_references, dim = matrix.vectors.shape
+        engine = engine_for(
+            settings.metric,
+            settings.backend,
+            settings.device,
+            settings.screening,
+            len(vectors),
+            n_references,
+            dim,
         ).build(matrix.vectors)
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
@@ -244,6 +251,8 @@ class AlignmentCache:
                     "letters): their alignment metrics are left empty; reload them to fix it",
                     ", ".join(f"R{i}" for i in bad_refs[:10]) + (", …" if len(bad_refs) > 10 else ""),
                 )
+            from .alignment import alignment_metrics  # parasail: only for a lookup that aligns
+
             computed = alignment_metrics(
                 [query_sequences[i] for i in new["query_idx"].to_list()],
                 [ref_sequences[i] for i in new["ref_idx"].to_list()],

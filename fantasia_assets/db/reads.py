@@ -31,7 +31,7 @@ from .sources import normalise_category
 # The version of a whole table: its row count and the sum of its rows' xmin (see the docstring).
 _TABLE_VERSION = "SELECT count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM {}"
 # the tables whose versions may be asked for (identifiers cannot be bound; these are ours)
-_VERSIONED_TABLES = frozenset({"protein", "protein_go_term_annotation", "go_terms"})
+_VERSIONED_TABLES = frozenset({"protein", "protein_go_term_annotation", "go_terms", "sequence"})
 
 
 def _raw_cursor(conn):
@@ -141,6 +141,27 @@ def database_identity(engine: Engine) -> str:
 
 
 @translate_errors
+def quiescent_state(engine: Engine) -> dict | None:
+    """The next transaction id X0 while no transaction is in progress (`db.snapshot`: a stamp is
+    written only then), with the data directory and database name; None when transactions are in
+    progress or the settings are not readable by this role."""
+    with engine.connect() as conn:
+        try:
+            with conn.begin_nested():
+                xmin, xmax, folder, database = conn.execute(
+                    sa.text(
+                        "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, "
+                        "current_setting('data_directory'), current_database() FROM pg_current_snapshot() s"
+                    )
+                ).one()
+        except sa.exc.DBAPIError:
+            return None
+    if xmin != xmax:
+        return None
+    return {"next_xid": int(xmax), "data_directory": folder, "database": database}
+
+
+@translate_errors
 def annotation_version(engine: Engine) -> str:
     """Fingerprint of the tables the GO transfer reads (proteins, annotations, GO terms)."""
     with engine.connect() as conn:
@@ -241,6 +262,18 @@ def fetch_annotations(engine: Engine, scope: ReferenceScope | None = None) -> pl
         frame = pl.read_csv(scratch, schema=schema, quote_char='"')
     spellings = {value: normalise_category(value) for value in frame["category"].unique().drop_nulls()}
     return frame.with_columns(pl.col("category").replace(spellings))
+
+
+@translate_errors
+def fetch_scope_sequences(engine: Engine, scope: ReferenceScope) -> pl.DataFrame:
+    """(sequence_id, sequence) of every row of the scope's reference matrix (`db.snapshot`)."""
+    inner, params = _rows_query(scope, sql.SQL("se.sequence_id"))
+    query = sql.SQL("SELECT s.id, s.sequence FROM sequence s WHERE s.id IN ({}) ORDER BY s.id").format(inner)
+    with engine.connect() as conn:
+        cursor = _raw_cursor(conn)
+        cursor.execute(query, params)
+        rows = cursor.fetchall()
+    return pl.DataFrame(rows, schema={"sequence_id": pl.Int64, "sequence": pl.String}, orient="row")
 
 
 @translate_errors

@@ -2,7 +2,9 @@
 
 The matrix and the annotation table are kept under `$FANTASIA_HOME/cache`, keyed by a
 fingerprint of the rows they come from (`db.reads`), so an unchanged reference set is never
-fetched twice; a damaged cache file is fetched again rather than trusted.
+fetched twice; a damaged cache file is fetched again rather than trusted. Each store asks its
+`source` for fingerprints and rows: the database (`snapshot.LiveReads`, the default), or a current
+stamp's answers (`snapshot.RecordedReads`, the lookup that does not start the server).
 """
 
 from __future__ import annotations
@@ -14,22 +16,20 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-from sqlalchemy.engine import Engine
 
 from ..core.exports import atomic_write
 from ..core.progress import Progress, no_progress
 from ..core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
 from ..core.sequences import clean
-from .reads import (
-    annotation_version,
-    copy_reference_rows,
-    fetch_annotations,
-    fetch_sequences,
-    reference_fingerprint,
-)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from .snapshot import LiveReads, RecordedReads
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,16 @@ class ReferenceStore:
     disk cache keeps the `max_on_disk` most recently used matrices.
     """
 
-    def __init__(self, engine: Engine, cache_dir: Path, max_in_memory: int = 4, max_on_disk: int = 8) -> None:
+    def __init__(
+        self,
+        engine: Engine | None,
+        cache_dir: Path,
+        max_in_memory: int = 4,
+        max_on_disk: int = 8,
+        source: LiveReads | RecordedReads | None = None,
+    ) -> None:
         self.engine = engine
+        self.source = source or _live(engine)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_in_memory = max_in_memory
@@ -138,8 +146,8 @@ class ReferenceStore:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
                 out = _VectorFile(handle)
-                dim = copy_reference_rows(
-                    self.engine, scope, lambda ids, vectors: (blocks.append(ids), out.append(vectors))
+                dim = self.source.copy_reference_rows(
+                    scope, lambda ids, vectors: (blocks.append(ids), out.append(vectors))
                 )
                 out.close(dim)
 
@@ -171,7 +179,7 @@ class ReferenceStore:
 
     def get(self, scope: ReferenceScope, progress: Progress = no_progress) -> ReferenceMatrix:
         """The scope's matrix, fetched from the database only when its rows changed."""
-        fingerprint = reference_fingerprint(self.engine, scope)
+        fingerprint = self.source.reference_fingerprint(scope)
         with self._lock:
             if fingerprint in self._memory:
                 self._memory.move_to_end(fingerprint)
@@ -232,20 +240,23 @@ def _cache_problem(ids: np.ndarray, vectors: np.ndarray) -> str | None:
 class AnnotationStore:
     """The annotation table, cached as Parquet per annotation version and taxonomy filter."""
 
-    def __init__(self, engine: Engine, cache_dir: Path) -> None:
+    def __init__(
+        self, engine: Engine | None, cache_dir: Path, source: LiveReads | RecordedReads | None = None
+    ) -> None:
         self.engine = engine
+        self.source = source or _live(engine)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, scope: ReferenceScope | None = None) -> tuple[pl.DataFrame, str]:
         """(annotations, version) for the scope's taxonomy filter."""
         filter_key = {k: v for k, v in (scope.key() if scope else {}).items() if k in ("include", "exclude")}
-        version = annotation_version(self.engine)
+        version = self.source.annotation_version()
         key = hashlib.sha256(json.dumps([version, filter_key]).encode()).hexdigest()[:16]
         path = self.cache_dir / f"annotations-{key}.parquet"
         if path.exists():
             return pl.read_parquet(path), version
-        frame = fetch_annotations(self.engine, scope)
+        frame = self.source.fetch_annotations(scope)
         atomic_write(path, frame.write_parquet)
         return frame, version
 
@@ -256,8 +267,9 @@ class SequenceCache:
     Called with an array of ids, it returns {id: sequence}: the plain function core stages take.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | None, source: LiveReads | RecordedReads | None = None) -> None:
         self.engine = engine
+        self.source = source or _live(engine)
         self._known: dict[int, str] = {}
 
     def get(self, sequence_ids: np.ndarray) -> dict[int, str]:
@@ -265,8 +277,16 @@ class SequenceCache:
         missing = [i for i in wanted.tolist() if i not in self._known]
         if missing:
             # under the sequence rule, as at load: references stored before it may hold gaps
-            fetched = fetch_sequences(self.engine, np.asarray(missing)).iter_rows()
+            fetched = self.source.fetch_sequences(np.asarray(missing)).iter_rows()
             self._known.update((sequence_id, clean(sequence)) for sequence_id, sequence in fetched)
         return {i: self._known[i] for i in wanted.tolist() if i in self._known}
 
     __call__ = get
+
+
+def _live(engine: Engine | None) -> LiveReads:
+    from .snapshot import LiveReads
+
+    if engine is None:
+        raise ValueError("a store needs an engine or a source")
+    return LiveReads(engine)
