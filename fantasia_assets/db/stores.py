@@ -227,6 +227,8 @@ def _cache_problem(ids: np.ndarray, vectors: np.ndarray) -> str | None:
     What a crash or a truncated copy leaves is caught here (the sizes are checked by the
     memory map itself); the content is not hashed, as reading 2 GiB to check it would cost what
     the cache saves. Writes are atomic and synced, so a torn file never carries the final name.
+    A cache file is replaced or removed, never truncated in place: a process mapping it would
+    fault (SIGBUS) on the pages cut off.
     """
     if vectors.dtype != np.float16 or vectors.ndim != 2:
         return f"vectors of {vectors.dtype} {vectors.shape}, expected a float16 matrix"
