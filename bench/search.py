@@ -9,7 +9,9 @@ Compares, on synthetic float32 data with a fixed seed and in one run:
 * scipy cdist + argsort, the original CPU path, timed on a slice of the queries and scaled
   linearly to the full size;
 
-the engine's peak resident memory beyond one copy of the reference matrix, and a check that
+the engine's peak resident memory beyond one copy of the reference matrix (with ``--memmap`` the
+references are float16 rows in a read-only memory-mapped ``.npy``, as the reference cache hands
+them over, and the figure is the whole growth, mapped file pages included), and a check that
 the neighbours of 64 queries equal a float64 brute force's. Data: references are noisy members
 of 2,000 families and queries perturbed references (as ``../shared/tools/synth_scale.py``), so
 neighbourhoods look like real ones; ``--data uniform`` draws plain Gaussian rows, the screen's
@@ -18,12 +20,14 @@ target: ``search_over_bare_bf16 <= 1.5``::
 
     .venv/bin/python bench/search.py                       # 2,000 × 100,000 × 1,024, k=5, cosine
     .venv/bin/python bench/search.py --references 20000    # a quicker look
+    .venv/bin/python bench/search.py --memmap               # float16 references from disk
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -123,13 +127,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported")
     parser.add_argument("--cdist-queries", type=int, default=100, help="queries timed for cdist")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--memmap", action="store_true", help="search float16 references mapped from disk")
     args = parser.parse_args()
 
     queries, references = synthetic(args.queries, args.references, args.dim, args.data, args.seed)
+    held_bytes = references.nbytes  # the copy the engine may share: not counted as its memory
+    if args.memmap:
+        folder = tempfile.TemporaryDirectory(prefix="fa-bench-search-")
+        np.save(f"{folder.name}/vectors.npy", references.astype(np.float16))
+        references, held_bytes = np.load(f"{folder.name}/vectors.npy", mmap_mode="r"), 0
     flops = 2.0 * args.queries * args.references * args.dim
     print(
         f"{args.queries:,} queries × {args.references:,} references × {args.dim} dims, k={args.k}, "
-        f"{args.metric}, {args.data}; reference matrix {references.nbytes / GIB:.3f} GiB; "
+        f"{args.metric}, {args.data}; reference matrix {references.nbytes / GIB:.3f} GiB "
+        f"{references.dtype}{' memory-mapped' if args.memmap else ''}; "
         f"torch threads {torch.get_num_threads()}, {psutil.cpu_count()} CPUs"
     )
 
@@ -144,7 +155,7 @@ def main() -> None:
         if name in engines:  # auto chose float32: nothing new to time
             continue
         engines[name] = engine
-        memory_over_reference[name] = (peak.peak - baseline - references.nbytes) / GIB
+        memory_over_reference[name] = (peak.peak - baseline - held_bytes) / GIB
 
     sample = queries[:64]
     expected = oracle_neighbours(sample, references, args.metric, args.k)
@@ -152,7 +163,8 @@ def main() -> None:
 
     # Repeats interleave the contenders so that load from other processes hits them alike.
     runs = {name: (lambda engine=engine: engine.search(queries, args.k)) for name, engine in engines.items()}
-    query_tensor, reference_tensor = torch.from_numpy(queries), torch.from_numpy(references)
+    query_tensor = torch.from_numpy(queries)
+    reference_tensor = torch.from_numpy(np.asarray(references, dtype=np.float32))
     runs["bare torch.mm float32"] = lambda: bare_matmul(query_tensor, reference_tensor)
     query_half, reference_half = query_tensor.bfloat16(), reference_tensor.bfloat16()
     runs["bare torch.mm bfloat16"] = lambda: bare_matmul(query_half, reference_half)

@@ -20,9 +20,11 @@ are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"
 Queries and references are cut into blocks sized from a memory budget; each block's product is
 reduced at once by an exact top-m (`screen.smallest_columns`, ``np.argpartition``, or cdist +
 argsort on the scipy reference backend) merged into a running top-m, so the n_q × n_ref matrix
-never exists. The prepared reference matrix is placed on the device once, at build.
+never exists. The screen's operands are prepared once, at build, and kept on the device
+(`knn_reference`: a memory-mapped float16 matrix is read block by block and never held in float32).
 
-**Refinement** recomputes the candidates' distances directly in float64 (normalised dot product;
+**Refinement** recomputes the distances of the few admissible candidates, gathered from the
+reference rows as given, directly in float64 (normalised dot product;
 norm of the difference, free of the euclidean expansion's cancellation), rounds them to float32
 and sorts by (distance, index). Screening only has to *contain* the answer, so every backend and
 every screening precision returns the same neighbours with the same distances.
@@ -45,7 +47,6 @@ screened again with a larger m until it is, or until m = n_ref.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ from .knn_inputs import (
     row_sq_norms,
     validate_exclusions,
 )
+from .knn_reference import PreparedReferences
 
 METRICS = ("cosine", "euclidean")
 BACKENDS = ("torch", "numpy", "scipy")
@@ -72,7 +74,8 @@ SCREENINGS = screen.SCREENINGS
 # the 99th percentile), and a row screened again costs its whole product again.
 _SCREEN_MARGIN = {"fp32": 8, "half": 32}
 _MARGIN_GROWTH = 4
-_REFINE_CHUNK_BYTES = 32 << 20  # float64 candidate rows refined per chunk
+# (query, candidate) pairs refined per chunk: their float64 rows (2 MiB at 1,024 dims) stay in cache
+_REFINE_PAIRS = 256
 _MIN_QUERY_BLOCK = 256  # rows per product below which GEMMs lose efficiency
 # Working bytes per (query, reference) pair of a screening block: the product plus selection
 # workspace (argpartition's int64 positions; cdist's float64 values and argsort's int64 order).
@@ -117,11 +120,7 @@ class SearchEngine:
         self.arithmetic = screen.FP32  # resolved at build
         self._requested_budget = memory_budget_bytes
         self._budget = 0
-        self._reference: torch.Tensor | None = None  # (n_ref, dim) float32 on the device, refined
-        self._operands: torch.Tensor | None = None  # (n_ref, dim) screened: float32 or 16-bit
-        self._reference_sq_norms: torch.Tensor | None = None  # (n_ref,) float32 w_j, euclidean only
-        self._centre: torch.Tensor | None = None  # euclidean 16-bit screens: the mean reference
-        self._reference_stats: dict[str, float] = {}  # the bound's maxima over references
+        self._references: PreparedReferences | None = None  # set by build
         self._buffers: dict[str, torch.Tensor] = {}  # workspaces reused across calls (`_buffer`)
 
     @property
@@ -132,61 +131,32 @@ class SearchEngine:
     @property
     def n_references(self) -> int:
         """Number of reference rows searched."""
-        return self._built_reference().shape[0]
+        return self._built().n
 
     @property
     def dim(self) -> int:
         """Embedding dimension the queries must have."""
-        return self._built_reference().shape[1]
+        return self._built().dim
 
     def build(self, references: np.ndarray) -> SearchEngine:
         """Prepare `references` (n_ref, dim), float16 or float32; row i is reference index i.
 
-        Rows are widened to float32 once (normalised for cosine; squared norms kept for
-        euclidean) and placed on the device for the engine's lifetime, with their 16-bit copy
-        when the screen is 16-bit. A C-contiguous float32 matrix searched by euclidean distance
-        on the CPU is used in place, not copied: leave it unchanged while the engine is in use.
+        The matrix is read in chunks (`knn_reference`): a float16 or float32 C-contiguous array
+        is kept, not copied, and a read-only ``np.memmap`` (the reference cache) is streamed from
+        disk, never held whole in float32. Leave the array unchanged while the engine is in use.
         """
-        matrix = np.asarray(references)
+        matrix = references if isinstance(references, np.ndarray) else np.asarray(references)
         if matrix.ndim != 2 or matrix.shape[1] == 0:
             raise ValueError(f"references must be a 2-D (n_ref, dim) matrix, got {matrix.shape}")
         if matrix.shape[0] == 0:
             raise ValueError("the reference set is empty: there is nothing to search")
         if not np.issubdtype(matrix.dtype, np.floating):
             raise ValueError(f"references must be float16 or float32, got {matrix.dtype}")
-        self._reference = self._operands = self._reference_sq_norms = self._centre = None
-        self._buffers = {}
+        self._references, self._buffers = None, {}
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
         )
-        # Cosine normalises in place, so it needs its own copy.
-        copy = True if self.metric == "cosine" else None
-        if matrix.dtype == np.float16:
-            # torch widens half precision with F16C instructions, ~10× faster than numpy here;
-            # a read-only map (the reference cache) is only read: torch's warning does not apply
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-                prepared = torch.from_numpy(np.ascontiguousarray(matrix)).to(torch.float32).numpy()
-        else:
-            prepared = np.array(matrix, dtype=np.float32, order="C", copy=copy)
-        sq_norms = row_sq_norms(prepared, "references", self.metric)
-        if self.metric == "cosine":
-            prepared *= inverse_norms(sq_norms).astype(np.float32)[:, None]
-        self._reference = torch.from_numpy(prepared).to(self.device)  # no copy on the CPU
-        centred = self.arithmetic.half and self.metric == "euclidean"
-        if centred:
-            self._centre = torch.from_numpy(prepared.mean(0, dtype=np.float64).astype(np.float32))
-            self._centre = self._centre.to(self.device)
-        operands, stats = screen.to_operands(self._reference, self.arithmetic, self._centre)
-        self._operands = operands
-        if self.metric == "euclidean":
-            w = (stats["norm"] ** 2).astype(np.float32)
-            self._reference_sq_norms = torch.from_numpy(w).to(self.device)
-        self._reference_stats = {name: float(values.max()) for name, values in stats.items()}
-        relative = np.divide(
-            stats["residual"], stats["norm"], out=np.zeros(len(prepared)), where=stats["norm"] > 0
-        )
-        self._reference_stats.update(relative_residual=float(relative.max()), centred=float(centred))
+        self._references = PreparedReferences(matrix, self.metric, self.arithmetic, self.device)
         self._budget = self._requested_budget or default_memory_budget(self.device)
         return self
 
@@ -213,7 +183,7 @@ class SearchEngine:
             K = k, or with tie_expansion the longest row (at least k). Rows with fewer
             neighbours end in distance +inf and index -1.
         """
-        n_references, dim = self._built_reference().shape
+        n_references, dim = self._built().shape
         query_matrix = np.asarray(queries)
         if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
             raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
@@ -241,10 +211,10 @@ class SearchEngine:
                 parts.append((np.arange(block.start, block.stop), *found))
         return _assemble(n_queries, k, parts)
 
-    def _built_reference(self) -> torch.Tensor:
-        if self._reference is None:
+    def _built(self) -> PreparedReferences:
+        if self._references is None:
             raise RuntimeError("SearchEngine.build(references) must be called before searching")
-        return self._reference
+        return self._references
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of `numel` elements kept across calls: a fresh multi-MiB allocation is
@@ -256,9 +226,10 @@ class SearchEngine:
 
     def _block_shape(self, n_queries: int) -> tuple[int, int]:
         """(query rows, reference rows) of a screening block that fits the memory budget."""
-        n_references, dim = self._built_reference().shape
+        n_references, dim = self._built().shape
         per_pair = _BYTES_PER_PAIR[self.backend]
         per_reference = 8 * dim if self.backend == "scipy" else 0  # cdist's float64 copy
+        per_reference += self._built().streamed_bytes_per_row()
         query_block = max(1, min(n_queries, _MIN_QUERY_BLOCK))
         reference_block = self._budget // (query_block * per_pair + per_reference)
         reference_block = min(n_references, max(1, reference_block))
@@ -329,8 +300,8 @@ class SearchEngine:
             prepared, offsets = q32, np.zeros(len(q32))
         else:
             centred = torch.from_numpy(q32).to(self.device)
-            if self._centre is not None:
-                centred = centred - self._centre
+            if self._references.centre is not None:
+                centred = centred - self._references.centre
                 q_sq_norms = centred.double().square().sum(1).cpu().numpy()
                 centred_norms = np.sqrt(q_sq_norms)
             prepared, offsets = -2 * centred, q_sq_norms
@@ -340,7 +311,7 @@ class SearchEngine:
             prepared = torch.as_tensor(prepared).to(self.device)
         operands, stats = screen.to_operands(torch.as_tensor(prepared), self.arithmetic)
         stats.update(offset=offsets, centred_norm=centred_norms)
-        bounds = screening_error_bound(self.metric, self.dim, self.arithmetic, stats, self._reference_stats)
+        bounds = screening_error_bound(self.metric, self.dim, self.arithmetic, stats, self._references.stats)
         fast = prepared if self.backend != "torch" else operands
         return fast, offsets, exact, bounds
 
@@ -399,12 +370,12 @@ class SearchEngine:
 
         torch writes into `buffers` (flat tensors of at least b × (stop - start) elements).
         """
-        block = self._operands[start:stop]
+        block = self._references.operand_block(start, stop)
         if self.backend == "torch":
             shape = (len(queries), stop - start)
             if self.metric == "cosine":
                 return screen.product(queries, block, self.arithmetic, buffers[0])
-            w = self._reference_sq_norms[start:stop]
+            w = self._references.sq_norms[start:stop]
             if not self.arithmetic.half:  # fused: w joins the float32 sum
                 out = buffers[0][: shape[0] * shape[1]].view(shape)
                 return torch.addmm(w, queries, block.T, out=out)
@@ -414,7 +385,7 @@ class SearchEngine:
         if self.backend == "numpy":
             values = queries @ block.T
             if self.metric == "euclidean":
-                values += self._reference_sq_norms[start:stop].numpy()
+                values += self._references.sq_norms[start:stop].numpy()
             return values
         values = cdist(queries, block, "cosine" if self.metric == "cosine" else "sqeuclidean")
         if self.metric == "cosine":
@@ -426,60 +397,74 @@ class SearchEngine:
     ) -> torch.Tensor:
         """Exact distances, float32 (b, m) (+inf where not admissible), of screened candidates.
 
-        Computed in float64: each row's admissible candidates are moved to its front, so that a
-        chunk of rows is one batched product (or difference) over its widest row's count, each
-        query read once; chunks are sized by the budget.
+        Computed in float64 for the admissible (row, candidate) pairs only, a chunk of pairs at a
+        time small enough that the float64 operands stay in cache: the cost is the gather of the
+        few candidate rows, not a pass over padded (b, m, dim) blocks.
         """
-        counts = admissible.sum(1)
-        order = torch.argsort(admissible.to(torch.int8), dim=1, descending=True, stable=True)
-        front = indices.gather(1, order).clamp_(min=0)  # admissible candidates first
-        compact = torch.full(indices.shape, math.inf, dtype=torch.float64, device=self.device)
-        per_row = 8 * self.dim * max(1, int(counts.max()) if len(counts) else 1)
-        rows_per_chunk = max(1, min(self._budget // (4 * per_row), _REFINE_CHUNK_BYTES // per_row))
-        for start in range(0, len(indices), rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            width = int(counts[rows].max())
-            if width == 0:
-                continue
-            chosen = front[rows, :width].reshape(-1)
-            shape = (len(chosen) // width, width, self.dim)
-            gathered = self._buffer("gathered", len(chosen) * self.dim, torch.float32).view(len(chosen), -1)
-            torch.index_select(self._reference, 0, chosen, out=gathered)
-            candidates = self._buffer("candidates", gathered.numel(), torch.float64).view(shape)
-            candidates.copy_(gathered.view(shape))  # float32 → float64 exactly
-            query = exact_queries[rows]
+        if self.device.type == "cpu":
+            return torch.from_numpy(
+                self._refine_on_host(exact_queries.numpy(), indices.numpy(), admissible.numpy())
+            )
+        rows, columns = admissible.nonzero(as_tuple=True)
+        chosen = indices[rows, columns]
+        distances = torch.full(indices.shape, math.inf, dtype=torch.float64, device=self.device)
+        for start in range(0, len(chosen), _REFINE_PAIRS):
+            pairs = slice(start, start + _REFINE_PAIRS)
+            candidates = self._references.rows(chosen[pairs]).double()  # float32 → float64 exactly
+            query = exact_queries.index_select(0, rows[pairs])
             if self.metric == "cosine":
-                dots = torch.bmm(candidates, query[:, :, None]).squeeze(2)
-                compact[rows, :width] = (1.0 - dots).clamp_(0.0, 2.0)
+                exact = (1.0 - (candidates * query).sum(1)).clamp_(0.0, 2.0)
             else:
-                compact[rows, :width] = candidates.sub_(query[:, None, :]).square_().sum(2).sqrt_()
-        distances = torch.empty_like(compact).scatter_(1, order, compact)
-        distances.masked_fill_(~admissible, math.inf)
+                exact = candidates.sub_(query).square_().sum(1).sqrt_()
+            distances[rows[pairs], columns[pairs]] = exact
         return distances.float()
+
+    def _refine_on_host(
+        self, exact_queries: np.ndarray, indices: np.ndarray, admissible: np.ndarray
+    ) -> np.ndarray:
+        """`_refine` on the CPU, in numpy (`knn_reference.PreparedReferences.host_rows`)."""
+        rows, columns = np.nonzero(admissible)
+        chosen = indices[rows, columns]
+        distances = np.full(indices.shape, np.inf, dtype=np.float32)
+        for start in range(0, len(chosen), _REFINE_PAIRS):
+            pairs = slice(start, start + _REFINE_PAIRS)
+            candidates = self._references.host_rows(chosen[pairs]).astype(np.float64)
+            query = exact_queries[rows[pairs]]
+            if self.metric == "cosine":
+                exact = np.clip(1.0 - np.einsum("ij,ij->i", candidates, query), 0.0, 2.0)
+            else:
+                candidates -= query
+                exact = np.sqrt(np.einsum("ij,ij->i", candidates, candidates))
+            distances[rows[pairs], columns[pairs]] = exact
+        return distances
 
 
 def _select(
     distances: torch.Tensor, indices: torch.Tensor, k: int, threshold: float | None, ties: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Order refined candidates by (distance, index) and keep the answer: host arrays (b, K_b)."""
-    admissible = torch.isfinite(distances)
+    """Order refined candidates by (distance, index) and keep the answer: host arrays (b, K_b).
+
+    In numpy on the host: the arrays are small (b × m), and on a loaded machine each of the
+    dozen small torch operations would wait on the thread pool longer than it computes."""
+    distances, indices = distances.cpu().numpy(), indices.cpu().numpy()
+    admissible = np.isfinite(distances)
     if threshold is not None:
-        admissible &= distances.double() <= threshold  # exactly, not against float32(threshold)
+        admissible &= distances.astype(np.float64) <= threshold  # exactly, not against float32(t)
     # Non-negative float32 bit patterns order like the floats, so one int64 key (distance bits
     # high, index low) sorts by (distance, index) in one pass and decodes back into both.
-    keys = (distances.view(torch.int32).long() << 32) | indices
-    keys = torch.where(admissible, keys, _NO_CANDIDATE).sort(dim=1).values
+    keys = (np.ascontiguousarray(distances).view(np.int32).astype(np.int64) << 32) | indices
+    keys = np.sort(np.where(admissible, keys, _NO_CANDIDATE), axis=1)
     valid = keys != _NO_CANDIDATE
-    sorted_distances = torch.where(valid, (keys >> 32).int().view(torch.float32), math.inf)
-    sorted_indices = torch.where(valid, keys & 0xFFFFFFFF, -1)
+    sorted_distances = np.where(valid, (keys >> 32).astype(np.int32).view(np.float32), np.inf)
+    sorted_indices = np.where(valid, keys & 0xFFFFFFFF, -1)
     if ties and keys.shape[1] >= k:
         keep = valid & (sorted_distances <= sorted_distances[:, k - 1 : k])
     else:
-        keep = valid & (torch.arange(keys.shape[1], device=keys.device) < k)
+        keep = valid & (np.arange(keys.shape[1]) < k)
     width = max(k, int(keep.sum(1).max())) if len(keys) else k
-    sorted_distances = torch.where(keep, sorted_distances, math.inf)[:, :width]
-    sorted_indices = torch.where(keep, sorted_indices, -1)[:, :width]
-    return sorted_distances.cpu().numpy(), sorted_indices.cpu().numpy()
+    sorted_distances = np.where(keep, sorted_distances, np.inf)[:, :width].astype(np.float32)
+    sorted_indices = np.where(keep, sorted_indices, -1)[:, :width].astype(np.int64)
+    return sorted_distances, sorted_indices
 
 
 def _assemble(

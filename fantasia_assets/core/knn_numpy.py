@@ -77,6 +77,9 @@ _EVALUATION_SLACK = 1 + 2.0**-20
 # A search this small (2·n_q·n_ref·dim floating-point operations) costs less in numpy's float32
 # BLAS than torch's import (about a second of CPU), even where torch would screen in bf16.
 SMALL_SEARCH_FLOPS = 4e10
+# This engine holds the references whole in float32; a larger matrix (a memory-mapped million
+# references is 4 GiB in float32) goes to `knn`, which streams it, however few the queries.
+SMALL_REFERENCE_BYTES = 256 * 2**20
 _SCREEN_MARGIN = 8
 _MARGIN_GROWTH = 4
 _BYTES_PER_PAIR = 16  # float32 block values, argpartition's int64 positions, headroom
@@ -91,11 +94,12 @@ def gamma(terms: int, unit: float) -> float:
 def engine_for(
     metric: str, backend: str, device: str, screening: str, n_queries: int, n_references: int, dim: int
 ):
-    """The engine for a search of this shape: `NumpySearchEngine` for a small CPU search while
-    torch is not imported yet (results are identical: both equal the exact answer), else
+    """The engine for a search of this shape: `NumpySearchEngine` for a small CPU search of a
+    small matrix (`SMALL_REFERENCE_BYTES` in float32) while torch is not imported yet (results are identical: both equal the exact answer), else
     `knn.SearchEngine` with these settings. A pinned bf16 screen and the scipy reference backend
     always get `knn`'s engine."""
     small = 2.0 * n_queries * n_references * dim <= SMALL_SEARCH_FLOPS
+    small = small and 4 * n_references * dim <= SMALL_REFERENCE_BYTES
     if (
         small
         and device == "cpu"

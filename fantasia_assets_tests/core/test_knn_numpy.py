@@ -144,7 +144,8 @@ def test_engine_choice():
     assert SMALL_SEARCH_FLOPS >= 2 * 1500 * 13000 * 256
     if "torch" not in sys.modules:
         assert isinstance(engine_for(*small), NumpySearchEngine)
-    for changed in ({3: "bf16"}, {2: "cuda"}, {1: "scipy"}, {4: 200_000}):
+    # a million references searched by 10 queries: few FLOPs, but 4 GiB in float32
+    for changed in ({3: "bf16"}, {2: "cuda"}, {1: "scipy"}, {4: 200_000}, {4: 10, 5: 1_000_000, 6: 1024}):
         arguments = list(small)
         for position, value in changed.items():
             arguments[position] = value

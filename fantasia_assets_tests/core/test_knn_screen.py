@@ -160,7 +160,8 @@ def screened_errors(engine: SearchEngine, queries: np.ndarray, references: np.nd
         values, indices = engine._screen(fast, no_exclusions, engine.n_references)
     scores = np.empty(values.shape)
     np.put_along_axis(scores, indices.cpu().numpy(), (values.cpu().numpy() + offsets[:, None]), axis=1)
-    q, r = q32.astype(np.longdouble), engine._reference.cpu().numpy().astype(np.longdouble)
+    reference = engine._references.prepared(0, engine.n_references).cpu().numpy()
+    q, r = q32.astype(np.longdouble), reference.astype(np.longdouble)
     if engine.metric == "cosine":
         norms = np.sqrt((q * q).sum(1, keepdims=True))
         unit = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)

@@ -1,0 +1,152 @@
+"""The reference side of the k-NN engine (`knn`): the matrix as screened and as refined.
+
+The *reference values* are the rows as given, widened to float32 (exactly, for the float16 rows
+the database stores as halfvec); cosine divides each by its norm in float32, row × fl(1/‖row‖)
+with the norm in float64. Everything the engine computes derives from those prepared rows.
+
+What is held, so that a million references fit in a few GiB:
+
+* the source: the caller's array, not copied when it is float16 or float32 and C-contiguous; a
+  read-only ``np.memmap`` (the reference cache) stays on disk and is read block by block;
+* per row: the float64 norms the bound needs, and for cosine the float32 scale fl(1/‖row‖);
+* the screen's operands, prepared once at build: 16-bit rows (2 bytes an element) for a 16-bit
+  screen; for the float32 screen the prepared float32 rows, except for a memmapped source,
+  whose float32 operands are made again block by block at each search (never the whole matrix
+  in float32);
+* on CUDA, an in-memory source is also placed on the device, where refinement gathers from it.
+
+Refinement gathers the prepared rows of its few candidates from the source, with the very
+arithmetic of the build (float32 widening, one float32 product by the scale), so the memmapped
+and the in-memory matrix give bit-identical answers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import screen
+from .knn_inputs import inverse_norms, row_sq_norms
+
+_PREPARE_ROWS = 2048  # rows prepared per chunk at build: bounds the float32/float64 temporaries
+
+
+class PreparedReferences:
+    """The reference rows of one engine, prepared for `metric`, `arithmetic` and `device`."""
+
+    def __init__(self, matrix: np.ndarray, metric: str, arithmetic: screen.Arithmetic, device: torch.device):
+        if matrix.dtype in (np.float16, np.float32) and matrix.flags.c_contiguous:
+            source = matrix  # kept as given: a memmap stays a memmap
+        else:
+            source = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.source = source
+        self.metric = metric
+        self.arithmetic = arithmetic
+        self.device = device
+        self.shape = source.shape
+        self.streamed = isinstance(source, np.memmap)
+        sq_norms = row_sq_norms(source, "references", metric)
+        self._scale_host = self._scale = None  # cosine: float32 fl(1/‖row‖), host and device
+        if metric == "cosine":
+            self._scale_host = inverse_norms(sq_norms).astype(np.float32)
+            self._scale = torch.from_numpy(self._scale_host).to(device)
+        self._on_device = None  # CUDA: the in-memory source, where refinement gathers
+        if device.type == "cuda" and not self.streamed:
+            self._on_device = torch.from_numpy(_writable(source)).to(device)
+        self.centre = None  # euclidean 16-bit screens: the mean prepared row (`knn_bounds`)
+        if arithmetic.half and metric == "euclidean":
+            self.centre = self._mean_row()
+        self.operands, self.sq_norms, self.stats = self._prepare_operands()
+
+    @property
+    def n(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.shape[1]
+
+    def streamed_bytes_per_row(self) -> int:
+        """Extra bytes a screened block costs per reference row when operands are made per search."""
+        return 0 if self.operands is not None else self.dim * (4 + self.source.itemsize)
+
+    def prepared(self, start: int, stop: int) -> torch.Tensor:
+        """Prepared float32 rows [start, stop) on the device (a fresh tensor)."""
+        if self._on_device is not None:
+            rows = self._on_device[start:stop].to(torch.float32, copy=True)
+        else:
+            rows = _to_float32(self.source[start:stop], self.device)
+        if self._scale is not None:
+            rows *= self._scale[start:stop, None]
+        return rows
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Prepared float32 rows of `indices` (int64, on the device), bit-identical to `prepared`."""
+        if self._on_device is None:
+            return torch.from_numpy(self.host_rows(indices.cpu().numpy())).to(self.device)
+        rows = self._on_device.index_select(0, indices).to(torch.float32)
+        if self._scale is not None:
+            rows *= self._scale[indices, None]
+        return rows
+
+    def host_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Prepared float32 rows of `indices` from the host source, in numpy: single-threaded, so
+        that the many small gathers of refinement wait on no thread pool (on a loaded machine
+        each parallel region of a small op can cost a scheduler time slice)."""
+        rows = self.source[indices].astype(np.float32, copy=False)  # fancy indexing copies
+        if self._scale_host is not None:
+            rows *= self._scale_host[indices, None]  # the float32 product of `prepared`
+        return rows
+
+    def operand_block(self, start: int, stop: int) -> torch.Tensor:
+        """The screen's operands of rows [start, stop): held, or made now for a memmap's float32
+        screen exactly as the build measured them."""
+        if self.operands is not None:
+            return self.operands[start:stop]
+        return self.prepared(start, stop)
+
+    def _mean_row(self) -> torch.Tensor:
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        for start in range(0, self.n, _PREPARE_ROWS):
+            total += self.prepared(start, min(start + _PREPARE_ROWS, self.n)).double().sum(0)
+        return (total / self.n).float()
+
+    def _prepare_operands(self) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+        """(operands or None when made per block, euclidean w_j = fl(‖z_j‖²) or None, the bound's
+        maxima over references), chunk by chunk so that no float32 copy of a memmap exists."""
+        n, dim, arithmetic = self.n, self.dim, self.arithmetic
+        shared = None  # the float32 euclidean screen on the CPU reads the rows themselves
+        if not arithmetic.half and self.metric == "euclidean" and self.device.type == "cpu":
+            shared = (
+                None
+                if self.streamed or self.source.dtype != np.float32
+                else torch.from_numpy(_writable(self.source))
+            )
+        held = shared is None and (arithmetic.half or not self.streamed)
+        operands = torch.empty((n, dim), dtype=arithmetic.dtype, device=self.device) if held else shared
+        stats = {name: np.empty(n) for name in ("norm", "operand_norm", "residual")}
+        for start in range(0, n, _PREPARE_ROWS):
+            stop = min(start + _PREPARE_ROWS, n)
+            chunk, chunk_stats = screen.to_operands(self.prepared(start, stop), arithmetic, self.centre)
+            if held:
+                operands[start:stop] = chunk
+            for name, values in chunk_stats.items():
+                stats[name][start:stop] = values
+        sq_norms = None
+        if self.metric == "euclidean":
+            sq_norms = torch.from_numpy((stats["norm"] ** 2).astype(np.float32)).to(self.device)
+        maxima = {name: float(values.max()) for name, values in stats.items()}
+        relative = np.divide(stats["residual"], stats["norm"], out=np.zeros(n), where=stats["norm"] > 0)
+        maxima.update(relative_residual=float(relative.max()), centred=float(self.centre is not None))
+        return operands, sq_norms, maxima
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """`array` itself when torch may share it, else a copy (torch refuses read-only memory)."""
+    return array if array.flags.writeable else np.array(array)
+
+
+def _to_float32(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host rows (float16 or float32) widened exactly to a float32 tensor on `device` that shares
+    no memory with the source."""
+    return torch.from_numpy(np.array(rows)).to(device=device, dtype=torch.float32)
