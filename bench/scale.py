@@ -3,6 +3,7 @@ bare matmuls of the same shape, with stage splits and peak resident memory.
 
     .venv/bin/python bench/scale.py                    # 20,000 × 124,000 × 1,024, k = 5, cosine
     .venv/bin/python bench/scale.py --queries 2000 --references 12400   # a quicker look
+    .venv/bin/python bench/scale.py --million --data DIR   # 5,000 × 1,000,000 × 1,024, RSS-bounded
 
 Data: ``../shared/tools/synth_scale.py --plain`` (references are noisy members of 2,000
 families, queries perturbed references), generated into a temporary directory (or ``--data``
@@ -13,6 +14,14 @@ in this process: one lookup with alignment off whose reference matrix comes from
 (cold), its peak RSS sampled every 2 ms; the bare float32 and bfloat16 matmuls of the same
 shape; and a float64 brute-force check of 64 queries' neighbours. Targets: the whole cold lookup
 ≤ 0.6 × the bare float32 matmul; its search stage ≤ 1.5 × the bare bfloat16 matmul.
+
+`--million` (issue 11, item 4): a million references (`bench/million.py`: COPY in blocks into
+the embedded database under DIR/home, kept for later runs) and a 5,000-query lookup run by the
+CLI in a child process, cold (matrix streamed from the database into the float16 cache) then
+warm (the cache memory-mapped); each prints its stage table, wall time and the kernel's peak
+RSS of the child (ru_maxrss; the PostgreSQL server's own processes are not in it). Target:
+peak RSS ≤ 6 GiB. `--loader N` also writes files for N references and times `load-references`
+on them, with its peak RSS.
 """
 
 from __future__ import annotations
@@ -64,11 +73,17 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, help="a directory synth_scale.py --plain already wrote for this shape"
     )
+    parser.add_argument("--million", action="store_true", help="the million-reference case (see above)")
+    parser.add_argument("--loader", type=int, default=0, help="with --million: load-references on N refs")
     args = parser.parse_args()
+    if args.million:
+        million_case(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="fa-bench-scale-"))
     os.environ["FANTASIA_HOME"] = str(work / "home")
     os.environ.pop("FANTASIA_DATABASE_URL", None)
 
+    from fantasia_assets.cli import report_lines
     from fantasia_assets.config import parse_config
     from fantasia_assets.core.knn import SearchEngine
     from fantasia_assets.db import get_engine, schema_ready
@@ -104,7 +119,7 @@ def main() -> None:
             result = run_lookup(config, engine)
             cold = time.perf_counter() - started
         print(f"--- cold lookup: {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB")
-        for line in result.report_lines():
+        for line in report_lines(result):
             if line and not line.startswith("  ") and not line.startswith("outputs"):
                 print(line)
 
@@ -134,6 +149,78 @@ def main() -> None:
         dispose_engines()
         embedded_server().cleanup()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def million_case(args: argparse.Namespace) -> None:
+    """5,000 queries × 1,000,000 references (or --queries/--references if given smaller) by the CLI."""
+    import million
+    import yaml
+
+    n_refs = args.references if args.references != 124_000 else 1_000_000
+    n_queries = args.queries if args.queries != 20_000 else 5_000
+    data = args.data or Path(tempfile.mkdtemp(prefix="fa-bench-million-"))
+    data.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, FANTASIA_HOME=str(data / "home"))
+    env.pop("FANTASIA_DATABASE_URL", None)
+    os.environ.update(FANTASIA_HOME=env["FANTASIA_HOME"])
+    stamp = f"{n_refs} {n_queries} {args.dim} 0"
+    print(f"disk: {shutil.disk_usage(data).free / GIB:.0f} GiB free under {data}")
+    if not (data / "inserted").exists() or (data / "inserted").read_text().strip() != stamp:
+        from fantasia_assets.db import get_engine, schema_ready
+
+        started = time.perf_counter()
+        engine = get_engine()
+        schema_ready(engine)
+        obo = Path(__file__).resolve().parents[1] / "data" / "sample" / "go-basic.obo.gz"
+        million.insert_blocks(engine, data, n_refs, n_queries, args.dim, obo)
+        (data / "inserted").write_text(stamp + "\n")
+        print(f"database insert (COPY, blocks of {million.BLOCK:,}): {time.perf_counter() - started:.0f} s")
+        from fantasia_assets.db.embedded import embedded_server
+        from fantasia_assets.db.engine import dispose_engines
+
+        dispose_engines()
+        embedded_server().cleanup()
+    config = data / "lookup.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiment_path": str(data / "experiment"),
+                "embeddings_path": str(data / "queries.h5"),
+                "limit_per_entry": args.k,
+                "lookup": {"use_gpu": False, "screening": args.screening},
+                "embedding": {"models": {"Synthetic": {"layer_index": [0]}}},
+                "postprocess": {"alignment": False},
+            }
+        )
+    )
+    shutil.rmtree(data / "home" / "cache", ignore_errors=True)
+    cli = [sys.executable, "-m", "fantasia_assets.cli", "lookup", "--config", str(config)]
+    results = []
+    for label in ("cold", "warm"):
+        wall, rss, output = million.run_measured(cli, env)
+        print(
+            f"--- {label} lookup, {n_queries:,} × {n_refs:,} × {args.dim}: {wall:.1f} s, peak RSS {rss:.2f} GiB"
+        )
+        print("\n".join(line for line in output.splitlines() if line and not line.startswith("  ")))
+        results.append((label, wall, rss))
+    if args.loader:
+        files = data / f"files-{args.loader}"
+        started = time.perf_counter()
+        million.generate(
+            files, args.loader, 10, args.dim, args.synth, args.synth.parents[1] / "data" / "go-basic.obo.gz"
+        )
+        print(f"files for load-references ({args.loader:,} refs): {time.perf_counter() - started:.0f} s")
+        load_env = dict(env, FANTASIA_HOME=str(files / "home"))
+        command = [sys.executable, "-m", "fantasia_assets.cli", "load-references", "--fasta",
+                   str(files / "refs.fasta.gz"), "--gaf", str(files / "refs.gaf.gz"), "--obo",
+                   str(args.synth.parents[1] / "data" / "go-basic.obo.gz"), "--embeddings",
+                   str(files / "refs.h5"), "--model", "Synthetic"]  # fmt: skip
+        wall, rss, output = million.run_measured(command, load_env)
+        print(output.strip().splitlines()[-2])
+        results.append((f"load-references {args.loader:,} refs", wall, rss))
+    print()
+    for label, wall, rss in results:
+        print(f"{label}: {wall:.1f} s, peak_rss_GiB={rss:.2f}  (target <= 6)")
 
 
 if __name__ == "__main__":

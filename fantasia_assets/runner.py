@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,21 +382,28 @@ def _run_lookup(
     config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None, updates
 ) -> LookupResult:
     timings: dict[str, float] = {}
-    with timed(timings, "scan queries"):
-        queries = open_queries(config.embeddings_path, cache_dir("queries"))
-    types = require_references(reads)
-    partitions = _with_references(plan_partitions(config, queries, types), reads)
-    if not partitions:
-        raise LookupPlanError(
-            f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
-            f"query file {queries.path}; see the warnings above"
+    # The annotation table depends on the taxonomy filter alone, not on the queries: it is fetched
+    # from the database while the query file is scanned (HDF5, in worker processes). Its errors
+    # surface where it was fetched before, after the plan; an earlier error drops them unread.
+    include, exclude = config.taxonomy.resolve()
+    with ThreadPoolExecutor(1, thread_name_prefix="annotations") as background:
+        pending = background.submit(
+            AnnotationStore(None, cache_dir("annotations"), reads).get,
+            ReferenceScope(0, None, include, exclude),
         )
-    with timed(timings, "redundancy clustering"):
-        clusters = redundancy_clusters(config, queries, reads, partitions, cache_dir("mmseqs"), progress)
-    with timed(timings, "annotations"):
-        annotations, annotation_version = AnnotationStore(None, cache_dir("annotations"), reads).get(
-            reference_scope(config, partitions[0])
-        )
+        with timed(timings, "scan queries"):
+            queries = open_queries(config.embeddings_path, cache_dir("queries"))
+        types = require_references(reads)
+        partitions = _with_references(plan_partitions(config, queries, types), reads)
+        if not partitions:
+            raise LookupPlanError(
+                f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
+                f"query file {queries.path}; see the warnings above"
+            )
+        with timed(timings, "redundancy clustering"):
+            clusters = redundancy_clusters(config, queries, reads, partitions, cache_dir("mmseqs"), progress)
+        with timed(timings, "annotations (wait)"):
+            annotations, annotation_version = pending.result()
     updates.annotation_version = annotation_version
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
     alignments = updates.alignments

@@ -212,9 +212,8 @@ def _worker_engine(matrix: MatrixFile, settings: BlockSettings):
             return _engines[key]
         _engines.clear()  # free the previous partition's matrix before loading the next
         try:
-            with np.load(matrix.path) as stored:
-                vectors = stored["vectors"]
-        except (OSError, ValueError, KeyError) as exc:
+            vectors = np.load(matrix.path, mmap_mode="r")  # the driver's float16 .npy, mapped
+        except (OSError, ValueError) as exc:
             raise ClusterError(
                 f"a Dask worker cannot read the reference cache {matrix.path} ({exc}); "
                 "$FANTASIA_HOME must be on a file system the workers share"

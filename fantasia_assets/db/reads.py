@@ -10,8 +10,9 @@ bound parameters; identifiers never come from data.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Engine
 
 from ..core.queries import LEGACY_LAYER_INDEX
 from ..core.references import ANNOTATION_COLUMNS, ReferenceMatrix, ReferenceScope, ReferenceSetError
+from ..paths import temporary_file
 from . import halfvec
 from .engine import translate_errors
 from .sources import normalise_category
@@ -191,24 +193,48 @@ def reference_fingerprint(engine: Engine, scope: ReferenceScope) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _copy_out(engine: Engine, query: sql.Composable, params: dict, options: str) -> bytes:
-    """The rows of `query` as one COPY … TO STDOUT payload (`options`: "FORMAT binary", …)."""
-    buffer = io.BytesIO()
-    with engine.connect() as conn:
+def _copy_out(engine: Engine, query: sql.Composable, params: dict, options: str, path: Path) -> None:
+    """The rows of `query` as one COPY … TO STDOUT payload (`options`: "FORMAT csv", …) into
+    the file `path`, block by block: a million references' annotations are never held as text."""
+    with engine.connect() as conn, open(path, "wb") as out:
         cursor = _raw_cursor(conn)
         statement = sql.SQL("COPY ({}) TO STDOUT ({})").format(query, sql.SQL(options))
         with cursor.copy(statement, params) as copy:
             for block in copy:
-                buffer.write(block)
-    return buffer.getvalue()
+                out.write(block)
 
 
 @translate_errors
-def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
-    """Stream the scope's embeddings from the database (binary COPY) into one array."""
+def copy_reference_rows(
+    engine: Engine, scope: ReferenceScope, sink: Callable[[np.ndarray, np.ndarray], None]
+) -> int:
+    """Stream the scope's embeddings into `sink` in ascending sequence id, group by group as
+    (int64 ids, float16 rows), packed by the server (`halfvec.grouped_select`, binary COPY):
+    the matrix is never held whole. Returns the dimension (0 when the scope has no rows).
+
+    The database stores halfvec (float16), so the float16 rows are its values exactly.
+    """
     query, params = _rows_query(scope, sql.SQL("se.sequence_id, se.embedding"))
-    ids, vectors = halfvec.decode(_copy_out(engine, query, params, "FORMAT binary"))
-    return ReferenceMatrix(scope, ids, vectors, fingerprint)
+    decoder = halfvec.GroupDecoder()
+    with engine.connect() as conn:
+        cursor = _raw_cursor(conn)
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(halfvec.grouped_select(query))
+        with cursor.copy(statement, params) as copy:
+            for block in copy:
+                for ids, vectors in decoder.feed(block):
+                    sink(ids, vectors)
+    decoder.finish()
+    return decoder.dim or 0
+
+
+def fetch_reference_matrix(engine: Engine, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
+    """The scope's embeddings in memory (float16), for callers that want no cache file."""
+    ids: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    dim = copy_reference_rows(engine, scope, lambda i, v: (ids.append(i), vectors.append(v)))
+    if not ids:
+        return ReferenceMatrix(scope, np.empty(0, np.int64), np.empty((0, dim), np.float16), fingerprint)
+    return ReferenceMatrix(scope, np.concatenate(ids), np.concatenate(vectors), fingerprint)
 
 
 @translate_errors
@@ -230,9 +256,10 @@ def fetch_annotations(engine: Engine, scope: ReferenceScope | None = None) -> pl
         ORDER BY p.sequence_id, p.id, a.go_id
         """
     ).format(condition=condition)
-    payload = _copy_out(engine, query, params, "FORMAT csv, HEADER")
     schema = {name: pl.String for name in ANNOTATION_COLUMNS} | {"sequence_id": pl.Int64}
-    frame = pl.read_csv(io.BytesIO(payload), schema=schema, quote_char='"')
+    with temporary_file("-annotations.csv") as scratch:
+        _copy_out(engine, query, params, "FORMAT csv, HEADER", scratch)
+        frame = pl.read_csv(scratch, schema=schema, quote_char='"')
     spellings = {value: normalise_category(value) for value in frame["category"].unique().drop_nulls()}
     return frame.with_columns(pl.col("category").replace(spellings))
 

@@ -264,6 +264,9 @@ class RecordedReads:
     def fetch_reference_matrix(self, scope, fingerprint):
         raise SnapshotMiss(f"reference matrix {fingerprint} (cache file gone)")
 
+    def copy_reference_rows(self, scope, sink) -> int:
+        raise SnapshotMiss(f"reference matrix of {_scope_key(scope)} (cache file gone)")
+
     def fetch_annotations(self, scope=None):
         raise SnapshotMiss("annotation table (cache file gone)")
 
@@ -360,6 +363,11 @@ class LiveReads:
         from .reads import fetch_reference_matrix
 
         return fetch_reference_matrix(self.engine, scope, fingerprint)
+
+    def copy_reference_rows(self, scope, sink) -> int:
+        from .reads import copy_reference_rows
+
+        return copy_reference_rows(self.engine, scope, sink)
 
     def fetch_annotations(self, scope=None):
         from .reads import fetch_annotations

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import threading
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,19 +35,65 @@ log = logging.getLogger(__name__)
 
 # Code versions (Dagster's asset `code_version`): bumped when the same database rows would give
 # another reference matrix (`ReferenceStore`) or annotation table (`AnnotationStore`).
-MATRIX_CODE_VERSION = "matrix-1"
+MATRIX_CODE_VERSION = "matrix-2"  # 2: a float16 .npy memory map instead of an .npz
 ANNOTATIONS_CODE_VERSION = "annotations-1"
 
 
-def _save_matrix(tmp: Path, matrix: ReferenceMatrix) -> None:
-    with open(tmp, "wb") as handle:
-        np.savez(handle, sequence_ids=matrix.sequence_ids, vectors=matrix.vectors)
+# The matrix cache: `matrix-<fingerprint>.npy` holds the float16 vectors (a plain .npy whose
+# data start at a page boundary, memory-mapped read-only by the lookup and by Dask workers) and
+# `matrix-<fingerprint>.ids.npy` the int64 sequence ids. Written vectors first, ids last, each
+# atomically, so a matrix is complete exactly when both files are there and agree.
+_HEADER_BYTES = 4096
+_WRITE_ROWS = 8192  # rows per block when a matrix already in memory is written out
+
+
+def _npy_header(rows: int, dim: int) -> bytes:
+    """A .npy (version 1.0) header of exactly `_HEADER_BYTES` for a (rows, dim) float16 array."""
+    text = repr({"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (rows, dim)})
+    length = _HEADER_BYTES - 10  # magic (6), version (2), header length (2)
+    return np.lib.format.magic(1, 0) + length.to_bytes(2, "little") + (text.ljust(length - 1) + "\n").encode()
+
+
+class _VectorFile:
+    """Appends float16 blocks to a .npy file whose header is written last (the row count is
+    known only at the end of the stream); synced to disk before the caller renames it."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.rows = 0
+        self.dim = 0
+        handle.write(bytes(_HEADER_BYTES))
+
+    def append(self, block: np.ndarray) -> None:
+        if self.rows and block.shape[1] != self.dim:
+            raise ValueError(f"a block of {block.shape[1]} columns after {self.dim}")
+        self.dim = block.shape[1]
+        self.handle.write(np.ascontiguousarray(block, dtype=np.float16).data)
+        self.rows += len(block)
+
+    def close(self, dim: int) -> None:
+        self.handle.seek(0)
+        self.handle.write(_npy_header(self.rows, self.dim or dim))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())  # a crash after the rename must not leave a hole
+
+
+def _write_ids(path: Path, ids: np.ndarray) -> None:
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.asarray(ids, dtype=np.int64))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, save)
 
 
 class ReferenceStore:
     """Reference matrices by scope: memory (at most `max_in_memory`), then disk cache, then DB.
 
-    The disk cache keeps the `max_on_disk` most recently used matrices.
+    Matrices come back with `vectors` a read-only float16 memory map of the cache file, so a
+    million references cost page cache, not private memory, and are never held twice. The
+    disk cache keeps the `max_on_disk` most recently used matrices.
     """
 
     def __init__(
@@ -70,32 +115,67 @@ class ReferenceStore:
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
 
     def cache_file(self, fingerprint: str) -> Path:
-        """Where the disk cache keeps the matrix of this fingerprint."""
-        return self.cache_dir / f"matrix-{fingerprint}.npz"
+        """Where the disk cache keeps the vectors of this fingerprint (a float16 .npy)."""
+        return self.cache_dir / f"matrix-{fingerprint}.npy"
+
+    @staticmethod
+    def ids_file(vectors_file: Path) -> Path:
+        """The sequence ids that go with a cached vectors file."""
+        return vectors_file.with_name(vectors_file.name[: -len(".npy")] + ".ids.npy")
 
     def _from_disk(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix | None:
         try:
-            with np.load(path) as stored:
-                matrix = ReferenceMatrix(scope, stored["sequence_ids"], stored["vectors"], fingerprint)
+            ids = np.load(self.ids_file(path))
+            vectors = np.load(path, mmap_mode="r")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             log.warning("damaged reference cache %s (%s); fetching from the database", path, exc)
             return None
+        problem = _cache_problem(ids, vectors)
+        if problem:
+            log.warning("damaged reference cache %s (%s); fetching from the database", path, problem)
+            return None
         os.utime(path)  # recently used: kept by the pruning below
-        return matrix
+        return ReferenceMatrix(scope, ids, vectors, fingerprint)
+
+    def _from_database(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
+        """Stream the scope's rows into the cache file, then map it: never whole in memory."""
+        blocks: list[np.ndarray] = []
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                out = _VectorFile(handle)
+                dim = self.source.copy_reference_rows(
+                    scope, lambda ids, vectors: (blocks.append(ids), out.append(vectors))
+                )
+                out.close(dim)
+
+        atomic_write(path, write)
+        ids = np.concatenate(blocks) if blocks else np.empty(0, np.int64)
+        _write_ids(self.ids_file(path), ids)
+        return ReferenceMatrix(scope, ids, np.load(path, mmap_mode="r"), fingerprint)
 
     def shared_file(self, matrix: ReferenceMatrix) -> Path:
         """The matrix's cache file, written again if pruned since: what Dask workers load."""
         path = self.cache_file(matrix.fingerprint)
-        if not path.exists():
-            atomic_write(path, lambda tmp: _save_matrix(tmp, matrix))
+        if not (path.exists() and self.ids_file(path).exists()):
+            _save_matrix(path, matrix)
+            _write_ids(self.ids_file(path), matrix.sequence_ids)
         return path.resolve()
 
     def _prune(self) -> None:
-        files = sorted(self.cache_dir.glob("matrix-*.npz"), key=lambda f: f.stat().st_mtime, reverse=True)
+        files = sorted(
+            (f for f in self.cache_dir.glob("matrix-*.npy") if not f.name.endswith(".ids.npy")),
+            key=lambda f: f.stat().st_mtime,
+            reverse=True,
+        )
         for stale in files[self.max_on_disk :]:
             stale.unlink(missing_ok=True)
+            self.ids_file(stale).unlink(missing_ok=True)
+        # caches of the earlier format (one .npz per matrix) are never read again
+        for old in self.cache_dir.glob("matrix-*.npz"):
+            old.unlink(missing_ok=True)
 
     def get(self, scope: ReferenceScope, progress: Progress = no_progress) -> ReferenceMatrix:
         """The scope's matrix, fetched from the database only when its rows changed."""
@@ -111,8 +191,7 @@ class ReferenceStore:
             self.last_source = "disk"
         else:
             progress("fetch references", 0, 1)
-            matrix = self.source.fetch_reference_matrix(scope, fingerprint)
-            atomic_write(path, lambda tmp: _save_matrix(tmp, matrix))
+            matrix = self._from_database(path, scope, fingerprint)
             self._prune()
             progress("fetch references", 1, 1)
             self.last_source = "database"
@@ -127,6 +206,37 @@ class ReferenceStore:
                 while len(self._memory) > self.max_in_memory:
                     self._memory.popitem(last=False)
         return matrix
+
+
+def _save_matrix(path: Path, matrix: ReferenceMatrix) -> None:
+    """Write a matrix already at hand (a memory map whose file was pruned) in blocks."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            out = _VectorFile(handle)
+            for start in range(0, len(matrix), _WRITE_ROWS):
+                out.append(matrix.vectors[start : start + _WRITE_ROWS])
+            out.close(matrix.dim)
+
+    atomic_write(path, write)
+
+
+def _cache_problem(ids: np.ndarray, vectors: np.ndarray) -> str | None:
+    """Why a cached (ids, vectors) pair cannot be the matrix of a scope, or None.
+
+    What a crash or a truncated copy leaves is caught here (the sizes are checked by the
+    memory map itself); the content is not hashed, as reading 2 GiB to check it would cost what
+    the cache saves. Writes are atomic and synced, so a torn file never carries the final name.
+    A cache file is replaced or removed, never truncated in place: a process mapping it would
+    fault (SIGBUS) on the pages cut off.
+    """
+    if vectors.dtype != np.float16 or vectors.ndim != 2:
+        return f"vectors of {vectors.dtype} {vectors.shape}, expected a float16 matrix"
+    if ids.dtype != np.int64 or ids.shape != (len(vectors),):
+        return f"{ids.shape} ids of {ids.dtype} for {len(vectors)} vectors"
+    if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        return "sequence ids not ascending"
+    return None
 
 
 class AnnotationStore:

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from pgvector import HalfVector
 
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
@@ -254,23 +255,63 @@ def test_legacy_layout_without_layers(engine, tmp_path):
     assert "final_score_NEAR_Llegacy" in summary.columns
 
 
+def _vector_files(folder):
+    return sorted(p for p in folder.glob("matrix-*.npy") if not p.name.endswith(".ids.npy"))
+
+
 def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_path):
     from fantasia_assets.core.references import ReferenceScope
+    from fantasia_assets.db.reads import fetch_reference_matrix
     from fantasia_assets.db.stores import ReferenceStore
 
     store = ReferenceStore(sample_loaded, tmp_path, max_in_memory=0, max_on_disk=2)
     first = store.get(ReferenceScope(1, 0))
     assert store.last_source == "database"
-    cached = next(tmp_path.glob("matrix-*.npz"))
-    cached.write_bytes(cached.read_bytes()[:100])  # a damaged cache file is refetched, not trusted
-    again = store.get(ReferenceScope(1, 0))
+    # streamed into the cache file and mapped read-only: equal to the rows fetched in memory,
+    # and to the database's rows read one by one through pgvector-python's own decoder
+    plain = fetch_reference_matrix(sample_loaded, ReferenceScope(1, 0), first.fingerprint)
+    with sample_loaded.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT se.sequence_id, halfvec_send(se.embedding) FROM sequence_embeddings se "
+            "WHERE se.embedding_type_id = 1 AND se.layer_index = 0 ORDER BY se.sequence_id"
+        ).all()
+    one_by_one = np.array([HalfVector.from_binary(bytes(value)).to_numpy() for _, value in rows])
+    np.testing.assert_array_equal(plain.sequence_ids, [sequence_id for sequence_id, _ in rows])
+    np.testing.assert_array_equal(
+        plain.vectors.view(np.uint16), one_by_one.astype(np.float16).view(np.uint16)
+    )
+    assert isinstance(first.vectors, np.memmap) and not first.vectors.flags.writeable
+    assert first.vectors.dtype == np.float16 and first.vectors.flags.c_contiguous
+    np.testing.assert_array_equal(first.vectors.view(np.uint16), plain.vectors.view(np.uint16))
+    np.testing.assert_array_equal(first.sequence_ids, plain.sequence_ids)
+    # the damage below rewrites the files in place: a map of them must not be read afterwards
+    expected_vectors, expected_ids = np.array(first.vectors), first.sequence_ids
+    del first
+    (cached,) = _vector_files(tmp_path)
+    ids_file = store.ids_file(cached)
+    intact_vectors, intact_ids = cached.read_bytes(), ids_file.read_bytes()
+    damages = [
+        (cached, intact_vectors[:100]),  # header cut
+        (cached, intact_vectors[:-2]),  # last value cut
+        (ids_file, intact_ids[:-8]),  # one id fewer than vectors
+        (ids_file, intact_ids[:50]),  # header cut
+    ]
+    for damaged, content in damages:  # a damaged cache file is refetched, not trusted
+        damaged.write_bytes(content)
+        again = store.get(ReferenceScope(1, 0))
+        assert store.last_source == "database", damaged
+        np.testing.assert_array_equal(expected_vectors, again.vectors)
+        np.testing.assert_array_equal(expected_ids, again.sequence_ids)
+        del again
+    ids_file.unlink()  # vectors without their ids: incomplete, fetched again
+    store.get(ReferenceScope(1, 0))
     assert store.last_source == "database"
-    np.testing.assert_array_equal(first.vectors, again.vectors)
     store.get(ReferenceScope(1, 0))
     assert store.last_source == "disk"
     for layer in (1, 4):
         store.get(ReferenceScope(1, layer))
-    assert len(list(tmp_path.glob("matrix-*.npz"))) == 2
+    assert len(_vector_files(tmp_path)) == 2
+    assert len(list(tmp_path.glob("matrix-*.ids.npy"))) == 2
 
 
 def test_groups_without_sequence_are_skipped_with_a_warning(tmp_path, caplog):

@@ -46,3 +46,51 @@ def test_rows_of_two_lengths_are_an_error():
     mixed = short[:-2] + long[19:]  # header and first row of one, second row and trailer of the other
     with pytest.raises(ReferenceSetError, match="different dimensions"):
         halfvec.decode(mixed)
+
+
+def _grouped_copy(groups: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """The binary COPY `grouped_select` yields: per group, the int4 ids and the halfvec sends."""
+    rows = []
+    for ids, vectors in groups:
+        id_bytes = np.asarray(ids).astype(">i4").tobytes()
+        vector_bytes = b"".join(HalfVector(v).to_binary() for v in vectors)
+        rows.append(
+            struct.pack(">hi", 2, len(id_bytes))
+            + id_bytes
+            + struct.pack(">i", len(vector_bytes))
+            + vector_bytes
+        )
+    return b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows) + b"\xff\xff"
+
+
+@pytest.mark.parametrize("block", [1, 7, 19, 1000, 10**6])
+def test_grouped_rows_decode_in_blocks_cut_anywhere(block):
+    """The reference fetch decodes COPY blocks as they arrive, cut anywhere: the same rows."""
+    rng = np.random.default_rng(11)
+    ids = np.arange(1, 51, dtype=np.int64) * 3
+    vectors = rng.standard_normal((50, 17)).astype(np.float16)
+    payload = _grouped_copy(
+        [(ids[:20], vectors[:20]), (ids[20:21], vectors[20:21]), (ids[21:], vectors[21:])]
+    )
+    decoder = halfvec.GroupDecoder()
+    groups = [g for i in range(0, len(payload), block) for g in decoder.feed(payload[i : i + block])]
+    decoder.finish()
+    assert decoder.dim == 17 and len(groups) == 3
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in groups]), ids)
+    decoded = np.concatenate([g[1] for g in groups])
+    assert decoded.dtype == np.float16
+    np.testing.assert_array_equal(decoded.view(np.uint16), vectors.view(np.uint16))
+
+
+def test_grouped_rows_of_two_lengths_or_out_of_order_or_cut_short_are_errors():
+    four, six = np.zeros((2, 4), np.float16), np.zeros((1, 6), np.float16)
+    mixed = _grouped_copy([(np.array([1, 2]), four), (np.array([3]), six)])
+    with pytest.raises(ReferenceSetError, match="different dimensions"):
+        halfvec.GroupDecoder().feed(mixed)
+    backwards = _grouped_copy([(np.array([5, 6]), four), (np.array([4]), four[:1])])
+    with pytest.raises(ReferenceSetError, match="out of order"):
+        halfvec.GroupDecoder().feed(backwards)
+    decoder = halfvec.GroupDecoder()
+    decoder.feed(_grouped_copy([(np.array([1, 2]), four)])[:-5])
+    with pytest.raises(ReferenceSetError, match="cut short"):
+        decoder.finish()
