@@ -108,13 +108,16 @@ class PartitionUpdates:
         key = search_key(config, partition, clusters)
         paths = partition_paths(config.experiment_path, partition)
         state, reason = None, "a full run was asked for (--full)" if self.full else None
+        level = logging.INFO
         if reason is None:
             try:
                 state = incremental.read_state(config.experiment_path, partition, key, paths)
+            except incremental.StateMissing as error:
+                reason = str(error)  # a first run: the report says so, no warning needed
             except incremental.StateUnusable as error:
-                reason = str(error)
+                reason, level = str(error), logging.WARNING
         if state is None:
-            log.warning("%s: full search: %s", partition.key, reason)
+            log.log(level, "%s: full search: %s", partition.key, reason)
             outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
             with timed(outcome.timings, "incremental state"):
                 layer = (partition.type_id, partition.layer)

@@ -77,6 +77,10 @@ class StateUnusable(Exception):
     """The stored state cannot be used for this partition; the message says why."""
 
 
+class StateMissing(StateUnusable):
+    """No state stored yet: the partition's first run (a full one, and nothing to warn about)."""
+
+
 def state_dir(partition: Partition) -> Path:
     """The partition's state folder, relative to experiment_path."""
     return STATE_ROOT / partition.relative_dir()
@@ -198,7 +202,7 @@ def read_state(root: Path, partition: Partition, key: SearchKey, outputs: Mappin
     folder = root / state_dir(partition)
     meta_path = folder / "state.json"
     if not meta_path.exists():
-        raise StateUnusable(f"no stored state ({meta_path})")
+        raise StateMissing(f"no stored state ({meta_path})")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
