@@ -20,9 +20,8 @@ import polars as pl
 
 from .config import LookupConfig
 from .core import incremental
-from .core.alignment import METRIC_COLUMNS
 from .core.distributed import DaskSearch
-from .core.knn import SearchEngine
+from .core.knn_numpy import engine_for
 from .core.layout import partition_paths
 from .core.lineage import CODE_VERSION
 from .core.plan import Partition, QuerySet
@@ -169,7 +168,12 @@ class PartitionUpdates:
         def run_search(
             references: np.ndarray, ids: np.ndarray, query_rows: np.ndarray, screening: str
         ) -> pl.DataFrame:
-            engine = SearchEngine(config.distance_metric, config.backend, device, screening=screening)
+            # a small CPU search in numpy alone, as the full run's (`knn_numpy.engine_for`): the
+            # same answers, without torch's start-up
+            engine = engine_for(
+                config.distance_metric, config.backend, device, screening,
+                len(query_rows), len(references), references.shape[1],
+            )  # fmt: skip
             engine.build(references)
             exclude = None
             if names is not None:
@@ -212,6 +216,8 @@ class PartitionUpdates:
         """The previous run's alignment metrics of kept queries, renumbered to this query file."""
         if not self.config.alignment or "raw" not in state.meta["outputs"]:
             return  # raw rows the state does not vouch for (the Dagster assets') are not reused
+        from .core.alignment import METRIC_COLUMNS  # parasail: only for lookups that align
+
         if not set(METRIC_COLUMNS) <= set(pl.read_parquet_schema(paths["raw"])):
             return  # the previous run had alignment off
         old = pl.read_parquet(paths["raw"], columns=["accession", "ref_idx", *METRIC_COLUMNS])

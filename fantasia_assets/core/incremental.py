@@ -64,7 +64,6 @@ import polars as pl
 from . import exports
 from .digest import file_digest
 from .distributed import slice_exclusions
-from .knn import SearchEngine
 from .plan import Partition
 from .transfer import HIT_SCHEMA, neighbour_hits
 
@@ -326,7 +325,7 @@ def queries_to_search(state: StoredState, changes: Changes) -> list[str]:
 
 
 def search_rows(
-    engine: SearchEngine,
+    engine,
     reference_ids: np.ndarray,
     accessions: list[str],
     vectors: np.ndarray,
@@ -336,7 +335,8 @@ def search_rows(
     batch: int,
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pl.DataFrame:
-    """The answers (HIT_SCHEMA, `query_idx` left 0) of `vectors` in the engine's matrix, whose row
+    """The answers (HIT_SCHEMA, `query_idx` left 0) of `vectors` in the engine's matrix (a built
+    `knn.SearchEngine` or `knn_numpy.NumpySearchEngine`: the same answers), whose row
     i is `reference_ids[i]`: the same call, batch by batch, as the full search makes. `exclude`:
     the MMseqs2 mask as CSR over these rows (`redundancy.exclusion_csr`)."""
     parts = []

