@@ -60,8 +60,7 @@ from .knn_inputs import (
     exclusions_for_rows,
     inverse_norms,
     resolve_device,
-    row_sq_norms,
-    validate_exclusions,
+    search_arguments,
 )
 from .knn_reference import PreparedReferences
 
@@ -184,19 +183,9 @@ class SearchEngine:
             neighbours end in distance +inf and index -1.
         """
         n_references, dim = self._built().shape
-        query_matrix = np.asarray(queries)
-        if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
-            raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
-        if not np.issubdtype(query_matrix.dtype, np.floating):
-            raise ValueError(f"queries must be floating point, got {query_matrix.dtype}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"threshold must be None or a distance ≥ 0, got {threshold!r}")
-        n_queries, k = len(query_matrix), int(k)
-        indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
-        q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
-        q_sq_norms = row_sq_norms(q32, "queries", self.metric)
+        n_queries, k, indptr, excluded, q32, q_sq_norms = search_arguments(
+            queries, k, threshold, exclude, n_references, dim, self.metric
+        )
         query_block = self._block_shape(n_queries)[0]
         parts = []
         with screen.exact_matmul_settings():

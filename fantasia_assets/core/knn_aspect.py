@@ -27,7 +27,7 @@ import torch
 
 from . import knn, screen
 from .knn_bounds import screened_enough
-from .knn_inputs import Exclusions, exclusions_for_rows, row_sq_norms, validate_exclusions
+from .knn_inputs import Exclusions, exclusions_for_rows, search_arguments
 
 
 def search_by_aspect(
@@ -53,19 +53,9 @@ def search_by_aspect(
     masks = np.asarray(masks)
     if masks.dtype != bool or masks.ndim != 2 or masks.shape[1] != n_references:
         raise ValueError(f"masks must be boolean (n_masks, {n_references}), got {masks.dtype} {masks.shape}")
-    query_matrix = np.asarray(queries)
-    if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
-        raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
-    if not np.issubdtype(query_matrix.dtype, np.floating):
-        raise ValueError(f"queries must be floating point, got {query_matrix.dtype}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
-    if threshold is not None and not threshold >= 0:
-        raise ValueError(f"threshold must be None or a distance ≥ 0, got {threshold!r}")
-    n_queries, k = len(query_matrix), int(k)
-    indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
-    q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
-    q_sq_norms = row_sq_norms(q32, "queries", engine.metric)
+    n_queries, k, indptr, excluded, q32, q_sq_norms = search_arguments(
+        queries, k, threshold, exclude, n_references, dim, engine.metric
+    )
     patterns = _patterns(masks)
     query_block = engine._block_shape(n_queries)[0]
     parts: list[list] = [[] for _ in masks]

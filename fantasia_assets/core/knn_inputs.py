@@ -60,6 +60,33 @@ def validate_exclusions(
     return indptr.astype(np.int64), excluded.astype(np.int64)
 
 
+def search_arguments(
+    queries: np.ndarray,
+    k: int,
+    threshold: float | None,
+    exclude: tuple[np.ndarray, np.ndarray] | None,
+    n_references: int,
+    dim: int,
+    metric: str,
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A search's arguments checked, for every engine alike (`knn`, `knn_numpy`, `knn_aspect`):
+    (n_queries, k, exclusion indptr, excluded reference indices, float32 queries, their
+    squared norms). Errors say which argument is wrong."""
+    query_matrix = np.asarray(queries)
+    if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
+        raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
+    if not np.issubdtype(query_matrix.dtype, np.floating):
+        raise ValueError(f"queries must be floating point, got {query_matrix.dtype}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+    if threshold is not None and not threshold >= 0:
+        raise ValueError(f"threshold must be None or a distance ≥ 0, got {threshold!r}")
+    n_queries = len(query_matrix)
+    indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
+    q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
+    return n_queries, int(k), indptr, excluded, q32, row_sq_norms(q32, "queries", metric)
+
+
 def row_sq_norms(matrix: np.ndarray, name: str, metric: str) -> np.ndarray:
     """Squared L2 norm of each float32 row, accumulated in float64: (n,), chunked copies.
 

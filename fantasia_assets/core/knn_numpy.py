@@ -66,7 +66,7 @@ from .knn_inputs import (
     exclusions_for_rows,
     inverse_norms,
     row_sq_norms,
-    validate_exclusions,
+    search_arguments,
 )
 
 METRICS = ("cosine", "euclidean")
@@ -184,19 +184,9 @@ class NumpySearchEngine:
         index); K = k, or with tie_expansion the longest row; short rows end in +inf and -1.
         """
         n_references, dim = self._built().shape
-        query_matrix = np.asarray(queries)
-        if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
-            raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
-        if not np.issubdtype(query_matrix.dtype, np.floating):
-            raise ValueError(f"queries must be floating point, got {query_matrix.dtype}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"threshold must be None or a distance ≥ 0, got {threshold!r}")
-        n_queries, k = len(query_matrix), int(k)
-        indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
-        q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
-        q_sq_norms = row_sq_norms(q32, "queries", self.metric)
+        n_queries, k, indptr, excluded, q32, q_sq_norms = search_arguments(
+            queries, k, threshold, exclude, n_references, dim, self.metric
+        )
         rows = np.repeat(np.arange(n_queries), np.diff(indptr))
         return self._search_rows(q32, q_sq_norms, (rows, excluded), k, threshold, tie_expansion)
 
