@@ -56,11 +56,13 @@ from . import screen
 from .knn_bounds import screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
+    assemble_rows,
     default_memory_budget,
     exclusions_for_rows,
     inverse_norms,
     resolve_device,
     search_arguments,
+    select_answer,
 )
 from .knn_reference import PreparedReferences
 
@@ -79,7 +81,6 @@ _MIN_QUERY_BLOCK = 256  # rows per product below which GEMMs lose efficiency
 # Working bytes per (query, reference) pair of a screening block: the product plus selection
 # workspace (argpartition's int64 positions; cdist's float64 values and argsort's int64 order).
 _BYTES_PER_PAIR = {"torch": 8, "numpy": 16, "scipy": 24}
-_NO_CANDIDATE = torch.iinfo(torch.int64).max
 
 
 class SearchEngine:
@@ -433,37 +434,10 @@ def _select(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Order refined candidates by (distance, index) and keep the answer: host arrays (b, K_b).
 
-    In numpy on the host: the arrays are small (b × m), and on a loaded machine each of the
-    dozen small torch operations would wait on the thread pool longer than it computes."""
-    distances, indices = distances.cpu().numpy(), indices.cpu().numpy()
-    admissible = np.isfinite(distances)
-    if threshold is not None:
-        admissible &= distances.astype(np.float64) <= threshold  # exactly, not against float32(t)
-    # Non-negative float32 bit patterns order like the floats, so one int64 key (distance bits
-    # high, index low) sorts by (distance, index) in one pass and decodes back into both.
-    keys = (np.ascontiguousarray(distances).view(np.int32).astype(np.int64) << 32) | indices
-    keys = np.sort(np.where(admissible, keys, _NO_CANDIDATE), axis=1)
-    valid = keys != _NO_CANDIDATE
-    sorted_distances = np.where(valid, (keys >> 32).astype(np.int32).view(np.float32), np.inf)
-    sorted_indices = np.where(valid, keys & 0xFFFFFFFF, -1)
-    if ties and keys.shape[1] >= k:
-        keep = valid & (sorted_distances <= sorted_distances[:, k - 1 : k])
-    else:
-        keep = valid & (np.arange(keys.shape[1]) < k)
-    width = max(k, int(keep.sum(1).max())) if len(keys) else k
-    sorted_distances = np.where(keep, sorted_distances, np.inf)[:, :width].astype(np.float32)
-    sorted_indices = np.where(keep, sorted_indices, -1)[:, :width].astype(np.int64)
-    return sorted_distances, sorted_indices
+    In numpy on the host (`knn_inputs.select_answer`, every engine's rule): the arrays are small
+    (b × m), and on a loaded machine each of the dozen small torch operations would wait on the
+    thread pool longer than it computes."""
+    return select_answer(distances.cpu().numpy(), indices.cpu().numpy(), k, threshold, ties)
 
 
-def _assemble(
-    n_rows: int, k: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter (rows, distances, indices) parts of varying widths into padded (n_rows, K)."""
-    width = max([k] + [part_distances.shape[1] for _, part_distances, _ in parts])
-    distances = np.full((n_rows, width), np.inf, dtype=np.float32)
-    indices = np.full((n_rows, width), -1, dtype=np.int64)
-    for rows, part_distances, part_indices in parts:
-        distances[rows, : part_distances.shape[1]] = part_distances
-        indices[rows, : part_indices.shape[1]] = part_indices
-    return distances, indices
+_assemble = assemble_rows

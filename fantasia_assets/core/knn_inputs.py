@@ -133,3 +133,44 @@ def default_memory_budget(device: torch.device) -> int:
 def cpu_memory_budget() -> int:
     """A safe share of the memory free now, capped at `_CPU_BUDGET_CAP`."""
     return int(min(_BUDGET_FRACTION * psutil.virtual_memory().available, _CPU_BUDGET_CAP))
+
+
+_NO_CANDIDATE = np.iinfo(np.int64).max
+
+
+def select_answer(
+    distances: np.ndarray, indices: np.ndarray, k: int, threshold: float | None, ties: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The answer among refined candidates, ordered by (distance, index), for every engine:
+    host arrays (b, K_b); K_b = k, or with `ties` the longest row; short rows end in +inf, -1."""
+    admissible = np.isfinite(distances)
+    if threshold is not None:
+        admissible &= distances.astype(np.float64) <= threshold  # exactly, not against float32(t)
+    # Non-negative float32 bit patterns order like the floats, so one int64 key (distance bits
+    # high, index low) sorts by (distance, index) in one pass and decodes back into both.
+    keys = (np.ascontiguousarray(distances).view(np.int32).astype(np.int64) << 32) | np.maximum(indices, 0)
+    keys = np.sort(np.where(admissible, keys, _NO_CANDIDATE), axis=1)
+    valid = keys != _NO_CANDIDATE
+    sorted_distances = np.where(valid, (keys >> 32).astype(np.int32).view(np.float32), np.inf)
+    sorted_indices = np.where(valid, keys & 0xFFFFFFFF, -1)
+    if ties and keys.shape[1] >= k:
+        keep = valid & (sorted_distances <= sorted_distances[:, k - 1 : k])
+    else:
+        keep = valid & (np.arange(keys.shape[1]) < k)
+    width = max(k, int(keep.sum(1).max())) if len(keys) else k
+    sorted_distances = np.where(keep, sorted_distances, np.inf)[:, :width].astype(np.float32)
+    sorted_indices = np.where(keep, sorted_indices, -1)[:, :width].astype(np.int64)
+    return sorted_distances, sorted_indices
+
+
+def assemble_rows(
+    n_rows: int, k: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter (rows, distances, indices) parts of varying widths into padded (n_rows, K)."""
+    width = max([k] + [part_distances.shape[1] for _, part_distances, _ in parts])
+    distances = np.full((n_rows, width), np.inf, dtype=np.float32)
+    indices = np.full((n_rows, width), -1, dtype=np.int64)
+    for rows, part_distances, part_indices in parts:
+        distances[rows, : part_distances.shape[1]] = part_distances
+        indices[rows, : part_indices.shape[1]] = part_indices
+    return distances, indices

@@ -62,11 +62,13 @@ import sys
 import numpy as np
 
 from .knn_inputs import (
+    assemble_rows,
     cpu_memory_budget,
     exclusions_for_rows,
     inverse_norms,
     row_sq_norms,
     search_arguments,
+    select_answer,
 )
 
 METRICS = ("cosine", "euclidean")
@@ -83,7 +85,6 @@ SMALL_REFERENCE_BYTES = 256 * 2**20
 _SCREEN_MARGIN = 8
 _MARGIN_GROWTH = 4
 _BYTES_PER_PAIR = 16  # float32 block values, argpartition's int64 positions, headroom
-_NO_CANDIDATE = np.iinfo(np.int64).max
 _GROUP = 32  # columns per group of the two-stage selection (`smallest_columns`): a power of two
 
 
@@ -238,11 +239,11 @@ class NumpySearchEngine:
                 admissible = np.isfinite(scores[done]) & (scores[done] <= limit[done, None])
                 admissible &= indices[done] >= 0
                 distances = self._refine(exact[pending[done]], indices[done], admissible)
-                selected = _select(distances, indices[done], k, threshold, tie_expansion)
+                selected = select_answer(distances, indices[done], k, threshold, tie_expansion)
                 parts.append((rows[pending[done]], *selected))
                 pending = np.delete(pending, done)
                 width = min(width * _MARGIN_GROWTH, n_references)
-        return _assemble(n_rows, k, parts)
+        return assemble_rows(n_rows, k, parts)
 
     def _screen(self, operands: np.ndarray, exclusions, width: int) -> tuple[np.ndarray, np.ndarray]:
         """(values float64 (b, width), reference indices int64 (b, width)) of the `width` smallest
@@ -329,36 +330,3 @@ def smallest_columns(values: np.ndarray, count: int) -> np.ndarray:
         columns = np.hstack((columns, np.broadcast_to(np.arange(body, width), (rows, width - body))))
     picked = np.argpartition(np.take_along_axis(values, columns, axis=1), count - 1, axis=1)[:, :count]
     return np.take_along_axis(columns, picked, axis=1)
-
-
-def _select(distances, indices, k: int, threshold: float | None, ties: bool):
-    """The answer among refined candidates, by (distance, index): host arrays (b, K_b)."""
-    admissible = np.isfinite(distances)
-    if threshold is not None:
-        admissible &= distances.astype(np.float64) <= threshold  # exactly, as `knn`
-    # non-negative float32 bit patterns order like the floats: one int64 key (distance bits
-    # high, index low) sorts by (distance, index)
-    keys = (distances.view(np.int32).astype(np.int64) << 32) | np.maximum(indices, 0)
-    keys = np.sort(np.where(admissible, keys, _NO_CANDIDATE), axis=1)
-    valid = keys != _NO_CANDIDATE
-    sorted_distances = np.where(valid, (keys >> 32).astype(np.int32).view(np.float32), np.inf)
-    sorted_indices = np.where(valid, keys & 0xFFFFFFFF, -1)
-    if ties and keys.shape[1] >= k:
-        keep = valid & (sorted_distances <= sorted_distances[:, k - 1 : k])
-    else:
-        keep = valid & (np.arange(keys.shape[1]) < k)
-    width = max(k, int(keep.sum(1).max())) if len(keys) else k
-    sorted_distances = np.where(keep, sorted_distances, np.inf)[:, :width].astype(np.float32)
-    sorted_indices = np.where(keep, sorted_indices, -1)[:, :width].astype(np.int64)
-    return sorted_distances, sorted_indices
-
-
-def _assemble(n_rows: int, k: int, parts) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter (rows, distances, indices) parts of varying widths into padded (n_rows, K)."""
-    width = max([k] + [part_distances.shape[1] for _, part_distances, _ in parts])
-    distances = np.full((n_rows, width), np.inf, dtype=np.float32)
-    indices = np.full((n_rows, width), -1, dtype=np.int64)
-    for rows, part_distances, part_indices in parts:
-        distances[rows, : part_distances.shape[1]] = part_distances
-        indices[rows, : part_indices.shape[1]] = part_indices
-    return distances, indices
