@@ -126,6 +126,12 @@ def main() -> None:
             generate(args.synth, data, args.references + args.added, args.queries, args.dim)
         print(f"synthetic data: {time.perf_counter() - started:.1f} s")
         references = np.load(data / "ref_emb.npy").astype(np.float16)
+        if len(references) < args.references + args.added:
+            # a --data folder made for another size would add no reference and time nothing
+            raise SystemExit(
+                f"{data / 'ref_emb.npy'} holds {len(references)} references; this run needs "
+                f"--references + --added = {args.references + args.added}"
+            )
         engine = get_engine()
         schema_ready(engine)
         insert_references(engine, references[: args.references], 5, rng)
