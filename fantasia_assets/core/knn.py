@@ -57,6 +57,7 @@ from .knn_bounds import screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
     assemble_rows,
+    checked_references,
     default_memory_budget,
     exclusions_for_rows,
     inverse_norms,
@@ -145,13 +146,7 @@ class SearchEngine:
         is kept, not copied, and a read-only ``np.memmap`` (the reference cache) is streamed from
         disk, never held whole in float32. Leave the array unchanged while the engine is in use.
         """
-        matrix = references if isinstance(references, np.ndarray) else np.asarray(references)
-        if matrix.ndim != 2 or matrix.shape[1] == 0:
-            raise ValueError(f"references must be a 2-D (n_ref, dim) matrix, got {matrix.shape}")
-        if matrix.shape[0] == 0:
-            raise ValueError("the reference set is empty: there is nothing to search")
-        if not np.issubdtype(matrix.dtype, np.floating):
-            raise ValueError(f"references must be float16 or float32, got {matrix.dtype}")
+        matrix = checked_references(references)
         self._references, self._buffers = None, {}
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
@@ -227,6 +222,35 @@ class SearchEngine:
         query_block = min(max(n_queries, 1), max(1, spare // (reference_block * per_pair)))
         return query_block, reference_block
 
+    def _settle(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        pending: np.ndarray,
+        offsets: torch.Tensor,
+        bounds: torch.Tensor,
+        exact_queries: torch.Tensor,
+        k: int,
+        threshold: float | None,
+        tie_expansion: bool,
+        complete: bool,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Of the screened rows `pending`, those whose screen proves its answer (module docstring;
+        every one when `complete`: all references screened), refined and selected: (their positions
+        in `pending`, (distances, indices)). `knn_aspect` settles each mask's rows with it too."""
+        pending_device = torch.from_numpy(pending).to(self.device)
+        scores = values + offsets[pending_device, None]
+        enough, limit = screened_enough(scores, k, bounds[pending_device], threshold, self.metric, self.dim)
+        if complete:
+            enough = torch.ones_like(enough)
+            limit = torch.full_like(limit, math.inf)
+        rows = enough.nonzero().squeeze(1)
+        # scores above the limit cannot be kept (module docstring): not worth refining
+        kept = scores[rows]
+        admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (indices[rows] >= 0)
+        distances = self._refine(exact_queries[pending_device[rows]], indices[rows], admissible)
+        return rows.cpu().numpy(), _select(distances, indices[rows], k, threshold, tie_expansion)
+
     def _search_query_block(
         self,
         q32: np.ndarray,
@@ -246,21 +270,10 @@ class SearchEngine:
         while pending.size:
             pending_exclusions = exclusions_for_rows(exclusions, pending, n_rows)
             values, indices = self._screen(fast_queries[pending], pending_exclusions, width)
-            pending_device = torch.from_numpy(pending).to(self.device)
-            scores = values + offsets[pending_device, None]
-            enough, limit = screened_enough(
-                scores, k, bounds[pending_device], threshold, self.metric, self.dim
-            )
-            if width == n_references:  # everything screened: every row is done
-                enough = torch.ones_like(enough)
-                limit = torch.full_like(limit, math.inf)
-            rows = enough.nonzero().squeeze(1)
-            # scores above the limit cannot be kept (module docstring): not worth refining
-            kept = scores[rows]
-            admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (indices[rows] >= 0)
-            distances = self._refine(exact_queries[pending_device[rows]], indices[rows], admissible)
-            done = rows.cpu().numpy()
-            selected = _select(distances, indices[rows], k, threshold, tie_expansion)
+            done, selected = self._settle(
+                values, indices, pending, offsets, bounds, exact_queries,
+                k, threshold, tie_expansion, complete=width == n_references,
+            )  # fmt: skip
             parts.append((pending[done], *selected))
             pending = np.delete(pending, done)
             width = min(width * _MARGIN_GROWTH, n_references)

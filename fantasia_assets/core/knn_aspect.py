@@ -14,7 +14,7 @@ is exactly the engine's answer with every reference outside the mask excluded, w
 distances, (distance, index) ties, threshold and tie expansion (the tests compare both, and a
 float64 brute-force oracle). A row whose screen cannot yet prove its answer for some aspect is
 screened again, with a wider window, for those aspects only, as the engine does. It drives the
-engine's own steps (`_prepare_queries`, `_block_values`, `_refine`, `knn._select`), so both
+engine's own steps (`_prepare_queries`, `_block_values`, `_settle`), so both
 searches share one arithmetic and one error bound.
 """
 
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from . import knn, screen
-from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions, exclusions_for_rows, search_arguments
 
 
@@ -120,20 +119,10 @@ def _search_query_block(
         for a, (values, indices) in enumerate(screened):
             if not pending[a].size:
                 continue
-            pending_device = torch.from_numpy(pending[a]).to(device)
-            scores = values + offsets[pending_device, None]
-            enough, limit = screened_enough(
-                scores, k, bounds[pending_device], threshold, engine.metric, engine.dim
-            )
-            if widths[a] >= sizes[a]:  # every reference of the mask screened: every row is done
-                enough = torch.ones_like(enough)
-                limit = torch.full_like(limit, math.inf)
-            rows = enough.nonzero().squeeze(1)
-            kept = scores[rows]
-            admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (indices[rows] >= 0)
-            distances = engine._refine(exact_queries[pending_device[rows]], indices[rows], admissible)
-            done = rows.cpu().numpy()
-            selected = knn._select(distances, indices[rows], k, threshold, tie_expansion)
+            done, selected = engine._settle(
+                values, indices, pending[a], offsets, bounds, exact_queries,
+                k, threshold, tie_expansion, complete=widths[a] >= sizes[a],
+            )  # fmt: skip
             parts[a].append((pending[a][done], *selected))
             pending[a] = np.delete(pending[a], done)
             widths[a] = min(widths[a] * knn._MARGIN_GROWTH, sizes[a])

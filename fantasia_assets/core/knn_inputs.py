@@ -60,6 +60,19 @@ def validate_exclusions(
     return indptr.astype(np.int64), excluded.astype(np.int64)
 
 
+def checked_references(references: np.ndarray) -> np.ndarray:
+    """`references` as an array, refused with the reason unless a non-empty 2-D float matrix
+    (every engine's `build`); an ndarray is returned as is (a memmap stays one)."""
+    matrix = references if isinstance(references, np.ndarray) else np.asarray(references)
+    if matrix.ndim != 2 or matrix.shape[1] == 0:
+        raise ValueError(f"references must be a 2-D (n_ref, dim) matrix, got {matrix.shape}")
+    if matrix.shape[0] == 0:
+        raise ValueError("the reference set is empty: there is nothing to search")
+    if not np.issubdtype(matrix.dtype, np.floating):
+        raise ValueError(f"references must be float16 or float32, got {matrix.dtype}")
+    return matrix
+
+
 def search_arguments(
     queries: np.ndarray,
     k: int,

@@ -63,6 +63,7 @@ import numpy as np
 
 from .knn_inputs import (
     assemble_rows,
+    checked_references,
     cpu_memory_budget,
     exclusions_for_rows,
     inverse_norms,
@@ -152,13 +153,7 @@ class NumpySearchEngine:
 
     def build(self, references: np.ndarray) -> NumpySearchEngine:
         """Prepare `references` (n_ref, dim), float16 or float32; row i is reference index i."""
-        matrix = np.asarray(references)
-        if matrix.ndim != 2 or matrix.shape[1] == 0:
-            raise ValueError(f"references must be a 2-D (n_ref, dim) matrix, got {matrix.shape}")
-        if matrix.shape[0] == 0:
-            raise ValueError("the reference set is empty: there is nothing to search")
-        if not np.issubdtype(matrix.dtype, np.floating):
-            raise ValueError(f"references must be float16 or float32, got {matrix.dtype}")
+        matrix = checked_references(references)
         prepared = np.array(matrix, dtype=np.float32, order="C", copy=True)
         sq_norms = row_sq_norms(prepared, "references", self.metric)
         if self.metric == "cosine":
