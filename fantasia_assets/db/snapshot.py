@@ -167,8 +167,11 @@ def _server_identity(fields: dict[str, str]) -> dict | None:
     if fields.get("Database cluster state") != "shut down":
         return None
     next_xid = _full_xid(fields.get("Latest checkpoint's NextXID", ""))
-    if next_xid is None:
-        return None
+    return None if next_xid is None else _identity(fields, next_xid)
+
+
+def _identity(fields: dict[str, str], next_xid: int) -> dict:
+    """The cluster's identity as a stamp records it: pg_controldata's fields and a next XID."""
     return {
         "system": fields.get("Database system identifier", ""),
         "timeline": fields.get("Latest checkpoint's TimeLineID", ""),
@@ -182,14 +185,7 @@ def _running_identity(pgdata: Path, next_xid: int) -> dict | None:
     X0 as its next XID (read by pg_controldata: the SQL functions need the server to reach the
     file through every parent folder, which a private home may forbid)."""
     fields = control_data(pgdata)
-    if fields is None:
-        return None
-    return {
-        "system": fields.get("Database system identifier", ""),
-        "timeline": fields.get("Latest checkpoint's TimeLineID", ""),
-        "catalog": fields.get("Catalog version number", ""),
-        "next_xid": next_xid,
-    }
+    return None if fields is None else _identity(fields, next_xid)
 
 
 # ---------------------------------------------------------------------------------------------

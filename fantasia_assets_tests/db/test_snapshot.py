@@ -28,11 +28,17 @@ postprocess: {{alignment: false}}
 """
 
 
+def _environment(home: Path) -> dict[str, str]:
+    """A child process's environment on `home`'s embedded server, never an external database."""
+    environment = {**os.environ, "FANTASIA_HOME": str(home), "PYTHONPATH": str(PROJECT)}
+    environment.pop("FANTASIA_DATABASE_URL", None)
+    return environment
+
+
 def cli(home: Path, *arguments: str) -> str:
     """`fantasia-assets …` in a fresh process on `home`'s embedded server (started and stopped
     by the process); its stdout."""
-    environment = {**os.environ, "FANTASIA_HOME": str(home), "PYTHONPATH": str(PROJECT)}
-    environment.pop("FANTASIA_DATABASE_URL", None)
+    environment = _environment(home)
     done = subprocess.run(
         [sys.executable, "-m", "fantasia_assets.cli", *arguments],
         capture_output=True,
@@ -53,8 +59,7 @@ def sql(home: Path, statements: str, rollback: bool = False) -> None:
         f"    conn.exec_driver_sql({statements!r})\n"
         f"    conn.{'rollback' if rollback else 'commit'}()\n"
     )
-    environment = {**os.environ, "FANTASIA_HOME": str(home), "PYTHONPATH": str(PROJECT)}
-    environment.pop("FANTASIA_DATABASE_URL", None)
+    environment = _environment(home)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, done.stderr
 
@@ -187,8 +192,7 @@ def test_a_stamp_served_lookup_imports_no_heavy_module(home):
         f"assert main(['lookup', '--config', {str(home / 'config.yaml')!r}]) == 0\n"
         f"print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
-    environment = {**os.environ, "FANTASIA_HOME": str(home), "PYTHONPATH": str(PROJECT)}
-    environment.pop("FANTASIA_DATABASE_URL", None)
+    environment = _environment(home)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, done.stdout + done.stderr
     assert SERVED in done.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,7 +15,6 @@ import numpy as np
 import polars as pl
 import pytest
 import sqlalchemy as sa
-import yaml
 
 from fantasia_assets import runner
 from fantasia_assets.cli import report_lines
@@ -24,7 +22,8 @@ from fantasia_assets.config import parse_config
 from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets.db.loader import load_references
 from fantasia_assets.runner import run_lookup
-from fantasia_assets_tests.conftest import PROJECT, SAMPLE
+from fantasia_assets_tests.conftest import SAMPLE
+from fantasia_assets_tests.hardening.helpers import config_dict, tree
 
 REFS = SAMPLE / "references_near.h5"
 FASTA, GAF, OBO = SAMPLE / "references.fasta.gz", SAMPLE / "references.gaf.gz", SAMPLE / "go-basic.obo.gz"
@@ -32,28 +31,17 @@ HITS = Path("parquet/NEAR/layer_0/neighbour_hits.parquet")
 
 
 def _config(tmp_path: Path, queries: Path = SAMPLE / "queries.h5", **overrides) -> dict:
-    raw = yaml.safe_load((PROJECT / "data" / "config.yaml").read_text())
-    raw["experiment_path"] = str(tmp_path / "experiment")
-    raw["embeddings_path"] = str(queries)
-    raw["embedding"]["models"]["AntiBERTy"]["enabled"] = False
-    raw["embedding"]["models"]["NEAR"]["layer_index"] = [0]
-    raw["postprocess"]["alignment"] = False
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
-
-
-def _digests(root: Path) -> dict[str, str]:
-    """Every output and the incremental state; not the lineage log, which every run appends to."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "lineage.duckdb"
+    """The sample's NEAR layer 0 without alignment (the shared hardening config), overridden."""
+    defaults = {
+        "embedding.models.AntiBERTy.enabled": False,
+        "embedding.models.NEAR.layer_index": [0],
+        "postprocess.alignment": False,
     }
+    return config_dict(tmp_path / "experiment", queries, **{**defaults, **overrides})
+
+
+# every output and the incremental state; not the lineage log, which every run appends to
+_digests = tree
 
 
 def _run(raw: dict, engine, **kwargs):
