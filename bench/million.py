@@ -39,6 +39,15 @@ def _go_terms(synth: Path, obo: Path) -> dict[str, np.ndarray]:
     return module.go_terms(str(obo))
 
 
+def write_queries(path: Path, queries: np.ndarray) -> None:
+    """The queries (noisy copies of references) in FANTASIA's HDF5 layout, NEAR-like type 1, layer 0."""
+    with h5py.File(path, "w", libver=("v108", "v108")) as h5:
+        for i, vector in enumerate(queries):
+            group = h5.create_group(f"accession_QRY{i:07d}")
+            group.create_dataset("sequence", data="M" * 100, dtype=h5py.string_dtype("utf-8"))
+            group.create_dataset("type_1/layer_0/embedding", data=vector)
+
+
 def generate(out: Path, n_refs: int, n_queries: int, dim: int, synth: Path, obo: Path, seed: int = 0) -> None:
     """Write the data set into `out` (skipped when a finished one is there)."""
     stamp = f"{n_refs} {n_queries} {dim} {seed}"
@@ -84,12 +93,7 @@ def generate(out: Path, n_refs: int, n_queries: int, dim: int, synth: Path, obo:
             inside = np.flatnonzero((picked >= start) & (picked < stop))
             sources[inside] = vectors[picked[inside] - start]
             print(f"  generated {stop:,}/{n_refs:,} references", flush=True)
-    queries = sources + 0.3 * rng.standard_normal(sources.shape, dtype=np.float32)
-    with h5py.File(out / "queries.h5", "w", libver=("v108", "v108")) as h5:
-        for i, vector in enumerate(queries):
-            group = h5.create_group(f"accession_QRY{i:07d}")
-            group.create_dataset("sequence", data="M" * 100, dtype=h5py.string_dtype("utf-8"))
-            group.create_dataset("type_1/layer_0/embedding", data=vector)
+    write_queries(out / "queries.h5", sources + 0.3 * rng.standard_normal(sources.shape, dtype=np.float32))
     (out / "done").write_text(stamp + "\n")
 
 
@@ -155,9 +159,4 @@ def insert_blocks(engine, out: Path, n_refs: int, n_queries: int, dim: int, obo:
         inside = np.flatnonzero((picked >= start) & (picked < stop))
         sources[inside] = vectors[picked[inside] - start]
         print(f"  inserted {stop:,}/{n_refs:,} references", flush=True)
-    queries = sources + 0.3 * rng.standard_normal(sources.shape, dtype=np.float32)
-    with h5py.File(out / "queries.h5", "w", libver=("v108", "v108")) as h5:
-        for i, vector in enumerate(queries):
-            group = h5.create_group(f"accession_QRY{i:07d}")
-            group.create_dataset("sequence", data="M" * 100, dtype=h5py.string_dtype("utf-8"))
-            group.create_dataset("type_1/layer_0/embedding", data=vector)
+    write_queries(out / "queries.h5", sources + 0.3 * rng.standard_normal(sources.shape, dtype=np.float32))
