@@ -194,7 +194,7 @@ class SearchEngine:
                     q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
                 )
                 parts.append((np.arange(block.start, block.stop), *found))
-        return _assemble(n_queries, k, parts)
+        return assemble_rows(n_queries, k, parts)
 
     def _built(self) -> PreparedReferences:
         if self._references is None:
@@ -277,7 +277,7 @@ class SearchEngine:
             parts.append((pending[done], *selected))
             pending = np.delete(pending, done)
             width = min(width * _MARGIN_GROWTH, n_references)
-        return _assemble(n_rows, k, parts)
+        return assemble_rows(n_rows, k, parts)
 
     def _prepare_queries(
         self, q32: np.ndarray, q_sq_norms: np.ndarray
@@ -451,6 +451,3 @@ def _select(
     (b × m), and on a loaded machine each of the dozen small torch operations would wait on the
     thread pool longer than it computes."""
     return select_answer(distances.cpu().numpy(), indices.cpu().numpy(), k, threshold, ties)
-
-
-_assemble = assemble_rows

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import knn, screen
-from .knn_inputs import Exclusions, exclusions_for_rows, search_arguments
+from .knn_inputs import Exclusions, assemble_rows, exclusions_for_rows, search_arguments
 
 
 def search_by_aspect(
@@ -77,7 +77,7 @@ def search_by_aspect(
             )
             for a, (distances, indices) in enumerate(found):
                 parts[a].append((np.arange(block.start, block.stop), distances, indices))
-    return [knn._assemble(n_queries, k, mask_parts) for mask_parts in parts]
+    return [assemble_rows(n_queries, k, mask_parts) for mask_parts in parts]
 
 
 def _patterns(masks: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
@@ -126,7 +126,7 @@ def _search_query_block(
             parts[a].append((pending[a][done], *selected))
             pending[a] = np.delete(pending[a], done)
             widths[a] = min(widths[a] * knn._MARGIN_GROWTH, sizes[a])
-    return [knn._assemble(n_rows, k, mask_parts) for mask_parts in parts]
+    return [assemble_rows(n_rows, k, mask_parts) for mask_parts in parts]
 
 
 def _screen(
