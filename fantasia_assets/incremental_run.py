@@ -57,6 +57,12 @@ def settings_hash(config: LookupConfig) -> str:
     return dataclasses.replace(config, experiment_path=Path("experiment_path")).fingerprint()
 
 
+def outputs_hash(config: LookupConfig) -> str:
+    from .incremental_write import outputs_hash as of
+
+    return of(config)
+
+
 def query_digests(queries: QuerySet, rows: np.ndarray, vectors: np.ndarray) -> list[bytes]:
     """Per searched query: its vector's bytes and its sequence (a changed sequence renumbers it)."""
     sequences = [queries.sequences[i] for i in queries.query_idx[rows]]
@@ -77,6 +83,9 @@ class PartitionUpdates:
         self.annotation_version = annotation_version
         self.alignments = AlignmentCache(config.alignment_threads)
         self.updates: dict[str, incremental.Update] = {}
+        # partition key → (stored state, published output paths) of the partitions updated
+        # incrementally: what `incremental_write` rebuilds their outputs against
+        self.stored: dict[str, tuple[incremental.StoredState, dict[str, Path]]] = {}
         self._pending: dict[str, tuple] = {}
 
     def search(
@@ -209,6 +218,7 @@ class PartitionUpdates:
             details={name.replace(" ", "_"): n for name, n in _counts(changes).items()},
         )
         self._preload_alignments(state, paths, query_idx, kept)
+        self.stored[partition.key] = (state, paths)
         log.info("%s: incremental update (%s)", partition.key, self.updates[partition.key].kind)
         return outcome
 
@@ -246,6 +256,7 @@ class PartitionUpdates:
         meta = {
             "search_key": key.as_dict(),
             "config_hash": settings_hash(self.config),
+            "outputs_config": outputs_hash(self.config),
             "annotation_version": self.annotation_version or "",
             "reference_fingerprint": outcome.matrix.fingerprint,
             "query_hash": query_hash,

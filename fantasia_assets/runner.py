@@ -411,26 +411,25 @@ def _run_lookup(
     device = device_for(config)
     shard_names = shard_file_names(config, queries)
     reports, raw_frames, entries, fingerprints = [], [], [], []
+    from .incremental_write import OutputUpdates
+
+    output_updates = OutputUpdates(config, updates, annotations, shard_names)
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
         for partition in partitions:
             outcome = updates.search(
                 queries, partition, store, clusters, device, progress, cluster, annotations
             )
-            raw = build_raw_rows(
-                config, queries, partition, outcome.hits, annotations, None, alignments, outcome.timings,
-                sequences,
-            )  # fmt: skip
+
+            def build(hits: pl.DataFrame, partition=partition, outcome=outcome) -> pl.DataFrame:
+                return build_raw_rows(
+                    config, queries, partition, hits, annotations, None, alignments, outcome.timings,
+                    sequences,
+                )  # fmt: skip
+
+            # only the accessions whose inputs changed are rebuilt, where the state proves the rest
+            raw = output_updates.write_partition(root, queries, partition, outcome, build)
             with timed(outcome.timings, "write partition"):
-                writers.write_hits(root, partition, outcome)
-                published = config.experiment_path  # its unchanged shards are linked, not rewritten
-                writers.write_raw(
-                    root, partition, raw, shard_names, config.precision, config.fantasia_compat, published
-                )
-                if config.topgo:
-                    writers.write_partition_topgo(
-                        root, partition, raw, config.precision, config.fantasia_compat
-                    )
                 entries += updates.stage(root, partition)  # the state that proves these outputs
             files = partition_files(partition)
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
@@ -450,11 +449,8 @@ def _run_lookup(
                 )
             )
         raw_all = pl.concat(raw_frames)
-        with timed(timings, "summary"):
-            summary = _summary_into(root, config, partitions)
-        if config.topgo:
-            with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
-                writers.write_ensemble(root, partitions, config.precision, spill)
+        summary = output_updates.write_run_wide(root, partitions, timings)
+        entries += output_updates.stage(root, partitions)
         with timed(timings, "fasta+mapping"):
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)

@@ -1,0 +1,336 @@
+"""Incremental outputs of a whole-run lookup: rebuild only the accessions whose inputs changed.
+
+`runner.run_lookup` writes each partition and the run-wide files through `OutputUpdates`. For a
+partition whose neighbours came from a usable stored state (`incremental_run`), with the same
+output settings, it finds the accessions whose outputs can change (`core.incremental_outputs`),
+builds their raw rows, shards and TopGO lines with the full run's own functions, and keeps
+every other accession's lines and shard files as they were: the raw rows Parquet is the
+previous one with those accessions' rows replaced; shards are hard-linked from the published
+folder; TopGO files and summary.csv are spliced at line level. Anything that cannot be proven
+the same — no state, other settings, a file that is not the one the state recorded, a splice
+that does not fit — takes the full path for that output, and the reason is logged.
+
+Besides each partition's state (`core.incremental`), the run stages:
+- ``state/{model}/{layer}/annotations.parquet``: per reference sequence, a digest of its
+  annotation rows (what the next run compares after an annotation change);
+- ``state/{model}/{layer}/shards.parquet``: each shard's file name and (size, mtime, inode);
+- ``state/run.json``: the partitions, output settings and (size, mtime, inode) of summary.csv
+  and every TopGO file, which a splice reads back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import polars as pl
+
+from .config import LookupConfig
+from .core import exports, incremental, writers
+from .core import incremental_outputs as io_
+from .core.aggregate import SummaryFile
+from .core.layout import ENSEMBLE, SUMMARY, partition_paths
+from .core.lineage import CODE_VERSION
+from .core.plan import Partition, QuerySet
+from .core.stages import SearchOutcome
+from .core.timing import timed
+
+log = logging.getLogger(__name__)
+
+RUN_STATE = incremental.STATE_ROOT / "run.json"
+RUN_FORMAT = f"incremental-outputs-1|{writers.OUTPUT_FORMAT_VERSION}|{CODE_VERSION}"
+SCRATCH = ".incremental"  # under the staging root: subsets built there, never published
+
+
+def outputs_hash(config: LookupConfig) -> str:
+    """The settings the outputs read beyond the neighbours: the query file is not one of them
+    (queries are compared by digest, shard names one by one)."""
+    import dataclasses
+
+    neutral = Path("path")
+    return dataclasses.replace(config, experiment_path=neutral, embeddings_path=neutral).fingerprint()
+
+
+class OutputUpdates:
+    """Writes each partition's outputs and the run-wide summary and ensemble, incrementally where
+    it can; `subset` holds the accessions rebuilt per partition (None: all of them)."""
+
+    def __init__(self, config: LookupConfig, updates, annotations: pl.DataFrame, shard_names: dict[str, str]):
+        self.config = config
+        self.updates = updates  # `incremental_run.PartitionUpdates`
+        self.annotations = annotations
+        self.shard_names = shard_names
+        self.published = config.experiment_path
+        self.subset: dict[str, set[str] | None] = {}
+        self.outputs = outputs_hash(config)
+        self._digests: pl.DataFrame | None = None
+        self._rebuilt_rows = 0  # raw rows rebuilt by the partitions written incrementally
+        self._run_state = self._read_run_state()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def _read_run_state(self) -> dict | None:
+        path = self.published / RUN_STATE
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+            return None
+        if state.get("outputs") != self.outputs or not isinstance(state.get("files"), dict):
+            return None
+        files = state["files"]
+        for relative, recorded in files.items():
+            if io_.signature(self.published / relative) != recorded:
+                log.info("incremental outputs: %s is not the file the state recorded", relative)
+                return None
+        for folder in state.get("folders", []):  # no file added to a recorded folder since
+            listed = {str(Path(folder) / name) for name in _listing(self.published / folder)}
+            if listed != {name for name in files if Path(name).parent == Path(folder)}:
+                return None
+        return state
+
+    def annotation_digests(self) -> pl.DataFrame:
+        if self._digests is None:
+            self._digests = io_.annotation_digests(self.annotations)
+        return self._digests
+
+    def _stored_extras(self, partition: Partition) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+        folder = self.published / incremental.state_dir(partition)
+        try:
+            digests = pl.read_parquet(folder / "annotations.parquet")
+            shards = pl.read_parquet(folder / "shards.parquet")
+        except Exception:  # polars/pyarrow raise many kinds for a missing or damaged file
+            return None
+        if dict(digests.schema) != io_.ANNOTATION_DIGESTS or dict(shards.schema) != io_.SHARDS:
+            return None
+        return digests, shards
+
+    # -- one partition ------------------------------------------------------------------------
+
+    def write_partition(
+        self, root: Path, queries: QuerySet, partition: Partition, outcome: SearchOutcome, build_raw
+    ) -> pl.DataFrame:
+        """Write the partition's hits, raw rows, shards and TopGO under `root`, and stage its state;
+        `build_raw(hits)` builds raw rows (the full run's function). Returns the raw rows."""
+        config = self.config
+        stored = self.updates.stored.get(partition.key)
+        plan = self._plan(partition, outcome, stored) if stored is not None else None
+        if isinstance(plan, str):
+            log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
+            plan = None
+        digests = self.annotation_digests() if plan is None else plan[1]
+        if plan is None:
+            raw = build_raw(outcome.hits)
+            with timed(outcome.timings, "write partition"):
+                writers.write_hits(root, partition, outcome)
+                writers.write_raw(
+                    root, partition, raw, self.shard_names, config.precision, config.fantasia_compat,
+                    self.published,
+                )  # fmt: skip
+                if config.topgo:
+                    writers.write_partition_topgo(
+                        root, partition, raw, config.precision, config.fantasia_compat
+                    )
+            self.subset[partition.key] = None
+        else:
+            affected, _, old_raw, kept_shards = plan
+            raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
+            raw = io_.splice_raw(old_raw, raw_sub, affected)
+            if raw is None:
+                log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
+                self.updates.stored.pop(partition.key)
+                return self.write_partition(root, queries, partition, outcome, build_raw)
+            with timed(outcome.timings, "write partition"):
+                self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards)
+            self.subset[partition.key] = affected
+            self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
+            self._rebuilt_rows += raw_sub.height
+        with timed(outcome.timings, "incremental state"):
+            self._stage_extras(root, partition, raw, digests)
+        return raw
+
+    def _plan(self, partition: Partition, outcome: SearchOutcome, stored):
+        """(affected accessions, annotation digests, previous raw rows, kept shards), or why not."""
+        state, paths = stored
+        if self.config.fantasia_compat:
+            return "FANTASIA-compatible outputs are rebuilt in full"
+        if "raw" not in state.meta.get("outputs", {}):
+            return "the stored state does not vouch for the raw rows"
+        if state.meta.get("outputs_config") != self.outputs:
+            return "output settings changed"
+        extras = self._stored_extras(partition)
+        if extras is None:
+            return "no stored annotation digests or shard list"
+        if self.config.topgo and self._run_state is None:
+            return "the TopGO files are not the ones the state recorded"
+        old_digests, shards = extras
+        affected = io_.changed_hits(state.neighbours, outcome.hits)
+        if state.meta.get("annotation_version") == (self.updates.annotation_version or ""):
+            digests = old_digests
+        else:
+            digests = self.annotation_digests()
+            changed = io_.changed_sequences(old_digests, digests)
+            if len(changed):
+                hit = outcome.hits.filter(pl.col("ref_idx").is_in(changed.tolist()))
+                affected |= set(hit["accession"].unique().to_list())
+        folder = paths["shards"]
+        kept = []
+        for accession, file, size, mtime, ino in shards.iter_rows():
+            if accession in affected:
+                continue
+            if self.shard_names.get(accession) != file or io_.signature(folder / file) != [size, mtime, ino]:
+                affected.add(accession)  # renamed, or not the file the state recorded: rewritten
+            else:
+                kept.append(file)
+        old_raw = pl.read_parquet(paths["raw"])
+        return affected, digests, old_raw, kept
+
+    def _write_subset(self, root, partition, outcome, raw, raw_sub, affected, kept_shards) -> None:
+        config = self.config
+        paths, scratch = partition_paths(root, partition), root / SCRATCH
+        writers.write_hits(root, partition, outcome)
+        exports.write_parquet_atomic(paths["raw"], raw)
+        # the rebuilt accessions' shards, by the full run's writer, then moved beside the kept ones
+        writers.write_raw(
+            scratch, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
+        )
+        built = partition_paths(scratch, partition)["shards"]
+        shards = paths["shards"]
+        shards.mkdir(parents=True)
+        published = partition_paths(self.published, partition)["shards"]
+        for file in kept_shards:
+            os.link(published / file, shards / file)
+        for file in _listing(built):
+            os.rename(built / file, shards / file)
+        if not config.topgo:
+            return
+        writers.write_partition_topgo(scratch, partition, raw_sub, config.precision, config.fantasia_compat)
+        old = partition_paths(self.published, partition)["topgo"]
+        if not _splice_folder(old, partition_paths(scratch, partition)["topgo"], paths["topgo"], affected):
+            log.info("%s: TopGO files rebuilt in full: the previous ones do not splice", partition.key)
+            writers.write_partition_topgo(root, partition, raw, config.precision, config.fantasia_compat)
+
+    def _stage_extras(self, root: Path, partition: Partition, raw: pl.DataFrame, digests) -> None:
+        folder = root / incremental.state_dir(partition)
+        exports.write_parquet_atomic(folder / "annotations.parquet", digests)
+        shards = partition_paths(root, partition)["shards"]
+        rows = []
+        for accession in raw["accession"].unique(maintain_order=True).to_list():
+            file = self.shard_names[accession]
+            rows.append((accession, file, *(io_.signature(shards / file) or (-1, -1, -1))))
+        exports.write_parquet_atomic(
+            folder / "shards.parquet", pl.DataFrame(rows, schema=io_.SHARDS, orient="row")
+        )
+
+    # -- run-wide -----------------------------------------------------------------------------
+
+    def write_run_wide(self, root: Path, partitions: list[Partition], timings: dict) -> SummaryFile:
+        """summary.csv and the TopGO ensemble under `root`, spliced when every partition was."""
+        config = self.config
+
+        def spill(name: str) -> Path:  # DuckDB's scratch: created and removed by each connection
+            return root / SCRATCH / f"duckdb-{name}"
+
+        subsets = [self.subset.get(p.key) for p in partitions]
+        state = self._run_state
+        why = None
+        if any(s is None for s in subsets):
+            why = "a partition was rebuilt in full"
+        elif state is None:
+            why = "no usable run state (state/run.json)"
+        elif state.get("partitions") != [p.key for p in partitions] or state.get("topgo") != config.topgo:
+            why = "other partitions"
+        elif self._rebuilt_rows == 0 and any(subsets):
+            # the rebuilt accessions lost every row: whether a partition's columns stay in the
+            # summary then depends on the other accessions' rows, which a splice does not read
+            why = "the rebuilt accessions have no rows left"
+        summary = None
+        if why is None:
+            affected = set().union(*subsets)
+            scratch = root / SCRATCH
+            with timed(timings, "summary"):
+                previous = (self.published / SUMMARY).read_bytes()
+                spliced = previous  # nothing rebuilt: the previous file as it is
+                if affected:
+                    built = writers.write_summary(
+                        scratch, partitions, config.summary, config.limit_per_entry, config.precision,
+                        spill("summary"), config.fantasia_compat,
+                    )  # fmt: skip
+                    spliced = io_.splice_lines(previous, built.path.read_bytes(), affected)
+                if spliced is not None:
+                    exports.write_bytes_atomic(root / SUMMARY, spliced)
+                    columns = tuple(pl.read_csv(io.BytesIO(spliced), n_rows=0, infer_schema=False).columns)
+                    summary = SummaryFile(root / SUMMARY, spliced.count(b"\n") - 1, columns)
+                else:
+                    why = "summary.csv does not splice (its columns changed)"
+            if summary is not None and config.topgo:
+                with timed(timings, "topgo ensemble"):
+                    if affected:
+                        writers.write_ensemble(scratch, partitions, config.precision, spill("ensemble"))
+                    if not _splice_folder(
+                        self.published / ENSEMBLE, scratch / ENSEMBLE, root / ENSEMBLE, affected
+                    ):
+                        log.info("TopGO ensemble rebuilt in full: the previous files do not splice")
+                        writers.write_ensemble(root, partitions, config.precision, spill("ensemble-full"))
+        if summary is None:
+            log.info("summary.csv and the TopGO ensemble rebuilt in full: %s", why)
+            with timed(timings, "summary"):
+                summary = writers.write_summary(
+                    root, partitions, config.summary, config.limit_per_entry, config.precision,
+                    spill("summary-full"), config.fantasia_compat,
+                )  # fmt: skip
+            if config.topgo:
+                with timed(timings, "topgo ensemble"):
+                    writers.write_ensemble(root, partitions, config.precision, spill("ensemble-full"))
+        return summary
+
+    def stage(self, root: Path, partitions: list[Partition]) -> list[Path]:
+        """Write state/run.json under `root`: the signatures of the files a splice reads back."""
+        folders = (
+            [ENSEMBLE, *(partition_paths(Path(), p)["topgo"] for p in partitions)]
+            if self.config.topgo
+            else []
+        )
+        files = {str(SUMMARY): io_.signature(root / SUMMARY)}
+        for folder in folders:
+            for name in _listing(root / folder):
+                files[str(folder / name)] = io_.signature(root / folder / name)
+        state = {
+            "format": RUN_FORMAT,
+            "outputs": self.outputs,
+            "partitions": [p.key for p in partitions],
+            "topgo": self.config.topgo,
+            "folders": [str(f) for f in folders],
+            "files": files,
+        }
+        exports.write_bytes_atomic(root / RUN_STATE, json.dumps(state, sort_keys=True).encode())
+        return [RUN_STATE]
+
+
+def _listing(folder: Path) -> list[str]:
+    try:
+        return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _splice_folder(old: Path, new: Path, target: Path, affected: set[str]) -> bool:
+    """TopGO files (TSV, no header) of `old` spliced with `new`'s lines into the folder `target`;
+    False, writing nothing, when one does not splice."""
+    results = {}
+    for name in sorted(set(_listing(old)) | set(_listing(new))):
+        before = (old / name).read_bytes() if (old / name).exists() else b""
+        after = (new / name).read_bytes() if (new / name).exists() else b""
+        spliced = io_.splice_lines(before, after, affected, separator="\t", header=False)
+        if spliced is None:
+            return False
+        if spliced:
+            results[name] = spliced
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in results.items():
+        exports.write_bytes_atomic(target / name, data)
+    return True
