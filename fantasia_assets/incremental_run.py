@@ -12,6 +12,7 @@ state is staged with its outputs, so it is published with them or not at all.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
@@ -65,10 +66,11 @@ def outputs_hash(config: LookupConfig) -> str:
 
 def query_digests(queries: QuerySet, rows: np.ndarray, vectors: np.ndarray) -> list[bytes]:
     """Per searched query: its vector's bytes and its sequence (a changed sequence renumbers it)."""
-    sequences = [queries.sequences[i] for i in queries.query_idx[rows]]
+    sequences = queries.sequences
+    # the digest of (vector digest + sequence bytes), hashed directly rather than as a 1-row array
     return [
-        incremental.row_digests(np.frombuffer(digest + seq.encode(), dtype=np.uint8)[None, :])[0]
-        for digest, seq in zip(incremental.row_digests(vectors), sequences, strict=True)
+        hashlib.blake2b(digest + sequences[i].encode(), digest_size=16).digest()
+        for digest, i in zip(incremental.row_digests(vectors), queries.query_idx[rows].tolist(), strict=True)
     ]
 
 

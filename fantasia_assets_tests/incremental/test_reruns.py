@@ -133,6 +133,9 @@ def test_references_added_then_removed(engine, tmp_path):
     result, update = _run(raw, engine)
     assert update.kind == "references added" and update.searched == 0 and update.merged == 50
     assert update.details["references_added"] == 100
+    # only the queries whose neighbours changed have their outputs rebuilt; the others are kept
+    moved = update.details["outputs_rebuilt"]
+    assert 0 < moved < 50
     assert (
         "  update: incremental (references added): 0 queries searched, 50 merged with a search of "
         "the new references only"
@@ -175,6 +178,8 @@ def test_annotations_only_needs_no_search(engine, tmp_path):
     assert report.annotations.deleted > 0
     _, update = _run(raw, engine)
     assert update.kind == "annotations" and update.searched == 0 and update.merged == 0
+    # no neighbour changed: every query rebuilt is one whose neighbours' annotations changed
+    assert 0 < update.details["outputs_rebuilt"] < _hits(raw)["accession"].n_unique()
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
 
 
@@ -334,3 +339,43 @@ def test_untrusted_state_falls_back_to_a_full_run(engine, tmp_path, caplog, monk
         level = "INFO" if harm is missing else "WARNING"
         assert [r.levelname for r in caplog.records if reason in r.getMessage()] == [level]
         assert _digests(Path(raw["experiment_path"])) == expected
+
+
+def test_query_removed_and_added_rebuild_only_those(engine, tmp_path):
+    """The last query removed and two added after it: nobody else's query index moves, so the
+    other queries' shards, TopGO and summary lines are kept as they were (shards linked)."""
+    _load(engine, REFS)
+    queries = _names(SAMPLE / "queries.h5")
+    raw = _config(tmp_path, _subset_h5(SAMPLE / "queries.h5", tmp_path / "q1.h5", queries[:40]))
+    _run(raw, engine)
+    shards = Path(raw["experiment_path"]) / "raw_results" / "NEAR" / "layer_0"
+    before = {p.name: p.stat().st_ino for p in shards.iterdir()}
+    second = _subset_h5(SAMPLE / "queries.h5", tmp_path / "q2.h5", [*queries[:39], *queries[40:42]])
+    raw = _config(tmp_path, second)
+    _, update = _run(raw, engine)
+    assert update.kind == "queries added + queries removed + output settings"
+    assert update.details["outputs_rebuilt"] == 3
+    after = {p.name: p.stat().st_ino for p in shards.iterdir()}
+    kept = [name for name in after if before.get(name) == after[name]]
+    assert len(kept) >= len(after) - 2  # the added queries' shards are new files; the rest linked
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_outputs_edited_since_are_rebuilt(engine, tmp_path, caplog):
+    """A shard or summary.csv that is not the file the state recorded is never spliced from."""
+    caplog.set_level(logging.INFO, logger="fantasia_assets.incremental_write")
+    _load(engine, REFS)
+    raw = _config(tmp_path)
+    _run(raw, engine)
+    root = Path(raw["experiment_path"])
+    shard = sorted((root / "raw_results" / "NEAR" / "layer_0").iterdir())[0]
+    shard.write_bytes(shard.read_bytes() + b"edited by hand\n")
+    _, update = _run(raw, engine)
+    assert update.kind == "unchanged" and update.details["outputs_rebuilt"] == 1
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+    summary = root / "summary.csv"
+    summary.write_bytes(summary.read_bytes().replace(b"\n", b"\r\n", 1))
+    caplog.clear()
+    _run(raw, engine)
+    assert any("summary.csv is not the file the state recorded" in r.getMessage() for r in caplog.records)
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
