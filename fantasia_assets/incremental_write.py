@@ -136,6 +136,7 @@ class OutputUpdates:
                         root, partition, raw, config.precision, config.fantasia_compat
                     )
             self.subset[partition.key] = None
+            known = {}
         else:
             affected, _, old_raw, kept_shards = plan
             raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
@@ -146,11 +147,12 @@ class OutputUpdates:
                 return self.write_partition(root, queries, partition, outcome, build_raw)
             with timed(outcome.timings, "write partition"):
                 self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards)
+            known = kept_shards  # a hard link keeps size, mtime and inode: no stat needed
             self.subset[partition.key] = affected
             self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
             self._rebuilt_rows += raw_sub.height
         with timed(outcome.timings, "incremental state"):
-            self._stage_extras(root, partition, raw, digests)
+            self._stage_extras(root, partition, raw, digests, known)
         return raw
 
     def _plan(self, partition: Partition, outcome: SearchOutcome, stored):
@@ -177,15 +179,19 @@ class OutputUpdates:
             if len(changed):
                 hit = outcome.hits.filter(pl.col("ref_idx").is_in(changed.tolist()))
                 affected |= set(hit["accession"].unique().to_list())
-        folder = paths["shards"]
-        kept = []
+        folder = str(paths["shards"])
+        kept = {}  # accession → its shard's row in shards.parquet, linked unchanged
         for accession, file, size, mtime, ino in shards.iter_rows():
             if accession in affected:
                 continue
-            if self.shard_names.get(accession) != file or io_.signature(folder / file) != [size, mtime, ino]:
+            if self.shard_names.get(accession) != file or io_.signature(os.path.join(folder, file)) != [
+                size,
+                mtime,
+                ino,
+            ]:
                 affected.add(accession)  # renamed, or not the file the state recorded: rewritten
             else:
-                kept.append(file)
+                kept[accession] = (accession, file, size, mtime, ino)
         old_raw = pl.read_parquet(paths["raw"])
         return affected, digests, old_raw, kept
 
@@ -201,9 +207,9 @@ class OutputUpdates:
         built = partition_paths(scratch, partition)["shards"]
         shards = paths["shards"]
         shards.mkdir(parents=True)
-        published = partition_paths(self.published, partition)["shards"]
-        for file in kept_shards:
-            os.link(published / file, shards / file)
+        published, target = str(partition_paths(self.published, partition)["shards"]), str(shards)
+        for _, file, *_ in kept_shards.values():
+            os.link(os.path.join(published, file), os.path.join(target, file))
         for file in _listing(built):
             os.rename(built / file, shards / file)
         if not config.topgo:
@@ -214,14 +220,17 @@ class OutputUpdates:
             log.info("%s: TopGO files rebuilt in full: the previous ones do not splice", partition.key)
             writers.write_partition_topgo(root, partition, raw, config.precision, config.fantasia_compat)
 
-    def _stage_extras(self, root: Path, partition: Partition, raw: pl.DataFrame, digests) -> None:
+    def _stage_extras(self, root: Path, partition: Partition, raw: pl.DataFrame, digests, known) -> None:
         folder = root / incremental.state_dir(partition)
         exports.write_parquet_atomic(folder / "annotations.parquet", digests)
-        shards = partition_paths(root, partition)["shards"]
+        shards = str(partition_paths(root, partition)["shards"])
         rows = []
         for accession in raw["accession"].unique(maintain_order=True).to_list():
-            file = self.shard_names[accession]
-            rows.append((accession, file, *(io_.signature(shards / file) or (-1, -1, -1))))
+            row = known.get(accession)
+            if row is None:
+                file = self.shard_names[accession]
+                row = (accession, file, *(io_.signature(os.path.join(shards, file)) or (-1, -1, -1)))
+            rows.append(row)
         exports.write_parquet_atomic(
             folder / "shards.parquet", pl.DataFrame(rows, schema=io_.SHARDS, orient="row")
         )
