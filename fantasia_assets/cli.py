@@ -240,7 +240,9 @@ def update_line(update) -> str:
     if update.kind == "full":
         return f"full search of {update.searched} queries ({update.reason})"
     merged = f", {update.merged} merged with a search of the new references only" if update.merged else ""
-    return f"incremental ({update.kind}): {update.searched} queries searched{merged}"
+    rebuilt = update.details.get("outputs_rebuilt")
+    outputs = f"; outputs of {rebuilt} queries rebuilt, the others kept" if rebuilt is not None else ""
+    return f"incremental ({update.kind}): {update.searched} queries searched{merged}{outputs}"
 
 
 def demo_environment() -> None:

@@ -138,7 +138,7 @@ def test_references_added_then_removed(engine, tmp_path):
     assert 0 < moved < 50
     assert (
         "  update: incremental (references added): 0 queries searched, 50 merged with a search of "
-        "the new references only"
+        f"the new references only; outputs of {moved} queries rebuilt, the others kept"
     ) in report_lines(result)
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
     # remove the first query's nearest neighbour and a few references no query has
