@@ -413,9 +413,10 @@ def _run_lookup(
     reports, raw_frames, entries, fingerprints = [], [], [], []
     from .incremental_write import OutputUpdates
 
-    output_updates = OutputUpdates(config, updates, annotations, shard_names)
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
+        # after the staging's recovery: the outputs it reads back are the published ones
+        output_updates = OutputUpdates(config, updates, annotations, shard_names)
         for partition in partitions:
             outcome = updates.search(
                 queries, partition, store, clusters, device, progress, cluster, annotations
