@@ -5,8 +5,9 @@ partition whose neighbours came from a usable stored state (`incremental_run`), 
 output settings, it finds the accessions whose outputs can change (`core.incremental_outputs`),
 builds their raw rows, shards and TopGO lines with the full run's own functions, and keeps
 every other accession's lines and shard files as they were: the raw rows Parquet is the
-previous one with those accessions' rows replaced; shards are hard-linked from the published
-folder; TopGO files and summary.csv are spliced at line level. Anything that cannot be proven
+previous one with those accessions' rows replaced; the published shard folder is patched at
+publication (rebuilt files moved in, dropped ones removed, the rest never touched); TopGO files
+and summary.csv are spliced at line level. Anything that cannot be proven
 the same — no state, other settings, a file that is not the one the state recorded, a splice
 that does not fit — takes the full path for that output, and the reason is logged.
 
@@ -32,7 +33,7 @@ from .config import LookupConfig
 from .core import exports, incremental, writers
 from .core import incremental_outputs as io_
 from .core.aggregate import SummaryFile
-from .core.layout import ENSEMBLE, SUMMARY, partition_paths
+from .core.layout import ENSEMBLE, SUMMARY, partition_files, partition_paths
 from .core.lineage import CODE_VERSION
 from .core.plan import Partition, QuerySet
 from .core.stages import SearchOutcome
@@ -65,6 +66,8 @@ class OutputUpdates:
         self.shard_names = shard_names
         self.published = config.experiment_path
         self.subset: dict[str, set[str] | None] = {}
+        # shard folders published file by file (`RunStaging.publish`): folder → names removed
+        self.patches: dict[Path, list[str]] = {}
         self.outputs = outputs_hash(config)
         self._digests: pl.DataFrame | None = None
         self._rebuilt_rows = 0  # raw rows rebuilt by the partitions written incrementally
@@ -138,7 +141,7 @@ class OutputUpdates:
             self.subset[partition.key] = None
             known = {}
         else:
-            affected, _, old_raw, kept_shards = plan
+            affected, _, old_raw, kept_shards, old_files = plan
             raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
             raw = io_.splice_raw(old_raw, raw_sub, affected)
             if raw is None:
@@ -146,8 +149,8 @@ class OutputUpdates:
                 self.updates.stored.pop(partition.key)
                 return self.write_partition(root, queries, partition, outcome, build_raw)
             with timed(outcome.timings, "write partition"):
-                self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards)
-            known = kept_shards  # a hard link keeps size, mtime and inode: no stat needed
+                self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files)
+            known = kept_shards  # left in place: size, mtime and inode as checked
             self.subset[partition.key] = affected
             self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
             self._rebuilt_rows += raw_sub.height
@@ -180,7 +183,13 @@ class OutputUpdates:
                 hit = outcome.hits.filter(pl.col("ref_idx").is_in(changed.tolist()))
                 affected |= set(hit["accession"].unique().to_list())
         folder = str(paths["shards"])
-        kept = {}  # accession → its shard's row in shards.parquet, linked unchanged
+        try:
+            present = set(os.listdir(folder))
+        except OSError:
+            return "the published shard folder is missing"
+        if present != set(shards["file"].to_list()):
+            return "the published shard folder holds other files than the state recorded"
+        kept = {}  # accession → its shard's row in shards.parquet, left in place unchanged
         for accession, file, size, mtime, ino in shards.iter_rows():
             if accession in affected:
                 continue
@@ -193,9 +202,10 @@ class OutputUpdates:
             else:
                 kept[accession] = (accession, file, size, mtime, ino)
         old_raw = pl.read_parquet(paths["raw"])
-        return affected, digests, old_raw, kept
+        old_files = {accession: (file,) for accession, file in shards.select("accession", "file").iter_rows()}
+        return affected, digests, old_raw, kept, old_files
 
-    def _write_subset(self, root, partition, outcome, raw, raw_sub, affected, kept_shards) -> None:
+    def _write_subset(self, root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files) -> None:
         config = self.config
         paths, scratch = partition_paths(root, partition), root / SCRATCH
         writers.write_hits(root, partition, outcome)
@@ -207,11 +217,13 @@ class OutputUpdates:
         built = partition_paths(scratch, partition)["shards"]
         shards = paths["shards"]
         shards.mkdir(parents=True)
-        published, target = str(partition_paths(self.published, partition)["shards"]), str(shards)
-        for _, file, *_ in kept_shards.values():
-            os.link(os.path.join(published, file), os.path.join(target, file))
-        for file in _listing(built):
+        written = set(_listing(built))
+        for file in written:
             os.rename(built / file, shards / file)
+        # published file by file (`RunStaging.publish`): the kept shards are never touched, the
+        # rebuilt ones replace theirs, and the dropped accessions' files without a new one go
+        dropped = {file for accession, (file, *_) in old_files.items() if accession not in kept_shards}
+        self.patches[partition_files(partition)["shards"]] = sorted(dropped - written)
         if not config.topgo:
             return
         writers.write_partition_topgo(scratch, partition, raw_sub, config.precision, config.fantasia_compat)

@@ -433,7 +433,11 @@ def _run_lookup(
             with timed(outcome.timings, "write partition"):
                 entries += updates.stage(root, partition)  # the state that proves these outputs
             files = partition_files(partition)
-            entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
+            entries += [
+                path
+                for name, path in files.items()
+                if (config.topgo or name != "topgo") and path not in output_updates.patches
+            ]
             raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
             fingerprints.append(outcome.matrix.fingerprint)
             reports.append(
@@ -463,7 +467,7 @@ def _run_lookup(
             )
         entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
-            staging.publish(entries)
+            staging.publish(entries, output_updates.patches)
     base = config.experiment_path
     record_run_lineage(
         config, queries, partitions, reports, fingerprints, annotation_version, summary, timings

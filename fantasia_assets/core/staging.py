@@ -45,18 +45,32 @@ def recover(experiment_path: Path) -> None:
             continue
         manifest = folder / MANIFEST
         if manifest.exists():
-            entries = [Path(entry) for entry in json.loads(manifest.read_text())["entries"]]
+            recorded = json.loads(manifest.read_text())
+            entries = [Path(entry) for entry in recorded["entries"]]
+            patches = {Path(f): names for f, names in recorded.get("patches", {}).items()}
             log.warning("%s: finishing the publication of a run that was killed while publishing", folder)
-            _move_all(folder, experiment_path, entries)
+            _move_all(folder, experiment_path, entries, patches)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _move_all(staging: Path, experiment_path: Path, entries: list[Path]) -> None:
+def _move_all(
+    staging: Path, experiment_path: Path, entries: list[Path], patches: dict[Path, list[str]] | None = None
+) -> None:
     for entry in entries:
         staged, target = staging / entry, experiment_path / entry
         exports.remove_stale_siblings(target)
         if staged.exists() or staged.is_symlink():  # moved already by an earlier, killed attempt otherwise
             exports.swap_in(staged, target)
+    # a patched folder: its staged files replace or join the published ones, the named ones go.
+    # Each step can be repeated (a file moved or removed already is skipped), so a killed
+    # publication finishes the same way; the rest of the folder is never rewritten
+    for folder, removed in (patches or {}).items():
+        staged, target = staging / folder, experiment_path / folder
+        if staged.is_dir():
+            for name in sorted(os.listdir(staged)):
+                os.replace(staged / name, target / name)
+        for name in removed:
+            (target / name).unlink(missing_ok=True)
 
 
 class RunStaging:
@@ -84,16 +98,22 @@ class RunStaging:
             message = str(error).replace(str(self.root), str(self.experiment_path))
             raise exports.OutputWriteError(error.errno, message) from error
 
-    def publish(self, entries: list[Path]) -> None:
-        """Move `entries` (paths relative to experiment_path, written under `root`) into place."""
+    def publish(self, entries: list[Path], patches: dict[Path, list[str]] | None = None) -> None:
+        """Move `entries` (paths relative to experiment_path, written under `root`) into place.
+
+        `patches`: published folders updated file by file instead (an incremental run's shards):
+        folder → the file names to remove; the files staged under the folder are moved in."""
         missing = [str(entry) for entry in entries if not (self.root / entry).exists()]
         if missing:
             raise FileNotFoundError(f"staged outputs missing before publication: {missing}")
+        patches = patches or {}
 
         def publish() -> None:
-            exports.write_bytes_atomic(
-                self.root / MANIFEST, json.dumps({"entries": [str(e) for e in entries]}).encode()
-            )
-            _move_all(self.root, self.experiment_path, entries)
+            manifest = {
+                "entries": [str(e) for e in entries],
+                "patches": {str(f): n for f, n in patches.items()},
+            }
+            exports.write_bytes_atomic(self.root / MANIFEST, json.dumps(manifest).encode())
+            _move_all(self.root, self.experiment_path, entries, patches)
 
         exports.writing(self.experiment_path, publish)
