@@ -91,3 +91,37 @@ def test_staging_of_a_live_run_is_left_alone(tmp_path):
     live.mkdir()
     recover(tmp_path)
     assert live.exists()
+
+
+def test_patched_folder_is_updated_file_by_file_and_a_killed_patch_is_finished(tmp_path):
+    """A patch (an incremental run's shards): staged files replace or join the published ones,
+    the named ones go, every other file keeps its inode; a publication killed half-way through
+    the patch is finished by the next run to the same tree."""
+    folder = Path("raw_results/M/layer_0")
+    for killed in (False, True):
+        root = tmp_path / f"experiment-{killed}"
+        _write_set(root, "old")
+        (root / folder / "D.csv").write_text("D.csv old")
+        kept = (root / folder / "D.csv").stat().st_ino
+        run = RunStaging(root)
+        (run.root / folder).mkdir(parents=True)
+        (run.root / folder / "A.csv").write_text("A.csv new")
+        (run.root / folder / "C.csv").write_text("C.csv new")
+        patches = {folder: ["B.csv"]}
+        if killed:
+            manifest = {"entries": [], "patches": {str(folder): ["B.csv"]}}
+            (run.root / MANIFEST).write_text(json.dumps(manifest))
+            (run.root / folder / "A.csv").replace(root / folder / "A.csv")  # killed after one move
+            run.root.rename(root / f".run.{_dead_pid()}-deadbeef.staging")
+            recover(root)
+        else:
+            with run:
+                run.publish([], patches)
+        shards = root / folder
+        assert {p.name: p.read_text() for p in shards.iterdir()} == {
+            "A.csv": "A.csv new",
+            "C.csv": "C.csv new",
+            "D.csv": "D.csv old",
+        }
+        assert (shards / "D.csv").stat().st_ino == kept
+        assert not list(root.glob(".run.*"))
