@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -341,7 +343,22 @@ def _print_error(message: str) -> None:
     print("\n".join([f"error: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
 
 
+def _skip_teardown_collection() -> None:
+    """At the process's exit, leave the objects alive now to the operating system.
+
+    Python's finalisation collects the heap of every imported module (numpy, polars, DuckDB,
+    pydantic, …): ≈ 0.1–0.2 s, a tenth of a small lookup, spent freeing memory the process is
+    about to hand back anyway. Frozen objects are skipped by that collection; the rest of the
+    exit runs as usual (atexit handlers, threads joined, standard streams flushed). Nothing is
+    left unwritten: every output is written and closed (and synced) by the command itself, before
+    `main` returns, and nothing the commands write relies on a finaliser.
+    """
+    atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own command (console script, `python -m`), not a caller's call
+        _skip_teardown_collection()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

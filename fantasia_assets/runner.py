@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import duckdb
 import polars as pl
 
 from .config import LookupConfig
@@ -37,14 +36,15 @@ from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
-from .core.timing import timed
+from .core.timing import timed, timed_concurrently
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
 
-if TYPE_CHECKING:  # SQLAlchemy is imported only where the database is used (`db.snapshot`)
+if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
+    import duckdb
     from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -450,15 +450,22 @@ def _run_lookup(
                 )
             )
         raw_all = pl.concat(raw_frames)
-        with timed(timings, "summary"):
-            summary = _summary_into(root, config, partitions)
-        if config.topgo:
-            with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
+
+        def ensemble() -> None:
+            with temporary_file("-duckdb") as spill:
                 writers.write_ensemble(root, partitions, config.precision, spill)
-        with timed(timings, "fasta+mapping"):
+
+        def fasta_and_mapping() -> None:
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
+
+        # the run-wide outputs read the partitions' files and each write files of their own: side by side
+        run_wide = {"summary": lambda: _summary_into(root, config, partitions)}
+        if config.topgo:
+            run_wide["topgo ensemble"] = ensemble
+        run_wide["fasta+mapping"] = fasta_and_mapping
+        summary = timed_concurrently(timings, run_wide)["summary"]
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
         with timed(timings, "predictions"):
             predicted = run_predictions(
