@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -423,10 +424,14 @@ def _run_lookup(
             )  # fmt: skip
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
-                published = config.experiment_path  # its unchanged shards are linked, not rewritten
-                writers.write_raw(
-                    root, partition, raw, shard_names, config.precision, config.fantasia_compat, published
-                )
+                writers.write_raw_rows(root, partition, raw)
+                # the CSV shards; the last partition's are written beside the run-wide outputs, below
+                shards = partial(
+                    writers.write_raw_csv, root, partition, raw, shard_names, config.precision,
+                    config.fantasia_compat, config.experiment_path,  # its unchanged shards are linked
+                )  # fmt: skip
+                if partition is not partitions[-1]:
+                    shards()
                 if config.topgo:
                     writers.write_partition_topgo(
                         root, partition, raw, config.precision, config.fantasia_compat
@@ -436,19 +441,13 @@ def _run_lookup(
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
             raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
             fingerprints.append(outcome.matrix.fingerprint)
+            counts = (outcome.n_queries, outcome.hits.height, raw.height, len(outcome.queries_without_hits))
             reports.append(
                 PartitionReport(
-                    partition,
-                    outcome.n_queries,
-                    outcome.hits.height,
-                    raw.height,
-                    len(outcome.queries_without_hits),
-                    len(outcome.matrix),
-                    outcome.matrix_source,
-                    outcome.timings,
+                    partition, *counts, len(outcome.matrix), outcome.matrix_source, outcome.timings,
                     len(outcome.skipped),
                 )
-            )
+            )  # fmt: skip
         raw_all = pl.concat(raw_frames)
 
         def ensemble() -> None:
@@ -460,12 +459,14 @@ def _run_lookup(
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
 
-        # the run-wide outputs read the partitions' files and each write files of their own: side by side
-        run_wide = {"summary": lambda: _summary_into(root, config, partitions)}
+        # the run-wide outputs and the last shards read the partitions' files and each write their own:
+        # side by side (thousands of shard files are system calls; DuckDB and polars release the GIL)
+        run_wide = {"write partition": shards, "summary": lambda: _summary_into(root, config, partitions)}
         if config.topgo:
             run_wide["topgo ensemble"] = ensemble
         run_wide["fasta+mapping"] = fasta_and_mapping
-        summary = timed_concurrently(timings, run_wide)["summary"]
+        into = {"write partition": outcome.timings}  # the last partition's own stage
+        summary = timed_concurrently(timings, run_wide, into)["summary"]
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
         with timed(timings, "predictions"):
             predicted = run_predictions(

@@ -16,11 +16,11 @@ from fantasia_assets_tests.conftest import PROJECT
 from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree, write_config
 
 
-def _in_turn(timings, stages):
-    """The plain way: the run-wide stages one after the other, in their order."""
+def _in_turn(timings, stages, into=None):
+    """The plain way: the run-wide stages (and the last shards) one after the other, in their order."""
     results = {}
     for name, stage in stages.items():
-        with timed(timings, name):
+        with timed((into or {}).get(name, timings), name):
             results[name] = stage()
     return results
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TypeVar
@@ -28,11 +28,16 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 OVERLAP = "overlap (stages run side by side)"
 
 
-def timed_concurrently(timings: dict[str, float], stages: dict[str, Callable[[], T]]) -> dict[str, T]:
+def timed_concurrently(
+    timings: dict[str, float],
+    stages: dict[str, Callable[[], T]],
+    into: Mapping[str, dict[str, float]] | None = None,
+) -> dict[str, T]:
     """Run independent `stages` (name → function) side by side in threads; their results by name.
 
-    Each stage's own seconds are added to `timings[name]`, and the time they overlapped, negative,
-    to `timings[OVERLAP]`: the timings still add up to the wall time. The stages must not share
+    Each stage's own seconds are added to `timings[name]` (or to `into[name][name]`: a stage
+    timed with a partition's stages, say), and the time they overlapped, negative, to
+    `timings[OVERLAP]`: all the timings together still add up to the wall time. The stages must not share
     anything they write (files, mutable objects). All of them are waited for; then the error of
     the first failed stage in the order given is raised, so that the same failure always wins.
     The work is in libraries that release the GIL (DuckDB, polars, file system calls).
@@ -58,7 +63,8 @@ def timed_concurrently(timings: dict[str, float], stages: dict[str, Callable[[],
         wait(futures.values())
     elapsed = time.perf_counter() - started
     for name in names:
-        timings[name] = timings.get(name, 0.0) + own[name]
+        target = (into or {}).get(name, timings)
+        target[name] = target.get(name, 0.0) + own[name]
     timings[OVERLAP] = timings.get(OVERLAP, 0.0) + elapsed - sum(own.values())
     if error is not None:
         raise error

@@ -58,6 +58,17 @@ def test_every_stage_ends_before_the_first_failure_in_their_order_is_raised():
         timed_concurrently({}, {"c": failing("c failed", 0.0), "d": slow})
 
 
+def test_a_stage_is_timed_into_the_table_it_belongs_to():
+    run, partition = {"summary": 0.5}, {"write partition": 1.0}
+    timed_concurrently(
+        run,
+        {"write partition": lambda: time.sleep(0.02), "summary": lambda: None},
+        into={"write partition": partition},
+    )
+    assert set(run) == {"summary", OVERLAP} and run["summary"] >= 0.5
+    assert partition["write partition"] >= 1.02
+
+
 def test_no_stage_no_timing():
     timings: dict[str, float] = {}
     assert timed_concurrently(timings, {}) == {}
