@@ -247,16 +247,16 @@ def main() -> None:
         seconds = median(run[name] for run in imports)
         total_imports += seconds
         print(f"import {name:<38} {seconds:6.3f} s")
-    for paused, label in ((True, "collector paused (the CLI)"), (False, "collector running")):
+    for paused, label in ((True, "GC paused (as the CLI)"), (False, "GC running")):
         seconds = median(run[0] for run in lookup_imports[paused])
-        print(f"the lookup's imports, {label:<23} {seconds:6.3f} s")
-    for paused, label in ((True, "teardown collection skipped (the CLI)"), (False, "collected")):
+        print(f"{'lookup imports, ' + label:<46} {seconds:6.3f} s")
+    for paused, label in ((True, "no teardown GC (the CLI)"), (False, "with teardown GC")):
         seconds = median(run[1] for run in lookup_imports[paused])
-        print(f"exit after them, {label:<29} {seconds:6.3f} s")
+        print(f"{'exit after them, ' + label:<46} {seconds:6.3f} s")
     print(f"embedded server start (join)                  {median(server_start):6.3f} s")
     print(f"embedded server stop (at exit)                {median(server_stop):6.3f} s")
     print()
-    print(f"{'CLI lookup':<24} {'wall':>7} {'CPU':>7} {'stages':>7} {'outside stages':>15}")
+    print(f"{'CLI lookup':<30} {'wall':>7} {'CPU':>7} {'stages':>7} {'outside stages':>15}")
     summary = {}
     for name in variants:
         wall, cpu, stages = (median(run[i] for run in timings[name]) for i in range(3))
@@ -266,7 +266,7 @@ def main() -> None:
             "server": "this, with the server",
             "stamp": "this, from the stamp",
         }
-        print(f"{label[name]:<24} {wall:7.2f} {cpu:7.2f} {stages:7.2f} {wall - stages:15.2f}")
+        print(f"{label[name]:<30} {wall:7.2f} {cpu:7.2f} {stages:7.2f} {wall - stages:15.2f}")
     for name, loaded in modules.items():
         heavy = [m for m in loaded if m in HEAVY]
         print(f"heavy modules imported by the lookup ({name}): {', '.join(heavy) or 'none'}")
