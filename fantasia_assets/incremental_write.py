@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -115,10 +116,18 @@ class OutputUpdates:
     # -- one partition ------------------------------------------------------------------------
 
     def write_partition(
-        self, root: Path, queries: QuerySet, partition: Partition, outcome: SearchOutcome, build_raw
-    ) -> pl.DataFrame:
+        self,
+        root: Path,
+        queries: QuerySet,
+        partition: Partition,
+        outcome: SearchOutcome,
+        build_raw,
+        defer_shards: bool = False,
+    ) -> tuple[pl.DataFrame, Callable[[], None] | None]:
         """Write the partition's hits, raw rows, shards and TopGO under `root`, and stage its state;
-        `build_raw(hits)` builds raw rows (the full run's function). Returns the raw rows."""
+        `build_raw(hits)` builds raw rows (the full run's function). Returns the raw rows, and
+        with `defer_shards` the CSV shards still to write when they are written whole (the run
+        writes the last partition's beside the run-wide outputs)."""
         config = self.config
         stored = self.updates.stored.get(partition.key)
         plan = self._plan(partition, outcome, stored) if stored is not None else None
@@ -126,37 +135,47 @@ class OutputUpdates:
             log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
             plan = None
         digests = self.annotation_digests() if plan is None else plan[1]
+        with timed(outcome.timings, "incremental state"):
+            folder = root / incremental.state_dir(partition)
+            exports.write_parquet_atomic(folder / "annotations.parquet", digests)
         if plan is None:
             raw = build_raw(outcome.hits)
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
-                writers.write_raw(
-                    root, partition, raw, self.shard_names, config.precision, config.fantasia_compat,
-                    self.published,
-                )  # fmt: skip
+                writers.write_raw_rows(root, partition, raw)
                 if config.topgo:
                     writers.write_partition_topgo(
                         root, partition, raw, config.precision, config.fantasia_compat
                     )
             self.subset[partition.key] = None
-            known = {}
-        else:
-            affected, _, old_raw, kept_shards, old_files = plan
-            raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
-            raw = io_.splice_raw(old_raw, raw_sub, affected)
-            if raw is None:
-                log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
-                self.updates.stored.pop(partition.key)
-                return self.write_partition(root, queries, partition, outcome, build_raw)
+
+            def shards() -> None:
+                writers.write_raw_csv(
+                    root, partition, raw, self.shard_names, config.precision, config.fantasia_compat,
+                    self.published,  # its unchanged shards are linked
+                )  # fmt: skip
+                self._stage_shards(root, partition, raw, {})
+
+            if defer_shards:
+                return raw, shards
             with timed(outcome.timings, "write partition"):
-                self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files)
-            known = kept_shards  # left in place: size, mtime and inode as checked
-            self.subset[partition.key] = affected
-            self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
-            self._rebuilt_rows += raw_sub.height
+                shards()
+            return raw, None
+        affected, _, old_raw, kept_shards, old_files = plan
+        raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
+        raw = io_.splice_raw(old_raw, raw_sub, affected)
+        if raw is None:
+            log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
+            self.updates.stored.pop(partition.key)
+            return self.write_partition(root, queries, partition, outcome, build_raw, defer_shards)
+        with timed(outcome.timings, "write partition"):
+            self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files)
+        self.subset[partition.key] = affected
+        self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
+        self._rebuilt_rows += raw_sub.height
         with timed(outcome.timings, "incremental state"):
-            self._stage_extras(root, partition, raw, digests, known)
-        return raw
+            self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
+        return raw, None
 
     def _plan(self, partition: Partition, outcome: SearchOutcome, stored):
         """(affected accessions, annotation digests, previous raw rows, kept shards), or why not."""
@@ -209,9 +228,11 @@ class OutputUpdates:
         config = self.config
         paths, scratch = partition_paths(root, partition), root / SCRATCH
         writers.write_hits(root, partition, outcome)
-        exports.write_parquet_atomic(paths["raw"], raw)
-        # the rebuilt accessions' shards, by the full run's writer, then moved beside the kept ones
-        writers.write_raw(
+        writers.write_raw_rows(root, partition, raw)
+        # the rebuilt accessions' rows (the run-wide subsets read them) and shards, by the full
+        # run's writers, in the scratch folder; the shards are then published as a patch
+        writers.write_raw_rows(scratch, partition, raw_sub)
+        writers.write_raw_csv(
             scratch, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
         )
         built = partition_paths(scratch, partition)["shards"]
@@ -232,9 +253,8 @@ class OutputUpdates:
             log.info("%s: TopGO files rebuilt in full: the previous ones do not splice", partition.key)
             writers.write_partition_topgo(root, partition, raw, config.precision, config.fantasia_compat)
 
-    def _stage_extras(self, root: Path, partition: Partition, raw: pl.DataFrame, digests, known) -> None:
-        folder = root / incremental.state_dir(partition)
-        exports.write_parquet_atomic(folder / "annotations.parquet", digests)
+    def _stage_shards(self, root: Path, partition: Partition, raw: pl.DataFrame, known: dict) -> None:
+        """shards.parquet: each shard's file name and signature (`known`: those checked already)."""
         shards = str(partition_paths(root, partition)["shards"])
         rows = []
         for accession in raw["accession"].unique(maintain_order=True).to_list():
@@ -244,70 +264,63 @@ class OutputUpdates:
                 row = (accession, file, *(io_.signature(os.path.join(shards, file)) or (-1, -1, -1)))
             rows.append(row)
         exports.write_parquet_atomic(
-            folder / "shards.parquet", pl.DataFrame(rows, schema=io_.SHARDS, orient="row")
+            root / incremental.state_dir(partition) / "shards.parquet",
+            pl.DataFrame(rows, schema=io_.SHARDS, orient="row"),
         )
 
-    # -- run-wide -----------------------------------------------------------------------------
-
-    def write_run_wide(self, root: Path, partitions: list[Partition], timings: dict) -> SummaryFile:
-        """summary.csv and the TopGO ensemble under `root`, spliced when every partition was."""
-        config = self.config
-
-        def spill(name: str) -> Path:  # DuckDB's scratch: created and removed by each connection
-            return root / SCRATCH / f"duckdb-{name}"
-
+    def _splice_plan(self, partitions: list[Partition]) -> tuple[str | None, set[str]]:
+        """(why the run-wide files cannot be spliced, or None; the accessions rebuilt)."""
         subsets = [self.subset.get(p.key) for p in partitions]
         state = self._run_state
-        why = None
         if any(s is None for s in subsets):
-            why = "a partition was rebuilt in full"
-        elif state is None:
-            why = "no usable run state (state/run.json)"
-        elif state.get("partitions") != [p.key for p in partitions] or state.get("topgo") != config.topgo:
-            why = "other partitions"
-        elif self._rebuilt_rows == 0 and any(subsets):
+            return "a partition was rebuilt in full", set()
+        if state is None:
+            return "no usable run state (state/run.json)", set()
+        if state.get("partitions") != [p.key for p in partitions] or state.get("topgo") != self.config.topgo:
+            return "other partitions", set()
+        return None, set().union(*subsets)
+
+    def write_summary(self, root: Path, partitions: list[Partition]) -> SummaryFile:
+        """summary.csv under `root`: the previous one spliced with the rebuilt accessions' rows
+        when every partition was written incrementally, else written whole."""
+        config = self.config
+        why, affected = self._splice_plan(partitions)
+        if why is None and affected and self._rebuilt_rows == 0:
             # the rebuilt accessions lost every row: whether a partition's columns stay in the
             # summary then depends on the other accessions' rows, which a splice does not read
             why = "the rebuilt accessions have no rows left"
-        summary = None
         if why is None:
-            affected = set().union(*subsets)
-            scratch = root / SCRATCH
-            with timed(timings, "summary"):
-                previous = (self.published / SUMMARY).read_bytes()
-                spliced = previous  # nothing rebuilt: the previous file as it is
-                if affected:
-                    built = writers.write_summary(
-                        scratch, partitions, config.summary, config.limit_per_entry, config.precision,
-                        spill("summary"), config.fantasia_compat,
-                    )  # fmt: skip
-                    spliced = io_.splice_lines(previous, built.path.read_bytes(), affected)
-                if spliced is not None:
-                    exports.write_bytes_atomic(root / SUMMARY, spliced)
-                    columns = tuple(pl.read_csv(io.BytesIO(spliced), n_rows=0, infer_schema=False).columns)
-                    summary = SummaryFile(root / SUMMARY, spliced.count(b"\n") - 1, columns)
-                else:
-                    why = "summary.csv does not splice (its columns changed)"
-            if summary is not None and config.topgo:
-                with timed(timings, "topgo ensemble"):
-                    if affected:
-                        writers.write_ensemble(scratch, partitions, config.precision, spill("ensemble"))
-                    if not _splice_folder(
-                        self.published / ENSEMBLE, scratch / ENSEMBLE, root / ENSEMBLE, affected
-                    ):
-                        log.info("TopGO ensemble rebuilt in full: the previous files do not splice")
-                        writers.write_ensemble(root, partitions, config.precision, spill("ensemble-full"))
-        if summary is None:
-            log.info("summary.csv and the TopGO ensemble rebuilt in full: %s", why)
-            with timed(timings, "summary"):
-                summary = writers.write_summary(
-                    root, partitions, config.summary, config.limit_per_entry, config.precision,
-                    spill("summary-full"), config.fantasia_compat,
+            previous = (self.published / SUMMARY).read_bytes()
+            spliced = previous  # nothing rebuilt: the previous file as it is
+            if affected:
+                built = writers.write_summary(
+                    root / SCRATCH, partitions, config.summary, config.limit_per_entry, config.precision,
+                    _spill(root, "summary"), config.fantasia_compat,
                 )  # fmt: skip
-            if config.topgo:
-                with timed(timings, "topgo ensemble"):
-                    writers.write_ensemble(root, partitions, config.precision, spill("ensemble-full"))
-        return summary
+                spliced = io_.splice_lines(previous, built.path.read_bytes(), affected)
+            if spliced is not None:
+                exports.write_bytes_atomic(root / SUMMARY, spliced)
+                columns = tuple(pl.read_csv(io.BytesIO(spliced), n_rows=0, infer_schema=False).columns)
+                return SummaryFile(root / SUMMARY, spliced.count(b"\n") - 1, columns)
+            why = "summary.csv does not splice (its columns changed)"
+        log.info("summary.csv rebuilt in full: %s", why)
+        return writers.write_summary(
+            root, partitions, config.summary, config.limit_per_entry, config.precision,
+            _spill(root, "summary-full"), config.fantasia_compat,
+        )  # fmt: skip
+
+    def write_ensemble(self, root: Path, partitions: list[Partition]) -> None:
+        """The TopGO ensemble under `root`, spliced like summary.csv."""
+        why, affected = self._splice_plan(partitions)
+        if why is None:
+            scratch = root / SCRATCH
+            if affected:
+                writers.write_ensemble(scratch, partitions, self.config.precision, _spill(root, "ensemble"))
+            if _splice_folder(self.published / ENSEMBLE, scratch / ENSEMBLE, root / ENSEMBLE, affected):
+                return
+            why = "the previous files do not splice"
+        log.info("TopGO ensemble rebuilt in full: %s", why)
+        writers.write_ensemble(root, partitions, self.config.precision, _spill(root, "ensemble-full"))
 
     def stage(self, root: Path, partitions: list[Partition]) -> list[Path]:
         """Write state/run.json under `root`: the signatures of the files a splice reads back."""
@@ -330,6 +343,11 @@ class OutputUpdates:
         }
         exports.write_bytes_atomic(root / RUN_STATE, json.dumps(state, sort_keys=True).encode())
         return [RUN_STATE]
+
+
+def _spill(root: Path, name: str) -> Path:
+    """DuckDB's scratch folder for one connection (created and removed by it), in the staging."""
+    return root / SCRATCH / f"duckdb-{name}"
 
 
 def _listing(folder: Path) -> list[str]:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import duckdb
 import polars as pl
 
 from .config import LookupConfig
@@ -37,14 +36,15 @@ from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
-from .core.timing import timed
+from .core.timing import timed, timed_concurrently
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
 
-if TYPE_CHECKING:  # SQLAlchemy is imported only where the database is used (`db.snapshot`)
+if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
+    import duckdb
     from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -428,8 +428,11 @@ def _run_lookup(
                     sequences,
                 )  # fmt: skip
 
-            # only the accessions whose inputs changed are rebuilt, where the state proves the rest
-            raw = output_updates.write_partition(root, queries, partition, outcome, build)
+            # only the accessions whose inputs changed are rebuilt, where the state proves the rest;
+            # the last partition's CSV shards, when written whole, go beside the run-wide outputs
+            raw, shards = output_updates.write_partition(
+                root, queries, partition, outcome, build, defer_shards=partition is partitions[-1]
+            )
             with timed(outcome.timings, "write partition"):
                 entries += updates.stage(root, partition)  # the state that proves these outputs
             files = partition_files(partition)
@@ -440,27 +443,31 @@ def _run_lookup(
             ]
             raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
             fingerprints.append(outcome.matrix.fingerprint)
+            counts = (outcome.n_queries, outcome.hits.height, raw.height, len(outcome.queries_without_hits))
             reports.append(
                 PartitionReport(
-                    partition,
-                    outcome.n_queries,
-                    outcome.hits.height,
-                    raw.height,
-                    len(outcome.queries_without_hits),
-                    len(outcome.matrix),
-                    outcome.matrix_source,
-                    outcome.timings,
+                    partition, *counts, len(outcome.matrix), outcome.matrix_source, outcome.timings,
                     len(outcome.skipped),
                 )
-            )
+            )  # fmt: skip
         raw_all = pl.concat(raw_frames)
-        summary = output_updates.write_run_wide(root, partitions, timings)
-        entries += output_updates.stage(root, partitions)
-        with timed(timings, "fasta+mapping"):
+
+        def fasta_and_mapping() -> None:
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
+
+        # the run-wide outputs and the last shards read the partitions' files and each write their own:
+        # side by side (thousands of shard files are system calls; DuckDB and polars release the GIL)
+        run_wide = {"write partition": shards} if shards is not None else {}
+        run_wide["summary"] = lambda: output_updates.write_summary(root, partitions)
+        if config.topgo:
+            run_wide["topgo ensemble"] = lambda: output_updates.write_ensemble(root, partitions)
+        run_wide["fasta+mapping"] = fasta_and_mapping
+        into = {"write partition": outcome.timings}  # the last partition's own stage
+        summary = timed_concurrently(timings, run_wide, into)["summary"]
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        entries += output_updates.stage(root, partitions)  # the signatures of the files just written
         with timed(timings, "predictions"):
             predicted = run_predictions(
                 root, lambda: writers.read_raw_rows(root, partitions), config.scoring, config.precision
