@@ -65,3 +65,15 @@ def test_float32_nulls_and_empty_columns() -> None:
 def test_precision_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         fixed_text(pl.Series([1.0]), 17)
+
+
+@pytest.mark.parametrize("precision", [0, 4, 7])
+def test_repeated_values_are_printed_once_with_the_same_text(precision: int) -> None:
+    """Columns where few values repeat (a neighbour's distance on each of its GO rows) take the
+    print-each-distinct-value path: 0.0 and -0.0, NaN, ties and nulls keep their own text."""
+    rng = np.random.default_rng(precision)
+    hostile = _hostile(precision)
+    pool = np.concatenate([hostile[rng.integers(0, len(hostile), 40)], [0.0, -0.0, np.nan, 0.03125]])
+    values = pl.Series("v", pool[rng.integers(0, len(pool), 20_000)]).scatter([0, 5, 19_999], None)
+    expected = pl.DataFrame({"v": values}).write_csv(float_precision=precision)
+    assert pl.DataFrame({"v": fixed_text(values, precision)}).write_csv() == expected
