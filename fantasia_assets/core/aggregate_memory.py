@@ -141,7 +141,7 @@ def _scores(
             best = getattr(values.filter(values.is_not_nan()), AGGREGATIONS[column.agg])()
             aggregations.append(pl.coalesce(best, values.max()).alias(f"s{i}"))
     for j, metric in enumerate(means):
-        aggregations.append(pl.col(metric).cast(pl.Float64).drop_nulls().sort().alias(f"l{j}"))
+        aggregations.append(pl.col(metric).cast(pl.Float64).drop_nulls().alias(f"l{j}"))
     groups = keyed.group_by(*TERM_KEYS, *PARTITION_KEYS, _PART).agg(aggregations)
     mean_of = {metric: _kahan_means(groups[f"l{j}"]) for j, metric in enumerate(means)}
     groups = groups.with_columns(
@@ -174,26 +174,33 @@ def _tree_sum(terms: Sequence[pl.Expr]) -> pl.Expr:
 
 
 def _kahan_means(lists: pl.Series) -> pl.Series:
-    """Per group, the Kahan sum of its (sorted, non-null) values from (0, 0) over their count;
-    null where a group has no value."""
+    """Per group, the Kahan sum of its non-null values in ascending order (NaN last) from (0, 0)
+    over their count; null where a group has no value."""
     lengths = lists.list.len().to_numpy().astype(np.int64)
     flat = lists.explode().to_numpy() if lengths.sum() else np.zeros(0)
+    # one sort of all values by (group, value) instead of one per group: by value, then stably
+    # by group (several times faster than np.lexsort)
+    by_value = np.argsort(flat, kind="stable")
+    group = np.repeat(np.arange(len(lengths)), lengths)
+    flat = flat[by_value[np.argsort(group[by_value], kind="stable")]]
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    order = np.argsort(-lengths, kind="stable")  # longest first: the live groups are a prefix
+    # groups longest first, so that those with a value at each position are a prefix
+    order = np.argsort(-lengths, kind="stable")
+    first = starts[order]
     total = np.zeros(len(lengths))
     carry = np.zeros(len(lengths))
     longest = int(lengths.max(initial=0))
-    # how many groups hold more than `position` values
     live_counts = np.searchsorted(-lengths[order], -np.arange(longest), side="left")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # inf and NaN as SQL gives them
         for position in range(longest):
-            live = order[: live_counts[position]]
-            y = flat[starts[live] + position] - carry[live]
-            t = total[live] + y
-            carry[live] = (t - total[live]) - y
-            total[live] = t
-        means = total / lengths
+            live = live_counts[position]
+            y = flat[first[:live] + position] - carry[:live]
+            t = total[:live] + y
+            carry[:live] = (t - total[:live]) - y
+            total[:live] = t
+        means = np.empty(len(lengths))
+        means[order] = total / lengths[order]
     return pl.Series(means).scatter(np.flatnonzero(lengths == 0), None)
 
 
