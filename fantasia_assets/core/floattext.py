@@ -114,6 +114,15 @@ def _text(x: np.ndarray, nulls: np.ndarray, precision: int) -> pl.Series:
     return pl.from_arrow(array).cast(pl.String)
 
 
+def _digit_count(whole: np.ndarray) -> np.ndarray:
+    """Decimal digits of each non-negative integer (1 for 0): one comparison per digit of the largest."""
+    digits = np.ones(len(whole), dtype=np.int64)
+    largest = int(whole.max(initial=0))
+    for power in _POWERS[: len(str(largest)) - 1]:
+        digits += whole >= power
+    return digits
+
+
 def _block(x: np.ndarray, nulls: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
     """The text of `x` (nulls: empty) as one byte buffer, and each value's length.
 
@@ -127,7 +136,7 @@ def _block(x: np.ndarray, nulls: np.ndarray, precision: int) -> tuple[np.ndarray
     fast &= ~nulls
     rounded = _nearest(np.where(fast, magnitude, 0.0), precision)
     whole = rounded // 10**precision
-    digits = 1 + np.searchsorted(_POWERS, whole, side="right")
+    digits = _digit_count(whole)
     fraction_chunks = -(-precision // _CHUNK)
     whole_chunks = -(-int(digits.max(initial=1)) // _CHUNK)
     slots = 1 + whole_chunks + (1 + fraction_chunks if precision else 0)
