@@ -32,6 +32,7 @@ from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
+from .h5fast import FastLayout, hard_links
 from .sequences import clean
 
 log = logging.getLogger(__name__)
@@ -288,8 +289,12 @@ def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
     return (-1, int(np.prod(dataset.shape)), code)
 
 
-def _scan_groups(path: str, names: list[str]) -> dict:
-    """Scan a slice of the file's accession groups (runs in a worker process for big files)."""
+def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None, addresses=None) -> dict:
+    """Scan a slice of the file's accession groups (runs in a worker process for big files).
+
+    With `fast` (and `addresses`: group name → header address), each group is first read by
+    `FastLayout.group`; only the groups it declines go through the HDF5 library.
+    """
     accessions: list[str] = []
     sequences: list[str | None] = []
     entries: dict[LayerKey, list[tuple[int, int, int, int]]] = {}
@@ -303,8 +308,10 @@ def _scan_groups(path: str, names: list[str]) -> dict:
             if not name.startswith(ACCESSION_PREFIX):
                 skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
                 continue
+            address = addresses.get(name) if fast is not None else None
+            found = fast.group(name, address) if address is not None else None
             try:
-                found = _scan_group(fid, name)
+                found = (*found, []) if found is not None else _scan_group(fid, name)
             except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
                 # a damaged object inside the group: the group is left out, the file still read
                 skipped.append((name, f"unreadable HDF5 content ({exc})"))
@@ -392,11 +399,16 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
         with h5py.File(path, "r") as handle:
             names = list(handle.keys())
             attrs = {k: _plain(v) for k, v in handle.attrs.items()}
+            addresses = hard_links(handle.id)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # h5py's errors of damaged files
         raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc})") from exc
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    fast = FastLayout.open(path)
     try:
-        if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
+        if fast is not None:  # tens of µs a group: one process is faster than starting workers
+            with fast:
+                parts = [_scan_groups(str(path), names, fast, addresses)]
+        elif workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
             size = -(-len(names) // (workers * 4))
             slices = [names[i : i + size] for i in range(0, len(names), size)]
             # forkserver: workers fork from a clean single-threaded server, never from this process,
