@@ -31,10 +31,10 @@ _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # feature this reader does not know, so the group goes to h5py
 _NIL, _DATASPACE, _LINK_INFO, _DATATYPE, _FILL_OLD, _FILL, _LINK = 0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6
 _LAYOUT, _GROUP_INFO, _FILTERS, _ATTRIBUTE, _CONTINUATION = 0x8, 0xA, 0xB, 0xC, 0x10
-_MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT = 0x12, 0x15, 0x16
+_SYMBOL_TABLE, _MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT = 0x11, 0x12, 0x15, 0x16
 _KNOWN = frozenset(
     {_NIL, _DATASPACE, _LINK_INFO, _DATATYPE, _FILL_OLD, _FILL, _LINK, _LAYOUT, _GROUP_INFO}
-    | {_FILTERS, _ATTRIBUTE, _CONTINUATION, _MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT}
+    | {_FILTERS, _ATTRIBUTE, _CONTINUATION, _SYMBOL_TABLE, _MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT}
 )
 _SHARED = 0x02  # message flag: the message body is a reference to a shared object
 # datatype messages (class+version byte, bit fields, size, properties) of H5T_IEEE_F32LE and
@@ -114,17 +114,26 @@ class FastLayout:
             return None
         layout = None
         try:
-            # superblock version 2/3 at offset 0 (no user block), base address 0: addresses are offsets
-            if view[:8] == _SIGNATURE and view[8] in (2, 3):
+            # superblock at offset 0 (no user block), base address 0: addresses are file offsets
+            version = view[8] if view[:8] == _SIGNATURE else -1
+            if version in (0, 1):  # h5py's default format: symbol-table groups, version-1 headers
+                offset_size, length_size = view[13], view[14]
+                base = 24 if version == 0 else 28
+                valid = True
+            elif version in (2, 3):  # the 1.8 format: link messages, version-2 headers
                 offset_size, length_size = view[9], view[10]
+                base = 12
                 end = 12 + 4 * offset_size
-                if (
-                    offset_size in (2, 4, 8)
-                    and length_size in (2, 4, 8)
-                    and int.from_bytes(view[12 : 12 + offset_size], "little") == 0
-                    and checksum(view[:end], end, 0) == int.from_bytes(view[end : end + 4], "little")
-                ):
-                    layout = cls(Path(path), view, offset_size, length_size, checksum)
+                valid = checksum(view[:end], end, 0) == int.from_bytes(view[end : end + 4], "little")
+            else:
+                valid = False
+            if (
+                valid
+                and offset_size in (2, 4, 8)
+                and length_size in (2, 4, 8)
+                and int.from_bytes(view[base : base + offset_size], "little") == 0
+            ):
+                layout = cls(Path(path), view, offset_size, length_size, checksum)
         except (IndexError, ValueError):
             layout = None
         if layout is None:
@@ -176,6 +185,8 @@ class FastLayout:
     def _header(self, address: int) -> list[tuple[int, int, int]]:
         """(type, body start, body size) of every message of the version-2 header at `address`."""
         mm, unpack = self._mm, struct.unpack_from
+        if mm[address] == 1:
+            return self._header_v1(address)
         if mm[address : address + 5] != b"OHDR\x02":
             raise _Unsupported
         flags = mm[address + 5]
@@ -205,6 +216,63 @@ class FastLayout:
                 start = body + body_size
         return messages
 
+    def _header_v1(self, address: int) -> list[tuple[int, int, int]]:
+        """As `_header`, for a version-1 header (no signature, no checksum, 8-byte aligned)."""
+        mm, unpack = self._mm, struct.unpack_from
+        count, _, size = unpack("<HII", mm, address + 2)
+        messages = []
+        chunks = [(address + 16, address + 16 + size)]
+        for start, end in chunks:
+            while start + 8 <= end and count:
+                kind, body_size, message_flags = unpack("<HHB", mm, start)
+                body = start + 8
+                count -= 1
+                if body + body_size > end or kind not in _KNOWN or message_flags & _SHARED:
+                    raise _Unsupported
+                if kind == _CONTINUATION:
+                    chunk = self._offset(body)
+                    if len(chunks) >= _MAX_CHUNKS:
+                        raise _Unsupported
+                    chunks.append((chunk, chunk + self._length(body + self._o)))
+                elif kind != _NIL:
+                    messages.append((kind, body, body_size))
+                start = body + body_size
+        if count:  # fewer messages than the header announces: damaged
+            raise _Unsupported
+        return messages
+
+    def _symbols(self, body: int) -> dict[bytes, int]:
+        """Name → header address of the entries of a symbol-table group (version-1 B-tree, local heap)."""
+        mm, o = self._mm, self._o
+        tree, heap = self._offset(body), self._offset(body + o)
+        if mm[heap : heap + 5] != b"HEAP\x00":
+            raise _Unsupported
+        names = self._offset(heap + 8 + 2 * self._l)
+        entry = 2 * o + 24
+        links: dict[bytes, int] = {}
+        nodes = [tree]
+        for node in nodes:
+            if len(nodes) > 1 << 20:
+                raise _Unsupported
+            if mm[node : node + 5] == b"TREE\x00":  # a group node: children are nodes or SNODs
+                used = int.from_bytes(mm[node + 6 : node + 8], "little")
+                first = node + 8 + 2 * o + self._l
+                nodes.extend(self._offset(first + i * (o + self._l)) for i in range(used))
+            elif mm[node : node + 5] == b"SNOD\x01":
+                for i in range(int.from_bytes(mm[node + 6 : node + 8], "little")):
+                    at = node + 8 + i * entry
+                    if int.from_bytes(mm[at + 2 * o : at + 2 * o + 4], "little") == 2:  # a soft link
+                        raise _Unsupported
+                    start = names + self._offset(at)
+                    end = mm.find(b"\x00", start)
+                    name = mm[start:end]
+                    if end < 0 or not name or name in links:
+                        raise _Unsupported
+                    links[name] = self._offset(at + o)
+            else:
+                raise _Unsupported
+        return links
+
     def _verify(self, start: int, end: int) -> None:
         """Raise unless the metadata checksum stored at `end` matches the bytes [start, end)."""
         mm = self._mm
@@ -227,6 +295,8 @@ class FastLayout:
         group = False
         for kind, body, size in messages:
             if kind == _LINK_INFO:
+                if group:
+                    raise _Unsupported
                 group = True
                 if mm[body] != 0:
                     raise _Unsupported
@@ -250,6 +320,11 @@ class FastLayout:
                 links[name] = self._offset(pos + width + length)
                 if pos + width + length + self._o > body + size:
                     raise _Unsupported
+            elif kind == _SYMBOL_TABLE:
+                if group:
+                    raise _Unsupported
+                group = True
+                links.update(self._symbols(body))
             elif kind in (_LAYOUT, _DATATYPE, _DATASPACE):
                 raise _Unsupported
         if not group:
@@ -264,7 +339,7 @@ class FastLayout:
                 if kind in parts:
                     raise _Unsupported
                 parts[kind] = (body, size)
-            elif kind in (_FILTERS, _LINK, _LINK_INFO):
+            elif kind in (_FILTERS, _LINK, _LINK_INFO, _SYMBOL_TABLE):
                 raise _Unsupported
         if len(parts) != 3:
             raise _Unsupported
@@ -304,7 +379,7 @@ class FastLayout:
         type_body, type_size = parts[_DATATYPE]
         element = 8 + self._o
         if (
-            type_size != 20
+            type_size < 20  # a version-1 header pads messages to a multiple of 8 bytes
             or mm[type_body : type_body + 4] != _VLEN_UTF8_HEAD
             or int.from_bytes(mm[type_body + 4 : type_body + 8], "little") != element
             or mm[type_body + 8 : type_body + 20] != _VLEN_BASE
@@ -336,14 +411,18 @@ class FastLayout:
         head = (8 + self._l + 7) // 8 * 8
         pos = address + head
         objects: dict[int, tuple[int, int]] = {}
+        # walked to its end as the library does when it loads a collection, so that one it would
+        # refuse as damaged is refused here too
         while pos + head <= end:
             index = int.from_bytes(mm[pos : pos + 2], "little")
-            if index == 0:  # the free space: the rest of the collection
-                break
             size = self._length(pos + 8)
-            data = pos + head
-            objects[index] = (data, size)
-            pos = data + (size + 7) // 8 * 8
+            # the free space (index 0) counts its own header; an object is padded to 8 bytes
+            step = size if index == 0 else head + (size + 7) // 8 * 8
+            if step < head or pos + step > end or index in objects:
+                raise _Unsupported
+            if index:
+                objects[index] = (pos + head, size)
+            pos += step
         self._heaps[address] = objects
         return objects
 
@@ -351,7 +430,7 @@ class FastLayout:
         """(offset, dim, dtype code) of a contiguous 1-D IEEE float vector, as `_vector_entry`."""
         parts = self._parts(messages)
         type_body, type_size = parts[_DATATYPE]
-        code = _FLOAT_TYPES.get(self._mm[type_body : type_body + type_size])
+        code = _FLOAT_TYPES.get(self._mm[type_body : type_body + 20]) if type_size >= 20 else None
         if code is None or len(self._shape(parts[_DATASPACE][0])) != 1:
             raise _Unsupported
         layout, address, size = self._storage(parts[_LAYOUT][0])
