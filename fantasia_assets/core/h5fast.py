@@ -100,6 +100,7 @@ class FastLayout:
         self._undefined = (1 << (8 * offset_size)) - 1
         self._checksum = checksum
         self._heaps: dict[int, dict[int, tuple[int, int]]] = {}
+        self.declined = 0  # groups `group` left to h5py
 
     @classmethod
     def open(cls, path: str | Path) -> FastLayout | None:
@@ -149,18 +150,19 @@ class FastLayout:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def group(self, name: str, address: int) -> _Parsed | None:
+    def group(self, address: int) -> _Parsed | None:
         """(clean sequence, [(layer key, (offset, dim, dtype code))]) of the accession group whose
         header is at `address`, as `queries._scan_group` finds it; None when h5py must read it."""
         try:
-            return self._group(name, address)
+            return self._group(address)
         except (_Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError):
+            self.declined += 1
             return None
 
-    def _group(self, name: str, address: int) -> _Parsed | None:
+    def _group(self, address: int) -> _Parsed:
         members = self._links(self._header(address))
         if b"sequence" not in members:
-            return None
+            raise _Unsupported
         sequence = self._string(self._header(members[b"sequence"]))
         vectors = []
         for member, target in members.items():
@@ -177,7 +179,7 @@ class FastLayout:
                         continue
                     inner = self._links(self._header(child_address))
                     if b"embedding" not in inner:
-                        return None
+                        raise _Unsupported
                     dataset = inner[b"embedding"]
                 vectors.append(((type_id, layer), self._vector(self._header(dataset))))
         return clean(sequence), vectors

@@ -43,6 +43,7 @@ LAYER_PREFIX = "layer_"
 
 # Files with fewer groups than this are scanned in-process: workers cost more than they save.
 _PARALLEL_SCAN_MIN_GROUPS = 4000
+_FAST_PROBE = 512  # groups read before deciding between the direct reader and h5py workers
 _NATIVE_DTYPES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1}
 _NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]
 _OTHER_DTYPE = -1
@@ -309,7 +310,7 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None, ad
                 skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
                 continue
             address = addresses.get(name) if fast is not None else None
-            found = fast.group(name, address) if address is not None else None
+            found = fast.group(address) if address is not None else None
             try:
                 found = (*found, []) if found is not None else _scan_group(fid, name)
             except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
@@ -404,11 +405,17 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
         raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc})") from exc
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     fast = FastLayout.open(path)
+    parts = []
     try:
         if fast is not None:  # tens of µs a group: one process is faster than starting workers
-            with fast:
-                parts = [_scan_groups(str(path), names, fast, addresses)]
-        elif workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
+            with fast:  # unless the first groups show that h5py must read most of them anyway
+                parts.append(_scan_groups(str(path), names[:_FAST_PROBE], fast, addresses))
+                rest, names = names[_FAST_PROBE:], []
+                if fast.declined * 2 <= _FAST_PROBE:
+                    parts.append(_scan_groups(str(path), rest, fast, addresses))
+                else:
+                    names = rest
+        if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
             size = -(-len(names) // (workers * 4))
             slices = [names[i : i + size] for i in range(0, len(names), size)]
             # forkserver: workers fork from a clean single-threaded server, never from this process,
@@ -416,9 +423,9 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
             context = get_context("forkserver")
             context.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                parts = list(pool.map(_scan_groups, [str(path)] * len(slices), slices))
-        else:
-            parts = [_scan_groups(str(path), names)]
+                parts += pool.map(_scan_groups, [str(path)] * len(slices), slices)
+        elif names:
+            parts.append(_scan_groups(str(path), names))
         catalogue = _merge(path, parts, attrs)
     except (OSError, RuntimeError) as exc:
         raise EmbeddingFileError(f"{path}: unreadable HDF5 content ({exc})") from exc
