@@ -92,7 +92,9 @@ def _checksum():
 class FastLayout:
     """One open query file, read through a memory map (see the module docstring)."""
 
-    def __init__(self, path: Path, view: mmap.mmap, offset_size: int, length_size: int, checksum):
+    def __init__(
+        self, path: Path, view: mmap.mmap, offset_size: int, length_size: int, checksum, tree_k=None
+    ):
         self.path = path
         self._mm = view
         self._o = offset_size
@@ -101,6 +103,7 @@ class FastLayout:
         self._checksum = checksum
         self._heaps: dict[int, dict[int, tuple[int, int]]] = {}
         self.declined = 0  # groups `group` left to h5py
+        self._tree_k = tree_k  # (leaf K, internal K) of symbol-table B-trees; None: not in this format
 
     @classmethod
     def open(cls, path: str | Path) -> FastLayout | None:
@@ -120,10 +123,11 @@ class FastLayout:
             if version in (0, 1):  # h5py's default format: symbol-table groups, version-1 headers
                 offset_size, length_size = view[13], view[14]
                 base = 24 if version == 0 else 28
+                tree_k = struct.unpack_from("<HH", view, 16)
                 valid = True
             elif version in (2, 3):  # the 1.8 format: link messages, version-2 headers
                 offset_size, length_size = view[9], view[10]
-                base = 12
+                base, tree_k = 12, None
                 end = 12 + 4 * offset_size
                 valid = checksum(view[:end], end, 0) == int.from_bytes(view[end : end + 4], "little")
             else:
@@ -134,7 +138,7 @@ class FastLayout:
                 and length_size in (2, 4, 8)
                 and int.from_bytes(view[base : base + offset_size], "little") == 0
             ):
-                layout = cls(Path(path), view, offset_size, length_size, checksum)
+                layout = cls(Path(path), view, offset_size, length_size, checksum, tree_k)
         except (IndexError, ValueError):
             layout = None
         if layout is None:
@@ -219,17 +223,28 @@ class FastLayout:
         return messages
 
     def _header_v1(self, address: int) -> list[tuple[int, int, int]]:
-        """As `_header`, for a version-1 header (no signature, no checksum, 8-byte aligned)."""
+        """As `_header`, for a version-1 header (no signature, no checksum). As the library
+        requires, its messages fill each chunk exactly, 8-byte aligned, as many as announced."""
         mm, unpack = self._mm, struct.unpack_from
+        if mm[address + 1] != 0:
+            raise _Unsupported
         count, _, size = unpack("<HII", mm, address + 2)
         messages = []
         chunks = [(address + 16, address + 16 + size)]
         for start, end in chunks:
-            while start + 8 <= end and count:
+            if end > len(mm):
+                raise _Unsupported
+            while start < end:
                 kind, body_size, message_flags = unpack("<HHB", mm, start)
                 body = start + 8
                 count -= 1
-                if body + body_size > end or kind not in _KNOWN or message_flags & _SHARED:
+                if (
+                    body + body_size > end
+                    or body_size % 8
+                    or count < 0
+                    or kind not in _KNOWN
+                    or message_flags & _SHARED
+                ):
                     raise _Unsupported
                 if kind == _CONTINUATION:
                     chunk = self._offset(body)
@@ -239,40 +254,71 @@ class FastLayout:
                 elif kind != _NIL:
                     messages.append((kind, body, body_size))
                 start = body + body_size
-        if count:  # fewer messages than the header announces: damaged
+        if count:
             raise _Unsupported
         return messages
 
     def _symbols(self, body: int) -> dict[bytes, int]:
-        """Name → header address of the entries of a symbol-table group (version-1 B-tree, local heap)."""
-        mm, o = self._mm, self._o
+        """Name → header address of the entries of a symbol-table group (version-1 B-tree, local heap).
+
+        The library finds a member by binary search over the B-tree's keys and each node's sorted
+        entries, so a tree whose keys or order are damaged hides members that a walk would still
+        see: such a tree is refused, and every member listed here is one the library can open.
+        """
+        mm, o, lengths = self._mm, self._o, self._l
+        if self._tree_k is None:
+            raise _Unsupported
+        leaf_k, inner_k = self._tree_k
         tree, heap = self._offset(body), self._offset(body + o)
         if mm[heap : heap + 5] != b"HEAP\x00":
             raise _Unsupported
-        names = self._offset(heap + 8 + 2 * self._l)
-        entry = 2 * o + 24
+        size, data = self._length(heap + 8), self._offset(heap + 8 + 2 * lengths)
+
+        def text(offset: int) -> bytes:
+            end = mm.find(b"\x00", data + offset, data + size) if offset < size else -1
+            if end < 0:
+                raise _Unsupported
+            return mm[data + offset : end]
+
         links: dict[bytes, int] = {}
-        nodes = [tree]
-        for node in nodes:
-            if len(nodes) > 1 << 20:
+        last = None
+        entry = 2 * o + 24
+        # (node, expected level or -1 for a symbol node, lowest key (exclusive), highest (inclusive))
+        pending: list[tuple[int, int | None, bytes | None, bytes | None]] = [(tree, None, None, None)]
+        while pending:
+            node, level, low, high = pending.pop()
+            if len(links) + len(pending) > 1 << 22:
                 raise _Unsupported
-            if mm[node : node + 5] == b"TREE\x00":  # a group node: children are nodes or SNODs
-                used = int.from_bytes(mm[node + 6 : node + 8], "little")
-                first = node + 8 + 2 * o + self._l
-                nodes.extend(self._offset(first + i * (o + self._l)) for i in range(used))
-            elif mm[node : node + 5] == b"SNOD\x01":
-                for i in range(int.from_bytes(mm[node + 6 : node + 8], "little")):
-                    at = node + 8 + i * entry
-                    if int.from_bytes(mm[at + 2 * o : at + 2 * o + 4], "little") == 2:  # a soft link
+            if level != -1:
+                if mm[node : node + 5] != b"TREE\x00" or level not in (None, mm[node + 5]):
+                    raise _Unsupported
+                level, used = mm[node + 5], int.from_bytes(mm[node + 6 : node + 8], "little")
+                if not 0 < used <= 2 * inner_k:
+                    raise _Unsupported
+                first = node + 8 + 2 * o
+                keys = [text(self._length(first + i * (o + lengths))) for i in range(used + 1)]
+                children = []
+                for i in range(used):
+                    if keys[i] > keys[i + 1]:
                         raise _Unsupported
-                    start = names + self._offset(at)
-                    end = mm.find(b"\x00", start)
-                    name = mm[start:end]
-                    if end < 0 or not name or name in links:
-                        raise _Unsupported
-                    links[name] = self._offset(at + o)
-            else:
+                    child_low = keys[i] if low is None else max(low, keys[i])
+                    child_high = keys[i + 1] if high is None else min(high, keys[i + 1])
+                    child = self._offset(first + lengths + i * (o + lengths))
+                    children.append((child, level - 1 if level else -1, child_low, child_high))
+                pending.extend(reversed(children))  # popped in key order
+                continue
+            count = int.from_bytes(mm[node + 6 : node + 8], "little")
+            if mm[node : node + 5] != b"SNOD\x01" or count > 2 * leaf_k:
                 raise _Unsupported
+            for i in range(count):
+                at = node + 8 + i * entry
+                if int.from_bytes(mm[at + 2 * o : at + 2 * o + 4], "little") == 2:  # a soft link
+                    raise _Unsupported
+                name = text(self._offset(at))
+                if not name or (last is not None and name <= last) or name <= low or name > high:
+                    raise _Unsupported
+                links[name] = self._offset(at + o)
+                last = name
         return links
 
     def _verify(self, start: int, end: int) -> None:
