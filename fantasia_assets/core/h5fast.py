@@ -27,6 +27,8 @@ import mmap
 import struct
 from pathlib import Path
 
+import h5py
+
 from .sequences import clean
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -63,14 +65,11 @@ class _Unsupported(Exception):
 @functools.cache
 def _checksum():
     """libhdf5's `H5_checksum_metadata` (Jenkins' lookup3) from the library h5py loaded, or None."""
-    import h5py  # loads libhdf5 into this process
-
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libhdf5" in line and "libhdf5_hl" not in line}
     except OSError:
         return None
-    del h5py
     for path in sorted(paths):
         try:
             routine = ctypes.CDLL(path).H5_checksum_metadata
@@ -484,18 +483,15 @@ class FastLayout:
         return address, size // code[1], code[0]
 
 
-def hard_links(root) -> dict[str, int]:
-    """Member name → object header address of an h5py group id's members that are hard links."""
-    import h5py
-
-    addresses: dict[str, int] = {}
-
-    def note(name: bytes, info) -> None:
-        if info.type == h5py.h5l.TYPE_HARD:
-            addresses[name.decode("utf-8", "surrogateescape")] = int(info.u)
-
-    root.links.iterate(note, info=True)
-    return addresses
+def link_address(group, name: str) -> int | None:
+    """The header address that the library's own lookup of member `name` of an h5py group id
+    finds, or None (no such member, not a hard link, or a lookup the library fails). Looked up,
+    not taken from a listing: a damaged name table can list a member that a lookup misses."""
+    try:
+        info = group.links.get_info(name.encode("utf-8"))
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError):
+        return None
+    return int(info.u) if info.type == h5py.h5l.TYPE_HARD else None
 
 
 def _suffix_int(name: bytes, prefix: bytes) -> int | None:

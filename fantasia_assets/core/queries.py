@@ -33,7 +33,7 @@ from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
-from .h5fast import FastLayout, hard_links
+from .h5fast import FastLayout, link_address
 from .sequences import clean
 
 log = logging.getLogger(__name__)
@@ -291,17 +291,18 @@ def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
     return (-1, int(np.prod(dataset.shape)), code)
 
 
-def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None, addresses=None) -> dict:
+def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) -> dict:
     """Scan a slice of the file's accession groups (runs in a worker process for big files).
 
-    With `fast` (and `addresses`: group name → header address), each group is first read by
-    `FastLayout.group`; only the groups it declines go through the HDF5 library.
+    With `fast`, each group is first read by `FastLayout.group`; only the groups it declines go
+    through the HDF5 library.
     """
     accessions: list[str] = []
     sequences: list[str | None] = []
     entries: dict[LayerKey, list[tuple[int, int, int, int]]] = {}
     skipped: list[tuple[str, str]] = []
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
+    root = h5py.h5g.open(fid, b"/")
     try:
         for name in names:
             if not isinstance(name, str):  # h5py hands names that are not UTF-8 over as bytes
@@ -310,7 +311,7 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None, ad
             if not name.startswith(ACCESSION_PREFIX):
                 skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
                 continue
-            address = addresses.get(name) if fast is not None else None
+            address = link_address(root, name) if fast is not None else None
             found = fast.group(address) if address is not None else None
             try:
                 found = (*found, []) if found is not None else _scan_group(fid, name)
@@ -401,7 +402,6 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
         with h5py.File(path, "r") as handle:
             names = list(handle.keys())
             attrs = {k: _plain(v) for k, v in handle.attrs.items()}
-            addresses = hard_links(handle.id)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # h5py's errors of damaged files
         raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc})") from exc
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
@@ -410,10 +410,10 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     try:
         if fast is not None:  # tens of µs a group: one process is faster than starting workers
             with fast:  # unless the first groups show that h5py must read most of them anyway
-                parts.append(_scan_groups(str(path), names[:_FAST_PROBE], fast, addresses))
+                parts.append(_scan_groups(str(path), names[:_FAST_PROBE], fast))
                 rest, names = names[_FAST_PROBE:], []
                 if fast.declined * 2 <= _FAST_PROBE:
-                    parts.append(_scan_groups(str(path), rest, fast, addresses))
+                    parts.append(_scan_groups(str(path), rest, fast))
                 else:
                     names = rest
         if workers > 1 and len(names) >= _PARALLEL_SCAN_MIN_GROUPS:
