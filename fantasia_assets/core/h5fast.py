@@ -267,6 +267,18 @@ class FastLayout:
         if mm[heap : heap + 5] != b"HEAP\x00":
             raise _Unsupported
         size, data = self._length(heap + 8), self._offset(heap + 8 + 2 * lengths)
+        free = self._length(heap + 8 + lengths)
+        for _ in range(size // (2 * lengths) + 1):  # the free list, checked as the library loads it
+            if free == 1:  # the end of the list
+                break
+            if free >= size:
+                raise _Unsupported
+            following, block = self._length(data + free), self._length(data + free + lengths)
+            if not following or free + block > size:
+                raise _Unsupported
+            free = following
+        else:
+            raise _Unsupported
 
         def text(offset: int) -> bytes:
             end = mm.find(b"\x00", data + offset, data + size) if offset < size else -1
