@@ -318,7 +318,8 @@ class FastLayout:
                 raise _Unsupported
             for i in range(count):
                 at = node + 8 + i * entry
-                if int.from_bytes(mm[at + 2 * o : at + 2 * o + 4], "little") == 2:  # a soft link
+                # cache type 0 (nothing cached) or 1 (a group's table); 2 is a soft link
+                if int.from_bytes(mm[at + 2 * o : at + 2 * o + 4], "little") not in (0, 1):
                     raise _Unsupported
                 name = text(self._offset(at))
                 if not name or (last is not None and name <= last) or name <= low or name > high:
