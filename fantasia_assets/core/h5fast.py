@@ -98,6 +98,9 @@ class FastLayout:
         self._heaps: dict[int, dict[int, tuple[int, int]]] = {}
         self.declined = 0  # groups `group` left to h5py
         self._tree_k = tree_k  # (leaf K, internal K) of symbol-table B-trees; None: not in this format
+        # the end of the file's address space (its superblock's end-of-file address, at most the
+        # file's size): the library refuses structures that reach past it
+        self._end = len(view)
 
     @classmethod
     def open(cls, path: str | Path) -> FastLayout | None:
@@ -131,6 +134,8 @@ class FastLayout:
                 and int.from_bytes(view[base : base + offset_size], "little") == 0
             ):
                 layout = cls(Path(path), view, offset_size, length_size, checksum, tree_k)
+                eof = base + 2 * offset_size
+                layout._end = min(len(view), int.from_bytes(view[eof : eof + offset_size], "little"))
         except (IndexError, ValueError):
             layout = None
         if layout is None:
@@ -226,7 +231,7 @@ class FastLayout:
         messages = []
         chunks = [(address + 16, address + 16 + size)]
         for start, end in chunks:
-            if end > len(mm):
+            if end > self._end:
                 raise _Unsupported
             while start < end:
                 kind, body_size, message_flags = unpack("<HHB", mm, start)
@@ -267,6 +272,8 @@ class FastLayout:
         if mm[heap : heap + 5] != b"HEAP\x00":
             raise _Unsupported
         size, data = self._length(heap + 8), self._offset(heap + 8 + 2 * lengths)
+        if data + size > self._end:
+            raise _Unsupported
         free = self._length(heap + 8 + lengths)
         for _ in range(size // (2 * lengths) + 1):  # the free list, checked as the library loads it
             if free == 1:  # the end of the list
@@ -462,6 +469,8 @@ class FastLayout:
         if mm[address : address + 5] != b"GCOL\x01":
             raise _Unsupported
         end = address + self._length(address + 8)
+        if end > self._end:
+            raise _Unsupported
         # the collection header and each object header are padded to a multiple of 8 bytes
         head = (8 + self._l + 7) // 8 * 8
         pos = address + head
@@ -491,7 +500,7 @@ class FastLayout:
             raise _Unsupported
         layout, address, size = self._storage(parts[_LAYOUT][0])
         # storage that disagrees with the extent or runs past the file: the library's to judge
-        if layout != 1 or size != shape[0] * code[1] or address + size > len(self._mm):
+        if layout != 1 or size != shape[0] * code[1] or address + size > self._end:
             raise _Unsupported
         return address, size // code[1], code[0]
 
