@@ -42,6 +42,7 @@ _KNOWN = frozenset(
     | {_FILTERS, _ATTRIBUTE, _CONTINUATION, _SYMBOL_TABLE, _MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT}
 )
 _SHARED = 0x02  # message flag: the message body is a reference to a shared object
+_MESSAGE_V2 = struct.Struct("<BHB").unpack_from  # type, body size, flags
 # datatype messages (class+version byte, bit fields, size, properties) of H5T_IEEE_F32LE and
 # H5T_IEEE_F64LE, as h5py writes numpy's '<f4' and '<f8': dtype code 0 and 1 of queries._NATIVE_LIST
 _FLOAT_TYPES = {
@@ -187,7 +188,7 @@ class FastLayout:
 
     def _header(self, address: int) -> list[tuple[int, int, int]]:
         """(type, body start, body size) of every message of the version-2 header at `address`."""
-        mm, unpack = self._mm, struct.unpack_from
+        mm, unpack, known = self._mm, _MESSAGE_V2, _KNOWN
         if mm[address] == 1:
             return self._header_v1(address)
         if mm[address : address + 5] != b"OHDR\x02":
@@ -205,9 +206,9 @@ class FastLayout:
         chunks = [(start, start + size)]
         for start, end in chunks:
             while start + 4 + order <= end:
-                kind, body_size, message_flags = unpack("<BHB", mm, start)
+                kind, body_size, message_flags = unpack(mm, start)
                 body = start + 4 + order
-                if body + body_size > end or kind not in _KNOWN or message_flags & _SHARED:
+                if body + body_size > end or kind not in known or message_flags & _SHARED:
                     raise _Unsupported
                 if kind == _CONTINUATION:
                     chunk = self._offset(body)
@@ -354,7 +355,7 @@ class FastLayout:
         """Name → header address of a compact group's hard links, in name order (h5py's order)."""
         mm = self._mm
         links: dict[bytes, int] = {}
-        group = False
+        group = table = False
         for kind, body, size in messages:
             if kind == _LINK_INFO:
                 if group:
@@ -366,6 +367,8 @@ class FastLayout:
                 if heap != self._undefined:  # dense storage (fractal heap): not read here
                     raise _Unsupported
             elif kind == _LINK:
+                if table:
+                    raise _Unsupported
                 flags = mm[body + 1]
                 if mm[body] != 1 or (flags & 0x08 and mm[body + 2] != 0):  # hard links only
                     raise _Unsupported
@@ -383,10 +386,11 @@ class FastLayout:
                 if pos + width + length + self._o > body + size:
                     raise _Unsupported
             elif kind == _SYMBOL_TABLE:
-                if group:
+                if group or links:  # an old-style table beside new-style links: damaged
                     raise _Unsupported
                 group = True
-                links.update(self._symbols(body))
+                links = self._symbols(body)
+                table = True
             elif kind in (_LAYOUT, _DATATYPE, _DATASPACE):
                 raise _Unsupported
         if not group:
