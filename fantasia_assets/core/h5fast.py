@@ -52,8 +52,6 @@ _FLOAT_TYPES = {
 # variable-length string, NUL-terminated, UTF-8, over 1-byte characters (h5py.string_dtype())
 _VLEN_UTF8_HEAD = bytes.fromhex("19010100")
 _VLEN_BASE = bytes.fromhex("100000000100000000000800")
-_TYPE_PREFIX = b"type_"
-_LAYER_PREFIX = b"layer_"
 _MAX_CHUNKS = 64  # continuation chunks per header: more means a damaged (looping) header
 
 _Parsed = tuple[str, list]
@@ -168,7 +166,7 @@ class FastLayout:
         sequence = self._string(self._header(members[b"sequence"]))
         vectors = []
         for member, target in members.items():
-            type_id = _suffix_int(member, _TYPE_PREFIX)
+            type_id = suffix_int(member, "type_")
             if type_id is None:
                 continue
             for child, child_address in self._links(self._header(target)).items():
@@ -176,7 +174,7 @@ class FastLayout:
                     layer = None
                     dataset = child_address
                 else:
-                    layer = _suffix_int(child, _LAYER_PREFIX)
+                    layer = suffix_int(child, "layer_")
                     if layer is None:
                         continue
                     inner = self._links(self._header(child_address))
@@ -520,10 +518,10 @@ def link_address(group, name: str) -> int | None:
     return int(info.u) if info.type == h5py.h5l.TYPE_HARD else None
 
 
-def _suffix_int(name: bytes, prefix: bytes) -> int | None:
-    """As queries._suffix_int: the integer after `prefix` in a member name, or None."""
+def suffix_int(name: bytes, prefix: str) -> int | None:
+    """The integer after `prefix` in a member name (`type_3` → 3), or None."""
     text = name.decode("utf-8", "replace")
-    if not text.startswith(prefix.decode()):
+    if not text.startswith(prefix):
         return None
     try:
         return int(text[len(prefix) :])

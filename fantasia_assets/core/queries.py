@@ -33,7 +33,7 @@ from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
-from .h5fast import FastLayout, link_address
+from .h5fast import FastLayout, link_address, suffix_int
 from .sequences import clean
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,12 @@ class EmbeddingCatalogue:
             with h5py.File(self.path, "r") as handle:
                 for i in slow:
                     row = int(entries.rows[positions[i]])
-                    out[i] = np.asarray(handle[_dataset_path(self.accessions[row], key)][()]).reshape(-1)
+                    try:
+                        out[i] = np.asarray(handle[_dataset_path(self.accessions[row], key)][()]).ravel()
+                    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # damaged chunks
+                        raise EmbeddingFileError(
+                            f"{self.path}: group {self.group(row)}: {describe_key(key)} unreadable ({exc})"
+                        ) from exc
         return out
 
 
@@ -241,16 +246,6 @@ def _dataset_path(accession: str, key: LayerKey) -> str:
     type_id, layer = key
     base = f"{ACCESSION_PREFIX}{accession}/{TYPE_PREFIX}{type_id}"
     return f"{base}/embedding" if layer is None else f"{base}/{LAYER_PREFIX}{layer}/embedding"
-
-
-def _suffix_int(name: bytes, prefix: str) -> int | None:
-    text = name.decode("utf-8", "replace")
-    if not text.startswith(prefix):
-        return None
-    try:
-        return int(text[len(prefix) :])
-    except ValueError:
-        return None
 
 
 def _read_string(dataset: h5py.h5d.DatasetID) -> str:
@@ -352,7 +347,7 @@ def _scan_group(
     vectors: list[tuple[LayerKey, tuple[int, int, int]]] = []
     skipped: list[tuple[str, str]] = []
     for member in members:
-        type_id = _suffix_int(member, TYPE_PREFIX)
+        type_id = suffix_int(member, TYPE_PREFIX)
         if type_id is None:
             continue
         where = f"{name}/{member.decode('utf-8', 'replace')}"
@@ -367,7 +362,7 @@ def _scan_group(
                 layer: int | None = None
                 dataset_name = b"embedding"
             else:
-                layer = _suffix_int(child, LAYER_PREFIX)
+                layer = suffix_int(child, LAYER_PREFIX)
                 if layer is None:
                     continue
                 dataset_name = child + b"/embedding"

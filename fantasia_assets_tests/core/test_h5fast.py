@@ -225,3 +225,20 @@ def test_unsupported_files_are_not_opened(tmp_path):
         out.create_group("accession_P").create_dataset("sequence", data="MKV", dtype=h5py.string_dtype())
     assert h5fast.FastLayout.open(offset) is None
     assert [*queries.scan(offset, workers=1).accessions] == ["P"]
+
+
+def test_damaged_compressed_vector__clear_error_naming_group(tmp_path):
+    path = tmp_path / "gzip.h5"
+    with h5py.File(path, "w") as out:
+        group = out.create_group("accession_P1")
+        group.create_dataset("sequence", data="MKV", dtype=h5py.string_dtype())
+        vector = group.create_dataset(
+            "type_1/layer_0/embedding", data=np.arange(64, dtype="<f4"), compression="gzip"
+        )
+        chunk = vector.id.get_chunk_info(0)
+    data = bytearray(path.read_bytes())
+    data[chunk.byte_offset : chunk.byte_offset + chunk.size] = bytes(chunk.size)  # not gzip any more
+    path.write_bytes(bytes(data))
+    catalogue = queries.scan(path, workers=1)
+    with pytest.raises(queries.EmbeddingFileError, match=r"gzip\.h5: group accession_P1: type_1/layer_0"):
+        catalogue.read((1, 0))
