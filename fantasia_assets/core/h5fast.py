@@ -21,65 +21,38 @@ without that routine the reader declines files of that format.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import mmap
 import struct
 from pathlib import Path
 
-import h5py
-
-from .sequences import clean
-
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# message types a dataset or group header of these files may hold; any other one means a
-# feature this reader does not know, so the group goes to h5py
-_NIL, _DATASPACE, _LINK_INFO, _DATATYPE, _FILL_OLD, _FILL, _LINK = 0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6
-_LAYOUT, _GROUP_INFO, _FILTERS, _ATTRIBUTE, _CONTINUATION = 0x8, 0xA, 0xB, 0xC, 0x10
-_SYMBOL_TABLE, _MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT = 0x11, 0x12, 0x15, 0x16
-_KNOWN = frozenset(
-    {_NIL, _DATASPACE, _LINK_INFO, _DATATYPE, _FILL_OLD, _FILL, _LINK, _LAYOUT, _GROUP_INFO}
-    | {_FILTERS, _ATTRIBUTE, _CONTINUATION, _SYMBOL_TABLE, _MODIFIED, _ATTRIBUTE_INFO, _REFCOUNT}
+from .h5bits import (
+    CONTINUATION,
+    DATASPACE,
+    DATATYPE,
+    FILTERS,
+    FLOAT_TYPES,
+    KNOWN,
+    LAYOUT,
+    LINK,
+    LINK_INFO,
+    MAX_CHUNKS,
+    MESSAGE_V2,
+    NIL,
+    SHARED,
+    SIGNATURE,
+    SYMBOL_TABLE,
+    VLEN_BASE,
+    VLEN_UTF8_HEAD,
+    checksum_routine,
+    suffix_int,
 )
-_SHARED = 0x02  # message flag: the message body is a reference to a shared object
-_MESSAGE_V2 = struct.Struct("<BHB").unpack_from  # type, body size, flags
-# datatype messages (class+version byte, bit fields, size, properties) of H5T_IEEE_F32LE and
-# H5T_IEEE_F64LE, as h5py writes numpy's '<f4' and '<f8': dtype code 0 and 1 of queries._NATIVE_LIST
-_FLOAT_TYPES = {
-    bytes.fromhex("11201f000400000000002000170800177f000000"): (0, 4),
-    bytes.fromhex("11203f000800000000004000340b0034ff030000"): (1, 8),
-}
-# variable-length string, NUL-terminated, UTF-8, over 1-byte characters (h5py.string_dtype())
-_VLEN_UTF8_HEAD = bytes.fromhex("19010100")
-_VLEN_BASE = bytes.fromhex("100000000100000000000800")
-_MAX_CHUNKS = 64  # continuation chunks per header: more means a damaged (looping) header
+from .sequences import clean
 
 _Parsed = tuple[str, list]
 
 
 class _Unsupported(Exception):
     """Internal: this object is not one the fast reader understands."""
-
-
-@functools.cache
-def _checksum():
-    """libhdf5's `H5_checksum_metadata` (Jenkins' lookup3) from the library h5py loaded, or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libhdf5" in line and "libhdf5_hl" not in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            routine = ctypes.CDLL(path).H5_checksum_metadata
-        except (OSError, AttributeError):
-            continue
-        routine.restype = ctypes.c_uint32
-        routine.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32]
-        # lookup3's published test value: the routine is the one the format specifies
-        if routine(b"Four score and seven years ago", 30, 0) == 0x17770551:
-            return routine
-    return None
 
 
 class FastLayout:
@@ -104,7 +77,7 @@ class FastLayout:
     @classmethod
     def open(cls, path: str | Path) -> FastLayout | None:
         """The file as a FastLayout, or None when its format is not one this reader handles."""
-        checksum = _checksum()
+        checksum = checksum_routine()
         try:  # the map keeps its own descriptor: the file can be closed at once
             with open(path, "rb") as handle:
                 view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -113,7 +86,7 @@ class FastLayout:
         layout = None
         try:
             # superblock at offset 0 (no user block), base address 0: addresses are file offsets
-            version = view[8] if view[:8] == _SIGNATURE else -1
+            version = view[8] if view[:8] == SIGNATURE else -1
             if version in (0, 1):  # h5py's default format: symbol-table groups, version-1 headers
                 offset_size, length_size = view[13], view[14]
                 base = 24 if version == 0 else 28
@@ -186,7 +159,7 @@ class FastLayout:
 
     def _header(self, address: int) -> list[tuple[int, int, int]]:
         """(type, body start, body size) of every message of the version-2 header at `address`."""
-        mm, unpack, known = self._mm, _MESSAGE_V2, _KNOWN
+        mm, unpack, known = self._mm, MESSAGE_V2, KNOWN
         if mm[address] == 1:
             return self._header_v1(address)
         if mm[address : address + 5] != b"OHDR\x02":
@@ -206,16 +179,16 @@ class FastLayout:
             while start + 4 + order <= end:
                 kind, body_size, message_flags = unpack(mm, start)
                 body = start + 4 + order
-                if body + body_size > end or kind not in known or message_flags & _SHARED:
+                if body + body_size > end or kind not in known or message_flags & SHARED:
                     raise _Unsupported
-                if kind == _CONTINUATION:
+                if kind == CONTINUATION:
                     chunk = self._offset(body)
                     length = self._length(body + self._o)
-                    if mm[chunk : chunk + 4] != b"OCHK" or length < 8 or len(chunks) >= _MAX_CHUNKS:
+                    if mm[chunk : chunk + 4] != b"OCHK" or length < 8 or len(chunks) >= MAX_CHUNKS:
                         raise _Unsupported
                     self._verify(chunk, chunk + length - 4)
                     chunks.append((chunk + 4, chunk + length - 4))
-                elif kind != _NIL:
+                elif kind != NIL:
                     messages.append((kind, body, body_size))
                 start = body + body_size
         return messages
@@ -240,16 +213,16 @@ class FastLayout:
                     body + body_size > end
                     or body_size % 8
                     or count < 0
-                    or kind not in _KNOWN
-                    or message_flags & _SHARED
+                    or kind not in KNOWN
+                    or message_flags & SHARED
                 ):
                     raise _Unsupported
-                if kind == _CONTINUATION:
+                if kind == CONTINUATION:
                     chunk = self._offset(body)
-                    if len(chunks) >= _MAX_CHUNKS:
+                    if len(chunks) >= MAX_CHUNKS:
                         raise _Unsupported
                     chunks.append((chunk, chunk + self._length(body + self._o)))
-                elif kind != _NIL:
+                elif kind != NIL:
                     messages.append((kind, body, body_size))
                 start = body + body_size
         if count:
@@ -355,7 +328,7 @@ class FastLayout:
         links: dict[bytes, int] = {}
         group = table = False
         for kind, body, size in messages:
-            if kind == _LINK_INFO:
+            if kind == LINK_INFO:
                 if group:
                     raise _Unsupported
                 group = True
@@ -364,7 +337,7 @@ class FastLayout:
                 heap = self._offset(body + 2 + (8 if mm[body + 1] & 1 else 0))
                 if heap != self._undefined:  # dense storage (fractal heap): not read here
                     raise _Unsupported
-            elif kind == _LINK:
+            elif kind == LINK:
                 if table:
                     raise _Unsupported
                 flags = mm[body + 1]
@@ -383,13 +356,13 @@ class FastLayout:
                 links[name] = self._offset(pos + width + length)
                 if pos + width + length + self._o > body + size:
                     raise _Unsupported
-            elif kind == _SYMBOL_TABLE:
+            elif kind == SYMBOL_TABLE:
                 if group or links:  # an old-style table beside new-style links: damaged
                     raise _Unsupported
                 group = True
                 links = self._symbols(body)
                 table = True
-            elif kind in (_LAYOUT, _DATATYPE, _DATASPACE):
+            elif kind in (LAYOUT, DATATYPE, DATASPACE):
                 raise _Unsupported
         if not group:
             raise _Unsupported
@@ -399,11 +372,11 @@ class FastLayout:
         """A dataset's messages by type; a filter pipeline or a second message of a kind is refused."""
         parts: dict[int, tuple[int, int]] = {}
         for kind, body, size in messages:
-            if kind in (_DATASPACE, _DATATYPE, _LAYOUT):
+            if kind in (DATASPACE, DATATYPE, LAYOUT):
                 if kind in parts:
                     raise _Unsupported
                 parts[kind] = (body, size)
-            elif kind in (_FILTERS, _LINK, _LINK_INFO, _SYMBOL_TABLE):
+            elif kind in (FILTERS, LINK, LINK_INFO, SYMBOL_TABLE):
                 raise _Unsupported
         if len(parts) != 3:
             raise _Unsupported
@@ -440,17 +413,17 @@ class FastLayout:
         """The text of a scalar variable-length UTF-8 string dataset."""
         mm = self._mm
         parts = self._parts(messages)
-        type_body, type_size = parts[_DATATYPE]
+        type_body, type_size = parts[DATATYPE]
         element = 8 + self._o
         if (
             type_size < 20  # a version-1 header pads messages to a multiple of 8 bytes
-            or mm[type_body : type_body + 4] != _VLEN_UTF8_HEAD
+            or mm[type_body : type_body + 4] != VLEN_UTF8_HEAD
             or int.from_bytes(mm[type_body + 4 : type_body + 8], "little") != element
-            or mm[type_body + 8 : type_body + 20] != _VLEN_BASE
-            or self._shape(parts[_DATASPACE][0]) != ()
+            or mm[type_body + 8 : type_body + 20] != VLEN_BASE
+            or self._shape(parts[DATASPACE][0]) != ()
         ):
             raise _Unsupported
-        _, where, size = self._storage(parts[_LAYOUT][0])
+        _, where, size = self._storage(parts[LAYOUT][0])
         if size != element or where == self._undefined:
             raise _Unsupported
         length = int.from_bytes(mm[where : where + 4], "little")
@@ -495,35 +468,13 @@ class FastLayout:
     def _vector(self, messages: list[tuple[int, int, int]]) -> tuple[int, int, int]:
         """(offset, dim, dtype code) of a contiguous 1-D IEEE float vector, as `_vector_entry`."""
         parts = self._parts(messages)
-        type_body, type_size = parts[_DATATYPE]
-        code = _FLOAT_TYPES.get(self._mm[type_body : type_body + 20]) if type_size >= 20 else None
-        shape = self._shape(parts[_DATASPACE][0])
+        type_body, type_size = parts[DATATYPE]
+        code = FLOAT_TYPES.get(self._mm[type_body : type_body + 20]) if type_size >= 20 else None
+        shape = self._shape(parts[DATASPACE][0])
         if code is None or len(shape) != 1:
             raise _Unsupported
-        layout, address, size = self._storage(parts[_LAYOUT][0])
+        layout, address, size = self._storage(parts[LAYOUT][0])
         # storage that disagrees with the extent or runs past the file: the library's to judge
         if layout != 1 or size != shape[0] * code[1] or address + size > self._end:
             raise _Unsupported
         return address, size // code[1], code[0]
-
-
-def link_address(group, name: str) -> int | None:
-    """The header address that the library's own lookup of member `name` of an h5py group id
-    finds, or None (no such member, not a hard link, or a lookup the library fails). Looked up,
-    not taken from a listing: a damaged name table can list a member that a lookup misses."""
-    try:
-        info = group.links.get_info(name.encode("utf-8"))
-    except (KeyError, ValueError, TypeError, RuntimeError, OSError):
-        return None
-    return int(info.u) if info.type == h5py.h5l.TYPE_HARD else None
-
-
-def suffix_int(name: bytes, prefix: str) -> int | None:
-    """The integer after `prefix` in a member name (`type_3` → 3), or None."""
-    text = name.decode("utf-8", "replace")
-    if not text.startswith(prefix):
-        return None
-    try:
-        return int(text[len(prefix) :])
-    except ValueError:
-        return None

@@ -33,7 +33,8 @@ from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
-from .h5fast import FastLayout, link_address, suffix_int
+from .h5bits import link_address, suffix_int
+from .h5fast import FastLayout
 from .sequences import clean
 
 log = logging.getLogger(__name__)
