@@ -55,6 +55,21 @@ def checksum_routine():
     return None
 
 
+def plain_fill(mm, body: int, size: int) -> bool:
+    """Whether the fill value message at `body` is one the library decodes when it opens the
+    dataset (a version-1 header has no checksum to catch damage) and holds no value of its own."""
+    version = mm[body]
+    if version == 2:  # allocation time, fill time, defined, [value size, value]
+        allocation, when, defined = mm[body + 1], mm[body + 2], mm[body + 3]
+        if allocation > 3 or when > 2 or defined > 1:
+            return False
+        return not defined or (size >= 8 and not int.from_bytes(mm[body + 4 : body + 8], "little"))
+    if version == 3:  # flags: allocation time, fill time; 0x10 undefined, 0x20 own value
+        flags = mm[body + 1]
+        return size >= 2 and not flags & ~0x0F and (flags >> 2) & 3 <= 2
+    return False
+
+
 def link_address(group, name: str) -> int | None:
     """The header address that the library's own lookup of member `name` of an h5py group id
     finds, or None (no such member, not a hard link, or a lookup the library fails). Looked up,

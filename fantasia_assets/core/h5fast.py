@@ -29,6 +29,8 @@ from .h5bits import (
     CONTINUATION,
     DATASPACE,
     DATATYPE,
+    FILL,
+    FILL_OLD,
     FILTERS,
     FLOAT_TYPES,
     KNOWN,
@@ -44,6 +46,7 @@ from .h5bits import (
     VLEN_BASE,
     VLEN_UTF8_HEAD,
     checksum_routine,
+    plain_fill,
     suffix_int,
 )
 from .sequences import clean
@@ -376,9 +379,15 @@ class FastLayout:
                 if kind in parts:
                     raise _Unsupported
                 parts[kind] = (body, size)
-            elif kind in (FILTERS, LINK, LINK_INFO, SYMBOL_TABLE):
+            elif kind == FILL:
+                if FILL in parts:
+                    raise _Unsupported
+                parts[FILL] = (body, size)
+                if not plain_fill(self._mm, body, size):
+                    raise _Unsupported
+            elif kind in (FILL_OLD, FILTERS, LINK, LINK_INFO, SYMBOL_TABLE):
                 raise _Unsupported
-        if len(parts) != 3:
+        if len(parts.keys() - {FILL}) != 3:
             raise _Unsupported
         return parts
 
@@ -395,7 +404,11 @@ class FastLayout:
             raise _Unsupported
         if flags & ~1:
             raise _Unsupported
-        return tuple(self._length(first + i * self._l) for i in range(rank))
+        shape = tuple(self._length(first + i * self._l) for i in range(rank))
+        # maximum extents (flag 1), as h5py writes them for a fixed-size dataset: equal to the extents
+        if flags and shape != tuple(self._length(first + (rank + i) * self._l) for i in range(rank)):
+            raise _Unsupported
+        return shape
 
     def _storage(self, body: int) -> tuple[int, int, int]:
         """(class, address, size) of a version-3/4 layout message; compact: address of the data."""
