@@ -33,6 +33,7 @@ from .h5bits import (
     FILL_OLD,
     FILTERS,
     FLOAT_TYPES,
+    GROUP_INFO,
     KNOWN,
     LAYOUT,
     LINK,
@@ -335,7 +336,7 @@ class FastLayout:
                 if group:
                     raise _Unsupported
                 group = True
-                if mm[body] != 0:
+                if mm[body] != 0 or mm[body + 1] & ~3:  # version 0, known flags (as decoded)
                     raise _Unsupported
                 heap = self._offset(body + 2 + (8 if mm[body + 1] & 1 else 0))
                 if heap != self._undefined:  # dense storage (fractal heap): not read here
@@ -344,7 +345,7 @@ class FastLayout:
                 if table:
                     raise _Unsupported
                 flags = mm[body + 1]
-                if mm[body] != 1 or (flags & 0x08 and mm[body + 2] != 0):  # hard links only
+                if mm[body] != 1 or flags & ~0x1F or (flags & 0x08 and mm[body + 2] != 0):  # hard only
                     raise _Unsupported
                 pos = body + 2 + (1 if flags & 0x08 else 0) + (8 if flags & 0x04 else 0)
                 if flags & 0x10:
@@ -365,7 +366,9 @@ class FastLayout:
                 group = True
                 links = self._symbols(body)
                 table = True
-            elif kind in (LAYOUT, DATATYPE, DATASPACE):
+            elif kind in (LAYOUT, DATATYPE, DATASPACE) or (
+                kind == GROUP_INFO and (mm[body] != 0 or mm[body + 1] & ~3)
+            ):
                 raise _Unsupported
         if not group:
             raise _Unsupported
