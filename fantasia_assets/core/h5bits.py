@@ -1,6 +1,6 @@
 """Pieces of the HDF5 file format that the direct query-file reader (`h5fast`) relies on: message
 type codes, the exact datatype encodings it accepts, the library's metadata checksum routine,
-and the library's own member lookup and member-name parsing shared with `queries`."""
+and the library's own member lookup, string reading and member-name parsing shared with `queries`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ctypes
 import functools
 import struct
 
-import h5py
+import numpy as np
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # message types a dataset or group header of these files may hold; any other one means a
@@ -37,6 +37,8 @@ MAX_CHUNKS = 64  # continuation chunks per header: more means a damaged (looping
 @functools.cache
 def checksum_routine():
     """libhdf5's `H5_checksum_metadata` (Jenkins' lookup3) from the library h5py loaded, or None."""
+    import h5py  # noqa: F401  (loads libhdf5 into this process, where the maps below find it)
+
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libhdf5" in line and "libhdf5_hl" not in line}
@@ -70,10 +72,31 @@ def plain_fill(mm, body: int, size: int) -> bool:
     return False
 
 
+def read_string(dataset) -> str:
+    """The text of a string dataset (scalar, or the first element); `TypeError` for anything else."""
+    import h5py
+
+    string_type = dataset.get_type()
+    if not isinstance(string_type, h5py.h5t.TypeStringID):
+        raise TypeError(f"holds {string_type.dtype}, not text")
+    buffer = np.empty(
+        dataset.shape, dtype=h5py.string_dtype() if string_type.is_variable_str() else dataset.dtype
+    )
+    dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
+    if buffer.size == 0:
+        return ""
+    value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return str(value)
+
+
 def link_address(group, name: str) -> int | None:
     """The header address that the library's own lookup of member `name` of an h5py group id
     finds, or None (no such member, not a hard link, or a lookup the library fails). Looked up,
     not taken from a listing: a damaged name table can list a member that a lookup misses."""
+    import h5py
+
     try:
         info = group.links.get_info(name.encode("utf-8"))
     except (KeyError, ValueError, TypeError, RuntimeError, OSError):

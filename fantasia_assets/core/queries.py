@@ -25,17 +25,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 
 from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
-from .h5bits import link_address, suffix_int
+from .h5bits import link_address, read_string, suffix_int
 from .h5fast import FastLayout
 from .sequences import clean
+
+if TYPE_CHECKING:  # h5py is imported where a file is scanned or read through it: a query file
+    # already catalogued is read from a memory map, and its import costs a small lookup ≈ 0.06 s
+    import h5py
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +222,8 @@ class EmbeddingCatalogue:
             del raw
         slow = np.flatnonzero(~fast)
         if len(slow):
+            import h5py
+
             with h5py.File(self.path, "r") as handle:
                 for i in slow:
                     row = int(entries.rows[positions[i]])
@@ -249,23 +255,6 @@ def _dataset_path(accession: str, key: LayerKey) -> str:
     return f"{base}/embedding" if layer is None else f"{base}/{LAYER_PREFIX}{layer}/embedding"
 
 
-def _read_string(dataset: h5py.h5d.DatasetID) -> str:
-    """The text of a string dataset (scalar, or the first element); `TypeError` for anything else."""
-    string_type = dataset.get_type()
-    if not isinstance(string_type, h5py.h5t.TypeStringID):
-        raise TypeError(f"holds {string_type.dtype}, not text")
-    buffer = np.empty(
-        dataset.shape, dtype=h5py.string_dtype() if string_type.is_variable_str() else dataset.dtype
-    )
-    dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
-    if buffer.size == 0:
-        return ""
-    value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    return str(value)
-
-
 def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
     """(offset, dim, dtype code) of a 1-D float dataset, or the reason it is unusable.
 
@@ -293,6 +282,8 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) ->
     With `fast`, each group is first read by `FastLayout.group`; only the groups it declines go
     through the HDF5 library.
     """
+    import h5py
+
     accessions: list[str] = []
     sequences: list[str | None] = []
     entries: dict[LayerKey, list[tuple[int, int, int, int]]] = {}
@@ -334,6 +325,8 @@ def _scan_group(
     fid: h5py.h5f.FileID, name: str
 ) -> str | tuple[str, list[tuple[LayerKey, tuple[int, int, int]]], list[tuple[str, str]]]:
     """(clean sequence, vector entries, skipped parts) of one accession group, or why it is unusable."""
+    import h5py
+
     try:
         group = h5py.h5g.open(fid, name.encode("utf-8"))
     except (KeyError, ValueError):
@@ -342,7 +335,7 @@ def _scan_group(
     if b"sequence" not in members:
         return "no 'sequence' dataset"
     try:
-        sequence = _read_string(h5py.h5d.open(group, b"sequence"))
+        sequence = read_string(h5py.h5d.open(group, b"sequence"))
     except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
         return f"unreadable 'sequence' dataset ({exc})"
     vectors: list[tuple[LayerKey, tuple[int, int, int]]] = []
@@ -392,6 +385,8 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     Groups without a `sequence` dataset (and other unusable groups) are recorded in
     `catalogue.skipped` with the reason, and logged as warnings.
     """
+    import h5py
+
     path = Path(path)
     _check_is_file(path)
     try:

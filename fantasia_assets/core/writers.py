@@ -59,16 +59,37 @@ def write_raw(
     fantasia_compat: bool = False,
     published: Path | None = None,
 ) -> dict[str, Path]:
-    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole.
+    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
+    paths = write_raw_rows(root, partition, raw)
+    write_raw_csv(root, partition, raw, shard_names, precision, fantasia_compat, published)
+    return paths
+
+
+def write_raw_rows(root: Path, partition: Partition, raw: pl.DataFrame) -> dict[str, Path]:
+    """The partition's raw rows (Parquet), which the run-wide outputs read, replaced whole."""
+    paths = partition_paths(root, partition)
+    exports.write_parquet_atomic(paths["raw"], raw)
+    return paths
+
+
+def write_raw_csv(
+    root: Path,
+    partition: Partition,
+    raw: pl.DataFrame,
+    shard_names: dict[str, str],
+    precision: int,
+    fantasia_compat: bool = False,
+    published: Path | None = None,
+) -> None:
+    """The partition's raw CSV shards (a folder replaced whole); no other output reads them.
 
     `published`: experiment_path when `root` is a run's staging folder; its shards that stay
     byte for byte the same are linked, not rewritten (`exports.write_raw_shards`)."""
-    paths = partition_paths(root, partition)
-    exports.write_parquet_atomic(paths["raw"], raw)
     shards = compat.with_length_columns(raw) if fantasia_compat else raw
     previous = partition_paths(published, partition)["shards"] if published is not None else None
-    exports.write_raw_shards(paths["shards"], shards, shards.columns, precision, shard_names, previous)
-    return paths
+    exports.write_raw_shards(
+        partition_paths(root, partition)["shards"], shards, shards.columns, precision, shard_names, previous
+    )
 
 
 def partition_topgo_tables(
