@@ -399,7 +399,7 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
     fast = FastLayout.open(path)
     parts = []
     try:
-        if fast is not None:  # tens of µs a group: one process is faster than starting workers
+        if fast is not None:  # ~0.1 ms a group: one process is faster than starting workers
             with fast:  # unless the first groups show that h5py must read most of them anyway
                 parts.append(_scan_groups(str(path), names[:_FAST_PROBE], fast))
                 rest, names = names[_FAST_PROBE:], []
