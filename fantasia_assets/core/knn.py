@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.spatial.distance import cdist
 
-from . import screen
+from . import knn_admission, screen
 from .knn_bounds import screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
@@ -267,6 +267,16 @@ class SearchEngine:
         offsets = torch.from_numpy(offsets).to(self.device)
         margin = _SCREEN_MARGIN["half" if self.arithmetic.half else "fp32"]
         pending, width, parts = np.arange(n_rows), min(k + margin, n_references), []
+        if knn_admission.applies(self):
+            values, indices, screened = knn_admission.screen(
+                self, fast_queries, bounds, exclusions, k, threshold
+            )
+            done, selected = self._settle(
+                values, indices, screened, offsets, bounds, exact_queries,
+                k, threshold, tie_expansion, complete=False,
+            )  # fmt: skip
+            parts.append((screened[done], *selected))
+            pending = np.setdiff1d(pending, screened[done])
         while pending.size:
             pending_exclusions = exclusions_for_rows(exclusions, pending, n_rows)
             values, indices = self._screen(fast_queries[pending], pending_exclusions, width)
