@@ -46,6 +46,7 @@ screened again with a larger m until it is, or until m = n_ref.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -183,6 +184,8 @@ class SearchEngine:
             queries, k, threshold, exclude, n_references, dim, self.metric
         )
         query_block = self._block_shape(n_queries)[0]
+        if knn_admission.applies(self):
+            query_block = knn_admission.query_rows(self._budget, n_queries)
         parts = []
         with screen.exact_matmul_settings():
             for start in range(0, n_queries, query_block):
@@ -262,21 +265,24 @@ class SearchEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Screen, check sufficiency (module docstring), refine and select for a query block."""
         n_rows, n_references = len(q32), self.n_references
-        fast_queries, offsets, exact_queries, bounds = self._prepare_queries(q32, q_sq_norms)
-        bounds = torch.from_numpy(bounds).to(self.device)
-        offsets = torch.from_numpy(offsets).to(self.device)
         margin = _SCREEN_MARGIN["half" if self.arithmetic.half else "fp32"]
         pending, width, parts = np.arange(n_rows), min(k + margin, n_references), []
-        if knn_admission.applies(self):
-            values, indices, screened = knn_admission.screen(
-                self, fast_queries, bounds, exclusions, k, threshold
-            )
-            done, selected = self._settle(
-                values, indices, screened, offsets, bounds, exact_queries,
-                k, threshold, tie_expansion, complete=False,
-            )  # fmt: skip
-            parts.append((screened[done], *selected))
-            pending = np.setdiff1d(pending, screened[done])
+        admission, threads = knn_admission.applies(self), torch.get_num_threads()
+        # the admission screen runs its small operations on this thread (`knn_admission`)
+        with knn_admission.single_threaded() if admission else contextlib.nullcontext():
+            fast_queries, offsets, exact_queries, bounds = self._prepare_queries(q32, q_sq_norms)
+            bounds = torch.from_numpy(bounds).to(self.device)
+            offsets = torch.from_numpy(offsets).to(self.device)
+            if admission:
+                values, indices, screened = knn_admission.screen(
+                    self, fast_queries, bounds, exclusions, k, threshold, threads
+                )
+                done, selected = self._settle(
+                    values, indices, screened, offsets, bounds, exact_queries,
+                    k, threshold, tie_expansion, complete=False,
+                )  # fmt: skip
+                parts.append((screened[done], *selected))
+                pending = np.setdiff1d(pending, screened[done])
         while pending.size:
             pending_exclusions = exclusions_for_rows(exclusions, pending, n_rows)
             values, indices = self._screen(fast_queries[pending], pending_exclusions, width)
