@@ -20,7 +20,10 @@ are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"
 Queries and references are cut into blocks sized from a memory budget; each block's product is
 reduced at once by an exact top-m (`screen.smallest_columns`, ``np.argpartition``, or cdist +
 argsort on the scipy reference backend) merged into a running top-m, so the n_q × n_ref matrix
-never exists. The screen's operands are prepared once, at build, and kept on the device
+never exists. torch's cosine screen on the CPU selects by admission thresholds instead
+(`knn_admission`): per query a limit that only the answer's references can reach, set from the
+first block and tightened block by block, so that a block costs one pass of integer maxima over
+its product instead of a top-m; the few rows it cannot bound go to the top-m screen. The screen's operands are prepared once, at build, and kept on the device
 (`knn_reference`: a memory-mapped float16 matrix is read block by block and never held in float32).
 
 **Refinement** recomputes the distances of the few admissible candidates, gathered from the
