@@ -188,7 +188,8 @@ class SearchEngine:
         )
         query_block = self._block_shape(n_queries)[0]
         if knn_admission.applies(self):
-            query_block = knn_admission.query_rows(self._budget, n_queries)
+            streamed = self._built().streamed_bytes_per_row()
+            query_block = knn_admission.block_shape(self._budget, n_queries, self.n_references, streamed)[0]
         parts = []
         with screen.exact_matmul_settings():
             for start in range(0, n_queries, query_block):

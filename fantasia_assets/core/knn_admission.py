@@ -55,10 +55,18 @@ _SLACK = 2.0**-40  # relative: covers the float64 1 - p of the settle step and o
 _INTEGER = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
-def query_rows(budget: int, n_queries: int) -> int:
-    """Query rows per block of the admission screen within `budget` bytes: the product (at most 4
-    bytes per pair) and its group maxima (1/32 of that) take under 5 bytes per pair."""
-    return max(1, min(n_queries, budget // (5 * REFERENCE_BLOCK)))
+def block_shape(
+    budget: int, n_queries: int, n_references: int, streamed_bytes_per_row: int
+) -> tuple[int, int]:
+    """(query rows, reference rows) of the admission screen's blocks within `budget` bytes: the
+    product (at most 4 bytes per pair) and its group maxima (1/32 of that) take under 5 bytes per
+    pair, beside the operands a memory-mapped float32 screen makes per block. The reference rows
+    shrink from `REFERENCE_BLOCK` only when 256 query rows would not fit."""
+    references = min(REFERENCE_BLOCK, n_references)
+    while references > GROUP and budget < references * (streamed_bytes_per_row + 5 * min(n_queries, 256)):
+        references //= 2
+    spare = budget - references * streamed_bytes_per_row
+    return max(1, min(n_queries, spare // (5 * references))), references
 
 
 def applies(engine: SearchEngine) -> bool:
@@ -137,7 +145,7 @@ def screen(
     integer = _INTEGER[out_dtype]
     found = _Candidates(n_rows, k, np.dtype(str(integer).removeprefix("torch.")))
     excluded_rows, excluded_columns = (torch.from_numpy(pairs) for pairs in exclusions)
-    block = min(REFERENCE_BLOCK, n_references)
+    block = block_shape(engine._budget, n_rows, n_references, references.streamed_bytes_per_row())[1]
     product = engine._buffer("product", n_rows * block, out_dtype)
     maxima = engine._buffer("maxima", n_rows * (block // GROUP), integer)
     for start in range(0, n_references, block):
