@@ -13,20 +13,26 @@ a limit at least as large), the k of smallest fast score among them, and so ever
 screen; a padding column of +inf tells it that no reference was left out below the limit.
 
 Why it is cheap. Cosine scores are s̃ = 1 - p with p = q̃·r̃ the product of the (negated) operands,
-so a reference is admitted when p ≥ τ, τ = 1 - L rounded down to the product's type (less a
-2⁻⁴⁰ slack that covers the float64 sum 1 - p the engine forms later). When τ > 0 the test needs
-no floating-point compare: non-negative IEEE numbers order like their bit patterns read as signed
-integers of the same width, and negative numbers read as negative integers, so p ≥ τ exactly when
-bits(p) ≥ bits(τ) (-0, negative numbers, -inf, NaN with the sign bit: never admitted, and none can
-be an answer the limit admits). One pass of integer maxima (AVX512 ``vpmaxsw``), halving the block
-five times, gives each group of 32 columns (column c in group c mod G) its largest p; only groups
-whose maximum reaches τ are gathered and compared member by member, and on real neighbourhoods
-those are a few per query and block. Before the first block has been screened a query has no
-limit: the k-th largest of that block's group maxima is a lower bound on its k-th largest p (the k
-groups of largest maxima hold k distinct references at least that large), from which the first τ
-is set. Rows whose τ is not positive (a zero-norm query; a neighbourhood where every similarity is
-≤ 0 within the bound), and rows that collect more than `_MAX_CANDIDATES` candidates (mass ties,
-duplicated references), are left to the engine's top-m screen, which proves them in its own way.
+so a reference is admitted when p ≥ τ, τ = 1 - L less a slack of 2⁻⁴⁰(1 + |L|), rounded down to
+the product's type. A reference left out has p < τ, so 1 - p > L + 2⁻⁴⁰(1 + |L|), and the float64
+sum fl(1 - p) that `SearchEngine._settle` compares with L (relative error 2⁻⁵³, 1 - p ≤ 3) is
+still above L. When τ > 0 the test needs no floating-point compare: non-negative IEEE numbers
+order like their bit patterns read as signed integers of the same width, and negative numbers
+read as negative integers, so p ≥ τ exactly when bits(p) ≥ bits(τ) (-0, negative numbers, -inf:
+never admitted, rightly). One pass of integer maxima over the block's product, along contiguous
+columns, gives each group of 32 columns (column c in group c mod G, G = width / 32) its largest
+p; only groups whose maximum reaches τ are gathered and compared member by member, and on real
+neighbourhoods those are one or two per query and block. Before the first block has been
+screened a query has no limit: the k-th largest of that block's group maxima, when positive, is a
+lower bound on its k-th largest p (the k groups of largest maxima hold k distinct references at
+least that large), from which the first τ is set. Rows whose τ is not positive (a zero-norm
+query; a neighbourhood where every similarity is ≤ 0 within the bound), and rows that collect more
+than `_MAX_CANDIDATES` candidates (mass ties, duplicated references), are left to the engine's
+top-m screen, which proves them in its own way.
+
+No new rounding enters: negating an operand negates every product and partial sum exactly, so p
+is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
+(the bf16 output rounding included); τ is rounded down, which only widens the admission.
 """
 
 from __future__ import annotations
