@@ -21,6 +21,7 @@ target: ``search_over_bare_bf16 <= 1.5``::
     .venv/bin/python bench/search.py                       # 2,000 × 100,000 × 1,024, k=5, cosine
     .venv/bin/python bench/search.py --references 20000    # a quicker look
     .venv/bin/python bench/search.py --memmap               # float16 references from disk
+    .venv/bin/python bench/search.py --engines torch-auto   # only the headline engine: quicker
 """
 
 from __future__ import annotations
