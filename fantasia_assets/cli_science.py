@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
-
-from .science import evaluate_experiment, train_scorer
+if TYPE_CHECKING:  # polars and the science stack are imported by the commands that use them
+    import polars as pl
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def _ontology_path(args, config) -> Path:
 
 def metrics_table(metrics: pl.DataFrame) -> list[str]:
     """Fmax (Smin) per aspect, one line per output."""
+    import polars as pl
+
     lines = [
         f"{'output':<40} {'BP Fmax':>8} {'MF Fmax':>8} {'CC Fmax':>8}   {'BP Smin':>8} {'MF Smin':>8} {'CC Smin':>8}"
     ]
@@ -95,6 +97,7 @@ def metrics_table(metrics: pl.DataFrame) -> list[str]:
 
 def run_evaluate(args, progress) -> int:
     from .config import load_config
+    from .science import evaluate_experiment
 
     config = load_config(args.config)
     result, paths = evaluate_experiment(
@@ -112,6 +115,7 @@ def run_evaluate(args, progress) -> int:
 def demo_evaluation(config) -> None:
     """`make demo`'s last step: the sample queries' outputs against their mouse GOA slice."""
     from .sample import SAMPLE_DIR
+    from .science import evaluate_experiment
 
     if config.scoring.ontology is None:
         print("evaluation skipped: scoring.ontology is not set")
@@ -128,6 +132,7 @@ def demo_evaluation(config) -> None:
 
 def run_train(args, progress) -> int:
     from .config import load_config
+    from .science import train_scorer
 
     config = load_config(args.config)
     model, frame, y = train_scorer(

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import duckdb
 import polars as pl
 
 from .config import LookupConfig
@@ -37,14 +37,15 @@ from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
-from .core.timing import timed
+from .core.timing import timed, timed_concurrently
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
 
-if TYPE_CHECKING:  # SQLAlchemy is imported only where the database is used (`db.snapshot`)
+if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
+    import duckdb
     from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -423,10 +424,14 @@ def _run_lookup(
             )  # fmt: skip
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
-                published = config.experiment_path  # its unchanged shards are linked, not rewritten
-                writers.write_raw(
-                    root, partition, raw, shard_names, config.precision, config.fantasia_compat, published
-                )
+                writers.write_raw_rows(root, partition, raw)
+                # the CSV shards; the last partition's are written beside the run-wide outputs, below
+                shards = partial(
+                    writers.write_raw_csv, root, partition, raw, shard_names, config.precision,
+                    config.fantasia_compat, config.experiment_path,  # its unchanged shards are linked
+                )  # fmt: skip
+                if partition is not partitions[-1]:
+                    shards()
                 if config.topgo:
                     writers.write_partition_topgo(
                         root, partition, raw, config.precision, config.fantasia_compat
@@ -436,29 +441,32 @@ def _run_lookup(
             entries += [path for name, path in files.items() if config.topgo or name != "topgo"]
             raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
             fingerprints.append(outcome.matrix.fingerprint)
+            counts = (outcome.n_queries, outcome.hits.height, raw.height, len(outcome.queries_without_hits))
             reports.append(
                 PartitionReport(
-                    partition,
-                    outcome.n_queries,
-                    outcome.hits.height,
-                    raw.height,
-                    len(outcome.queries_without_hits),
-                    len(outcome.matrix),
-                    outcome.matrix_source,
-                    outcome.timings,
+                    partition, *counts, len(outcome.matrix), outcome.matrix_source, outcome.timings,
                     len(outcome.skipped),
                 )
-            )
+            )  # fmt: skip
         raw_all = pl.concat(raw_frames)
-        with timed(timings, "summary"):
-            summary = _summary_into(root, config, partitions)
-        if config.topgo:
-            with timed(timings, "topgo ensemble"), temporary_file("-duckdb") as spill:
+
+        def ensemble() -> None:
+            with temporary_file("-duckdb") as spill:
                 writers.write_ensemble(root, partitions, config.precision, spill)
-        with timed(timings, "fasta+mapping"):
+
+        def fasta_and_mapping() -> None:
             references = reference_sequences_of(raw_all, sequences)
             writers.write_sequences(root, queries, references, config.precision)
             writers.write_run_records(root, queries, partitions, shard_names)
+
+        # the run-wide outputs and the last shards read the partitions' files and each write their own:
+        # side by side (thousands of shard files are system calls; DuckDB and polars release the GIL)
+        run_wide = {"write partition": shards, "summary": lambda: _summary_into(root, config, partitions)}
+        if config.topgo:
+            run_wide["topgo ensemble"] = ensemble
+        run_wide["fasta+mapping"] = fasta_and_mapping
+        into = {"write partition": outcome.timings}  # the last partition's own stage
+        summary = timed_concurrently(timings, run_wide, into)["summary"]
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
         with timed(timings, "predictions"):
             predicted = run_predictions(

@@ -25,6 +25,8 @@ import polars as pl
 
 from fantasia_assets.errors import FantasiaError
 
+from .floattext import MAX_PRECISION, fixed_text
+
 RAW_COLUMNS = [
     "accession", "model_name", "embedding_type_id", "layer_index", "distance", "go_id", "category",
     "evidence_code", "go_description", "protein_id", "organism", "gene_name", "query_idx", "ref_idx",
@@ -272,16 +274,33 @@ def replace_dir(target: Path, build) -> None:
 def _one_line_strings(frame: pl.DataFrame) -> pl.DataFrame:
     """Line breaks inside text fields would split CSV records; they become spaces."""
     text = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    if not text or not frame.height:
+        return frame
+    # finding is cheaper than replacing: only the columns that hold a line break are rewritten
+    broken = frame.select(pl.col(text).str.contains(r"[\r\n]").any()).row(0)
+    text = [name for name, flag in zip(text, broken, strict=True) if flag]
     return frame.with_columns(pl.col(text).str.replace_all(r"[\r\n]+", " ")) if text else frame
 
 
-def csv_bytes(frame: pl.DataFrame, precision: int, header: bool = True, separator: str = ",") -> bytes:
-    """CSV with floats written with `precision` digits after the point."""
+def csv_bytes(frame: pl.DataFrame, precision: int | None, header: bool = True, separator: str = ",") -> bytes:
+    """CSV with floats written with `precision` digits after the point (None: shortest round trip)."""
     return (
-        _one_line_strings(frame)
-        .write_csv(include_header=header, float_precision=precision, separator=separator)
+        fixed_floats(_one_line_strings(frame), precision)
+        .write_csv(include_header=header, separator=separator, float_precision=precision)
         .encode("utf-8")
     )
+
+
+def fixed_floats(frame: pl.DataFrame, precision: int | None) -> pl.DataFrame:
+    """`frame` with its float columns as the text polars' CSV writer gives them at `precision`.
+
+    The same bytes as `write_csv(float_precision=precision)`, in well under half the time
+    (`core.floattext`); None or a precision beyond `MAX_PRECISION` leaves the floats to polars.
+    """
+    if precision is None or not 0 <= precision <= MAX_PRECISION:
+        return frame
+    floats = [name for name, dtype in frame.schema.items() if dtype in (pl.Float64, pl.Float32)]
+    return frame.with_columns(fixed_text(frame[name], precision) for name in floats) if floats else frame
 
 
 def write_raw_shards(
@@ -303,7 +322,7 @@ def write_raw_shards(
     on some disks freeing thousands of written files costs milliseconds each, and a rerun
     that changed few shards would pay that for all of them when the old folder is removed.
     """
-    frame = _one_line_strings(raw.select(columns))
+    frame = fixed_floats(_one_line_strings(raw.select(columns)), precision)
     body = frame.write_csv(include_header=True, float_precision=precision).encode("utf-8")
     data = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(data == 10) + 1  # end offset of every line (header first)

@@ -95,8 +95,13 @@ def record(path: Path, rows: Sequence[LineageRow], attempts: int = 60) -> None:
 
 
 def migrate(conn) -> None:
-    """Create the table, or add the columns a table of an earlier version lacks (rows kept)."""
+    """Create the table, or add the columns a table of an earlier version lacks (rows kept).
+
+    Only the missing columns are altered: each ALTER is a transaction of its own, and eleven of
+    them cost a small lookup as much as the rest of its lineage write."""
     first = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
     conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({first})")
+    present = {row[0] for row in conn.execute(f"DESCRIBE {TABLE}").fetchall()}
     for name, kind in COLUMNS:
-        conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {name} {kind}")
+        if name not in present:
+            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {kind}")

@@ -1,10 +1,15 @@
-"""Stage timings: `with timed(timings, "search"):` adds the block's wall time to `timings`."""
+"""Stage timings: `with timed(timings, "search"):` adds the block's wall time to `timings`;
+`timed_concurrently` runs independent stages side by side and times each."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -18,3 +23,50 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+OVERLAP = "overlap (stages run side by side)"
+
+
+def timed_concurrently(
+    timings: dict[str, float],
+    stages: dict[str, Callable[[], T]],
+    into: Mapping[str, dict[str, float]] | None = None,
+) -> dict[str, T]:
+    """Run independent `stages` (name → function) side by side in threads; their results by name.
+
+    Each stage's own seconds are added to `timings[name]` (or to `into[name][name]`: a stage
+    timed with a partition's stages, say), and the time they overlapped, negative, to
+    `timings[OVERLAP]`: all the timings together still add up to the wall time. The stages must not share
+    anything they write (files, mutable objects). All of them are waited for; then the error of
+    the first failed stage in the order given is raised, so that the same failure always wins.
+    The work is in libraries that release the GIL (DuckDB, polars, file system calls).
+    """
+    if not stages:
+        return {}
+    names = list(stages)
+    started = time.perf_counter()
+    own: dict[str, float] = {}
+
+    def run(name: str) -> T:
+        with timed(own, name):
+            return stages[name]()
+
+    results: dict[str, T] = {}
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max(1, len(names) - 1), thread_name_prefix="stage") as pool:
+        futures = {name: pool.submit(run, name) for name in names[1:]}
+        try:  # the first stage in this thread: one thread fewer to start
+            results[names[0]] = run(names[0])
+        except BaseException as caught:  # raised below, once the other stages have ended
+            error = caught
+        wait(futures.values())
+    elapsed = time.perf_counter() - started
+    for name in names:
+        target = (into or {}).get(name, timings)
+        target[name] = target.get(name, 0.0) + own[name]
+    timings[OVERLAP] = timings.get(OVERLAP, 0.0) + elapsed - sum(own.values())
+    if error is not None:
+        raise error
+    results.update((name, future.result()) for name, future in futures.items())
+    return {name: results[name] for name in names}

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from . import aggregate, compat, exports
+from . import aggregate, aggregate_memory, compat, exports
 from .layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, SKIPPED, SUMMARY, partition_paths
 from .plan import LookupPlanError, Partition, QuerySet
 from .stages import SearchOutcome
@@ -59,16 +59,37 @@ def write_raw(
     fantasia_compat: bool = False,
     published: Path | None = None,
 ) -> dict[str, Path]:
-    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole.
+    """Raw rows (Parquet) and the raw CSV shards of one partition, each replaced whole."""
+    paths = write_raw_rows(root, partition, raw)
+    write_raw_csv(root, partition, raw, shard_names, precision, fantasia_compat, published)
+    return paths
+
+
+def write_raw_rows(root: Path, partition: Partition, raw: pl.DataFrame) -> dict[str, Path]:
+    """The partition's raw rows (Parquet), which the run-wide outputs read, replaced whole."""
+    paths = partition_paths(root, partition)
+    exports.write_parquet_atomic(paths["raw"], raw)
+    return paths
+
+
+def write_raw_csv(
+    root: Path,
+    partition: Partition,
+    raw: pl.DataFrame,
+    shard_names: dict[str, str],
+    precision: int,
+    fantasia_compat: bool = False,
+    published: Path | None = None,
+) -> None:
+    """The partition's raw CSV shards (a folder replaced whole); no other output reads them.
 
     `published`: experiment_path when `root` is a run's staging folder; its shards that stay
     byte for byte the same are linked, not rewritten (`exports.write_raw_shards`)."""
-    paths = partition_paths(root, partition)
-    exports.write_parquet_atomic(paths["raw"], raw)
     shards = compat.with_length_columns(raw) if fantasia_compat else raw
     previous = partition_paths(published, partition)["shards"] if published is not None else None
-    exports.write_raw_shards(paths["shards"], shards, shards.columns, precision, shard_names, previous)
-    return paths
+    exports.write_raw_shards(
+        partition_paths(root, partition)["shards"], shards, shards.columns, precision, shard_names, previous
+    )
 
 
 def partition_topgo_tables(
@@ -116,17 +137,25 @@ def write_summary(
     spill: Path,
     fantasia_compat: bool = False,
 ) -> aggregate.SummaryFile:
-    """summary.csv over the partitions' raw rows: DuckDB out of core, or FANTASIA's arithmetic."""
+    """summary.csv over the partitions' raw rows: in memory for small runs, else DuckDB out of
+    core (the same bytes, `core.aggregate_memory`), or FANTASIA's arithmetic."""
     path = root / SUMMARY
     if fantasia_compat:  # FANTASIA rounds as it goes: polars, on the rows in memory
         summary = compat.summary(read_raw_rows(root, partitions), spec, limit_per_entry, precision)
         exports.write_bytes_atomic(path, exports.csv_bytes(summary, precision))
         return aggregate.SummaryFile(path, summary.height, tuple(summary.columns))
+    files = raw_row_files(root, partitions)
+    if aggregate_memory.row_count(files) <= aggregate_memory.IN_MEMORY_ROWS:
+        return aggregate_memory.write_summary(files, spec, limit_per_entry, path, precision)
     with open_raw_rows(root, partitions, spill) as rows:
         return aggregate.write_summary(rows, spec, limit_per_entry, path, precision)
 
 
 def write_ensemble(root: Path, partitions: list[Partition], precision: int, spill: Path) -> list[Path]:
+    """The TopGO ensemble: in memory for small runs, else DuckDB out of core (the same tables)."""
+    files = raw_row_files(root, partitions)
+    if aggregate_memory.row_count(files) <= aggregate_memory.IN_MEMORY_ROWS:
+        return exports.write_topgo_dir(root / ENSEMBLE, aggregate_memory.ensemble_tables(files), precision)
     with open_raw_rows(root, partitions, spill) as rows:
         tables = aggregate.ensemble_tables(rows)
     return exports.write_topgo_dir(root / ENSEMBLE, tables, precision)

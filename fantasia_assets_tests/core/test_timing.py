@@ -1,0 +1,75 @@
+"""Stages run side by side (`core.timing.timed_concurrently`): their results, timings and errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fantasia_assets.core.timing import OVERLAP, timed_concurrently
+
+
+def test_stages_run_side_by_side_and_their_timings_add_up_to_the_wall_time():
+    # each stage waits for the other two: run one after the other, the barrier would time out
+    barrier = threading.Barrier(3, timeout=10)
+
+    def stage(value: int):
+        def run() -> int:
+            barrier.wait()
+            time.sleep(0.05)
+            return value
+
+        return run
+
+    timings = {"summary": 1.0}
+    started = time.perf_counter()
+    results = timed_concurrently(timings, {"summary": stage(1), "ensemble": stage(2), "fasta": stage(3)})
+    wall = time.perf_counter() - started
+    assert list(results.items()) == [("summary", 1), ("ensemble", 2), ("fasta", 3)]
+    assert timings["summary"] >= 1.05 and timings["ensemble"] >= 0.05 and timings["fasta"] >= 0.05
+    assert timings[OVERLAP] < -0.09  # three stages of ≥ 0.05 s each in about 0.05 s
+    assert wall - 0.05 <= sum(timings.values()) - 1.0 <= wall
+
+
+def test_every_stage_ends_before_the_first_failure_in_their_order_is_raised():
+    ended = []
+
+    def failing(message: str, delay: float):
+        def run() -> None:
+            time.sleep(delay)
+            ended.append(message)
+            raise RuntimeError(message)
+
+        return run
+
+    def slow() -> None:
+        time.sleep(0.2)
+        ended.append("slow")
+
+    timings: dict[str, float] = {}
+    stages = {"a": lambda: None, "b": failing("b failed", 0.1), "c": failing("c failed", 0.0), "d": slow}
+    with pytest.raises(RuntimeError, match="b failed"):  # not c's, although c failed first
+        timed_concurrently(timings, stages)
+    assert sorted(ended) == ["b failed", "c failed", "slow"]
+    assert set(timings) == {"a", "b", "c", "d", OVERLAP}
+    # the first stage runs in the calling thread: its failure is raised the same way
+    with pytest.raises(RuntimeError, match="c failed"):
+        timed_concurrently({}, {"c": failing("c failed", 0.0), "d": slow})
+
+
+def test_a_stage_is_timed_into_the_table_it_belongs_to():
+    run, partition = {"summary": 0.5}, {"write partition": 1.0}
+    timed_concurrently(
+        run,
+        {"write partition": lambda: time.sleep(0.02), "summary": lambda: None},
+        into={"write partition": partition},
+    )
+    assert set(run) == {"summary", OVERLAP} and run["summary"] >= 0.5
+    assert partition["write partition"] >= 1.02
+
+
+def test_no_stage_no_timing():
+    timings: dict[str, float] = {}
+    assert timed_concurrently(timings, {}) == {}
+    assert timings == {}

@@ -1,0 +1,79 @@
+"""What a small lookup pays besides its work: the collector around imports and exit (`startup`),
+and the run-wide outputs written side by side (`runner`, `core.timing.timed_concurrently`)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+
+from fantasia_assets import cli, runner
+from fantasia_assets.config import parse_config
+from fantasia_assets.core.timing import timed
+from fantasia_assets.runner import run_lookup
+from fantasia_assets_tests.conftest import PROJECT
+from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree, write_config
+
+
+def _in_turn(timings, stages, into=None):
+    """The plain way: the run-wide stages (and the last shards) one after the other, in their order."""
+    results = {}
+    for name, stage in stages.items():
+        with timed((into or {}).get(name, timings), name):
+            results[name] = stage()
+    return results
+
+
+def test_outputs_are_the_same_side_by_side_in_turn_and_from_the_program(sample_loaded, tmp_path, monkeypatch):
+    both = near_only()
+    run_lookup(parse_config(config_dict(tmp_path / "side", **both)), sample_loaded)
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "timed_concurrently", _in_turn)
+        run_lookup(parse_config(config_dict(tmp_path / "turn", **both)), sample_loaded)
+    # the command as a program: the collector paused over the imports, skipped at the exit
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "program", **both))
+    done = subprocess.run(
+        [sys.executable, "-m", "fantasia_assets.cli", "lookup", "--config", str(config)],
+        cwd=PROJECT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "overlap (stages run side by side)" in done.stdout  # the stage table still adds up
+    side = tree(tmp_path / "side")
+    assert "summary.csv" in side and any(path.startswith("topgo/") for path in side)
+    assert side == tree(tmp_path / "turn") == tree(tmp_path / "program")
+
+
+def _program(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_collector_is_paused_over_the_imports_then_runs_with_their_objects_frozen():
+    out = _program(
+        "import gc\n"
+        "from fantasia_assets import startup\n"
+        "startup.pause_for_imports()\n"
+        "print(gc.isenabled(), gc.get_freeze_count() == 0)\n"
+        "import fantasia_assets.runner\n"
+        "startup.imports_done()\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 10000)\n"
+        "startup.imports_done()\n"  # twice: nothing more
+        "gc.disable()\n"
+        "startup.pause_for_imports()\n"
+        "startup.imports_done()\n"  # a collector disabled by someone else stays disabled
+        "print(gc.isenabled())\n"
+    )
+    assert out.split() == ["False", "True", "True", "True", "False"]
+
+
+def test_a_command_called_in_a_process_leaves_its_collector_alone(tmp_path, capsys):
+    frozen = gc.get_freeze_count()
+    assert cli.main(["lookup", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
