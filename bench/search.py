@@ -21,6 +21,7 @@ target: ``search_over_bare_bf16 <= 1.5``::
     .venv/bin/python bench/search.py                       # 2,000 × 100,000 × 1,024, k=5, cosine
     .venv/bin/python bench/search.py --references 20000    # a quicker look
     .venv/bin/python bench/search.py --memmap               # float16 references from disk
+    .venv/bin/python bench/search.py --engines torch-auto   # only the headline engine: quicker
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ def main() -> None:
     parser.add_argument("--cdist-queries", type=int, default=100, help="queries timed for cdist")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--memmap", action="store_true", help="search float16 references mapped from disk")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=["torch-auto", "torch-fp32", "numpy-fp32"],
+        default=["torch-auto", "torch-fp32", "numpy-fp32"],
+        help="engines timed (fewer: a quicker run)",
+    )
     args = parser.parse_args()
 
     queries, references = synthetic(args.queries, args.references, args.dim, args.data, args.seed)
@@ -144,7 +152,7 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, {psutil.cpu_count()} CPUs"
     )
 
-    contenders = [("torch", "auto"), ("torch", "fp32"), ("numpy", "fp32")]
+    contenders = [tuple(name.split("-")) for name in args.engines]
     engines, memory_over_reference = {}, {}
     for backend, screening in contenders:
         baseline = psutil.Process().memory_info().rss

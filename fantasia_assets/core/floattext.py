@@ -13,7 +13,11 @@ even when it is 0 (the sign of a float sum is always right). The digits are then
 straight into one byte buffer, column by column, and handed to polars as Arrow strings. Values
 outside the range where this is exact (|x| · 10^p ≥ 2^50, |x| < 2^-900, NaN, inf) are printed
 by Python's `'%.*f'`, which rounds the exact binary value the same way (tests compare both on
-hostile values).
+hostile values). A column whose values repeat over many rows (a neighbour's distance on each of
+its GO rows) prints each distinct bit pattern once and gathers the text.
+
+Nothing here is shared mutable state: the digit tables are built once and only read, so
+outputs may be written from several threads at once.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"
 Queries and references are cut into blocks sized from a memory budget; each block's product is
 reduced at once by an exact top-m (`screen.smallest_columns`, ``np.argpartition``, or cdist +
 argsort on the scipy reference backend) merged into a running top-m, so the n_q × n_ref matrix
-never exists. The screen's operands are prepared once, at build, and kept on the device
+never exists. torch's cosine screen on the CPU selects by admission thresholds instead
+(`knn_admission`): per query a limit that only the answer's references can reach, set from the
+first block and tightened block by block, so that a block costs one pass of integer maxima over
+its product instead of a top-m; the few rows it cannot bound go to the top-m screen. The screen's operands are prepared once, at build, and kept on the device
 (`knn_reference`: a memory-mapped float16 matrix is read block by block and never held in float32).
 
 **Refinement** recomputes the distances of the few admissible candidates, gathered from the
@@ -46,13 +49,14 @@ screened again with a larger m until it is, or until m = n_ref.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 from scipy.spatial.distance import cdist
 
-from . import screen
+from . import knn_admission, screen
 from .knn_bounds import screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
@@ -183,6 +187,9 @@ class SearchEngine:
             queries, k, threshold, exclude, n_references, dim, self.metric
         )
         query_block = self._block_shape(n_queries)[0]
+        if knn_admission.applies(self):
+            streamed = self._built().streamed_bytes_per_row()
+            query_block = knn_admission.block_shape(self._budget, n_queries, self.n_references, streamed)[0]
         parts = []
         with screen.exact_matmul_settings():
             for start in range(0, n_queries, query_block):
@@ -262,11 +269,24 @@ class SearchEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Screen, check sufficiency (module docstring), refine and select for a query block."""
         n_rows, n_references = len(q32), self.n_references
-        fast_queries, offsets, exact_queries, bounds = self._prepare_queries(q32, q_sq_norms)
-        bounds = torch.from_numpy(bounds).to(self.device)
-        offsets = torch.from_numpy(offsets).to(self.device)
         margin = _SCREEN_MARGIN["half" if self.arithmetic.half else "fp32"]
         pending, width, parts = np.arange(n_rows), min(k + margin, n_references), []
+        admission, threads = knn_admission.applies(self), torch.get_num_threads()
+        # the admission screen runs its small operations on this thread (`knn_admission`)
+        with knn_admission.single_threaded() if admission else contextlib.nullcontext():
+            fast_queries, offsets, exact_queries, bounds = self._prepare_queries(q32, q_sq_norms)
+            bounds = torch.from_numpy(bounds).to(self.device)
+            offsets = torch.from_numpy(offsets).to(self.device)
+            if admission:
+                values, indices, screened = knn_admission.screen(
+                    self, fast_queries, bounds, exclusions, k, threshold, threads
+                )
+                done, selected = self._settle(
+                    values, indices, screened, offsets, bounds, exact_queries,
+                    k, threshold, tie_expansion, complete=False,
+                )  # fmt: skip
+                parts.append((screened[done], *selected))
+                pending = np.setdiff1d(pending, screened[done])
         while pending.size:
             pending_exclusions = exclusions_for_rows(exclusions, pending, n_rows)
             values, indices = self._screen(fast_queries[pending], pending_exclusions, width)

@@ -387,10 +387,10 @@ def build_raw_rows(
             pl.lit(partition.model.distance_threshold, dtype=pl.Float64).alias("distance_threshold"),
         )
         if settings.keep_sequences:
+            # a gather, not a Python call per row
+            query_sequences = pl.Series(queries.sequences, dtype=pl.String)
             rows = rows.with_columns(
-                pl.col("query_idx")
-                .map_elements(lambda i: queries.sequences[i], return_dtype=pl.String)
-                .alias("sequence_query"),
+                pl.lit(query_sequences).gather(pl.col("query_idx")).alias("sequence_query"),
                 pl.col("ref_idx").replace_strict(ref_map, return_dtype=pl.String).alias("sequence_reference"),
             )
     if settings.alignment and rows.height:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fantasia_assets.config import ConfigError, parse_config
-from fantasia_assets.core import screen
+from fantasia_assets.core import knn_admission, screen
 from fantasia_assets.core.knn import METRICS, SearchEngine
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
@@ -219,12 +219,26 @@ def test_fp32_screen_error_never_exceeds_its_bound(metric, rows):
 @BF16
 def test_bf16_bound_is_tight_enough_to_screen_few_candidates(real_data):
     """On real embeddings the window stays narrow: the cosine bound is a few 2⁻⁹, far from the
-    distances' range, and every row is settled by the first screen of k + 32 candidates."""
+    distances' range, the admission screen keeps a few dozen candidates per row and leaves no
+    row to the top-m screen, and the top-m screen (euclidean) settles all but a few rows with
+    its first k + 32 candidates."""
     queries, references = real_data
     engine = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(references)
     _, bound = screened_errors(engine, queries[:50], references)
     assert 2.0**-9 < bound.max() < 6 * 2.0**-9
-    screens = []
+    admitted, screens = [], []
+    original_admission = knn_admission.screen
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            knn_admission, "screen", lambda *args: admitted.append(original_admission(*args)) or admitted[-1]
+        )
+        original = engine._screen
+        engine._screen = lambda *args: screens.append((len(args[0]), args[2])) or original(*args)
+        engine.search(queries, 5)
+    values, _, rows = admitted[0]
+    assert len(rows) == len(queries) and not screens
+    assert np.isfinite(values.numpy()).sum(1).mean() < 64
+    engine = SearchEngine("euclidean", "torch", "cpu", screening="bf16").build(references)
     original = engine._screen
     engine._screen = lambda *args: screens.append((len(args[0]), args[2])) or original(*args)
     engine.search(queries, 5)

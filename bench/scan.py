@@ -1,0 +1,131 @@
+"""Benchmark and damage check of the query-file scan, run by hand (not by CI).
+
+Times `core.queries.scan` on each file given, side by side in one run, two rounds: through the
+HDF5 library alone (h5py in worker processes, as before the direct reader, and in this process)
+and with the direct reader (`core.h5fast`), and checks that both catalogues are identical.
+With ``--damage N`` it also flips N random bits, one file at a time, in the metadata (anything
+but the vectors' bytes) of a file of odd groups written in both HDF5 formats (the one the tests
+use), and counts the damaged files whose catalogue or error differs between the two scans
+(expected: 0)::
+
+    .venv/bin/python bench/scan.py /work/scale-data/queries.h5 ../shared/data/queries_mouse.h5
+    .venv/bin/python bench/scan.py --damage 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fantasia_assets.core import queries
+
+
+class _Plain:
+    """Within it, the scan uses the HDF5 library alone."""
+
+    def __enter__(self):
+        self._open = queries.FastLayout.open
+        queries.FastLayout.open = classmethod(lambda cls, path: None)
+
+    def __exit__(self, *exc):
+        queries.FastLayout.open = self._open
+
+
+def _timed(path: Path, plain: bool, workers: int | None):
+    started = time.perf_counter()
+    if plain:
+        with _Plain():
+            catalogue = queries.scan(path, workers=workers)
+    else:
+        catalogue = queries.scan(path, workers=workers)
+    return catalogue, time.perf_counter() - started
+
+
+def _same(a, b) -> bool:
+    if (a.accessions, a.sequences, a.skipped, a.attrs, list(a.layers)) != (
+        b.accessions, b.sequences, b.skipped, b.attrs, list(b.layers)
+    ):  # fmt: skip
+        return False
+    fields = ("rows", "offsets", "dims", "dtype_codes")
+    return all(
+        np.array_equal(getattr(a.layers[k], f), getattr(b.layers[k], f)) for k in a.layers for f in fields
+    )
+
+
+def timings(paths: list[Path]) -> None:
+    for path in paths:
+        for _ in range(2):
+            results = [
+                ("h5py, worker processes", *_timed(path, True, None)),
+                ("h5py, this process", *_timed(path, True, 1)),
+                ("direct reader", *_timed(path, False, 1)),
+            ]
+            groups = max(1, len(results[0][1].accessions))
+            for label, _, seconds in results:
+                print(
+                    f"{path.name:24s} {label:24s} {seconds:7.2f} s  {1000 * seconds / groups:6.3f} ms/group"
+                )
+            print(f"{path.name:24s} identical catalogues: {_same(results[0][1], results[2][1])}")
+
+
+def _outcome(path: Path, plain: bool):
+    try:
+        return _timed(path, plain, 1)[0]
+    except queries.EmbeddingFileError as error:
+        return str(error)
+
+
+def damage(trials: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fantasia_assets_tests" / "core"))
+    from test_h5fast import FORMATS, _odd_file
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, libver in FORMATS.items():
+            path = Path(folder) / f"{name}.h5"
+            _odd_file(path, libver)
+            data = path.read_bytes()
+            outside = np.ones(len(data), dtype=bool)
+            for entries in _outcome(path, True).layers.values():
+                for offset, dim, code in zip(entries.offsets, entries.dims, entries.dtype_codes, strict=True):
+                    if offset >= 0:
+                        outside[offset : offset + dim * (4 if code == 0 else 8)] = False
+            metadata = np.flatnonzero(outside)
+            differ = []
+            for _ in range(trials):
+                damaged = bytearray(data)
+                where = int(rng.choice(metadata))
+                damaged[where] ^= 1 << int(rng.integers(0, 8))
+                broken = Path(folder) / "damaged.h5"
+                broken.write_bytes(bytes(damaged))
+                fast, plain = _outcome(broken, False), _outcome(broken, True)
+                if isinstance(fast, str) or isinstance(plain, str):
+                    same = fast == plain
+                else:
+                    same = _same(fast, plain)
+                if not same:
+                    differ.append(where)
+            print(f"format {name}: {trials} damaged files, {len(differ)} differ {differ[:10]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("files", nargs="*", type=Path, help="query HDF5 files to time")
+    parser.add_argument("--damage", type=int, default=0, help="damaged files per format to compare")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)  # damaged and odd groups are reported as warnings
+    timings(args.files)
+    if args.damage:
+        damage(args.damage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The k-NN engine's cosine screen on the CPU by admission thresholds: selecting from the product
+costs a small fraction of the product itself.
+
+`knn` proves that a reference can be in a query's answer only if its fast score s̃ is at most a
+limit L(s̃_(k)) that grows with the k-th smallest fast score s̃_(k) (`knn_bounds.screened_enough`).
+The k-th smallest fast score over any subset of the references is at least s̃_(k), so L of it is
+an upper bound on the true limit: the *admission limit*. Screening in blocks of references, the
+engine keeps, per query, every reference whose fast score is within the query's admission limit
+at the time its block is screened (the *candidates*), and tightens the limit from the candidates
+kept so far. The candidates hold every reference of fast score ≤ L(s̃_(k)) (each was admitted by
+a limit at least as large), the k of smallest fast score among them, and so everything
+`SearchEngine._settle` needs to prove, refine and select the answer exactly as from a top-m
+screen; a padding column of +inf tells it that no reference was left out below the limit.
+
+Why it is cheap. Cosine scores are s̃ = 1 - p with p = q̃·r̃ the product of the (negated) operands,
+so a reference is admitted when p ≥ τ, τ = 1 - L less a slack of 2⁻⁴⁰(1 + |L|), rounded down to
+the product's type. A reference left out has p < τ, so 1 - p > L + 2⁻⁴⁰(1 + |L|), and the float64
+sum fl(1 - p) that `SearchEngine._settle` compares with L (relative error 2⁻⁵³, 1 - p ≤ 3) is
+still above L. When τ > 0 the test needs no floating-point compare: non-negative IEEE numbers
+order like their bit patterns read as signed integers of the same width, and negative numbers
+read as negative integers, so p ≥ τ exactly when bits(p) ≥ bits(τ) (-0, negative numbers, -inf:
+never admitted, rightly). One pass of integer maxima over the block's product, along contiguous
+columns, gives each group of 32 columns (column c in group c mod G, G = width / 32) its largest
+p; only groups whose maximum reaches τ are gathered and compared member by member, and on real
+neighbourhoods those are one or two per query and block. Before the first block has been
+screened a query has no limit: the k-th largest of that block's group maxima, when positive, is a
+lower bound on its k-th largest p (the k groups of largest maxima hold k distinct references at
+least that large), from which the first τ is set. Rows whose τ is not positive (a zero-norm
+query; a neighbourhood where every similarity is ≤ 0 within the bound), and rows that collect more
+than `_MAX_CANDIDATES` candidates (mass ties, duplicated references), are left to the engine's
+top-m screen, which proves them in its own way.
+
+No new rounding enters: negating an operand negates every product and partial sum exactly, so p
+is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
+(the bf16 output rounding included); τ is rounded down, which only widens the admission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .knn_bounds import screened_enough
+from .knn_inputs import Exclusions
+
+if TYPE_CHECKING:
+    from .knn import SearchEngine
+
+GROUP = 32  # columns per group of maxima
+# Reference rows per block: oneDNN's bf16 kernel runs near its peak from this width on (measured
+# 2,000 × 16,384 against 1,000 × 4,096: ~25% more GFLOP/s), the per-block bookkeeping is
+# amortised, and the first block, which sets the first limits, holds more of each neighbourhood.
+REFERENCE_BLOCK = 16384
+_MAX_CANDIDATES = 2048  # per query: beyond this the top-m screen is cheaper than collecting
+_SLACK = 2.0**-40  # relative: covers the float64 1 - p of the settle step and of τ = 1 - L
+_INTEGER = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def block_shape(
+    budget: int, n_queries: int, n_references: int, streamed_bytes_per_row: int
+) -> tuple[int, int]:
+    """(query rows, reference rows) of the admission screen's blocks within `budget` bytes: the
+    product (at most 4 bytes per pair) and its group maxima (1/32 of that) take under 5 bytes per
+    pair, beside the operands a memory-mapped float32 screen makes per block. The reference rows
+    shrink from `REFERENCE_BLOCK` only when 256 query rows would not fit."""
+    references = min(REFERENCE_BLOCK, n_references)
+    while references > GROUP and budget < references * (streamed_bytes_per_row + 5 * min(n_queries, 256)):
+        references //= 2
+    spare = budget - references * streamed_bytes_per_row
+    return max(1, min(n_queries, spare // (5 * references))), references
+
+
+def applies(engine: SearchEngine) -> bool:
+    """Whether `engine` screens by admission thresholds: torch's cosine screen on the CPU."""
+    return engine.backend == "torch" and engine.metric == "cosine" and engine.device.type == "cpu"
+
+
+class _Candidates:
+    """Admitted (row, reference, bits of p) triples, the running k largest p per row and τ, as
+    host arrays: the bookkeeping is a few small operations per block, which numpy runs on the
+    calling thread instead of waking torch's pool for each (on a busy machine each wake-up can
+    cost a scheduler slice)."""
+
+    def __init__(self, n_rows: int, k: int, integer: np.dtype):
+        self.k, self.integer = k, integer
+        self.smallest, self.largest = np.iinfo(integer).min, np.iinfo(integer).max
+        self.rows: list[np.ndarray] = []
+        self.columns: list[np.ndarray] = []
+        self.bits: list[np.ndarray] = []
+        self.counts = np.zeros(n_rows, dtype=np.int64)
+        self.best = np.full((n_rows, k), self.smallest, dtype=integer)  # k largest p (bits) so far
+        self.tau = np.full(n_rows, self.largest, dtype=integer)  # admits nothing
+        self.left = np.zeros(n_rows, dtype=bool)  # rows handed back to the top-m screen
+
+    def add(self, rows: np.ndarray, columns: np.ndarray, bits: np.ndarray) -> None:
+        """New candidates, `rows` ascending."""
+        if not len(rows):
+            return
+        self.rows.append(rows)
+        self.columns.append(columns)
+        self.bits.append(bits)
+        new = np.bincount(rows, minlength=len(self.counts))
+        self.counts += new
+        # the k largest of each row's new candidates join the running k largest
+        starts = np.cumsum(new) - new
+        rank = np.arange(len(rows)) - starts[rows]
+        dense = np.full((len(self.counts), int(new.max())), self.smallest, dtype=self.integer)
+        dense[rows, rank] = bits
+        merged = np.concatenate((self.best, dense), axis=1)
+        self.best = np.partition(merged, merged.shape[1] - self.k, axis=1)[:, -self.k :]
+        overflowing = self.counts > _MAX_CANDIDATES
+        self.left |= overflowing
+        self.tau[overflowing] = self.largest
+
+
+@contextlib.contextmanager
+def single_threaded(threads: int = 1) -> Iterator[None]:
+    """Run torch's operations on `threads` threads (process-wide), then restore the count. The
+    screen's small operations run on the calling thread: each parallel region waits for every
+    thread of the pool, and on a busy machine one descheduled thread stalls it for a scheduler
+    slice, far longer than the work (measured: a 0.6 ms reduction took 50-80 ms on two threads
+    while other processes held the cores). Only the products get the pool."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def screen(
+    engine: SearchEngine, fast_queries: torch.Tensor, bounds: torch.Tensor, exclusions: Exclusions, k: int,
+    threshold: float | None, threads: int,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:  # fmt: skip
+    """Candidates of every row of `fast_queries` (the engine's cosine operands, -q̂ rounded).
+
+    Call it inside `single_threaded()`; the products run on `threads` threads. Returns (values
+    float64 (b', m + 1), indices int64 (b', m + 1), rows (b',) of the rows it screened), in
+    `SearchEngine._screen`'s convention (block values -p, +inf and -1 padding); the rows not
+    returned are left to the top-m screen (module docstring).
+    """
+    references, arithmetic = engine._references, engine.arithmetic
+    n_rows, n_references = len(fast_queries), references.n
+    positive = fast_queries.neg()  # exact
+    out_dtype = torch.float32 if not arithmetic.half or arithmetic.output_unit == 0.0 else arithmetic.dtype
+    integer = _INTEGER[out_dtype]
+    found = _Candidates(n_rows, k, np.dtype(str(integer).removeprefix("torch.")))
+    excluded_rows, excluded_columns = (torch.from_numpy(pairs) for pairs in exclusions)
+    block = block_shape(engine._budget, n_rows, n_references, references.streamed_bytes_per_row())[1]
+    product = engine._buffer("product", n_rows * block, out_dtype)
+    maxima = engine._buffer("maxima", n_rows * (block // GROUP), integer)
+    for start in range(0, n_references, block):
+        stop = min(start + block, n_references)
+        width = stop - start
+        values = product[: n_rows * width].view(n_rows, width)
+        operands = references.operand_block(start, stop)
+        with single_threaded(threads):
+            if out_dtype == arithmetic.dtype:
+                torch.mm(positive, operands.T, out=values)
+            else:
+                torch.mm(positive, operands.T, out_dtype=out_dtype, out=values)
+        if len(excluded_columns):
+            in_block = (excluded_columns >= start) & (excluded_columns < stop)
+            values[excluded_rows[in_block], excluded_columns[in_block] - start] = -math.inf
+        bits = values.view(integer)
+        groups = width // GROUP
+        group_maxima = _group_maxima(bits, groups, maxima)
+        if start == 0:
+            _first_limits(
+                found,
+                group_maxima,
+                bits[:, groups * GROUP :].numpy(),
+                bounds,
+                threshold,
+                engine.dim,
+                out_dtype,
+            )
+        _admit(found, bits.numpy(), group_maxima, groups, start)
+        _tighten(found, bounds, threshold, engine.dim, out_dtype)
+    return _collected(found, n_rows, out_dtype)
+
+
+def _group_maxima(bits: torch.Tensor, groups: int, scratch: torch.Tensor) -> np.ndarray | None:
+    """Integer maxima (b, groups) of the groups of 32 columns of `bits[:, :32·groups]`, column c
+    in group c mod `groups`: one pass over the block, whose inner loop runs along contiguous
+    columns; None if there is no whole group."""
+    if groups == 0:
+        return None
+    out = scratch[: len(bits) * groups].view(len(bits), groups)
+    return torch.amax(bits[:, : groups * GROUP].unflatten(1, (GROUP, groups)), 1, out=out).numpy()
+
+
+def _first_limits(
+    found: _Candidates, group_maxima: np.ndarray | None, tail: np.ndarray, bounds: torch.Tensor,
+    threshold: float | None, dim: int, out_dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """τ of every row from the first block's k-th largest group maximum (module docstring);
+    rows where it is not positive are left to the top-m screen."""
+    pool = tail if group_maxima is None else np.concatenate((group_maxima, tail), axis=1)
+    if pool.shape[1] >= found.k:
+        lower = np.partition(pool, pool.shape[1] - found.k, axis=1)[:, -found.k]
+    else:
+        lower = np.full(len(pool), found.smallest, dtype=found.integer)
+    found.tau = _limits(lower, bounds, threshold, dim, out_dtype)
+    found.left = found.tau < 1
+    found.tau[found.left] = found.largest
+
+
+def _admit(
+    found: _Candidates, bits: np.ndarray, group_maxima: np.ndarray | None, groups: int, start: int
+) -> None:
+    """Candidates of one block: members of groups whose maximum reaches τ, and tail columns."""
+    tau, width = found.tau, bits.shape[1]
+    body = groups * GROUP
+    if group_maxima is not None:
+        hits = np.flatnonzero(group_maxima >= tau[:, None])  # row-major: rows ascending
+        if len(hits):
+            hit_rows, hit_groups = np.divmod(hits, groups)
+            columns = hit_groups[:, None] + np.arange(0, body, groups)
+            member_bits = np.take(bits.reshape(-1), (hit_rows * width)[:, None] + columns)
+            admitted = np.flatnonzero(member_bits >= tau[hit_rows, None])
+            which = admitted // GROUP
+            found.add(
+                hit_rows[which], columns.reshape(-1)[admitted] + start, member_bits.reshape(-1)[admitted]
+            )
+    if body < width:
+        tail = bits[:, body:]
+        admitted = np.flatnonzero(tail >= tau[:, None])
+        rows, columns = np.divmod(admitted, width - body)
+        found.add(rows, columns + body + start, tail.reshape(-1)[admitted])
+
+
+def _tighten(
+    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, out_dtype: torch.dtype
+) -> None:
+    tau = _limits(found.best.min(1), bounds, threshold, dim, out_dtype)
+    screened = ~found.left
+    found.tau[screened] = np.maximum(found.tau[screened], tau[screened])
+
+
+def _limits(
+    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, out_dtype: torch.dtype
+) -> np.ndarray:
+    """bits(τ) per row from a lower bound (bits) of its k-th largest p: τ = 1 - L(1 - p_k), less
+    the slack, rounded down to `out_dtype` (module docstring). Not positive where no limit holds."""
+    known = lower > 0  # a negative or absent p_k: no usable limit
+    p_k = torch.from_numpy(np.where(known, lower, 0)).view(out_dtype).double()
+    scores = torch.where(torch.from_numpy(known), 1.0 - p_k, math.inf)[:, None]
+    limit = screened_enough(scores, 1, bounds, threshold, "cosine", dim)[1]
+    tau = (1.0 - limit) - _SLACK * (1.0 + limit.abs())
+    return _round_down_bits(tau.numpy(), out_dtype)
+
+
+def _round_down_bits(tau: np.ndarray, out_dtype: torch.dtype) -> np.ndarray:
+    """Bits of the largest `out_dtype` number ≤ tau where tau > 0, else 0 (or less)."""
+    tau = np.where(np.isnan(tau) | (tau <= 0), 0.0, tau)
+    single = tau.astype(np.float32)
+    single = np.where(single > tau, np.nextafter(single, np.float32(-np.inf)), single).astype(np.float32)
+    if out_dtype == torch.float32:
+        return single.view(np.int32)
+    if out_dtype == torch.bfloat16:  # dropping the low half of a positive float32 rounds down
+        return (single.view(np.uint32) >> 16).astype(np.int16)
+    half = single.astype(np.float16)
+    half = np.where(half > single, np.nextafter(half, np.float16(-np.inf)), half).astype(np.float16)
+    return half.view(np.int16)
+
+
+def _collected(
+    found: _Candidates, n_rows: int, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The candidates of the rows screened here, padded per row, in the top-m screen's form."""
+    kept_rows = np.flatnonzero(~found.left)
+    if found.rows:
+        rows, columns, bits = (np.concatenate(parts) for parts in (found.rows, found.columns, found.bits))
+    else:
+        rows = columns = np.zeros(0, dtype=np.int64)
+        bits = np.zeros(0, dtype=found.integer)
+    position = np.full(n_rows, -1, dtype=np.int64)
+    position[kept_rows] = np.arange(len(kept_rows))
+    # a candidate below the final τ is above the final limit L: _settle would not refine it
+    kept = found.tau[rows] <= bits
+    rows = position[rows]
+    order = np.argsort(rows, kind="stable")
+    order = order[(rows >= 0)[order] & kept[order]]
+    rows, columns, bits = rows[order], columns[order], bits[order]
+    counts = np.bincount(rows, minlength=len(kept_rows))
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(rows)) - starts[rows]
+    width = int(counts.max(initial=0)) + 1  # + 1: the +inf column (module docstring)
+    values = torch.full((len(kept_rows), width), math.inf, dtype=torch.float64)
+    indices = torch.full((len(kept_rows), width), -1, dtype=torch.int64)
+    where = (torch.from_numpy(rows), torch.from_numpy(rank))
+    values[where] = -torch.from_numpy(bits).view(out_dtype).double()
+    indices[where] = torch.from_numpy(columns)
+    return values, indices, kept_rows

@@ -1,0 +1,141 @@
+"""The admission screen (`knn_admission`): over many small reference blocks (limits set and
+tightened block by block) it gives the exact oracle's answer and the plain scipy engine's, its
+candidates' error stays within the bound and holds every reference of the answer, rows it cannot
+screen go to the top-m screen, and τ is rounded down in every output type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fantasia_assets.core import knn_admission, screen
+from fantasia_assets.core.knn import SearchEngine
+from fantasia_assets_tests.conftest import shared_file
+from fantasia_assets_tests.core.test_knn import read_embeddings
+from fantasia_assets_tests.core.test_knn_screen import ADVERSARIAL, adversarial, exact_oracle, stressed_rows
+
+SCREENINGS = ["bf16", "fp32"] if screen.cpu_has_bf16_units() else ["fp32"]
+
+
+@pytest.fixture(scope="module")
+def real_data():
+    queries = read_embeddings(shared_file("queries_mouse.h5"), 120)
+    references = read_embeddings(shared_file("reference_human.h5"), 1500)
+    return queries, references
+
+
+@pytest.fixture
+def small_blocks(monkeypatch, request):
+    """Reference blocks of `request.param` rows: many blocks, whole groups and a tail."""
+    monkeypatch.setattr(knn_admission, "REFERENCE_BLOCK", request.param)
+
+
+def admitted(engine: SearchEngine, queries: np.ndarray, k: int, threshold=None, exclusions=None):
+    """The admission screen's (values, indices, rows) for `queries`, as the engine calls it."""
+    q32 = queries.astype(np.float32)
+    fast, _, _, bounds = engine._prepare_queries(q32, (q32.astype(np.float64) ** 2).sum(1))
+    none = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    with screen.exact_matmul_settings(), knn_admission.single_threaded():
+        return knn_admission.screen(
+            engine, fast, torch.from_numpy(bounds), exclusions or none, k, threshold, torch.get_num_threads()
+        )
+
+
+@pytest.mark.parametrize("small_blocks", [96, 100], indirect=True)
+@pytest.mark.parametrize("screening", SCREENINGS)
+def test_many_blocks_equal_the_oracle_and_the_plain_engine(real_data, small_blocks, screening):
+    queries, references = real_data
+    engine = SearchEngine("cosine", "torch", "cpu", screening=screening).build(references)
+    plain = SearchEngine("cosine", "scipy", "cpu").build(references)
+    expected = exact_oracle(queries, references, "cosine", 5)
+    np.testing.assert_array_equal(engine.search(queries, 5)[1], expected[1])
+    np.testing.assert_array_equal(engine.search(queries, 5)[0], expected[0])
+    threshold = float(expected[0][3, 2])  # exactly a distance of the answer: kept
+    for options in ({"threshold": threshold}, {"tie_expansion": True}):
+        for got, want in zip(
+            engine.search(queries, 5, **options), plain.search(queries, 5, **options), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+    rng = np.random.default_rng(3)  # every query loses its 3 nearest and a few others
+    excluded = [
+        np.unique([*expected[1][i, :3], *rng.choice(len(references), 4)]) for i in range(len(queries))
+    ]
+    indptr = np.concatenate([[0], np.cumsum([len(e) for e in excluded])])
+    exclude = (indptr, np.concatenate(excluded))
+    for got, want in zip(
+        engine.search(queries, 5, exclude=exclude), plain.search(queries, 5, exclude=exclude), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("small_blocks", [64], indirect=True)
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_many_blocks_on_adversarial_data_equal_the_oracle(small_blocks, name):
+    queries, references = adversarial(name, "cosine", np.random.default_rng(len(name)))
+    queries, references = queries.astype(np.float32), references.astype(np.float32)
+    for screening in SCREENINGS:
+        engine = SearchEngine("cosine", "torch", "cpu", screening=screening).build(references)
+        for ties in (False, True):
+            expected = exact_oracle(queries, references, "cosine", 5, ties=ties)
+            got = engine.search(queries, 5, tie_expansion=ties)
+            np.testing.assert_array_equal(got[1], expected[1], err_msg=f"{name} {screening}")
+            np.testing.assert_array_equal(got[0], expected[0], err_msg=f"{name} {screening}")
+
+
+@pytest.mark.parametrize("screening", SCREENINGS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=stressed_rows(), block=st.sampled_from([8, 32, 40, 4096]))
+def test_candidates_are_within_the_bound_and_hold_the_answer(screening, rows, block):
+    """Every candidate's screened score is within δ of its exact target T (the admission path's
+    own product, of the negated operands), and every reference with T ≤ the k-th smallest T is a
+    candidate of each row the screen keeps."""
+    references, queries, k = rows[16:], rows[:16], 3
+    engine = SearchEngine("cosine", "torch", "cpu", screening=screening).build(references)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn_admission, "REFERENCE_BLOCK", block)
+        values, indices, kept = admitted(engine, queries, k)
+    _, _, _, bounds = engine._prepare_queries(queries, (queries.astype(np.float64) ** 2).sum(1))
+    q = queries.astype(np.longdouble)
+    norms = np.sqrt((q * q).sum(1, keepdims=True))
+    unit = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+    prepared = engine._references.prepared(0, engine.n_references).numpy().astype(np.longdouble)
+    target = (1 - unit @ prepared.T).astype(np.float64)
+    for position, row in enumerate(kept):
+        finite = np.isfinite(values[position].numpy())
+        columns = indices[position].numpy()[finite]
+        scores = values[position].numpy()[finite] + 1.0
+        assert np.all(np.abs(scores - target[row, columns]) <= bounds[row, 0])
+        answer = np.flatnonzero(target[row] <= np.sort(target[row])[k - 1])
+        assert set(answer) <= set(columns.tolist())
+
+
+def test_rows_it_cannot_screen_go_to_the_top_m_screen():
+    """A zero query (no positive limit) and queries with thousands of tied references (over the
+    candidate cap) are left out, and the engine's answer still equals the oracle's."""
+    rng = np.random.default_rng(5)
+    distinct = rng.standard_normal((3, 8)).astype(np.float32)
+    references = np.repeat(distinct, knn_admission._MAX_CANDIDATES + 1, axis=0)
+    queries = np.vstack([np.zeros((1, 8)), distinct[:1], rng.standard_normal((2, 8))]).astype(np.float32)
+    for screening in SCREENINGS:
+        engine = SearchEngine("cosine", "torch", "cpu", screening=screening).build(references)
+        _, _, kept = admitted(engine, queries, 4)
+        assert 0 not in kept and 1 not in kept
+        expected = exact_oracle(queries, references, "cosine", 4)
+        for got, want in zip(engine.search(queries, 4), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@given(st.lists(st.floats(2.0**-140, 3.0), min_size=1, max_size=50))
+@settings(max_examples=60, deadline=None)
+def test_tau_is_rounded_down_to_the_output_type(values):
+    tau = np.array(values)
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        bits = knn_admission._round_down_bits(tau, out_dtype)
+        integer = torch.int32 if out_dtype == torch.float32 else torch.int16
+        got = torch.from_numpy(np.ascontiguousarray(bits)).view(out_dtype).double().numpy()
+        above = torch.from_numpy(np.ascontiguousarray(bits + 1)).to(integer).view(out_dtype).double().numpy()
+        assert np.all(got <= tau) and np.all(above > tau)
+    assert np.all(knn_admission._round_down_bits(np.array([0.0, -1.0, np.nan]), torch.bfloat16) <= 0)
