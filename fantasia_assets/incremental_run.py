@@ -247,6 +247,10 @@ class PartitionUpdates:
         accessions = [queries.catalogue.accessions[r] for r in rows]
         self._pending[partition.key] = (key, queries.content_hash, accessions, query_d, outcome, ref_d)
 
+    def keeps_state(self, partition: Partition) -> bool:
+        """Whether the partition's state is staged with its outputs (not a per-aspect search)."""
+        return partition.key in self._pending
+
     def stage(
         self, root: Path, partition: Partition, outputs: tuple[str, ...] = ("hits", "raw")
     ) -> list[Path]:

@@ -71,6 +71,7 @@ class OutputUpdates:
         self.patches: dict[Path, list[str]] = {}
         self.outputs = outputs_hash(config)
         self._digests: pl.DataFrame | None = None
+        self._with_state: set[str] = set()  # partitions whose state is staged (not per-aspect)
         self._rebuilt_rows = 0  # raw rows rebuilt by the partitions written incrementally
         self._run_state = self._read_run_state()
 
@@ -134,10 +135,13 @@ class OutputUpdates:
         if isinstance(plan, str):
             log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
             plan = None
-        digests = self.annotation_digests() if plan is None else plan[1]
-        with timed(outcome.timings, "incremental state"):
-            folder = root / incremental.state_dir(partition)
-            exports.write_parquet_atomic(folder / "annotations.parquet", digests)
+        keeps_state = self.updates.keeps_state(partition)  # not a per-aspect search
+        if keeps_state:
+            self._with_state.add(partition.key)
+            digests = self.annotation_digests() if plan is None else plan[1]
+            with timed(outcome.timings, "incremental state"):
+                folder = root / incremental.state_dir(partition)
+                exports.write_parquet_atomic(folder / "annotations.parquet", digests)
         if plan is None:
             raw = build_raw(outcome.hits)
             with timed(outcome.timings, "write partition"):
@@ -154,7 +158,8 @@ class OutputUpdates:
                     root, partition, raw, self.shard_names, config.precision, config.fantasia_compat,
                     self.published,  # its unchanged shards are linked
                 )  # fmt: skip
-                self._stage_shards(root, partition, raw, {})
+                if keeps_state:
+                    self._stage_shards(root, partition, raw, {})
 
             if defer_shards:
                 return raw, shards
@@ -324,6 +329,8 @@ class OutputUpdates:
 
     def stage(self, root: Path, partitions: list[Partition]) -> list[Path]:
         """Write state/run.json under `root`: the signatures of the files a splice reads back."""
+        if not any(p.key in self._with_state for p in partitions):
+            return []  # per-aspect searches keep no state: the next run is a full one
         folders = (
             [ENSEMBLE, *(partition_paths(Path(), p)["topgo"] for p in partitions)]
             if self.config.topgo

@@ -46,15 +46,22 @@ def tree(root: Path) -> dict[str, str]:
     """Relative path → SHA-256 of every output file under `root` (hidden temporaries included).
 
     lineage.duckdb is left out: it is the log every successful run appends its rows to, not
-    part of an output set.
+    part of an output set; so are the incremental state's records of other files' size, mtime
+    and inode (`state/run.json`, `state/.../shards.parquet`), which differ between any two runs.
     """
     if not root.exists():
         return {}
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "lineage.duckdb"
+        if p.is_file() and p.name != "lineage.duckdb" and not _signatures(p.relative_to(root))
     }
+
+
+def _signatures(relative: Path) -> bool:
+    return relative.parts[:1] == ("state",) and (
+        relative.name == "shards.parquet" or relative == Path("state/run.json")
+    )
 
 
 def hidden(root: Path) -> list[str]:
