@@ -423,6 +423,8 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
         raise EmbeddingFileError(f"{path}: unreadable HDF5 content ({exc})") from exc
     for group, reason in catalogue.skipped:
         log.warning("%s: skipped %s: %s", path, group, reason)
+    declined = "no direct reader" if fast is None else f"{fast.declined} declined by the direct reader"
+    log.debug("%s: %d groups scanned (%s)", path, len(catalogue.accessions), declined)
     return catalogue
 
 
@@ -480,6 +482,7 @@ def scan_cached(path: str | Path, cache_dir: Path) -> tuple[EmbeddingCatalogue, 
             with open(cached, "rb") as handle:
                 catalogue = pickle.load(handle)
             catalogue.path = path
+            log.debug("%s: groups from the scan cache %s", path, cached)
             return catalogue, digest
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
             log.warning("unreadable catalogue cache %s; scanning %s again", cached, path)

@@ -82,7 +82,7 @@ def test_cli_load_and_lookup_with_a_password_in_the_url__password_in_no_output_o
     assert "proteins:" in load.stdout
     lookup = _cli("-v", "lookup", "--config", str(_config_file(tmp_path)), env=env)
     assert lookup.returncode == 0, lookup.stderr
-    assert "DEBUG " in lookup.stderr  # -v: every logger's debug records reach stderr
+    assert "DEBUG fantasia_assets." in lookup.stderr  # -v: every logger's debug records reach stderr
     for name, run in (("load-references", load), ("lookup", lookup)):
         _assert_no_secret(run.stdout, f"{name} stdout")
         _assert_no_secret(run.stderr, f"{name} stderr (all logging at DEBUG)")
