@@ -174,24 +174,28 @@ class PartitionUpdates:
         def run_search(
             references: np.ndarray,
             ids: np.ndarray,
-            query_rows: np.ndarray,
+            groups: list[tuple[np.ndarray, float | None]],
             screening: str,
-            threshold: float | None = partition.model.distance_threshold,
         ) -> pl.DataFrame:
+            """The answers of each group of query rows under its threshold, one engine for all."""
             # a small CPU search in numpy alone, as the full run's (`knn_numpy.engine_for`): the
             # same answers, without torch's start-up
             engine = engine_for(
                 config.distance_metric, config.backend, device, screening,
-                len(query_rows), len(references), references.shape[1],
+                sum(len(group) for group, _ in groups), len(references), references.shape[1],
             )  # fmt: skip
             engine.build(references)
-            exclude = None
-            if names is not None:
-                exclude = exclusion_csr([names[r] for r in query_rows], [f"R{s}" for s in ids], clusters)
-            return incremental.search_rows(
-                engine, ids, [accessions[r] for r in query_rows], vectors[query_rows],
-                config.limit_per_entry, threshold, config.tie_expansion, batch, exclude,
-            )  # fmt: skip
+            parts = []
+            for query_rows, threshold in groups:
+                exclude = None
+                if names is not None:
+                    exclude = exclusion_csr([names[r] for r in query_rows], [f"R{s}" for s in ids], clusters)
+                answer = incremental.search_rows(
+                    engine, ids, [accessions[r] for r in query_rows], vectors[query_rows],
+                    config.limit_per_entry, threshold, config.tie_expansion, batch, exclude,
+                )  # fmt: skip
+                parts.append(answer)
+            return pl.concat(parts)
 
         with timed(timings, "search"):
             if len(new_ids) and kept:
@@ -204,17 +208,14 @@ class PartitionUpdates:
                 )  # fmt: skip
                 # a few new rows: a 16-bit screen keeps 32 candidates per query to refine, more than
                 # the float32 one's 8; the neighbours are the same with either (`core.knn`)
-                added = pl.concat(
-                    [
-                        run_search(new_vectors, new_sequence_ids, kept_rows[group], "fp32", limit)
-                        for group, limit in groups
-                    ]
-                )
+                groups = [(kept_rows[group], limit) for group, limit in groups]
+                added = run_search(new_vectors, new_sequence_ids, groups, "fp32")
                 answers = [
                     incremental.merge_answers(stored, added, config.limit_per_entry, config.tie_expansion)
                 ]
             if len(full_rows):
-                answers.append(run_search(matrix.vectors, matrix.sequence_ids, full_rows, config.screening))
+                everything = [(full_rows, partition.model.distance_threshold)]
+                answers.append(run_search(matrix.vectors, matrix.sequence_ids, everything, config.screening))
         query_idx = dict(zip(accessions, queries.query_idx[rows].tolist(), strict=True))
         hits = incremental.assemble(answers, accessions, query_idx)
         found = set(hits["accession"].unique().to_list())
