@@ -25,17 +25,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
 from fantasia_assets_tests.dask_cluster import start_cluster
+from fantasia_assets_tests.hardening.helpers import tree
 
 BATCH = 8  # 50 sample queries: several batches and blocks per partition
 PARTITIONS = ["NEAR|layer_0", "AntiBERTy|layer_3"]
-
-
-def _tree_digest(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "lineage.duckdb"
-    }
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,7 @@ def in_process(folder, sample_database) -> dict[str, bytes]:
     """The outputs of the plain in-process CLI lookup."""
     done = _lookup(_config(folder, "in_process"), _environment(sample_database))
     assert done.returncode == 0, done.stderr
-    return _tree_digest(folder / "in_process")
+    return tree(folder / "in_process")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +109,7 @@ def test_cli_lookup_on_the_cluster_is_identical(cluster, folder, sample_database
     done = _lookup(config, _environment(sample_database, FANTASIA_DASK_SCHEDULER=cluster.address))
     assert done.returncode == 0, done.stderr + cluster.log_text()
     assert f"search on the Dask cluster at {cluster.address}" in done.stdout
-    assert _tree_digest(folder / "on_cluster") == in_process
+    assert tree(folder / "on_cluster") == in_process
     # the workers built engines on the matrix and kept them for later blocks
     with cluster.client() as client:
         kept = client.run(_engines_kept)
@@ -173,7 +166,7 @@ def test_worker_killed_mid_run_has_its_block_retried_elsewhere(cluster, folder, 
     assert running.returncode == 0, stderr + cluster.log_text()
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)
-    assert _tree_digest(folder / "killed") == in_process
+    assert tree(folder / "killed") == in_process
 
 
 def test_unreachable_scheduler_is_one_line_and_nothing_is_written(folder, sample_database):
@@ -241,7 +234,7 @@ def test_dagster_partitions_on_the_dask_executor_are_identical(
             assert result.success, failures
             steps = {event.step_key for event in result.all_events if event.is_step_success}
             assert {"neighbour_hits", "raw_result_shards", "topgo_exports"} <= steps
-    written = _tree_digest(folder / "dagster")
+    written = tree(folder / "dagster")
     folders = [
         Path(kind) / model / layer
         for kind in ("raw_results", "parquet", "topgo")
@@ -303,7 +296,7 @@ def test_blocks_are_resized_to_a_small_worker_and_identical(
     # 50 queries: AntiBERTy's blocks cut to one batch to fit; NEAR's (half the width) twice that
     assert "AntiBERTy|layer_3: 7 blocks of ≤ 8 queries" in done.stdout
     assert "NEAR|layer_0: 4 blocks of ≤ 16 queries" in done.stdout
-    assert _tree_digest(folder / "small") == in_process
+    assert tree(folder / "small") == in_process
 
 
 def test_a_batch_too_large_for_the_worker_is_refused_clearly(small_cluster, folder, sample_database):

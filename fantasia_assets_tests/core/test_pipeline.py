@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from fantasia_assets.config import parse_config
 from fantasia_assets.core import exports
 from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
+from fantasia_assets_tests.hardening.helpers import tree
 
 
 def _config(tmp_path: Path, queries: Path | None = None, **overrides) -> dict:
@@ -31,15 +31,6 @@ def _config(tmp_path: Path, queries: Path | None = None, **overrides) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
     return raw
-
-
-def _tree_digest(root: Path) -> dict[str, str]:
-    """Digest of every output; lineage.duckdb is a log that every run appends to, so it is left out."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "lineage.duckdb"
-    }
 
 
 def test_lookup_writes_every_output(sample_loaded, tmp_path):
@@ -86,11 +77,11 @@ def test_lookup_writes_every_output(sample_loaded, tmp_path):
 def test_rerun_is_byte_identical_and_replaces(sample_loaded, tmp_path):
     config = parse_config(_config(tmp_path))
     run_lookup(config, sample_loaded)
-    first = _tree_digest(config.experiment_path)
+    first = tree(config.experiment_path)
     stray = config.experiment_path / "raw_results" / "NEAR" / "layer_0" / "GONE.csv"
     stray.write_text("from an earlier run")
     again = run_lookup(config, sample_loaded)
-    assert _tree_digest(config.experiment_path) == first  # no duplicate rows, stray shard gone
+    assert tree(config.experiment_path) == first  # no duplicate rows, stray shard gone
     assert {p.matrix_source for p in again.partitions} == {"disk"}  # unchanged references: not refetched
     assert not list(config.experiment_path.rglob("*.tmp"))
     with duckdb.connect(str(config.experiment_path / "lineage.duckdb"), read_only=True) as conn:
