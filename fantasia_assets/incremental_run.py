@@ -33,6 +33,10 @@ from .core.timing import timed
 from .db.stores import ReferenceStore
 
 log = logging.getLogger(__name__)
+# queries per search of the added references: each group's threshold is its largest stored k-th
+# distance (`incremental.added_search_groups`); smaller groups have tighter thresholds, and fewer
+# candidates to refine, but pay the search's per-call cost more often
+MERGE_GROUP = 2500
 
 
 def search_key(
@@ -151,15 +155,7 @@ class PartitionUpdates:
             vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, config.distance_metric)
         accessions = [queries.catalogue.accessions[r] for r in rows]
         with timed(timings, "compare with the stored state"):
-            stored_refs = state.references
-            same_ids = len(stored_refs) == len(matrix) and np.array_equal(
-                stored_refs["sequence_id"].to_numpy(), matrix.sequence_ids
-            )
-            if state.meta.get("reference_fingerprint") == matrix.fingerprint and same_ids:
-                # the very matrix the state was computed on (the store caches it by fingerprint)
-                ref_digests = stored_refs["digest"].to_list()
-            else:
-                ref_digests = incremental.row_digests(matrix.vectors)
+            ref_digests = _reference_digests(state, matrix, store, reference_scope(config, partition))
             digests = query_digests(queries, rows, vectors)
             changes = incremental.diff(
                 state, matrix.sequence_ids, ref_digests, accessions, digests,
@@ -171,41 +167,55 @@ class PartitionUpdates:
         kept = [a for a in accessions if a not in searched]
         stored = state.neighbours.filter(pl.col("accession").is_in(kept))
         new_ids = np.union1d(changes.references_added, changes.references_changed)
-        settings = (config.limit_per_entry, partition.model.distance_threshold, config.tie_expansion)
         batch = partition.model.batch_size or config.batch_size
         answers = [stored]
         names = [f"Q{i}" for i in queries.query_idx[rows]] if clusters is not None else None
 
         def run_search(
-            references: np.ndarray, ids: np.ndarray, query_rows: np.ndarray, screening: str
+            references: np.ndarray,
+            ids: np.ndarray,
+            groups: list[tuple[np.ndarray, float | None]],
+            screening: str,
         ) -> pl.DataFrame:
+            """The answers of each group of query rows under its threshold, one engine for all."""
             # a small CPU search in numpy alone, as the full run's (`knn_numpy.engine_for`): the
             # same answers, without torch's start-up
             engine = engine_for(
                 config.distance_metric, config.backend, device, screening,
-                len(query_rows), len(references), references.shape[1],
+                sum(len(group) for group, _ in groups), len(references), references.shape[1],
             )  # fmt: skip
             engine.build(references)
-            exclude = None
-            if names is not None:
-                exclude = exclusion_csr([names[r] for r in query_rows], [f"R{s}" for s in ids], clusters)
-            return incremental.search_rows(
-                engine, ids, [accessions[r] for r in query_rows], vectors[query_rows],
-                *settings, batch, exclude,
-            )  # fmt: skip
+            parts = []
+            for query_rows, threshold in groups:
+                exclude = None
+                if names is not None:
+                    exclude = exclusion_csr([names[r] for r in query_rows], [f"R{s}" for s in ids], clusters)
+                answer = incremental.search_rows(
+                    engine, ids, [accessions[r] for r in query_rows], vectors[query_rows],
+                    config.limit_per_entry, threshold, config.tie_expansion, batch, exclude,
+                )  # fmt: skip
+                parts.append(answer)
+            return pl.concat(parts)
 
         with timed(timings, "search"):
             if len(new_ids) and kept:
                 at = np.flatnonzero(np.isin(matrix.sequence_ids, new_ids))
                 kept_rows = np.array([position[a] for a in kept], dtype=np.int64)
+                new_vectors, new_sequence_ids = matrix.vectors[at], matrix.sequence_ids[at]
+                groups = incremental.added_search_groups(
+                    stored, kept, config.limit_per_entry, partition.model.distance_threshold,
+                    min(batch, MERGE_GROUP),
+                )  # fmt: skip
                 # a few new rows: a 16-bit screen keeps 32 candidates per query to refine, more than
                 # the float32 one's 8; the neighbours are the same with either (`core.knn`)
-                added = run_search(matrix.vectors[at], matrix.sequence_ids[at], kept_rows, "fp32")
+                groups = [(kept_rows[group], limit) for group, limit in groups]
+                added = run_search(new_vectors, new_sequence_ids, groups, "fp32")
                 answers = [
                     incremental.merge_answers(stored, added, config.limit_per_entry, config.tie_expansion)
                 ]
             if len(full_rows):
-                answers.append(run_search(matrix.vectors, matrix.sequence_ids, full_rows, config.screening))
+                everything = [(full_rows, partition.model.distance_threshold)]
+                answers.append(run_search(matrix.vectors, matrix.sequence_ids, everything, config.screening))
         query_idx = dict(zip(accessions, queries.query_idx[rows].tolist(), strict=True))
         hits = incremental.assemble(answers, accessions, query_idx)
         found = set(hits["accession"].unique().to_list())
@@ -273,6 +283,32 @@ class PartitionUpdates:
             accessions, query_d, outcome.matrix.sequence_ids, ref_d,
         )  # fmt: skip
         return [incremental.state_dir(partition)]
+
+
+def _reference_digests(state: incremental.StoredState, matrix, store: ReferenceStore, scope) -> list[bytes]:
+    """The digest of each row of `matrix`, taken from the state where it proves the row unchanged.
+
+    The store keys matrices by the fingerprint of their database rows and returns the cache file's
+    contents for it, never anything else (a cache file is replaced whole, and only by the rows of
+    the same fingerprint); the state's digests were taken of the matrix of its recorded
+    fingerprint. So when that fingerprint is the current one, the stored digests are the current
+    rows'; when the store still holds the older matrix, a row whose bytes equal its row there has
+    the stored digest. Only rows without such proof are digested."""
+    stored = state.references
+    fingerprint = state.meta.get("reference_fingerprint")
+    same_ids = len(stored) == len(matrix) and np.array_equal(
+        stored["sequence_id"].to_numpy(), matrix.sequence_ids
+    )
+    if fingerprint == matrix.fingerprint and same_ids:
+        return stored["digest"].to_list()
+    previous = store.cached(scope, fingerprint) if isinstance(fingerprint, str) else None
+    if previous is not None:
+        digests = incremental.carried_digests(
+            stored, previous.sequence_ids, previous.vectors, matrix.sequence_ids, matrix.vectors
+        )
+        if digests is not None:
+            return digests
+    return incremental.row_digests(matrix.vectors)
 
 
 def _counts(changes: incremental.Changes) -> dict[str, int]:

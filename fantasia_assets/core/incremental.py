@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,58 @@ def row_digests(vectors: np.ndarray) -> list[bytes]:
     """A 16-byte BLAKE2b digest of each row's bytes (its dtype and values, exactly)."""
     rows = np.ascontiguousarray(vectors)
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def carried_digests(
+    stored: pl.DataFrame,
+    previous_ids: np.ndarray,
+    previous: np.ndarray,
+    reference_ids: np.ndarray,
+    vectors: np.ndarray,
+    block: int = 8192,
+) -> list[bytes] | None:
+    """`row_digests(vectors)`, reusing the stored digest of each row whose bytes equal its row in
+    `previous`, the matrix the `stored` digests (sequence_id, digest) were computed on; None when
+    `previous` cannot be that matrix (other ids, dtype or width), and the caller digests all rows.
+
+    Comparing bytes costs a tenth of digesting them, and only the rows that differ (added or
+    changed references) are digested. The caller vouches that `previous` holds the rows the
+    stored digests were taken of (the reference cache file of the state's fingerprint)."""
+    stored_ids = stored["sequence_id"].to_numpy()
+    if (
+        not np.array_equal(previous_ids, stored_ids)
+        or previous.dtype != vectors.dtype
+        or previous.shape[1:] != vectors.shape[1:]
+        or len(previous) != len(stored_ids)
+    ):
+        return None
+    ids = np.asarray(reference_ids, dtype=np.int64)
+    _, at_new, at_old = np.intersect1d(ids, stored_ids, assume_unique=True, return_indices=True)
+    same = np.zeros(len(ids), dtype=bool)
+    for start in range(0, len(at_new), block):
+        new_rows = _take(vectors, at_new[start : start + block])
+        old_rows = _take(previous, at_old[start : start + block])
+        # bytes, not values: -0.0 == 0.0 and NaN != NaN as numbers, and the digest is of bytes
+        same[at_new[start : start + block]] = (_as_bytes(new_rows) == _as_bytes(old_rows)).all(axis=1)
+    digests: list[bytes | None] = [None] * len(ids)
+    stored_digests = stored["digest"].to_list()
+    for i, j in zip(at_new[same[at_new]].tolist(), at_old[same[at_new]].tolist(), strict=True):
+        digests[i] = stored_digests[j]
+    fresh = np.flatnonzero(~same)
+    for i, digest in zip(fresh.tolist(), row_digests(_take(vectors, fresh)), strict=True):
+        digests[i] = digest
+    return digests
+
+
+def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`array[rows]`, a slice when the rows run contiguously (a memory map read in order)."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return np.ascontiguousarray(array[rows[0] : rows[-1] + 1])
+    return np.ascontiguousarray(array[rows])
+
+
+def _as_bytes(rows: np.ndarray) -> np.ndarray:
+    return rows.view(np.uint8).reshape(len(rows), -1)
 
 
 def clusters_digest(clusters: Mapping[str, str] | None) -> str | None:
@@ -353,6 +406,40 @@ def search_rows(
             neighbour_hits(accessions[start:stop], np.zeros(stop - start), distances, indices, reference_ids)
         )
     return pl.concat(parts) if parts else pl.DataFrame(schema=HIT_SCHEMA)
+
+
+def added_search_groups(
+    stored: pl.DataFrame, accessions: list[str], k: int, threshold: float | None, size: int
+) -> list[tuple[np.ndarray, float | None]]:
+    """Groups of at most `size` positions in `accessions` (queries whose `stored` answer is merged
+    with a search of the added references alone), each with the threshold that search may use.
+
+    A reference x of the added set A enters a query's answer over R ∪ A only if d_x ≤ d_k(R ∪ A)
+    ≤ d_k(R), the k-th stored distance (`merge_answers`' reasoning); every reference of A before
+    it in (distance, sequence id) order is then within that distance too, so x is also in A's
+    answer under any threshold t' ≥ d_k(R), and a merge over a subset of the admissible
+    references that holds the answer selects the answer. So each group is searched with
+    t' = min(threshold, the largest d_k(R) in it), or `threshold` when one of its queries has
+    fewer than k stored neighbours. Queries are grouped by ascending d_k(R), which keeps each
+    group's t' tight: the search refines only the few added references that can enter."""
+    kth = stored.filter(pl.col("rank") == k - 1).select("accession", "distance")
+    bound = (
+        pl.DataFrame({"accession": accessions}, schema={"accession": pl.String})
+        .join(kth, on="accession", how="left", maintain_order="left")["distance"]
+        .cast(pl.Float64)
+        .fill_null(np.inf)
+        .to_numpy()
+    )
+    order = np.argsort(bound, kind="stable")
+    groups = []
+    for start in range(0, len(order), size):
+        rows = np.sort(order[start : start + size])
+        limit = float(bound[rows].max())
+        if not math.isfinite(limit):
+            groups.append((rows, threshold))
+        else:
+            groups.append((rows, limit if threshold is None else min(threshold, limit)))
+    return groups
 
 
 def merge_answers(stored: pl.DataFrame, added: pl.DataFrame, k: int, tie_expansion: bool) -> pl.DataFrame:

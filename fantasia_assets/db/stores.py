@@ -177,6 +177,14 @@ class ReferenceStore:
         for old in self.cache_dir.glob("matrix-*.npz"):
             old.unlink(missing_ok=True)
 
+    def cached(self, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix | None:
+        """The matrix of `fingerprint` if memory or the disk cache still holds it, else None
+        (never fetched: the rows of an older fingerprint are no longer in the database)."""
+        with self._lock:
+            if fingerprint in self._memory:
+                return self._memory[fingerprint]
+        return self._from_disk(self.cache_file(fingerprint), scope, fingerprint)
+
     def get(self, scope: ReferenceScope, progress: Progress = no_progress) -> ReferenceMatrix:
         """The scope's matrix, fetched from the database only when its rows changed."""
         fingerprint = self.source.reference_fingerprint(scope)

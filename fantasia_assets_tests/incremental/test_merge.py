@@ -48,6 +48,21 @@ def test_merge_with_added_references_equals_a_full_search(metric, ties, with_thr
     order = [f"q{i}" for i in range(len(queries))]
     zero = dict.fromkeys(order, 0)
     assert incremental.assemble([merged], order, zero).equals(incremental.assemble([full], order, zero))
+    # the added references searched per group under its stored k-th distances: the same merge
+    for size in (1, 7, len(order)):
+        groups = incremental.added_search_groups(old, order, k, threshold, size)
+        assert sorted(np.concatenate([rows for rows, _ in groups]).tolist()) == list(range(len(order)))
+        parts = [
+            _answers(vectors[added], ids[added], queries[rows], k, limit, ties, metric).with_columns(
+                pl.col("accession").replace_strict({f"q{i}": f"q{r}" for i, r in enumerate(rows.tolist())})
+            )
+            for rows, limit in groups
+        ]
+        narrowed = pl.concat(parts)
+        # the group thresholds left references out (a set threshold may have left none to leave)
+        assert narrowed.height < new.height or (threshold is not None and narrowed.height == new.height)
+        grouped = incremental.merge_answers(old, narrowed, k, ties)
+        assert incremental.assemble([grouped], order, zero).equals(incremental.assemble([full], order, zero))
     if ties:  # the case is exercised: some answers are longer than k
         assert full.group_by("accession").len()["len"].max() > k
 
@@ -74,3 +89,28 @@ def test_tied_column_marks_the_kth_distance():
         schema=incremental.HIT_SCHEMA,
     )  # fmt: skip
     assert incremental.tied_column(hits, 2)["tied"].to_list() == [False, True, True, True]
+
+
+def test_carried_digests_equal_digesting_every_row():
+    rng = np.random.default_rng(3)
+    old_ids = np.array([2, 5, 7, 11, 13, 17, 19], dtype=np.int64)
+    old = rng.standard_normal((len(old_ids), 8)).astype(np.float16)
+    old[1, 0] = 0.0
+    old[4, 2] = np.nan
+    stored = pl.DataFrame(
+        {"sequence_id": old_ids, "digest": incremental.row_digests(old)},
+        schema={"sequence_id": pl.Int64, "digest": incremental.DIGEST},
+    )
+    # 7 removed, 3 and 23 added, 5 changed only in its zero's sign, 13's NaN payload changed
+    keep = [0, 1, 3, 4, 5, 6]
+    ids = np.array([2, 3, 5, 11, 13, 17, 19, 23], dtype=np.int64)
+    new = np.concatenate([old[:1], rng.standard_normal((1, 8)), old[keep[1:]], rng.standard_normal((1, 8))])
+    new = new.astype(np.float16)
+    new[2, 0] = -0.0
+    new.view(np.uint16)[4, 2] ^= 1
+    for block in (1, 2, 100):
+        carried = incremental.carried_digests(stored, old_ids, old, ids, new, block=block)
+        assert carried == incremental.row_digests(new)
+    # a previous matrix that is not the one the digests were taken of is never used
+    assert incremental.carried_digests(stored, old_ids[:-1], old[:-1], ids, new) is None
+    assert incremental.carried_digests(stored, old_ids, old.astype(np.float32), ids, new) is None
