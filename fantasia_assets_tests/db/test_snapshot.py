@@ -36,17 +36,16 @@ def _environment(home: Path) -> dict[str, str]:
     return environment
 
 
+def _python(home: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """`python ARGUMENTS` in a fresh process on `home`'s embedded server, its output captured."""
+    command = [sys.executable, *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=_environment(home), timeout=300)
+
+
 def cli(home: Path, *arguments: str) -> str:
     """`fantasia-assets …` in a fresh process on `home`'s embedded server (started and stopped
     by the process); its stdout."""
-    environment = _environment(home)
-    done = subprocess.run(
-        [sys.executable, "-m", "fantasia_assets.cli", *arguments],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
+    done = _python(home, "-m", "fantasia_assets.cli", *arguments)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -60,8 +59,7 @@ def sql(home: Path, statements: str, rollback: bool = False) -> None:
         f"    conn.exec_driver_sql({statements!r})\n"
         f"    conn.{'rollback' if rollback else 'commit'}()\n"
     )
-    environment = _environment(home)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    done = _python(home, "-c", code)
     assert done.returncode == 0, done.stderr
 
 
@@ -187,8 +185,7 @@ def test_a_stamp_served_lookup_imports_no_heavy_module(home):
         f"assert main(['lookup', '--config', {str(home / 'config.yaml')!r}]) == 0\n"
         f"print('loaded:', sorted(m for m in {HEAVY + UNUSED!r} if m in sys.modules))\n"
     )
-    environment = _environment(home)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    done = _python(home, "-c", code)
     assert done.returncode == 0, done.stdout + done.stderr
     assert SERVED in done.stdout
     assert "loaded: []" in done.stdout, done.stdout
