@@ -175,13 +175,13 @@ class PartitionUpdates:
             references: np.ndarray,
             ids: np.ndarray,
             groups: list[tuple[np.ndarray, float | None]],
-            screening: str,
         ) -> pl.DataFrame:
             """The answers of each group of query rows under its threshold, one engine for all."""
             # a small CPU search in numpy alone, as the full run's (`knn_numpy.engine_for`): the
-            # same answers, without torch's start-up
+            # same answers, without torch's start-up; else the full run's screen (bf16 on matrix
+            # units: the merge's 20,000 × 2,500 product takes half the float32 one's CPU time)
             engine = engine_for(
-                config.distance_metric, config.backend, device, screening,
+                config.distance_metric, config.backend, device, config.screening,
                 sum(len(group) for group, _ in groups), len(references), references.shape[1],
             )  # fmt: skip
             engine.build(references)
@@ -206,16 +206,14 @@ class PartitionUpdates:
                     stored, kept, config.limit_per_entry, partition.model.distance_threshold,
                     min(batch, MERGE_GROUP),
                 )  # fmt: skip
-                # a few new rows: a 16-bit screen keeps 32 candidates per query to refine, more than
-                # the float32 one's 8; the neighbours are the same with either (`core.knn`)
                 groups = [(kept_rows[group], limit) for group, limit in groups]
-                added = run_search(new_vectors, new_sequence_ids, groups, "fp32")
+                added = run_search(new_vectors, new_sequence_ids, groups)
                 answers = [
                     incremental.merge_answers(stored, added, config.limit_per_entry, config.tie_expansion)
                 ]
             if len(full_rows):
                 everything = [(full_rows, partition.model.distance_threshold)]
-                answers.append(run_search(matrix.vectors, matrix.sequence_ids, everything, config.screening))
+                answers.append(run_search(matrix.vectors, matrix.sequence_ids, everything))
         query_idx = dict(zip(accessions, queries.query_idx[rows].tolist(), strict=True))
         hits = incremental.assemble(answers, accessions, query_idx)
         found = set(hits["accession"].unique().to_list())
