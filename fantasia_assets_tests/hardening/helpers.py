@@ -61,7 +61,8 @@ def tree(root: Path) -> dict[str, str]:
 
 def _signatures(relative: Path) -> bool:
     return relative.parts[:1] == ("state",) and (
-        relative.name == "shards.parquet" or relative in (Path("state/run.json"), Path("state/sequences.json"))
+        relative.name == "shards.parquet"
+        or relative in (Path("state/run.json"), Path("state/sequences.json"))
     )
 
 
