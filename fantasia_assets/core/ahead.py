@@ -1,0 +1,112 @@
+"""Empty files made ahead of their content, in a background thread: a first run's raw CSV shards.
+
+A lookup writes one CSV shard per query accession, thousands of small files. Creating a file
+is allocating an inode, and on ext4 that can cost far more than writing the file: without a
+journal, the allocator passes over every free inode of the folder's block group that was
+freed in the last minute (or five), reading each one's deletion time, so creating N files
+after N others were removed (the previous run's outputs, a benchmark's clean-up) costs O(N²):
+0.3–0.8 s for 1,500 shards here, most of a small lookup's writing time.
+
+The shard file names are known once the query file is scanned, long before the shards'
+content (after the search and the GO transfer). `create_ahead` starts one background thread
+that creates, for each shard folder to come, its hidden temporary folder (the very folder
+`exports.replace_dir` would build and swap in, named by `exports.tmp_sibling`) with every
+name in it as an empty file; the kernel work runs while the search runs. `claim` hands the
+folder over to the writer, which opens each shard's file whether it was made or not (without
+O_EXCL: the folder is this run's own) and removes the files no query row needed; so the
+finished folder is byte for byte the one a plain write builds, and it is swapped in the same
+way: atomically, with nothing synced before or after, as before. Nothing is visible outside
+the run's staging folder until it is published; a run that fails stops the making and removes
+the folder with its staging (`discard`).
+
+Only a folder that is not published yet is made ahead (`RunStaging.make_ahead`): a rerun's
+writer links unchanged shards from the published folder, and an incremental one writes only
+the changed accessions, so empty files made for them would be work to undo.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(eq=False)
+class Ahead:
+    """The temporary folder of one target folder and the names already made in it."""
+
+    target: Path
+    folder: Path
+    names: list[str]
+    made: set[str] = field(default_factory=set)  # what was made (the writer lists the folder)
+    stop: bool = False  # set by `claim` or `discard`: make nothing more here
+    ready: bool = False  # the folder exists
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_lock = threading.Lock()
+_pending: dict[Path, Ahead] = {}
+
+
+def create_ahead(folders: Iterable[tuple[Path, Path, Iterable[str]]]) -> None:
+    """Start making (target, temporary folder, file names), one folder after the other.
+
+    A failure (no space, no permission) only stops the making: the writer creates what is
+    missing itself and reports the error then, naming its file, as without this module."""
+    aheads = [Ahead(target, folder, list(names)) for target, folder, names in folders]
+    if not aheads:
+        return
+    with _lock:
+        for ahead in aheads:
+            _pending[ahead.target] = ahead
+    threading.Thread(target=_make, args=(aheads,), name="files-ahead", daemon=True).start()
+
+
+def _make(aheads: list[Ahead]) -> None:
+    try:
+        for ahead in aheads:
+            if not ahead.stop:
+                _make_folder(ahead)
+            ahead.done.set()
+    except OSError:
+        pass
+    finally:  # however it ended, no claim waits for this thread any more
+        for ahead in aheads:
+            ahead.done.set()
+
+
+def _make_folder(ahead: Ahead) -> None:
+    ahead.folder.parent.mkdir(parents=True, exist_ok=True)
+    ahead.folder.mkdir()
+    ahead.ready = True
+    prefix = os.path.join(ahead.folder, "")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for name in ahead.names:
+        if ahead.stop:
+            return
+        os.close(os.open(prefix + name, flags, 0o644))
+        ahead.made.add(name)
+
+
+def claim(target: Path) -> Ahead | None:
+    """The folder made ahead for `target`, once its making has stopped; None when there is none."""
+    with _lock:
+        ahead = _pending.pop(target, None)
+    if ahead is None:
+        return None
+    ahead.stop = True
+    ahead.done.wait()
+    return ahead if ahead.ready else None
+
+
+def discard(under: Path) -> None:
+    """Stop making every folder under `under` (a run's staging folder about to be removed)."""
+    with _lock:
+        aheads = [a for target, a in _pending.items() if target.is_relative_to(under)]
+        for ahead in aheads:
+            del _pending[ahead.target]
+    for ahead in aheads:
+        ahead.stop = True
+        ahead.done.wait()
