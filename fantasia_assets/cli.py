@@ -154,6 +154,7 @@ def _lookup(args, progress) -> int:
     importlib.import_module(".db.snapshot", __package__)
     importlib.import_module(".incremental_run", __package__)
     startup.imports_done()
+    startup.import_in_background("duckdb", "numpy.ma")  # used later: the lineage, `np.unique`
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:
