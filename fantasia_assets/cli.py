@@ -154,7 +154,8 @@ def _lookup(args, progress) -> int:
     importlib.import_module(".db.snapshot", __package__)
     importlib.import_module(".incremental_run", __package__)
     startup.imports_done()
-    startup.import_in_background("duckdb", "numpy.ma")  # used later: the lineage, `np.unique`
+    # used later: the lineage record, `np.unique`, the run's output writing
+    startup.import_in_background("duckdb", "numpy.ma", f"{__package__}.incremental_write")
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:

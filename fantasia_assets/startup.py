@@ -17,10 +17,11 @@ package, and stopping. Two costs there are the collector's, not the work's:
 Only for a process's own command (`cli.main()` without arguments): a caller that runs commands in
 its own process (the tests) keeps its collector as it was.
 
-`import_in_background` imports what a command needs only later (DuckDB for the lineage record at
-its end, numpy.ma, which numpy imports at the first `np.unique`) in a thread, while the command's
-main thread waits on files, subprocesses and BLAS, which release the interpreter: ≈ 0.1 s off a
-small lookup's wall time. The later import finds the module loaded, or waits for its loading.
+`import_in_background` imports what a command needs only later (for a lookup: DuckDB for the
+lineage record at its end, numpy.ma, which numpy imports at the first `np.unique`, the output
+writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
+which release the interpreter: ≈ 0.1 s off a small lookup's wall time. The later import finds
+the module loaded, or waits for its loading to end.
 """
 
 from __future__ import annotations
