@@ -42,6 +42,7 @@ class Ahead:
     names: list[str]
     made: set[str] = field(default_factory=set)  # what was made (the writer lists the folder)
     stop: bool = False  # set by `claim` or `discard`: make nothing more here
+    started: bool = False  # the maker took it up (set, like `stop` before it, under `_lock`)
     ready: bool = False  # the folder exists
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -67,7 +68,9 @@ def create_ahead(folders: Iterable[tuple[Path, Path, Iterable[str]]]) -> None:
 def _make(aheads: list[Ahead]) -> None:
     try:
         for ahead in aheads:
-            if not ahead.stop:
+            with _lock:
+                ahead.started = not ahead.stop
+            if ahead.started:
                 _make_folder(ahead)
             ahead.done.set()
     except OSError:
@@ -91,12 +94,15 @@ def _make_folder(ahead: Ahead) -> None:
 
 
 def claim(target: Path) -> Ahead | None:
-    """The folder made ahead for `target`, once its making has stopped; None when there is none."""
+    """The folder made ahead for `target`, once its making has stopped; None when there is none
+    (nothing was registered, or the maker had not come to it: it never will)."""
     with _lock:
         ahead = _pending.pop(target, None)
-    if ahead is None:
+        if ahead is None:
+            return None
+        ahead.stop = True
+    if not ahead.started:
         return None
-    ahead.stop = True
     ahead.done.wait()
     return ahead if ahead.ready else None
 
@@ -107,6 +113,7 @@ def discard(under: Path) -> None:
         aheads = [a for target, a in _pending.items() if target.is_relative_to(under)]
         for ahead in aheads:
             del _pending[ahead.target]
+            ahead.stop = True
     for ahead in aheads:
-        ahead.stop = True
-        ahead.done.wait()
+        if ahead.started:
+            ahead.done.wait()

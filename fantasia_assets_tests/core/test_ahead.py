@@ -128,3 +128,31 @@ def test_a_run_that_fails_stops_the_making_and_leaves_nothing(tmp_path):
         raise RuntimeError("the run fails before writing its shards")
     assert not ahead._pending
     assert sorted(os.listdir(experiment)) == ["raw_results"]  # the staging folder is gone
+
+
+def test_a_folder_the_maker_has_not_come_to_is_never_made_and_its_claim_does_not_wait(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    gate, paused = threading.Event(), threading.Event()
+    real_open = os.open
+
+    def gated_open(path, *args, **kwargs):  # the maker waits inside the first folder until let go
+        if threading.current_thread().name == "files-ahead":
+            paused.set()
+            assert gate.wait(10)
+        return real_open(path, *args, **kwargs)
+
+    os.open = gated_open
+    try:
+        ahead.create_ahead(
+            [(first, exports.tmp_sibling(first), ["a.csv"]), (second, exports.tmp_sibling(second), ["b.csv"])]
+        )
+        assert paused.wait(10)
+        assert ahead.claim(second) is None  # at once, while the maker is still in the first folder
+    finally:
+        gate.set()
+        os.open = real_open
+    made = ahead.claim(first)
+    assert made is not None and made.made == {"a.csv"}
+    raw = pl.DataFrame({"accession": ["b"], "distance": [0.5]})
+    exports.write_raw_shards(second, raw, raw.columns, 4)  # written the plain way
+    assert os.listdir(second) == ["b.csv"] and sorted(os.listdir(tmp_path)) == [made.folder.name, "second"]
