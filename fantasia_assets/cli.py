@@ -353,6 +353,7 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the process's own command (console script, `python -m`), not a caller's call
+        startup.quiet_blas_workers()
         startup.skip_teardown_collection()
         startup.pause_for_imports()  # until the lookup has imported what it needs; other commands at once
     args = build_parser().parse_args(argv)

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from fantasia_assets import cli, runner
+from fantasia_assets import cli, runner, startup
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import ahead
 from fantasia_assets.core.timing import timed
@@ -108,3 +108,15 @@ def test_modules_imported_in_the_background_are_loaded_once_and_a_missing_one_is
         "    print(type(error).__name__)\n"
     )
     assert out.split() == ["True", "True", "False", "True", "ModuleNotFoundError"]
+
+
+def test_openblas_workers_are_told_to_sleep_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    startup.quiet_blas_workers()
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "12")
+    startup.quiet_blas_workers()
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "12"
+    # the command as a program sets it before numpy (and OpenBLAS) is loaded
+    code = "import sys; from fantasia_assets import cli; print('numpy' in sys.modules)"
+    assert _program(code).split() == ["False"]
