@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import threading
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def test_a_claim_stops_the_making_part_way_and_the_writer_completes_the_folder(t
 
     def slow_open(path, *args, **kwargs):  # the maker pauses after its first file, until claimed
         descriptor = real_open(path, *args, **kwargs)
-        if threading.current_thread().name == "files-ahead" and not started.is_set():
+        if (
+            threading.current_thread().name == "files-ahead"
+            and str(path).endswith(".csv")
+            and not started.is_set()
+        ):
             started.set()
             while target in ahead._pending:
                 threading.Event().wait(0.001)
@@ -136,7 +141,7 @@ def test_a_folder_the_maker_has_not_come_to_is_never_made_and_its_claim_does_not
     real_open = os.open
 
     def gated_open(path, *args, **kwargs):  # the maker waits inside the first folder until let go
-        if threading.current_thread().name == "files-ahead":
+        if threading.current_thread().name == "files-ahead" and str(path).endswith(".csv"):
             paused.set()
             assert gate.wait(10)
         return real_open(path, *args, **kwargs)
@@ -156,3 +161,32 @@ def test_a_folder_the_maker_has_not_come_to_is_never_made_and_its_claim_does_not
     raw = pl.DataFrame({"accession": ["b"], "distance": [0.5]})
     exports.write_raw_shards(second, raw, raw.columns, 4)  # written the plain way
     assert os.listdir(second) == ["b.csv"] and sorted(os.listdir(tmp_path)) == [made.folder.name, "second"]
+
+
+def _flags(path) -> int | None:
+    """The folder's inode flags (FS_IOC_GETFLAGS), or None where the file system has none."""
+    import fcntl
+    import struct
+
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(descriptor, ahead._GETFLAGS, struct.pack("i", 0)))[0]
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inode flags are Linux's")
+def test_the_staging_model_folder_spreads_its_shard_folders_and_no_written_folder_keeps_the_flag(tmp_path):
+    if _flags(tmp_path) is None:
+        pytest.skip("this file system has no inode flags")
+    raw = _raw()
+    target = tmp_path / "staging" / "raw_results" / "NEAR" / "layer_0"
+    _made_ahead(target, ["A.csv", "B.csv"])
+    exports.write_raw_shards(target, raw, raw.columns, 4)
+    spread = _flags(target.parent)
+    if not spread & ahead._TOPDIR:
+        pytest.skip("this file system does not keep the top-of-hierarchy flag (not ext4)")
+    assert not _flags(target) & ahead._TOPDIR  # the shard folder itself is plain: published as is
+    assert not _flags(tmp_path / "staging" / "raw_results") & ahead._TOPDIR
