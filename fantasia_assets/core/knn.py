@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import numpy as np
 import torch
@@ -126,7 +127,8 @@ class SearchEngine:
         self._requested_budget = memory_budget_bytes
         self._budget = 0
         self._references: PreparedReferences | None = None  # set by build
-        self._buffers: dict[str, torch.Tensor] = {}  # workspaces reused across calls (`_buffer`)
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # workspaces reused across calls (`_buffer`)
+        self._slots: dict[int, int] = {}  # thread id → its worker's buffer set (`knn_admission.run_blocks`)
 
     @property
     def screening(self) -> str:
@@ -186,21 +188,26 @@ class SearchEngine:
         n_queries, k, indptr, excluded, q32, q_sq_norms = search_arguments(
             queries, k, threshold, exclude, n_references, dim, self.metric
         )
-        query_block = self._block_shape(n_queries)[0]
         if knn_admission.applies(self):
-            streamed = self._built().streamed_bytes_per_row()
-            query_block = knn_admission.block_shape(self._budget, n_queries, self.n_references, streamed)[0]
-        parts = []
+            blocks, workers = knn_admission.query_blocks(self, n_queries)
+        else:
+            query_block, workers = self._block_shape(n_queries)[0], 1
+            blocks = [
+                slice(start, min(start + query_block, n_queries))
+                for start in range(0, n_queries, query_block)
+            ]
+
+        def run(block: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            pointers = indptr[block.start : block.stop + 1]
+            rows = np.repeat(np.arange(len(pointers) - 1), np.diff(pointers))
+            exclusions = (rows, excluded[pointers[0] : pointers[-1]])
+            found = self._search_query_block(
+                q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
+            )
+            return np.arange(block.start, block.stop), *found
+
         with screen.exact_matmul_settings():
-            for start in range(0, n_queries, query_block):
-                block = slice(start, min(start + query_block, n_queries))
-                pointers = indptr[block.start : block.stop + 1]
-                rows = np.repeat(np.arange(len(pointers) - 1), np.diff(pointers))
-                exclusions = (rows, excluded[pointers[0] : pointers[-1]])
-                found = self._search_query_block(
-                    q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
-                )
-                parts.append((np.arange(block.start, block.stop), *found))
+            parts = knn_admission.run_blocks(self, blocks, workers, run)
         return assemble_rows(n_queries, k, parts)
 
     def _built(self) -> PreparedReferences:
@@ -211,9 +218,10 @@ class SearchEngine:
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of `numel` elements kept across calls: a fresh multi-MiB allocation is
         page-faulted in on every use, which on a busy machine costs as much as the product."""
-        buffer = self._buffers.get(name)
+        key = (name, self._slots.get(threading.get_ident(), 0))  # one set per worker (`knn_admission`)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=self.device)
         return buffer[:numel]
 
     def _block_shape(self, n_queries: int) -> tuple[int, int]:
@@ -445,20 +453,14 @@ class SearchEngine:
     def _refine_on_host(
         self, exact_queries: np.ndarray, indices: np.ndarray, admissible: np.ndarray
     ) -> np.ndarray:
-        """`_refine` on the CPU, in numpy (`knn_reference.PreparedReferences.host_rows`)."""
+        """`_refine` on the CPU, in numpy (`knn_reference.PreparedReferences.exact_distances`):
+        single-threaded, so that its many small steps wait on no thread pool (on a loaded machine
+        each parallel region of a small op can cost a scheduler time slice)."""
         rows, columns = np.nonzero(admissible)
-        chosen = indices[rows, columns]
         distances = np.full(indices.shape, np.inf, dtype=np.float32)
-        for start in range(0, len(chosen), _REFINE_PAIRS):
-            pairs = slice(start, start + _REFINE_PAIRS)
-            candidates = self._references.host_rows(chosen[pairs]).astype(np.float64)
-            query = exact_queries[rows[pairs]]
-            if self.metric == "cosine":
-                exact = np.clip(1.0 - np.einsum("ij,ij->i", candidates, query), 0.0, 2.0)
-            else:
-                candidates -= query
-                exact = np.sqrt(np.einsum("ij,ij->i", candidates, candidates))
-            distances[rows[pairs], columns[pairs]] = exact
+        distances[rows, columns] = self._references.exact_distances(
+            exact_queries, rows, indices[rows, columns]
+        )
         return distances
 
 

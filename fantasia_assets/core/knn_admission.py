@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +62,9 @@ REFERENCE_BLOCK = 16384
 _MAX_CANDIDATES = 2048  # per query: beyond this the top-m screen is cheaper than collecting
 _SLACK = 2.0**-40  # relative: covers the float64 1 - p of the settle step and of τ = 1 - L
 _INTEGER = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+# Query rows per worker below which splitting the queries among threads stops paying: a product
+# of fewer rows loses efficiency, and each worker streams every reference block once.
+_MIN_WORKER_ROWS = 128
 
 
 def block_shape(
@@ -73,6 +79,49 @@ def block_shape(
         references //= 2
     spare = budget - references * streamed_bytes_per_row
     return max(1, min(n_queries, spare // (5 * references))), references
+
+
+def query_blocks(engine: SearchEngine, n_queries: int) -> tuple[list[slice], int]:
+    """(query blocks, workers) of a search: the rows `block_shape` fits in the budget, shared
+    among up to torch's thread count of workers (`run_blocks`), in blocks of nearly equal size
+    and a whole number of rounds, so that no worker is left alone with a short last block."""
+    workers = max(1, min(torch.get_num_threads(), n_queries // _MIN_WORKER_ROWS))
+    references = engine._built()
+    rows = block_shape(engine._budget, n_queries, references.n, references.streamed_bytes_per_row())[0]
+    count = -(-n_queries // max(1, rows // workers))
+    count = min(n_queries, -(-count // workers) * workers)
+    return [slice(i * n_queries // count, (i + 1) * n_queries // count) for i in range(count)], workers
+
+
+def run_blocks(
+    engine: SearchEngine, blocks: list[slice], workers: int, run: Callable[[slice], tuple]
+) -> list[tuple]:
+    """`run` of every block, in order. With several workers each runs whole blocks, torch on its
+    own thread and its own buffers: the screen's selection, refinement and bookkeeping run on
+    one thread (`single_threaded`), so a search on a single block leaves the other cores idle
+    between products; workers keep every core busy instead, and no worker waits on another's
+    threads (no parallel region spans them). Each block's answer is exact whatever the blocks,
+    so the result does not depend on them."""
+    if workers == 1:
+        return [run(block) for block in blocks]
+    slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(workers):
+        slots.put(slot)
+
+    def task(block: slice) -> tuple:
+        slot = slots.get()
+        engine._slots[threading.get_ident()] = slot
+        torch.set_num_threads(1)  # this thread's own setting, read by its products
+        try:
+            return run(block)
+        finally:
+            slots.put(slot)
+
+    try:
+        with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="knn-search") as pool:
+            return list(pool.map(task, blocks))
+    finally:
+        engine._slots.clear()
 
 
 def applies(engine: SearchEngine) -> bool:
