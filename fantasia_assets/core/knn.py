@@ -29,7 +29,11 @@ its product instead of a top-m; the few rows it cannot bound go to the top-m scr
 **Refinement** recomputes the distances of the few admissible candidates, gathered from the
 reference rows as given, directly in float64 (normalised dot product;
 norm of the difference, free of the euclidean expansion's cancellation), rounds them to float32
-and sorts by (distance, index). Screening only has to *contain* the answer, so every backend and
+and sorts by (distance, index). It runs in two steps: the k candidates of smallest screened score
+first, whose largest distance narrows the window of the others (`knn_bounds.refined_limit`).
+torch's cosine screen on the CPU splits a search's queries among worker threads, torch on one
+thread each (`knn_admission.run_blocks`), so that the screen's selection and refinement, which
+run on one thread, leave no core idle. Screening only has to *contain* the answer, so every backend and
 every screening precision returns the same neighbours with the same distances.
 
 Why screening contains the answer. Write s for the exact score (d for cosine, d² for euclidean),
@@ -58,7 +62,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from . import knn_admission, screen
-from .knn_bounds import screened_enough, screening_error_bound
+from .knn_bounds import refined_limit, screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
     assemble_rows,
@@ -261,10 +265,20 @@ class SearchEngine:
             limit = torch.full_like(limit, math.inf)
         rows = enough.nonzero().squeeze(1)
         # scores above the limit cannot be kept (module docstring): not worth refining
-        kept = scores[rows]
-        admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (indices[rows] >= 0)
-        distances = self._refine(exact_queries[pending_device[rows]], indices[rows], admissible)
-        return rows.cpu().numpy(), _select(distances, indices[rows], k, threshold, tie_expansion)
+        kept, candidates, queries = scores[rows], indices[rows], exact_queries[pending_device[rows]]
+        admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (candidates >= 0)
+        # the k of smallest screened score first: their refined distances narrow the limit
+        # (`knn_bounds.refined_limit`), and the other candidates are refined only below it
+        nearest = kept.masked_fill(~admissible, math.inf).topk(min(k, kept.shape[1]), largest=False)[1]
+        first = torch.zeros_like(admissible).scatter_(1, nearest, True) & admissible
+        distances = self._refine(queries, candidates, first)
+        kth = distances.topk(k, largest=False)[0][:, -1] if distances.shape[1] >= k else None
+        if kth is not None:
+            narrowed = refined_limit(kth.double(), bounds[pending_device[rows]], self.metric, self.dim)
+            admissible &= kept <= narrowed[:, None]
+        later = self._refine(queries, candidates, admissible & ~first)
+        distances = torch.minimum(distances, later)
+        return rows.cpu().numpy(), _select(distances, candidates, k, threshold, tie_expansion)
 
     def _search_query_block(
         self,

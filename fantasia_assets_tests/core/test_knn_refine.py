@@ -1,6 +1,8 @@
 """Host refinement and the parallel query blocks of the k-NN engine: `exact_distances` gives, bit
-for bit, the float64 values of the per-pair arithmetic it replaced, and a search split among
-worker threads (`knn_admission.run_blocks`) answers exactly as one block does, and as the oracle."""
+for bit, the float64 values of the per-pair arithmetic it replaced; the two-step refinement's
+narrowed limit (`knn_bounds.refined_limit`) holds every kept reference; and a search split among
+worker threads (`knn_admission.run_blocks`) answers exactly as one block with the old refinement
+does, and as the oracle."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fantasia_assets.core import knn_admission, knn_reference
+from fantasia_assets.core import knn, knn_admission, knn_reference, screen
 from fantasia_assets.core.knn import METRICS, SearchEngine
+from fantasia_assets.core.knn_bounds import refined_limit
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
-from fantasia_assets_tests.core.test_knn_screen import ADVERSARIAL, adversarial, exact_oracle
+from fantasia_assets_tests.core.test_knn_screen import ADVERSARIAL, adversarial, exact_oracle, stressed_rows
 
 
 def per_pair_distances(engine: SearchEngine, queries: np.ndarray, rows: np.ndarray, chosen: np.ndarray):
@@ -211,3 +216,45 @@ def test_run_blocks_runs_workers_at_once_on_one_torch_thread_each():
         assert torch.get_num_threads() == 2 and not engine._slots
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("screening", ["bf16", "fp32"] if screen.cpu_has_bf16_units() else ["fp32"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=stressed_rows(), k=st.sampled_from([1, 3, 5]))
+def test_refined_limit_holds_every_kept_reference(metric, screening, rows, k):
+    """Refine any k references of smallest screened score: every reference of the answer (and
+    every tie of its k-th distance) has a screened score within `refined_limit` of their largest
+    refined distance."""
+    queries, references = rows[:16], rows[16:]
+    engine = SearchEngine(metric, "torch", "cpu", screening=screening).build(references)
+    q32 = queries.astype(np.float32)
+    fast, offsets, exact, coefficients = engine._prepare_queries(q32, (q32.astype(np.float64) ** 2).sum(1))
+    none = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    with screen.exact_matmul_settings():
+        values, indices = engine._screen(fast, none, engine.n_references)
+    scores = np.empty(values.shape)
+    np.put_along_axis(scores, indices.numpy(), values.numpy() + offsets[:, None], axis=1)
+    n_q, n_ref = scores.shape
+    pairs = np.repeat(np.arange(n_q), n_ref), np.tile(np.arange(n_ref), n_q)
+    refined = engine._references.exact_distances(exact.numpy(), *pairs).astype(np.float32).reshape(n_q, n_ref)
+    nearest = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    kth = np.take_along_axis(refined, nearest, axis=1).max(1).astype(np.float64)
+    limit = refined_limit(torch.from_numpy(kth), torch.from_numpy(coefficients), metric, engine.dim).numpy()
+    answer = refined <= np.sort(refined, axis=1)[:, min(k, n_ref) - 1 : min(k, n_ref)]
+    assert np.all(scores[answer] <= np.broadcast_to(limit[:, None], answer.shape)[answer])
+
+
+def test_two_step_refinement_refines_fewer_pairs(real_data):
+    """On real embeddings the refined limit is well below the screen's: fewer pairs are refined."""
+    queries, references = real_data
+    engine = SearchEngine("cosine", "torch", "cpu").build(references)
+    refined, original = [], engine._references.exact_distances
+    engine._references.exact_distances = lambda *args: refined.append(len(args[2])) or original(*args)
+    engine.search(queries, 5)
+    both = sum(refined)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn, "refined_limit", lambda kth, *rest: torch.full_like(kth, torch.inf))
+        refined.clear()
+        engine.search(queries, 5)
+    assert both < 0.9 * sum(refined), (both, sum(refined))
