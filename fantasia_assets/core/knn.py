@@ -467,14 +467,14 @@ class SearchEngine:
     def _refine_on_host(
         self, exact_queries: np.ndarray, indices: np.ndarray, admissible: np.ndarray
     ) -> np.ndarray:
-        """`_refine` on the CPU, in numpy (`knn_reference.PreparedReferences.exact_distances`):
-        single-threaded, so that its many small steps wait on no thread pool (on a loaded machine
-        each parallel region of a small op can cost a scheduler time slice)."""
+        """`_refine` on the CPU (`knn_reference.PreparedReferences.exact_distances`), on one
+        thread, so that its many small steps wait on no thread pool (on a loaded machine each
+        parallel region of a small op can cost a scheduler time slice)."""
         rows, columns = np.nonzero(admissible)
         distances = np.full(indices.shape, np.inf, dtype=np.float32)
-        distances[rows, columns] = self._references.exact_distances(
-            exact_queries, rows, indices[rows, columns]
-        )
+        with knn_admission.single_threaded():  # torch widens float16 rows there (`exact_distances`)
+            chosen = indices[rows, columns]
+            distances[rows, columns] = self._references.exact_distances(exact_queries, rows, chosen)
         return distances
 
 

@@ -118,11 +118,13 @@ class PreparedReferences:
         out = np.empty(len(indices))
         for start in range(0, len(indices), chunk):
             chosen, n = indices[start : start + chunk], len(indices[start : start + chunk])
-            rows = candidates[:n]
+            rows, gathered = candidates[:n], self.source[chosen]
+            if gathered.dtype != np.float32:  # exactly; torch widens float16 twice as fast as numpy
+                gathered = torch.from_numpy(gathered).float().numpy()
             if self._scale_host is not None:
-                np.multiply(self.source[chosen], self._scale_host[chosen, None], out=rows, dtype=np.float32)
+                np.multiply(gathered, self._scale_host[chosen, None], out=rows, dtype=np.float32)
             else:
-                rows[...] = self.source[chosen]
+                rows[...] = gathered
             np.take(queries, query_rows[start : start + chunk], axis=0, out=query[:n], mode="clip")
             if self.metric == "cosine":
                 np.einsum("ij,ij->i", rows, query[:n], out=out[start : start + n])
