@@ -270,13 +270,12 @@ def _admit(
         hits = np.flatnonzero(group_maxima >= tau[:, None])  # row-major: rows ascending
         if len(hits):
             hit_rows, hit_groups = np.divmod(hits, groups)
-            columns = hit_groups[:, None] + np.arange(0, body, groups)
-            member_bits = np.take(bits.reshape(-1), (hit_rows * width)[:, None] + columns)
+            # member j of group g is column g + j·groups: a view, gathered without an index array
+            member_bits = bits[:, :body].reshape(len(bits), GROUP, groups)[hit_rows, :, hit_groups]
             admitted = np.flatnonzero(member_bits >= tau[hit_rows, None])
-            which = admitted // GROUP
-            found.add(
-                hit_rows[which], columns.reshape(-1)[admitted] + start, member_bits.reshape(-1)[admitted]
-            )
+            which, member = np.divmod(admitted, GROUP)
+            columns = hit_groups[which] + member * groups
+            found.add(hit_rows[which], columns + start, member_bits.reshape(-1)[admitted])
     if body < width:
         tail = bits[:, body:]
         admitted = np.flatnonzero(tail >= tau[:, None])
