@@ -29,12 +29,12 @@ its product instead of a top-m; the few rows it cannot bound go to the top-m scr
 **Refinement** recomputes the distances of the few admissible candidates, gathered from the
 reference rows as given, directly in float64 (normalised dot product;
 norm of the difference, free of the euclidean expansion's cancellation), rounds them to float32
-and sorts by (distance, index). It runs in two steps: the k candidates of smallest screened score
-first, whose largest distance narrows the window of the others (`knn_bounds.refined_limit`).
-torch's cosine screen on the CPU splits a search's queries among worker threads, torch on one
-thread each (`knn_admission.run_blocks`), so that the screen's selection and refinement, which
-run on one thread, leave no core idle. Screening only has to *contain* the answer, so every backend and
-every screening precision returns the same neighbours with the same distances.
+and sorts by (distance, index). It runs in two steps: the k candidates of smallest screened
+score first, whose largest distance narrows the window of the others (`knn_bounds.refined_limit`).
+Screening only has to *contain* the answer, so every backend and every screening precision
+returns the same neighbours with the same distances. torch's cosine screen on the CPU splits a
+search's queries among worker threads, torch on one thread each (`knn_admission.run_blocks`), so
+that the selection and refinement, which run on one thread, leave no core idle.
 
 Why screening contains the answer. Write s for the exact score (d for cosine, d² for euclidean),
 s̃ for the fast one and δ ≥ |s̃ - s| for the query's worst case over the references: `knn_bounds`

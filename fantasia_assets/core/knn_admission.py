@@ -33,6 +33,11 @@ top-m screen, which proves them in its own way.
 No new rounding enters: negating an operand negates every product and partial sum exactly, so p
 is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
 (the bf16 output rounding included); τ is rounded down, which only widens the admission.
+
+Workers. The screen's bookkeeping and the refinement after it run on one thread, between
+products that use them all; a search of many queries is therefore cut into blocks that up to
+torch's thread count of workers screen at once, each running torch on its own thread
+(`query_blocks`, `run_blocks`), so that no core idles while another selects or refines.
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ class PreparedReferences:
         candidates, query = np.empty((2, min(chunk, len(indices)), self.dim))
         out = np.empty(len(indices))
         for start in range(0, len(indices), chunk):
-            chosen, n = indices[start : start + chunk], len(indices[start : start + chunk])
+            chosen = indices[start : start + chunk]
+            n = len(chosen)
             rows, gathered = candidates[:n], self.source[chosen]
             if gathered.dtype != np.float32:  # exactly; torch widens float16 twice as fast as numpy
                 gathered = torch.from_numpy(gathered).float().numpy()
