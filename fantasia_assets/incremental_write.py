@@ -155,7 +155,8 @@ class OutputUpdates:
         writes the last partition's beside the run-wide outputs)."""
         config = self.config
         stored = self.updates.stored.get(partition.key)
-        plan = self._plan(partition, outcome, stored) if stored is not None else None
+        with timed(outcome.timings, "outputs to rebuild"):
+            plan = self._plan(partition, outcome, stored) if stored is not None else None
         if isinstance(plan, str):
             log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
             plan = None
@@ -194,17 +195,24 @@ class OutputUpdates:
             return raw, None
         affected, _, old_raw, kept_shards, old_files = plan
         raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
-        raw = io_.splice_raw(old_raw, raw_sub, affected)
+        with timed(outcome.timings, "outputs to rebuild"):
+            raw = io_.splice_raw(old_raw, raw_sub, affected)
         if raw is None:
             log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
             self.updates.stored.pop(partition.key)
             return self.write_partition(root, queries, partition, outcome, build_raw, defer_shards)
         with timed(outcome.timings, "write partition"):
-            self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files)
+            rest = self._write_subset(
+                root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files
+            )
         self.subset[partition.key] = affected
         self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
         self._rebuilt_rows += raw_sub.height
-        with timed(outcome.timings, "incremental state"):
+
+        # now, not beside the run-wide outputs as whole shards are: thousands of small writes
+        # in one thread while others compute each wait for the GIL (measured ten times slower)
+        with timed(outcome.timings, "write partition"):
+            rest()
             self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
         return raw, None
 
@@ -240,40 +248,47 @@ class OutputUpdates:
         if present != set(shards["file"].to_list()):
             return "the published shard folder holds other files than the state recorded"
         kept = {}  # accession → its shard's row in shards.parquet, left in place unchanged
-        for accession, file, size, mtime, ino in shards.iter_rows():
+        names, prefix = self.shard_names, folder + os.sep  # tens of thousands of files: a tight loop
+        for row in shards.iter_rows():
+            accession, file = row[0], row[1]
             if accession in affected:
                 continue
-            if self.shard_names.get(accession) != file or io_.signature(os.path.join(folder, file)) != [
-                size,
-                mtime,
-                ino,
-            ]:
+            if names.get(accession) != file or io_.signature(prefix + file) != list(row[2:]):
                 affected.add(accession)  # renamed, or not the file the state recorded: rewritten
             else:
-                kept[accession] = (accession, file, size, mtime, ino)
+                kept[accession] = row
         old_raw = pl.read_parquet(paths["raw"])
         old_files = {accession: (file,) for accession, file in shards.select("accession", "file").iter_rows()}
         return affected, digests, old_raw, kept, old_files
 
-    def _write_subset(self, root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files) -> None:
+    def _write_subset(
+        self, root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files
+    ) -> Callable[[], None]:
+        """Write what the run-wide outputs read (hits, raw rows; the rebuilt rows in the scratch
+        folder); returns the writing of the rebuilt shards and TopGO lines."""
         config = self.config
-        paths, scratch = partition_paths(root, partition), root / SCRATCH
+        scratch = root / SCRATCH
         writers.write_hits(root, partition, outcome)
         writers.write_raw_rows(root, partition, raw)
-        # the rebuilt accessions' rows (the run-wide subsets read them) in the scratch folder, and
-        # their shards by the full run's writer straight into the staged folder, which then holds
-        # only those: it is published as a patch
-        writers.write_raw_rows(scratch, partition, raw_sub)
-        writers.write_raw_csv(
-            root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
-        )
-        written = set(_listing(paths["shards"]))
+        writers.write_raw_rows(scratch, partition, raw_sub)  # the run-wide subsets read them
         # published file by file (`RunStaging.publish`): the kept shards are never touched, the
         # rebuilt ones replace theirs, and the dropped accessions' files without a new one go
+        written = {self.shard_names[accession] for accession in raw_sub["accession"].unique().to_list()}
         dropped = {file for accession, (file, *_) in old_files.items() if accession not in kept_shards}
         self.patches[partition_files(partition)["shards"]] = sorted(dropped - written)
-        if not config.topgo:
-            return
+
+        def rest() -> None:
+            # the rebuilt shards by the full run's writer, into a staged folder that holds only them
+            writers.write_raw_csv(
+                root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
+            )
+            if config.topgo:
+                self._splice_topgo(root, partition, raw, raw_sub, affected)
+
+        return rest
+
+    def _splice_topgo(self, root: Path, partition: Partition, raw, raw_sub, affected: set[str]) -> None:
+        config, scratch = self.config, root / SCRATCH
         writers.write_partition_topgo(scratch, partition, raw_sub, config.precision, config.fantasia_compat)
         folder = partition_paths(Path(), partition)["topgo"]
         spliced = lines_.splice_folder(
