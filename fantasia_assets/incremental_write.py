@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -202,18 +203,19 @@ class OutputUpdates:
             self.updates.stored.pop(partition.key)
             return self.write_partition(root, queries, partition, outcome, build_raw, defer_shards)
         with timed(outcome.timings, "write partition"):
-            rest = self._write_subset(
-                root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files
-            )
+            self._write_subset(root, partition, outcome, raw_sub, kept_shards, old_files)
+            # the whole raw rows' Parquet (one long call that leaves the GIL) is written beside the
+            # rebuilt shards (many small system calls); the shards are not written beside the
+            # run-wide outputs, as whole ones are: there each small write waits for the GIL while
+            # the other stages compute (measured several times slower)
+            with ThreadPoolExecutor(1, thread_name_prefix="raw-rows") as pool:
+                whole = pool.submit(writers.write_raw_rows, root, partition, raw)
+                self._write_rebuilt(root, partition, raw, raw_sub, affected)
+                whole.result()
+            self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
         self.subset[partition.key] = affected
         self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
         self._rebuilt_rows += raw_sub.height
-
-        # now, not beside the run-wide outputs as whole shards are: thousands of small writes
-        # in one thread while others compute each wait for the GIL (measured ten times slower)
-        with timed(outcome.timings, "write partition"):
-            rest()
-            self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
         return raw, None
 
     def _plan(self, partition: Partition, outcome: SearchOutcome, stored):
@@ -261,34 +263,26 @@ class OutputUpdates:
         old_files = {accession: (file,) for accession, file in shards.select("accession", "file").iter_rows()}
         return affected, digests, old_raw, kept, old_files
 
-    def _write_subset(
-        self, root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files
-    ) -> Callable[[], None]:
-        """Write what the run-wide outputs read (hits, raw rows; the rebuilt rows in the scratch
-        folder); returns the writing of the rebuilt shards and TopGO lines."""
-        config = self.config
-        scratch = root / SCRATCH
+    def _write_subset(self, root, partition, outcome, raw_sub, kept_shards, old_files) -> None:
+        """Write the hits and the rebuilt rows (in the scratch folder: the run-wide subsets read
+        them), and name the shards the publication removes."""
         writers.write_hits(root, partition, outcome)
-        writers.write_raw_rows(root, partition, raw)
-        writers.write_raw_rows(scratch, partition, raw_sub)  # the run-wide subsets read them
+        writers.write_raw_rows(root / SCRATCH, partition, raw_sub)
         # published file by file (`RunStaging.publish`): the kept shards are never touched, the
         # rebuilt ones replace theirs, and the dropped accessions' files without a new one go
         written = {self.shard_names[accession] for accession in raw_sub["accession"].unique().to_list()}
         dropped = {file for accession, (file, *_) in old_files.items() if accession not in kept_shards}
         self.patches[partition_files(partition)["shards"]] = sorted(dropped - written)
 
-        def rest() -> None:
-            # the rebuilt shards by the full run's writer, into a staged folder that holds only them
-            writers.write_raw_csv(
-                root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
-            )
-            if config.topgo:
-                self._splice_topgo(root, partition, raw, raw_sub, affected)
-
-        return rest
-
-    def _splice_topgo(self, root: Path, partition: Partition, raw, raw_sub, affected: set[str]) -> None:
+    def _write_rebuilt(self, root: Path, partition: Partition, raw, raw_sub, affected: set[str]) -> None:
+        """The rebuilt accessions' shards (by the full run's writer, into a staged folder that
+        holds only them) and TopGO lines (spliced into the previous files)."""
         config, scratch = self.config, root / SCRATCH
+        writers.write_raw_csv(
+            root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
+        )
+        if not config.topgo:
+            return
         writers.write_partition_topgo(scratch, partition, raw_sub, config.precision, config.fantasia_compat)
         folder = partition_paths(Path(), partition)["topgo"]
         spliced = lines_.splice_folder(
