@@ -8,6 +8,7 @@ import polars as pl
 from fantasia_assets.core import exports
 from fantasia_assets.core.incremental_outputs import (
     LineIndex,
+    annotation_digests,
     changed_hits,
     line_index,
     splice_indexed,
@@ -128,3 +129,20 @@ def test_an_index_does_not_fit_other_bytes():
     assert not index.fits(body.replace(b"A,GO:1", b"A,GO:12", 1)[:-1])  # a line end moved
     assert not index.fits(body.replace(b"\n", b"", 1) + b"\n")  # the header ends elsewhere
     assert LineIndex.from_frame(index.frame("f").slice(1)) is None  # no header row
+
+
+def test_digests_of_some_references_are_those_of_the_whole_table():
+    """A rerun digests only the neighbours' annotation rows: each sequence's digest is the one
+    the whole table gives it, whatever other sequences' rows are left out."""
+    annotations = pl.DataFrame(
+        {
+            "sequence_id": [3, 1, 3, 2, 1, 3],
+            "go_id": ["GO:1", "GO:2", "GO:3", "GO:1", "GO:1", "GO:1"],
+            "evidence_code": ["EXP", "IEA", "EXP", "EXP", "TAS", "IEA"],
+        }
+    )
+    whole = annotation_digests(annotations)
+    some = annotation_digests(annotations.filter(pl.col("sequence_id").is_in([1, 3])))
+    assert some.equals(whole.filter(pl.col("sequence_id").is_in([1, 3])))
+    reordered = annotations.filter(pl.col("sequence_id") == 3).reverse()  # row order is part of it
+    assert annotation_digests(reordered)["h1"][0] != whole.filter(pl.col("sequence_id") == 3)["h1"][0]
