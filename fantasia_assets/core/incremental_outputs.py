@@ -17,13 +17,15 @@ Every such file is sorted by accession, each accession's lines are contiguous, a
 bytes depend on its own values only (fixed float precision, per-field quoting). So a rerun
 rebuilds the outputs of the accessions whose inputs changed — with the same public functions a
 full run calls, on that subset — and splices them between the other accessions' lines, taken
-byte for byte from the previous outputs. Where those lines lie in a previous file is its line index
-(`LineIndex`: each accession's byte range and line count), taken once when the file is written
-and stored with the state, so a splice parses only the rebuilt lines. An accession's inputs changed when its hits rows
-differ (searched, merged, renumbered), when a neighbour's annotation rows changed, when its
-shard file name changed, or when its previous shard is not the file the state recorded. Query
-and reference sequences are covered by the query digest and by sequence ids (a sequence id
-names one sequence: the reference tables are keyed by the sequence's hash).
+byte for byte from the previous outputs. Where those lines lie in a previous file is its line
+index (`LineIndex`: each accession's byte range and line count), taken once when the file is
+written and stored with the state, so a splice parses only the rebuilt lines.
+
+An accession's inputs changed when its hits rows differ (searched, merged, renumbered), when a
+neighbour's annotation rows changed, when its shard file name changed, or when its previous
+shard is not the file the state recorded. Query and reference sequences are covered by the
+query digest and by sequence ids (a sequence id names one sequence: the reference tables are
+keyed by the sequence's hash).
 
 This module is pure: frames, bytes and paths in, frames and bytes out.
 """
@@ -148,8 +150,10 @@ class LineIndex:
             return False
         data = np.frombuffer(body, dtype=np.uint8)
         head = data[: bounds[0]]
-        if int((head == 10).sum()) != self.header_lines or (self.header_lines and head[-1] != 10):
-            return False
+        if int((head == 10).sum()) != self.header_lines or (
+            head[-1] != 10 if len(head) else self.header_lines
+        ):
+            return False  # a header is its lines, whole; without one the first accession starts the file
         return bool((data[bounds[1:] - 1] == 10).all()) and _increasing(self.accessions)
 
     def frame(self, file: str) -> pl.DataFrame:
@@ -236,7 +240,7 @@ def splice_indexed(
     new_index = line_index(new, separator, header)
     if new_index is None:
         return None
-    old_start, new_start = int(old_index.bounds[0]), int(new_index.bounds[0])
+    old_start, new_start = int(old_index.bounds[0]) if header else 0, int(new_index.bounds[0])
     if header and old[:old_start] != new[:new_start]:
         return None
     drop = set(drop)
@@ -271,7 +275,7 @@ def splice_indexed(
     lengths = np.concatenate([np.diff(old_index.bounds)[kept], np.diff(new_index.bounds)])[each]
     index = LineIndex(
         np.concatenate([names[kept], new_index.accessions])[each],
-        np.concatenate([[old_start if header else 0], old_start + np.cumsum(lengths)]).astype(np.int64),
+        np.concatenate([[old_start], old_start + np.cumsum(lengths)]).astype(np.int64),
         np.concatenate([old_index.lines[kept], new_index.lines])[each],
         old_index.header_lines,
     )

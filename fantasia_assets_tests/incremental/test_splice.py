@@ -146,3 +146,10 @@ def test_digests_of_some_references_are_those_of_the_whole_table():
     assert some.equals(whole.filter(pl.col("sequence_id").is_in([1, 3])))
     reordered = annotations.filter(pl.col("sequence_id") == 3).reverse()  # row order is part of it
     assert annotation_digests(reordered)["h1"][0] != whole.filter(pl.col("sequence_id") == 3)["h1"][0]
+
+
+def test_an_index_whose_first_accession_does_not_start_a_headerless_file_does_not_fit():
+    body = _csv(FULL, header=False, separator="\t")
+    index = line_index(body, "\t", False)
+    moved = LineIndex(index.accessions[1:], index.bounds[1:], index.lines[1:], 0)
+    assert index.fits(body) and not moved.fits(body)
