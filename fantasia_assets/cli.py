@@ -154,6 +154,8 @@ def _lookup(args, progress) -> int:
     importlib.import_module(".db.snapshot", __package__)
     importlib.import_module(".incremental_run", __package__)
     startup.imports_done()
+    # used later: the lineage record, `np.unique`, the run's output writing
+    startup.import_in_background("duckdb", "numpy.ma", f"{__package__}.incremental_write")
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:
@@ -351,6 +353,7 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the process's own command (console script, `python -m`), not a caller's call
+        startup.quiet_blas_workers()
         startup.skip_teardown_collection()
         startup.pause_for_imports()  # until the lookup has imported what it needs; other commands at once
     args = build_parser().parse_args(argv)

@@ -416,6 +416,8 @@ def _run_lookup(
 
     with RunStaging(config.experiment_path) as staging:
         root = staging.root
+        # a first run's shard files are made while it searches (`core.ahead`)
+        staging.make_ahead([partition_files(p)["shards"] for p in partitions], shard_names.values())
         # after the staging's recovery: the outputs it reads back are the published ones
         output_updates = OutputUpdates(config, updates, annotations, shard_names)
         for partition in partitions:
@@ -436,12 +438,10 @@ def _run_lookup(
             )
             with timed(outcome.timings, "write partition"):
                 entries += updates.stage(root, partition)  # the state that proves these outputs
-            files = partition_files(partition)
             entries += [
-                path
-                for name, path in files.items()
+                path for name, path in partition_files(partition).items()
                 if (config.topgo or name != "topgo") and path not in output_updates.patches
-            ]
+            ]  # fmt: skip
             raw_frames.append(raw.select("ref_idx"))  # all sequences.fasta needs; the summary reads Parquet
             fingerprints.append(outcome.matrix.fingerprint)
             counts = (outcome.n_queries, outcome.hits.height, raw.height, len(outcome.queries_without_hits))

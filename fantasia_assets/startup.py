@@ -16,12 +16,29 @@ package, and stopping. Two costs there are the collector's, not the work's:
 
 Only for a process's own command (`cli.main()` without arguments): a caller that runs commands in
 its own process (the tests) keeps its collector as it was.
+
+`quiet_blas_workers` tells OpenBLAS (numpy's matrix products, the search's) to put its worker
+threads to sleep right after each product: by default they spin for about 2^28 cycles (≈ 0.1 s)
+waiting for the next one, a core taken from the run's other threads (the shard files made
+ahead, the annotation read, polars) on a two-core machine: ≈ 0.1 s of CPU a small lookup. The
+results are the same; a later product wakes them (tens of microseconds). Set before numpy is
+imported, and only where the environment does not set it already.
+
+`import_in_background` imports what a command needs only later (for a lookup: DuckDB for the
+lineage record at its end, numpy.ma, which numpy imports at the first `np.unique`, the output
+writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
+which release the interpreter: ≈ 0.1 s off a small lookup's wall time. The later import finds
+the module loaded, or waits for its loading to end.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import importlib
+import os
+import threading
 
 _paused = []  # [True] while `pause_for_imports` holds the collector
 
@@ -44,3 +61,21 @@ def imports_done() -> None:
 def skip_teardown_collection() -> None:
     """Leave the heap alive at the process's exit to the operating system (see the module's note)."""
     atexit.register(gc.freeze)
+
+
+def import_in_background(*names: str) -> None:
+    """Import `names` in a daemon thread; an import that fails there is left to the later import,
+    which raises its error where it is needed."""
+
+    def load() -> None:
+        for name in names:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+    threading.Thread(target=load, name="imports", daemon=True).start()
+
+
+def quiet_blas_workers() -> None:
+    """OpenBLAS's workers sleep at once after a product (the least timeout, 2^4 cycles), unless
+    the environment sets `OPENBLAS_THREAD_TIMEOUT` itself; before numpy is imported."""
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

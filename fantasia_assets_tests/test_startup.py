@@ -1,5 +1,6 @@
-"""What a small lookup pays besides its work: the collector around imports and exit (`startup`),
-and the run-wide outputs written side by side (`runner`, `core.timing.timed_concurrently`)."""
+"""What a small lookup pays besides its work: the collector around imports and exit, imports in the
+background (`startup`), the run-wide outputs written side by side (`runner`,
+`core.timing.timed_concurrently`) and the shard files made ahead (`core.ahead`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 import subprocess
 import sys
 
-from fantasia_assets import cli, runner
+from fantasia_assets import cli, runner, startup
 from fantasia_assets.config import parse_config
+from fantasia_assets.core import ahead
 from fantasia_assets.core.timing import timed
 from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import PROJECT
@@ -27,10 +29,22 @@ def _in_turn(timings, stages, into=None):
 
 def test_outputs_are_the_same_side_by_side_in_turn_and_from_the_program(sample_loaded, tmp_path, monkeypatch):
     both = near_only()
-    run_lookup(parse_config(config_dict(tmp_path / "side", **both)), sample_loaded)
+    made, real = [], ahead.create_ahead
+
+    def spy(folders):
+        made.extend(folders)
+        real(made)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ahead, "create_ahead", spy)
+        run_lookup(parse_config(config_dict(tmp_path / "side", **both)), sample_loaded)
+    assert [target.name for target, _, _ in made] == ["layer_0", "layer_1"]  # both shard folders made ahead
     with monkeypatch.context() as patch:
         patch.setattr(runner, "timed_concurrently", _in_turn)
         run_lookup(parse_config(config_dict(tmp_path / "turn", **both)), sample_loaded)
+    with monkeypatch.context() as patch:  # the plain way: no shard file made ahead (`core.ahead`)
+        patch.setattr(ahead, "create_ahead", lambda folders: None)
+        run_lookup(parse_config(config_dict(tmp_path / "plain", **both)), sample_loaded)
     # the command as a program: the collector paused over the imports, skipped at the exit
     config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "program", **both))
     done = subprocess.run(
@@ -45,7 +59,7 @@ def test_outputs_are_the_same_side_by_side_in_turn_and_from_the_program(sample_l
     assert "overlap (stages run side by side)" in done.stdout  # the stage table still adds up
     side = tree(tmp_path / "side")
     assert "summary.csv" in side and any(path.startswith("topgo/") for path in side)
-    assert side == tree(tmp_path / "turn") == tree(tmp_path / "program")
+    assert side == tree(tmp_path / "turn") == tree(tmp_path / "program") == tree(tmp_path / "plain")
 
 
 def _program(code: str) -> str:
@@ -77,3 +91,32 @@ def test_a_command_called_in_a_process_leaves_its_collector_alone(tmp_path, caps
     assert cli.main(["lookup", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "error:" in capsys.readouterr().err
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_modules_imported_in_the_background_are_loaded_once_and_a_missing_one_is_left_to_its_importer():
+    out = _program(
+        "import sys, threading\n"
+        "from fantasia_assets import startup\n"
+        "startup.import_in_background('no_such_module_here', 'json.tool', 'duckdb')\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'imports']\n"
+        "print('json.tool' in sys.modules, 'duckdb' in sys.modules, 'no_such_module_here' in sys.modules)\n"
+        "import duckdb\n"  # the later import finds it loaded
+        "print(duckdb is sys.modules['duckdb'])\n"
+        "try:\n"
+        "    import no_such_module_here\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__)\n"
+    )
+    assert out.split() == ["True", "True", "False", "True", "ModuleNotFoundError"]
+
+
+def test_openblas_workers_are_told_to_sleep_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    startup.quiet_blas_workers()
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "12")
+    startup.quiet_blas_workers()
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "12"
+    # the command as a program sets it before numpy (and OpenBLAS) is loaded
+    code = "import sys; from fantasia_assets import cli; print('numpy' in sys.modules)"
+    assert _program(code).split() == ["False"]

@@ -32,8 +32,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import polars as pl
 
 from fantasia_assets.errors import FantasiaError
@@ -49,6 +49,9 @@ from .summary import (
     SummarySpec,
     column_suffix,
 )
+
+if TYPE_CHECKING:  # imported where a connection is opened: a small run aggregates without DuckDB
+    import duckdb
 
 RAW_ROWS = "raw_rows"
 ROW_ORDER = "row_order"
@@ -100,6 +103,8 @@ def parquet_connection(
     settings = {"memory_limit": memory_limit, "temp_directory": str(spill)}
     if threads is not None:
         settings["threads"] = threads
+    import duckdb
+
     connection = duckdb.connect(config=settings)
     try:
         for name, files in views.items():

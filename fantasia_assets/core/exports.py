@@ -25,6 +25,7 @@ import polars as pl
 
 from fantasia_assets.errors import FantasiaError
 
+from .ahead import claim
 from .floattext import MAX_PRECISION, fixed_text
 
 RAW_COLUMNS = [
@@ -253,14 +254,17 @@ def swap_in(staged: Path, target: Path) -> None:
         os.replace(staged, target)
 
 
-def replace_dir(target: Path, build) -> None:
-    """Build a folder's new content aside with `build(tmp_dir)`, then swap it in for `target`."""
+def replace_dir(target: Path, build, made: Path | None = None) -> None:
+    """Build a folder's new content aside with `build(tmp_dir)`, then swap it in for `target`.
+
+    `made`: the temporary folder, already made (`core.ahead`), a `tmp_sibling` of `target`."""
 
     def swap() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_siblings(target)
-        tmp = tmp_sibling(target)
-        tmp.mkdir()
+        remove_stale_siblings(target)  # never `made`: this process is alive
+        tmp = made or tmp_sibling(target)
+        if made is None:
+            tmp.mkdir()
         try:
             build(tmp)
             swap_in(tmp, target)
@@ -334,32 +338,43 @@ def write_raw_shards(
         file_names = unique_file_names(raw["accession"].unique().to_list(), ".csv")
 
     view = memoryview(body)
+    ahead = claim(directory)  # the files a first run made while it searched (`core.ahead`)
+    # EXCL: a file that exists was made ahead (two accessions never share a file: `written`)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if ahead is None else 0)
 
     def build(tmp: Path) -> None:
         row = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # EXCL: two accessions never share a file
+        written: set[str] = set()
+        prefix = os.path.join(tmp, "")  # plain strings: thousands of paths, where Path costs more
         for length, accession in runs.iter_rows():
             name = file_names[accession]
             names[accession] = name
             chunk = view[ends[row] : ends[row + length]]
+            row += length
+            if name in written:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), prefix + name)
+            written.add(name)
             if previous is not None and _same_bytes(previous / name, header, chunk):
                 try:
-                    os.link(previous / name, tmp / name)
-                    row += length
+                    if ahead is not None:
+                        Path(prefix + name).unlink(missing_ok=True)
+                    os.link(previous / name, prefix + name)
                     continue
                 except OSError:  # a file system without hard links: written below
                     pass
             # os-level calls: thousands of small files, where io.open's layers cost more than the write
-            descriptor = os.open(tmp / name, flags, 0o644)
+            descriptor = os.open(prefix + name, flags, 0o644)
             try:
-                written = os.writev(descriptor, [header, chunk])
-                if written < len(header) + len(chunk):  # short write (nearly full disk): finish it
-                    _write_all(descriptor, (header + bytes(chunk))[written:])
+                done = os.writev(descriptor, [header, chunk])
+                if done < len(header) + len(chunk):  # short write (nearly full disk): finish it
+                    _write_all(descriptor, (header + bytes(chunk))[done:])
             finally:
                 os.close(descriptor)
-            row += length
+        if ahead is not None:  # made ahead for queries without raw rows
+            for name in set(os.listdir(tmp)) - written:
+                os.unlink(prefix + name)
 
-    replace_dir(directory, build)
+    replace_dir(directory, build, ahead.folder if ahead is not None else None)
     return names
 
 

@@ -9,22 +9,22 @@ this module about half of that.
 `fixed_text` computes the same text with array arithmetic. The exact product |x| · 10^p is
 split without error into its float64 rounding `scaled` and the remainder `err` (Dekker's
 two-product), so the nearest integer is decided exactly: up when fraction − ½ + err > 0, to
-even when it is 0 (the sign of a float sum is always right). The digits are then written
-straight into one byte buffer, column by column, and handed to polars as Arrow strings. Values
-outside the range where this is exact (|x| · 10^p ≥ 2^50, |x| < 2^-900, NaN, inf) are printed
-by Python's `'%.*f'`, which rounds the exact binary value the same way (tests compare both on
-hostile values). A column whose values repeat over many rows (a neighbour's distance on each of
-its GO rows) prints each distinct bit pattern once and gathers the text.
+even when it is 0 (the sign of a float sum is always right). Its integer part and its fraction,
+zero-padded to `p` digits, are printed by polars as integers and joined after the sign and the
+point (no Arrow buffers: building them from here imports pyarrow's compute module, ≈ 0.1 s of a
+small lookup's start). Values outside the range where this is exact (|x| · 10^p ≥ 2^50,
+|x| < 2^-900, NaN, inf) are printed by Python's `'%.*f'`, which rounds the exact binary value
+the same way (tests compare both on hostile values). A column whose values repeat over many rows
+(a neighbour's distance on each of its GO rows) prints each distinct bit pattern once and
+gathers the text.
 
-Nothing here is shared mutable state: the digit tables are built once and only read, so
-outputs may be written from several threads at once.
+Nothing here is shared mutable state, so outputs may be written from several threads at once.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 # |x| · 10^p below 2^50: floor, fraction and the integer conversion are exact
 _EXACT_LIMIT = 2.0**50
@@ -33,7 +33,6 @@ _TINY = 2.0**-900
 _SPLIT = 2.0**27 + 1.0
 MAX_PRECISION = 16  # the configuration's bound; 10^p stays exact in float64 up to 22
 _SPECIAL = {"nan": "NaN", "inf": "inf", "-inf": "-inf"}
-_POWERS = 10 ** np.arange(1, 19, dtype=np.int64)
 
 
 def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,24 +52,6 @@ def _nearest(magnitude: np.ndarray, precision: int) -> np.ndarray:
     above = (scaled - whole - 0.5) + err
     integer = whole.astype(np.int64)
     return integer + ((above > 0) | ((above == 0) & (integer & 1 == 1)))
-
-
-def _digit_table(padded: bool) -> np.ndarray:
-    """The 4 ASCII digits of 0..9999, zero-padded, or with leading zeros as 0 bytes (dropped)."""
-    numbers = np.arange(10**_CHUNK)
-    places = 10 ** np.arange(_CHUNK - 1, -1, -1)
-    digits = (numbers[:, None] // places) % 10
-    table = (48 + digits).astype(np.uint8)
-    if not padded:
-        leading = (numbers[:, None] < places) & (places > 1)
-        table[leading] = 0
-    return table.view(np.uint32).ravel()  # one word per number: its 4 bytes in text order
-
-
-_CHUNK = 4  # digits per table lookup
-_PADDED = _digit_table(padded=True)
-_UNPADDED = _digit_table(padded=False)
-_BLOCK = 1 << 16  # values per pass: the temporaries stay in cache
 
 
 def fixed_text(values: pl.Series, precision: int) -> pl.Series:
@@ -102,85 +83,21 @@ def _repetitive(x: np.ndarray) -> bool:
 
 
 def _text(x: np.ndarray, nulls: np.ndarray, precision: int) -> pl.Series:
-    pieces, lengths = [], []
-    for start in range(0, len(x), _BLOCK):
-        text, length = _block(x[start : start + _BLOCK], nulls[start : start + _BLOCK], precision)
-        pieces.append(text)
-        lengths.append(length)
-    offsets = np.zeros(len(x) + 1, dtype=np.int64)
-    if len(x):
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    buffer = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
-    validity = pa.py_buffer(np.packbits(~nulls, bitorder="little")) if nulls.any() else None
-    array = pa.LargeStringArray.from_buffers(
-        len(x), pa.py_buffer(offsets), pa.py_buffer(buffer), validity, int(nulls.sum())
-    )
-    return pl.from_arrow(array).cast(pl.String)
-
-
-def _digit_count(whole: np.ndarray) -> np.ndarray:
-    """Decimal digits of each non-negative integer (1 for 0): one comparison per digit of the largest."""
-    digits = np.ones(len(whole), dtype=np.int64)
-    largest = int(whole.max(initial=0))
-    for power in _POWERS[: len(str(largest)) - 1]:
-        digits += whole >= power
-    return digits
-
-
-def _block(x: np.ndarray, nulls: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
-    """The text of `x` (nulls: empty) as one byte buffer, and each value's length.
-
-    Each value is laid out in a row of 4-byte slots: sign, integer digits (the top chunk's
-    leading zeros as 0 bytes), point, fraction digits; unused bytes are 0, so the non-zero
-    bytes in row order are the values' text one after the other.
-    """
+    """The text of `x` (nulls stay null): sign, integer part, point and zero-padded fraction,
+    joined by polars' own integer printing; the values outside the exact range from Python."""
     magnitude = np.abs(x)
     with np.errstate(invalid="ignore", over="ignore"):
         fast = (magnitude * 10.0**precision < _EXACT_LIMIT) & ((magnitude >= _TINY) | (magnitude == 0))
     fast &= ~nulls
     rounded = _nearest(np.where(fast, magnitude, 0.0), precision)
-    whole = rounded // 10**precision
-    digits = _digit_count(whole)
-    fraction_chunks = -(-precision // _CHUNK)
-    whole_chunks = -(-int(digits.max(initial=1)) // _CHUNK)
-    slots = 1 + whole_chunks + (1 + fraction_chunks if precision else 0)
-    matrix = np.zeros((len(x), slots), dtype=np.uint32)
-    negative = np.signbit(x) & fast
-    matrix[negative, 0] = ord("-")
-    remaining = whole
-    for k in range(whole_chunks):
-        chunk = remaining % 10**_CHUNK
-        # the top chunk without leading zeros; above the top, nothing
-        word = np.where(remaining < 10**_CHUNK, _UNPADDED[chunk], _PADDED[chunk])
-        if k:
-            word[remaining == 0] = 0
-        matrix[:, whole_chunks - k] = word
-        remaining = remaining // 10**_CHUNK
+    scale = 10**precision
+    sign = pl.when(pl.Series(np.signbit(x))).then(pl.lit("-")).otherwise(pl.lit(""))
+    parts = [sign, pl.Series(rounded // scale).cast(pl.String)]
     if precision:
-        matrix[:, whole_chunks + 1] = ord(".")
-        # the fraction's digits, padded on the right to whole chunks whose padding is then cleared
-        padding = fraction_chunks * _CHUNK - precision
-        fraction = rounded % 10**precision * 10**padding
-        for k in range(fraction_chunks):
-            matrix[:, slots - 1 - k] = _PADDED[fraction % 10**_CHUNK]
-            fraction //= 10**_CHUNK
-        if padding:
-            matrix[:, slots - 1] &= np.uint32((1 << (8 * (_CHUNK - padding))) - 1)
-    matrix[~fast] = 0
-    length = np.where(fast, negative + digits + (precision + 1 if precision else 0), 0)
-    cells = matrix.view(np.uint8)
-    body = cells[cells != 0]
+        parts += [pl.lit("."), pl.Series(rounded % scale).cast(pl.String).str.zfill(precision)]
+    text = pl.select(pl.when(pl.Series(fast)).then(pl.concat_str(parts))).to_series()
     slow = np.flatnonzero(~fast & ~nulls)
-    if not len(slow):
-        return body, length
-    ends = np.cumsum(length)
-    printed = [_SPECIAL.get(t, t).encode() for t in (f"{v:.{precision}f}" for v in x[slow].tolist())]
-    length[slow] = [len(t) for t in printed]
-    parts, at = [], 0
-    for index, text in zip(slow.tolist(), printed, strict=True):
-        stop = ends[index]  # slow rows hold no cells: their text goes where the row would
-        parts.append(body[at:stop])
-        parts.append(np.frombuffer(text, dtype=np.uint8))
-        at = stop
-    parts.append(body[at:])
-    return np.concatenate(parts), length
+    if len(slow):
+        printed = (f"{v:.{precision}f}" for v in x[slow].tolist())
+        text = text.scatter(slow, [_SPECIAL.get(t, t) for t in printed])
+    return text

@@ -29,8 +29,12 @@ its product instead of a top-m; the few rows it cannot bound go to the top-m scr
 **Refinement** recomputes the distances of the few admissible candidates, gathered from the
 reference rows as given, directly in float64 (normalised dot product;
 norm of the difference, free of the euclidean expansion's cancellation), rounds them to float32
-and sorts by (distance, index). Screening only has to *contain* the answer, so every backend and
-every screening precision returns the same neighbours with the same distances.
+and sorts by (distance, index). It runs in two steps: the k candidates of smallest screened
+score first, whose largest distance narrows the window of the others (`knn_bounds.refined_limit`).
+Screening only has to *contain* the answer, so every backend and every screening precision
+returns the same neighbours with the same distances. torch's cosine screen on the CPU splits a
+search's queries among worker threads, torch on one thread each (`knn_admission.run_blocks`), so
+that the selection and refinement, which run on one thread, leave no core idle.
 
 Why screening contains the answer. Write s for the exact score (d for cosine, d² for euclidean),
 s̃ for the fast one and δ ≥ |s̃ - s| for the query's worst case over the references: `knn_bounds`
@@ -51,13 +55,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import numpy as np
 import torch
 from scipy.spatial.distance import cdist
 
 from . import knn_admission, screen
-from .knn_bounds import screened_enough, screening_error_bound
+from .knn_bounds import refined_limit, screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
     assemble_rows,
@@ -126,7 +131,8 @@ class SearchEngine:
         self._requested_budget = memory_budget_bytes
         self._budget = 0
         self._references: PreparedReferences | None = None  # set by build
-        self._buffers: dict[str, torch.Tensor] = {}  # workspaces reused across calls (`_buffer`)
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # workspaces reused across calls (`_buffer`)
+        self._slots: dict[int, int] = {}  # thread id → its worker's buffer set (`knn_admission.run_blocks`)
 
     @property
     def screening(self) -> str:
@@ -186,21 +192,26 @@ class SearchEngine:
         n_queries, k, indptr, excluded, q32, q_sq_norms = search_arguments(
             queries, k, threshold, exclude, n_references, dim, self.metric
         )
-        query_block = self._block_shape(n_queries)[0]
         if knn_admission.applies(self):
-            streamed = self._built().streamed_bytes_per_row()
-            query_block = knn_admission.block_shape(self._budget, n_queries, self.n_references, streamed)[0]
-        parts = []
+            blocks, workers = knn_admission.query_blocks(self, n_queries)
+        else:
+            query_block, workers = self._block_shape(n_queries)[0], 1
+            blocks = [
+                slice(start, min(start + query_block, n_queries))
+                for start in range(0, n_queries, query_block)
+            ]
+
+        def run(block: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            pointers = indptr[block.start : block.stop + 1]
+            rows = np.repeat(np.arange(len(pointers) - 1), np.diff(pointers))
+            exclusions = (rows, excluded[pointers[0] : pointers[-1]])
+            found = self._search_query_block(
+                q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
+            )
+            return np.arange(block.start, block.stop), *found
+
         with screen.exact_matmul_settings():
-            for start in range(0, n_queries, query_block):
-                block = slice(start, min(start + query_block, n_queries))
-                pointers = indptr[block.start : block.stop + 1]
-                rows = np.repeat(np.arange(len(pointers) - 1), np.diff(pointers))
-                exclusions = (rows, excluded[pointers[0] : pointers[-1]])
-                found = self._search_query_block(
-                    q32[block], q_sq_norms[block], exclusions, k, threshold, tie_expansion
-                )
-                parts.append((np.arange(block.start, block.stop), *found))
+            parts = knn_admission.run_blocks(self, blocks, workers, run)
         return assemble_rows(n_queries, k, parts)
 
     def _built(self) -> PreparedReferences:
@@ -211,9 +222,10 @@ class SearchEngine:
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of `numel` elements kept across calls: a fresh multi-MiB allocation is
         page-faulted in on every use, which on a busy machine costs as much as the product."""
-        buffer = self._buffers.get(name)
+        key = (name, self._slots.get(threading.get_ident(), 0))  # one set per worker (`knn_admission`)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=self.device)
         return buffer[:numel]
 
     def _block_shape(self, n_queries: int) -> tuple[int, int]:
@@ -253,10 +265,20 @@ class SearchEngine:
             limit = torch.full_like(limit, math.inf)
         rows = enough.nonzero().squeeze(1)
         # scores above the limit cannot be kept (module docstring): not worth refining
-        kept = scores[rows]
-        admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (indices[rows] >= 0)
-        distances = self._refine(exact_queries[pending_device[rows]], indices[rows], admissible)
-        return rows.cpu().numpy(), _select(distances, indices[rows], k, threshold, tie_expansion)
+        kept, candidates, queries = scores[rows], indices[rows], exact_queries[pending_device[rows]]
+        admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (candidates >= 0)
+        # the k of smallest screened score first: their refined distances narrow the limit
+        # (`knn_bounds.refined_limit`), and the other candidates are refined only below it
+        nearest = kept.masked_fill(~admissible, math.inf).topk(min(k, kept.shape[1]), largest=False)[1]
+        first = torch.zeros_like(admissible).scatter_(1, nearest, True) & admissible
+        distances = self._refine(queries, candidates, first)
+        kth = distances.topk(k, largest=False)[0][:, -1] if distances.shape[1] >= k else None
+        if kth is not None:
+            narrowed = refined_limit(kth.double(), bounds[pending_device[rows]], self.metric, self.dim)
+            admissible &= kept <= narrowed[:, None]
+        later = self._refine(queries, candidates, admissible & ~first)
+        distances = torch.minimum(distances, later)
+        return rows.cpu().numpy(), _select(distances, candidates, k, threshold, tie_expansion)
 
     def _search_query_block(
         self,
@@ -445,20 +467,14 @@ class SearchEngine:
     def _refine_on_host(
         self, exact_queries: np.ndarray, indices: np.ndarray, admissible: np.ndarray
     ) -> np.ndarray:
-        """`_refine` on the CPU, in numpy (`knn_reference.PreparedReferences.host_rows`)."""
+        """`_refine` on the CPU (`knn_reference.PreparedReferences.exact_distances`), on one
+        thread, so that its many small steps wait on no thread pool (on a loaded machine each
+        parallel region of a small op can cost a scheduler time slice)."""
         rows, columns = np.nonzero(admissible)
-        chosen = indices[rows, columns]
         distances = np.full(indices.shape, np.inf, dtype=np.float32)
-        for start in range(0, len(chosen), _REFINE_PAIRS):
-            pairs = slice(start, start + _REFINE_PAIRS)
-            candidates = self._references.host_rows(chosen[pairs]).astype(np.float64)
-            query = exact_queries[rows[pairs]]
-            if self.metric == "cosine":
-                exact = np.clip(1.0 - np.einsum("ij,ij->i", candidates, query), 0.0, 2.0)
-            else:
-                candidates -= query
-                exact = np.sqrt(np.einsum("ij,ij->i", candidates, candidates))
-            distances[rows[pairs], columns[pairs]] = exact
+        with knn_admission.single_threaded():  # torch widens float16 rows there (`exact_distances`)
+            chosen = indices[rows, columns]
+            distances[rows, columns] = self._references.exact_distances(exact_queries, rows, chosen)
         return distances
 
 

@@ -33,13 +33,21 @@ top-m screen, which proves them in its own way.
 No new rounding enters: negating an operand negates every product and partial sum exactly, so p
 is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
 (the bf16 output rounding included); τ is rounded down, which only widens the admission.
+
+Workers. The screen's bookkeeping and the refinement after it run on one thread, between
+products that use them all; a search of many queries is therefore cut into blocks that up to
+torch's thread count of workers screen at once, each running torch on its own thread
+(`query_blocks`, `run_blocks`), so that no core idles while another selects or refines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +67,9 @@ REFERENCE_BLOCK = 16384
 _MAX_CANDIDATES = 2048  # per query: beyond this the top-m screen is cheaper than collecting
 _SLACK = 2.0**-40  # relative: covers the float64 1 - p of the settle step and of τ = 1 - L
 _INTEGER = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+# Query rows per worker below which splitting the queries among threads stops paying: a product
+# of fewer rows loses efficiency, and each worker streams every reference block once.
+_MIN_WORKER_ROWS = 128
 
 
 def block_shape(
@@ -73,6 +84,49 @@ def block_shape(
         references //= 2
     spare = budget - references * streamed_bytes_per_row
     return max(1, min(n_queries, spare // (5 * references))), references
+
+
+def query_blocks(engine: SearchEngine, n_queries: int) -> tuple[list[slice], int]:
+    """(query blocks, workers) of a search: the rows `block_shape` fits in the budget, shared
+    among up to torch's thread count of workers (`run_blocks`), in blocks of nearly equal size
+    and a whole number of rounds, so that no worker is left alone with a short last block."""
+    workers = max(1, min(torch.get_num_threads(), n_queries // _MIN_WORKER_ROWS))
+    references = engine._built()
+    rows = block_shape(engine._budget, n_queries, references.n, references.streamed_bytes_per_row())[0]
+    count = -(-n_queries // max(1, rows // workers))
+    count = min(n_queries, -(-count // workers) * workers)
+    return [slice(i * n_queries // count, (i + 1) * n_queries // count) for i in range(count)], workers
+
+
+def run_blocks(
+    engine: SearchEngine, blocks: list[slice], workers: int, run: Callable[[slice], tuple]
+) -> list[tuple]:
+    """`run` of every block, in order. With several workers each runs whole blocks, torch on its
+    own thread and its own buffers: the screen's selection, refinement and bookkeeping run on
+    one thread (`single_threaded`), so a search on a single block leaves the other cores idle
+    between products; workers keep every core busy instead, and no worker waits on another's
+    threads (no parallel region spans them). Each block's answer is exact whatever the blocks,
+    so the result does not depend on them."""
+    if workers == 1:
+        return [run(block) for block in blocks]
+    slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(workers):
+        slots.put(slot)
+
+    def task(block: slice) -> tuple:
+        slot = slots.get()
+        engine._slots[threading.get_ident()] = slot
+        torch.set_num_threads(1)  # this thread's own setting, read by its products
+        try:
+            return run(block)
+        finally:
+            slots.put(slot)
+
+    try:
+        with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="knn-search") as pool:
+            return list(pool.map(task, blocks))
+    finally:
+        engine._slots.clear()
 
 
 def applies(engine: SearchEngine) -> bool:
@@ -221,13 +275,12 @@ def _admit(
         hits = np.flatnonzero(group_maxima >= tau[:, None])  # row-major: rows ascending
         if len(hits):
             hit_rows, hit_groups = np.divmod(hits, groups)
-            columns = hit_groups[:, None] + np.arange(0, body, groups)
-            member_bits = np.take(bits.reshape(-1), (hit_rows * width)[:, None] + columns)
+            # member j of group g is column g + j·groups: a view, gathered without an index array
+            member_bits = bits[:, :body].reshape(len(bits), GROUP, groups)[hit_rows, :, hit_groups]
             admitted = np.flatnonzero(member_bits >= tau[hit_rows, None])
-            which = admitted // GROUP
-            found.add(
-                hit_rows[which], columns.reshape(-1)[admitted] + start, member_bits.reshape(-1)[admitted]
-            )
+            which, member = np.divmod(admitted, GROUP)
+            columns = hit_groups[which] + member * groups
+            found.add(hit_rows[which], columns + start, member_bits.reshape(-1)[admitted])
     if body < width:
         tail = bits[:, body:]
         admitted = np.flatnonzero(tail >= tau[:, None])

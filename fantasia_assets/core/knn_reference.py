@@ -29,6 +29,10 @@ from . import screen
 from .knn_inputs import inverse_norms, row_sq_norms
 
 _PREPARE_ROWS = 2048  # rows prepared per chunk at build: bounds the float32/float64 temporaries
+# Bytes of float64 reference rows refined per chunk (as many again of query rows): both stay in
+# a core's L2 cache between the gather and the dot products (measured at 1,024 dims: 64 pairs a
+# chunk refine a quarter faster than 256).
+_REFINE_BYTES = 2**19
 
 
 class PreparedReferences:
@@ -97,6 +101,40 @@ class PreparedReferences:
         if self._scale_host is not None:
             rows *= self._scale_host[indices, None]  # the float32 product of `prepared`
         return rows
+
+    def exact_distances(self, queries: np.ndarray, query_rows: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Float64 distances (n,) of the pairs (queries[query_rows[i]], reference indices[i]):
+        cosine clip(1 - q̂·r̂, 0, 2) of the unit queries `queries` (b, dim) float64, euclidean
+        ‖q - r‖ of the float32 queries widened, r the prepared rows (`host_rows`) in float64.
+
+        Each pair's value is numpy's float64 ``einsum("ij,ij->i")`` of two C-contiguous rows,
+        whose sum runs along the row in one fixed order whatever the rows' count or place in
+        memory, so a value depends on its pair alone. Pairs go a chunk at a time through two
+        reused float64 buffers small enough to stay in the core's cache, and each reference row
+        is scaled in float32 and widened in one pass (`np.multiply` into the float64 buffer):
+        the same float32 product as `host_rows`, widened exactly."""
+        chunk = max(8, _REFINE_BYTES // (8 * self.dim))
+        candidates, query = np.empty((2, min(chunk, len(indices)), self.dim))
+        out = np.empty(len(indices))
+        for start in range(0, len(indices), chunk):
+            chosen = indices[start : start + chunk]
+            n = len(chosen)
+            rows, gathered = candidates[:n], self.source[chosen]
+            if gathered.dtype != np.float32:  # exactly; torch widens float16 twice as fast as numpy
+                gathered = torch.from_numpy(gathered).float().numpy()
+            if self._scale_host is not None:
+                np.multiply(gathered, self._scale_host[chosen, None], out=rows, dtype=np.float32)
+            else:
+                rows[...] = gathered
+            np.take(queries, query_rows[start : start + chunk], axis=0, out=query[:n], mode="clip")
+            if self.metric == "cosine":
+                np.einsum("ij,ij->i", rows, query[:n], out=out[start : start + n])
+            else:
+                rows -= query[:n]
+                np.einsum("ij,ij->i", rows, rows, out=out[start : start + n])
+        if self.metric == "cosine":
+            return np.clip(1.0 - out, 0.0, 2.0, out=out)
+        return np.sqrt(out, out=out)
 
     def operand_block(self, start: int, stop: int) -> torch.Tensor:
         """The screen's operands of rows [start, stop): held, or made now for a memmap's float32

@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from . import exports
+from . import ahead, exports
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,19 @@ class RunStaging:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        ahead.discard(self.root)  # no file is made in it any more
         shutil.rmtree(self.root, ignore_errors=True)
         if isinstance(error, exports.OutputWriteError):
             message = str(error).replace(str(self.root), str(self.experiment_path))
             raise exports.OutputWriteError(error.errno, message) from error
+
+    def make_ahead(self, folders: Iterable[Path], names: Iterable[str]) -> None:
+        """Start making `names`, empty, in each of `folders` (relative to experiment_path) that is
+        not published yet, while the run computes their content (`core.ahead`). A folder that is
+        published already is left to its writer, which may link files from the published one."""
+        names = list(names)
+        targets = [self.root / f for f in folders if not (self.experiment_path / f).exists()]
+        ahead.create_ahead((target, exports.tmp_sibling(target), names) for target in targets)
 
     def publish(self, entries: list[Path], patches: dict[Path, list[str]] | None = None) -> None:
         """Move `entries` (paths relative to experiment_path, written under `root`) into place.

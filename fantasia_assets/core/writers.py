@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import polars as pl
 
 from . import aggregate, aggregate_memory, compat, exports, incremental_fasta
@@ -20,6 +20,9 @@ from .summary import SummarySpec, topgo_tables
 
 # bumped when a written file's layout or number format changes (SPEC §4), whatever computed it
 OUTPUT_FORMAT_VERSION = "outputs-1"
+
+if TYPE_CHECKING:  # DuckDB is imported by `aggregate` where a run opens it
+    import duckdb
 
 
 def write_hits(root: Path, partition: Partition, outcome: SearchOutcome) -> dict[str, Path]:
