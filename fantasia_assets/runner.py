@@ -437,6 +437,7 @@ def _run_lookup(
                 )
             )  # fmt: skip
         raw_all = pl.concat(raw_frames)
+        reads.finish_ahead(background)  # every scope is read: the stamp's sequence files, beside what follows
 
         def fasta_and_mapping() -> None:
             references = reference_sequences_of(raw_all, sequences)
