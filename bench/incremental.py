@@ -157,17 +157,24 @@ def main() -> None:
         def warm_matrix() -> None:
             """The matrix and the annotation table into the local caches, so that neither timed
             run fetches them (the full run would otherwise find the table the incremental one
-            fetched)."""
+            fetched); and, as a lookup does, the cache stamp's reference sequence file
+            (`db.snapshot`), which the first lookup after a change writes, whichever kind it is."""
             from fantasia_assets.core.plan import open_queries
             from fantasia_assets.core.references import ReferenceScope
-            from fantasia_assets.db.reads import model_types
+            from fantasia_assets.db.snapshot import LiveReads
             from fantasia_assets.db.stores import AnnotationStore
 
             queries = open_queries(data / "queries.h5", cache_dir("queries"))
-            for partition in plan_partitions(config("x"), queries, model_types(engine)):
-                ReferenceStore(engine, cache_dir("references")).get(reference_scope(config("x"), partition))
-            include, exclude = config("x").taxonomy.resolve()
-            AnnotationStore(engine, cache_dir("annotations")).get(ReferenceScope(0, None, include, exclude))
+            reads = LiveReads(engine)
+            with reads.snapshot():
+                for partition in plan_partitions(config("x"), queries, reads.model_types()):
+                    scope = reference_scope(config("x"), partition)
+                    ReferenceStore(None, cache_dir("references"), source=reads).get(scope)
+                include, exclude = config("x").taxonomy.resolve()
+                AnnotationStore(None, cache_dir("annotations"), reads).get(
+                    ReferenceScope(0, None, include, exclude)
+                )
+                reads.finish()
 
         seconds, _ = timed_run("incremental")
         print(f"first full run (database fetch, state written): {seconds:.2f} s")

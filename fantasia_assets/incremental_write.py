@@ -12,11 +12,13 @@ the same — no state, other settings, a file that is not the one the state reco
 that does not fit — takes the full path for that output, and the reason is logged.
 
 Besides each partition's state (`core.incremental`), the run stages:
-- ``state/{model}/{layer}/annotations.parquet``: per reference sequence, a digest of its
-  annotation rows (what the next run compares after an annotation change);
+- ``state/{model}/{layer}/annotations.parquet``: per reference sequence that is a neighbour, a
+  digest of its annotation rows (what the next run compares after an annotation change);
 - ``state/{model}/{layer}/shards.parquet``: each shard's file name and (size, mtime, inode);
-- ``state/run.json``: the partitions, output settings and (size, mtime, inode) of summary.csv
-  and every TopGO file, which a splice reads back.
+- ``state/run.json``: the partitions, output settings and (size, mtime, inode) and SHA-256 of
+  summary.csv and every TopGO file, which a splice reads back;
+- ``state/lines.parquet``: where each accession's lines lie in those files (`incremental_lines`),
+  so that a splice parses only the rebuilt lines.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
 
+from . import incremental_lines as lines_
 from .config import LookupConfig
 from .core import exports, incremental, writers
 from .core import incremental_outputs as io_
@@ -43,7 +47,7 @@ from .core.timing import timed
 log = logging.getLogger(__name__)
 
 RUN_STATE = incremental.STATE_ROOT / "run.json"
-RUN_FORMAT = f"incremental-outputs-1|{writers.OUTPUT_FORMAT_VERSION}|{CODE_VERSION}"
+RUN_FORMAT = f"incremental-outputs-2|{writers.OUTPUT_FORMAT_VERSION}|{CODE_VERSION}"
 SCRATCH = ".incremental"  # under the staging root: subsets built there, never published
 
 
@@ -70,38 +74,73 @@ class OutputUpdates:
         # shard folders published file by file (`RunStaging.publish`): folder → names removed
         self.patches: dict[Path, list[str]] = {}
         self.outputs = outputs_hash(config)
-        self._digests: pl.DataFrame | None = None
         self._with_state: set[str] = set()  # partitions whose state is staged (not per-aspect)
         self._rebuilt_rows = 0  # raw rows rebuilt by the partitions written incrementally
+        # the line index and digest of every file written, by relative path; one dict per stage
+        # (the summary and the ensemble are written side by side)
+        self._recorded: dict[str, dict[str, lines_.Recorded | None]] = {
+            "partitions": {},
+            "summary": {},
+            "ensemble": {},
+        }
+        self._indexes: dict[str, lines_.Recorded] = {}  # the previous files', when the state holds
         self._run_state = self._read_run_state()
 
     # -- state --------------------------------------------------------------------------------
 
     def _read_run_state(self) -> dict | None:
-        path = self.published / RUN_STATE
+        """state/run.json when every file it records is still the one it recorded (and their
+        line indexes are intact); else None, the reason logged."""
+        state = self._check_run_state()
+        if isinstance(state, str):
+            log.info("incremental outputs: %s", state)
+            return None
+        return state
+
+    def _check_run_state(self) -> dict | str:
         try:
-            state = json.loads(path.read_text())
+            state = json.loads((self.published / RUN_STATE).read_text())
         except (OSError, ValueError):
-            return None
+            return "no readable state/run.json"
         if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
-            return None
+            return "state/run.json is from another code version"
         if state.get("outputs") != self.outputs or not isinstance(state.get("files"), dict):
-            return None
+            return "state/run.json records other output settings"
         files = state["files"]
         for relative, recorded in files.items():
             if io_.signature(self.published / relative) != recorded:
-                log.info("incremental outputs: %s is not the file the state recorded", relative)
-                return None
+                return f"{relative} is not the file the state recorded"
         for folder in state.get("folders", []):  # no file added to a recorded folder since
             listed = {str(Path(folder) / name) for name in _listing(self.published / folder)}
             if listed != {name for name in files if Path(name).parent == Path(folder)}:
-                return None
+                return f"{folder} holds other files than the state recorded"
+        indexes = lines_.read_lines(self.published, state.get("lines"), state.get("digests"))
+        if isinstance(indexes, str):
+            return indexes
+        if set(indexes) != set(files):
+            return "the line indexes are not those of the recorded files"
+        self._indexes = indexes
         return state
 
-    def annotation_digests(self) -> pl.DataFrame:
-        if self._digests is None:
-            self._digests = io_.annotation_digests(self.annotations)
-        return self._digests
+    def annotation_digests(self, hits: pl.DataFrame) -> pl.DataFrame:
+        """The annotation digests of the references `hits` names. Only a neighbour's annotations
+        reach the outputs, and a reference that is not one now but becomes one later changes
+        that query's hits, which rebuilds its outputs anyway: its digest would never be read
+        (absent from the stored digests, it reads as changed, a superset). Half the table or
+        less, at FANTASIA's scale."""
+        named = self.annotations.filter(pl.col("sequence_id").is_in(hits["ref_idx"].unique().implode()))
+        return io_.annotation_digests(named)
+
+    def carried_digests(self, stored: pl.DataFrame, hits: pl.DataFrame) -> pl.DataFrame:
+        """`annotation_digests(hits)` when the annotations are those `stored` was taken of: its
+        rows for the references `hits` names, the others' digested now (the same table as a
+        fresh run's state)."""
+        named = hits["ref_idx"].unique().implode()
+        new = pl.col("sequence_id").is_in(named) & ~pl.col("sequence_id").is_in(
+            stored["sequence_id"].implode()
+        )
+        digested = io_.annotation_digests(self.annotations.filter(new))
+        return pl.concat([stored.filter(pl.col("sequence_id").is_in(named)), digested]).sort("sequence_id")
 
     def _stored_extras(self, partition: Partition) -> tuple[pl.DataFrame, pl.DataFrame] | None:
         folder = self.published / incremental.state_dir(partition)
@@ -131,14 +170,15 @@ class OutputUpdates:
         writes the last partition's beside the run-wide outputs)."""
         config = self.config
         stored = self.updates.stored.get(partition.key)
-        plan = self._plan(partition, outcome, stored) if stored is not None else None
+        with timed(outcome.timings, "outputs to rebuild"):
+            plan = self._plan(partition, outcome, stored) if stored is not None else None
         if isinstance(plan, str):
             log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
             plan = None
         keeps_state = self.updates.keeps_state(partition)  # not a per-aspect search
         if keeps_state:
             self._with_state.add(partition.key)
-            digests = self.annotation_digests() if plan is None else plan[1]
+            digests = self.annotation_digests(outcome.hits) if plan is None else plan[1]
             with timed(outcome.timings, "incremental state"):
                 folder = root / incremental.state_dir(partition)
                 exports.write_parquet_atomic(folder / "annotations.parquet", digests)
@@ -151,6 +191,8 @@ class OutputUpdates:
                     writers.write_partition_topgo(
                         root, partition, raw, config.precision, config.fantasia_compat
                     )
+                    if keeps_state:
+                        self._record_topgo(root, partition)
             self.subset[partition.key] = None
 
             def shards() -> None:
@@ -168,18 +210,26 @@ class OutputUpdates:
             return raw, None
         affected, _, old_raw, kept_shards, old_files = plan
         raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
-        raw = io_.splice_raw(old_raw, raw_sub, affected)
+        with timed(outcome.timings, "outputs to rebuild"):
+            raw = io_.splice_raw(old_raw, raw_sub, affected)
         if raw is None:
             log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
             self.updates.stored.pop(partition.key)
             return self.write_partition(root, queries, partition, outcome, build_raw, defer_shards)
         with timed(outcome.timings, "write partition"):
-            self._write_subset(root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files)
+            self._write_subset(root, partition, outcome, raw_sub, kept_shards, old_files)
+            # the whole raw rows' Parquet (one long call that leaves the GIL) is written beside the
+            # rebuilt shards (many small system calls); the shards are not written beside the
+            # run-wide outputs, as whole ones are: there each small write waits for the GIL while
+            # the other stages compute (measured several times slower)
+            with ThreadPoolExecutor(1, thread_name_prefix="raw-rows") as pool:
+                whole = pool.submit(writers.write_raw_rows, root, partition, raw)
+                self._write_rebuilt(root, partition, raw, raw_sub, affected)
+                whole.result()
+            self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
         self.subset[partition.key] = affected
         self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
         self._rebuilt_rows += raw_sub.height
-        with timed(outcome.timings, "incremental state"):
-            self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
         return raw, None
 
     def _plan(self, partition: Partition, outcome: SearchOutcome, stored):
@@ -199,9 +249,9 @@ class OutputUpdates:
         old_digests, shards = extras
         affected = io_.changed_hits(state.neighbours, outcome.hits)
         if state.meta.get("annotation_version") == (self.updates.annotation_version or ""):
-            digests = old_digests
+            digests = self.carried_digests(old_digests, outcome.hits)
         else:
-            digests = self.annotation_digests()
+            digests = self.annotation_digests(outcome.hits)
             changed = io_.changed_sequences(old_digests, digests)
             if len(changed):
                 hit = outcome.hits.filter(pl.col("ref_idx").is_in(changed.tolist()))
@@ -214,49 +264,60 @@ class OutputUpdates:
         if present != set(shards["file"].to_list()):
             return "the published shard folder holds other files than the state recorded"
         kept = {}  # accession → its shard's row in shards.parquet, left in place unchanged
-        for accession, file, size, mtime, ino in shards.iter_rows():
+        names, prefix = self.shard_names, folder + os.sep  # tens of thousands of files: a tight loop
+        for row in shards.iter_rows():
+            accession, file = row[0], row[1]
             if accession in affected:
                 continue
-            if self.shard_names.get(accession) != file or io_.signature(os.path.join(folder, file)) != [
-                size,
-                mtime,
-                ino,
-            ]:
+            if names.get(accession) != file or io_.signature(prefix + file) != list(row[2:]):
                 affected.add(accession)  # renamed, or not the file the state recorded: rewritten
             else:
-                kept[accession] = (accession, file, size, mtime, ino)
+                kept[accession] = row
         old_raw = pl.read_parquet(paths["raw"])
         old_files = {accession: (file,) for accession, file in shards.select("accession", "file").iter_rows()}
         return affected, digests, old_raw, kept, old_files
 
-    def _write_subset(self, root, partition, outcome, raw, raw_sub, affected, kept_shards, old_files) -> None:
-        config = self.config
-        paths, scratch = partition_paths(root, partition), root / SCRATCH
+    def _write_subset(self, root, partition, outcome, raw_sub, kept_shards, old_files) -> None:
+        """Write the hits and the rebuilt rows (in the scratch folder: the run-wide subsets read
+        them), and name the shards the publication removes."""
         writers.write_hits(root, partition, outcome)
-        writers.write_raw_rows(root, partition, raw)
-        # the rebuilt accessions' rows (the run-wide subsets read them) and shards, by the full
-        # run's writers, in the scratch folder; the shards are then published as a patch
-        writers.write_raw_rows(scratch, partition, raw_sub)
-        writers.write_raw_csv(
-            scratch, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
-        )
-        built = partition_paths(scratch, partition)["shards"]
-        shards = paths["shards"]
-        shards.mkdir(parents=True)
-        written = set(_listing(built))
-        for file in written:
-            os.rename(built / file, shards / file)
+        writers.write_raw_rows(root / SCRATCH, partition, raw_sub)
         # published file by file (`RunStaging.publish`): the kept shards are never touched, the
         # rebuilt ones replace theirs, and the dropped accessions' files without a new one go
+        written = {self.shard_names[accession] for accession in raw_sub["accession"].unique().to_list()}
         dropped = {file for accession, (file, *_) in old_files.items() if accession not in kept_shards}
         self.patches[partition_files(partition)["shards"]] = sorted(dropped - written)
+
+    def _write_rebuilt(self, root: Path, partition: Partition, raw, raw_sub, affected: set[str]) -> None:
+        """The rebuilt accessions' shards (by the full run's writer, into a staged folder that
+        holds only them) and TopGO lines (spliced into the previous files)."""
+        config, scratch = self.config, root / SCRATCH
+        writers.write_raw_csv(
+            root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
+        )
         if not config.topgo:
             return
         writers.write_partition_topgo(scratch, partition, raw_sub, config.precision, config.fantasia_compat)
-        old = partition_paths(self.published, partition)["topgo"]
-        if not _splice_folder(old, partition_paths(scratch, partition)["topgo"], paths["topgo"], affected):
-            log.info("%s: TopGO files rebuilt in full: the previous ones do not splice", partition.key)
+        folder = partition_paths(Path(), partition)["topgo"]
+        spliced = lines_.splice_folder(
+            self.published / folder,
+            scratch / folder,
+            root / folder,
+            affected,
+            {Path(file).name: kept for file, kept in self._indexes.items() if Path(file).parent == folder},
+        )
+        if isinstance(spliced, str):
+            log.info("%s: TopGO files rebuilt in full: %s", partition.key, spliced)
             writers.write_partition_topgo(root, partition, raw, config.precision, config.fantasia_compat)
+            self._record_topgo(root, partition)
+            return
+        self._recorded["partitions"].update((str(folder / name), kept) for name, kept in spliced.items())
+
+    def _record_topgo(self, root: Path, partition: Partition) -> None:
+        if not self.config.fantasia_compat:  # compatible outputs are never spliced
+            lines_.record_folder(
+                root, partition_paths(Path(), partition)["topgo"], self._recorded["partitions"]
+            )
 
     def _stage_shards(self, root: Path, partition: Partition, raw: pl.DataFrame, known: dict) -> None:
         """shards.parquet: each shard's file name and signature (`known`: those checked already)."""
@@ -295,24 +356,29 @@ class OutputUpdates:
             # summary then depends on the other accessions' rows, which a splice does not read
             why = "the rebuilt accessions have no rows left"
         if why is None:
-            previous = (self.published / SUMMARY).read_bytes()
-            spliced = previous  # nothing rebuilt: the previous file as it is
+            built = None  # nothing rebuilt: the previous file as it is
             if affected:
                 built = writers.write_summary(
                     root / SCRATCH, partitions, config.summary, config.limit_per_entry, config.precision,
                     _spill(root, "summary"), config.fantasia_compat,
-                )  # fmt: skip
-                spliced = io_.splice_lines(previous, built.path.read_bytes(), affected)
-            if spliced is not None:
-                exports.write_bytes_atomic(root / SUMMARY, spliced)
-                columns = tuple(pl.read_csv(io.BytesIO(spliced), n_rows=0, infer_schema=False).columns)
-                return SummaryFile(root / SUMMARY, spliced.count(b"\n") - 1, columns)
-            why = "summary.csv does not splice (its columns changed)"
+                ).path.read_bytes()  # fmt: skip
+            recorded = self._indexes[str(SUMMARY)]
+            spliced = lines_.splice_file(self.published / SUMMARY, recorded, built, affected, ",", True)
+            if not isinstance(spliced, str):
+                pieces, index = spliced
+                self._recorded["summary"][str(SUMMARY)] = (index, lines_.write_pieces(root / SUMMARY, pieces))
+                head = bytes(pieces[0][: index.bounds[0]])  # the header (the first piece starts the file)
+                columns = tuple(pl.read_csv(io.BytesIO(head), n_rows=0, infer_schema=False).columns)
+                return SummaryFile(root / SUMMARY, index.rows, columns)
+            why = spliced
         log.info("summary.csv rebuilt in full: %s", why)
-        return writers.write_summary(
+        written = writers.write_summary(
             root, partitions, config.summary, config.limit_per_entry, config.precision,
             _spill(root, "summary-full"), config.fantasia_compat,
         )  # fmt: skip
+        if not config.fantasia_compat:
+            self._recorded["summary"][str(SUMMARY)] = lines_.record(root / SUMMARY, ",", True)
+        return written
 
     def write_ensemble(self, root: Path, partitions: list[Partition]) -> None:
         """The TopGO ensemble under `root`, spliced like summary.csv."""
@@ -321,14 +387,24 @@ class OutputUpdates:
             scratch = root / SCRATCH
             if affected:
                 writers.write_ensemble(scratch, partitions, self.config.precision, _spill(root, "ensemble"))
-            if _splice_folder(self.published / ENSEMBLE, scratch / ENSEMBLE, root / ENSEMBLE, affected):
+            previous = {Path(f).name: kept for f, kept in self._indexes.items() if Path(f).parent == ENSEMBLE}
+            spliced = lines_.splice_folder(
+                self.published / ENSEMBLE, scratch / ENSEMBLE, root / ENSEMBLE, affected, previous
+            )
+            if not isinstance(spliced, str):
+                self._recorded["ensemble"].update(
+                    (str(ENSEMBLE / name), kept) for name, kept in spliced.items()
+                )
                 return
-            why = "the previous files do not splice"
+            why = spliced
         log.info("TopGO ensemble rebuilt in full: %s", why)
         writers.write_ensemble(root, partitions, self.config.precision, _spill(root, "ensemble-full"))
+        if not self.config.fantasia_compat:
+            lines_.record_folder(root, ENSEMBLE, self._recorded["ensemble"])
 
     def stage(self, root: Path, partitions: list[Partition]) -> list[Path]:
-        """Write state/run.json under `root`: the signatures of the files a splice reads back."""
+        """Write state/run.json under `root` (the signatures and digests of the files a splice
+        reads back) and state/lines.parquet (their line indexes)."""
         if not any(p.key in self._with_state for p in partitions):
             return []  # per-aspect searches keep no state: the next run is a full one
         folders = (
@@ -348,8 +424,15 @@ class OutputUpdates:
             "folders": [str(f) for f in folders],
             "files": files,
         }
+        recorded = {file: kept for stage in self._recorded.values() for file, kept in stage.items()}
+        indexed = {file: recorded.get(file) for file in files}
+        entries = [RUN_STATE]
+        if all(kept is not None for kept in indexed.values()):  # else the next run rebuilds them whole
+            state["digests"] = {file: kept[1] for file, kept in indexed.items()}
+            state["lines"] = lines_.write_lines(root, indexed)
+            entries.append(lines_.LINES_STATE)
         exports.write_bytes_atomic(root / RUN_STATE, json.dumps(state, sort_keys=True).encode())
-        return [RUN_STATE]
+        return entries
 
 
 def _spill(root: Path, name: str) -> Path:
@@ -362,21 +445,3 @@ def _listing(folder: Path) -> list[str]:
         return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
     except OSError:
         return []
-
-
-def _splice_folder(old: Path, new: Path, target: Path, affected: set[str]) -> bool:
-    """TopGO files (TSV, no header) of `old` spliced with `new`'s lines into the folder `target`;
-    False, writing nothing, when one does not splice."""
-    results = {}
-    for name in sorted(set(_listing(old)) | set(_listing(new))):
-        before = (old / name).read_bytes() if (old / name).exists() else b""
-        after = (new / name).read_bytes() if (new / name).exists() else b""
-        spliced = io_.splice_lines(before, after, affected, separator="\t", header=False)
-        if spliced is None:
-            return False
-        if spliced:
-            results[name] = spliced
-    target.mkdir(parents=True, exist_ok=True)
-    for name, data in results.items():
-        exports.write_bytes_atomic(target / name, data)
-    return True

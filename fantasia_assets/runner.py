@@ -43,6 +43,7 @@ from .errors import FantasiaError
 from .lookup_start import first_scope, require_references, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
+from .sequence_outputs import write_sequence_outputs
 
 if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
     import duckdb
@@ -439,10 +440,9 @@ def _run_lookup(
         raw_all = pl.concat(raw_frames)
         reads.finish_ahead(background)  # every scope is read: the stamp's sequence files, beside what follows
 
-        def fasta_and_mapping() -> None:
-            references = reference_sequences_of(raw_all, sequences)
-            writers.write_sequences(root, queries, references, config.precision)
+        def fasta_and_mapping() -> list[Path]:  # spliced from the previous FASTA where the state proves it
             writers.write_run_records(root, queries, partitions, shard_names)
+            return write_sequence_outputs(config, root, queries, raw_all, sequences, updates.full)
 
         # the run-wide outputs and the last shards read the partitions' files and each write their own:
         # side by side (thousands of shard files are system calls; DuckDB and polars release the GIL)
@@ -452,8 +452,8 @@ def _run_lookup(
             run_wide["topgo ensemble"] = lambda: output_updates.write_ensemble(root, partitions)
         run_wide["fasta+mapping"] = fasta_and_mapping
         into = {"write partition": outcome.timings}  # the last partition's own stage
-        summary = timed_concurrently(timings, run_wide, into)["summary"]
-        entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE]
+        written = timed_concurrently(timings, run_wide, into)
+        entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE] + written["fasta+mapping"]
         entries += output_updates.stage(root, partitions)  # the signatures of the files just written
         with timed(timings, "predictions"):
             predicted = run_predictions(
@@ -464,7 +464,7 @@ def _run_lookup(
             staging.publish(entries, output_updates.patches)
     base = config.experiment_path
     record_run_lineage(
-        config, queries, partitions, reports, fingerprints, annotation_version, summary, timings
+        config, queries, partitions, reports, fingerprints, annotation_version, written["summary"], timings
     )
     outputs = {
         "summary": base / SUMMARY,

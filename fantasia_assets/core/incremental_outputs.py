@@ -17,11 +17,15 @@ Every such file is sorted by accession, each accession's lines are contiguous, a
 bytes depend on its own values only (fixed float precision, per-field quoting). So a rerun
 rebuilds the outputs of the accessions whose inputs changed — with the same public functions a
 full run calls, on that subset — and splices them between the other accessions' lines, taken
-byte for byte from the previous outputs. An accession's inputs changed when its hits rows
-differ (searched, merged, renumbered), when a neighbour's annotation rows changed, when its
-shard file name changed, or when its previous shard is not the file the state recorded. Query
-and reference sequences are covered by the query digest and by sequence ids (a sequence id
-names one sequence: the reference tables are keyed by the sequence's hash).
+byte for byte from the previous outputs. Where those lines lie in a previous file is its line
+index (`LineIndex`: each accession's byte range and line count), taken once when the file is
+written and stored with the state, so a splice parses only the rebuilt lines.
+
+An accession's inputs changed when its hits rows differ (searched, merged, renumbered), when a
+neighbour's annotation rows changed, when its shard file name changed, or when its previous
+shard is not the file the state recorded. Query and reference sequences are covered by the
+query digest and by sequence ids (a sequence id names one sequence: the reference tables are
+keyed by the sequence's hash).
 
 This module is pure: frames, bytes and paths in, frames and bytes out.
 """
@@ -29,10 +33,10 @@ This module is pure: frames, bytes and paths in, frames and bytes out.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -112,18 +116,95 @@ def splice_raw(old: pl.DataFrame, new: pl.DataFrame, drop: set[str]) -> pl.DataF
     return pl.concat([kept, new]).sort("accession", maintain_order=True).rechunk()
 
 
-def _blocks(body: bytes, separator: str, header: bool) -> tuple[int, list[str], list[int]] | None:
-    """(header end, accession of each run of lines, line-run byte boundaries) of a CSV/TSV whose
-    first field is the accession; None when its lines are not one record each or not sorted
-    by accession with each accession's lines together."""
+# A file's line index as state stores it: one row per file with a null accession (the header's
+# end and line count), then one per accession (where its lines end, how many there are).
+LINES = {"file": pl.String, "accession": pl.String, "end": pl.Int64, "lines": pl.Int64}
+
+
+@dataclass(frozen=True)
+class LineIndex:
+    """Where each accession's lines lie in a CSV/TSV sorted by accession (its first field):
+    bytes [bounds[i], bounds[i + 1]) are the `lines[i]` lines of `accessions[i]`, and
+    [0, bounds[0]) the header's `header_lines` lines."""
+
+    accessions: np.ndarray  # Python strings (object), strictly increasing
+    bounds: np.ndarray  # int64, len(accessions) + 1
+    lines: np.ndarray  # int64, one count per accession
+    header_lines: int
+
+    @property
+    def size(self) -> int:
+        return int(self.bounds[-1])
+
+    @property
+    def rows(self) -> int:
+        return int(self.lines.sum())
+
+    def fits(self, body: bytes) -> bool:
+        """Whether `body` can be the file this index was taken of: as long, and a line ends
+        at every accession's end (a cheap guard; the recorded digest proves the bytes)."""
+        bounds = self.bounds
+        if len(body) != self.size or len(bounds) != len(self.accessions) + 1 or bounds[0] < 0:
+            return False
+        if len(self.lines) != len(self.accessions) or (self.lines < 1).any() or (np.diff(bounds) < 1).any():
+            return False
+        data = np.frombuffer(body, dtype=np.uint8)
+        head = data[: bounds[0]]
+        if int((head == 10).sum()) != self.header_lines or (
+            head[-1] != 10 if len(head) else self.header_lines
+        ):
+            return False  # a header is its lines, whole; without one the first accession starts the file
+        return bool((data[bounds[1:] - 1] == 10).all()) and _increasing(self.accessions)
+
+    def frame(self, file: str) -> pl.DataFrame:
+        """This index as `LINES` rows for `file`."""
+        return pl.DataFrame(
+            {
+                "file": [file] * (len(self.accessions) + 1),
+                "accession": [None, *self.accessions.tolist()],
+                "end": self.bounds,
+                "lines": [self.header_lines, *self.lines.tolist()],
+            },
+            schema=LINES,
+        )
+
+    @classmethod
+    def from_frame(cls, rows: pl.DataFrame) -> LineIndex | None:
+        """The index of one file's `LINES` rows (as `frame` wrote them); None when they are not."""
+        if rows.height == 0 or rows["accession"][0] is not None or rows["accession"].null_count() != 1:
+            return None
+        accessions = _names(rows["accession"][1:].to_list())
+        lines = rows["lines"].to_numpy()
+        return cls(
+            accessions, rows["end"].to_numpy().astype(np.int64), lines[1:].astype(np.int64), int(lines[0])
+        )
+
+
+def _names(values: list[str]) -> np.ndarray:
+    """Accessions as an array of Python strings (numpy's fixed-width strings drop trailing NULs)."""
+    names = np.empty(len(values), dtype=object)
+    names[:] = values
+    return names
+
+
+def _increasing(names: np.ndarray) -> bool:
+    return bool((names[1:] > names[:-1]).all()) if len(names) > 1 else True
+
+
+def line_index(body: bytes, separator: str = ",", header: bool = True) -> LineIndex | None:
+    """The line index of a CSV/TSV whose first field is the accession; None when its lines are
+    not one record each, or not sorted by accession with each accession's lines together."""
     data = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(data == 10) + 1
     if len(body) and (len(ends) == 0 or ends[-1] != len(body)):
         return None
     start = int(ends[0]) if header and len(ends) else 0
-    lines = ends[1:] if header else ends
+    lines = ends[1:] if header and len(ends) else ends
+    header_lines = 1 if header and len(ends) else 0
     if len(lines) == 0:
-        return start, [], [start]
+        return LineIndex(
+            np.array([], dtype=object), np.array([start], dtype=np.int64), np.zeros(0, np.int64), header_lines
+        )
     first = pl.read_csv(
         io.BytesIO(body[start:]),
         has_header=False,
@@ -135,36 +216,78 @@ def _blocks(body: bytes, separator: str, header: bool) -> tuple[int, list[str], 
     if len(first) != len(lines) or first.null_count():
         return None
     runs = first.rle()
-    lengths = runs.struct.field("len").to_numpy()
-    accessions = runs.struct.field("value").to_list()
-    if any(a >= b for a, b in itertools.pairwise(accessions)):
+    lengths = runs.struct.field("len").to_numpy().astype(np.int64)
+    accessions = _names(runs.struct.field("value").to_list())
+    if not _increasing(accessions):
         return None  # not sorted by accession, or an accession in two places
-    bounds = [start, *lines[np.cumsum(lengths) - 1].tolist()]
-    return start, accessions, bounds
+    bounds = np.concatenate([[start], lines[np.cumsum(lengths) - 1]]).astype(np.int64)
+    return LineIndex(accessions, bounds, lengths, header_lines)
+
+
+def splice_indexed(
+    old: bytes,
+    old_index: LineIndex,
+    new: bytes,
+    drop: Iterable[str],
+    separator: str = ",",
+    header: bool = True,
+) -> tuple[list[memoryview], LineIndex] | None:
+    """`old` (whose index is `old_index`) without the lines of the accessions in `drop`, with
+    `new`'s lines (accessions in `drop` only) in accession order — what writing every
+    accession's lines at once gives — as byte ranges of the two, and its index. None when the
+    files cannot be spliced exactly (different headers, lines out of order, `new` naming an
+    accession outside `drop`). Only `new` is parsed."""
+    new_index = line_index(new, separator, header)
+    if new_index is None:
+        return None
+    old_start, new_start = int(old_index.bounds[0]) if header else 0, int(new_index.bounds[0])
+    if header and old[:old_start] != new[:new_start]:
+        return None
+    drop = set(drop)
+    if not drop.issuperset(new_index.accessions.tolist()):
+        return None
+    names, count = old_index.accessions, len(old_index.accessions)
+    keep = np.array([name not in drop for name in names.tolist()], dtype=bool)
+    # new accession j goes before old position at[j] (an equal old accession is dropped)
+    at = np.searchsorted(names, new_index.accessions) if count else np.zeros(len(new_index.accessions), int)
+    inserted = np.zeros(count + 1, dtype=bool)
+    inserted[at] = True
+    # runs of kept accessions, cut where a new accession goes in: each one byte range of `old`
+    opens = keep & (np.concatenate([[True], ~keep[:-1]]) | inserted[:count])
+    closes = keep & np.concatenate([~keep[1:] | inserted[1:count], [True]])
+    first, last = np.flatnonzero(opens), np.flatnonzero(closes)
+    # pieces in order: a new accession at position p before the old run that starts at p
+    order = np.argsort(np.concatenate([2 * first + 1, 2 * at]), kind="stable")
+    ranges = np.concatenate(
+        [
+            np.stack(
+                [np.zeros(len(first), np.int64), old_index.bounds[first], old_index.bounds[last + 1]], 1
+            ),
+            np.stack([np.ones(len(at), np.int64), new_index.bounds[:-1], new_index.bounds[1:]], 1),
+        ]
+    )[order]
+    sources = (memoryview(old), memoryview(new))
+    pieces = [memoryview(old)[:old_start]] if header else []
+    pieces += [sources[s][a:b] for s, a, b in ranges.tolist()]
+    # the result's index: kept and new accessions in the same order, their lengths laid end to end
+    kept = np.flatnonzero(keep)
+    each = np.argsort(np.concatenate([2 * kept + 1, 2 * at]), kind="stable")
+    lengths = np.concatenate([np.diff(old_index.bounds)[kept], np.diff(new_index.bounds)])[each]
+    index = LineIndex(
+        np.concatenate([names[kept], new_index.accessions])[each],
+        np.concatenate([[old_start], old_start + np.cumsum(lengths)]).astype(np.int64),
+        np.concatenate([old_index.lines[kept], new_index.lines])[each],
+        old_index.header_lines,
+    )
+    return pieces, index
 
 
 def splice_lines(
     old: bytes, new: bytes, drop: Iterable[str], separator: str = ",", header: bool = True
 ) -> bytes | None:
-    """`old` without the lines of the accessions in `drop`, with `new`'s lines (accessions in
-    `drop` only) in accession order: what writing every accession's lines at once gives.
-    None when the files cannot be spliced exactly (different headers, lines out of order, or
-    `new` naming an accession outside `drop`)."""
-    drop = set(drop)
-    parsed_old, parsed_new = _blocks(old, separator, header), _blocks(new, separator, header)
-    if parsed_old is None or parsed_new is None:
+    """`splice_indexed` of two files' bytes, the old one's index taken from its bytes."""
+    old_index = line_index(old, separator, header)
+    if old_index is None:
         return None
-    old_start, old_names, old_bounds = parsed_old
-    new_start, new_names, new_bounds = parsed_new
-    if header and old[:old_start] != new[:new_start]:
-        return None
-    if not set(new_names) <= drop:
-        return None
-    pieces = [
-        (name, 0, old_bounds[i], old_bounds[i + 1]) for i, name in enumerate(old_names) if name not in drop
-    ]
-    pieces += [(name, 1, new_bounds[i], new_bounds[i + 1]) for i, name in enumerate(new_names)]
-    pieces.sort()
-    sources = (memoryview(old), memoryview(new))
-    head = [old[:old_start]] if header else []
-    return b"".join([*head, *(sources[s][a:b] for _, s, a, b in pieces)])
+    spliced = splice_indexed(old, old_index, new, drop, separator, header)
+    return None if spliced is None else b"".join(spliced[0])

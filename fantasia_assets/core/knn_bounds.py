@@ -67,6 +67,8 @@ L' = ρ_t·D' + α + δ (cosine; D'² and g for euclidean) above which no candid
 (`refined_limit`). D' is near s̃_(k), as screening errs far less than δ in practice, so L' is
 about one δ above s̃_(k) where L is two: on 1,024-dim data about a third fewer candidates are
 refined. A cosine D' of 2 may be a clipped distance, which bounds nothing: L' is then +∞.
+Likewise a cosine D* of 2 (a threshold t ≥ 2, or D_(k) clipped) says only T_j ≤ 1 + ‖r̂_j‖
+≤ 2 + 2.1u, which ρ_t·t + α can miss by about 0.1u: U ≥ 2 is raised to at least 2 + 2.2u.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ UNIT = 2.0**-24
 _DOUBLE_UNIT = 2.0**-53
 _UNDERFLOW = 2.0**-126
 _NORM_SLACK = 1 + 2.0**-20  # relative error of the float64 norms and sums in the bound's terms
+_CLIPPED_REACH = 2.2 * UNIT  # above 2.1u: 1 - q̂·r̂ ≤ 1 + ‖r̂_j‖ ≤ 2 + 2.1u, with room for rounding
 MAX_NORM = knn_inputs.MAX_NORM  # rows at least this long could overflow float32 squares and products
 
 
@@ -162,6 +165,9 @@ def screened_enough(
     limit = rho * reach + alpha
     if threshold_score is not None:
         limit = torch.minimum(limit, torch.full_like(limit, rho_threshold * threshold_score + alpha))
+    if metric == "cosine":
+        # D* ≥ 2 may be a clipped distance: it bounds T only by 1 + ‖r̂_j‖ ≤ 2 + 2.1u
+        limit = torch.where(limit >= 2, limit.clamp(min=2 + _CLIPPED_REACH), limit)
     limit = _score_limit(limit, coefficients, metric)
     last = ordered[:, -1]
     return torch.isinf(last) | (last > limit), limit

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from . import aggregate, aggregate_memory, compat, exports
+from . import aggregate, aggregate_memory, compat, exports, incremental_fasta
 from .layout import ENSEMBLE, FASTA, MAPPING, OUTPUT_NAMES, SKIPPED, SUMMARY, partition_paths
 from .plan import LookupPlanError, Partition, QuerySet
 from .stages import SearchOutcome
@@ -171,13 +171,20 @@ def write_sequences(
 
     `references`: the sequence of every reference the raw rows name.
     """
-    records = [(f"Q{i}", s) for i, s in enumerate(queries.sequences)]
-    records += [(f"R{sid}", s) for sid, s in sorted(references.items())]
     fasta = root / FASTA
-    exports.write_bytes_atomic(fasta, exports.fasta_bytes(records))
+    records = incremental_fasta.reference_records(references)[0]
+    # joined: one write call, not one per record
+    exports.write_bytes_atomic(
+        fasta, b"".join([incremental_fasta.query_records(queries.sequences), *records])
+    )
+    return fasta, write_mapping(root, queries, precision)
+
+
+def write_mapping(root: Path, queries: QuerySet, precision: int) -> Path:
+    """query_index_mapping.csv: each unique query sequence's index, accessions and length."""
     mapping = root / MAPPING
     exports.write_bytes_atomic(mapping, exports.csv_bytes(queries.mapping(), precision))
-    return fasta, mapping
+    return mapping
 
 
 def write_run_records(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fantasia_assets.config import ConfigError, parse_config
 from fantasia_assets.core import knn_admission, screen
 from fantasia_assets.core.knn import METRICS, SearchEngine
+from fantasia_assets.core.knn_bounds import UNIT, screened_enough
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
 
@@ -276,3 +277,14 @@ def test_screening_choices_and_errors():
     assert parse_config({**base, "lookup": {"screening": "bf16"}}).screening == "bf16"
     with pytest.raises(ConfigError, match=r"lookup\.screening"):
         parse_config({**base, "lookup": {"screening": "fp16"}})
+
+
+@pytest.mark.parametrize("threshold", [2.0, 2.5, None])
+def test_cosine_limit_covers_clipped_distances(threshold):
+    """A refined cosine distance clipped to 2 hides targets up to 1 + ‖r̂‖ ≤ 2 + 2.1u: with
+    D* = 2 (a threshold ≥ 2, or a k-th screened score near 2) the limit must reach past them."""
+    a = 1e-3
+    coefficients = torch.tensor([[a, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    scores = torch.tensor([[1.99, 2.0 - a, 2.0]], dtype=torch.float64)
+    limit = screened_enough(scores, 3, coefficients, threshold, "cosine", 1024)[1]
+    assert float(limit[0]) - a >= 2 + 2.1 * UNIT

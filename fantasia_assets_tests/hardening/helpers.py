@@ -47,7 +47,8 @@ def tree(root: Path) -> dict[str, str]:
 
     lineage.duckdb is left out: it is the log every successful run appends its rows to, not
     part of an output set; so are the incremental state's records of other files' size, mtime
-    and inode (`state/run.json`, `state/.../shards.parquet`), which differ between any two runs.
+    and inode (`state/run.json`, `state/sequences.json`, `state/.../shards.parquet`), which
+    differ between any two runs.
     """
     if not root.exists():
         return {}
@@ -60,7 +61,8 @@ def tree(root: Path) -> dict[str, str]:
 
 def _signatures(relative: Path) -> bool:
     return relative.parts[:1] == ("state",) and (
-        relative.name == "shards.parquet" or relative == Path("state/run.json")
+        relative.name == "shards.parquet"
+        or relative in (Path("state/run.json"), Path("state/sequences.json"))
     )
 
 

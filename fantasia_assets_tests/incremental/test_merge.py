@@ -8,6 +8,9 @@ import pytest
 
 from fantasia_assets.core import incremental
 from fantasia_assets.core.knn import SearchEngine
+from fantasia_assets.core.plan import open_queries
+from fantasia_assets.incremental_run import query_digests, stored_query_digests
+from fantasia_assets_tests.conftest import SAMPLE
 
 
 def _answers(vectors, ids, queries, k, threshold, ties, metric="cosine"):
@@ -114,3 +117,24 @@ def test_carried_digests_equal_digesting_every_row():
     # a previous matrix that is not the one the digests were taken of is never used
     assert incremental.carried_digests(stored, old_ids[:-1], old[:-1], ids, new) is None
     assert incremental.carried_digests(stored, old_ids, old.astype(np.float32), ids, new) is None
+
+
+def test_query_digests_from_the_state_of_the_same_query_file():
+    """With the query file the state was computed on, stored digests are taken as they are and
+    only the queries the state lacks are digested; with another file, every one is digested."""
+    queries = open_queries(SAMPLE / "queries.h5")
+    vectors, rows, _ = queries.catalogue.read_valid((1, 0))
+    plain = query_digests(queries, rows, vectors)
+    accessions = [queries.catalogue.accessions[r] for r in rows.tolist()]
+    marked = [b"\x00" * 16 if i == 0 else d for i, d in enumerate(plain)]  # the state's own, visibly
+    stored = pl.DataFrame(
+        {"accession": accessions[::2], "digest": marked[::2]},
+        schema={"accession": pl.String, "digest": pl.Binary},
+    )
+
+    def state(query_hash):
+        return incremental.StoredState({"query_hash": query_hash}, pl.DataFrame(), stored, pl.DataFrame())
+
+    taken = stored_query_digests(state(queries.content_hash), queries, rows, vectors)
+    assert taken[0] == b"\x00" * 16 and taken[1:] == plain[1:]
+    assert stored_query_digests(state("another file"), queries, rows, vectors) == plain

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import h5py
@@ -374,3 +376,67 @@ def test_outputs_edited_since_are_rebuilt(engine, tmp_path, caplog):
     _run(raw, engine)
     assert any("summary.csv is not the file the state recorded" in r.getMessage() for r in caplog.records)
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_untrusted_line_indexes_rebuild_the_files_whole(engine, tmp_path, caplog):
+    """summary.csv and the TopGO files are spliced at the byte ranges state/lines.parquet
+    recorded only while that index, its digest in run.json and each file's digest hold; a file
+    edited to the same size and mtime, or an index that is missing, damaged, from another code
+    version or does not fit, makes the run write them whole, and say why."""
+    caplog.set_level(logging.INFO, logger="fantasia_assets.incremental_write")
+    _load(engine, REFS)
+    raw = _config(tmp_path)
+    _run(raw, engine)
+    root = Path(raw["experiment_path"])
+    state, lines = root / "state" / "run.json", root / "state" / "lines.parquet"
+    ensemble = sorted((root / "topgo" / "ensemble").iterdir())[0]
+
+    def same_size_same_mtime(path: Path) -> None:  # an edit the (size, mtime, inode) check misses
+        before = path.stat()
+        data = bytearray(path.read_bytes())
+        data[-3] = ord("9") if data[-3] != ord("9") else ord("8")
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    def recorded(edit) -> None:  # lines.parquet edited, and run.json made to vouch for it
+        frame = edit(pl.read_parquet(lines))
+        frame.write_parquet(lines)
+        meta = json.loads(state.read_text())
+        meta["lines"] = hashlib.sha256(lines.read_bytes()).hexdigest()
+        state.write_text(json.dumps(meta))
+
+    def shifted(frame: pl.DataFrame) -> pl.DataFrame:
+        last = frame.filter(pl.col("file") == "summary.csv").height - 2
+        return frame.with_columns(
+            pl.when((pl.col("file") == "summary.csv") & (pl.int_range(pl.len()) == last))
+            .then(pl.col("end") - 1)
+            .otherwise(pl.col("end"))
+            .alias("end")
+        )
+
+    def other_version() -> None:
+        meta = json.loads(state.read_text())
+        meta["format"] = meta["format"].replace("incremental-outputs-2", "incremental-outputs-1")
+        state.write_text(json.dumps(meta))
+
+    cases = [
+        (lambda: same_size_same_mtime(root / "summary.csv"), "summary.csv is not the file the state recorded (its digest differs)"),
+        (lambda: same_size_same_mtime(ensemble), f"{ensemble.name} is not the file the state recorded (its digest differs)"),
+        (lambda: lines.unlink(), "state/lines.parquet is missing"),
+        (lambda: lines.write_bytes(b"PAR1 damaged"), "state/lines.parquet is not the one run.json recorded"),
+        (lambda: recorded(lambda f: f.rename({"lines": "count"})), "state/lines.parquet has other columns"),
+        (lambda: recorded(shifted), "the line index of summary.csv does not fit it"),
+        (other_version, "state/run.json is from another code version"),
+    ]  # fmt: skip
+    expected = _fresh_full_run(raw, engine, tmp_path)
+    for harm, reason in cases:
+        harm()
+        caplog.clear()
+        _, update = _run(raw, engine)
+        assert update.kind == "unchanged"
+        assert any(reason in r.getMessage() for r in caplog.records), (reason, caplog.messages)
+        assert _digests(root) == expected
+    # and with everything in place again, the next rerun splices: no file is written whole
+    caplog.clear()
+    _run(raw, engine)
+    assert not [m for m in caplog.messages if "in full" in m], caplog.messages

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from fantasia_assets.core import exports
-from fantasia_assets.core.incremental_outputs import changed_hits, splice_lines, splice_raw
+from fantasia_assets.core.incremental_outputs import (
+    LineIndex,
+    annotation_digests,
+    changed_hits,
+    line_index,
+    splice_indexed,
+    splice_lines,
+    splice_raw,
+)
 
 
 def _csv(frame: pl.DataFrame, header: bool = True, separator: str = ",") -> bytes:
@@ -68,3 +77,79 @@ def test_splice_raw_and_changed_hits():
     assert changed_hits(hits, moved) == {"B"}
     assert changed_hits(hits, hits.head(2)) == {"B"}
     assert changed_hits(hits, hits) == set()
+
+
+def _same(left: LineIndex, right: LineIndex) -> bool:
+    return (
+        left.accessions.tolist() == right.accessions.tolist()
+        and left.bounds.tolist() == right.bounds.tolist()
+        and left.lines.tolist() == right.lines.tolist()
+        and left.header_lines == right.header_lines
+    )
+
+
+def test_spliced_index_is_the_index_of_the_spliced_bytes():
+    """The index a splice returns (what the state stores) equals parsing its result; random
+    drops, rebuilt subsets and accessions that only one side has."""
+    rng = np.random.default_rng(7)
+    names = [f"Q{i:03d}" for i in range(40)] + ['Q,"quoted"', "Q\ttab", "Q\x00nul"]
+    for case in range(60):
+        header, separator = (True, ",") if case % 2 else (False, "\t")
+        chosen = sorted(rng.choice(names, int(rng.integers(0, 30)), replace=False).tolist())
+        counts = rng.integers(1, 4, len(chosen))
+        rows = pl.DataFrame(
+            {"accession": np.repeat(chosen, counts).tolist(), "score": rng.random(int(counts.sum()))},
+            schema={"accession": pl.String, "score": pl.Float64},
+        ).sort("accession", maintain_order=True)
+        drop = set(rng.choice(names, int(rng.integers(0, 15)), replace=False).tolist())
+        rebuilt = pl.DataFrame(
+            {"accession": sorted(d for d in drop if rng.random() < 0.6), "score": 0.5},
+            schema={"accession": pl.String, "score": pl.Float64},
+        )
+        old, new = _csv(rows, header, separator), _csv(rebuilt, header, separator)
+        old_index = line_index(old, separator, header)
+        assert old_index is not None and old_index.fits(old)
+        assert _same(LineIndex.from_frame(old_index.frame("f")), old_index)
+        pieces, index = splice_indexed(old, old_index, new, drop, separator, header)
+        spliced = b"".join(pieces)
+        assert spliced == splice_lines(old, new, drop, separator, header)
+        expected = pl.concat([rows.filter(~pl.col("accession").is_in(list(drop))), rebuilt]).sort(
+            "accession", maintain_order=True
+        )
+        assert spliced == _csv(expected, header, separator)
+        assert _same(index, line_index(spliced, separator, header)) and index.fits(spliced)
+        assert index.rows == expected.height
+
+
+def test_an_index_does_not_fit_other_bytes():
+    body = _csv(FULL)
+    index = line_index(body)
+    assert index.fits(body)
+    assert not index.fits(body + b"x,GO:1,0.5\n")  # longer
+    assert not index.fits(body.replace(b"A,GO:1", b"A,GO:12", 1)[:-1])  # a line end moved
+    assert not index.fits(body.replace(b"\n", b"", 1) + b"\n")  # the header ends elsewhere
+    assert LineIndex.from_frame(index.frame("f").slice(1)) is None  # no header row
+
+
+def test_digests_of_some_references_are_those_of_the_whole_table():
+    """A rerun digests only the neighbours' annotation rows: each sequence's digest is the one
+    the whole table gives it, whatever other sequences' rows are left out."""
+    annotations = pl.DataFrame(
+        {
+            "sequence_id": [3, 1, 3, 2, 1, 3],
+            "go_id": ["GO:1", "GO:2", "GO:3", "GO:1", "GO:1", "GO:1"],
+            "evidence_code": ["EXP", "IEA", "EXP", "EXP", "TAS", "IEA"],
+        }
+    )
+    whole = annotation_digests(annotations)
+    some = annotation_digests(annotations.filter(pl.col("sequence_id").is_in([1, 3])))
+    assert some.equals(whole.filter(pl.col("sequence_id").is_in([1, 3])))
+    reordered = annotations.filter(pl.col("sequence_id") == 3).reverse()  # row order is part of it
+    assert annotation_digests(reordered)["h1"][0] != whole.filter(pl.col("sequence_id") == 3)["h1"][0]
+
+
+def test_an_index_whose_first_accession_does_not_start_a_headerless_file_does_not_fit():
+    body = _csv(FULL, header=False, separator="\t")
+    index = line_index(body, "\t", False)
+    moved = LineIndex(index.accessions[1:], index.bounds[1:], index.lines[1:], 0)
+    assert index.fits(body) and not moved.fits(body)
