@@ -438,7 +438,6 @@ def _run_lookup(
                 )
             )  # fmt: skip
         raw_all = pl.concat(raw_frames)
-        reads.finish_ahead(background)  # every scope is read: the stamp's sequence files, beside what follows
 
         def fasta_and_mapping() -> list[Path]:  # spliced from the previous FASTA where the state proves it
             writers.write_run_records(root, queries, partitions, shard_names)

@@ -50,7 +50,6 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
@@ -241,9 +240,6 @@ class RecordedReads:
     def snapshot(self) -> Iterator[None]:
         yield  # the state the stamp describes is fixed: nothing to hold
 
-    def finish_ahead(self, executor: Executor) -> None:
-        """Nothing to write: the sequence files are those the stamp names."""
-
     def finish(self) -> None:
         """Nothing to record: the stamp is unchanged."""
 
@@ -303,7 +299,6 @@ class LiveReads:
         self._start: dict | None = None
         self._answers: dict[str, dict] = {}
         self._scopes: dict[str, ReferenceScope] = {}
-        self._ahead: Future | None = None  # `finish_ahead`'s sequence files
 
     def _record(self, kind: str, key: str, value) -> None:
         self._answers.setdefault(kind, {})[key] = value
@@ -385,36 +380,23 @@ class LiveReads:
 
         return fetch_sequences(self.engine, sequence_ids)
 
-    def finish_ahead(self, executor: Executor) -> None:
-        """Start writing the scopes' sequence files on `executor` once the run has read every
-        scope (after its searches): the database's work and the Parquet writing run beside the
-        run's last outputs instead of after them. `finish` waits for them."""
-        if self._start is not None:
-            self._ahead = executor.submit(self._sequence_files)
-
-    def _sequence_files(self) -> None:
+    def finish(self) -> None:
+        """After a successful run, inside the snapshot: the scopes' sequence files, then the stamp
+        (merged with the current one when both describe the same state)."""
+        if self._start is None:
+            return
         from ..core.exports import atomic_write
         from .reads import fetch_scope_sequences, table_version
 
         version = table_version(self.engine, "sequence")
         self._record("sequence_version", "", version)
-        for fingerprint, scope in list(self._scopes.items()):
+        for fingerprint, scope in self._scopes.items():
             path = sequences_file(fingerprint, version)
             if path.exists():
                 os.utime(path)  # recently used: kept by the pruning below
             else:
                 frame = fetch_scope_sequences(self.engine, scope)
                 atomic_write(path, frame.write_parquet)
-
-    def finish(self) -> None:
-        """After a successful run, inside the snapshot: the scopes' sequence files, then the stamp
-        (merged with the current one when both describe the same state)."""
-        if self._start is None:
-            return
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead.result()
-        self._sequence_files()  # after `finish_ahead`: only a scope read since is fetched here
         files = sorted(cache_dir("sequences").glob("sequences-*.parquet"), key=lambda f: f.stat().st_mtime)
         for stale in files[:-_SEQUENCE_FILES_KEPT]:
             stale.unlink(missing_ok=True)  # a stamp naming it then misses, and takes the server
