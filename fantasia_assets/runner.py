@@ -28,7 +28,7 @@ from .core.locks import experiment_lock
 from .core.plan import LookupPlanError, ModelSpec, Partition, QuerySet, open_queries
 from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
-from .core.references import ReferenceScope, ReferenceSetError
+from .core.references import ReferenceScope
 from .core.scoring import run_predictions
 from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
@@ -40,6 +40,7 @@ from .core.timing import timed, timed_concurrently
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
+from .lookup_start import first_scope, require_references, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
 from .sequence_outputs import write_sequence_outputs
@@ -325,28 +326,6 @@ class LookupResult:
     updates: dict = field(default_factory=dict)  # partition key → `core.incremental.Update`
 
 
-def _with_references(partitions: list[Partition], reads: Reads) -> list[Partition]:
-    """The partitions whose (model, layer) has reference embeddings; the others skipped, with a warning."""
-    loaded = reads.layers_with_rows([(p.type_id, p.layer) for p in partitions])
-    for p in partitions:
-        if (p.type_id, p.layer) not in loaded:
-            log.warning(
-                "%s: no reference embeddings are loaded for model %s (type_%d), layer %s; skipped",
-                p.key, p.model.name, p.type_id, "legacy" if p.layer is None else p.layer,
-            )  # fmt: skip
-    return [p for p in partitions if (p.type_id, p.layer) in loaded]
-
-
-def require_references(reads: Reads) -> dict[str, int]:
-    """Model name → type id of the reference database; `ReferenceSetError` when nothing was loaded."""
-    types = reads.model_types()
-    if not types:  # the tables exist (migrated on first use), but nothing was loaded
-        from .db.reads import NEVER_LOADED
-
-        raise ReferenceSetError(NEVER_LOADED)
-    return types
-
-
 def run_lookup(
     config: LookupConfig,
     engine: Engine | None = None,
@@ -369,9 +348,16 @@ def run_lookup(
         from .db.engine import get_engine
 
         reads = LiveReads(engine or get_engine())
-    # one run per experiment_path at a time; one committed reference set for the whole run
-    with experiment_lock(config.experiment_path), reads.snapshot():
-        result = _run_lookup(config, reads, progress, cluster, PartitionUpdates(config, full=full))
+    # one run per experiment_path at a time; one committed reference set for the whole run; the
+    # reads started before the query scan (`lookup_start`) end inside it, even when the run fails
+    with (
+        experiment_lock(config.experiment_path),
+        reads.snapshot(),
+        ThreadPoolExecutor(2, thread_name_prefix="lookup-start") as background,
+    ):
+        result = _run_lookup(
+            config, reads, progress, cluster, PartitionUpdates(config, full=full), background
+        )
         try:
             reads.finish()  # the stamp a later lookup may be served from
         except (FantasiaError, OSError) as error:
@@ -380,33 +366,33 @@ def run_lookup(
 
 
 def _run_lookup(
-    config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None, updates
+    config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None, updates, background
 ) -> LookupResult:
     timings: dict[str, float] = {}
-    # The annotation table depends on the taxonomy filter alone, not on the queries: it is fetched
-    # from the database while the query file is scanned (HDF5, in worker processes). Its errors
-    # surface where it was fetched before, after the plan; an earlier error drops them unread.
+    # The annotation table depends on the taxonomy filter alone, not on the queries, and the first
+    # partition's reference matrix on the configuration (`lookup_start`): both are read from the
+    # database while the query file is scanned. Their errors surface where they were read before
+    # (after the plan, in the search); an earlier error drops them unread.
     include, exclude = config.taxonomy.resolve()
-    with ThreadPoolExecutor(1, thread_name_prefix="annotations") as background:
-        pending = background.submit(
-            AnnotationStore(None, cache_dir("annotations"), reads).get,
-            ReferenceScope(0, None, include, exclude),
-        )
-        with timed(timings, "scan queries"):
-            queries = open_queries(config.embeddings_path, cache_dir("queries"))
-        types = require_references(reads)
-        partitions = _with_references(plan_partitions(config, queries, types), reads)
-        if not partitions:
-            raise LookupPlanError(
-                f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
-                f"query file {queries.path}; see the warnings above"
-            )
-        with timed(timings, "redundancy clustering"):
-            clusters = redundancy_clusters(config, queries, reads, partitions, cache_dir("mmseqs"), progress)
-        with timed(timings, "annotations (wait)"):
-            annotations, annotation_version = pending.result()
-    updates.annotation_version = annotation_version
+    pending = background.submit(
+        AnnotationStore(None, cache_dir("annotations"), reads).get, ReferenceScope(0, None, include, exclude)
+    )
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
+    store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))
+    with timed(timings, "scan queries"):
+        queries = open_queries(config.embeddings_path, cache_dir("queries"))
+    types = require_references(reads)
+    partitions = with_references(plan_partitions(config, queries, types), reads)
+    if not partitions:
+        raise LookupPlanError(
+            f"no (model, layer) to compute: enabled models {[m.name for m in config.enabled_models()]}, "
+            f"query file {queries.path}; see the warnings above"
+        )
+    with timed(timings, "redundancy clustering"):
+        clusters = redundancy_clusters(config, queries, reads, partitions, cache_dir("mmseqs"), progress)
+    with timed(timings, "annotations (wait)"):
+        annotations, annotation_version = pending.result()
+    updates.annotation_version = annotation_version
     alignments = updates.alignments
     sequences = SequenceCache(None, reads)
     device = device_for(config)

@@ -15,6 +15,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,6 +115,24 @@ class ReferenceStore:
         self._memory: OrderedDict[str, ReferenceMatrix] = OrderedDict()
         self._lock = threading.Lock()
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
+        self._ahead: Future | None = None  # `prefetch`: (scope, matrix and source, or error) or None
+
+    def prefetch(self, executor: Executor, choose: Callable[[], ReferenceScope | None]) -> None:
+        """Get, on `executor`, the matrix of the scope `choose()` names (None: nothing to get);
+        the next `get` takes it from there (its error too) when it asks for that scope, with the
+        source that fetch had. A cold matrix is mostly a wait on the database's COPY, with the
+        interpreter released, so it overlaps well with a Python-bound stage (the query scan)."""
+
+        def fetch() -> tuple[ReferenceScope, tuple[ReferenceMatrix, str] | Exception] | None:
+            scope = choose()
+            if scope is None:
+                return None
+            try:
+                return scope, self._get(scope, no_progress)
+            except Exception as error:  # raised by the `get` that asks for this scope, if one does
+                return scope, error
+
+        self._ahead = executor.submit(fetch)
 
     def cache_file(self, fingerprint: str) -> Path:
         """Where the disk cache keeps the vectors of this fingerprint (a float16 .npy)."""
@@ -187,22 +207,36 @@ class ReferenceStore:
 
     def get(self, scope: ReferenceScope, progress: Progress = no_progress) -> ReferenceMatrix:
         """The scope's matrix, fetched from the database only when its rows changed."""
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        try:
+            fetched = ahead.result() if ahead is not None else None
+        except Exception:  # the choice's own read failed: the plain path meets that error itself
+            fetched = None
+        if fetched is not None and fetched[0] == scope:
+            if isinstance(fetched[1], Exception):
+                raise fetched[1]
+            matrix, self.last_source = fetched[1]
+            return matrix
+        matrix, self.last_source = self._get(scope, progress)
+        return matrix
+
+    def _get(self, scope: ReferenceScope, progress: Progress) -> tuple[ReferenceMatrix, str]:
+        """(matrix, where it came from): "memory", "disk" or "database"."""
         fingerprint = self.source.reference_fingerprint(scope)
         with self._lock:
             if fingerprint in self._memory:
                 self._memory.move_to_end(fingerprint)
-                self.last_source = "memory"
-                return self._memory[fingerprint]
+                return self._memory[fingerprint], "memory"
         path = self.cache_file(fingerprint)
         matrix = self._from_disk(path, scope, fingerprint)
-        if matrix is not None:
-            self.last_source = "disk"
-        else:
+        source = "disk"
+        if matrix is None:
             progress("fetch references", 0, 1)
             matrix = self._from_database(path, scope, fingerprint)
             self._prune()
             progress("fetch references", 1, 1)
-            self.last_source = "database"
+            source = "database"
         if not len(matrix):
             raise ReferenceSetError(
                 f"no reference embeddings for type_{scope.type_id} layer {scope.layer} "
@@ -213,7 +247,7 @@ class ReferenceStore:
                 self._memory[fingerprint] = matrix
                 while len(self._memory) > self.max_in_memory:
                     self._memory.popitem(last=False)
-        return matrix
+        return matrix, source
 
 
 def _save_matrix(path: Path, matrix: ReferenceMatrix) -> None:

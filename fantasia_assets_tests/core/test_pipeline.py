@@ -305,6 +305,56 @@ def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_pa
     assert len(list(tmp_path.glob("matrix-*.ids.npy"))) == 2
 
 
+def test_reference_prefetch_gives_what_get_gives(sample_loaded, tmp_path):
+    """`ReferenceStore.prefetch` (the matrix read while the query file is scanned): the next `get`
+    of the guessed scope returns the matrix and source a plain `get` gives; a wrong guess, a
+    failed choice and a guess of nothing leave `get` to fetch its own; a fetch's error is raised
+    by the `get` of its scope."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fantasia_assets.core.references import ReferenceScope, ReferenceSetError
+    from fantasia_assets.db.stores import ReferenceStore
+
+    plain_store = ReferenceStore(sample_loaded, tmp_path / "plain", max_in_memory=0)
+    plain = {layer: plain_store.get(ReferenceScope(1, layer)) for layer in (0, 1)}
+
+    def same(matrix, layer):
+        np.testing.assert_array_equal(matrix.vectors.view(np.uint16), plain[layer].vectors.view(np.uint16))
+        np.testing.assert_array_equal(matrix.sequence_ids, plain[layer].sequence_ids)
+        assert matrix.fingerprint == plain[layer].fingerprint
+
+    def failing_choice():
+        raise RuntimeError("the choice's read failed")
+
+    with ThreadPoolExecutor(2) as background:
+        # (guessed layer, asked layer, in the main thread? for each COPY of rows)
+        cases = [(0, 0, [False]), (1, 0, [False, True]), (None, 1, [True]), ("fails", 1, [True])]
+        for n, (guess, asked, in_main) in enumerate(cases):
+            store = ReferenceStore(sample_loaded, tmp_path / str(n), max_in_memory=0)
+            copies = []  # the thread of every COPY of reference rows
+            copy_rows = store.source.copy_reference_rows
+            store.source.copy_reference_rows = lambda *a, c=copy_rows, seen=copies: (
+                seen.append(threading.current_thread()),
+                c(*a),
+            )[1]
+            if guess == "fails":
+                store.prefetch(background, failing_choice)
+            else:
+                store.prefetch(background, lambda g=guess: None if g is None else ReferenceScope(1, g))
+            same(store.get(ReferenceScope(1, asked)), asked)
+            assert store.last_source == "database"
+            # the right guess is fetched in the background only; any other scope, here
+            assert [t is threading.main_thread() for t in copies] == in_main
+            same(store.get(ReferenceScope(1, asked)), asked)  # the guess is taken once
+            assert store.last_source == "disk"
+        store = ReferenceStore(sample_loaded, tmp_path / "empty", max_in_memory=0)
+        empty = ReferenceScope(1, 0, include_taxa=frozenset({"no such taxon"}))
+        store.prefetch(background, lambda: empty)
+        with pytest.raises(ReferenceSetError, match="after the taxonomy filter"):
+            store.get(empty)
+
+
 def test_groups_without_sequence_are_skipped_with_a_warning(tmp_path, caplog):
     from fantasia_assets.core.queries import scan
 
