@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	# PIS's model definitions, for the schema tests; without its deps (torch, esm, Bio…)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps protein-information-system==3.1.2
+	# the project's bytecode, as pip writes it for installed packages: where PYTHONDONTWRITEBYTECODE
+	# is set, an editable install would otherwise compile every module on each command (≈ 0.3 s)
+	$(BIN)/python -m compileall -q fantasia_assets > /dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
