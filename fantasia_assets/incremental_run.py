@@ -172,11 +172,24 @@ class PartitionUpdates:
         config, timings = self.config, {}
         with timed(timings, "references"):
             matrix = store.get(reference_scope(config, partition), progress)
-        with timed(timings, "read queries"):
-            vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, config.distance_metric)
-        accessions = [queries.catalogue.accessions[r] for r in rows]
         with timed(timings, "compare with the stored state"):
             ref_digests = _reference_digests(state, matrix, store, reference_scope(config, partition))
+            same_references = (
+                np.array_equal(state.references["sequence_id"].to_numpy(), matrix.sequence_ids)
+                and ref_digests == state.references["digest"].to_list()
+            )
+        # the state's queries were usable in the file it was computed on (its content digest): when
+        # this is that file and the references are the state's (no query is merged with a search
+        # of added ones), a vector is read only if its query is searched (`_read_searched`)
+        trusted = set()
+        if same_references and state.meta.get("query_hash") == queries.content_hash:
+            trusted = set(state.queries["accession"].to_list())
+        with timed(timings, "read queries"):
+            vectors, rows, skipped = usable_queries(
+                queries, partition, matrix.dim, config.distance_metric, trusted
+            )
+        accessions = [queries.catalogue.accessions[r] for r in rows]
+        with timed(timings, "compare with the stored state"):
             digests = stored_query_digests(state, queries, rows, vectors)
             changes = incremental.diff(
                 state, matrix.sequence_ids, ref_digests, accessions, digests,
@@ -219,6 +232,9 @@ class PartitionUpdates:
             return pl.concat(parts)
 
         with timed(timings, "search"):
+            if trusted:
+                merging = [position[a] for a in kept] if len(new_ids) else []
+                _read_searched(queries, partition, rows, vectors, accessions, trusted, [*full_rows, *merging])
             if len(new_ids) and kept:
                 at = np.flatnonzero(np.isin(matrix.sequence_ids, new_ids))
                 kept_rows = np.array([position[a] for a in kept], dtype=np.int64)
@@ -302,6 +318,13 @@ class PartitionUpdates:
             accessions, query_d, outcome.matrix.sequence_ids, ref_d,
         )  # fmt: skip
         return [incremental.state_dir(partition)]
+
+
+def _read_searched(queries, partition, rows, vectors, accessions, trusted, searched: list[int]) -> None:
+    """Fill in place the `searched` rows of `vectors` that `usable_queries` left unread (trusted)."""
+    unread = np.array(sorted(r for r in set(searched) if accessions[r] in trusted), dtype=np.int64)
+    if len(unread):
+        vectors[unread] = queries.catalogue.read((partition.type_id, partition.layer), rows[unread])[0]
 
 
 def _reference_digests(state: incremental.StoredState, matrix, store: ReferenceStore, scope) -> list[bytes]:

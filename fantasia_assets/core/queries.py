@@ -142,7 +142,11 @@ class EmbeddingCatalogue:
         return matrix, entries.rows[positions]
 
     def read_valid(
-        self, key: LayerKey, dim: int | None = None, metric: str | None = None
+        self,
+        key: LayerKey,
+        dim: int | None = None,
+        metric: str | None = None,
+        trusted: set[str] = frozenset(),
     ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         """Every usable vector of `key`, and the groups left out with the reason.
 
@@ -150,6 +154,8 @@ class EmbeddingCatalogue:
         `dim` (default: the most common length in the file) or that holds NaN or infinite
         values is left out and reported as (group, reason). Under the `"cosine"` metric, so is
         a vector without a direction (see `directionless`). Returns (vectors, rows, skipped).
+        A vector of length `dim` whose accession is in `trusted` (the caller knows these bytes
+        were usable under `metric`) is taken as usable unread: its row of the matrix is left zero.
         """
         entries = self.layers.get(key)
         if entries is None:
@@ -162,23 +168,29 @@ class EmbeddingCatalogue:
             for p in np.flatnonzero(entries.dims != dim)
         }
         keep = np.flatnonzero(entries.dims == dim)
-        matrix = self._gather(key, entries, keep)
-        finite = np.isfinite(matrix).all(axis=1)
-        if not finite.all():
-            reasons.update({int(p): f"{describe_key(key)} has NaN or infinite values" for p in keep[~finite]})
-            matrix, keep = matrix[finite], keep[finite]
+        unread = np.array([self.accessions[r] in trusted for r in entries.rows[keep].tolist()], dtype=bool)
+        if unread.any():
+            matrix = np.zeros((len(keep), dim or 0), dtype=np.float32)
+            matrix[~unread] = self._gather(key, entries, keep[~unread])
+        else:
+            matrix = self._gather(key, entries, keep)  # no copy: the full run reads every vector
+        bad = np.zeros(len(keep), dtype=bool)  # the rows found unusable; a trusted row never is
+        bad[~unread] = ~np.isfinite(matrix[~unread] if unread.any() else matrix).all(axis=1)
+        reasons.update({int(p): f"{describe_key(key)} has NaN or infinite values" for p in keep[bad]})
         if metric == "cosine":
-            flat = directionless(matrix)
-            if flat.any():
-                reasons.update(
-                    {
-                        int(p): f"{describe_key(key)} is a zero vector (or too close to zero): "
-                        "no direction, so no cosine distance"
-                        for p in keep[flat]
-                    }
-                )
-                matrix, keep = matrix[~flat], keep[~flat]
+            flat = ~unread & ~bad
+            flat[flat] = directionless(matrix[flat] if not flat.all() else matrix)
+            reasons.update(
+                {
+                    int(p): f"{describe_key(key)} is a zero vector (or too close to zero): "
+                    "no direction, so no cosine distance"
+                    for p in keep[flat]
+                }
+            )
+            bad |= flat
         skipped = [(self.group(int(entries.rows[p])), reasons[p]) for p in sorted(reasons)]
+        if bad.any():
+            matrix, keep = matrix[~bad], keep[~bad]
         return matrix, entries.rows[keep], skipped
 
     def group(self, row: int) -> str:

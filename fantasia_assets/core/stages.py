@@ -262,18 +262,23 @@ def _aspect_hits(
 
 
 def usable_queries(
-    queries: QuerySet, partition: Partition, dim: int, metric: str | None = None
+    queries: QuerySet,
+    partition: Partition,
+    dim: int,
+    metric: str | None = None,
+    trusted: set[str] = frozenset(),
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """The partition's query vectors that can be searched, and every query left out, with why.
 
     A query without this layer, with a vector of the wrong length or with NaN/Inf values, or
     (cosine `metric`) a zero vector, is left out with a warning naming the file, group and
     reason; the others are searched. When none is usable the partition fails with the first
-    reasons (a wrong model id, typically).
+    reasons (a wrong model id, typically). `trusted` accessions' vectors are left unread
+    (`EmbeddingCatalogue.read_valid`).
     """
     catalogue = queries.catalogue
     key = (partition.type_id, partition.layer)
-    vectors, rows, skipped = catalogue.read_valid(key, dim, metric)
+    vectors, rows, skipped = catalogue.read_valid(key, dim, metric, trusted)
     present = np.zeros(len(catalogue.accessions), dtype=bool)
     present[catalogue.layers[key].rows] = True
     absent = [

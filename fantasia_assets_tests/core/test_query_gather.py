@@ -52,3 +52,32 @@ def test_vector_data_past_the_end_of_the_file(tmp_path):
         handle.truncate(last + 4)
     with pytest.raises(queries.EmbeddingFileError, match="file is truncated"):
         catalogue.read_valid((1, 0))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_trusted_vectors_left_unread_give_the_same_rows_and_reasons(tmp_path, metric):
+    """`trusted` accessions (a stored state's usable queries, same file) are kept unread; every
+    other row is screened as before: the rows, the reasons and the vectors read are the plain ones."""
+    path = tmp_path / "q.h5"
+    rng = np.random.default_rng(5)
+    with h5py.File(path, "w") as out:
+        for i in range(12):
+            vector = rng.standard_normal(8).astype(np.float32)
+            if i == 3:
+                vector[2] = np.nan
+            if i == 6:
+                vector[:] = 0.0
+            if i == 9:
+                vector = vector[:5]  # the wrong length
+            group = out.create_group(f"accession_Q{i:02d}")
+            group.create_dataset("sequence", data="MKV", dtype=h5py.string_dtype())
+            group.create_dataset("type_1/layer_0/embedding", data=vector)
+    catalogue = queries.scan(path, workers=1)
+    plain, rows, skipped = catalogue.read_valid((1, 0), metric=metric)
+    assert len(skipped) == (3 if metric == "cosine" else 2)
+    trusted = {"Q00", "Q04", "Q07", "Q09", "Q11"}  # Q09: trusted, yet of the wrong length, so left out
+    vectors, trusted_rows, trusted_skipped = catalogue.read_valid((1, 0), metric=metric, trusted=trusted)
+    assert trusted_rows.tolist() == rows.tolist() and trusted_skipped == skipped
+    unread = np.array([catalogue.accessions[r] in trusted for r in rows.tolist()])
+    assert unread.sum() == 4 and not vectors[unread].any()
+    assert vectors[~unread].tobytes() == plain[~unread].tobytes()
