@@ -280,14 +280,3 @@ def splice_indexed(
         old_index.header_lines,
     )
     return pieces, index
-
-
-def splice_lines(
-    old: bytes, new: bytes, drop: Iterable[str], separator: str = ",", header: bool = True
-) -> bytes | None:
-    """`splice_indexed` of two files' bytes, the old one's index taken from its bytes."""
-    old_index = line_index(old, separator, header)
-    if old_index is None:
-        return None
-    spliced = splice_indexed(old, old_index, new, drop, separator, header)
-    return None if spliced is None else b"".join(spliced[0])

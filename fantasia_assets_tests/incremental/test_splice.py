@@ -12,13 +12,21 @@ from fantasia_assets.core.incremental_outputs import (
     changed_hits,
     line_index,
     splice_indexed,
-    splice_lines,
     splice_raw,
 )
 
 
 def _csv(frame: pl.DataFrame, header: bool = True, separator: str = ",") -> bytes:
     return exports.csv_bytes(frame, 4, header=header, separator=separator)
+
+
+def splice_lines(old: bytes, new: bytes, drop, separator: str = ",", header: bool = True) -> bytes | None:
+    """`splice_indexed` of two files' bytes, the old one's index taken from its bytes."""
+    old_index = line_index(old, separator, header)
+    if old_index is None:
+        return None
+    spliced = splice_indexed(old, old_index, new, drop, separator, header)
+    return None if spliced is None else b"".join(spliced[0])
 
 
 FULL = pl.DataFrame(
