@@ -46,7 +46,11 @@ def checksum_routine():
         return None
     for path in sorted(paths):
         try:
-            routine = ctypes.CDLL(path).H5_checksum_metadata
+            # PyDLL: called with the GIL held. A scan makes ~5 calls a group of a few µs each;
+            # CDLL would release the GIL at each one, and while another Python thread runs (the
+            # lookup reads the references and annotations beside the scan) each call then waits
+            # up to a switch interval (5 ms) to take it back: 1.5 s of scan became 15 s
+            routine = ctypes.PyDLL(path).H5_checksum_metadata
         except (OSError, AttributeError):
             continue
         routine.restype = ctypes.c_uint32
