@@ -410,6 +410,8 @@ def _run_lookup(
             outcome = updates.search(
                 queries, partition, store, clusters, device, progress, cluster, annotations
             )
+            if partition is partitions[-1]:  # every scope is read: the stamp's files meanwhile
+                reads.prepare_finish(background)
 
             def build(hits: pl.DataFrame, partition=partition, outcome=outcome) -> pl.DataFrame:
                 return build_raw_rows(

@@ -50,6 +50,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,9 @@ class RecordedReads:
     def snapshot(self) -> Iterator[None]:
         yield  # the state the stamp describes is fixed: nothing to hold
 
+    def prepare_finish(self, executor: Executor) -> None:
+        """Nothing to prepare: `finish` records nothing."""
+
     def finish(self) -> None:
         """Nothing to record: the stamp is unchanged."""
 
@@ -299,6 +303,7 @@ class LiveReads:
         self._start: dict | None = None
         self._answers: dict[str, dict] = {}
         self._scopes: dict[str, ReferenceScope] = {}
+        self._prepared: tuple[dict[str, ReferenceScope], Future[str]] | None = None  # `prepare_finish`
 
     def _record(self, kind: str, key: str, value) -> None:
         self._answers.setdefault(kind, {})[key] = value
@@ -380,23 +385,45 @@ class LiveReads:
 
         return fetch_sequences(self.engine, sequence_ids)
 
-    def finish(self) -> None:
-        """After a successful run, inside the snapshot: the scopes' sequence files, then the stamp
-        (merged with the current one when both describe the same state)."""
-        if self._start is None:
-            return
+    def prepare_finish(self, executor: Executor) -> None:
+        """Write the sequence files of the scopes read so far in `executor` (a run calls this once
+        its last search has read every scope): `finish` then only waits for them, instead of
+        reading 124,000 sequences after the outputs are written. Files of a run that fails later
+        are caches like any other (no stamp names them)."""
+        if self._start is not None:
+            scopes = dict(self._scopes)
+            self._prepared = (scopes, executor.submit(self._sequence_files, scopes))
+
+    def _sequence_files(self, scopes: dict[str, ReferenceScope]) -> str:
+        """Each scope's sequence file at the current version of the sequence table; the version."""
         from ..core.exports import atomic_write
         from .reads import fetch_scope_sequences, table_version
 
         version = table_version(self.engine, "sequence")
-        self._record("sequence_version", "", version)
-        for fingerprint, scope in self._scopes.items():
+        for fingerprint, scope in scopes.items():
             path = sequences_file(fingerprint, version)
             if path.exists():
-                os.utime(path)  # recently used: kept by the pruning below
+                os.utime(path)  # recently used: kept by the pruning in `finish`
             else:
                 frame = fetch_scope_sequences(self.engine, scope)
                 atomic_write(path, frame.write_parquet)
+        return version
+
+    def finish(self) -> None:
+        """After a successful run, inside the snapshot: the scopes' sequence files (those
+        `prepare_finish` wrote, and any scope read since), then the stamp (merged with the
+        current one when both describe the same state)."""
+        if self._start is None:
+            return
+        version = None
+        if self._prepared is not None:
+            scopes, pending = self._prepared
+            version = pending.result()
+            if set(scopes) != set(self._scopes):
+                version = None  # a scope read since: every file again (those written are kept)
+        if version is None:
+            version = self._sequence_files(dict(self._scopes))
+        self._record("sequence_version", "", version)
         files = sorted(cache_dir("sequences").glob("sequences-*.parquet"), key=lambda f: f.stat().st_mtime)
         for stale in files[:-_SEQUENCE_FILES_KEPT]:
             stale.unlink(missing_ok=True)  # a stamp naming it then misses, and takes the server
