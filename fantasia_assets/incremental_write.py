@@ -398,7 +398,12 @@ class OutputUpdates:
                 return
             why = spliced
         log.info("TopGO ensemble rebuilt in full: %s", why)
-        writers.write_ensemble(root, partitions, self.config.precision, _spill(root, "ensemble-full"))
+        # one partition written whole here: its TopGO files are the ensemble (`writers.write_ensemble`)
+        whole = len(partitions) == 1 and self.subset.get(partitions[0].key, ()) is None
+        writers.write_ensemble(
+            root, partitions, self.config.precision, _spill(root, "ensemble-full"),
+            topgo_written=whole and not self.config.fantasia_compat,
+        )  # fmt: skip
         if not self.config.fantasia_compat:
             lines_.record_folder(root, ENSEMBLE, self._recorded["ensemble"])
 

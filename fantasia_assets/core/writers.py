@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,14 +156,51 @@ def write_summary(
         return aggregate.write_summary(rows, spec, limit_per_entry, path, precision)
 
 
-def write_ensemble(root: Path, partitions: list[Partition], precision: int, spill: Path) -> list[Path]:
-    """The TopGO ensemble: in memory for small runs, else DuckDB out of core (the same tables)."""
+def write_ensemble(
+    root: Path, partitions: list[Partition], precision: int, spill: Path, topgo_written: bool = False
+) -> list[Path]:
+    """The TopGO ensemble: in memory for small runs, else DuckDB out of core (the same tables).
+
+    `topgo_written`: the caller wrote the TopGO files of the partition under `root` from these
+    raw rows, FANTASIA's conventions off (`write_partition_topgo`). The ensemble of a single
+    partition is then those files byte for byte, and they are copied (≈1 s of CPU at FANTASIA's
+    size): both keep the best reliability index of each (category, accession, GO id) over rows
+    with a category and an index, sorted by category, accession, GO id, written by
+    `exports.write_topgo_dir` at the same precision. What could tell them apart is ruled out
+    first: a NaN index (the ensemble skips NaN unless all are, as `max` does; not relied on) and
+    a null accession or GO id (sorted first in the ensemble, last in a partition's files)."""
     files = raw_row_files(root, partitions)
+    if topgo_written and len(partitions) == 1 and _plain_terms(files[0]):
+        return _copy_topgo(partition_paths(root, partitions[0])["topgo"], root / ENSEMBLE)
     if aggregate_memory.row_count(files) <= aggregate_memory.IN_MEMORY_ROWS:
         return exports.write_topgo_dir(root / ENSEMBLE, aggregate_memory.ensemble_tables(files), precision)
     with open_raw_rows(root, partitions, spill) as rows:
         tables = aggregate.ensemble_tables(rows)
     return exports.write_topgo_dir(root / ENSEMBLE, tables, precision)
+
+
+def _plain_terms(raw_rows: Path) -> bool:
+    """Whether these raw rows hold no null accession or GO id and no NaN reliability index."""
+    found = (
+        pl.scan_parquet(raw_rows)
+        .select(pl.col("accession", "go_id").null_count().sum(), pl.col("reliability_index").is_nan().sum())
+        .collect()
+    )
+    return not any(found.row(0))
+
+
+def _copy_topgo(source: Path, directory: Path) -> list[Path]:
+    """`directory` (replaced whole) holding a copy of each `.topgo` file of `source`."""
+    names = sorted(
+        name for name in os.listdir(source) if name.endswith(".topgo") and not name.startswith(".")
+    )
+
+    def build(tmp: Path) -> None:
+        for name in names:
+            shutil.copyfile(source / name, tmp / name)
+
+    exports.replace_dir(directory, build)
+    return [directory / name for name in names]
 
 
 def write_sequences(
