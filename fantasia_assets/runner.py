@@ -390,9 +390,11 @@ def _run_lookup(
         )
     with timed(timings, "redundancy clustering"):
         clusters = redundancy_clusters(config, queries, reads, partitions, cache_dir("mmseqs"), progress)
+    # only a per-aspect search reads the table: the others search while it is read, knowing its
+    # version (which a search compares with the stored state) from one quick query
     with timed(timings, "annotations (wait)"):
-        annotations, annotation_version = pending.result()
-    updates.annotation_version = annotation_version
+        annotations, annotation_version = pending.result() if config.per_aspect else (None, None)
+    annotation_version = updates.annotation_version = annotation_version or reads.annotation_version()
     alignments = updates.alignments
     sequences = SequenceCache(None, reads)
     device = device_for(config)
@@ -412,8 +414,14 @@ def _run_lookup(
             )
             if partition is partitions[-1]:  # every scope is read: the stamp's files meanwhile
                 reads.prepare_finish(background)
+            if annotations is None:
+                with timed(timings, "annotations (wait)"):
+                    annotations, version = pending.result()
+                if version != annotation_version:  # read twice: equal unless the tables were written
+                    raise FantasiaError("the annotations changed while the lookup ran: run it again")
+                output_updates.annotations = annotations
 
-            def build(hits: pl.DataFrame, partition=partition, outcome=outcome) -> pl.DataFrame:
+            def build(hits: pl.DataFrame, partition=partition, outcome=outcome, annotations=annotations):
                 return build_raw_rows(
                     config, queries, partition, hits, annotations, None, alignments, outcome.timings,
                     sequences,
