@@ -35,7 +35,7 @@ import polars as pl
 
 from . import incremental_lines as lines_
 from .config import LookupConfig
-from .core import exports, incremental, writers
+from .core import ahead, exports, incremental, writers
 from .core import incremental_outputs as io_
 from .core.aggregate import SummaryFile
 from .core.layout import ENSEMBLE, SUMMARY, partition_files, partition_paths
@@ -292,6 +292,10 @@ class OutputUpdates:
         """The rebuilt accessions' shards (by the full run's writer, into a staged folder that
         holds only them) and TopGO lines (spliced into the previous files)."""
         config, scratch = self.config, root / SCRATCH
+        # the rebuilt shards' folder in a lightly used ext4 block group, as a first run's (`core.ahead`)
+        shards = partition_paths(root, partition)["shards"]
+        shards.parent.mkdir(parents=True, exist_ok=True)
+        ahead.spread(shards.parent)
         writers.write_raw_csv(
             root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
         )
