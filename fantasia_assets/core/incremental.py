@@ -122,7 +122,7 @@ def carried_digests(
         new_rows = _take(vectors, at_new[start : start + block])
         old_rows = _take(previous, at_old[start : start + block])
         # bytes, not values: -0.0 == 0.0 and NaN != NaN as numbers, and the digest is of bytes
-        same[at_new[start : start + block]] = (_as_bytes(new_rows) == _as_bytes(old_rows)).all(axis=1)
+        same[at_new[start : start + block]] = (_as_words(new_rows) == _as_words(old_rows)).all(axis=1)
     digests: list[bytes | None] = [None] * len(ids)
     stored_digests = stored["digest"].to_list()
     for i, j in zip(at_new[same[at_new]].tolist(), at_old[same[at_new]].tolist(), strict=True):
@@ -134,14 +134,19 @@ def carried_digests(
 
 
 def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`array[rows]`, a slice when the rows run contiguously (a memory map read in order)."""
+    """`array[rows]`, a slice (a view, not copied) when the rows run contiguously (a memory map
+    read in order)."""
     if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return np.ascontiguousarray(array[rows[0] : rows[-1] + 1])
+        return np.ascontiguousarray(array[rows[0] : rows[-1] + 1])  # a view of a C-ordered array
     return np.ascontiguousarray(array[rows])
 
 
-def _as_bytes(rows: np.ndarray) -> np.ndarray:
-    return rows.view(np.uint8).reshape(len(rows), -1)
+def _as_words(rows: np.ndarray) -> np.ndarray:
+    """Each row's bytes as the widest unsigned integers that tile it: equal words are equal
+    bytes, and comparing 8-byte words is several times faster than comparing bytes."""
+    size = rows.dtype.itemsize * int(np.prod(rows.shape[1:], dtype=np.int64))
+    word = next(w for w in (8, 4, 2, 1) if size % w == 0)
+    return rows.reshape(len(rows), -1).view(np.dtype(f"u{word}"))
 
 
 def clusters_digest(clusters: Mapping[str, str] | None) -> str | None:
