@@ -123,14 +123,19 @@ def carried_digests(
         old_rows = _take(previous, at_old[start : start + block])
         # bytes, not values: -0.0 == 0.0 and NaN != NaN as numbers, and the digest is of bytes
         same[at_new[start : start + block]] = (_as_words(new_rows) == _as_words(old_rows)).all(axis=1)
-    digests: list[bytes | None] = [None] * len(ids)
-    stored_digests = stored["digest"].to_list()
-    for i, j in zip(at_new[same[at_new]].tolist(), at_old[same[at_new]].tolist(), strict=True):
-        digests[i] = stored_digests[j]
+    digests = np.empty(len(ids), dtype=object)  # the bytes objects themselves, placed without a loop
+    carried = same[at_new]
+    digests[at_new[carried]] = stored["digest"].to_numpy()[at_old[carried]]
     fresh = np.flatnonzero(~same)
-    for i, digest in zip(fresh.tolist(), row_digests(_take(vectors, fresh)), strict=True):
-        digests[i] = digest
-    return digests
+    digests[fresh] = _objects(row_digests(_take(vectors, fresh)))
+    return digests.tolist()
+
+
+def _objects(values: list) -> np.ndarray:
+    """`values` as a 1-d object array (numpy would make a 2-d one of equal-length bytes)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
