@@ -194,7 +194,9 @@ def million_case(args: argparse.Namespace) -> None:
         )
     )
     shutil.rmtree(data / "home" / "cache", ignore_errors=True)
-    cli = [sys.executable, "-m", "fantasia_assets.cli", "lookup", "--config", str(config)]
+    # --full: both runs search everything (the second would otherwise find the first's state and
+    # search nothing), the warm one from the memory-mapped cache the cold one wrote
+    cli = [sys.executable, "-m", "fantasia_assets.cli", "lookup", "--config", str(config), "--full"]
     results = []
     for label in ("cold", "warm"):
         wall, rss, output = million.run_measured(cli, env)

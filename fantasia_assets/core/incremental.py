@@ -66,6 +66,7 @@ from . import exports
 from .digest import file_digest
 from .distributed import slice_exclusions
 from .plan import Partition
+from .resident import release_rows
 from .transfer import HIT_SCHEMA, neighbour_hits
 
 STATE_FORMAT = "incremental-state-1"
@@ -86,10 +87,15 @@ def state_dir(partition: Partition) -> Path:
     return STATE_ROOT / partition.relative_dir()
 
 
-def row_digests(vectors: np.ndarray) -> list[bytes]:
-    """A 16-byte BLAKE2b digest of each row's bytes (its dtype and values, exactly)."""
-    rows = np.ascontiguousarray(vectors)
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+def row_digests(vectors: np.ndarray, block: int = 8192) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of each row's bytes (its dtype and values, exactly), a block at a
+    time, each block of a memory map unmapped once digested (`resident.release_rows`)."""
+    digests = []
+    for start in range(0, len(vectors), block):
+        rows = np.ascontiguousarray(vectors[start : start + block])
+        digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+        release_rows(vectors, start, start + block)
+    return digests
 
 
 def carried_digests(
@@ -123,6 +129,11 @@ def carried_digests(
         old_rows = _take(previous, at_old[start : start + block])
         # bytes, not values: -0.0 == 0.0 and NaN != NaN as numbers, and the digest is of bytes
         same[at_new[start : start + block]] = (_as_words(new_rows) == _as_words(old_rows)).all(axis=1)
+        for array, at in (
+            (vectors, at_new[start : start + block]),
+            (previous, at_old[start : start + block]),
+        ):
+            release_rows(array, int(at.min()), int(at.max()) + 1)
     digests = np.empty(len(ids), dtype=object)  # the bytes objects themselves, placed without a loop
     carried = same[at_new]
     digests[at_new[carried]] = stored["digest"].to_numpy()[at_old[carried]]

@@ -12,6 +12,7 @@ import numpy as np
 import psutil
 
 from .device import resolve_device as choose_device
+from .resident import release_rows
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +111,7 @@ def row_sq_norms(matrix: np.ndarray, name: str, metric: str) -> np.ndarray:
     for start in range(0, len(matrix), _NORM_ROWS_PER_CHUNK):
         chunk = matrix[start : start + _NORM_ROWS_PER_CHUNK].astype(np.float64)
         sq_norms[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
+        release_rows(matrix, start, start + len(chunk))
     if not np.isfinite(sq_norms).all():  # any NaN or inf in a row makes its norm non-finite
         row = int(np.argmin(np.isfinite(sq_norms)))
         raise ValueError(f"{name} contain NaN or infinite values (row {row})")

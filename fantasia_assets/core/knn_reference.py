@@ -10,7 +10,8 @@ What is held, so that a million references fit in a few GiB:
   read-only ``np.memmap`` (the reference cache) stays on disk and is read block by block;
 * per row: the float64 norms the bound needs, and for cosine the float32 scale fl(1/‖row‖);
 * the screen's operands, prepared once at build: 16-bit rows (2 bytes an element) for a 16-bit
-  screen; for the float32 screen the prepared float32 rows, except for a memmapped source,
+  screen, after which a memmapped source's pages are unmapped from the process (`release_rows`:
+  only refinement's few candidate rows are read again, so the matrix is not resident twice); for the float32 screen the prepared float32 rows, except for a memmapped source,
   whose float32 operands are made again block by block at each search (never the whole matrix
   in float32);
 * on CUDA, an in-memory source is also placed on the device, where refinement gathers from it.
@@ -27,6 +28,7 @@ import torch
 
 from . import screen
 from .knn_inputs import inverse_norms, row_sq_norms
+from .resident import release_rows
 
 _PREPARE_ROWS = 2048  # rows prepared per chunk at build: bounds the float32/float64 temporaries
 # Bytes of float64 reference rows refined per chunk (as many again of query rows): both stay in
@@ -168,6 +170,7 @@ class PreparedReferences:
             chunk, chunk_stats = screen.to_operands(self.prepared(start, stop), arithmetic, self.centre)
             if held:
                 operands[start:stop] = chunk
+                release_rows(self.source, start, stop)  # refinement alone reads them again
             for name, values in chunk_stats.items():
                 stats[name][start:stop] = values
         sq_norms = None

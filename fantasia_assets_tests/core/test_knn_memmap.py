@@ -109,6 +109,104 @@ def test_search_over_a_memmap_never_holds_it_in_float32(tmp_path, screening):
     assert measured["growth"] < held * float32_bytes + budget, measured
 
 
+_RESIDENT = """
+import json, sys
+import numpy as np
+from fantasia_assets.core.knn import SearchEngine
+
+def rss(kind):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(kind + ":"))
+
+mapped = np.load(sys.argv[1], mmap_mode="r")
+queries = np.asarray(mapped[:64], dtype=np.float32) + 0.01
+SearchEngine("cosine", "torch", "cpu", screening="bf16").build(mapped[:64]).search(queries, 5)  # warm
+before = rss("RssFile")
+engine = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(mapped)
+built = rss("RssFile")
+found = engine.search(queries, 1)
+print(json.dumps({"built": built - before, "searched": rss("RssFile") - before,
+                  "first": found[1][:, 0].tolist()}))
+"""
+
+
+def test_a_16bit_screen_leaves_no_memmapped_rows_resident(tmp_path):
+    """The build reads every row of a memmapped source twice (norms, then the 16-bit operands);
+    each pass unmaps its pages as it goes (`knn_inputs.release_rows`), so the file-backed
+    resident set ends far below the file's size (it would be all of it otherwise), and the search
+    that follows (k = 1: each query's own row is its one candidate, which refinement reads back)
+    finds each query's own row."""
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((100_000, 256), dtype=np.float32).astype(np.float16)
+    path = tmp_path / "vectors.npy"
+    np.save(path, matrix)
+    file_bytes = matrix.nbytes
+    del matrix
+    result = subprocess.run(
+        [sys.executable, "-c", _RESIDENT, str(path)], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["built"] < 0.1 * file_bytes, measured
+    assert measured["searched"] < 0.1 * file_bytes, measured
+    assert measured["first"] == list(range(64))
+
+
+def test_release_rows_leaves_arrays_it_cannot_release_alone(tmp_path):
+    """In-memory arrays and copy-on-write maps are not touched: their values stay as they are."""
+    from fantasia_assets.core.resident import release_rows
+
+    values = np.arange(4096 * 8, dtype=np.float16).reshape(4096, 8)
+    path = tmp_path / "rows.npy"
+    np.save(path, values)
+    private = np.load(path, mmap_mode="c")
+    private[10] = 7  # a change only this map's pages carry
+    for array in (values.copy(), private):
+        expected = np.array(array)
+        release_rows(array, 0, len(array))
+        np.testing.assert_array_equal(array, expected)
+    shared = np.load(path, mmap_mode="r")
+    release_rows(shared, 0, len(shared))
+    np.testing.assert_array_equal(shared, values)  # read back from the file, the same bytes
+
+
+_DIGESTED = """
+import json, sys
+import numpy as np
+from fantasia_assets.core.incremental import carried_digests, row_digests
+import polars as pl
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
+
+mapped = np.load(sys.argv[1], mmap_mode="r")
+before = rss()
+digests = row_digests(mapped, block=1000)
+after_digests = rss() - before
+ids = np.arange(len(mapped), dtype=np.int64)
+stored = pl.DataFrame({"sequence_id": ids, "digest": digests})
+carried = carried_digests(stored, ids, mapped, ids, np.load(sys.argv[1], mmap_mode="r"), block=1000)
+print(json.dumps({"digests": after_digests, "carried": rss() - before,
+                  "equal": digests == row_digests(np.array(mapped)) and carried == digests}))
+"""
+
+
+def test_digesting_a_memmap_leaves_its_rows_unmapped(tmp_path):
+    """The incremental state digests every reference row (and compares a previous cache's rows
+    with the current ones): block by block, each block unmapped once read, with the digests of
+    the in-memory rows."""
+    matrix = np.random.default_rng(2).standard_normal((100_000, 256), dtype=np.float32).astype(np.float16)
+    path = tmp_path / "vectors.npy"
+    np.save(path, matrix)
+    result = subprocess.run(
+        [sys.executable, "-c", _DIGESTED, str(path)], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["equal"], measured
+    assert measured["digests"] < 0.1 * matrix.nbytes, measured
+    assert measured["carried"] < 0.1 * matrix.nbytes, measured
+
+
 def test_a_second_search_of_the_same_matrix_reuses_its_engine(monkeypatch, tmp_path):
     """The in-process search keeps its engine for the next search of the same matrix object and
     settings (a warm lookup skips the build) with the same answer; another matrix, or other
