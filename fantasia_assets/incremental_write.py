@@ -35,7 +35,7 @@ import polars as pl
 
 from . import incremental_lines as lines_
 from .config import LookupConfig
-from .core import exports, incremental, writers
+from .core import ahead, exports, incremental, writers
 from .core import incremental_outputs as io_
 from .core.aggregate import SummaryFile
 from .core.layout import ENSEMBLE, SUMMARY, partition_files, partition_paths
@@ -168,10 +168,17 @@ class OutputUpdates:
         `build_raw(hits)` builds raw rows (the full run's function). Returns the raw rows, and
         with `defer_shards` the CSV shards still to write when they are written whole (the run
         writes the last partition's beside the run-wide outputs)."""
-        config = self.config
         stored = self.updates.stored.get(partition.key)
-        with timed(outcome.timings, "outputs to rebuild"):
-            plan = self._plan(partition, outcome, stored) if stored is not None else None
+        # the previous raw rows are decoded (polars, off the GIL) while the plan's checks and the
+        # rebuilt accessions' raw rows, mostly Python, run on this thread
+        with ThreadPoolExecutor(1, thread_name_prefix="previous-raw") as reads:
+            with timed(outcome.timings, "outputs to rebuild"):
+                plan = self._plan(partition, outcome, stored, reads) if stored is not None else None
+            return self._write_planned(root, queries, partition, outcome, build_raw, defer_shards, plan)
+
+    def _write_planned(self, root, queries, partition, outcome, build_raw, defer_shards, plan):
+        """`write_partition` once the plan is made (None or a reason: every accession rebuilt)."""
+        config = self.config
         if isinstance(plan, str):
             log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
             plan = None
@@ -211,7 +218,7 @@ class OutputUpdates:
         affected, _, old_raw, kept_shards, old_files = plan
         raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
         with timed(outcome.timings, "outputs to rebuild"):
-            raw = io_.splice_raw(old_raw, raw_sub, affected)
+            raw = io_.splice_raw(old_raw.result(), raw_sub, affected)
         if raw is None:
             log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
             self.updates.stored.pop(partition.key)
@@ -232,8 +239,9 @@ class OutputUpdates:
         self._rebuilt_rows += raw_sub.height
         return raw, None
 
-    def _plan(self, partition: Partition, outcome: SearchOutcome, stored):
-        """(affected accessions, annotation digests, previous raw rows, kept shards), or why not."""
+    def _plan(self, partition: Partition, outcome: SearchOutcome, stored, reads: ThreadPoolExecutor):
+        """(affected accessions, annotation digests, previous raw rows (a future, read by `reads`),
+        kept shards, previous shard files), or why not."""
         state, paths = stored
         if self.config.fantasia_compat:
             return "FANTASIA-compatible outputs are rebuilt in full"
@@ -247,6 +255,7 @@ class OutputUpdates:
         if self.config.topgo and self._run_state is None:
             return "the TopGO files are not the ones the state recorded"
         old_digests, shards = extras
+        old_raw = reads.submit(pl.read_parquet, paths["raw"])
         affected = io_.changed_hits(state.neighbours, outcome.hits)
         if state.meta.get("annotation_version") == (self.updates.annotation_version or ""):
             digests = self.carried_digests(old_digests, outcome.hits)
@@ -273,7 +282,6 @@ class OutputUpdates:
                 affected.add(accession)  # renamed, or not the file the state recorded: rewritten
             else:
                 kept[accession] = row
-        old_raw = pl.read_parquet(paths["raw"])
         old_files = {accession: (file,) for accession, file in shards.select("accession", "file").iter_rows()}
         return affected, digests, old_raw, kept, old_files
 
@@ -292,6 +300,10 @@ class OutputUpdates:
         """The rebuilt accessions' shards (by the full run's writer, into a staged folder that
         holds only them) and TopGO lines (spliced into the previous files)."""
         config, scratch = self.config, root / SCRATCH
+        # the rebuilt shards' folder in a lightly used ext4 block group, as a first run's (`core.ahead`)
+        shards = partition_paths(root, partition)["shards"]
+        shards.parent.mkdir(parents=True, exist_ok=True)
+        ahead.spread(shards.parent)
         writers.write_raw_csv(
             root, partition, raw_sub, self.shard_names, config.precision, config.fantasia_compat
         )

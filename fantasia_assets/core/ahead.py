@@ -10,7 +10,7 @@ a user before the next run) costs O(N²), and grows with every such run: measure
 s of CPU for 1,500 shards, against 0.02–0.03 s in a group without such inodes. The shard
 folder normally lands in its parent's group, where those removed shards lay. So the staging's
 model folder (`raw_results/{model}` in the staging, never published itself) is marked a top of
-a hierarchy (`chattr +T`, `_spread`): ext4 then places each new shard folder, whose name is
+a hierarchy (`chattr +T`, `spread`): ext4 then places each new shard folder, whose name is
 random, in a lightly used group chosen from a hash of that name, and its files' inodes are
 allocated there without the long scan.
 
@@ -28,7 +28,10 @@ the folder with its staging (`discard`).
 
 Only a folder that is not published yet is made ahead (`RunStaging.make_ahead`): a rerun's
 writer links unchanged shards from the published folder, and an incremental one writes only
-the changed accessions, so empty files made for them would be work to undo.
+the changed accessions, so empty files made for them would be work to undo. The incremental
+writer still spreads its staging model folder (`spread`) before it writes the rebuilt shards:
+they are created right where the previous runs' replaced shards were freed (measured in the
+incremental bench: 2,055 files took 2.3 s of `open` on a loaded machine, against 0.13 s spread).
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _make(aheads: list[Ahead]) -> None:
 
 def _make_folder(ahead: Ahead) -> None:
     ahead.folder.parent.mkdir(parents=True, exist_ok=True)
-    _spread(ahead.folder.parent)
+    spread(ahead.folder.parent)
     ahead.folder.mkdir()
     ahead.ready = True
     prefix = os.path.join(ahead.folder, "")
@@ -105,7 +108,7 @@ def _make_folder(ahead: Ahead) -> None:
         ahead.made.add(name)
 
 
-def _spread(parent: Path) -> None:
+def spread(parent: Path) -> None:
     """Mark `parent` (a folder of the staging) as a top of a hierarchy for ext4 (`chattr +T`).
 
     Its sub-folders are then placed like top-level ones, in a block group chosen from a hash of

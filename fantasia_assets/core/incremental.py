@@ -66,6 +66,7 @@ from . import exports
 from .digest import file_digest
 from .distributed import slice_exclusions
 from .plan import Partition
+from .resident import release_rows
 from .transfer import HIT_SCHEMA, neighbour_hits
 
 STATE_FORMAT = "incremental-state-1"
@@ -86,10 +87,15 @@ def state_dir(partition: Partition) -> Path:
     return STATE_ROOT / partition.relative_dir()
 
 
-def row_digests(vectors: np.ndarray) -> list[bytes]:
-    """A 16-byte BLAKE2b digest of each row's bytes (its dtype and values, exactly)."""
-    rows = np.ascontiguousarray(vectors)
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+def row_digests(vectors: np.ndarray, block: int = 8192) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of each row's bytes (its dtype and values, exactly), a block at a
+    time, each block of a memory map unmapped once digested (`resident.release_rows`)."""
+    digests = []
+    for start in range(0, len(vectors), block):
+        rows = np.ascontiguousarray(vectors[start : start + block])
+        digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+        release_rows(vectors, start, start + block)
+    return digests
 
 
 def carried_digests(
@@ -122,26 +128,41 @@ def carried_digests(
         new_rows = _take(vectors, at_new[start : start + block])
         old_rows = _take(previous, at_old[start : start + block])
         # bytes, not values: -0.0 == 0.0 and NaN != NaN as numbers, and the digest is of bytes
-        same[at_new[start : start + block]] = (_as_bytes(new_rows) == _as_bytes(old_rows)).all(axis=1)
-    digests: list[bytes | None] = [None] * len(ids)
-    stored_digests = stored["digest"].to_list()
-    for i, j in zip(at_new[same[at_new]].tolist(), at_old[same[at_new]].tolist(), strict=True):
-        digests[i] = stored_digests[j]
+        same[at_new[start : start + block]] = (_as_words(new_rows) == _as_words(old_rows)).all(axis=1)
+        for array, at in (
+            (vectors, at_new[start : start + block]),
+            (previous, at_old[start : start + block]),
+        ):
+            release_rows(array, int(at.min()), int(at.max()) + 1)
+    digests = np.empty(len(ids), dtype=object)  # the bytes objects themselves, placed without a loop
+    carried = same[at_new]
+    digests[at_new[carried]] = stored["digest"].to_numpy()[at_old[carried]]
     fresh = np.flatnonzero(~same)
-    for i, digest in zip(fresh.tolist(), row_digests(_take(vectors, fresh)), strict=True):
-        digests[i] = digest
-    return digests
+    digests[fresh] = _objects(row_digests(_take(vectors, fresh)))
+    return digests.tolist()
+
+
+def _objects(values: list) -> np.ndarray:
+    """`values` as a 1-d object array (numpy would make a 2-d one of equal-length bytes)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`array[rows]`, a slice when the rows run contiguously (a memory map read in order)."""
+    """`array[rows]`, a slice (a view, not copied) when the rows run contiguously (a memory map
+    read in order)."""
     if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return np.ascontiguousarray(array[rows[0] : rows[-1] + 1])
+        return np.ascontiguousarray(array[rows[0] : rows[-1] + 1])  # a view of a C-ordered array
     return np.ascontiguousarray(array[rows])
 
 
-def _as_bytes(rows: np.ndarray) -> np.ndarray:
-    return rows.view(np.uint8).reshape(len(rows), -1)
+def _as_words(rows: np.ndarray) -> np.ndarray:
+    """Each row's bytes as the widest unsigned integers that tile it: equal words are equal
+    bytes, and comparing 8-byte words is several times faster than comparing bytes."""
+    size = rows.dtype.itemsize * int(np.prod(rows.shape[1:], dtype=np.int64))
+    word = next(w for w in (8, 4, 2, 1) if size % w == 0)
+    return rows.reshape(len(rows), -1).view(np.dtype(f"u{word}"))
 
 
 def clusters_digest(clusters: Mapping[str, str] | None) -> str | None:

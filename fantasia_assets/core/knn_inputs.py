@@ -6,13 +6,13 @@ without loading it."""
 
 from __future__ import annotations
 
-import mmap
 from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 
 from .device import resolve_device as choose_device
+from .resident import release_rows
 
 if TYPE_CHECKING:
     import torch
@@ -119,33 +119,6 @@ def row_sq_norms(matrix: np.ndarray, name: str, metric: str) -> np.ndarray:
         row = int(np.argmax(sq_norms))
         raise ValueError(f"{name} row {row} has a norm ≥ 2^56: its squared distances overflow float32")
     return sq_norms
-
-
-def release_rows(matrix: np.ndarray, start: int, stop: int) -> None:
-    """Unmap from this process the resident pages wholly inside rows [start, stop) of a read-only
-    file-backed ``np.memmap`` (the reference cache); anything else is left alone.
-
-    A pass over a million cached references touches 2 GiB of the file, which the kernel counts in
-    the process's resident set for as long as the pages stay mapped, on top of the screen's own
-    16-bit operands: held twice. ``MADV_DONTNEED`` on a shared read-only mapping only drops this
-    process's page-table entries; the data stay in the page cache and the file, and a later read
-    (refinement gathers a few candidate rows) faults them back in with the same bytes. A
-    copy-on-write (mode "c") or writable map could hold changes only its pages carry: never
-    released.
-    """
-    handle = getattr(matrix, "_mmap", None)
-    if handle is None or getattr(matrix, "mode", None) != "r" or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    if stop <= start or not matrix.flags.c_contiguous:
-        return
-    row_bytes = matrix.strides[0]
-    base = np.frombuffer(handle, dtype=np.uint8, count=1).ctypes.data  # the mapping's first byte
-    first = matrix.ctypes.data - base + start * row_bytes
-    last = matrix.ctypes.data - base + min(stop, len(matrix)) * row_bytes
-    first = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the rows only
-    last = last // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        handle.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def inverse_norms(sq_norms: np.ndarray) -> np.ndarray:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from . import screen
-from .knn_inputs import inverse_norms, release_rows, row_sq_norms
+from .knn_inputs import inverse_norms, row_sq_norms
+from .resident import release_rows
 
 _PREPARE_ROWS = 2048  # rows prepared per chunk at build: bounds the float32/float64 temporaries
 # Bytes of float64 reference rows refined per chunk (as many again of query rows): both stay in

@@ -153,7 +153,7 @@ def test_a_16bit_screen_leaves_no_memmapped_rows_resident(tmp_path):
 
 def test_release_rows_leaves_arrays_it_cannot_release_alone(tmp_path):
     """In-memory arrays and copy-on-write maps are not touched: their values stay as they are."""
-    from fantasia_assets.core.knn_inputs import release_rows
+    from fantasia_assets.core.resident import release_rows
 
     values = np.arange(4096 * 8, dtype=np.float16).reshape(4096, 8)
     path = tmp_path / "rows.npy"
@@ -167,6 +167,44 @@ def test_release_rows_leaves_arrays_it_cannot_release_alone(tmp_path):
     shared = np.load(path, mmap_mode="r")
     release_rows(shared, 0, len(shared))
     np.testing.assert_array_equal(shared, values)  # read back from the file, the same bytes
+
+
+_DIGESTED = """
+import json, sys
+import numpy as np
+from fantasia_assets.core.incremental import carried_digests, row_digests
+import polars as pl
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
+
+mapped = np.load(sys.argv[1], mmap_mode="r")
+before = rss()
+digests = row_digests(mapped, block=1000)
+after_digests = rss() - before
+ids = np.arange(len(mapped), dtype=np.int64)
+stored = pl.DataFrame({"sequence_id": ids, "digest": digests})
+carried = carried_digests(stored, ids, mapped, ids, np.load(sys.argv[1], mmap_mode="r"), block=1000)
+print(json.dumps({"digests": after_digests, "carried": rss() - before,
+                  "equal": digests == row_digests(np.array(mapped)) and carried == digests}))
+"""
+
+
+def test_digesting_a_memmap_leaves_its_rows_unmapped(tmp_path):
+    """The incremental state digests every reference row (and compares a previous cache's rows
+    with the current ones): block by block, each block unmapped once read, with the digests of
+    the in-memory rows."""
+    matrix = np.random.default_rng(2).standard_normal((100_000, 256), dtype=np.float32).astype(np.float16)
+    path = tmp_path / "vectors.npy"
+    np.save(path, matrix)
+    result = subprocess.run(
+        [sys.executable, "-c", _DIGESTED, str(path)], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["equal"], measured
+    assert measured["digests"] < 0.1 * matrix.nbytes, measured
+    assert measured["carried"] < 0.1 * matrix.nbytes, measured
 
 
 def test_a_second_search_of_the_same_matrix_reuses_its_engine(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ from fantasia_assets.core.incremental_outputs import (
     line_index,
     splice_indexed,
     splice_raw,
+    splice_raw_sorting,
 )
 
 
@@ -85,6 +86,30 @@ def test_splice_raw_and_changed_hits():
     assert changed_hits(hits, moved) == {"B"}
     assert changed_hits(hits, hits.head(2)) == {"B"}
     assert changed_hits(hits, hits) == set()
+
+
+def test_splice_raw_gathers_what_sorting_gives():
+    """The gather of whole runs equals filtering and sorting every row (the plain way), for random
+    rows, rebuilt accessions in any order, an accession rebuilt but not dropped (kept rows first,
+    as the stable sort puts them), and rows that are not sorted (the plain way itself)."""
+    rng = np.random.default_rng(7)
+    names = sorted({f"Q{i}" for i in rng.integers(0, 400, 300)} | {"", "B\tt", 'B,"x"', "é", "Z\n"})
+    for trial in range(30):
+        sizes = rng.integers(1, 5, len(names))
+        old = pl.DataFrame({"accession": np.repeat(names, sizes).tolist(), "v": np.arange(int(sizes.sum()))})
+        drop = set(rng.choice(names, int(rng.integers(0, len(names))), replace=False).tolist())
+        rebuilt = sorted(drop)[: int(rng.integers(0, len(drop) + 1))]
+        if trial % 3 == 0 and len(names) > len(drop):
+            rebuilt.append(sorted(set(names) - drop)[0])  # outside drop: after the kept rows
+        counts = rng.integers(1, 4, len(rebuilt))
+        new = pl.DataFrame(
+            {"accession": np.repeat(rebuilt, counts).tolist(), "v": -np.arange(int(counts.sum())) - 1},
+            schema=old.schema,
+        ).sample(fraction=1.0, shuffle=True, seed=trial)
+        assert splice_raw(old, new, drop).equals(splice_raw_sorting(old, new, drop))
+        shuffled = old.sample(fraction=1.0, shuffle=True, seed=trial)
+        assert splice_raw(shuffled, new, drop).equals(splice_raw_sorting(shuffled, new, drop))
+    assert splice_raw(old, new.with_columns(pl.col("v").cast(pl.Float64)), set(names[:1])) is None
 
 
 def _same(left: LineIndex, right: LineIndex) -> bool:
