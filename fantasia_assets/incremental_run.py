@@ -28,6 +28,7 @@ from .core.lineage import CODE_VERSION
 from .core.plan import Partition, QuerySet
 from .core.progress import Progress
 from .core.redundancy import exclusion_csr
+from .core.row_digests import carried_digests, row_digests
 from .core.stages import SEARCH_CODE_VERSION, AlignmentCache, SearchOutcome, usable_queries
 from .core.timing import timed
 from .db.stores import ReferenceStore
@@ -74,7 +75,7 @@ def query_digests(queries: QuerySet, rows: np.ndarray, vectors: np.ndarray) -> l
     # the digest of (vector digest + sequence bytes), hashed directly rather than as a 1-row array
     return [
         hashlib.blake2b(digest + sequences[i].encode(), digest_size=16).digest()
-        for digest, i in zip(incremental.row_digests(vectors), queries.query_idx[rows].tolist(), strict=True)
+        for digest, i in zip(row_digests(vectors), queries.query_idx[rows].tolist(), strict=True)
     ]
 
 
@@ -287,7 +288,7 @@ class PartitionUpdates:
     def _remember(self, partition, key, queries, rows, vectors, outcome, digests) -> None:
         query_d, ref_d = digests or (
             query_digests(queries, rows, vectors),
-            incremental.row_digests(outcome.matrix.vectors),
+            row_digests(outcome.matrix.vectors),
         )
         accessions = [queries.catalogue.accessions[r] for r in rows]
         self._pending[partition.key] = (key, queries.content_hash, accessions, query_d, outcome, ref_d)
@@ -345,12 +346,12 @@ def _reference_digests(state: incremental.StoredState, matrix, store: ReferenceS
         return stored["digest"].to_list()
     previous = store.cached(scope, fingerprint) if isinstance(fingerprint, str) else None
     if previous is not None:
-        digests = incremental.carried_digests(
+        digests = carried_digests(
             stored, previous.sequence_ids, previous.vectors, matrix.sequence_ids, matrix.vectors
         )
         if digests is not None:
             return digests
-    return incremental.row_digests(matrix.vectors)
+    return row_digests(matrix.vectors)
 
 
 def _counts(changes: incremental.Changes) -> dict[str, int]:

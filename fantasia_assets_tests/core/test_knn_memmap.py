@@ -172,7 +172,7 @@ def test_release_rows_leaves_arrays_it_cannot_release_alone(tmp_path):
 _DIGESTED = """
 import json, sys
 import numpy as np
-from fantasia_assets.core.incremental import carried_digests, row_digests
+from fantasia_assets.core.row_digests import carried_digests, row_digests
 import polars as pl
 
 def rss():

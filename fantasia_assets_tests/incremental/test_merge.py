@@ -9,6 +9,7 @@ import pytest
 from fantasia_assets.core import incremental
 from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets.core.plan import open_queries
+from fantasia_assets.core.row_digests import carried_digests, row_digests
 from fantasia_assets.incremental_run import query_digests, stored_query_digests
 from fantasia_assets_tests.conftest import SAMPLE
 
@@ -101,7 +102,7 @@ def test_carried_digests_equal_digesting_every_row():
     old[1, 0] = 0.0
     old[4, 2] = np.nan
     stored = pl.DataFrame(
-        {"sequence_id": old_ids, "digest": incremental.row_digests(old)},
+        {"sequence_id": old_ids, "digest": row_digests(old)},
         schema={"sequence_id": pl.Int64, "digest": incremental.DIGEST},
     )
     # 7 removed, 3 and 23 added, 5 changed only in its zero's sign, 13's NaN payload changed
@@ -112,11 +113,11 @@ def test_carried_digests_equal_digesting_every_row():
     new[2, 0] = -0.0
     new.view(np.uint16)[4, 2] ^= 1
     for block in (1, 2, 100):
-        carried = incremental.carried_digests(stored, old_ids, old, ids, new, block=block)
-        assert carried == incremental.row_digests(new)
+        carried = carried_digests(stored, old_ids, old, ids, new, block=block)
+        assert carried == row_digests(new)
     # a previous matrix that is not the one the digests were taken of is never used
-    assert incremental.carried_digests(stored, old_ids[:-1], old[:-1], ids, new) is None
-    assert incremental.carried_digests(stored, old_ids, old.astype(np.float32), ids, new) is None
+    assert carried_digests(stored, old_ids[:-1], old[:-1], ids, new) is None
+    assert carried_digests(stored, old_ids, old.astype(np.float32), ids, new) is None
 
 
 def test_query_digests_from_the_state_of_the_same_query_file():
