@@ -110,22 +110,27 @@ def test_search_over_a_memmap_never_holds_it_in_float32(tmp_path, screening):
 
 
 _RESIDENT = """
-import json, sys
+import json, os, re, sys
 import numpy as np
 from fantasia_assets.core.knn import SearchEngine
 
-def rss(kind):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(kind + ":"))
+def mapped(path=os.path.realpath(sys.argv[1])):
+    # resident bytes of this process's mappings of the file (smaps), not the libraries' pages
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
-mapped = np.load(sys.argv[1], mmap_mode="r")
-queries = np.asarray(mapped[:64], dtype=np.float32) + 0.01
-SearchEngine("cosine", "torch", "cpu", screening="bf16").build(mapped[:64]).search(queries, 5)  # warm
-before = rss("RssFile")
-engine = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(mapped)
-built = rss("RssFile")
+rows = np.load(sys.argv[1], mmap_mode="r")
+queries = np.asarray(rows[:64], dtype=np.float32) + 0.01
+engine = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(rows)
+built = mapped()
 found = engine.search(queries, 1)
-print(json.dumps({"built": built - before, "searched": rss("RssFile") - before,
+print(json.dumps({"built": built, "searched": mapped(),
                   "first": found[1][:, 0].tolist()}))
 """
 
@@ -170,24 +175,30 @@ def test_release_rows_leaves_arrays_it_cannot_release_alone(tmp_path):
 
 
 _DIGESTED = """
-import json, sys
+import json, os, re, sys
 import numpy as np
 from fantasia_assets.core.row_digests import carried_digests, row_digests
 import polars as pl
 
-def rss():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
+def mapped(path=os.path.realpath(sys.argv[1])):
+    # resident bytes of this process's mappings of the file (smaps), not the libraries' pages
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
-mapped = np.load(sys.argv[1], mmap_mode="r")
-before = rss()
-digests = row_digests(mapped, block=1000)
-after_digests = rss() - before
-ids = np.arange(len(mapped), dtype=np.int64)
+rows = np.load(sys.argv[1], mmap_mode="r")
+digests = row_digests(rows, block=1000)
+after_digests = mapped()
+ids = np.arange(len(rows), dtype=np.int64)
 stored = pl.DataFrame({"sequence_id": ids, "digest": digests})
-carried = carried_digests(stored, ids, mapped, ids, np.load(sys.argv[1], mmap_mode="r"), block=1000)
-print(json.dumps({"digests": after_digests, "carried": rss() - before,
-                  "equal": digests == row_digests(np.array(mapped)) and carried == digests}))
+carried = carried_digests(stored, ids, rows, ids, np.load(sys.argv[1], mmap_mode="r"), block=1000)
+print(json.dumps({"digests": after_digests, "carried": mapped(),
+                  "equal": digests == row_digests(np.array(rows)) and carried == digests}))
 """
 
 
