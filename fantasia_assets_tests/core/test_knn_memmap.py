@@ -109,13 +109,12 @@ def test_search_over_a_memmap_never_holds_it_in_float32(tmp_path, screening):
     assert measured["growth"] < held * float32_bytes + budget, measured
 
 
-_RESIDENT = """
-import json, os, re, sys
-import numpy as np
-from fantasia_assets.core.knn import SearchEngine
+# the child scripts' measure: resident bytes of its mappings of the file argv[1] (smaps), not the
+# pages of shared libraries that a first call faults in
+_MAPPED = """
+import os, re, sys
 
 def mapped(path=os.path.realpath(sys.argv[1])):
-    # resident bytes of this process's mappings of the file (smaps), not the libraries' pages
     total, inside = 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -124,6 +123,14 @@ def mapped(path=os.path.realpath(sys.argv[1])):
             elif inside and line.startswith("Rss:"):
                 total += int(line.split()[1]) * 1024
     return total
+"""
+
+_RESIDENT = (
+    _MAPPED
+    + """
+import json
+import numpy as np
+from fantasia_assets.core.knn import SearchEngine
 
 rows = np.load(sys.argv[1], mmap_mode="r")
 queries = np.asarray(rows[:64], dtype=np.float32) + 0.01
@@ -133,6 +140,7 @@ found = engine.search(queries, 1)
 print(json.dumps({"built": built, "searched": mapped(),
                   "first": found[1][:, 0].tolist()}))
 """
+)
 
 
 def test_a_16bit_screen_leaves_no_memmapped_rows_resident(tmp_path):
@@ -174,22 +182,13 @@ def test_release_rows_leaves_arrays_it_cannot_release_alone(tmp_path):
     np.testing.assert_array_equal(shared, values)  # read back from the file, the same bytes
 
 
-_DIGESTED = """
-import json, os, re, sys
+_DIGESTED = (
+    _MAPPED
+    + """
+import json
 import numpy as np
 from fantasia_assets.core.row_digests import carried_digests, row_digests
 import polars as pl
-
-def mapped(path=os.path.realpath(sys.argv[1])):
-    # resident bytes of this process's mappings of the file (smaps), not the libraries' pages
-    total, inside = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
-                inside = line.rstrip().endswith(path)
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1]) * 1024
-    return total
 
 rows = np.load(sys.argv[1], mmap_mode="r")
 digests = row_digests(rows, block=1000)
@@ -200,6 +199,7 @@ carried = carried_digests(stored, ids, rows, ids, np.load(sys.argv[1], mmap_mode
 print(json.dumps({"digests": after_digests, "carried": mapped(),
                   "equal": digests == row_digests(np.array(rows)) and carried == digests}))
 """
+)
 
 
 def test_digesting_a_memmap_leaves_its_rows_unmapped(tmp_path):
