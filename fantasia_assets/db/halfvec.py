@@ -117,41 +117,51 @@ class GroupDecoder:
         self._last_id: int | None = None
 
     def feed(self, block: bytes | memoryview) -> list[tuple[np.ndarray, np.ndarray]]:
-        self._pending += block
-        groups = []
+        if self._pending:  # the rest of a row that the previous block cut
+            self._pending += block
+            groups, at = self._rows(memoryview(self._pending))
+            del self._pending[:at]  # the views into it are gone with `_rows`'s frame
+        else:  # psycopg hands over one COPY message (one group, ~2 MB) a block: decoded in place
+            groups, at = self._rows(memoryview(block))
+            self._pending = bytearray(memoryview(block)[at:])
+        return groups
+
+    def _rows(self, data: memoryview) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+        """The groups of the complete rows at the start of `data`, and where the rest begins."""
+        groups: list[tuple[np.ndarray, np.ndarray]] = []
         at = 0
         if not self._started:
-            if len(self._pending) < len(_HEADER):
-                return groups
+            if len(data) < len(_HEADER):
+                return groups, at
             at, self._started = len(_HEADER), True
-        while not self._ended and len(self._pending) - at >= 2:
-            fields = int.from_bytes(self._pending[at : at + 2], "big", signed=True)
+        while not self._ended and len(data) - at >= 2:
+            fields = int.from_bytes(data[at : at + 2], "big", signed=True)
             if fields == -1:
                 self._ended, at = True, at + 2
                 break
             if fields != 2:
                 raise ReferenceSetError(f"unexpected COPY row of {fields} fields in the reference fetch")
-            parts, end = self._fields(at + 2)
+            parts, end = self._fields(data, at + 2)
             if parts is None:
                 break
             groups.append(self._group(*parts))
             at = end
-        del self._pending[:at]
-        return groups
+        return groups, at
 
-    def _fields(self, at: int) -> tuple[tuple[bytes, bytes] | None, int]:
+    @staticmethod
+    def _fields(data: memoryview, at: int) -> tuple[tuple[memoryview, memoryview] | None, int]:
         values = []
         for _ in range(2):
-            if len(self._pending) < at + 4:
+            if len(data) < at + 4:
                 return None, at
-            size = int.from_bytes(self._pending[at : at + 4], "big", signed=True)
-            if len(self._pending) < at + 4 + size:
+            size = int.from_bytes(data[at : at + 4], "big", signed=True)
+            if len(data) < at + 4 + size:
                 return None, at
-            values.append(bytes(self._pending[at + 4 : at + 4 + size]))
+            values.append(data[at + 4 : at + 4 + size])
             at += 4 + size
         return (values[0], values[1]), at
 
-    def _group(self, id_bytes: bytes, vector_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def _group(self, id_bytes: memoryview, vector_bytes: memoryview) -> tuple[np.ndarray, np.ndarray]:
         ids = np.frombuffer(id_bytes, dtype=">i4").astype(np.int64)
         if not len(ids):  # string_agg of no row: never made by grouped_select
             raise ReferenceSetError("the reference fetch returned an empty group")

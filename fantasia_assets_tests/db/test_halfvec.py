@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -80,6 +81,31 @@ def test_grouped_rows_decode_in_blocks_cut_anywhere(block):
     decoded = np.concatenate([g[1] for g in groups])
     assert decoded.dtype == np.float16
     np.testing.assert_array_equal(decoded.view(np.uint16), vectors.view(np.uint16))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "memoryview"])
+def test_grouped_rows_decode_from_whole_messages_as_from_one_stream(kind):
+    """Blocks of whole COPY messages, as psycopg hands them over (header with the first row, one
+    row each, the trailer alone), are decoded in place: the same groups as bytes cut anywhere."""
+    rng = np.random.default_rng(12)
+    ids = np.arange(1, 41, dtype=np.int64) * 2
+    vectors = rng.standard_normal((40, 9)).astype(np.float16)
+    parts = [(ids[:15], vectors[:15]), (ids[15:16], vectors[15:16]), (ids[16:], vectors[16:])]
+    payload = _grouped_copy(parts)
+    rows = [len(_grouped_copy(parts[:n])) - 2 for n in range(len(parts) + 1)]  # where each row ends
+    cuts = [0, *rows[1:], len(payload)]
+    wrap = memoryview if kind == "memoryview" else bytes
+    messages = [wrap(payload[a:b]) for a, b in itertools.pairwise(cuts)]
+    decoder, reference = halfvec.GroupDecoder(), halfvec.GroupDecoder()
+    groups = [g for m in messages for g in decoder.feed(m)]
+    expected = [g for i in range(len(payload)) for g in reference.feed(payload[i : i + 1])]
+    decoder.finish()
+    reference.finish()
+    assert len(groups) == len(expected) == 3
+    for (got_ids, got), (want_ids, want) in zip(groups, expected, strict=True):
+        np.testing.assert_array_equal(got_ids, want_ids)
+        assert got.dtype == want.dtype == np.float16 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def test_grouped_rows_of_two_lengths_or_out_of_order_or_cut_short_are_errors():
