@@ -30,7 +30,7 @@ from .core.plan import plan_partitions as _plan_partitions
 from .core.progress import Progress, no_progress
 from .core.references import ReferenceScope
 from .core.scoring import run_predictions
-from .core.stages import AlignmentCache, RawRowSettings, SearchOutcome, SearchSettings
+from .core.stages import AlignmentCache, QueriesAhead, RawRowSettings, SearchOutcome, SearchSettings
 from .core.stages import build_raw_rows as _build_raw_rows
 from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
@@ -148,6 +148,8 @@ def search_partition(
     in this process or, with `cluster`, in blocks on the Dask cluster's workers; `lookup.per_aspect`
     needs the reference `annotations`."""
     timings: dict[str, float] = {}
+    with timed(timings, "read queries"):  # while the matrix streams in, if it still does
+        ahead = QueriesAhead.start(queries, partition, config.distance_metric) if store.fetching() else None
     with timed(timings, "references"):
         matrix = store.get(reference_scope(config, partition), progress)
     settings = search_settings(config, device)
@@ -157,7 +159,7 @@ def search_partition(
             cluster, partition, store.shared_file(matrix), matrix, settings, config.use_gpu
         )
     outcome = _search_partition(
-        queries, partition, matrix, settings, clusters, progress, timings, batch_search, annotations
+        queries, partition, matrix, settings, clusters, progress, timings, batch_search, annotations, ahead
     )
     outcome.matrix_source = store.last_source
     return outcome

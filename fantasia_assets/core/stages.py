@@ -21,7 +21,7 @@ from .distributed import Exclusions, slice_exclusions
 from .knn_numpy import engine_for
 from .plan import LookupPlanError, Partition, QuerySet
 from .progress import Progress, no_progress
-from .queries import describe_key
+from .queries import EmbeddingFileError, describe_key
 from .redundancy import cluster_sequences, exclusion_csr
 from .references import ReferenceMatrix
 from .sequences import clean, usable
@@ -194,6 +194,7 @@ def search_partition(
     timings: dict[str, float] | None = None,
     batch_search: BatchSearch | None = None,
     annotations: pl.DataFrame | None = None,
+    ahead: QueriesAhead | None = None,
 ) -> SearchOutcome:
     """Exact k-NN of every usable query of the partition against its reference matrix.
 
@@ -209,7 +210,8 @@ def search_partition(
         raise ValueError("a per-aspect search needs the reference annotations")
     timings = timings if timings is not None else {}
     with timed(timings, "read queries"):
-        vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, settings.metric)
+        read = ahead.take(matrix.dim) if ahead is not None else None
+        vectors, rows, skipped = usable_queries(queries, partition, matrix.dim, settings.metric, read=read)
     with timed(timings, "redundancy mask"):
         exclude = None
         if clusters is not None:
@@ -267,6 +269,7 @@ def usable_queries(
     dim: int,
     metric: str | None = None,
     trusted: set[str] = frozenset(),
+    read: tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """The partition's query vectors that can be searched, and every query left out, with why.
 
@@ -274,11 +277,11 @@ def usable_queries(
     (cosine `metric`) a zero vector, is left out with a warning naming the file, group and
     reason; the others are searched. When none is usable the partition fails with the first
     reasons (a wrong model id, typically). `trusted` accessions' vectors are left unread
-    (`EmbeddingCatalogue.read_valid`).
+    (`EmbeddingCatalogue.read_valid`). `read`: that read, already made (`QueriesAhead`).
     """
     catalogue = queries.catalogue
     key = (partition.type_id, partition.layer)
-    vectors, rows, skipped = catalogue.read_valid(key, dim, metric, trusted)
+    vectors, rows, skipped = read if read is not None else catalogue.read_valid(key, dim, metric, trusted)
     present = np.zeros(len(catalogue.accessions), dtype=bool)
     present[catalogue.layers[key].rows] = True
     absent = [
@@ -300,6 +303,34 @@ def usable_queries(
             queries.path, len(skipped) - _WARN_EACH, partition.key,
         )  # fmt: skip
     return vectors, rows, skipped
+
+
+@dataclass
+class QueriesAhead:
+    """A partition's query vectors read while its reference matrix is still on its way (a cold
+    matrix streams from the database for seconds after the query scan), under the length most of
+    them have: the matrix's length nearly always. `take` hands the read over when the matrix has
+    that length, else None (the search reads them again, for its length); a read that fails is
+    dropped unseen, and the search's own read meets the error and reports it as before."""
+
+    dim: int
+    read: tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None
+
+    @classmethod
+    def start(cls, queries: QuerySet, partition: Partition, metric: str | None) -> QueriesAhead | None:
+        entries = queries.catalogue.layers.get((partition.type_id, partition.layer))
+        if entries is None or not len(entries.dims):
+            return None
+        lengths, counts = np.unique(entries.dims, return_counts=True)
+        dim = int(lengths[np.argmax(counts)])  # as `read_valid` picks it
+        try:
+            return cls(dim, queries.catalogue.read_valid((partition.type_id, partition.layer), dim, metric))
+        except (EmbeddingFileError, OSError, ValueError):
+            return None
+
+    def take(self, dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+        read, self.read = self.read, None  # handed over once: the caller owns the arrays
+        return read if dim == self.dim else None
 
 
 class AlignmentCache:

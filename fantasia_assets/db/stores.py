@@ -134,6 +134,11 @@ class ReferenceStore:
 
         self._ahead = executor.submit(fetch)
 
+    def fetching(self) -> bool:
+        """Whether a `prefetch` is still running: the next `get` would wait for it."""
+        ahead = self._ahead
+        return ahead is not None and not ahead.done()
+
     def cache_file(self, fingerprint: str) -> Path:
         """Where the disk cache keeps the vectors of this fingerprint (a float16 .npy)."""
         return self.cache_dir / f"matrix-{fingerprint}.npy"

@@ -81,3 +81,39 @@ def test_trusted_vectors_left_unread_give_the_same_rows_and_reasons(tmp_path, me
     unread = np.array([catalogue.accessions[r] in trusted for r in rows.tolist()])
     assert unread.sum() == 4 and not vectors[unread].any()
     assert vectors[~unread].tobytes() == plain[~unread].tobytes()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_queries_read_ahead_of_the_matrix_are_the_plain_read(tmp_path, metric):
+    """`QueriesAhead` (the search's query vectors, read while the reference matrix streams in)
+    hands over exactly what the search's own read gives for the matrix's length; for another
+    length nothing (the search reads them again); and a file it cannot read, nothing, leaving the
+    error to the search's own read."""
+    from fantasia_assets.core.plan import ModelSpec, Partition, open_queries
+    from fantasia_assets.core.stages import QueriesAhead, usable_queries
+
+    path = tmp_path / "q.h5"
+    _file(path)
+    with h5py.File(path, "a") as out:  # a shorter vector, a NaN one and a zero one among them
+        out.create_dataset("accession_S0/sequence", data="MKV", dtype=h5py.string_dtype())
+        out.create_dataset("accession_S0/type_1/layer_0/embedding", data=np.ones(20, "<f4"))
+        out.create_dataset("accession_S1/sequence", data="MKW", dtype=h5py.string_dtype())
+        out.create_dataset("accession_S1/type_1/layer_0/embedding", data=np.full(37, np.nan, "<f4"))
+        out.create_dataset("accession_S2/sequence", data="MKY", dtype=h5py.string_dtype())
+        out.create_dataset("accession_S2/type_1/layer_0/embedding", data=np.zeros(37, "<f4"))
+    query_set = open_queries(path)
+    partition = Partition(ModelSpec("m"), 1, 0)
+    ahead = QueriesAhead.start(query_set, partition, metric)
+    assert ahead.dim == 37
+    vectors, rows, skipped = usable_queries(query_set, partition, 37, metric, read=ahead.take(37))
+    plain_vectors, plain_rows, plain_skipped = usable_queries(query_set, partition, 37, metric)
+    assert vectors.tobytes() == plain_vectors.tobytes() and vectors.shape == plain_vectors.shape
+    assert rows.tolist() == plain_rows.tolist() and skipped == plain_skipped
+    assert len(skipped) == (3 if metric == "cosine" else 2)
+    assert ahead.take(37) is None  # handed over once
+    assert QueriesAhead.start(query_set, partition, metric).take(20) is None
+    with open(path, "r+b") as handle:
+        handle.truncate(int(query_set.catalogue.layers[(1, 0)].offsets.max()) + 4)
+    assert QueriesAhead.start(query_set, partition, metric) is None
+    with pytest.raises(queries.EmbeddingFileError, match="file is truncated"):
+        usable_queries(query_set, partition, 37, metric)
