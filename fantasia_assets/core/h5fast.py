@@ -172,29 +172,30 @@ class FastLayout:
         if flags & 0xC0:  # reserved bits: the library refuses the header
             raise _Unsupported
         pos = address + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
-        width = 1 << (flags & 3)
-        size = int.from_bytes(mm[pos : pos + width], "little")
-        start = pos + width
-        self._verify(address, start + size)
+        start = pos + (1 << (flags & 3))
         order = 2 if flags & 0x04 else 0
         messages = []
-        chunks = [(start, start + size)]
-        for start, end in chunks:
-            while start + 4 + order <= end:
-                kind, body_size, message_flags = unpack(mm, start)
-                body = start + 4 + order
-                if body + body_size > end or kind not in known or message_flags & SHARED:
+        # (checksummed from, messages from, to): the header, then its continuation chunks
+        chunks = [(address, start, start + int.from_bytes(mm[pos:start], "little"))]
+        for first, start, end in chunks:
+            # each chunk's bytes are copied once, checksummed, then parsed (a bytes object reads
+            # faster than the map); the positions returned stay file offsets
+            blob = self._checked(first, end)
+            at, stop = start - first, end - first
+            while at + 4 + order <= stop:
+                kind, body_size, message_flags = unpack(blob, at)
+                body = at + 4 + order
+                if body + body_size > stop or kind not in known or message_flags & SHARED:
                     raise _Unsupported
                 if kind == CONTINUATION:
-                    chunk = self._offset(body)
-                    length = self._length(body + self._o)
+                    chunk = self._offset(first + body)
+                    length = self._length(first + body + self._o)
                     if mm[chunk : chunk + 4] != b"OCHK" or length < 8 or len(chunks) >= MAX_CHUNKS:
                         raise _Unsupported
-                    self._verify(chunk, chunk + length - 4)
-                    chunks.append((chunk + 4, chunk + length - 4))
+                    chunks.append((chunk, chunk + 4, chunk + length - 4))
                 elif kind != NIL:
-                    messages.append((kind, body, body_size))
-                start = body + body_size
+                    messages.append((kind, first + body, body_size))
+                at = body + body_size
         return messages
 
     def _header_v1(self, address: int) -> list[tuple[int, int, int]]:
@@ -311,14 +312,16 @@ class FastLayout:
                 last = name
         return links
 
-    def _verify(self, start: int, end: int) -> None:
-        """Raise unless the metadata checksum stored at `end` matches the bytes [start, end)."""
+    def _checked(self, start: int, end: int) -> bytes:
+        """The bytes [start, end); raise unless the metadata checksum stored at `end` matches them."""
         mm = self._mm
         stored = mm[end : end + 4]
-        if len(stored) != 4 or self._checksum(mm[start:end], end - start, 0) != int.from_bytes(
-            stored, "little"
-        ):
+        if len(stored) != 4:
             raise _Unsupported
+        blob = mm[start:end]
+        if self._checksum(blob, end - start, 0) != int.from_bytes(stored, "little"):
+            raise _Unsupported
+        return blob
 
     def _offset(self, at: int) -> int:
         return int.from_bytes(self._mm[at : at + self._o], "little")
