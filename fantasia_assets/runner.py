@@ -40,7 +40,7 @@ from .core.timing import timed, timed_concurrently
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
-from .lookup_start import first_scope, require_references, with_references
+from .lookup_start import first_scope, read_annotations, require_references, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
 from .sequence_outputs import write_sequence_outputs
@@ -372,15 +372,17 @@ def _run_lookup(
 ) -> LookupResult:
     timings: dict[str, float] = {}
     # The annotation table depends on the taxonomy filter alone, not on the queries, and the first
-    # partition's reference matrix on the configuration (`lookup_start`): both are read from the
-    # database while the query file is scanned. Their errors surface where they were read before
-    # (after the plan, in the search); an earlier error drops them unread.
+    # partition's reference matrix on the configuration (`lookup_start`): the matrix is read while
+    # the query file is scanned, the table too (a big file's, once the matrix is in). Their errors
+    # surface where they were read before (after the plan, in the search); an earlier error drops them.
     include, exclude = config.taxonomy.resolve()
-    pending = background.submit(
-        AnnotationStore(None, cache_dir("annotations"), reads).get, ReferenceScope(0, None, include, exclude)
-    )
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
-    store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))
+    ahead = store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))
+    annotations_of = AnnotationStore(None, cache_dir("annotations"), reads).get
+    after = None if config.per_aspect else ahead  # a per-aspect search needs the table first
+    pending = read_annotations(
+        background, annotations_of, ReferenceScope(0, None, include, exclude), after, config
+    )
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
     types = require_references(reads)

@@ -117,7 +117,7 @@ class ReferenceStore:
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
         self._ahead: Future | None = None  # `prefetch`: (scope, matrix and source, or error) or None
 
-    def prefetch(self, executor: Executor, choose: Callable[[], ReferenceScope | None]) -> None:
+    def prefetch(self, executor: Executor, choose: Callable[[], ReferenceScope | None]) -> Future:
         """Get, on `executor`, the matrix of the scope `choose()` names (None: nothing to get);
         the next `get` takes it from there (its error too) when it asks for that scope, with the
         source that fetch had. A cold matrix is mostly a wait on the database's COPY, with the
@@ -133,6 +133,7 @@ class ReferenceStore:
                 return scope, error
 
         self._ahead = executor.submit(fetch)
+        return self._ahead
 
     def fetching(self) -> bool:
         """Whether a `prefetch` is still running: the next `get` would wait for it."""
