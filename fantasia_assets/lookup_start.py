@@ -1,5 +1,6 @@
-"""What a lookup settles before its search: the partitions that have references, and the first
-partition's reference matrix read ahead while the query file is scanned.
+"""What a lookup settles before its search: the partitions that have references, the first
+partition's reference matrix read ahead while the query file is scanned, and when the annotation
+table is read (`read_annotations`).
 
 The scan of a big query file (20,000 accession groups: ≈ 4 s) holds the interpreter, while a
 cold reference matrix (124,000 × 1,024 from the database: ≈ 2.5 s) is mostly a wait on
