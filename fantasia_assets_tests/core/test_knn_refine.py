@@ -192,6 +192,8 @@ def test_query_blocks_cover_the_queries_in_equal_rounds():
             sizes = [block.stop - block.start for block in blocks]
             assert max(sizes, default=0) - min(sizes, default=0) <= 1 and min(sizes, default=1) >= 1
             assert max(sizes, default=0) * workers <= max(700, workers)  # the budget's rows
+            if workers > 1:
+                assert max(sizes, default=0) <= knn_admission._MAX_WORKER_ROWS
             assert len(blocks) % workers == 0 or len(blocks) == n_queries
     finally:
         torch.set_num_threads(previous)
