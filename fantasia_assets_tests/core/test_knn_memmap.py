@@ -269,7 +269,7 @@ def test_prepared_references_do_not_depend_on_chunks_or_workers(
     device, previous = torch.device("cpu"), torch.get_num_threads()
 
     def prepared(source: np.ndarray, rows: int, threads: int) -> knn_reference.PreparedReferences:
-        monkeypatch.setattr(knn_reference, "_PREPARE_ROWS", rows)
+        monkeypatch.setattr(knn_reference, "_PREPARE_ROWS", {"cpu": rows})
         monkeypatch.setattr(knn_inputs, "_NORM_ROWS_PER_CHUNK", rows)
         torch.set_num_threads(threads)
         try:
