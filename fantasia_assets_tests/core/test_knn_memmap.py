@@ -11,7 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from fantasia_assets.core import knn_inputs, knn_reference, screen
 from fantasia_assets.core.knn import METRICS, SearchEngine
 from fantasia_assets.core.plan import ModelSpec, Partition
 from fantasia_assets.core.references import ReferenceMatrix, ReferenceScope
@@ -19,6 +21,9 @@ from fantasia_assets.core.stages import SearchSettings, in_process_search
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
 from fantasia_assets_tests.core.test_knn_screen import engines, exact_oracle
+
+# the CPU's bfloat16 screen (`screen.resolve_screening`), built here on any CPU
+BF16 = screen.Arithmetic("bf16", torch.bfloat16, 2.0**-22, 2.0**-8, 2.0**-126)
 
 
 def memmapped(tmp_path, matrix: np.ndarray) -> np.memmap:
@@ -246,3 +251,45 @@ def test_a_second_search_of_the_same_matrix_reuses_its_engine(monkeypatch, tmp_p
     assert len(builds) == 3
     fresh = SearchEngine("cosine", "torch", "cpu", screening="fp32")
     np.testing.assert_array_equal(original(fresh, vectors).search(queries[:7], 5)[1], first[0][1])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("arithmetic", [screen.FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_prepared_references_do_not_depend_on_chunks_or_workers(
+    monkeypatch, tmp_path, metric, arithmetic, dtype
+):
+    """The build's chunked passes on worker threads (`knn_inputs.in_parallel`) prepare, bit for
+    bit, what one pass over the whole matrix on one thread prepares: every value is row-local."""
+    rng = np.random.default_rng(3)
+    matrix = (rng.standard_normal((1000, 48)) * rng.uniform(1e-3, 1e3, (1000, 1))).astype(dtype)
+    matrix[5] = 0  # zero row
+    matrix[9] = matrix[10]  # duplicate
+    matrix[13, ::2] = np.finfo(dtype).tiny  # tiny components: zeroed operands
+    device, previous = torch.device("cpu"), torch.get_num_threads()
+
+    def prepared(source: np.ndarray, rows: int, threads: int) -> knn_reference.PreparedReferences:
+        monkeypatch.setattr(knn_reference, "_PREPARE_ROWS", {"cpu": rows})
+        monkeypatch.setattr(knn_inputs, "_NORM_ROWS_PER_CHUNK", rows)
+        torch.set_num_threads(threads)
+        try:
+            return knn_reference.PreparedReferences(source, metric, arithmetic, device)
+        finally:
+            torch.set_num_threads(previous)
+
+    whole = prepared(matrix, len(matrix), 1)
+    for source, rows, threads in [(matrix, 7, 2), (matrix, 64, 3), (memmapped(tmp_path, matrix), 7, 2)]:
+        chunked = prepared(source, rows, threads)
+        assert chunked.stats == whole.stats
+        n = len(matrix)  # a memmap's float32 screen makes its operands per block: compare those
+        assert_bits_equal(chunked.operand_block(0, n), whole.operand_block(0, n), "operands")
+        for name in ("sq_norms", "centre", "_scale_host"):
+            got, want = getattr(chunked, name), getattr(whole, name)
+            assert (got is None) == (want is None), name
+            if want is not None:
+                assert_bits_equal(got, want, name)
+
+
+def assert_bits_equal(got, want, name: str) -> None:
+    got, want = (torch.as_tensor(value).float().numpy() for value in (got, want))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name

@@ -192,7 +192,14 @@ def test_query_blocks_cover_the_queries_in_equal_rounds():
             sizes = [block.stop - block.start for block in blocks]
             assert max(sizes, default=0) - min(sizes, default=0) <= 1 and min(sizes, default=1) >= 1
             assert max(sizes, default=0) * workers <= max(700, workers)  # the budget's rows
+            if workers > 1:
+                assert max(sizes, default=0) <= knn_admission._MAX_WORKER_ROWS
             assert len(blocks) % workers == 0 or len(blocks) == n_queries
+        torch.set_num_threads(2)  # a budget for 20,000 rows: blocks of at most 1,280 rows a worker
+        engine._budget = 512 * 2**20
+        blocks, workers = knn_admission.query_blocks(engine, 20000)
+        assert workers == 2 and len(blocks) == 16
+        assert {block.stop - block.start for block in blocks} == {1250}
     finally:
         torch.set_num_threads(previous)
 
