@@ -300,8 +300,7 @@ class PartitionUpdates:
         if partition.key not in self._pending:
             return []  # a per-aspect search keeps no state: the next run is a full one
         key, query_hash, digests, outcome = self._pending.pop(partition.key)
-        with timed(outcome.timings, "incremental state"):  # the digests' wait (`search`)
-            accessions, query_d, ref_d = digests.result()
+        accessions, query_d, ref_d = digests.result()  # taken in a thread since the search
         meta = {
             "search_key": key.as_dict(),
             "config_hash": settings_hash(self.config),
@@ -321,10 +320,14 @@ class PartitionUpdates:
 def _full_digests(
     queries: QuerySet, partition: Partition, outcome: SearchOutcome, metric: str
 ) -> tuple[list[str], list[bytes], list[bytes]]:
-    """A full search's state digests: its queries (read again as the search read them, whose
-    vectors are not kept) and every reference row of its matrix."""
-    layer = (partition.type_id, partition.layer)
-    vectors, rows, _ = queries.catalogue.read_valid(layer, outcome.matrix.dim, metric)
+    """A full search's state digests: its queries (the vectors it searched, or read again as it
+    read them for an outcome that carries none) and every reference row of its matrix. The
+    outcome's query vectors are let go once digested."""
+    rows, vectors = outcome.query_rows, outcome.query_vectors
+    if vectors is None:
+        layer = (partition.type_id, partition.layer)
+        vectors, rows, _ = queries.catalogue.read_valid(layer, outcome.matrix.dim, metric)
+    outcome.query_vectors = None
     accessions = [queries.catalogue.accessions[r] for r in rows.tolist()]
     return accessions, query_digests(queries, rows, vectors), row_digests(outcome.matrix.vectors)
 
