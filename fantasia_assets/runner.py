@@ -36,14 +36,14 @@ from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
-from .core.timing import timed, timed_concurrently
+from .core.timing import timed
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
 from .lookup_start import first_scope, require_references, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
-from .sequence_outputs import write_sequence_outputs
+from .run_outputs import write_side_by_side
 
 if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
     import duckdb
@@ -428,12 +428,14 @@ def _run_lookup(
                 )  # fmt: skip
 
             # only the accessions whose inputs changed are rebuilt, where the state proves the rest;
-            # the last partition's CSV shards, when written whole, go beside the run-wide outputs
-            raw, shards = output_updates.write_partition(
-                root, queries, partition, outcome, build, defer_shards=partition is partitions[-1]
-            )
-            with timed(outcome.timings, "write partition"):
-                entries += updates.stage(root, partition)  # the state that proves these outputs
+            # the last partition's shards and TopGO, when written whole, and its state go beside
+            # the run-wide outputs (`run_outputs`)
+            last = partition is partitions[-1]
+            raw, deferred = output_updates.write_partition(root, queries, partition, outcome, build, last)
+            if not last:
+                with timed(outcome.timings, "write partition"):
+                    entries += updates.stage(root, partition)  # the state that proves these outputs
+            at = len(entries)  # where the last partition's state goes
             entries += [
                 path for name, path in partition_files(partition).items()
                 if (config.topgo or name != "topgo") and path not in output_updates.patches
@@ -448,20 +450,11 @@ def _run_lookup(
                 )
             )  # fmt: skip
         raw_all = pl.concat(raw_frames)
-
-        def fasta_and_mapping() -> list[Path]:  # spliced from the previous FASTA where the state proves it
-            writers.write_run_records(root, queries, partitions, shard_names)
-            return write_sequence_outputs(config, root, queries, raw_all, sequences, updates.full)
-
-        # the run-wide outputs and the last shards read the partitions' files and each write their own:
-        # side by side (thousands of shard files are system calls; DuckDB and polars release the GIL)
-        run_wide = {"write partition": shards} if shards is not None else {}
-        run_wide["summary"] = lambda: output_updates.write_summary(root, partitions)
-        if config.topgo:
-            run_wide["topgo ensemble"] = lambda: output_updates.write_ensemble(root, partitions)
-        run_wide["fasta+mapping"] = fasta_and_mapping
-        into = {"write partition": outcome.timings}  # the last partition's own stage
-        written = timed_concurrently(timings, run_wide, into)
+        written = write_side_by_side(
+            config, root, queries, partitions, output_updates, updates, deferred, outcome,
+            (raw_all, sequences), timings,
+        )  # fmt: skip
+        entries[at:at] = written["incremental state"]
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE] + written["fasta+mapping"]
         entries += output_updates.stage(root, partitions)  # the signatures of the files just written
         with timed(timings, "predictions"):
