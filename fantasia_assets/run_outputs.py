@@ -12,6 +12,7 @@ polars, numpy and hashing, which leave the GIL; written one after another they l
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 
 import polars as pl
@@ -22,6 +23,22 @@ from .core.plan import Partition, QuerySet
 from .core.stages import SearchOutcome
 from .core.timing import timed_concurrently
 from .sequence_outputs import write_sequence_outputs
+
+
+def sequences_read_ahead(background: Executor, sequences, outcome: SearchOutcome, whole: bool):
+    """The `sequences` source of a partition's raw rows: when they are built `whole` (no stored
+    state, `incremental_write`), the sequences of every neighbour are read from the database in
+    `background` while the GO rows are joined, and the raw rows wait for them where they need
+    them; the same {id: sequence} as asking then (`SequenceCache` fetches only what it lacks)."""
+    if not whole:
+        return sequences
+    ahead = background.submit(sequences.get, outcome.hits["ref_idx"].to_numpy())
+
+    def read(ids):
+        ahead.result()
+        return sequences(ids)
+
+    return read
 
 
 def write_side_by_side(

@@ -9,10 +9,11 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,10 +44,11 @@ from .errors import FantasiaError
 from .lookup_start import first_scope, require_references, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
-from .run_outputs import write_side_by_side
+from .run_outputs import sequences_read_ahead, write_side_by_side
 
 if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
     import duckdb
+    import numpy as np
     from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -172,9 +174,10 @@ def build_raw_rows(
     engine: Engine | None,
     alignments: AlignmentCache | None = None,
     timings: dict[str, float] | None = None,
-    sequences: SequenceCache | None = None,
+    sequences: Callable[[np.ndarray], dict[int, str]] | None = None,
 ) -> pl.DataFrame:
-    """SPEC §4.1 raw rows of one partition (reference sequences from `sequences` or the database)."""
+    """SPEC §4.1 raw rows of one partition (reference sequences from `sequences`, a
+    `SequenceCache` say, or the database)."""
     return _build_raw_rows(
         queries,
         partition,
@@ -421,11 +424,12 @@ def _run_lookup(
                     raise FantasiaError("the annotations changed while the lookup ran: run it again")
                 output_updates.annotations = annotations
 
-            def build(hits: pl.DataFrame, partition=partition, outcome=outcome, annotations=annotations):
-                return build_raw_rows(
-                    config, queries, partition, hits, annotations, None, alignments, outcome.timings,
-                    sequences,
-                )  # fmt: skip
+            # with no stored state every raw row is built: the neighbours' sequences are read meanwhile
+            source = sequences_read_ahead(background, sequences, outcome, partition.key not in updates.stored)
+            build = partial(
+                build_raw_rows, config, queries, partition, annotations=annotations, engine=None,
+                alignments=alignments, timings=outcome.timings, sequences=source,
+            )  # fmt: skip
 
             # only the accessions whose inputs changed are rebuilt, where the state proves the rest;
             # the last partition's shards and TopGO, when written whole, and its state go beside
