@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -155,12 +156,13 @@ class PartitionUpdates:
         if state is None:
             log.log(level, "%s: full search: %s", partition.key, reason)
             outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
-            with timed(outcome.timings, "incremental state"):
-                layer = (partition.type_id, partition.layer)
-                vectors, rows, _ = queries.catalogue.read_valid(
-                    layer, outcome.matrix.dim, config.distance_metric
-                )
-                self._remember(partition, key, queries, rows, vectors, outcome, None)
+            # the digests of every query and reference row (≈1 s of CPU at FANTASIA's size) are
+            # needed only when the state is staged, after the partition's outputs: they are
+            # taken in a thread meanwhile (hashing leaves the GIL), and `stage` waits for them
+            digesting = ThreadPoolExecutor(1, thread_name_prefix="state-digests")
+            digests = digesting.submit(_full_digests, queries, partition, outcome, config.distance_metric)
+            digesting.shutdown(wait=False)  # its one thread ends with the digests
+            self._pending[partition.key] = (key, queries.content_hash, digests, outcome)
             self.updates[partition.key] = incremental.Update("full", reason, searched=outcome.n_queries)
             return outcome
         return self._incremental(queries, partition, store, clusters, device, progress, key, state, paths)
@@ -257,7 +259,8 @@ class PartitionUpdates:
         found = set(hits["accession"].unique().to_list())
         without = sorted(a for a in accessions if a not in found)
         outcome = SearchOutcome(hits, matrix, len(rows), without, timings, store.last_source, skipped)
-        self._remember(partition, key, queries, rows, vectors, outcome, (digests, ref_digests))
+        known = _done((accessions, digests, ref_digests))
+        self._pending[partition.key] = (key, queries.content_hash, known, outcome)
         kinds = changes.kinds()
         self.updates[partition.key] = incremental.Update(
             " + ".join(kinds) if kinds else "unchanged",
@@ -285,14 +288,6 @@ class PartitionUpdates:
         )
         self.alignments.preload(old.select("query_idx", "ref_idx", *METRIC_COLUMNS))
 
-    def _remember(self, partition, key, queries, rows, vectors, outcome, digests) -> None:
-        query_d, ref_d = digests or (
-            query_digests(queries, rows, vectors),
-            row_digests(outcome.matrix.vectors),
-        )
-        accessions = [queries.catalogue.accessions[r] for r in rows]
-        self._pending[partition.key] = (key, queries.content_hash, accessions, query_d, outcome, ref_d)
-
     def keeps_state(self, partition: Partition) -> bool:
         """Whether the partition's state is staged with its outputs (not a per-aspect search)."""
         return partition.key in self._pending
@@ -304,7 +299,8 @@ class PartitionUpdates:
         the Dagster asset), after its `outputs`; returns the entry to publish with them."""
         if partition.key not in self._pending:
             return []  # a per-aspect search keeps no state: the next run is a full one
-        key, query_hash, accessions, query_d, outcome, ref_d = self._pending.pop(partition.key)
+        key, query_hash, digests, outcome = self._pending.pop(partition.key)
+        accessions, query_d, ref_d = digests.result()  # taken in a thread since the search
         meta = {
             "search_key": key.as_dict(),
             "config_hash": settings_hash(self.config),
@@ -319,6 +315,28 @@ class PartitionUpdates:
             accessions, query_d, outcome.matrix.sequence_ids, ref_d,
         )  # fmt: skip
         return [incremental.state_dir(partition)]
+
+
+def _full_digests(
+    queries: QuerySet, partition: Partition, outcome: SearchOutcome, metric: str
+) -> tuple[list[str], list[bytes], list[bytes]]:
+    """A full search's state digests: its queries (the vectors it searched, or read again as it
+    read them for an outcome that carries none) and every reference row of its matrix. The
+    outcome's query vectors are let go once digested."""
+    rows, vectors = outcome.query_rows, outcome.query_vectors
+    if vectors is None:
+        layer = (partition.type_id, partition.layer)
+        vectors, rows, _ = queries.catalogue.read_valid(layer, outcome.matrix.dim, metric)
+    outcome.query_vectors = None
+    accessions = [queries.catalogue.accessions[r] for r in rows.tolist()]
+    return accessions, query_digests(queries, rows, vectors), row_digests(outcome.matrix.vectors)
+
+
+def _done(value) -> Future:
+    """`value` as a finished future (an incremental search's digests are taken as it compares)."""
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 def _read_searched(queries, partition, rows, vectors, accessions, trusted, searched: list[int]) -> None:

@@ -162,45 +162,48 @@ class OutputUpdates:
         partition: Partition,
         outcome: SearchOutcome,
         build_raw,
-        defer_shards: bool = False,
-    ) -> tuple[pl.DataFrame, Callable[[], None] | None]:
-        """Write the partition's hits, raw rows, shards and TopGO under `root`, and stage its state;
-        `build_raw(hits)` builds raw rows (the full run's function). Returns the raw rows, and
-        with `defer_shards` the CSV shards still to write when they are written whole (the run
-        writes the last partition's beside the run-wide outputs)."""
+        defer: bool = False,
+    ) -> tuple[pl.DataFrame, dict[str, Callable[[], None]]]:
+        """Write the partition's hits, raw rows, shards and TopGO under `root`, and stage its
+        annotation digests; `build_raw(hits)` builds raw rows (the full run's function). Returns
+        the raw rows, and with `defer` the "topgo" and "shards" still to write when they are
+        written whole (the run writes the last partition's beside the run-wide outputs,
+        `run_outputs`); else nothing is left."""
         stored = self.updates.stored.get(partition.key)
         # the previous raw rows are decoded (polars, off the GIL) while the plan's checks and the
         # rebuilt accessions' raw rows, mostly Python, run on this thread
         with ThreadPoolExecutor(1, thread_name_prefix="previous-raw") as reads:
             with timed(outcome.timings, "outputs to rebuild"):
                 plan = self._plan(partition, outcome, stored, reads) if stored is not None else None
-            return self._write_planned(root, queries, partition, outcome, build_raw, defer_shards, plan)
+            return self._write_planned(root, queries, partition, outcome, build_raw, defer, plan, reads)
 
-    def _write_planned(self, root, queries, partition, outcome, build_raw, defer_shards, plan):
-        """`write_partition` once the plan is made (None or a reason: every accession rebuilt)."""
+    def _write_planned(self, root, queries, partition, outcome, build_raw, defer, plan, background):
+        """`write_partition` once the plan is made (None or a reason: every accession rebuilt);
+        `background`: a thread of one's own, idle when every accession is rebuilt."""
         config = self.config
         if isinstance(plan, str):
             log.info("%s: outputs rebuilt in full: %s", partition.key, plan)
             plan = None
         keeps_state = self.updates.keeps_state(partition)  # not a per-aspect search
+        staged = None
         if keeps_state:
             self._with_state.add(partition.key)
-            digests = self.annotation_digests(outcome.hits) if plan is None else plan[1]
-            with timed(outcome.timings, "incremental state"):
-                folder = root / incremental.state_dir(partition)
-                exports.write_parquet_atomic(folder / "annotations.parquet", digests)
+            # a whole partition's digests (polars, off the GIL) are taken beside its raw rows
+            digests = background.submit(self.annotation_digests, outcome.hits) if plan is None else None
+            staged = background.submit(self._stage_digests, root, partition, outcome, digests or plan[1])
         if plan is None:
             raw = build_raw(outcome.hits)
+            if staged is not None:
+                staged.result()
             with timed(outcome.timings, "write partition"):
                 writers.write_hits(root, partition, outcome)
                 writers.write_raw_rows(root, partition, raw)
-                if config.topgo:
-                    writers.write_partition_topgo(
-                        root, partition, raw, config.precision, config.fantasia_compat
-                    )
-                    if keeps_state:
-                        self._record_topgo(root, partition)
             self.subset[partition.key] = None
+
+            def topgo() -> None:
+                writers.write_partition_topgo(root, partition, raw, config.precision, config.fantasia_compat)
+                if keeps_state:
+                    self._record_topgo(root, partition)
 
             def shards() -> None:
                 writers.write_raw_csv(
@@ -210,19 +213,23 @@ class OutputUpdates:
                 if keeps_state:
                     self._stage_shards(root, partition, raw, {})
 
-            if defer_shards:
-                return raw, shards
+            left = {"topgo": topgo, "shards": shards} if config.topgo else {"shards": shards}
+            if defer:
+                return raw, left
             with timed(outcome.timings, "write partition"):
-                shards()
-            return raw, None
+                for write in left.values():
+                    write()
+            return raw, {}
         affected, _, old_raw, kept_shards, old_files = plan
         raw_sub = build_raw(outcome.hits.filter(pl.col("accession").is_in(list(affected))))
+        if staged is not None:
+            staged.result()
         with timed(outcome.timings, "outputs to rebuild"):
             raw = io_.splice_raw(old_raw.result(), raw_sub, affected)
         if raw is None:
             log.info("%s: outputs rebuilt in full: raw rows of another layout", partition.key)
             self.updates.stored.pop(partition.key)
-            return self.write_partition(root, queries, partition, outcome, build_raw, defer_shards)
+            return self.write_partition(root, queries, partition, outcome, build_raw, defer)
         with timed(outcome.timings, "write partition"):
             self._write_subset(root, partition, outcome, raw_sub, kept_shards, old_files)
             # the whole raw rows' Parquet (one long call that leaves the GIL) is written beside the
@@ -237,7 +244,15 @@ class OutputUpdates:
         self.subset[partition.key] = affected
         self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
         self._rebuilt_rows += raw_sub.height
-        return raw, None
+        return raw, {}
+
+    def _stage_digests(self, root: Path, partition: Partition, outcome: SearchOutcome, digests) -> None:
+        """state/…/annotations.parquet of these digests (a frame, or a future of one)."""
+        digests = digests if isinstance(digests, pl.DataFrame) else digests.result()
+        with timed(outcome.timings, "incremental state"):
+            exports.write_parquet_atomic(
+                root / incremental.state_dir(partition) / "annotations.parquet", digests
+            )
 
     def _plan(self, partition: Partition, outcome: SearchOutcome, stored, reads: ThreadPoolExecutor):
         """(affected accessions, annotation digests, previous raw rows (a future, read by `reads`),

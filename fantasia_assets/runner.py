@@ -9,10 +9,11 @@ process (the CLI's); the Dagster assets call the single stages below, one asset 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,17 +37,18 @@ from .core.stages import redundancy_clusters as _redundancy_clusters
 from .core.stages import search_partition as _search_partition
 from .core.staging import RunStaging
 from .core.stale import remove_stale_partitions
-from .core.timing import timed, timed_concurrently
+from .core.timing import timed
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
 from .lookup_start import first_scope, read_annotations, require_references, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
-from .sequence_outputs import write_sequence_outputs
+from .run_outputs import sequences_read_ahead, write_side_by_side
 
 if TYPE_CHECKING:  # SQLAlchemy only where the database is used (`db.snapshot`), DuckDB by `writers`
     import duckdb
+    import numpy as np
     from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -174,9 +176,10 @@ def build_raw_rows(
     engine: Engine | None,
     alignments: AlignmentCache | None = None,
     timings: dict[str, float] | None = None,
-    sequences: SequenceCache | None = None,
+    sequences: Callable[[np.ndarray], dict[int, str]] | None = None,
 ) -> pl.DataFrame:
-    """SPEC §4.1 raw rows of one partition (reference sequences from `sequences` or the database)."""
+    """SPEC §4.1 raw rows of one partition (reference sequences from `sequences`, a
+    `SequenceCache` say, or the database)."""
     return _build_raw_rows(
         queries,
         partition,
@@ -425,19 +428,22 @@ def _run_lookup(
                     raise FantasiaError("the annotations changed while the lookup ran: run it again")
                 output_updates.annotations = annotations
 
-            def build(hits: pl.DataFrame, partition=partition, outcome=outcome, annotations=annotations):
-                return build_raw_rows(
-                    config, queries, partition, hits, annotations, None, alignments, outcome.timings,
-                    sequences,
-                )  # fmt: skip
+            # with no stored state every raw row is built: the neighbours' sequences are read meanwhile
+            source = sequences_read_ahead(background, sequences, outcome, partition.key not in updates.stored)
+            build = partial(
+                build_raw_rows, config, queries, partition, annotations=annotations, engine=None,
+                alignments=alignments, timings=outcome.timings, sequences=source,
+            )  # fmt: skip
 
             # only the accessions whose inputs changed are rebuilt, where the state proves the rest;
-            # the last partition's CSV shards, when written whole, go beside the run-wide outputs
-            raw, shards = output_updates.write_partition(
-                root, queries, partition, outcome, build, defer_shards=partition is partitions[-1]
-            )
-            with timed(outcome.timings, "write partition"):
-                entries += updates.stage(root, partition)  # the state that proves these outputs
+            # the last partition's shards and TopGO, when written whole, and its state go beside
+            # the run-wide outputs (`run_outputs`)
+            last = partition is partitions[-1]
+            raw, deferred = output_updates.write_partition(root, queries, partition, outcome, build, last)
+            if not last:
+                with timed(outcome.timings, "write partition"):
+                    entries += updates.stage(root, partition)  # the state that proves these outputs
+            at = len(entries)  # where the last partition's state goes
             entries += [
                 path for name, path in partition_files(partition).items()
                 if (config.topgo or name != "topgo") and path not in output_updates.patches
@@ -452,20 +458,11 @@ def _run_lookup(
                 )
             )  # fmt: skip
         raw_all = pl.concat(raw_frames)
-
-        def fasta_and_mapping() -> list[Path]:  # spliced from the previous FASTA where the state proves it
-            writers.write_run_records(root, queries, partitions, shard_names)
-            return write_sequence_outputs(config, root, queries, raw_all, sequences, updates.full)
-
-        # the run-wide outputs and the last shards read the partitions' files and each write their own:
-        # side by side (thousands of shard files are system calls; DuckDB and polars release the GIL)
-        run_wide = {"write partition": shards} if shards is not None else {}
-        run_wide["summary"] = lambda: output_updates.write_summary(root, partitions)
-        if config.topgo:
-            run_wide["topgo ensemble"] = lambda: output_updates.write_ensemble(root, partitions)
-        run_wide["fasta+mapping"] = fasta_and_mapping
-        into = {"write partition": outcome.timings}  # the last partition's own stage
-        written = timed_concurrently(timings, run_wide, into)
+        written = write_side_by_side(
+            config, root, queries, partitions, output_updates, updates, deferred, outcome,
+            (raw_all, sequences), timings,
+        )  # fmt: skip
+        entries[at:at] = written["incremental state"]
         entries += [path for path in RUN_WIDE if config.topgo or path != ENSEMBLE] + written["fasta+mapping"]
         entries += output_updates.stage(root, partitions)  # the signatures of the files just written
         with timed(timings, "predictions"):

@@ -338,6 +338,9 @@ def write_raw_shards(
         file_names = unique_file_names(raw["accession"].unique().to_list(), ".csv")
 
     view = memoryview(body)
+    if previous is not None and not previous.is_dir():
+        previous = None  # a first run: nothing to link, and no failed look-up per file
+    before = os.path.join(previous, "") if previous is not None else None
     ahead = claim(directory)  # the files a first run made while it searched (`core.ahead`)
     # EXCL: a file that exists was made ahead (two accessions never share a file: `written`)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if ahead is None else 0)
@@ -354,11 +357,11 @@ def write_raw_shards(
             if name in written:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), prefix + name)
             written.add(name)
-            if previous is not None and _same_bytes(previous / name, header, chunk):
+            if before is not None and _same_bytes(before + name, header, chunk):
                 try:
                     if ahead is not None:
                         Path(prefix + name).unlink(missing_ok=True)
-                    os.link(previous / name, prefix + name)
+                    os.link(before + name, prefix + name)
                     continue
                 except OSError:  # a file system without hard links: written below
                     pass
@@ -378,7 +381,7 @@ def write_raw_shards(
     return names
 
 
-def _same_bytes(path: Path, header: bytes, chunk: memoryview) -> bool:
+def _same_bytes(path: str, header: bytes, chunk: memoryview) -> bool:
     """Whether the regular file `path` holds exactly `header` + `chunk`."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode) or os.path.getsize(path) != len(header) + len(chunk):

@@ -98,6 +98,10 @@ class SearchOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     matrix_source: str | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason): not searched
+    # the catalogue rows searched and their vectors as read (the engines never write to them):
+    # what the incremental state digests, without reading them again (`incremental_run`)
+    query_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    query_vectors: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ def search_partition(
     without = sorted(
         queries.catalogue.accessions[r] for r in rows if queries.catalogue.accessions[r] not in found
     )
-    return SearchOutcome(hits, matrix, len(rows), without, timings, None, skipped)
+    return SearchOutcome(hits, matrix, len(rows), without, timings, None, skipped, rows, vectors)
 
 
 def _aspect_hits(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from fantasia_assets import runner
+from fantasia_assets import run_outputs
 from fantasia_assets.core import exports
 from fantasia_assets.core import incremental_fasta as fasta_
 from fantasia_assets_tests.incremental.test_reruns import (
@@ -82,7 +82,7 @@ def test_splice_declines_a_file_laid_out_otherwise():
 def _fetched_ids(monkeypatch) -> list[int]:
     """The reference ids the FASTA writer asks the run's sequence cache for, recorded."""
     asked: list[int] = []
-    plain = runner.write_sequence_outputs
+    plain = run_outputs.write_sequence_outputs
 
     def recorded(config, root, queries, raw, sequences, full=False):
         def get(ids):
@@ -91,7 +91,7 @@ def _fetched_ids(monkeypatch) -> list[int]:
 
         return plain(config, root, queries, raw, get, full)
 
-    monkeypatch.setattr(runner, "write_sequence_outputs", recorded)
+    monkeypatch.setattr(run_outputs, "write_sequence_outputs", recorded)
     return asked
 
 

@@ -26,3 +26,13 @@ def test_unchanged_shards_are_linked_and_changed_ones_written(tmp_path):
     assert inode["B.csv"] != (published / "B.csv").stat().st_ino
     assert inode["C.csv"] != (published / "C.csv").stat().st_ino
     assert (published / "C.csv").read_bytes() == b"edited by hand\n"  # the published folder is untouched
+
+
+def test_a_missing_published_folder_writes_every_shard(tmp_path):
+    """A first run's `previous` folder does not exist: the shards are those written without one."""
+    raw = pl.DataFrame({"accession": ["A", "A", "B"], "distance": [0.1, 0.2, 0.3]})
+    exports.write_raw_shards(tmp_path / "plain", raw, raw.columns, 4)
+    exports.write_raw_shards(tmp_path / "staged", raw, raw.columns, 4, previous=tmp_path / "absent")
+    for name in ("A.csv", "B.csv"):
+        assert (tmp_path / "staged" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == ["A.csv", "B.csv"]
