@@ -1,5 +1,5 @@
 """What a small lookup pays besides its work: the collector around imports and exit, imports in the
-background (`startup`), the run-wide outputs written side by side (`runner`,
+background (`startup`), the run-wide outputs written side by side (`run_outputs`,
 `core.timing.timed_concurrently`) and the shard files made ahead (`core.ahead`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from fantasia_assets import cli, runner, startup
+from fantasia_assets import cli, run_outputs, startup
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import ahead
 from fantasia_assets.core.timing import timed
@@ -40,7 +40,7 @@ def test_outputs_are_the_same_side_by_side_in_turn_and_from_the_program(sample_l
         run_lookup(parse_config(config_dict(tmp_path / "side", **both)), sample_loaded)
     assert [target.name for target, _, _ in made] == ["layer_0", "layer_1"]  # both shard folders made ahead
     with monkeypatch.context() as patch:
-        patch.setattr(runner, "timed_concurrently", _in_turn)
+        patch.setattr(run_outputs, "timed_concurrently", _in_turn)
         run_lookup(parse_config(config_dict(tmp_path / "turn", **both)), sample_loaded)
     with monkeypatch.context() as patch:  # the plain way: no shard file made ahead (`core.ahead`)
         patch.setattr(ahead, "create_ahead", lambda folders: None)
