@@ -34,7 +34,7 @@ from fantasia_assets.errors import FantasiaError
 
 SCREENINGS = ("auto", "bf16", "fp32")
 _CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-_PROBE_SHAPE = (256, 2048, 1024)  # (queries, references, dim): ~1 GFLOP, a few ms in float32
+_PROBE_SHAPE = (256, 1024, 1024)  # (queries, references, dim): ~0.5 GFLOP, ~10 ms in float32
 _PROBE_MIN_SPEEDUP = 1.5  # the 16-bit screen's conversions and wider selection eat a smaller gain
 _GROUP = 32  # columns per group of the two-stage selection (`smallest_columns`)
 _CONVERT_ROWS = 4096  # rows converted per chunk: bounds the float64 temporaries
@@ -125,22 +125,41 @@ def cpu_has_bf16_units() -> bool:
 
 @functools.cache
 def _bf16_beats_float32() -> bool:
-    """Start-up probe, once per process: the best of three products of `_PROBE_SHAPE` each."""
+    """Start-up probe, once per process: bfloat16 at least `_PROBE_MIN_SPEEDUP` × float32."""
+    return probe_speedup() >= _PROBE_MIN_SPEEDUP
+
+
+def probe_speedup() -> float:
+    """float32 time / bfloat16 time of a `_PROBE_SHAPE` product on one thread: the least of three
+    each, in the calling thread's CPU time.
+
+    Thread CPU time, not wall time: the probe runs as the search starts, beside threads that
+    read the annotations (psycopg holds the interpreter lock for each row) and write files. Wall
+    time counted their turns on the lock and on the cores into the products, and a lookup on
+    this very machine once chose float32 (2.9x slower) that way. One thread (OpenMP's count is
+    per calling thread): the products then run in this thread, where its CPU clock sees them,
+    and the engine's workers each run single-thread products too.
+    """
     n_queries, n_references, dim = _PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(n_queries, dim, generator=generator)
     references = torch.randn(n_references, dim, generator=generator)
     best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = queries.to(dtype), references.to(dtype)
-        torch.mm(a, b.T)  # the first call builds oneDNN's kernel: not timed
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            torch.mm(a, b.T)
-            times.append(time.perf_counter() - started)
-        best[dtype] = min(times)
-    return best[torch.float32] >= _PROBE_MIN_SPEEDUP * best[torch.bfloat16]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = queries.to(dtype), references.to(dtype)
+            torch.mm(a, b.T)  # the first call builds oneDNN's kernel: not timed
+            times = []
+            for _ in range(3):
+                started = time.thread_time()
+                torch.mm(a, b.T)
+                times.append(time.thread_time() - started)
+            best[dtype] = max(min(times), 1e-9)
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def _float32_output_available(device: torch.device, dtype: torch.dtype) -> bool:

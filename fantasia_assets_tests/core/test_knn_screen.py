@@ -3,6 +3,8 @@ screen's error never exceeds the bound `knn_bounds` derives."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -288,3 +290,24 @@ def test_cosine_limit_covers_clipped_distances(threshold):
     scores = torch.tensor([[1.99, 2.0 - a, 2.0]], dtype=torch.float64)
     limit = screened_enough(scores, 3, coefficients, threshold, "cosine", 1024)[1]
     assert float(limit[0]) - a >= 2 + 2.1 * UNIT
+
+
+def test_the_start_up_probe_counts_only_its_own_cpu_time(monkeypatch):
+    """The probe runs beside threads that hold the interpreter lock and the cores: time the
+    product's thread spends off the CPU must not count. A bfloat16 product that also sleeps
+    50 ms (a stand-in for waiting on the lock or the scheduler) leaves the measured speedup
+    where it was; in wall time it would fall below 1. The probe leaves torch's thread count as
+    it found it."""
+    threads = torch.get_num_threads()
+    quiet = screen.probe_speedup()
+    real_mm = torch.mm
+
+    def waiting_mm(a, b, *args, **kwargs):
+        if a.dtype == torch.bfloat16:
+            time.sleep(0.05)
+        return real_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", waiting_mm)
+    waited = screen.probe_speedup()
+    assert torch.get_num_threads() == threads
+    assert quiet / 2 < waited < quiet * 2, (quiet, waited)
