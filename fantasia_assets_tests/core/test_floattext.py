@@ -77,3 +77,26 @@ def test_repeated_values_are_printed_once_with_the_same_text(precision: int) -> 
     values = pl.Series("v", pool[rng.integers(0, len(pool), 20_000)]).scatter([0, 5, 19_999], None)
     expected = pl.DataFrame({"v": values}).write_csv(float_precision=precision)
     assert pl.DataFrame({"v": fixed_text(values, precision)}).write_csv() == expected
+
+
+@pytest.mark.parametrize("precision", [0, 4, 6])
+def test_csv_bytes_prints_only_repetitive_columns_and_equals_polars(precision: int) -> None:
+    """`fixed_floats` leaves columns of many distinct values (and of nulls) to polars and prints
+    the repetitive ones: the CSV is polars' own either way, hostile values included."""
+    rng = np.random.default_rng(precision + 10)
+    hostile = _hostile(precision)
+    n = 6_000
+    pool = np.concatenate([hostile[rng.integers(0, len(hostile), 30)], [0.0, -0.0, np.nan, np.inf]])
+    frame = pl.DataFrame(
+        {
+            "distinct": pl.Series(hostile[rng.integers(0, len(hostile), n)]).scatter([3], None),
+            "repeated": pl.Series(pool[rng.integers(0, len(pool), n)]).scatter([0, n - 1], None),
+            "f32": pl.Series(pool[rng.integers(0, len(pool), n)], dtype=pl.Float32, strict=False),
+            "none": pl.Series([None] * n, dtype=pl.Float64),
+            "name": ["a,b\nc"] * n,
+        }
+    )
+    assert exports.repetitive(frame["repeated"]) and not exports.repetitive(frame["distinct"])
+    assert not exports.repetitive(frame["none"])
+    expected = frame.with_columns(pl.col("name").str.replace_all("\n", " "))
+    assert exports.csv_bytes(frame, precision).decode() == expected.write_csv(float_precision=precision)
