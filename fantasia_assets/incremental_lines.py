@@ -40,18 +40,29 @@ def sha256(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def record(path: Path, separator: str, header: bool) -> Recorded | None:
+def record(
+    path: Path, separator: str, header: bool, known: dict[str, LineIndex] | None = None
+) -> Recorded | None:
     """The line index and digest of a file written whole; None when it has no index (lines
-    that are not one record each, or not sorted by accession): it is then never spliced."""
+    that are not one record each, or not sorted by accession): it is then never spliced.
+    `known`: the indexes of files already recorded, by digest: a file with the same bytes (the
+    ensemble copied from a partition's TopGO files) takes that index instead of parsing again."""
     body = path.read_bytes()
-    index = io_.line_index(body, separator, header)
-    return None if index is None else (index, sha256(body))
+    digest = sha256(body)
+    index = (known or {}).get(digest)
+    if index is None:
+        index = io_.line_index(body, separator, header)
+    return None if index is None else (index, digest)
 
 
-def record_folder(root: Path, folder: Path, into: dict[str, Recorded | None]) -> None:
-    """`record` of every TopGO file (TSV, no header) of `root / folder`, keyed by relative path."""
+def record_folder(
+    root: Path, folder: Path, into: dict[str, Recorded | None], known: Iterable[Recorded | None] = ()
+) -> None:
+    """`record` of every TopGO file (TSV, no header) of `root / folder`, keyed by relative path;
+    `known`: files recorded already, whose indexes a file of the same bytes takes."""
+    by_digest = {kept[1]: kept[0] for kept in known if kept is not None}
     for name in listing(root / folder):
-        into[str(folder / name)] = record(root / folder / name, "\t", False)
+        into[str(folder / name)] = record(root / folder / name, "\t", False, by_digest)
 
 
 def write_lines(root: Path, recorded: dict[str, Recorded]) -> str:

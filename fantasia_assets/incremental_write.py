@@ -432,7 +432,10 @@ class OutputUpdates:
             topgo_written=whole and not self.config.fantasia_compat,
         )  # fmt: skip
         if not self.config.fantasia_compat:
-            lines_.record_folder(root, ENSEMBLE, self._recorded["ensemble"])
+            # the ensemble of one partition is its TopGO files' copy: their indexes, by digest
+            lines_.record_folder(
+                root, ENSEMBLE, self._recorded["ensemble"], self._recorded["partitions"].values()
+            )
 
     def stage(self, root: Path, partitions: list[Partition]) -> list[Path]:
         """Write state/run.json under `root` (the signatures and digests of the files a splice
