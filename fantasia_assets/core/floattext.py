@@ -12,9 +12,9 @@ for columns whose values repeat, where each distinct value is printed once (0.08
 split without error into its float64 rounding `scaled` and the remainder `err` (Dekker's
 two-product), so the nearest integer is decided exactly: up when fraction − ½ + err > 0, to
 even when it is 0 (the sign of a float sum is always right). Its integer part and its fraction,
-zero-padded to `p` digits, are printed by polars as integers and joined after the sign and the
-point (no Arrow buffers: building them from here imports pyarrow's compute module, ≈ 0.1 s of a
-small lookup's start). Values outside the range where this is exact (|x| · 10^p ≥ 2^50,
+zero-padded to `p` digits, are written digit by digit into a byte matrix that polars reads as
+strings (`_ascii`; no Arrow buffers: building them from here imports pyarrow's compute module,
+≈ 0.1 s of a small lookup's start). Values outside the range where this is exact (|x| · 10^p ≥ 2^50,
 |x| < 2^-900, NaN, inf) are printed by Python's `'%.*f'`, which rounds the exact binary value
 the same way (tests compare both on hostile values). A column whose values repeat over many rows
 (a neighbour's distance on each of its GO rows) prints each distinct bit pattern once and
@@ -94,21 +94,60 @@ def _few_distinct(sample: np.ndarray) -> bool:
 
 
 def _text(x: np.ndarray, nulls: np.ndarray, precision: int) -> pl.Series:
-    """The text of `x` (nulls stay null): sign, integer part, point and zero-padded fraction,
-    joined by polars' own integer printing; the values outside the exact range from Python."""
+    """The text of `x` (nulls stay null): sign, integer part, point and zero-padded fraction
+    as bytes built with array arithmetic; the values outside the exact range from Python."""
     magnitude = np.abs(x)
     with np.errstate(invalid="ignore", over="ignore"):
         fast = (magnitude * 10.0**precision < _EXACT_LIMIT) & ((magnitude >= _TINY) | (magnitude == 0))
     fast &= ~nulls
-    rounded = _nearest(np.where(fast, magnitude, 0.0), precision)
-    scale = 10**precision
-    sign = pl.when(pl.Series(np.signbit(x))).then(pl.lit("-")).otherwise(pl.lit(""))
-    parts = [sign, pl.Series(rounded // scale).cast(pl.String)]
-    if precision:
-        parts += [pl.lit("."), pl.Series(rounded % scale).cast(pl.String).str.zfill(precision)]
-    text = pl.select(pl.when(pl.Series(fast)).then(pl.concat_str(parts))).to_series()
+    whole, fraction = np.divmod(_nearest(np.where(fast, magnitude, 0.0), precision), 10**precision)
+    text = pl.Series(_ascii(whole, fraction, np.signbit(x) & fast, precision)).cast(pl.String)
+    text = pl.select(pl.when(pl.Series(fast)).then(text)).to_series()
     slow = np.flatnonzero(~fast & ~nulls)
     if len(slow):
         printed = (f"{v:.{precision}f}" for v in x[slow].tolist())
         text = text.scatter(slow, [_SPECIAL.get(t, t) for t in printed])
     return text
+
+
+# 10, 100, … 10^18: a non-negative integer below 2^50 has 1 + (how many of these it reaches) digits
+_POWERS = 10 ** np.arange(1, 19, dtype=np.int64)
+
+
+def _ascii(whole: np.ndarray, fraction: np.ndarray, negative: np.ndarray, precision: int) -> np.ndarray:
+    """Fixed-width byte strings (numpy `S`, NUL-padded at the end, which numpy and polars drop)
+    of '-'? + `whole` + ('.' + `fraction` zero-padded to `precision` digits if any).
+
+    Rows of one layout (sign, number of integer digits) are filled column by column, so the
+    cost is a few array operations per character instead of building strings value by value
+    (polars' concatenation of the parts cost more than polars printing the floats itself)."""
+    digits = 1 + np.searchsorted(_POWERS, whole, side="right")
+    point = 1 if precision else 0
+    columns = 1 + int(digits.max(initial=1)) + point + precision
+    out = np.zeros((len(whole), columns), dtype=np.uint8)
+    tail = np.empty((len(whole), point + precision), dtype=np.uint8)  # '.' and the fraction
+    if precision:
+        tail[:, 0] = ord(".")
+        rest = fraction.astype(np.int32) if precision <= 9 else fraction  # narrower divides faster
+        for column in range(precision, 0, -1):
+            rest, digit = np.divmod(rest, 10)
+            tail[:, column] = digit + ord("0")
+    layout = negative.astype(np.int64) * 32 + digits
+    layouts = np.unique(layout).tolist()
+    for key in layouts:
+        # all rows alike (the usual case: non-negative values below 10) are filled in place
+        rows = slice(None) if len(layouts) == 1 else np.flatnonzero(layout == key)
+        sign, count = divmod(key, 32)
+        width = sign + count + point + precision
+        block = out[:, :width] if len(layouts) == 1 else np.empty((len(rows), width), dtype=np.uint8)
+        if sign:
+            block[:, 0] = ord("-")
+        rest = whole[rows]
+        rest = rest.astype(np.int32) if count <= 9 else rest
+        for column in range(sign + count - 1, sign - 1, -1):
+            rest, digit = np.divmod(rest, 10)
+            block[:, column] = digit + ord("0")
+        block[:, sign + count :] = tail[rows]
+        if len(layouts) > 1:
+            out[rows, :width] = block
+    return out.view(f"S{columns}").ravel()
