@@ -3,10 +3,8 @@
 polars' `write_csv(float_precision=p)` prints a float as Rust's `format!("{:.p$}")` does: the
 exact binary value rounded to `p` digits after the point (ties to even, which only exactly
 representable halves such as 0.03125 can be), a minus sign for every negative value and for
--0.0, and `NaN`, `inf`, `-inf`. It costs 150–450 ns of CPU a value, most of a summary's writing.
-Printing each value here and then writing the text costs about as much (measured: 500,000
-distances 0.19 + 0.07 s against polars' 0.14 s), so `exports.fixed_floats` uses this module only
-for columns whose values repeat, where each distinct value is printed once (0.08 s against 0.18 s).
+-0.0, and `NaN`, `inf`, `-inf`. It costs 150–450 ns of CPU a value, most of a summary's writing;
+this module's text, written as strings, less (`exports.fixed_floats` has the measurements).
 
 `fixed_text` computes the same text with array arithmetic. The exact product |x| · 10^p is
 split without error into its float64 rounding `scaled` and the remainder `err` (Dekker's
@@ -76,21 +74,12 @@ def fixed_text(values: pl.Series, precision: int) -> pl.Series:
     return _text(x, nulls, precision).alias(values.name)
 
 
-def repetitive(values: pl.Series) -> bool:
-    """`_repetitive` of a float Series without converting it whole; never for a column of
-    nulls (polars writes those as fast as anything)."""
-    if len(values) < 1024 or values.null_count() == len(values):
-        return False
-    return _few_distinct(values.gather_every(len(values) // 512).cast(pl.Float64).to_numpy())
-
-
 def _repetitive(x: np.ndarray) -> bool:
     """Whether an evenly spaced sample of `x` holds at most a third as many distinct values."""
-    return len(x) >= 1024 and _few_distinct(x[:: len(x) // 512])
-
-
-def _few_distinct(sample: np.ndarray) -> bool:
-    return len(np.unique(sample.view(np.int64))) * 3 <= len(sample)
+    if len(x) < 1024:
+        return False
+    sample = x[:: len(x) // 512].view(np.int64)
+    return len(np.unique(sample)) * 3 <= len(sample)
 
 
 def _text(x: np.ndarray, nulls: np.ndarray, precision: int) -> pl.Series:

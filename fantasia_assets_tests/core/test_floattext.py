@@ -80,9 +80,9 @@ def test_repeated_values_are_printed_once_with_the_same_text(precision: int) -> 
 
 
 @pytest.mark.parametrize("precision", [0, 4, 6])
-def test_csv_bytes_prints_only_repetitive_columns_and_equals_polars(precision: int) -> None:
-    """`fixed_floats` leaves columns of many distinct values (and of nulls) to polars and prints
-    the repetitive ones: the CSV is polars' own either way, hostile values included."""
+def test_csv_bytes_of_mixed_float_columns_equals_polars(precision: int) -> None:
+    """`fixed_floats` prints columns of many distinct values and repetitive ones, and leaves
+    columns of nulls to polars: the CSV is polars' own, hostile values included."""
     rng = np.random.default_rng(precision + 10)
     hostile = _hostile(precision)
     n = 6_000
@@ -96,7 +96,5 @@ def test_csv_bytes_prints_only_repetitive_columns_and_equals_polars(precision: i
             "name": ["a,b\nc"] * n,
         }
     )
-    assert exports.repetitive(frame["repeated"]) and not exports.repetitive(frame["distinct"])
-    assert not exports.repetitive(frame["none"])
     expected = frame.with_columns(pl.col("name").str.replace_all("\n", " "))
     assert exports.csv_bytes(frame, precision).decode() == expected.write_csv(float_precision=precision)
