@@ -108,7 +108,7 @@ def summary_frame(
     firsts = [_first_present(rows[column], term, starts) for column in ("category", "go_description")]
     # SQL's `=` matches no null key: such a term has no per-partition values
     keyed = terms.select(pl.all_horizontal(pl.col(TERM_KEYS).is_not_null()).alias("keyed"))["keyed"]
-    scores = _scores(rows, spec, columns, present, limit_per_entry)
+    scores = _scores(rows, spec, columns, present, limit_per_entry, (lengths == 1)[term])
     scores = scores.filter(pl.Series(keyed.to_numpy()[scores[_TERM].to_numpy()]))
     index = pl.DataFrame({_TERM: np.arange(len(starts), dtype=np.int64)})
     wide = [terms, pl.DataFrame(firsts)]
@@ -151,13 +151,44 @@ def _proteins(rows: pl.DataFrame, term: np.ndarray, starts: np.ndarray, lengths:
 
 
 def _scores(
-    rows: pl.DataFrame, spec: SummarySpec, columns: Sequence[SummaryColumn], present: set[str], limit: int
+    rows: pl.DataFrame,
+    spec: SummarySpec,
+    columns: Sequence[SummaryColumn],
+    present: set[str],
+    limit: int,
+    alone: np.ndarray,
 ) -> pl.DataFrame:
     """One row per (term, model, layer): the term's number (`_TERM`), the partition's index,
-    scores, weighted, final."""
+    scores, weighted, final. `alone`: per row, whether its term has no other row (most terms):
+    such a row is its own group, whose scores are computed row by row with the same arithmetic
+    as a group's (grouping 500,000 one-row groups cost most of the summary's aggregation)."""
     parts = rows.select(PARTITION_KEYS).unique().sort(PARTITION_KEYS, nulls_last=True)
     parts = parts.with_row_index(_PART).with_columns(pl.col(_PART).cast(pl.Int64))
     keyed = rows.join(parts, on=list(PARTITION_KEYS), how="left", nulls_equal=True, maintain_order="left")
+    mask = pl.Series(alone)
+    scores = [f"s{i}" for i in range(len(columns))]
+    groups = pl.concat(
+        [
+            keyed.filter(mask).select(_TERM, _PART, *_single_scores(columns, present, limit)),
+            _group_scores(keyed.filter(~mask), columns, present, limit).select(_TERM, _PART, *scores),
+        ]
+    )
+    weighted = [(i, c.weight) for i, c in enumerate(columns) if c.weight is not None]
+    terms = [pl.col(f"s{i}").fill_null(0.0) * weight for i, weight in weighted]
+    names = _score_names(spec, columns)
+    return groups.select(
+        _TERM,
+        _PART,
+        *(pl.col(f"s{i}").alias(names[i]) for i in range(len(columns))),
+        *(term.alias(names[len(columns) + j]) for j, term in enumerate(terms)),
+        _tree_sum(terms).alias(names[-1]),
+    )
+
+
+def _group_scores(
+    keyed: pl.DataFrame, columns: Sequence[SummaryColumn], present: set[str], limit: int
+) -> pl.DataFrame:
+    """The scores `s{i}` of each (term, partition) group of `keyed`."""
     means = [m for m in dict.fromkeys(c.metric for c in columns) if m in present and _has_mean(m, columns)]
     aggregations: list[pl.Expr] = [pl.len().alias("_rows")]
     for i, column in enumerate(columns):
@@ -173,21 +204,33 @@ def _scores(
         aggregations.append(pl.col(metric).cast(pl.Float64).drop_nulls().alias(f"l{j}"))
     groups = keyed.group_by(_TERM, _PART).agg(aggregations)
     mean_of = {metric: _kahan_means(groups[f"l{j}"]) for j, metric in enumerate(means)}
-    groups = groups.with_columns(
+    return groups.with_columns(
         mean_of[c.metric].alias(f"s{i}")
         for i, c in enumerate(columns)
         if c.agg is not None and c.metric in mean_of and AGGREGATIONS[c.agg] == "mean"
     )
-    weighted = [(i, c.weight) for i, c in enumerate(columns) if c.weight is not None]
-    terms = [pl.col(f"s{i}").fill_null(0.0) * weight for i, weight in weighted]
-    names = _score_names(spec, columns)
-    return groups.select(
-        _TERM,
-        _PART,
-        *(pl.col(f"s{i}").alias(names[i]) for i in range(len(columns))),
-        *(term.alias(names[len(columns) + j]) for j, term in enumerate(terms)),
-        _tree_sum(terms).alias(names[-1]),
-    )
+
+
+def _single_scores(columns: Sequence[SummaryColumn], present: set[str], limit: int) -> list[pl.Expr]:
+    """`_group_scores` of one-row groups, row by row: a count is 1.0 × (1 / limit); min and max
+    are the value itself (NaN and null included: what skipping NaN unless all are NaN leaves of
+    one value); a mean is the Kahan sum from (0, 0) of the one value over 1, `(0 + (v − 0)) / 1`
+    (so −0.0 becomes 0.0, as there), null for a null value (test_aggregate_memory: −0.0 too)."""
+    scores = []
+    for i, column in enumerate(columns):
+        values = pl.col(column.metric).cast(pl.Float64) if column.metric in present else None
+        if column.agg is None:
+            score = pl.lit(1.0, dtype=pl.Float64) * (1.0 / limit)
+        elif values is None:
+            score = pl.lit(None, dtype=pl.Float64)
+        elif AGGREGATIONS[column.agg] == "mean":
+            # (0 + (v − 0)) / 1 is v except for ±0.0, which give 0.0 (written out: polars drops
+            # the additions of 0.0, which is not exact for −0.0)
+            score = pl.when(values == 0.0).then(pl.lit(0.0, dtype=pl.Float64)).otherwise(values)
+        else:
+            score = values
+        scores.append(score.alias(f"s{i}"))
+    return scores
 
 
 def _has_mean(metric: str, columns: Sequence[SummaryColumn]) -> bool:

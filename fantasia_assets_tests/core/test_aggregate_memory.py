@@ -53,7 +53,7 @@ def _both(files: list[Path], folder: Path, spec: SummarySpec, limit: int, precis
 
 
 def _hostile(frames: list[pl.DataFrame], rng: random.Random) -> list[pl.DataFrame]:
-    """Infinities among the metrics, and a few null accessions and GO ids."""
+    """Infinities and -0.0 among the metrics, and a few null accessions and GO ids."""
     out = []
     for frame in frames:
         if frame.height and rng.random() < 0.5:
@@ -62,6 +62,17 @@ def _hostile(frames: list[pl.DataFrame], rng: random.Random) -> list[pl.DataFram
             frame = frame.with_columns(
                 pl.when(pl.int_range(pl.len()) == at)
                 .then(pl.lit(rng.choice([float("inf"), float("-inf")])))
+                .otherwise(pl.col(column))
+                .alias(column)
+            )
+        if frame.height and rng.random() < 0.5:  # -0.0, which a mean of one value turns into 0.0
+            column = rng.choice(
+                [c for c in ("identity", "identity_sw", "reliability_index") if c in frame.columns]
+            )
+            at = rng.sample(range(frame.height), min(frame.height, 3))
+            frame = frame.with_columns(
+                pl.when(pl.int_range(pl.len()).is_in(at))
+                .then(pl.lit(-0.0))
                 .otherwise(pl.col(column))
                 .alias(column)
             )
