@@ -142,7 +142,8 @@ def _load(args, progress) -> int:
 
 
 def _lookup(args, progress) -> int:
-    from .config import load_config
+    with startup.pydantic_plugins_skipped():  # the configuration's models: no plugin to look for
+        from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .core.distributed import connect_from_environment
