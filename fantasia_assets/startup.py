@@ -30,9 +30,9 @@ installed distribution (≈ 30 ms in this project's environment, which has no py
 configuration's models are a lookup's only pydantic models, internal to it, and no plugin
 (observability hooks on validation) changes what they parse.
 
-`import_in_background` imports what a command needs only later (for a lookup: DuckDB for the
-lineage record at its end, numpy.ma, which numpy imports at the first `np.unique`, the output
-writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
+`import_in_background` imports what a command needs only later (for a lookup: DuckDB's engine
+for the lineage record at its end, `core.lineage.engine`; numpy.ma, which numpy imports at the
+first `np.unique`; the output writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
 which release the interpreter: ≈ 0.1 s off a small lookup's wall time. The later import finds
 the module loaded, or waits for its loading to end.
 """
