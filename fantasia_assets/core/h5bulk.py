@@ -49,6 +49,7 @@ _UNREAD = frozenset({NIL, ATTRIBUTE, MODIFIED, ATTRIBUTE_INFO, REFCOUNT})
 # rest goes group by group (each template costs a pass over the groups left, ~0.2 µs a group)
 _TEMPLATES, _FRUITLESS = 64, 8
 _FEW = 128  # fewer groups left than this: read one by one (a template's checks cost ~5 ms)
+_HEAP_STEPS = 256  # objects walked per global heap collection together; past that, one by one
 _BATCH = 4096  # groups decoded together (bounds the memory of the gathered headers)
 _FAILURES = (Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError)
 
@@ -140,16 +141,21 @@ def _decode(layout, template: list[_Block], addresses: np.ndarray) -> tuple[np.n
             ok &= data[j] != np.uint64(layout._undefined)
     strings = next(j for j, block in enumerate(template) if block.role == "string")
     texts = _texts(layout, data[strings], ok)
+    rows = np.flatnonzero(ok)
+    # each group's [(layer key, (offset, dim, dtype code)), ...], built vector by vector (a
+    # Python loop per group and vector costs more than the rest of the decoding)
     vectors = [
-        (block.key, data[j].tolist(), block.dim, block.code)
+        _entries(block.key, data[j][rows].tolist(), block.dim, block.code)
         for j, block in enumerate(template)
         if block.role == "vector"
     ]
-    results = [
-        (text, [(key, (offsets[i], dim, code)) for key, offsets, dim, code in vectors])
-        for i, text in zip(np.flatnonzero(ok).tolist(), clean_many(texts), strict=True)
-    ]
+    lists = map(list, zip(*vectors, strict=True)) if vectors else ([] for _ in texts)
+    results = list(zip(clean_many(texts), lists, strict=True))
     return ok, results
+
+
+def _entries(key: tuple[int, int | None], offsets: list[int], dim: int, code: int) -> list[tuple]:
+    return [(key, (offset, dim, code)) for offset in offsets]
 
 
 def _texts(layout, where: np.ndarray, ok: np.ndarray) -> list[str]:
@@ -162,21 +168,39 @@ def _texts(layout, where: np.ndarray, ok: np.ndarray) -> list[str]:
         return []
     ok &= where <= np.uint64(len(buf) - element)  # an element cut short: read group by group
     rows = sliding_window_view(buf, element)[np.where(ok, where, 0).astype(np.int64)]
-    lengths, indices = _field(rows, 0, 4).tolist(), _field(rows, 4 + o, 4).tolist()
-    collections = _field(rows, 4, o)
-    heaps = {}
-    for collection in np.unique(collections[ok]).tolist():
+    lengths, indices, collections = _field(rows, 0, 4), _field(rows, 4 + o, 4), _field(rows, 4, o)
+    unique = np.unique(collections[ok])
+    walked, keys, starts, sizes = _heap_objects(layout, unique)
+    # the objects of the collections walked here, found by (collection, index) all at once
+    rank = np.minimum(np.searchsorted(unique, collections), max(len(unique) - 1, 0))
+    mine = ok & walked[rank] if len(unique) else np.zeros(len(ok), dtype=bool)
+    wanted = (rank.astype(np.uint64) << np.uint64(32)) | indices
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    hit = mine & (keys[at] == wanted) if len(keys) else np.zeros(len(ok), dtype=bool)
+    start = np.where(hit, starts[at] if len(keys) else 0, 0)
+    stored = np.where(hit, sizes[at] if len(keys) else 0, 0)
+    # as `_text`: an index the collection lacks, an empty or mis-sized text, one past the end
+    ok &= ~mine | (hit & (lengths != 0) & (stored == lengths) & (start + lengths <= np.uint64(len(buf))))
+    heaps = {}  # the other collections, read by `FastLayout._heap` (an odd one, or a long walk)
+    for collection in unique[~walked].tolist():
         try:
             heaps[collection] = layout._heap(collection)
         except _FAILURES:
             heaps[collection] = {}
-    collections = collections.tolist()
+    lengths, indices, collections = lengths.tolist(), indices.tolist(), collections.tolist()
+    mine, start = mine.tolist(), start.tolist()
     texts = []
     for i in np.flatnonzero(ok).tolist():
-        entry = heaps[collections[i]].get(indices[i])
         length = lengths[i]
-        text = mm[entry[0] : entry[0] + length] if entry is not None else b""
-        if not length or entry is None or entry[1] != length or len(text) != length or b"\x00" in text:
+        if mine[i]:
+            text = mm[start[i] : start[i] + length]
+        else:
+            entry = heaps[collections[i]].get(indices[i])
+            text = mm[entry[0] : entry[0] + length] if entry is not None else b""
+            if not length or entry is None or entry[1] != length or len(text) != length:
+                ok[i] = False
+                continue
+        if b"\x00" in text:
             ok[i] = False
             continue
         try:
@@ -184,6 +208,57 @@ def _texts(layout, where: np.ndarray, ok: np.ndarray) -> list[str]:
         except UnicodeDecodeError:
             ok[i] = False
     return texts
+
+
+def _heap_objects(layout, collections: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The global heap collections at `collections` (sorted, distinct) walked together, each as
+    `FastLayout._heap` walks it: (which ones were walked here, the others being left to it; then
+    of their objects, by key: key (position in `collections` << 32 | object index), data, size)."""
+    buf, lengths = layout.array, layout._l
+    head = (8 + lengths + 7) // 8 * 8  # a collection's header, and each object's: 8-byte aligned
+    count = len(collections)
+    walked = collections <= np.uint64(min(layout._end, len(buf)) - head) if layout._end >= head else None
+    if walked is None or not count:
+        return np.zeros(count, dtype=bool), *(np.zeros(0, dtype=np.uint64),) * 3
+    rows = sliding_window_view(buf, 8 + lengths)[np.where(walked, collections, 0).astype(np.int64)]
+    walked &= (rows[:, :5] == np.frombuffer(b"GCOL\x01", dtype=np.uint8)).all(axis=1)
+    size = _field(rows, 8, lengths)
+    walked &= size <= np.where(walked, np.uint64(layout._end) - np.where(walked, collections, 0), 0)
+    end = collections + np.where(walked, size, 0)
+    position = collections + np.uint64(head)
+    active = walked & (position + np.uint64(head) <= end)
+    found: list[tuple[np.ndarray, ...]] = []
+    for _ in range(_HEAP_STEPS):
+        if not active.any():
+            break
+        ids = np.flatnonzero(active)
+        at = position[ids]
+        rows = sliding_window_view(buf, 8 + lengths)[at.astype(np.int64)]
+        index, size, room = _field(rows, 0, 2), _field(rows, 8, lengths), end[ids] - at
+        bad = size > room  # as `_heap`: an object running past its collection's end
+        size = np.where(bad, 0, size)
+        step = np.where(index == 0, size, head + (size + 7) // 8 * 8)  # free space: its own size
+        bad |= (step < head) | (step > room)
+        walked[ids[bad]] = False
+        keep = ~bad & (index != 0)
+        found.append(
+            ((ids[keep].astype(np.uint64) << np.uint64(32)) | index[keep], at[keep] + head, size[keep])
+        )
+        position[ids] = at + step
+        active[ids[bad]] = False
+        active &= position + np.uint64(head) <= end
+    else:
+        walked &= ~active  # a walk longer than that: left to `FastLayout._heap`
+    keys, data, sizes = (
+        (np.concatenate(part) for part in zip(*found, strict=True))
+        if found
+        else (np.zeros(0, dtype=np.uint64),) * 3
+    )
+    order = np.argsort(keys, kind="stable")
+    keys, data, sizes = keys[order], data[order], sizes[order]
+    walked[(keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32)).astype(np.int64)] = False  # an index twice
+    keep = walked[(keys >> np.uint64(32)).astype(np.int64)]
+    return walked, keys[keep], data[keep], sizes[keep]
 
 
 def _field(rows: np.ndarray, at: int, width: int) -> np.ndarray:

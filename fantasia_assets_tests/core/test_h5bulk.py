@@ -199,3 +199,43 @@ def test_lookup3__the_library_checksum_at_every_length():
 )
 def test_clean_many__clean_of_each(texts):
     assert clean_many(list(texts)) == [clean(text) for text in texts]
+
+
+def _heaps_alike(path, collections: list[int]) -> int:
+    """Check the collections walked together against `FastLayout._heap`; how many were walked."""
+    collections = sorted(set(collections))
+    with h5fast.FastLayout.open(path) as layout:
+        walked, keys, data, sizes = h5bulk._heap_objects(layout, np.array(collections, dtype=np.uint64))
+        for rank, collection in enumerate(collections):
+            try:
+                want = layout._heap(collection)
+            except (h5bulk.Unsupported, IndexError, ValueError):
+                want = None
+            if walked[rank]:
+                mine = (keys >> np.uint64(32)) == rank
+                objects = zip(keys[mine].tolist(), data[mine].tolist(), sizes[mine].tolist(), strict=True)
+                assert {key & 0xFFFFFFFF: (at, size) for key, at, size in objects} == want, collection
+    return int(walked.sum())
+
+
+def test_heap_walk__objects_as_one_collection_at_a_time(tmp_path, monkeypatch):
+    """Global heap collections walked together, intact and with flipped bits: each one walked
+    holds the objects `FastLayout._heap` finds; the others are left to it."""
+    path = tmp_path / "regular.h5"
+    _regular_file(path, 300)
+    data = path.read_bytes()
+    collections = [i for i in range(len(data)) if data.startswith(b"GCOL", i)]
+    assert _heaps_alike(path, [*collections, 0, 8, len(data) - 4]) == len(collections) >= 3
+    monkeypatch.setattr(h5bulk, "_HEAP_STEPS", 3)  # a walk cut short leaves the collection to _heap
+    assert _heaps_alike(path, collections) < len(collections)
+    monkeypatch.undo()
+    rng = np.random.default_rng(11)
+    broken = tmp_path / "broken.h5"
+    walked = 0
+    for _ in range(150):
+        damaged = bytearray(data)
+        at = int(rng.choice(collections[:3])) + int(rng.integers(0, 4096))
+        damaged[at] ^= 1 << int(rng.integers(0, 8))
+        broken.write_bytes(bytes(damaged))
+        walked += _heaps_alike(broken, collections)
+    assert 100 < walked < 150 * len(collections)  # some flips did make a collection odd
