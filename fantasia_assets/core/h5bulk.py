@@ -50,7 +50,9 @@ _UNREAD = frozenset({NIL, ATTRIBUTE, MODIFIED, ATTRIBUTE_INFO, REFCOUNT})
 _TEMPLATES, _FRUITLESS = 64, 8
 _FEW = 128  # fewer groups left than this: read one by one (a template's checks cost ~5 ms)
 _HEAP_STEPS = 256  # objects walked per global heap collection together; past that, one by one
-_BATCH = 4096  # groups decoded together (bounds the memory of the gathered headers)
+# groups decoded together: at most this many, and headers of at most that many bytes (their
+# copies, and the checksums' working arrays, take a few times as much)
+_BATCH, _BATCH_BYTES = 4096, 1 << 23
 _FAILURES = (Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError)
 
 
@@ -103,8 +105,9 @@ def read_groups(layout, addresses: list[int | None]) -> list:
 def _apply(layout, template: list[_Block], values, pending: np.ndarray, found: list) -> np.ndarray:
     """Decode the pending groups that match the template into `found`; the others, still pending."""
     left = []
-    for start in range(0, len(pending), _BATCH):
-        batch = pending[start : start + _BATCH]
+    size = max(1, min(_BATCH, _BATCH_BYTES // sum(block.size for block in template)))
+    for start in range(0, len(pending), size):
+        batch = pending[start : start + size]
         done, results = _decode(layout, template, values[batch])
         for i, result in zip(batch[done].tolist(), results, strict=True):
             found[i] = result
@@ -217,9 +220,9 @@ def _heap_objects(layout, collections: np.ndarray) -> tuple[np.ndarray, ...]:
     buf, lengths = layout.array, layout._l
     head = (8 + lengths + 7) // 8 * 8  # a collection's header, and each object's: 8-byte aligned
     count = len(collections)
-    walked = collections <= np.uint64(min(layout._end, len(buf)) - head) if layout._end >= head else None
-    if walked is None or not count:
+    if layout._end < head or not count:  # (the end of the file is at most the map's length)
         return np.zeros(count, dtype=bool), *(np.zeros(0, dtype=np.uint64),) * 3
+    walked = collections <= np.uint64(layout._end - head)
     rows = sliding_window_view(buf, 8 + lengths)[np.where(walked, collections, 0).astype(np.int64)]
     walked &= (rows[:, :5] == np.frombuffer(b"GCOL\x01", dtype=np.uint8)).all(axis=1)
     size = _field(rows, 8, lengths)

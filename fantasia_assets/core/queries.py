@@ -10,7 +10,7 @@ Opening an HDF5 object costs about 50 µs in the HDF5 library itself, so a file 
 proteins is first *scanned* once into an `EmbeddingCatalogue`: accessions, sequences, and for
 every (type, layer) the byte offset, dtype and length of each vector. The scan reads each group's
 metadata straight from the file (`h5fast`, ~0.1 ms a group; `h5bulk` decodes the groups laid out
-alike together, ~10 µs a group) and leaves any group that reader
+alike together, ~20 µs a group) and leaves any group that reader
 declines to h5py (in parallel worker processes when most of a big file is declined). Vectors are then gathered from a memory map of the file in
 one vectorised copy, without opening their datasets again. Datasets that are chunked or
 compressed (no single byte offset) are read through h5py instead.
