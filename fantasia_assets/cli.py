@@ -142,7 +142,8 @@ def _load(args, progress) -> int:
 
 
 def _lookup(args, progress) -> int:
-    from .config import load_config
+    with startup.pydantic_plugins_skipped():  # the configuration's models: no plugin to look for
+        from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
     from .core.distributed import connect_from_environment
@@ -154,8 +155,8 @@ def _lookup(args, progress) -> int:
     importlib.import_module(".db.snapshot", __package__)
     importlib.import_module(".incremental_run", __package__)
     startup.imports_done()
-    # used later: the lineage record, `np.unique`, the run's output writing
-    startup.import_in_background("duckdb", "numpy.ma", f"{__package__}.incremental_write")
+    # used later: the lineage record (DuckDB, `core.lineage.engine`), `np.unique`, the output writing
+    startup.import_in_background("_duckdb", "numpy.ma", f"{__package__}.incremental_write")
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:

@@ -24,9 +24,15 @@ ahead, the annotation read, polars) on a two-core machine: ≈ 0.1 s of CPU a sm
 results are the same; a later product wakes them (tens of microseconds). Set before numpy is
 imported, and only where the environment does not set it already.
 
-`import_in_background` imports what a command needs only later (for a lookup: DuckDB for the
-lineage record at its end, numpy.ma, which numpy imports at the first `np.unique`, the output
-writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
+`pydantic_plugins_skipped` spares the configuration's import pydantic's search for plugins: each
+model class asks for them once per process, and the first ask reads the entry points of every
+installed distribution (≈ 30 ms in this project's environment, which has no pydantic plugin). The
+configuration's models are a lookup's only pydantic models, internal to it, and no plugin
+(observability hooks on validation) changes what they parse.
+
+`import_in_background` imports what a command needs only later (for a lookup: DuckDB's engine
+for the lineage record at its end, `core.lineage.engine`; numpy.ma, which numpy imports at the
+first `np.unique`; the output writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
 which release the interpreter: ≈ 0.1 s off a small lookup's wall time. The later import finds
 the module loaded, or waits for its loading to end.
 """
@@ -39,6 +45,7 @@ import gc
 import importlib
 import os
 import threading
+from collections.abc import Iterator
 
 _paused = []  # [True] while `pause_for_imports` holds the collector
 
@@ -73,6 +80,20 @@ def import_in_background(*names: str) -> None:
                 importlib.import_module(name)
 
     threading.Thread(target=load, name="imports", daemon=True).start()
+
+
+@contextlib.contextmanager
+def pydantic_plugins_skipped() -> Iterator[None]:
+    """Pydantic classes made inside the block use no plugin (`PYDANTIC_DISABLE_PLUGINS`), unless
+    the environment sets that variable itself; it is unset again after the block."""
+    if "PYDANTIC_DISABLE_PLUGINS" in os.environ:
+        yield
+        return
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+    try:
+        yield
+    finally:
+        os.environ.pop("PYDANTIC_DISABLE_PLUGINS", None)
 
 
 def quiet_blas_workers() -> None:

@@ -120,3 +120,30 @@ def test_openblas_workers_are_told_to_sleep_unless_the_environment_says_otherwis
     # the command as a program sets it before numpy (and OpenBLAS) is loaded
     code = "import sys; from fantasia_assets import cli; print('numpy' in sys.modules)"
     assert _program(code).split() == ["False"]
+
+
+def test_pydantic_plugins_are_skipped_inside_the_block_only_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("PYDANTIC_DISABLE_PLUGINS", raising=False)
+    with startup.pydantic_plugins_skipped():
+        assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"
+    assert "PYDANTIC_DISABLE_PLUGINS" not in os.environ
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "some_plugin")
+    with startup.pydantic_plugins_skipped():
+        assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "some_plugin"
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "some_plugin"
+
+
+def test_the_lookup_imports_neither_psutil_nor_multiprocessing():
+    """What a stamp-served lookup imports on its way (`cli._lookup`) leaves out psutil (the memory
+    budget reads /proc/meminfo) and multiprocessing (only a big query file's scan uses it)."""
+    code = (
+        "import sys\n"
+        "from fantasia_assets import cli, startup\n"
+        "with startup.pydantic_plugins_skipped():\n"
+        "    import fantasia_assets.config\n"
+        "import fantasia_assets.runner, fantasia_assets.incremental_run, fantasia_assets.db.snapshot\n"
+        "from fantasia_assets.core.knn_inputs import cpu_memory_budget\n"
+        "cpu_memory_budget()\n"
+        "print(*(name in sys.modules for name in ('psutil', 'multiprocessing')))\n"
+    )
+    assert _program(code).split() == ["False", "False"]

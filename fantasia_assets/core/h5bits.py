@@ -117,3 +117,7 @@ def suffix_int(name: bytes, prefix: str) -> int | None:
         return int(text[len(prefix) :])
     except ValueError:
         return None
+
+
+class Unsupported(Exception):
+    """Internal to the direct reader: this object is not one it understands (h5py reads it)."""

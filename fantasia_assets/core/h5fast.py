@@ -11,7 +11,8 @@ which nothing is skipped, and None for anything else (a dense link table, a soft
 chunked or filtered vector, a non-UTF-8 or NUL-holding string, a metadata checksum that does
 not match, a structure the library would call corrupt, anything it cannot parse): the caller
 then reads that group through h5py as before, so odd or damaged input gets the same result and
-the same error text as the plain reader.
+the same error text as the plain reader. `FastLayout.groups` reads many groups at once: those
+laid out like one it has parsed are checked against it and decoded together (`h5bulk`).
 
 Metadata checksums (1.8 format) are verified with the HDF5 library's own routine
 (`H5_checksum_metadata`, looked up in the libhdf5 that h5py loaded, and checked against a
@@ -24,6 +25,8 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
+
+import numpy as np
 
 from .h5bits import (
     CONTINUATION,
@@ -46,17 +49,16 @@ from .h5bits import (
     SYMBOL_TABLE,
     VLEN_BASE,
     VLEN_UTF8_HEAD,
+    Unsupported,
     checksum_routine,
     plain_fill,
     suffix_int,
 )
+from .h5bulk import read_groups
+from .h5symbols import symbol_links
 from .sequences import clean
 
 _Parsed = tuple[str, list]
-
-
-class _Unsupported(Exception):
-    """Internal: this object is not one the fast reader understands."""
 
 
 class FastLayout:
@@ -71,6 +73,9 @@ class FastLayout:
         self._l = length_size
         self._undefined = (1 << (8 * offset_size)) - 1
         self._checksum = checksum
+        self.array = np.frombuffer(view, dtype=np.uint8)  # the file, for `h5bulk`'s gathers
+        self.templates: list = []  # `h5bulk`'s templates of this file's groups
+        self.fruitless = 0  # `h5bulk`'s templates that read no other group, or failed
         self._heaps: dict[int, dict[int, tuple[int, int]]] = {}
         self.declined = 0  # groups `group` left to h5py
         self._tree_k = tree_k  # (leaf K, internal K) of symbol-table B-trees; None: not in this format
@@ -119,6 +124,7 @@ class FastLayout:
         return layout
 
     def close(self) -> None:
+        self.array = None  # an array over the map keeps it from closing
         self._mm.close()
 
     def __enter__(self) -> FastLayout:
@@ -132,14 +138,18 @@ class FastLayout:
         header is at `address`, as `queries._scan_group` finds it; None when h5py must read it."""
         try:
             return self._group(address)
-        except (_Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError):
+        except (Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError):
             self.declined += 1
             return None
+
+    def groups(self, addresses: list[int | None]) -> list[_Parsed | None]:
+        """`group` of each address (None for None), most of them decoded together (`h5bulk`)."""
+        return read_groups(self, addresses)
 
     def _group(self, address: int) -> _Parsed:
         members = self._links(self._header(address))
         if b"sequence" not in members:
-            raise _Unsupported
+            raise Unsupported
         sequence = self._string(self._header(members[b"sequence"]))
         vectors = []
         for member, target in members.items():
@@ -156,7 +166,7 @@ class FastLayout:
                         continue
                     inner = self._links(self._header(child_address))
                     if b"embedding" not in inner:
-                        raise _Unsupported
+                        raise Unsupported
                     dataset = inner[b"embedding"]
                 vectors.append(((type_id, layer), self._vector(self._header(dataset))))
         return clean(sequence), vectors
@@ -167,10 +177,10 @@ class FastLayout:
         if mm[address] == 1:
             return self._header_v1(address)
         if mm[address : address + 5] != b"OHDR\x02":
-            raise _Unsupported
+            raise Unsupported
         flags = mm[address + 5]
         if flags & 0xC0:  # reserved bits: the library refuses the header
-            raise _Unsupported
+            raise Unsupported
         pos = address + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
         start = pos + (1 << (flags & 3))
         order = 2 if flags & 0x04 else 0
@@ -186,12 +196,12 @@ class FastLayout:
                 kind, body_size, message_flags = unpack(blob, at)
                 body = at + 4 + order
                 if body + body_size > stop or kind not in known or message_flags & SHARED:
-                    raise _Unsupported
+                    raise Unsupported
                 if kind == CONTINUATION:
                     chunk = self._offset(first + body)
                     length = self._length(first + body + self._o)
                     if mm[chunk : chunk + 4] != b"OCHK" or length < 8 or len(chunks) >= MAX_CHUNKS:
-                        raise _Unsupported
+                        raise Unsupported
                     chunks.append((chunk, chunk + 4, chunk + length - 4))
                 elif kind != NIL:
                     messages.append((kind, first + body, body_size))
@@ -203,13 +213,13 @@ class FastLayout:
         requires, its messages fill each chunk exactly, 8-byte aligned, as many as announced."""
         mm, unpack = self._mm, struct.unpack_from
         if mm[address + 1] != 0:
-            raise _Unsupported
+            raise Unsupported
         count, _, size = unpack("<HII", mm, address + 2)
         messages = []
         chunks = [(address + 16, address + 16 + size)]
         for start, end in chunks:
             if end > self._end:
-                raise _Unsupported
+                raise Unsupported
             while start < end:
                 kind, body_size, message_flags = unpack("<HHB", mm, start)
                 body = start + 8
@@ -221,106 +231,28 @@ class FastLayout:
                     or kind not in KNOWN
                     or message_flags & SHARED
                 ):
-                    raise _Unsupported
+                    raise Unsupported
                 if kind == CONTINUATION:
                     chunk = self._offset(body)
                     if len(chunks) >= MAX_CHUNKS:
-                        raise _Unsupported
+                        raise Unsupported
                     chunks.append((chunk, chunk + self._length(body + self._o)))
                 elif kind != NIL:
                     messages.append((kind, body, body_size))
                 start = body + body_size
         if count:
-            raise _Unsupported
+            raise Unsupported
         return messages
-
-    def _symbols(self, body: int) -> dict[bytes, int]:
-        """Name → header address of the entries of a symbol-table group (version-1 B-tree, local heap).
-
-        The library finds a member by binary search over the B-tree's keys and each node's sorted
-        entries, so a tree whose keys or order are damaged hides members that a walk would still
-        see: such a tree is refused, and every member listed here is one the library can open.
-        """
-        mm, o, lengths = self._mm, self._o, self._l
-        if self._tree_k is None:
-            raise _Unsupported
-        leaf_k, inner_k = self._tree_k
-        tree, heap = self._offset(body), self._offset(body + o)
-        if mm[heap : heap + 5] != b"HEAP\x00":
-            raise _Unsupported
-        size, data = self._length(heap + 8), self._offset(heap + 8 + 2 * lengths)
-        if data + size > self._end:
-            raise _Unsupported
-        free = self._length(heap + 8 + lengths)
-        for _ in range(size // (2 * lengths) + 1):  # the free list, checked as the library loads it
-            if free == 1:  # the end of the list
-                break
-            if free >= size:
-                raise _Unsupported
-            following, block = self._length(data + free), self._length(data + free + lengths)
-            if not following or free + block > size:
-                raise _Unsupported
-            free = following
-        else:
-            raise _Unsupported
-
-        def text(offset: int) -> bytes:
-            end = mm.find(b"\x00", data + offset, data + size) if offset < size else -1
-            if end < 0:
-                raise _Unsupported
-            return mm[data + offset : end]
-
-        links: dict[bytes, int] = {}
-        last = None
-        entry = 2 * o + 24
-        # (node, expected level or -1 for a symbol node, lowest key (exclusive), highest (inclusive))
-        pending: list[tuple[int, int | None, bytes | None, bytes | None]] = [(tree, None, None, None)]
-        while pending:
-            node, level, low, high = pending.pop()
-            if len(links) + len(pending) > 1 << 22:
-                raise _Unsupported
-            if level != -1:
-                if mm[node : node + 5] != b"TREE\x00" or level not in (None, mm[node + 5]):
-                    raise _Unsupported
-                level, used = mm[node + 5], int.from_bytes(mm[node + 6 : node + 8], "little")
-                if not 0 < used <= 2 * inner_k:
-                    raise _Unsupported
-                first = node + 8 + 2 * o
-                keys = [text(self._length(first + i * (o + lengths))) for i in range(used + 1)]
-                children = []
-                for i in range(used):
-                    if keys[i] > keys[i + 1]:
-                        raise _Unsupported
-                    child_low = keys[i] if low is None else max(low, keys[i])
-                    child_high = keys[i + 1] if high is None else min(high, keys[i + 1])
-                    child = self._offset(first + lengths + i * (o + lengths))
-                    children.append((child, level - 1 if level else -1, child_low, child_high))
-                pending.extend(reversed(children))  # popped in key order
-                continue
-            count = int.from_bytes(mm[node + 6 : node + 8], "little")
-            if mm[node : node + 5] != b"SNOD\x01" or count > 2 * leaf_k:
-                raise _Unsupported
-            for i in range(count):
-                at = node + 8 + i * entry
-                # cache type 0 (nothing cached) or 1 (a group's table); 2 is a soft link
-                if int.from_bytes(mm[at + 2 * o : at + 2 * o + 4], "little") not in (0, 1):
-                    raise _Unsupported
-                name = text(self._offset(at))
-                if not name or (last is not None and name <= last) or name <= low or name > high:
-                    raise _Unsupported
-                links[name] = self._offset(at + o)
-                last = name
-        return links
 
     def _checked(self, start: int, end: int) -> bytes:
         """The bytes [start, end); raise unless the metadata checksum stored at `end` matches them."""
         mm = self._mm
         stored = mm[end : end + 4]
         if len(stored) != 4:
-            raise _Unsupported
+            raise Unsupported
         blob = mm[start:end]
         if self._checksum(blob, end - start, 0) != int.from_bytes(stored, "little"):
-            raise _Unsupported
+            raise Unsupported
         return blob
 
     def _offset(self, at: int) -> int:
@@ -330,52 +262,63 @@ class FastLayout:
         return int.from_bytes(self._mm[at : at + self._l], "little")
 
     def _links(self, messages: list[tuple[int, int, int]]) -> dict[bytes, int]:
-        """Name → header address of a compact group's hard links, in name order (h5py's order)."""
+        """Name → header address of a group's hard links, in name order (h5py's order)."""
+        fields, table = self._link_fields(messages)
+        if table is None:
+            table = {name: self._offset(at) for name, at in fields.items()}
+        return dict(sorted(table.items()))
+
+    def _link_fields(
+        self, messages: list[tuple[int, int, int]]
+    ) -> tuple[dict[bytes, int], dict[bytes, int] | None]:
+        """(name → file position of the target address, for a compact group's hard links; None),
+        or ({}, name → target address) for a symbol-table group. The positions let `h5bulk` read
+        the targets of many groups laid out alike."""
         mm = self._mm
         links: dict[bytes, int] = {}
-        group = table = False
+        group = False
+        table = None
         for kind, body, size in messages:
             if kind == LINK_INFO:
                 if group:
-                    raise _Unsupported
+                    raise Unsupported
                 group = True
                 if mm[body] != 0 or mm[body + 1] & ~3:  # version 0, known flags (as decoded)
-                    raise _Unsupported
+                    raise Unsupported
                 heap = self._offset(body + 2 + (8 if mm[body + 1] & 1 else 0))
                 if heap != self._undefined:  # dense storage (fractal heap): not read here
-                    raise _Unsupported
+                    raise Unsupported
             elif kind == LINK:
-                if table:
-                    raise _Unsupported
+                if table is not None:
+                    raise Unsupported
                 flags = mm[body + 1]
                 if mm[body] != 1 or flags & ~0x1F or (flags & 0x08 and mm[body + 2] != 0):  # hard only
-                    raise _Unsupported
+                    raise Unsupported
                 pos = body + 2 + (1 if flags & 0x08 else 0) + (8 if flags & 0x04 else 0)
                 if flags & 0x10:
                     if mm[pos] not in (0, 1):
-                        raise _Unsupported
+                        raise Unsupported
                     pos += 1
                 width = 1 << (flags & 3)
                 length = int.from_bytes(mm[pos : pos + width], "little")
                 name = mm[pos + width : pos + width + length]
                 if len(name) != length or not length or b"\x00" in name or name in links:
-                    raise _Unsupported
-                links[name] = self._offset(pos + width + length)
+                    raise Unsupported
+                links[name] = pos + width + length
                 if pos + width + length + self._o > body + size:
-                    raise _Unsupported
+                    raise Unsupported
             elif kind == SYMBOL_TABLE:
                 if group or links:  # an old-style table beside new-style links: damaged
-                    raise _Unsupported
+                    raise Unsupported
                 group = True
-                links = self._symbols(body)
-                table = True
+                table = symbol_links(self, body)
             elif kind in (LAYOUT, DATATYPE, DATASPACE) or (
                 kind == GROUP_INFO and (mm[body] != 0 or mm[body + 1] & ~3)
             ):
-                raise _Unsupported
+                raise Unsupported
         if not group:
-            raise _Unsupported
-        return dict(sorted(links.items()))
+            raise Unsupported
+        return links, table
 
     def _parts(self, messages: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]]:
         """A dataset's messages by type; a filter pipeline or a second message of a kind is refused."""
@@ -383,18 +326,18 @@ class FastLayout:
         for kind, body, size in messages:
             if kind in (DATASPACE, DATATYPE, LAYOUT):
                 if kind in parts:
-                    raise _Unsupported
+                    raise Unsupported
                 parts[kind] = (body, size)
             elif kind == FILL:
                 if FILL in parts:
-                    raise _Unsupported
+                    raise Unsupported
                 parts[FILL] = (body, size)
                 if not plain_fill(self._mm, body, size):
-                    raise _Unsupported
+                    raise Unsupported
             elif kind in (FILL_OLD, FILTERS, LINK, LINK_INFO, SYMBOL_TABLE):
-                raise _Unsupported
+                raise Unsupported
         if len(parts.keys() - {FILL}) != 3:
-            raise _Unsupported
+            raise Unsupported
         return parts
 
     def _shape(self, body: int) -> tuple[int, ...]:
@@ -402,31 +345,31 @@ class FastLayout:
         version, rank, flags = mm[body], mm[body + 1], mm[body + 2]
         if version == 2:
             if mm[body + 3] not in (0, 1):  # 2: a null dataspace
-                raise _Unsupported
+                raise Unsupported
             first = body + 4
         elif version == 1:
             first = body + 8
         else:
-            raise _Unsupported
+            raise Unsupported
         if flags & ~1:
-            raise _Unsupported
+            raise Unsupported
         shape = tuple(self._length(first + i * self._l) for i in range(rank))
         # maximum extents (flag 1), as h5py writes them for a fixed-size dataset: equal to the extents
         if flags and shape != tuple(self._length(first + (rank + i) * self._l) for i in range(rank)):
-            raise _Unsupported
+            raise Unsupported
         return shape
 
     def _storage(self, body: int) -> tuple[int, int, int]:
         """(class, address, size) of a version-3/4 layout message; compact: address of the data."""
         mm = self._mm
         if mm[body] not in (3, 4):
-            raise _Unsupported
+            raise Unsupported
         layout = mm[body + 1]
         if layout == 1:
             return 1, self._offset(body + 2), self._length(body + 2 + self._o)
         if layout == 0:
             return 0, body + 4, int.from_bytes(mm[body + 2 : body + 4], "little")
-        raise _Unsupported
+        raise Unsupported
 
     def _string(self, messages: list[tuple[int, int, int]]) -> str:
         """The text of a scalar variable-length UTF-8 string dataset."""
@@ -441,17 +384,22 @@ class FastLayout:
             or mm[type_body + 8 : type_body + 20] != VLEN_BASE
             or self._shape(parts[DATASPACE][0]) != ()
         ):
-            raise _Unsupported
+            raise Unsupported
         _, where, size = self._storage(parts[LAYOUT][0])
         if size != element or where == self._undefined:
-            raise _Unsupported
+            raise Unsupported
+        return self._text(where)
+
+    def _text(self, where: int) -> str:
+        """The text that the variable-length string element stored at `where` refers to."""
+        mm = self._mm
         length = int.from_bytes(mm[where : where + 4], "little")
         collection = self._offset(where + 4)
         index = int.from_bytes(mm[where + 4 + self._o : where + 8 + self._o], "little")
         start, stored = self._heap(collection)[index]
         text = mm[start : start + length]
         if not length or stored != length or len(text) != length or b"\x00" in text:
-            raise _Unsupported
+            raise Unsupported
         return text.decode("utf-8")
 
     def _heap(self, address: int) -> dict[int, tuple[int, int]]:
@@ -461,10 +409,10 @@ class FastLayout:
             return found
         mm = self._mm
         if mm[address : address + 5] != b"GCOL\x01":
-            raise _Unsupported
+            raise Unsupported
         end = address + self._length(address + 8)
         if end > self._end:
-            raise _Unsupported
+            raise Unsupported
         # the collection header and each object header are padded to a multiple of 8 bytes
         head = (8 + self._l + 7) // 8 * 8
         pos = address + head
@@ -477,7 +425,7 @@ class FastLayout:
             # the free space (index 0) counts its own header; an object is padded to 8 bytes
             step = size if index == 0 else head + (size + 7) // 8 * 8
             if step < head or pos + step > end or index in objects:
-                raise _Unsupported
+                raise Unsupported
             if index:
                 objects[index] = (pos + head, size)
             pos += step
@@ -491,9 +439,9 @@ class FastLayout:
         code = FLOAT_TYPES.get(self._mm[type_body : type_body + 20]) if type_size >= 20 else None
         shape = self._shape(parts[DATASPACE][0])
         if code is None or len(shape) != 1:
-            raise _Unsupported
+            raise Unsupported
         layout, address, size = self._storage(parts[LAYOUT][0])
         # storage that disagrees with the extent or runs past the file: the library's to judge
         if layout != 1 or size != shape[0] * code[1] or address + size > self._end:
-            raise _Unsupported
+            raise Unsupported
         return address, size // code[1], code[0]

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
-import psutil
 
 from .device import resolve_device as choose_device
 from .resident import release_rows
@@ -174,7 +173,25 @@ def default_memory_budget(device: torch.device) -> int:
 
 def cpu_memory_budget() -> int:
     """A safe share of the memory free now, capped at `_CPU_BUDGET_CAP`."""
-    return int(min(_BUDGET_FRACTION * psutil.virtual_memory().available, _CPU_BUDGET_CAP))
+    return int(min(_BUDGET_FRACTION * available_memory(), _CPU_BUDGET_CAP))
+
+
+def available_memory() -> int:
+    """Bytes of memory available now: Linux's MemAvailable, the figure
+    `psutil.virtual_memory().available` reads there, taken from /proc/meminfo without importing
+    psutil (≈ 15 ms of a small lookup's start); psutil's where that line is missing."""
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    kib, unit = line.split()[1:3]
+                    if unit == b"kB":
+                        return int(kib) * 1024
+    except (OSError, ValueError):
+        pass
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 _NO_CANDIDATE = np.iinfo(np.int64).max

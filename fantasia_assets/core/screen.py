@@ -195,7 +195,10 @@ def to_operands(
         rows = slice(start, start + _CONVERT_ROWS)
         chunk = matrix[rows] if centre is None else matrix[rows] - centre
         operand = chunk.to(arithmetic.dtype)
-        operand.masked_fill_(operand.abs() < arithmetic.smallest_normal, 0)
+        # rounding is monotone and the smallest normal is representable: where no input is below
+        # it in magnitude (zeros included), no operand is, and the 16-bit pass is skipped
+        if chunk.numel() and float(chunk.abs().min()) < arithmetic.smallest_normal:
+            operand.masked_fill_(operand.abs() < arithmetic.smallest_normal, 0)
         operands[rows] = operand
         wide = operand.float()  # exactly
         stats["norm"][rows] = row_norms(chunk)

@@ -32,6 +32,7 @@ PROTEIN_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ*")
 _REMOVED = re.compile(r"[\s0-9.\-]+")
 _UNUSABLE = re.compile(r"[^A-Z*]")
 _PLAIN = re.compile(r"[A-Z*]+")
+_PLAIN_ASCII = string.ascii_uppercase.encode("ascii") + b"*"  # the characters of _PLAIN
 # ASCII letters only: str.upper() would turn 'ß' into 'SS' and 'ı' into 'I', forging residues
 _UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
@@ -45,6 +46,15 @@ def clean(text: str) -> str:
     if _PLAIN.fullmatch(text):  # the common case, one C-level scan: nothing to change
         return text
     return _REMOVED.sub("", text).translate(_UPPER)
+
+
+def clean_many(texts: list[str]) -> list[str]:
+    """`clean` of each text. Most query files hold clean sequences only: one C-level pass over
+    them all recognises that (~1 ns a residue, where the regular expression costs a few)."""
+    joined = "".join(texts)
+    if joined.isascii() and not joined.encode("ascii").translate(None, _PLAIN_ASCII):
+        return texts  # only A-Z and '*': `clean` returns each text as it is
+    return [clean(text) for text in texts]
 
 
 def problem(cleaned: str) -> str | None:

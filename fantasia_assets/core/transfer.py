@@ -96,8 +96,30 @@ def transfer_annotations(hits: pl.DataFrame, annotations: pl.DataFrame, metric: 
         return hits.with_columns(
             reliability_index(pl.col("distance"), metric).alias("reliability_index")
         ).sort(["accession", "rank", "protein_id", "go_id"], maintain_order=True)
-    return (
-        hits.join(annotations, left_on="ref_idx", right_on="sequence_id", how="inner")
-        .with_columns(reliability_index(pl.col("distance"), metric).alias("reliability_index"))
-        .sort(["accession", "rank", "protein_id", "go_id"], maintain_order=True)
-    )
+    if strictly_increasing(hits, ["accession", "rank"]) and strictly_increasing(
+        annotations, ["sequence_id", "protein_id", "go_id"]
+    ):
+        # already in order: each hit in turn, its reference's annotations in theirs (as the
+        # database reads them, and the cached table keeps them); the sort below would find the
+        # same order (its keys are unique), for twice the join's time
+        joined = hits.join(
+            annotations, left_on="ref_idx", right_on="sequence_id", how="inner", maintain_order="left_right"
+        )
+    else:
+        joined = hits.join(annotations, left_on="ref_idx", right_on="sequence_id", how="inner").sort(
+            ["accession", "rank", "protein_id", "go_id"], maintain_order=True
+        )
+    return joined.with_columns(reliability_index(pl.col("distance"), metric).alias("reliability_index"))
+
+
+def strictly_increasing(frame: pl.DataFrame, columns: list[str]) -> bool:
+    """Whether the rows' `columns` strictly increase, compared lexicographically as polars sorts
+    them (a null anywhere: no); one pass, without sorting."""
+    increasing = None
+    for name in reversed(columns):
+        column, before = pl.col(name), pl.col(name).shift(1)
+        later = column > before
+        increasing = later if increasing is None else later | ((column == before) & increasing)
+    if frame.height < 2 or increasing is None:
+        return frame.height < 2 or not columns
+    return bool(frame.select(increasing.slice(1).fill_null(False).all()).item())

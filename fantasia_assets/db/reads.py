@@ -215,10 +215,13 @@ def copy_reference_rows(
     The database stores halfvec (float16), so the float16 rows are its values exactly.
     """
     query, params = _rows_query(scope, sql.SQL("se.sequence_id, se.embedding"))
-    decoder = halfvec.GroupDecoder()
     with engine.connect() as conn:
         cursor = _raw_cursor(conn)
-        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(halfvec.grouped_select(query))
+        native = halfvec.native_reads(cursor)
+        decoder = halfvec.GroupDecoder(native is not None)
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(
+            halfvec.grouped_select(query, native)
+        )
         with cursor.copy(statement, params) as copy:
             for block in copy:
                 for ids, vectors in decoder.feed(block):

@@ -18,14 +18,16 @@ FORMATS = {"earliest": ("earliest", "latest"), "v108": ("v108", "v108")}
 def counted(monkeypatch):
     """Counts of groups the fast reader read and declined, during the scans of one test."""
     counts = {"fast": 0, "declined": 0}
-    original = h5fast.FastLayout.group
+    original = h5fast.FastLayout.groups
 
-    def group(self, address):
-        found = original(self, address)
-        counts["declined" if found is None else "fast"] += 1
+    def groups(self, addresses):
+        found = original(self, addresses)
+        for address, parsed in zip(addresses, found, strict=True):
+            if address is not None:
+                counts["declined" if parsed is None else "fast"] += 1
         return found
 
-    monkeypatch.setattr(h5fast.FastLayout, "group", group)
+    monkeypatch.setattr(h5fast.FastLayout, "groups", groups)
     return counts
 
 

@@ -196,3 +196,32 @@ def test_two_stage_selection_keeps_the_smallest_values(values, count):
     assert all(len(set(row)) == count for row in picked.tolist())
     expected = np.sort(rows, axis=1)[:, :count]
     np.testing.assert_array_equal(np.sort(np.take_along_axis(rows, picked, axis=1), axis=1), expected)
+
+
+@pytest.mark.parametrize("width", [13_000, 12_999, 4_096 + 31])
+def test_two_stage_selection_on_wide_rows_equals_a_full_partition(width):
+    """The groups' minima (one reduction over a view) and the members gathered by flat position
+    keep the `count` smallest values of each row, as a partition of the whole row does; also on
+    a column slice (a view whose rows are not contiguous) and with ties and infinities."""
+    rng = np.random.default_rng(width)
+    values = rng.standard_normal((40, width + 7)).astype(np.float32)
+    values[::3, ::5] = np.round(values[::3, ::5])  # ties
+    values[1, :50] = np.inf  # excluded references
+    for matrix in (np.ascontiguousarray(values[:, :width]), values[:, :width]):
+        for count in (1, 5, 13, 40):
+            picked = smallest_columns(matrix, count)
+            assert all(len(set(row)) == count for row in picked.tolist())
+            chosen = np.sort(np.take_along_axis(matrix, picked, axis=1), axis=1)
+            np.testing.assert_array_equal(
+                chosen, np.sort(np.partition(matrix, count - 1, axis=1)[:, :count], axis=1)
+            )
+
+
+def test_available_memory_is_psutils_figure():
+    """The budget's figure, read from /proc/meminfo, is the one psutil gives (MemAvailable)."""
+    import psutil
+
+    from fantasia_assets.core.knn_inputs import available_memory
+
+    # memory moves between the two reads: equal up to what other processes did meanwhile
+    assert abs(available_memory() - psutil.virtual_memory().available) < 256 * 2**20

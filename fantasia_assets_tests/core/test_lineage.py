@@ -59,3 +59,29 @@ def test_table_of_the_previous_version_gains_columns_and_keeps_rows(tmp_path: Pa
     assert names == [name for name, _ in lineage.COLUMNS]
     assert rows[0] == ("old", "neighbour_hits", '{"queries": 3}', None, None)
     assert [r[0] for r in rows] == ["old", "new", "newer"]
+
+
+def test_the_record_needs_duckdbs_engine_only(tmp_path: Path) -> None:
+    """`record` writes through `_duckdb`, the extension the `duckdb` package re-exports, without
+    importing the package; the table is the package's to read."""
+    import subprocess
+    import sys
+
+    from fantasia_assets_tests.conftest import PROJECT
+
+    path = tmp_path / "lineage.duckdb"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fantasia_assets.core import lineage\n"
+        f"lineage.record(Path({str(path)!r}), [lineage.LineageRow('r1', 'a', None, 'v', 'q', 'c')])\n"
+        "print('duckdb' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]
+    assert lineage.engine().connect is duckdb.connect and lineage.engine().IOException is duckdb.IOException
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert conn.execute("SELECT run_id, asset, origin FROM lineage").fetchall() == [
+            ("r1", "a", "dagster")
+        ]
