@@ -299,9 +299,10 @@ def fixed_floats(frame: pl.DataFrame, precision: int | None) -> pl.DataFrame:
     """`frame` with its float columns as the text polars' CSV writer gives them at `precision`.
 
     The same bytes as `write_csv(float_precision=precision)`, for less CPU (`core.floattext`;
-    measured, medians of 7 in one process: summary.csv of 498,706 rows 0.83 s against polars'
-    1.12 s, the raw rows' CSV 0.60 s against 0.62 s). A column of nulls is left to polars, which
-    writes it as fast as anything; so are None or a precision beyond `MAX_PRECISION`.
+    measured, medians of 7 in one process, two sessions: summary.csv of 498,706 rows 0.83-1.09 s
+    against polars' 1.12-1.42 s, the raw rows' CSV 0.60-0.83 s against 0.62-1.05 s). A column of
+    nulls is left to polars, which writes it as fast as anything; so are None or a precision
+    beyond `MAX_PRECISION`.
     """
     if precision is None or not 0 <= precision <= MAX_PRECISION:
         return frame
