@@ -402,6 +402,9 @@ def _run_lookup(
     with timed(timings, "annotations (wait)"):
         annotations, annotation_version = pending.result() if config.per_aspect else (None, None)
     annotation_version = updates.annotation_version = annotation_version or reads.annotation_version()
+    # all scopes are read with the last matrix: the stamp's sequence files, while it searches
+    final = reference_scope(config, partitions[-1])
+    store.on_get = lambda scope: reads.prepare_finish(background) if scope == final else None
     alignments = updates.alignments
     sequences = SequenceCache(None, reads)
     device = device_for(config)
@@ -419,7 +422,7 @@ def _run_lookup(
             outcome = updates.search(
                 queries, partition, store, clusters, device, progress, cluster, annotations
             )
-            if partition is partitions[-1]:  # every scope is read: the stamp's files meanwhile
+            if partition is partitions[-1]:  # as `store.on_get` did, unless a scope was read since
                 reads.prepare_finish(background)
             if annotations is None:
                 with timed(timings, "annotations (wait)"):

@@ -275,21 +275,26 @@ class RecordedReads:
 
     def fetch_sequences(self, sequence_ids: np.ndarray):
         """(sequence_id, sequence) of the ids, from the sequence files of the scopes searched."""
-        import polars as pl
+        return _file_sequences(self._fingerprints, self._answer("sequence_version"), sequence_ids)
 
-        version = self._answer("sequence_version")
-        frames = []
-        for fingerprint in sorted(self._fingerprints):
-            try:
-                frames.append(pl.read_parquet(sequences_file(fingerprint, version)))
-            except (OSError, pl.exceptions.PolarsError) as error:
-                raise SnapshotMiss(f"reference sequences ({error})") from None
-        known = pl.concat(frames) if frames else pl.DataFrame(schema={"sequence_id": pl.Int64})
-        wanted = np.unique(np.asarray(sequence_ids, dtype=np.int64).ravel())
-        found = known.filter(pl.col("sequence_id").is_in(wanted.tolist())).unique("sequence_id")
-        if found.height != len(wanted):
-            raise SnapshotMiss("reference sequences not in the cache")
-        return found.sort("sequence_id")
+
+def _file_sequences(fingerprints, version: str, sequence_ids: np.ndarray):
+    """(sequence_id, sequence) of the ids, sorted by id, from the sequence files of the scopes of
+    `fingerprints` at the sequence table's `version`; `SnapshotMiss` unless they hold every id."""
+    import polars as pl
+
+    frames = []
+    for fingerprint in sorted(fingerprints):
+        try:
+            frames.append(pl.read_parquet(sequences_file(fingerprint, version)))
+        except (OSError, pl.exceptions.PolarsError) as error:
+            raise SnapshotMiss(f"reference sequences ({error})") from None
+    known = pl.concat(frames) if frames else pl.DataFrame(schema={"sequence_id": pl.Int64})
+    wanted = np.unique(np.asarray(sequence_ids, dtype=np.int64).ravel())
+    found = known.filter(pl.col("sequence_id").is_in(wanted.tolist())).unique("sequence_id")
+    if found.height != len(wanted):
+        raise SnapshotMiss("reference sequences not in the cache")
+    return found.sort("sequence_id")
 
 
 class LiveReads:
@@ -381,18 +386,33 @@ class LiveReads:
         return fetch_reference_sequences(self.engine, type_ids, include_taxa, exclude_taxa)
 
     def fetch_sequences(self, sequence_ids):
+        """(sequence_id, sequence) of the ids: from the scopes' sequence files once `prepare_finish`
+        has written them all (they hold the rows of the sequence table at the version read inside
+        this run's snapshot, which no load changes meanwhile: what the database would return),
+        else from the database, as for ids the files do not hold."""
         from .reads import fetch_sequences
 
+        prepared = self._prepared
+        if prepared is not None and prepared[1].done() and prepared[1].exception() is None:
+            try:
+                return _file_sequences(prepared[0], prepared[1].result(), sequence_ids)
+            except SnapshotMiss:
+                pass
         return fetch_sequences(self.engine, sequence_ids)
 
     def prepare_finish(self, executor: Executor) -> None:
         """Write the sequence files of the scopes read so far in `executor` (a run calls this once
-        its last search has read every scope): `finish` then only waits for them, instead of
-        reading 124,000 sequences after the outputs are written. Files of a run that fails later
-        are caches like any other (no stamp names them)."""
-        if self._start is not None:
-            scopes = dict(self._scopes)
-            self._prepared = (scopes, executor.submit(self._sequence_files, scopes))
+        its last partition's matrix is read, when every scope is): `finish` then only waits for
+        them, instead of reading 124,000 sequences after the outputs are written, and the raw
+        rows' sequences are read from them (`fetch_sequences`) rather than asked for again. Files
+        of a run that fails later are caches like any other (no stamp names them). A second call
+        with no scope read since changes nothing."""
+        if self._start is None:
+            return
+        if self._prepared is not None and set(self._prepared[0]) == set(self._scopes):
+            return
+        scopes = dict(self._scopes)
+        self._prepared = (scopes, executor.submit(self._sequence_files, scopes))
 
     def _sequence_files(self, scopes: dict[str, ReferenceScope]) -> str:
         """Each scope's sequence file at the current version of the sequence table; the version."""
