@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,6 +117,9 @@ class PartitionUpdates:
         # incrementally: what `incremental_write` rebuilds their outputs against
         self.stored: dict[str, tuple[incremental.StoredState, dict[str, Path]]] = {}
         self._pending: dict[str, tuple] = {}
+        # set once a full search's products start, or any search is over: what the run reads
+        # beside the products waits for it (`lookup_start.read_annotations`)
+        self.searching = threading.Event()
 
     def search(
         self,
@@ -128,6 +132,12 @@ class PartitionUpdates:
         cluster: DaskSearch | None,
         annotations: pl.DataFrame | None = None,
     ) -> SearchOutcome:
+        try:
+            return self._search(queries, partition, store, clusters, device, progress, cluster, annotations)
+        finally:
+            self.searching.set()
+
+    def _search(self, queries, partition, store, clusters, device, progress, cluster, annotations):
         from .runner import search_partition
 
         config = self.config
@@ -155,7 +165,10 @@ class PartitionUpdates:
                 reason, level = str(error), logging.WARNING
         if state is None:
             log.log(level, "%s: full search: %s", partition.key, reason)
-            outcome = search_partition(config, queries, partition, store, clusters, device, progress, cluster)
+            outcome = search_partition(
+                config, queries, partition, store, clusters, device, progress, cluster,
+                started=self.searching.set,
+            )  # fmt: skip
             # the digests of every query and reference row (≈1 s of CPU at FANTASIA's size) are
             # needed only when the state is staged, after the partition's outputs: they are
             # taken in a thread meanwhile (hashing leaves the GIL), and `stage` waits for them

@@ -1,6 +1,6 @@
 """What a lookup settles before its search: the partitions that have references, the first
 partition's reference matrix read ahead while the query file is scanned, and when the annotation
-table is read (`read_annotations`).
+table is read (`read_annotations`: beside the search's products).
 
 The scan of a big query file (20,000 accession groups: ≈ 4 s) holds the interpreter, while a
 cold reference matrix (124,000 × 1,024 from the database: ≈ 2.5 s) is mostly a wait on
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future
+from threading import Event
 
 from .config import LookupConfig
 from .core.plan import ModelSpec, Partition
@@ -74,25 +75,29 @@ def require_references(reads: Reads) -> dict[str, int]:
 
 
 def read_annotations(
-    executor: Executor, get: Callable, scope: ReferenceScope, ahead: Future | None, config: LookupConfig
+    executor: Executor, get: Callable, scope: ReferenceScope, searching: Event | None, config: LookupConfig
 ) -> Future:
     """`get(scope)` (the annotation table) on `executor`: at once, or, when the query file holds at
-    least `DEFER_ANNOTATIONS_BYTES`, once the reference matrix read ahead (`ahead`) is in.
+    least `DEFER_ANNOTATIONS_BYTES`, once `searching` is set: the run sets it when the search's
+    products start (its engine built), and in any case once the search is over or the run failed.
 
-    The table is needed after the search only (but for a per-aspect search: `ahead` None). Read
-    beside the scan and the matrix, its COPY and parse (≈ 2.4 s of CPU at 124,000 references,
-    half of it this process's interpreter) delay the matrix the search waits for, on two cores;
-    read once the matrix is in, it runs beside a search of seconds. A small query file's search
-    would not hide it: its table is read at once, beside the matrix, as before.
+    The table is needed after the search only (but for a per-aspect search: `searching` None).
+    Read beside the scan and the matrix, its COPY and parse (≈ 2.4 s of CPU at 124,000
+    references, half of it this process's interpreter) delay the matrix the search waits for, on
+    two cores; read beside the engine's build, it tripled the build (1.1 s alone, 3-3.7 s beside
+    it; 1.7-2 s with the read in another process: the build's many short steps wait on the
+    interpreter the COPY loop holds). Beside the products, whose calls hold no interpreter for
+    tenths of a second each, it costs them its CPU alone. A small query file's search would not
+    hide it: its table is read at once, beside the matrix.
     """
     try:
-        defer = ahead is not None and config.embeddings_path.stat().st_size >= DEFER_ANNOTATIONS_BYTES
+        defer = searching is not None and config.embeddings_path.stat().st_size >= DEFER_ANNOTATIONS_BYTES
     except OSError:  # the scan reports a missing or unreadable query file
         defer = False
 
     def read():
         if defer:
-            wait([ahead])  # whatever its outcome: the search's `get` reports its error
+            searching.wait()
         return get(scope)
 
     return executor.submit(read)

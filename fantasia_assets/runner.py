@@ -145,10 +145,11 @@ def search_partition(
     progress: Progress = no_progress,
     cluster: DaskSearch | None = None,
     annotations: pl.DataFrame | None = None,
+    started: Callable[[], None] | None = None,
 ) -> SearchOutcome:
     """The partition's reference matrix (from the store), then the exact k-NN of its queries,
     in this process or, with `cluster`, in blocks on the Dask cluster's workers; `lookup.per_aspect`
-    needs the reference `annotations`."""
+    needs the reference `annotations`; `started()` once the products start (`core.stages`)."""
     timings: dict[str, float] = {}
     with timed(timings, "read queries"):  # while the matrix streams in, if it still does
         ahead = QueriesAhead.start(queries, partition, config.distance_metric) if store.fetching() else None
@@ -161,8 +162,9 @@ def search_partition(
             cluster, partition, store.shared_file(matrix), matrix, settings, config.use_gpu
         )
     outcome = _search_partition(
-        queries, partition, matrix, settings, clusters, progress, timings, batch_search, annotations, ahead
-    )
+        queries, partition, matrix, settings, clusters, progress, timings, batch_search, annotations, ahead,
+        started,
+    )  # fmt: skip
     outcome.matrix_source = store.last_source
     return outcome
 
@@ -360,9 +362,11 @@ def run_lookup(
         reads.snapshot(),
         ThreadPoolExecutor(2, thread_name_prefix="lookup-start") as background,
     ):
-        result = _run_lookup(
-            config, reads, progress, cluster, PartitionUpdates(config, full=full), background
-        )
+        updates = PartitionUpdates(config, full=full)
+        try:
+            result = _run_lookup(config, reads, progress, cluster, updates, background)
+        finally:
+            updates.searching.set()  # a run that failed before it searched leaves no read waiting
         try:
             reads.finish()  # the stamp a later lookup may be served from
         except (FantasiaError, OSError) as error:
@@ -376,13 +380,13 @@ def _run_lookup(
     timings: dict[str, float] = {}
     # The annotation table depends on the taxonomy filter alone, not on the queries, and the first
     # partition's reference matrix on the configuration (`lookup_start`): the matrix is read while
-    # the query file is scanned, the table too (a big file's, once the matrix is in). Their errors
+    # the query file is scanned, the table too (a big file's, beside the products). Their errors
     # surface where they were read before (after the plan, in the search); an earlier error drops them.
     include, exclude = config.taxonomy.resolve()
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
-    ahead = store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))
+    store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))
     annotations_of = AnnotationStore(None, cache_dir("annotations"), reads).get
-    after = None if config.per_aspect else ahead  # a per-aspect search needs the table first
+    after = None if config.per_aspect else updates.searching  # per aspect: the table first
     pending = read_annotations(
         background, annotations_of, ReferenceScope(0, None, include, exclude), after, config
     )
@@ -479,19 +483,12 @@ def _run_lookup(
     record_run_lineage(
         config, queries, partitions, reports, fingerprints, annotation_version, written["summary"], timings
     )
-    outputs = {
-        "summary": base / SUMMARY,
-        "raw shards": base / "raw_results",
-        "lineage": base / "lineage.duckdb",
-    }
+    outputs = {"summary": base / SUMMARY, "raw shards": base / "raw_results"}
+    outputs["lineage"] = base / "lineage.duckdb"
     if config.topgo:
         outputs["TopGO"] = base / "topgo"
-    names = {
-        "sequences": FASTA,
-        "query mapping": MAPPING,
-        "output names": OUTPUT_NAMES,
-        "skipped queries": SKIPPED,
-    }
+    names = {"sequences": FASTA, "query mapping": MAPPING, "output names": OUTPUT_NAMES}
+    names["skipped queries"] = SKIPPED
     outputs.update({name: base / path for name, path in names.items()})
     outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
     # every partition of the configuration was just published: any other partition folder is stale

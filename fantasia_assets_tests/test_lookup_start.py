@@ -1,5 +1,6 @@
 """When the lookup reads the annotation table: at once beside the query scan, or, for a query file
-big enough that its search hides the read, once the reference matrix read ahead is in."""
+big enough that its search hides the read, once the search's products start (or the run has
+searched or failed: the run sets the event in any case)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from fantasia_assets import lookup_start
 from fantasia_assets.core.references import ReferenceScope
 from fantasia_assets.lookup_start import DEFER_ANNOTATIONS_BYTES, read_annotations
 
 SCOPE = ReferenceScope(0, None)
 
 
-def _started(tmp_path, size: int | None, ahead: Future | None) -> tuple[Future, threading.Event]:
+def _started(tmp_path, size: int | None, searching: threading.Event | None) -> tuple[Future, threading.Event]:
     """The table's read started for a query file of `size` bytes (None: no file); the event is set
     when `get` runs, and it returns the scope it was given."""
     path = tmp_path / "queries.h5"
@@ -29,28 +31,81 @@ def _started(tmp_path, size: int | None, ahead: Future | None) -> tuple[Future, 
         return scope
 
     executor = ThreadPoolExecutor(1)
-    pending = read_annotations(executor, get, SCOPE, ahead, SimpleNamespace(embeddings_path=path))
+    pending = read_annotations(executor, get, SCOPE, searching, SimpleNamespace(embeddings_path=path))
     executor.shutdown(wait=False)
     return pending, called
 
 
 @pytest.mark.parametrize(
-    "size, with_ahead",
+    "size, with_event",
     [(DEFER_ANNOTATIONS_BYTES - 1, True), (DEFER_ANNOTATIONS_BYTES, False), (None, True)],
 )
-def test_read_at_once_for_a_small_file_a_per_aspect_search_or_no_file(tmp_path, size, with_ahead):
-    ahead = Future() if with_ahead else None  # never done
-    pending, _ = _started(tmp_path, size, ahead)
+def test_read_at_once_for_a_small_file_a_per_aspect_search_or_no_file(tmp_path, size, with_event):
+    searching = threading.Event() if with_event else None  # never set
+    pending, _ = _started(tmp_path, size, searching)
     assert pending.result(timeout=10) == SCOPE
 
 
-@pytest.mark.parametrize("outcome", ["matrix", "error"])
-def test_a_big_file_reads_the_table_once_the_matrix_is_in_whatever_its_outcome(tmp_path, outcome):
-    ahead: Future = Future()
-    pending, called = _started(tmp_path, DEFER_ANNOTATIONS_BYTES, ahead)
+def test_a_big_file_reads_the_table_once_the_products_start(tmp_path):
+    searching = threading.Event()
+    pending, called = _started(tmp_path, DEFER_ANNOTATIONS_BYTES, searching)
     assert not called.wait(0.2) and not pending.done()
-    if outcome == "matrix":
-        ahead.set_result("matrix")
-    else:
-        ahead.set_exception(RuntimeError("the prefetch's own read failed"))
+    searching.set()
     assert pending.result(timeout=10) == SCOPE
+
+
+def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs(
+    sample_loaded, tmp_path, monkeypatch
+):
+    """The whole lookup with every query file deferred: the table's read starts after the engine
+    is built, the run ends (nothing waits for ever), and its outputs equal an undeferred run's."""
+    from fantasia_assets.config import parse_config
+    from fantasia_assets.core import stages
+    from fantasia_assets.db import stores
+    from fantasia_assets.runner import run_lookup
+    from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree
+
+    run_lookup(parse_config(config_dict(tmp_path / "at-once", **near_only())), sample_loaded)
+    events: list[str] = []
+    real_engine_for, real_get = stages.engine_for, stores.AnnotationStore.get
+
+    def engine_for(*args, **kwargs):
+        engine = real_engine_for(*args, **kwargs)
+        build = engine.build
+        engine.build = lambda vectors: (build(vectors), events.append("built"))[0]
+        return engine
+
+    def get(self, scope=None):
+        events.append("annotations")
+        return real_get(self, scope)
+
+    monkeypatch.setattr(lookup_start, "DEFER_ANNOTATIONS_BYTES", 0)
+    monkeypatch.setattr(stages, "engine_for", engine_for)
+    monkeypatch.setattr(stores.AnnotationStore, "get", get)
+    run_lookup(parse_config(config_dict(tmp_path / "deferred", **near_only())), sample_loaded)
+    assert events[:2] == ["built", "annotations"]
+    assert tree(tmp_path / "deferred") == tree(tmp_path / "at-once")
+
+
+def test_a_run_that_fails_before_its_search_leaves_no_read_waiting(sample_loaded, tmp_path, monkeypatch):
+    from fantasia_assets.config import parse_config
+    from fantasia_assets.runner import run_lookup
+    from fantasia_assets_tests.hardening.helpers import config_dict, near_only
+
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(b"not an HDF5 file")
+    monkeypatch.setattr(lookup_start, "DEFER_ANNOTATIONS_BYTES", 0)
+    config = parse_config(config_dict(tmp_path / "out", broken, **near_only()))
+    outcome: list[BaseException] = []
+
+    def run():
+        try:
+            run_lookup(config, sample_loaded)
+        except Exception as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the run hung on the deferred read"
+    assert outcome and "broken.h5" in str(outcome[0])

@@ -134,12 +134,17 @@ _idle_lock = threading.Lock()
 
 
 def in_process_search(
-    matrix: ReferenceMatrix, settings: SearchSettings, partition: Partition, masks: np.ndarray | None = None
+    matrix: ReferenceMatrix,
+    settings: SearchSettings,
+    partition: Partition,
+    masks: np.ndarray | None = None,
+    started: Callable[[], None] | None = None,
 ) -> BatchSearch:
     """The engine built here on the matrix (or kept from the last search of it), searched batch
     after batch (a small CPU search in numpy alone, `knn_numpy.engine_for`: the same answer
     without torch's start-up); with `masks` (one boolean row per aspect over the matrix rows,
-    `transfer.aspect_masks`), per aspect by `knn_aspect`, which drives `knn`'s engine."""
+    `transfer.aspect_masks`), per aspect by `knn_aspect`, which drives `knn`'s engine.
+    `started()` is called once the engine is built, before the first products."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
         n_references, dim = matrix.vectors.shape
@@ -167,6 +172,8 @@ def in_process_search(
         with _idle_lock:
             kept = _idle_engine.pop(key, (None, None))[1]
         engine = kept if kept is not None else engine.build(matrix.vectors)
+        if started is not None:
+            started()
         for start in range(0, len(vectors), batch):
             stop = min(start + batch, len(vectors))
             arguments = dict(
@@ -199,6 +206,7 @@ def search_partition(
     batch_search: BatchSearch | None = None,
     annotations: pl.DataFrame | None = None,
     ahead: QueriesAhead | None = None,
+    started: Callable[[], None] | None = None,
 ) -> SearchOutcome:
     """Exact k-NN of every usable query of the partition against its reference matrix.
 
@@ -206,7 +214,9 @@ def search_partition(
     Dask cluster, `core.distributed`), which must return the same batches in the same order.
     With `settings.per_aspect`, the k nearest per GO aspect among the references that carry an
     annotation in it (`annotations`: sequence_id, category); the hits then have an `aspect`
-    column and rank neighbours within their aspect.
+    column and rank neighbours within their aspect. `started()`, when given, is called once the
+    products start (in this process: the engine built), so that a caller starts what it wants
+    beside them rather than beside the build (`lookup_start.read_annotations`).
     """
     if settings.per_aspect and batch_search is not None:
         raise LookupPlanError("lookup.per_aspect runs in the lookup's process only, not on a Dask cluster")
@@ -227,7 +237,9 @@ def search_partition(
     masks = aspect_masks(matrix.sequence_ids, annotations) if settings.per_aspect else None
     with timed(timings, "search"):
         batch = partition.model.batch_size or settings.batch_size
-        searched = (batch_search or in_process_search(matrix, settings, partition, masks))(
+        if batch_search is not None and started is not None:
+            started()  # the products run on the cluster's workers
+        searched = (batch_search or in_process_search(matrix, settings, partition, masks, started))(
             vectors, exclude, batch
         )
         parts = []
