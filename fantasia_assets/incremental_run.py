@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,8 +119,10 @@ class PartitionUpdates:
         self.stored: dict[str, tuple[incremental.StoredState, dict[str, Path]]] = {}
         self._pending: dict[str, tuple] = {}
         # set once a full search's products start, or any search is over: what the run reads
-        # beside the products waits for it (`lookup_start.read_annotations`)
+        # beside the products waits for it (`lookup_start.read_annotations`); the run may also
+        # hand a call to make as a full search's products start
         self.searching = threading.Event()
+        self.products_started: Callable[[], None] | None = None
 
     def search(
         self,
@@ -136,6 +139,12 @@ class PartitionUpdates:
             return self._search(queries, partition, store, clusters, device, progress, cluster, annotations)
         finally:
             self.searching.set()
+            self.products_started = None
+
+    def _started(self) -> None:
+        self.searching.set()
+        if self.products_started is not None:
+            self.products_started()
 
     def _search(self, queries, partition, store, clusters, device, progress, cluster, annotations):
         from .runner import search_partition
@@ -167,7 +176,7 @@ class PartitionUpdates:
             log.log(level, "%s: full search: %s", partition.key, reason)
             outcome = search_partition(
                 config, queries, partition, store, clusters, device, progress, cluster,
-                started=self.searching.set,
+                started=self._started,
             )  # fmt: skip
             # the digests of every query and reference row (≈1 s of CPU at FANTASIA's size) are
             # needed only when the state is staged, after the partition's outputs: they are

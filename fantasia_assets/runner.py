@@ -406,9 +406,6 @@ def _run_lookup(
     with timed(timings, "annotations (wait)"):
         annotations, annotation_version = pending.result() if config.per_aspect else (None, None)
     annotation_version = updates.annotation_version = annotation_version or reads.annotation_version()
-    # all scopes are read with the last matrix: the stamp's sequence files, while it searches
-    final = reference_scope(config, partitions[-1])
-    store.on_get = lambda scope: reads.prepare_finish(background) if scope == final else None
     alignments = updates.alignments
     sequences = SequenceCache(None, reads)
     device = device_for(config)
@@ -423,10 +420,12 @@ def _run_lookup(
         # after the staging's recovery: the outputs it reads back are the published ones
         output_updates = OutputUpdates(config, updates, annotations, shard_names)
         for partition in partitions:
+            if partition is partitions[-1]:  # all scopes read: the stamp's sequence files beside its products
+                updates.products_started = partial(reads.prepare_finish, background)
             outcome = updates.search(
                 queries, partition, store, clusters, device, progress, cluster, annotations
             )
-            if partition is partitions[-1]:  # as `store.on_get` did, unless a scope was read since
+            if partition is partitions[-1]:  # unless done as its products started (`db.snapshot`)
                 reads.prepare_finish(background)
             if annotations is None:
                 with timed(timings, "annotations (wait)"):

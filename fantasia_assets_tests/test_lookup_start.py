@@ -57,11 +57,12 @@ def test_a_big_file_reads_the_table_once_the_products_start(tmp_path):
 def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs(
     sample_loaded, tmp_path, monkeypatch
 ):
-    """The whole lookup with every query file deferred: the table's read starts after the engine
-    is built, the run ends (nothing waits for ever), and its outputs equal an undeferred run's."""
+    """The whole lookup with every query file deferred: the table's read and the stamp's sequence
+    files start after the engine is built, the run ends (nothing waits for ever), and its outputs
+    equal an undeferred run's."""
     from fantasia_assets.config import parse_config
     from fantasia_assets.core import stages
-    from fantasia_assets.db import stores
+    from fantasia_assets.db import snapshot, stores
     from fantasia_assets.runner import run_lookup
     from fantasia_assets_tests.hardening.helpers import config_dict, near_only, tree
 
@@ -79,11 +80,20 @@ def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs
         events.append("annotations")
         return real_get(self, scope)
 
+    real_prepare = snapshot.LiveReads.prepare_finish
+
+    def prepare(self, executor):
+        events.append("sequence files")
+        real_prepare(self, executor)
+
     monkeypatch.setattr(lookup_start, "DEFER_ANNOTATIONS_BYTES", 0)
     monkeypatch.setattr(stages, "engine_for", engine_for)
+    monkeypatch.setattr(snapshot.LiveReads, "prepare_finish", prepare)
     monkeypatch.setattr(stores.AnnotationStore, "get", get)
     run_lookup(parse_config(config_dict(tmp_path / "deferred", **near_only())), sample_loaded)
-    assert events[:2] == ["built", "annotations"]
+    # two partitions (layers 0 and 1): the table once the first builds, the files once the last does
+    assert events[:2] == ["built", "annotations"] and events.count("built") == 2
+    assert events.index("sequence files") > len(events) - 1 - events[::-1].index("built")
     assert tree(tmp_path / "deferred") == tree(tmp_path / "at-once")
 
 

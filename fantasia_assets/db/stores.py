@@ -116,8 +116,6 @@ class ReferenceStore:
         self._lock = threading.Lock()
         self.last_source: str | None = None  # "memory", "disk" or "database", for reports
         self._ahead: Future | None = None  # `prefetch`: (scope, matrix and source, or error) or None
-        # called with the scope of each matrix `get` returns: the run starts what waits for it
-        self.on_get: Callable[[ReferenceScope], None] | None = None
 
     def prefetch(self, executor: Executor, choose: Callable[[], ReferenceScope | None]) -> Future:
         """Get, on `executor`, the matrix of the scope `choose()` names (None: nothing to get);
@@ -225,10 +223,8 @@ class ReferenceStore:
             if isinstance(fetched[1], Exception):
                 raise fetched[1]
             matrix, self.last_source = fetched[1]
-        else:
-            matrix, self.last_source = self._get(scope, progress)
-        if self.on_get is not None:
-            self.on_get(scope)
+            return matrix
+        matrix, self.last_source = self._get(scope, progress)
         return matrix
 
     def _get(self, scope: ReferenceScope, progress: Progress) -> tuple[ReferenceMatrix, str]:

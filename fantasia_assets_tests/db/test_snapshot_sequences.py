@@ -1,6 +1,6 @@
 """The stamp's sequence files (`db.snapshot.LiveReads.prepare_finish`) serve the raw rows'
 reference sequences once written: the very rows the database returns, the database for any id
-they lack; and the reference store tells the run when each matrix is read (`on_get`)."""
+they lack."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 from fantasia_assets.core.references import ReferenceScope
 from fantasia_assets.db import reads as db_reads
 from fantasia_assets.db.snapshot import LiveReads
-from fantasia_assets.db.stores import ReferenceStore
 
 
 def _scope(engine) -> ReferenceScope:
@@ -63,17 +62,3 @@ def test_sequences_come_from_the_database_until_the_files_are_written(sample_loa
     ids = np.array([1, 2])
     assert reads.fetch_sequences(ids).equals(original(engine, ids))  # nothing prepared
     assert len(asked) == 1
-
-
-def test_the_store_names_each_scope_it_returns_a_matrix_of(sample_loaded, tmp_path):
-    engine = sample_loaded
-    scope = _scope(engine)
-    store = ReferenceStore(engine, tmp_path / "cache")
-    seen = []
-    store.on_get = seen.append
-    with ThreadPoolExecutor(1) as background:
-        store.prefetch(background, lambda: scope).result()
-        ahead = store.get(scope)  # taken from the prefetch
-    again = store.get(scope)  # from memory
-    assert seen == [scope, scope]
-    assert again is ahead and len(ahead) > 0
