@@ -10,9 +10,12 @@ families, queries perturbed references), generated into a temporary directory (o
 DIR, kept from an earlier run). The references
 go into a fresh embedded database with COPY (float16 halfvec, as the loader stores them; five
 GO annotations each from the sample ontology), the queries stay in synth_scale's HDF5. Then,
-in this process: one lookup with alignment off whose reference matrix comes from the database
-(cold), its peak RSS sampled every 2 ms; the bare float32 and bfloat16 matmuls of the same
-shape; and a float64 brute-force check of 64 queries' neighbours. Targets: the whole cold lookup
+in this process, `--repeats` rounds (3) of: one lookup with alignment off whose reference matrix
+comes from the database (cold: the home's caches, the kept engine and the outputs removed
+first), its peak RSS sampled every 2 ms, then the bare float32 and bfloat16 matmuls of the same
+shape; medians of the rounds (a busy machine's speed drifts by tens of per cent between
+minutes, so one sample of each is not a ratio). Then a float64 brute-force check of 64
+queries' neighbours. Targets: the whole cold lookup
 ≤ 0.6 × the bare float32 matmul; its search stage ≤ 1.5 × the bare bfloat16 matmul.
 
 `--million` (issue 11, item 4): a million references (`bench/million.py`: COPY in blocks into
@@ -30,6 +33,7 @@ import argparse
 import importlib.util
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +64,17 @@ def generate(synth: Path, out: Path, n_references: int, n_queries: int, dim: int
         sys.argv = argv
 
 
+def cold_again(work: Path, experiment: Path) -> None:
+    """Make the next lookup as cold as the first: no cache under the run's home (reference
+    matrix, annotation table, sequence files, stamp), no engine kept in this process, no
+    outputs (a re-run would be incremental)."""
+    from fantasia_assets.core import stages
+
+    shutil.rmtree(work / "home" / "cache", ignore_errors=True)
+    shutil.rmtree(experiment, ignore_errors=True)
+    stages._idle_engine.clear()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,6 +90,9 @@ def main() -> None:
     )
     parser.add_argument("--million", action="store_true", help="the million-reference case (see above)")
     parser.add_argument("--loader", type=int, default=0, help="with --million: load-references on N refs")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of (cold lookup, bare fp32, bare bf16); medians"
+    )
     args = parser.parse_args()
     if args.million:
         million_case(args)
@@ -114,37 +132,56 @@ def main() -> None:
                 "postprocess": {"alignment": False},
             }
         )
-        with PeakRss() as peak:
-            started = time.perf_counter()
-            result = run_lookup(config, engine)
-            cold = time.perf_counter() - started
-        print(f"--- cold lookup: {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB")
-        for line in report_lines(result):
-            if line and not line.startswith("  ") and not line.startswith("outputs"):
-                print(line)
-
         queries = np.load(data / "query_emb.npy")
         references = np.load(data / "ref_emb.npy").astype(np.float16)
-        matmul = bare_matmul_seconds(queries, references, "cpu", repeats=1)
-        matmul_bf16 = bare_matmul_seconds(queries, references, "cpu", "bfloat16", repeats=1)
+        rounds = []  # (cold lookup, search, bare float32, bare bf16, peak RSS) per round
+        for round_ in range(args.repeats):
+            cold_again(work, config.experiment_path)
+            with PeakRss() as peak:
+                started = time.perf_counter()
+                result = run_lookup(config, engine)
+                cold = time.perf_counter() - started
+            print(f"--- round {round_ + 1}: cold lookup {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB")
+            if round_ == 0:
+                for line in report_lines(result):
+                    if line and not line.startswith("  ") and not line.startswith("outputs"):
+                        print(line)
+            matmul = bare_matmul_seconds(queries, references, "cpu", repeats=1)
+            matmul_bf16 = bare_matmul_seconds(queries, references, "cpu", "bfloat16", repeats=1)
+            search = search_seconds(result)
+            rounds.append((cold, search, matmul, matmul_bf16, peak.peak / GIB))
+            print(
+                f"    search {search:.2f} s, bare fp32 {matmul:.2f} s, bare bf16 {matmul_bf16:.2f} s: "
+                f"lookup/fp32 {cold / matmul:.2f}, search/bf16 {search / matmul_bf16:.2f}"
+            )
         engine_64 = SearchEngine("cosine", "torch", "cpu", screening=args.screening).build(references)
         found = engine_64.search(queries[:64], args.k)[1]
         identical = np.array_equal(found, oracle_neighbours(queries[:64], references, "cosine", args.k))
 
+        cold, search, matmul, matmul_bf16, peak_gib = (
+            statistics.median(column) for column in zip(*rounds, strict=True)
+        )
         flops = 2.0 * args.queries * args.references * args.dim
-        search = search_seconds(result)
         print()
         print(f"shape={args.queries}x{args.references}x{args.dim} k={args.k} screening={engine_64.screening}")
+        print(f"rounds={args.repeats} (each: a cold lookup, then both bare matmuls; medians below)")
         print(f"bare_fp32_matmul_seconds={matmul:.3f} ({flops / matmul / 1e9:.0f} GFLOP/s)")
         print(f"bare_bf16_matmul_seconds={matmul_bf16:.3f} ({flops / matmul_bf16 / 1e9:.0f} GFLOP/s)")
         print(f"cold_lookup_seconds={cold:.3f}")
         print(f"search_seconds={search:.3f}")
-        print(f"peak_rss_GiB={peak.peak / GIB:.2f}")
+        print(f"peak_rss_GiB={peak_gib:.2f}")
         print(f"neighbours_identical_to_float64_oracle={identical}  (64 queries)")
         print(f"search_over_bare_fp32={search / matmul:.2f}")
         print(f"search_over_bare_bf16={search / matmul_bf16:.2f}  (target <= 1.5)")
         print(f"cold_lookup_over_bare_bf16={cold / matmul_bf16:.2f}")
         print(f"cold_lookup_over_bare_fp32={cold / matmul:.2f}  (target <= 0.6)")
+        ratios = [(r[0] / r[2], r[1] / r[3]) for r in rounds]
+        print(
+            "per-round ratios (lookup/fp32, search/bf16): "
+            + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in ratios)
+            + f"; medians of the rounds' own ratios: {statistics.median(a for a, _ in ratios):.2f}"
+            + f"/{statistics.median(b for _, b in ratios):.2f}"
+        )
     finally:
         dispose_engines()
         embedded_server().cleanup()
