@@ -182,7 +182,9 @@ class PartitionUpdates:
             # needed only when the state is staged, after the partition's outputs: they are
             # taken in a thread meanwhile (hashing leaves the GIL), and `stage` waits for them
             digesting = ThreadPoolExecutor(1, thread_name_prefix="state-digests")
-            digests = digesting.submit(_full_digests, queries, partition, outcome, config.distance_metric)
+            digests = digesting.submit(
+                _full_digests, queries, partition, outcome, config.distance_metric, store.row_digests
+            )
             digesting.shutdown(wait=False)  # its one thread ends with the digests
             self._pending[partition.key] = (key, queries.content_hash, digests, outcome)
             self.updates[partition.key] = incremental.Update("full", reason, searched=outcome.n_queries)
@@ -340,18 +342,19 @@ class PartitionUpdates:
 
 
 def _full_digests(
-    queries: QuerySet, partition: Partition, outcome: SearchOutcome, metric: str
+    queries: QuerySet, partition: Partition, outcome: SearchOutcome, metric: str, references
 ) -> tuple[list[str], list[bytes], list[bytes]]:
     """A full search's state digests: its queries (the vectors it searched, or read again as it
-    read them for an outcome that carries none) and every reference row of its matrix. The
-    outcome's query vectors are let go once digested."""
+    read them for an outcome that carries none) and every reference row of its matrix (by
+    `references`, the store's `row_digests`: kept beside its cache file). The outcome's query
+    vectors are let go once digested."""
     rows, vectors = outcome.query_rows, outcome.query_vectors
     if vectors is None:
         layer = (partition.type_id, partition.layer)
         vectors, rows, _ = queries.catalogue.read_valid(layer, outcome.matrix.dim, metric)
     outcome.query_vectors = None
     accessions = [queries.catalogue.accessions[r] for r in rows.tolist()]
-    return accessions, query_digests(queries, rows, vectors), row_digests(outcome.matrix.vectors)
+    return accessions, query_digests(queries, rows, vectors), references(outcome.matrix)
 
 
 def _done(value) -> Future:
@@ -391,7 +394,7 @@ def _reference_digests(state: incremental.StoredState, matrix, store: ReferenceS
         )
         if digests is not None:
             return digests
-    return row_digests(matrix.vectors)
+    return store.row_digests(matrix)
 
 
 def _counts(changes: incremental.Changes) -> dict[str, int]:

@@ -10,6 +10,7 @@ stamp's answers (`snapshot.RecordedReads`, the lookup that does not start the se
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ ANNOTATIONS_CODE_VERSION = "annotations-1"
 # atomically, so a matrix is complete exactly when both files are there and agree.
 _HEADER_BYTES = 4096
 _WRITE_ROWS = 8192  # rows per block when a matrix already in memory is written out
+_DIGEST_BYTES = 16  # `core.row_digests`: BLAKE2b, 16 bytes a row
 
 
 def _npy_header(rows: int, dim: int) -> bytes:
@@ -78,6 +80,13 @@ class _VectorFile:
         self.handle.write(_npy_header(self.rows, self.dim or dim))
         self.handle.flush()
         os.fsync(self.handle.fileno())  # a crash after the rename must not leave a hole
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file (np.save to a path would add ".npy" to a temporary's name)."""
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
 
 
 def _write_ids(path: Path, ids: np.ndarray) -> None:
@@ -149,6 +158,38 @@ class ReferenceStore:
         """The sequence ids that go with a cached vectors file."""
         return vectors_file.with_name(vectors_file.name[: -len(".npy")] + ".ids.npy")
 
+    @staticmethod
+    def digests_file(vectors_file: Path) -> Path:
+        """The row digests (`row_digests`) of a cached vectors file, once a run has taken them."""
+        return vectors_file.with_name(vectors_file.name[: -len(".npy")] + ".digests.npy")
+
+    def row_digests(self, matrix: ReferenceMatrix) -> list[bytes]:
+        """`core.row_digests.row_digests(matrix.vectors)`, kept beside the matrix's cache file.
+
+        The digests are a function of the rows alone, and a cache file holds the rows of its
+        fingerprint and nothing else (module notes): a later full run on the same matrix reads
+        them instead of hashing every row again (≈ 1 s of CPU at 124,000 × 1,024, ≈ 8 s at a
+        million). A file of the wrong length or form is not used, and is replaced."""
+        from ..core.row_digests import row_digests
+
+        vectors_file = self.cache_file(matrix.fingerprint)
+        path = self.digests_file(vectors_file)
+        try:
+            stored = np.load(path)
+            if stored.dtype == np.uint8 and stored.shape == (len(matrix), _DIGEST_BYTES):
+                data = stored.tobytes()
+                return [data[at : at + _DIGEST_BYTES] for at in range(0, len(data), _DIGEST_BYTES)]
+        except (OSError, ValueError, EOFError):
+            pass  # none yet, or unreadable: taken again below
+        digests = row_digests(matrix.vectors)
+        if vectors_file.exists() and all(len(digest) == _DIGEST_BYTES for digest in digests):
+            table = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), _DIGEST_BYTES)
+            try:
+                atomic_write(path, lambda tmp: tmp.write_bytes(_npy_bytes(table)))
+            except OSError as error:  # a cache: the run goes on without it
+                log.warning("row digests not kept beside %s (%s)", vectors_file, error)
+        return digests
+
     def _from_disk(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix | None:
         try:
             ids = np.load(self.ids_file(path))
@@ -192,13 +233,18 @@ class ReferenceStore:
 
     def _prune(self) -> None:
         files = sorted(
-            (f for f in self.cache_dir.glob("matrix-*.npy") if not f.name.endswith(".ids.npy")),
+            (
+                f
+                for f in self.cache_dir.glob("matrix-*.npy")
+                if not f.name.endswith((".ids.npy", ".digests.npy"))
+            ),
             key=lambda f: f.stat().st_mtime,
             reverse=True,
         )
         for stale in files[self.max_on_disk :]:
             stale.unlink(missing_ok=True)
             self.ids_file(stale).unlink(missing_ok=True)
+            self.digests_file(stale).unlink(missing_ok=True)
         # caches of the earlier format (one .npz per matrix) are never read again
         for old in self.cache_dir.glob("matrix-*.npz"):
             old.unlink(missing_ok=True)

@@ -21,10 +21,10 @@ def test_searched_vectors_give_the_state_of_vectors_read_again(engine, tmp_path,
     digest = incremental_run._full_digests
     seen = []
 
-    def read_again(queries, partition, outcome, metric):
+    def read_again(queries, partition, outcome, metric, references):
         seen.append(outcome.query_vectors is not None)  # the search kept them
         outcome.query_vectors = outcome.query_rows = None
-        return digest(queries, partition, outcome, metric)
+        return digest(queries, partition, outcome, metric, references)
 
     monkeypatch.setattr(incremental_run, "_full_digests", read_again)
     again = _config(tmp_path / "again")
