@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -23,8 +22,8 @@ from sqlalchemy.engine import Engine
 
 from ..core.queries import LEGACY_LAYER_INDEX
 from ..core.references import ANNOTATION_COLUMNS, ReferenceMatrix, ReferenceScope, ReferenceSetError
-from ..paths import temporary_file
 from . import halfvec
+from .copy_file import copied
 from .engine import translate_errors
 from .sources import normalise_category
 
@@ -193,17 +192,6 @@ def reference_fingerprint(engine: Engine, scope: ReferenceScope) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _copy_out(engine: Engine, query: sql.Composable, params: dict, options: str, path: Path) -> None:
-    """The rows of `query` as one COPY … TO STDOUT payload (`options`: "FORMAT csv", …) into
-    the file `path`, block by block: a million references' annotations are never held as text."""
-    with engine.connect() as conn, open(path, "wb") as out:
-        cursor = _raw_cursor(conn)
-        statement = sql.SQL("COPY ({}) TO STDOUT ({})").format(query, sql.SQL(options))
-        with cursor.copy(statement, params) as copy:
-            for block in copy:
-                out.write(block)
-
-
 @translate_errors
 def copy_reference_rows(
     engine: Engine, scope: ReferenceScope, sink: Callable[[np.ndarray, np.ndarray], None]
@@ -260,9 +248,8 @@ def fetch_annotations(engine: Engine, scope: ReferenceScope | None = None) -> pl
         """
     ).format(condition=condition)
     schema = {name: pl.String for name in ANNOTATION_COLUMNS} | {"sequence_id": pl.Int64}
-    with temporary_file("-annotations.csv") as scratch:
-        _copy_out(engine, query, params, "FORMAT csv, HEADER", scratch)
-        frame = pl.read_csv(scratch, schema=schema, quote_char='"')
+    with copied(engine, query, params, "FORMAT csv, HEADER", "-annotations.csv") as path:
+        frame = pl.read_csv(path, schema=schema, quote_char='"')
     spellings = {value: normalise_category(value) for value in frame["category"].unique().drop_nulls()}
     return frame.with_columns(pl.col("category").replace(spellings))
 
