@@ -27,7 +27,7 @@ import polars as pl
 from ..core.exports import atomic_write
 from ..core.progress import Progress, no_progress
 from ..core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
-from ..core.sequences import clean
+from ..core.sequences import clean_many
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -373,8 +373,9 @@ class SequenceCache:
         missing = [i for i in wanted.tolist() if i not in self._known]
         if missing:
             # under the sequence rule, as at load: references stored before it may hold gaps
-            fetched = self.source.fetch_sequences(np.asarray(missing)).iter_rows()
-            self._known.update((sequence_id, clean(sequence)) for sequence_id, sequence in fetched)
+            fetched = self.source.fetch_sequences(np.asarray(missing))
+            texts = clean_many(fetched["sequence"].to_list())  # one C-level pass when all are clean
+            self._known.update(zip(fetched["sequence_id"].to_list(), texts, strict=True))
         return {i: self._known[i] for i in wanted.tolist() if i in self._known}
 
     __call__ = get
