@@ -19,19 +19,23 @@ def _matrix(engine, store: ReferenceStore):
 
 def test_digests_are_the_rows_digests_and_a_later_run_reads_them(sample_loaded, tmp_path, monkeypatch):
     store = ReferenceStore(sample_loaded, tmp_path / "cache")
-    matrix = _matrix(sample_loaded, store)
-    expected = digests_module.row_digests(np.asarray(matrix.vectors))
-    assert store.row_digests(matrix) == expected
+    matrix = _matrix(sample_loaded, store)  # from the database: digested as the rows streamed in
     path = store.digests_file(store.cache_file(matrix.fingerprint))
     assert path.exists()
+    expected = digests_module.row_digests(np.asarray(matrix.vectors))
+    assert len(expected) == len(matrix) > 1
 
     def refuse(vectors, block=8192):
         raise AssertionError("hashed again")
 
     with monkeypatch.context() as patch:
         patch.setattr(digests_module, "row_digests", refuse)
+        assert store.row_digests(matrix) == expected  # the streamed digests, read back
         later = ReferenceStore(sample_loaded, tmp_path / "cache")  # another run, the same cache
         assert later.row_digests(_matrix(sample_loaded, later)) == expected
+    path.unlink()
+    assert store.row_digests(matrix) == expected  # taken from the mapped rows when missing
+    assert path.exists()
 
     np.save(path, np.zeros((len(matrix) - 1, 16), dtype=np.uint8))  # not this matrix's
     assert store.row_digests(matrix) == expected
