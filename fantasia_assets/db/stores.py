@@ -49,6 +49,7 @@ ANNOTATIONS_CODE_VERSION = "annotations-1"
 _HEADER_BYTES = 4096
 _WRITE_ROWS = 8192  # rows per block when a matrix already in memory is written out
 _DIGEST_BYTES = 16  # `core.row_digests`: BLAKE2b, 16 bytes a row
+_HASHED_AHEAD = 8  # streamed blocks (≈ 2 MB each) waiting for their digests, at most
 
 
 def _npy_header(rows: int, dim: int) -> bytes:
@@ -223,6 +224,7 @@ class ReferenceStore:
 
         blocks: list[np.ndarray] = []
         digests: list[Future] = []
+        waiting = threading.BoundedSemaphore(_HASHED_AHEAD)
         with ThreadPoolExecutor(1, thread_name_prefix="row-digests") as hasher:
 
             def write(tmp: Path) -> None:
@@ -233,7 +235,9 @@ class ReferenceStore:
                         blocks.append(ids)
                         vectors = np.ascontiguousarray(vectors, dtype=np.float16)  # the file's bytes
                         out.append(vectors)
+                        waiting.acquire()  # a hasher that falls behind holds a few blocks, no more
                         digests.append(hasher.submit(row_digests, vectors))
+                        digests[-1].add_done_callback(lambda _: waiting.release())
 
                     out.close(self.source.copy_reference_rows(scope, take))
 

@@ -54,3 +54,57 @@ def test_digests_are_pruned_with_their_matrix_and_never_taken_for_one(sample_loa
     store.max_on_disk = 0
     store._prune()
     assert not any(store.cache_dir.glob("matrix-*"))
+
+
+class _Blocks:
+    """A source that streams `count` blocks of float16 rows, as the database's COPY does."""
+
+    def __init__(self, count: int, rows: int = 7, dim: int = 1024):
+        rng = np.random.default_rng(3)
+        self.blocks = [rng.standard_normal((rows, dim)).astype(np.float16) for _ in range(count)]
+
+    def copy_reference_rows(self, scope, sink):
+        for number, block in enumerate(self.blocks):
+            sink(np.arange(number * len(block), (number + 1) * len(block), dtype=np.int64) + 1, block)
+        return self.blocks[0].shape[1]
+
+
+def test_streamed_digests_keep_row_order_and_few_blocks_wait(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from fantasia_assets.db import stores
+
+    source = _Blocks(40)
+    store = ReferenceStore(None, tmp_path / "cache", source=source)
+    real, pending, most = digests_module.row_digests, [0], [0]
+    lock = threading.Lock()
+
+    def slow(vectors, block=8192):  # a hasher far slower than the stream: blocks would queue up
+        time.sleep(0.005)
+        return real(vectors, block)
+
+    original_submit = stores.ThreadPoolExecutor.submit
+
+    def counting_submit(self, function, *arguments):
+        with lock:
+            pending[0] += 1
+            most[0] = max(most[0], pending[0])
+        future = original_submit(self, function, *arguments)
+        future.add_done_callback(lambda _: _finished())
+        return future
+
+    def _finished():
+        with lock:
+            pending[0] -= 1
+
+    monkeypatch.setattr(digests_module, "row_digests", slow)
+    monkeypatch.setattr(stores.ThreadPoolExecutor, "submit", counting_submit)
+    scope = ReferenceScope(1, 0, None, frozenset())
+    matrix = store._from_database(store.cache_file("f" * 16), scope, "f" * 16)
+    monkeypatch.setattr(digests_module, "row_digests", real)
+    expected = real(np.asarray(matrix.vectors))
+    assert np.array_equal(np.asarray(matrix.vectors), np.concatenate(source.blocks))
+    stored = np.load(store.digests_file(store.cache_file("f" * 16)))
+    assert [bytes(row) for row in stored] == expected
+    assert 1 <= most[0] <= stores._HASHED_AHEAD
