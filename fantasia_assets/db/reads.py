@@ -258,12 +258,14 @@ def fetch_annotations(engine: Engine, scope: ReferenceScope | None = None) -> pl
 def fetch_scope_sequences(engine: Engine, scope: ReferenceScope) -> pl.DataFrame:
     """(sequence_id, sequence) of every row of the scope's reference matrix (`db.snapshot`)."""
     inner, params = _rows_query(scope, sql.SQL("se.sequence_id"))
-    query = sql.SQL("SELECT s.id, s.sequence FROM sequence s WHERE s.id IN ({}) ORDER BY s.id").format(inner)
-    with engine.connect() as conn:
-        cursor = _raw_cursor(conn)
-        cursor.execute(query, params)
-        rows = cursor.fetchall()
-    return pl.DataFrame(rows, schema={"sequence_id": pl.Int64, "sequence": pl.String}, orient="row")
+    query = sql.SQL(
+        "SELECT s.id AS sequence_id, s.sequence FROM sequence s WHERE s.id IN ({}) ORDER BY s.id"
+    ).format(inner)
+    # a file of COPY text, not fetched rows: no Python object per row (`copy_file`); CSV tells an
+    # empty sequence ("") from a missing one, as the rows would
+    schema = {"sequence_id": pl.Int64, "sequence": pl.String}
+    with copied(engine, query, params, "FORMAT csv, HEADER", "-sequences.csv") as path:
+        return pl.read_csv(path, schema=schema, quote_char='"')
 
 
 @translate_errors
