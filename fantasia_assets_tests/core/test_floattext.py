@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fantasia_assets.core import exports
+from fantasia_assets.core import exports, floattext
 from fantasia_assets.core.floattext import fixed_text
 
 
@@ -36,8 +36,11 @@ def _hostile(seed: int) -> np.ndarray:
     )
 
 
+@pytest.mark.parametrize("arrow", [False, True], ids=["fixed-width", "arrow-buffers"])
 @pytest.mark.parametrize("precision", [0, 1, 2, 3, 4, 5, 6, 8, 12, 16])
-def test_fixed_text_equals_polars_csv(precision: int) -> None:
+def test_fixed_text_equals_polars_csv(precision: int, arrow: bool, monkeypatch) -> None:
+    # both ways `_strings` hands the bytes to polars, on every column size
+    monkeypatch.setattr(floattext, "_ARROW_VALUES", 0 if arrow else 1 << 62)
     values = pl.Series("v", _hostile(precision)).scatter([1, 7, 500], None)
     expected = pl.DataFrame({"v": values}).write_csv(float_precision=precision)
     ours = pl.DataFrame({"v": fixed_text(values, precision)}).write_csv()
@@ -98,3 +101,29 @@ def test_csv_bytes_of_mixed_float_columns_equals_polars(precision: int) -> None:
     )
     expected = frame.with_columns(pl.col("name").str.replace_all("\n", " "))
     assert exports.csv_bytes(frame, precision).decode() == expected.write_csv(float_precision=precision)
+
+
+def test_a_large_column_takes_the_arrow_buffers_with_the_same_text() -> None:
+    values = pl.Series("v", np.tile(_hostile(11), 3)).scatter([2, 70_000], None)
+    assert len(values) > floattext._ARROW_VALUES
+    for precision in (3, 6):
+        expected = pl.DataFrame({"v": values}).write_csv(float_precision=precision)
+        assert pl.DataFrame({"v": fixed_text(values, precision)}).write_csv() == expected
+    single = pl.Series("v", np.random.default_rng(5).random(floattext._ARROW_VALUES + 5))  # one layout
+    text = fixed_text(single, 4)
+    assert text.dtype == pl.String
+    assert pl.DataFrame({"v": text}).write_csv() == pl.DataFrame({"v": single}).write_csv(float_precision=4)
+
+
+def test_a_small_column_imports_no_pyarrow() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, polars as pl\n"
+        "from fantasia_assets.core.floattext import fixed_text\n"
+        "fixed_text(pl.Series([0.5, -1.25, None] * 1000), 3)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pyarrow')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
