@@ -247,7 +247,7 @@ def test_legacy_layout_without_layers(engine, tmp_path):
 
 
 def _vector_files(folder):
-    return sorted(p for p in folder.glob("matrix-*.npy") if not p.name.endswith(".ids.npy"))
+    return sorted(p for p in folder.glob("matrix-*.npy") if not p.name.endswith((".ids.npy", ".digests.npy")))
 
 
 def test_reference_cache_survives_damage_and_stays_bounded(sample_loaded, tmp_path):
