@@ -9,6 +9,7 @@ Names built from data (accessions, model names) go through `safe_name`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -243,15 +244,48 @@ def swap_in(staged: Path, target: Path) -> None:
     A file is one atomic rename. A folder cannot replace a folder atomically: the old one is
     renamed aside first (`.{name}.{pid}-{random}.old`, removed after, or by the next write of
     `target` if this process dies in between), so `target` is never a mix of both.
+
+    Two writers of one folder at once (a backfill and a sensor's run of one partition) may
+    interleave: the other one's folder can land at `target` between our two renames, or move
+    the old one aside before we do. Each of those is met by trying again, and every round
+    moves some writer's folder in, so it ends; whichever lands last stays, whole.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    if staged.is_dir() and target.exists():
-        old = tmp_sibling(target, "old")
-        os.rename(target, old)
-        os.rename(staged, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+    if not staged.is_dir():
         os.replace(staged, target)
+        return
+    aside: list[Path] = []
+    while True:
+        try:
+            os.rename(staged, target)  # a missing or empty `target` is replaced at once
+            break
+        except OSError as error:
+            if error.errno not in _OCCUPIED:
+                _put_back(aside, target)
+                raise
+        old = tmp_sibling(target, "old")
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:  # another writer moved it aside first
+            continue
+        aside.append(old)
+    for old in aside:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _put_back(aside: list[Path], target: Path) -> None:
+    """After a failed swap, the folder last moved aside goes back if nothing took its place."""
+    if aside:
+        with contextlib.suppress(OSError):  # else left as `.old`: the next write of `target` removes it
+            os.rename(aside[-1], target)
+
+
+# what renaming a folder onto `target` raises while something is there: a folder with files
+# (ENOTEMPTY, or EEXIST on some systems) or a file (ENOTDIR)
+_OCCUPIED = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR)
 
 
 def replace_dir(target: Path, build, made: Path | None = None) -> None:

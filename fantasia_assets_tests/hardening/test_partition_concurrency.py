@@ -110,3 +110,81 @@ def test_same_outputs_written_by_two_writers_at_once__both_finish_and_one_whole_
     assert len(list(target.iterdir())) == 200 and contents in ({"A\n" * 50}, {"B\n" * 50})
     assert set(summary.read_bytes()) in ({ord("A")}, {ord("B")})
     assert hidden(tmp_path) == []
+
+
+def _folder(path, tag):
+    path.mkdir()
+    for i in range(3):
+        (path / f"Q{i}.csv").write_text(tag)
+    return path
+
+
+def _tags(target):
+    return {p.read_text() for p in target.iterdir()}
+
+
+def _interleaved(monkeypatch, when, other):
+    """`exports.os.rename` runs `other()` once, just before the first call `when(src, dst)` picks."""
+    real = os.rename
+    done = []
+
+    def rename(src, dst):
+        if not done and when(src, dst):
+            done.append(True)
+            other()
+        return real(src, dst)
+
+    monkeypatch.setattr(exports.os, "rename", rename)
+    return done
+
+
+def test_folder_swap__the_other_writers_folder_lands_between_our_two_renames(tmp_path, monkeypatch):
+    """We moved the old folder aside; before ours goes in, the other writer's takes the place."""
+    target = _folder(tmp_path / "layer_0", "old")
+    ours, theirs = _folder(tmp_path / "ours", "A"), _folder(tmp_path / "theirs", "B")
+    done = _interleaved(
+        monkeypatch,
+        lambda src, dst: src == ours and not target.exists(),
+        lambda: os.replace(theirs, target),  # the other writer, seeing no folder, renames straight in
+    )
+    exports.swap_in(ours, target)
+    assert done and _tags(target) == {"A"} and not ours.exists()
+    assert hidden(tmp_path) == []  # the old folder and the other writer's, both set aside, are gone
+
+
+def test_folder_swap__the_other_writer_moves_the_old_folder_aside_first(tmp_path, monkeypatch):
+    target = _folder(tmp_path / "layer_0", "old")
+    ours = _folder(tmp_path / "ours", "A")
+    moved = tmp_path / ".layer_0.other.old"
+    done = _interleaved(monkeypatch, lambda src, dst: src == target, lambda: os.rename(target, moved))
+    exports.swap_in(ours, target)
+    assert done and _tags(target) == {"A"} and not ours.exists()
+    assert hidden(tmp_path) == [moved.name]  # the other writer's to remove, not ours
+
+
+def test_folder_swap__a_refused_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = _folder(tmp_path / "layer_0", "old")
+    ours = _folder(tmp_path / "ours", "A")
+    real = os.rename
+
+    def rename(src, dst):
+        if src == ours and not target.exists():
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(exports.os, "rename", rename)
+    try:
+        exports.swap_in(ours, target)
+    except PermissionError:
+        pass
+    else:
+        raise AssertionError("the refused rename was not raised")
+    assert _tags(target) == {"old"} and _tags(ours) == {"A"}
+    assert hidden(tmp_path) == []
+
+
+def test_folder_swap__a_file_in_the_folders_place_is_replaced(tmp_path):
+    target = tmp_path / "layer_0"
+    target.write_text("a file")
+    exports.swap_in(_folder(tmp_path / "ours", "A"), target)
+    assert _tags(target) == {"A"} and hidden(tmp_path) == []
