@@ -11,9 +11,9 @@ split without error into its float64 rounding `scaled` and the remainder `err` (
 two-product), so the nearest integer is decided exactly: up when fraction − ½ + err > 0, to
 even when it is 0 (the sign of a float sum is always right). Its integer part and its fraction,
 zero-padded to `p` digits, are written digit by digit into a byte matrix that polars reads as
-strings (`_ascii`, `_strings`: for large columns through Arrow buffers handed over by the C
-stream interface, which needs no pyarrow compute module, ≈ 0.1 s of a small lookup's start;
-small columns never import pyarrow). Values outside the range where this is exact (|x| · 10^p ≥ 2^50,
+strings (`_ascii`, `_strings`: from 1,024 values on as an Arrow string array described with
+ctypes, `core.arrow_strings`, so that no pyarrow import, ≈ 0.1 s, weighs on a small lookup's
+start). Values outside the range where this is exact (|x| · 10^p ≥ 2^50,
 |x| < 2^-900, NaN, inf) are printed by Python's `'%.*f'`, which rounds the exact binary value
 the same way (tests compare both on hostile values). A column whose values repeat over many rows
 (a neighbour's distance on each of its GO rows) prints each distinct bit pattern once and
@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from fantasia_assets.core.arrow_strings import ascii_series
+
 # |x| · 10^p below 2^50: floor, fraction and the integer conversion are exact
 _EXACT_LIMIT = 2.0**50
 # below this Dekker's split loses bits to underflow; such values go to Python
@@ -34,7 +36,7 @@ _TINY = 2.0**-900
 _SPLIT = 2.0**27 + 1.0
 MAX_PRECISION = 16  # the configuration's bound; 10^p stays exact in float64 up to 22
 _SPECIAL = {"nan": "NaN", "inf": "inf", "-inf": "-inf"}
-_ARROW_VALUES = 1 << 16  # values from which `_strings` builds Arrow buffers (pyarrow imported)
+_ARROW_VALUES = 1 << 10  # values from which `_strings` hands polars Arrow buffers (`core.arrow_strings`)
 
 
 def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,36 +148,20 @@ def _ascii(
     return out, (layout // 32 + layout % 32 + point + precision).astype(np.int64)
 
 
-class _ArrowStream:
-    """Hands polars an Arrow array through the C stream interface only: polars' pyarrow path
-    would import pyarrow's compute module (≈ 0.1 s) where the buffers need none of it."""
-
-    def __init__(self, chunked) -> None:
-        self.chunked = chunked
-
-    def __arrow_c_stream__(self, requested_schema=None):
-        return self.chunked.__arrow_c_stream__(requested_schema)
-
-
 def _strings(text: np.ndarray, lengths: np.ndarray) -> pl.Series:
     """Row i of the byte matrix `text`, its first `lengths[i]` bytes, as a String Series.
 
     From `_ARROW_VALUES` rows on, the bytes and their offsets become an Arrow string array that
-    polars takes as it is (measured at 2,000,000 values: 0.02-0.04 s against 0.15-0.21 s for
-    polars' conversion of numpy's fixed-width bytes, which goes value by value); below that,
-    the fixed-width bytes (NUL-padded at the end, which numpy drops), with no pyarrow import."""
+    polars takes as it is (`core.arrow_strings`; measured at 2,000,000 values: 0.02-0.04 s
+    against 0.15-0.21 s for polars' conversion of numpy's fixed-width bytes, which goes value
+    by value; the two break even near 500 values); below that, the fixed-width bytes
+    (NUL-padded at the end, which numpy drops)."""
     if len(text) < _ARROW_VALUES:
         return pl.Series(text.view(f"S{text.shape[1]}").ravel()).cast(pl.String)
-    import pyarrow as pa
-
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if len(lengths) and (lengths == lengths[0]).all():
         data = np.ascontiguousarray(text[:, : lengths[0]]).ravel()
     else:
         data = text[np.arange(text.shape[1]) < lengths[:, None]]  # row-major: the rows in order
-    large = offsets[-1] >= 2**31 - 1
-    kind = pa.LargeStringArray if large else pa.StringArray
-    offsets = offsets if large else offsets.astype(np.int32)
-    array = kind.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data))
-    return pl.Series(_ArrowStream(pa.chunked_array([array]))).cast(pl.String)
+    return ascii_series(data, offsets).cast(pl.String)

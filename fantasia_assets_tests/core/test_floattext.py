@@ -115,14 +115,19 @@ def test_a_large_column_takes_the_arrow_buffers_with_the_same_text() -> None:
     assert pl.DataFrame({"v": text}).write_csv() == pl.DataFrame({"v": single}).write_csv(float_precision=4)
 
 
-def test_a_small_column_imports_no_pyarrow() -> None:
+def test_no_column_imports_pyarrow() -> None:
+    # the Arrow buffers are described with ctypes (`core.arrow_strings`): pyarrow's import would
+    # weigh on a small lookup's start
     import subprocess
     import sys
 
     code = (
         "import sys, polars as pl\n"
-        "from fantasia_assets.core.floattext import fixed_text\n"
-        "fixed_text(pl.Series([0.5, -1.25, None] * 1000), 3)\n"
+        "from fantasia_assets.core import floattext\n"
+        "small = floattext.fixed_text(pl.Series([0.5, -1.25, None] * 100), 3)\n"
+        "large = floattext.fixed_text(pl.Series([0.5, -1.25, None] * 100_000), 3)\n"
+        "assert 300 < floattext._ARROW_VALUES < 300_000\n"
+        "assert large.to_list()[:3] == ['0.500', '-1.250', None] and small.to_list() == large.to_list()[:300]\n"
         "print(sorted(m for m in sys.modules if m.startswith('pyarrow')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
