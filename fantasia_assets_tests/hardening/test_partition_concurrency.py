@@ -138,7 +138,9 @@ def _interleaved(monkeypatch, when, other):
     return done
 
 
-def test_folder_swap__the_other_writers_folder_lands_between_our_two_renames(tmp_path, monkeypatch):
+def test_another_writers_folder_lands_between_our_two_renames__ours_lands_whole_and_nothing_is_left(
+    tmp_path, monkeypatch
+):
     """We moved the old folder aside; before ours goes in, the other writer's takes the place."""
     target = _folder(tmp_path / "layer_0", "old")
     ours, theirs = _folder(tmp_path / "ours", "A"), _folder(tmp_path / "theirs", "B")
@@ -152,7 +154,7 @@ def test_folder_swap__the_other_writers_folder_lands_between_our_two_renames(tmp
     assert hidden(tmp_path) == []  # the old folder and the other writer's, both set aside, are gone
 
 
-def test_folder_swap__the_other_writer_moves_the_old_folder_aside_first(tmp_path, monkeypatch):
+def test_another_writer_moves_the_old_folder_aside_first__ours_lands_whole(tmp_path, monkeypatch):
     target = _folder(tmp_path / "layer_0", "old")
     ours = _folder(tmp_path / "ours", "A")
     moved = tmp_path / ".layer_0.other.old"
@@ -162,7 +164,9 @@ def test_folder_swap__the_other_writer_moves_the_old_folder_aside_first(tmp_path
     assert hidden(tmp_path) == [moved.name]  # the other writer's to remove, not ours
 
 
-def test_folder_swap__a_refused_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+def test_a_rename_refused_in_the_middle_of_a_folder_swap__the_old_folder_is_back_in_place(
+    tmp_path, monkeypatch
+):
     target = _folder(tmp_path / "layer_0", "old")
     ours = _folder(tmp_path / "ours", "A")
     real = os.rename
@@ -183,7 +187,7 @@ def test_folder_swap__a_refused_rename_puts_the_old_folder_back(tmp_path, monkey
     assert hidden(tmp_path) == []
 
 
-def test_folder_swap__a_file_in_the_folders_place_is_replaced(tmp_path):
+def test_a_file_where_a_folder_is_written__the_folder_replaces_it(tmp_path):
     target = tmp_path / "layer_0"
     target.write_text("a file")
     exports.swap_in(_folder(tmp_path / "ours", "A"), target)
