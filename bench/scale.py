@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from lookup import bare_matmul_seconds, insert_references, search_seconds
+from machine import Steal
 from search import PeakRss, oracle_neighbours
 
 GIB = 2**30
@@ -137,11 +138,14 @@ def main() -> None:
         rounds = []  # (cold lookup, search, bare float32, bare bf16, peak RSS) per round
         for round_ in range(args.repeats):
             cold_again(work, config.experiment_path)
-            with PeakRss() as peak:
+            with PeakRss() as peak, Steal() as steal:
                 started = time.perf_counter()
                 result = run_lookup(config, engine)
                 cold = time.perf_counter() - started
-            print(f"--- round {round_ + 1}: cold lookup {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB")
+            print(
+                f"--- round {round_ + 1}: cold lookup {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB, "
+                f"CPU taken by the hypervisor meanwhile {steal.text()}"
+            )
             if round_ == 0:
                 for line in report_lines(result):
                     if line and not line.startswith("  ") and not line.startswith("outputs"):

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import Steal
+
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FANTASIA_SHARED_DATA", PROJECT.parent / "shared" / "data"))
 PYTHON = sys.executable
@@ -210,6 +212,7 @@ def main() -> None:
     lookup_imports: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     compare_served: list[bool] = []
     timed_child(lookup, env)  # warm the caches (and write the stamp)
+    steal = Steal().__enter__()
     for _ in range(args.runs):
         interpreter.append(timed_child([PYTHON, "-c", "pass"], env)[0])
         script = IMPORT_SCRIPT.format(imports=IMPORTS)
@@ -239,6 +242,7 @@ def main() -> None:
                 raise SystemExit(f"{name}: expected {'a stamp' if name == 'stamp' else 'the server'}:\n{out}")
             timings[name].append((wall, cpu, stage_total(out)))
 
+    steal.__exit__()
     modules = {}
     for name, project in variants.items():
         if name == "server":
@@ -249,7 +253,8 @@ def main() -> None:
 
     median = statistics.median
     print(
-        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; {args.runs} runs each"
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, CPU taken by the"
+        f" hypervisor during the runs {steal.text()}; {args.runs} runs each"
     )
     print(f"interpreter start (python -c pass)            {median(interpreter):6.3f} s")
     total_imports = 0.0
