@@ -164,4 +164,4 @@ def _strings(text: np.ndarray, lengths: np.ndarray) -> pl.Series:
         data = np.ascontiguousarray(text[:, : lengths[0]]).ravel()
     else:
         data = text[np.arange(text.shape[1]) < lengths[:, None]]  # row-major: the rows in order
-    return ascii_series(data, offsets).cast(pl.String)
+    return ascii_series(data, offsets)  # already String
