@@ -237,10 +237,8 @@ def _summary_query(
         elif column.metric not in present:
             # alignment off: the metric columns are not written at all; the score treats them as 0
             per_group.append(f"CAST(NULL AS DOUBLE) AS s{i}")
-        elif column.agg == "min":
-            per_group.append(f"min({value[column.metric]}) AS s{i}")
-        elif column.agg == "max":
-            per_group.append(_max_ignoring_nan(value[column.metric]) + f" AS s{i}")
+        elif column.agg in ("min", "max"):
+            per_group.append(_extreme(value[column.metric], column.agg) + f" AS s{i}")
     for j, metric in enumerate(means):
         # the group's values in ascending order (nulls included), and how many are not null
         per_group.append(f"list_sort(list({value[metric]})) AS l{j}")
@@ -342,9 +340,14 @@ def _summary_query(
     return query, params
 
 
-def _max_ignoring_nan(value: str) -> str:
-    # polars' max skips NaN unless every value is NaN; DuckDB's treats NaN as the largest value
-    return f"coalesce(max({value}) FILTER (WHERE NOT isnan({value})), max({value}))"
+def _extreme(value: str, which: str) -> str:
+    """SQL for `summary.extreme`: NaN skipped unless every value is NaN (DuckDB's max takes NaN
+    as the largest value), ±0.0 ties settled by totalOrder rather than by the order of rows."""
+    top = f"coalesce({which}({value}) FILTER (WHERE NOT isnan({value})), {which}({value}))"
+    sign, zero = ("NOT signbit", "abs") if which == "max" else ("signbit", "-abs")
+    return (
+        f"CASE WHEN {top} = 0 AND bool_or({value} = 0 AND {sign}({value})) THEN {zero}({top}) ELSE {top} END"
+    )
 
 
 def _kahan_reduce(values: str) -> str:
@@ -380,7 +383,7 @@ def ensemble_tables(connection: duckdb.DuckDBPyConnection, view: str = RAW_ROWS)
     best = pl.from_arrow(
         connection.sql(
             f"""
-            SELECT category, accession, go_id, {_max_ignoring_nan(ri)} AS reliability_index
+            SELECT category, accession, go_id, {_extreme(ri, "max")} AS reliability_index
             FROM {_ident(view)}
             WHERE category IS NOT NULL AND reliability_index IS NOT NULL
             GROUP BY category, accession, go_id
@@ -427,7 +430,7 @@ def top_predictions(connection: duckdb.DuckDBPyConnection, limit: int, view: str
         connection.sql(
             f"""
             SELECT accession, go_id, category, go_description,
-                   {_max_ignoring_nan("reliability_index")} AS reliability_index,
+                   {_extreme("reliability_index", "max")} AS reliability_index,
                    arg_min({{'p': protein_id}}, {ROW_ORDER}).p AS protein_id
             FROM {_ident(view)}
             GROUP BY accession, go_id, category, go_description

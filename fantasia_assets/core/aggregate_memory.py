@@ -10,8 +10,8 @@ compares both on hostile rows):
 - **means** are Kahan sums of the group's non-null values in ascending order (NaN last, as
   DuckDB's `list_sort` puts it), from (0, 0), divided by the non-null count; the sums run
   position by position over all groups at once;
-- **min / max** skip NaN unless every value is NaN, as `_max_ignoring_nan` (DuckDB's `min` treats
-  NaN as the largest value, so it skips NaN too);
+- **min / max** skip NaN unless every value is NaN and settle ±0.0 ties by IEEE 754's
+  totalOrder, as `summary.extreme` and `aggregate._extreme` do;
 - **count** is rows × (1 / limit_per_entry); **weighted** columns are coalesce(score, 0) × weight,
   and **final_score** their sum as the same balanced tree;
 - **first** category and description are the earliest non-null ones in partition order, then
@@ -38,7 +38,15 @@ from .aggregate import (
     _score_names,
     _summary_names,
 )
-from .summary import AGGREGATIONS, PARTITION_KEYS, TERM_KEYS, TOPGO_COLUMNS, SummaryColumn, SummarySpec
+from .summary import (
+    AGGREGATIONS,
+    PARTITION_KEYS,
+    TERM_KEYS,
+    TOPGO_COLUMNS,
+    SummaryColumn,
+    SummarySpec,
+    extreme,
+)
 
 # Raw rows up to which the run-wide outputs are aggregated in memory (about 0.3 KiB a row with
 # the summary's columns); above it DuckDB works out of core under its memory limit.
@@ -198,8 +206,7 @@ def _group_scores(
             aggregations.append(pl.lit(None, dtype=pl.Float64).alias(f"s{i}"))
         elif AGGREGATIONS[column.agg] in ("min", "max"):
             values = pl.col(column.metric).cast(pl.Float64)
-            best = getattr(values.filter(values.is_not_nan()), AGGREGATIONS[column.agg])()
-            aggregations.append(pl.coalesce(best, values.max()).alias(f"s{i}"))
+            aggregations.append(extreme(values, AGGREGATIONS[column.agg]).alias(f"s{i}"))
     for j, metric in enumerate(means):
         aggregations.append(pl.col(metric).cast(pl.Float64).drop_nulls().alias(f"l{j}"))
     groups = keyed.group_by(_TERM, _PART).agg(aggregations)
@@ -298,7 +305,7 @@ def ensemble_tables(files: Sequence[Path]) -> dict[str, pl.DataFrame]:
     best = (
         rows.filter(pl.col("category").is_not_null(), pl.col("reliability_index").is_not_null())
         .group_by("category", *TERM_KEYS)
-        .agg(pl.coalesce(ri.filter(ri.is_not_nan()).max(), ri.max()).alias("reliability_index"))
+        .agg(extreme(ri, "max").alias("reliability_index"))
         .sort(["category", *TERM_KEYS], nulls_last=False)
     )
     return {

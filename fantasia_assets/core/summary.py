@@ -271,7 +271,7 @@ def _sorted_best(raw: RawRows, keys: list[str]) -> pl.DataFrame:
         .drop_nulls(["category", "reliability_index"])
         .sort(names, nulls_last=True, maintain_order=True)
         .group_by(*names, maintain_order=True)
-        .agg(pl.col("reliability_index").max())
+        .agg(extreme(pl.col("reliability_index"), "max"))
         .collect()
     )
 
@@ -282,9 +282,25 @@ def _best_reliability(raw: RawRows, keys: list[str]) -> pl.DataFrame:
     return (
         rows.drop_nulls(["category", "reliability_index"])
         .group_by(*keys, *TERM_KEYS)
-        .agg(pl.col("reliability_index").max())
+        .agg(extreme(pl.col("reliability_index"), "max"))
         .collect()
     )
+
+
+def extreme(values: pl.Expr, which: str) -> pl.Expr:
+    """The group's `which` ("min" or "max") of `values`, the same whatever order it is met in.
+
+    NaN is skipped unless every value is NaN (polars' own rule; DuckDB's differs, see
+    `core.aggregate`). Of equal values, IEEE 754's totalOrder decides: the maximum of −0.0 and
+    +0.0 is +0.0 and their minimum −0.0. Polars' and DuckDB's kernels keep whichever zero they
+    meet last or first, which depends on how the rows were split among threads. A zero extreme
+    takes its sign from 1/v: ±inf for ±0.0, and no other value of such a group gives it.
+    """
+    kept = getattr(values.filter(values.is_not_nan()), which)()
+    top = pl.coalesce(kept, getattr(values, which)())
+    if which == "max":
+        return pl.when((top == 0) & ((1.0 / values) == float("inf")).any()).then(top.abs()).otherwise(top)
+    return pl.when((top == 0) & ((1.0 / values) == float("-inf")).any()).then(-top.abs()).otherwise(top)
 
 
 def _aggregate(column: SummaryColumn, present: set[str], limit_per_entry: int) -> pl.Expr:
@@ -294,7 +310,8 @@ def _aggregate(column: SummaryColumn, present: set[str], limit_per_entry: int) -
         # Alignment off: the metric columns are not written at all; the score treats them as 0.
         return pl.lit(None, dtype=pl.Float64)
     values = pl.col(column.metric).cast(pl.Float64)
-    return getattr(values, AGGREGATIONS[column.agg])()
+    which = AGGREGATIONS[column.agg]
+    return extreme(values, which) if which in ("min", "max") else values.mean()
 
 
 def _lookup_weight(

@@ -4,6 +4,7 @@ and sorting the groups, on hostile rows: null keys (legacy layer, accession, GO 
 
 from __future__ import annotations
 
+import math
 import random
 
 import polars as pl
@@ -76,3 +77,7 @@ def test_signed_zero_ties_keep_the_grouped_maximum(order: list[float]) -> None:
     ours, expected = topgo_tables(raw), _reference(raw)
     for key, table in expected.items():
         assert exports.csv_bytes(ours[key], None) == exports.csv_bytes(table, None)
+    # +0.0 outranks -0.0 (IEEE 754 totalOrder), whichever comes first
+    best = ours[("M", 0, "P")].filter(pl.col("accession") == "B")["reliability_index"][0]
+    positive_zero = any(v == 0 and math.copysign(1.0, v) > 0 for v in order)
+    assert math.copysign(1.0, best) == (1.0 if positive_zero else -1.0)
