@@ -146,6 +146,7 @@ def _lookup(args, progress) -> int:
         from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
+    from .core import lineage
     from .core.distributed import connect_from_environment
     from .core.locks import experiment_lock
     from .runner import run_lookup
@@ -156,7 +157,9 @@ def _lookup(args, progress) -> int:
     importlib.import_module(".incremental_run", __package__)
     startup.imports_done()
     # used later: the lineage record (DuckDB, `core.lineage.engine`), `np.unique`, the output writing
-    startup.import_in_background("_duckdb", "numpy.ma", f"{__package__}.incremental_write")
+    startup.import_in_background(
+        "_duckdb", "numpy.ma", f"{__package__}.incremental_write", then=lineage.warm_up
+    )
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
     try:

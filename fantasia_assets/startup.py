@@ -31,8 +31,9 @@ configuration's models are a lookup's only pydantic models, internal to it, and 
 (observability hooks on validation) changes what they parse.
 
 `import_in_background` imports what a command needs only later (for a lookup: DuckDB's engine
-for the lineage record at its end, `core.lineage.engine`; numpy.ma, which numpy imports at the
-first `np.unique`; the output writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
+for the lineage record at its end, `core.lineage.engine`, and its in-memory instance,
+`core.lineage.warm_up`; numpy.ma, which numpy imports at the first `np.unique`; the output
+writers) in a thread, while the command's main thread waits on files, subprocesses and BLAS,
 which release the interpreter: ≈ 0.1 s off a small lookup's wall time. The later import finds
 the module loaded, or waits for its loading to end.
 """
@@ -45,7 +46,7 @@ import gc
 import importlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _paused = []  # [True] while `pause_for_imports` holds the collector
 
@@ -70,14 +71,17 @@ def skip_teardown_collection() -> None:
     atexit.register(gc.freeze)
 
 
-def import_in_background(*names: str) -> None:
-    """Import `names` in a daemon thread; an import that fails there is left to the later import,
-    which raises its error where it is needed."""
+def import_in_background(*names: str, then: Callable[[], object] | None = None) -> None:
+    """Import `names` in a daemon thread, then call `then` there; an import or call that fails
+    there is left to the later import or use, which raises its error where it is needed."""
 
     def load() -> None:
         for name in names:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+        if then is not None:
+            with contextlib.suppress(Exception):
+                then()
 
     threading.Thread(target=load, name="imports", daemon=True).start()
 
