@@ -9,13 +9,18 @@ round-trip floats so that every bit of every value shows.
 
 from __future__ import annotations
 
+import math
 import random
+import struct
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fantasia_assets.core import aggregate, aggregate_memory, exports
+from fantasia_assets.core.aggregate_memory import _kahan_means
 from fantasia_assets.core.summary import SummarySpec
 from fantasia_assets_tests.core.test_aggregate import _raw, _spec
 
@@ -113,3 +118,37 @@ def test_missing_inputs_and_columns_are_named(tmp_path: Path) -> None:
         aggregate_memory.summary_frame([tmp_path / "thin.parquet"], SummarySpec.default(), 5)
     with pytest.raises(aggregate.RawRowsError, match="reliability_index"):
         aggregate_memory.ensemble_tables([tmp_path / "thin.parquet"])
+
+
+def _kahan_mean_oracle(values: list[float]) -> float | None:
+    """The straightforward definition: the values in ascending order (NaN last, equal values
+    in list order), a Kahan sum from (0, 0) in Python floats, over their count."""
+    if not values:
+        return None
+    total = carry = 0.0
+    for value in sorted(values, key=lambda v: (math.isnan(v), 0.0 if math.isnan(v) else v)):
+        y = value - carry
+        t = total + y
+        carry = (t - total) - y
+        total = t
+    return total / len(values)
+
+
+_HOSTILE_FLOATS = st.one_of(
+    st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 1e308, -1e308, 5e-324, 1.0 / 3]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_HOSTILE_FLOATS, max_size=9), max_size=40))
+def test_kahan_means_equal_the_per_group_definition(groups: list[list[float]]) -> None:
+    series = pl.Series(groups, dtype=pl.List(pl.Float64))
+    got = _kahan_means(series).to_list()
+    for value, expected in zip(got, map(_kahan_mean_oracle, groups), strict=True):
+        if expected is None:
+            assert value is None
+        else:
+            assert struct.pack("<d", value) == struct.pack("<d", expected) or (
+                math.isnan(value) and math.isnan(expected)
+            )
