@@ -263,7 +263,7 @@ def demo_environment() -> None:
     Without DAGSTER_HOME, the instance is `.dagster_home` in the working directory (the
     Makefile's), with the repository's dagster.yaml when it has none. Without FANTASIA_CONFIG,
     the sample configuration is read from the package (not from a relative data/ path), its
-    query file made absolute; outputs still go under the working directory.
+    query file and GO graph made absolute; outputs still go under the working directory.
     """
     import shutil
 
@@ -283,6 +283,9 @@ def demo_environment() -> None:
     if not os.environ.get("FANTASIA_CONFIG"):
         raw = yaml.safe_load(SAMPLE_FASTA_CONFIG.read_text(encoding="utf-8"))
         raw["embeddings_path"] = str((DATA_DIR.parent / raw["embeddings_path"]).resolve())
+        scoring = raw.get("scoring") or {}
+        if scoring.get("ontology"):  # the GO graph predictions.tsv needs, from the package too
+            scoring["ontology"] = str((DATA_DIR.parent / scoring["ontology"]).resolve())
         config = state_folder(fantasia_home() / "demo", "the demo folder") / "config.yaml"
         write_bytes_atomic(config, yaml.safe_dump(raw, sort_keys=False).encode())
         os.environ["FANTASIA_CONFIG"] = str(config)
