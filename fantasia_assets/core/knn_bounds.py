@@ -15,7 +15,10 @@ operands x̃, ỹ_j are x, y_j rounded to the screen's type with subnormals zero
 e_x = x - x̃, e_j = y_j - ỹ_j their residuals, whose norms are measured exactly, per row.
 Per query let X̃ = ‖x̃‖, E_x = ‖e_x‖, Z = ‖z_q‖; per reference ζ_j = ‖y_j‖ (= ‖z_j‖), and over
 the references R = max ζ_j, Ỹ = max ‖ỹ_j‖, E = max ‖e_j‖, κ = 1 + max ‖e_j‖/ζ_j (so that
-‖e_j‖ ≤ (κ - 1)ζ_j and ‖ỹ_j‖ ≤ κζ_j). Then |s̃_j - T_j| is at most the sum of:
+‖e_j‖ ≤ (κ - 1)ζ_j and ‖ỹ_j‖ ≤ κζ_j). Every term below grows with R and Ỹ, so upper bounds of
+them serve as well: for cosine references R is taken as 1 + 2.1u (item 1) and ‖ỹ_j‖ as
+R + ‖e_j‖ (triangle inequality), rather than measured (`screen.to_operands`).
+Then |s̃_j - T_j| is at most the sum of:
 
 1. Preparation, |T - P| with P = 1 + x·y_j (cosine) or ‖z_q - z_j‖² (euclidean).
    Cosine: fl(q̂) = fl(q · fl(1/‖q‖)) errs by (2u + u²) per component, so

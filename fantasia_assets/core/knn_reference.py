@@ -23,6 +23,8 @@ and the in-memory matrix give bit-identical answers.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -181,7 +183,7 @@ class PreparedReferences:
                 for start in range(first, last, rows):
                     stop = min(start + rows, last)
                     chunk, chunk_stats = screen.to_operands(
-                        self.prepared(start, stop), arithmetic, self.centre
+                        self.prepared(start, stop), arithmetic, self.centre, unit_rows=self.metric == "cosine"
                     )
                     if held:
                         operands[start:stop] = chunk
@@ -194,8 +196,11 @@ class PreparedReferences:
         if self.metric == "euclidean":
             sq_norms = torch.from_numpy((stats["norm"] ** 2).astype(np.float32)).to(self.device)
         maxima = {name: float(values.max()) for name, values in stats.items()}
-        relative = np.divide(stats["residual"], stats["norm"], out=np.zeros(n), where=stats["norm"] > 0)
-        maxima.update(relative_residual=float(relative.max()), centred=float(self.centre is not None))
+        relative = math.inf  # κ - 1, which the cosine bound does not use: there "norm" is a bound
+        if self.metric == "euclidean":
+            ratios = np.divide(stats["residual"], stats["norm"], out=np.zeros(n), where=stats["norm"] > 0)
+            relative = float(ratios.max())
+        maxima.update(relative_residual=relative, centred=float(self.centre is not None))
         return operands, sq_norms, maxima
 
 

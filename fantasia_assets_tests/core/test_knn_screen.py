@@ -335,3 +335,59 @@ def test_operands_skip_the_flush_pass_only_where_it_changes_nothing(dtype):
         wide = full.float()
         np.testing.assert_array_equal(stats["residual"], screen.row_norms(rows - wide))
         np.testing.assert_array_equal(stats["operand_norm"], screen.row_norms(wide))
+
+
+def unit_reference_norms(references: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(‖r̂_j‖, ‖ỹ_j‖) measured in float64 for the engine's stored unit references r̂_j and their
+    operands ỹ_j in `dtype` (subnormals zeroed), as the bound defines them."""
+    engine = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(references)
+    unit = engine._references.prepared(0, len(references))  # r̂_j, float32
+    operand = unit.to(dtype)
+    if dtype != torch.float32:
+        operand.masked_fill_(operand.abs() < screen._SMALLEST_NORMAL[dtype], 0)
+    return screen.row_norms(unit), screen.row_norms(operand.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", [*ADVERSARIAL, "subnormal components"])
+def test_cosine_reference_norm_bounds_hold_where_they_replace_measurement(name, dtype):
+    """For cosine references `to_operands` takes ‖r̂_j‖ ≤ 1 + 2.1u and ‖ỹ_j‖ ≤ that + ‖e_j‖ instead
+    of measuring them (`knn_bounds`): each bound is at least the norm measured in float64, on
+    rows of huge range, zeros, ties and rows whose unit form has subnormal components; the
+    residuals are still the measured ones."""
+    rng = np.random.default_rng(len(name))
+    if name == "subnormal components":
+        references = rng.standard_normal((40, 64))
+        references[:, :8] *= 1e-42  # far below float32's and bfloat16's smallest normal once unit
+    else:
+        references = adversarial(name, "cosine", rng)[1]
+    references = references.astype(np.float32)
+    arithmetic = screen.FP32 if dtype == torch.float32 else screen.Arithmetic(
+        screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
+    )  # fmt: skip
+    engine = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(references)
+    unit = engine._references.prepared(0, len(references))
+    _, stats = screen.to_operands(unit.clone(), arithmetic, unit_rows=True)
+    _, measured = screen.to_operands(unit.clone(), arithmetic)  # every norm measured, as before
+    norms, operand_norms = unit_reference_norms(references, dtype)
+    np.testing.assert_array_equal(measured["norm"], norms)
+    np.testing.assert_array_equal(measured["operand_norm"], operand_norms)
+    assert (stats["norm"] == screen.UNIT_ROW_NORM).all() and norms.max() <= screen.UNIT_ROW_NORM
+    assert (stats["operand_norm"] >= operand_norms).all()
+    np.testing.assert_array_equal(stats["residual"], measured["residual"])
+    # the bound is looser by a hair, not by a factor: the window the screen keeps hardly widens
+    assert stats["operand_norm"].max() <= operand_norms.max() + stats["residual"].max() + 1e-6
+
+
+@given(stressed_rows())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_cosine_reference_norm_bounds_hold_on_random_rows(references):
+    for dtype in (torch.bfloat16, torch.float16):
+        arithmetic = screen.Arithmetic(
+            screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
+        )
+        unit = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(references)._references
+        _, stats = screen.to_operands(unit.prepared(0, len(references)), arithmetic, unit_rows=True)
+        norms, operand_norms = unit_reference_norms(references, dtype)
+        assert norms.max() <= screen.UNIT_ROW_NORM
+        assert (stats["operand_norm"] >= operand_norms).all()
