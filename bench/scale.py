@@ -15,7 +15,9 @@ comes from the database (cold: the home's caches, the kept engine and the output
 first), its peak RSS sampled every 2 ms, then the bare float32 and bfloat16 matmuls of the same
 shape; medians of the rounds (a busy machine's speed drifts by tens of per cent between
 minutes, so one sample of each is not a ratio). Then a float64 brute-force check of 64
-queries' neighbours. Targets: the whole cold lookup
+queries' neighbours, and `--repeats` searches of the built engine alone, each beside a bare
+bfloat16 matmul (the lookup's search stage also holds the engine's build and shares the cores
+with the reads it starts beside the products). Targets: the whole cold lookup
 ≤ 0.6 × the bare float32 matmul; its search stage ≤ 1.5 × the bare bfloat16 matmul.
 
 `--million` (issue 11, item 4): a million references (`bench/million.py`: COPY in blocks into
@@ -161,6 +163,19 @@ def main() -> None:
         engine_64 = SearchEngine("cosine", "torch", "cpu", screening=args.screening).build(references)
         found = engine_64.search(queries[:64], args.k)[1]
         identical = np.array_equal(found, oracle_neighbours(queries[:64], references, "cosine", args.k))
+        # the engine alone, built: the search stage above also holds the engine's build and
+        # shares the cores with the reads started beside the products
+        alone = []  # (engine search, bare bf16) per round
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            engine_64.search(queries, args.k)
+            alone.append(
+                (
+                    time.perf_counter() - started,
+                    bare_matmul_seconds(queries, references, "cpu", "bfloat16", 1),
+                )
+            )
+        engine_alone = statistics.median(a / b for a, b in alone)
 
         cold, search, matmul, matmul_bf16, peak_gib = (
             statistics.median(column) for column in zip(*rounds, strict=True)
@@ -177,6 +192,11 @@ def main() -> None:
         print(f"neighbours_identical_to_float64_oracle={identical}  (64 queries)")
         print(f"search_over_bare_fp32={search / matmul:.2f}")
         print(f"search_over_bare_bf16={search / matmul_bf16:.2f}  (target <= 1.5)")
+        print(
+            f"engine_search_alone_over_bare_bf16={engine_alone:.2f}  (median of {args.repeats}: "
+            + ", ".join(f"{a:.2f} s / {b:.2f} s" for a, b in alone)
+            + "; the built engine's search, no build, nothing beside it)"
+        )
         print(f"cold_lookup_over_bare_bf16={cold / matmul_bf16:.2f}")
         print(f"cold_lookup_over_bare_fp32={cold / matmul:.2f}  (target <= 0.6)")
         ratios = [(r[0] / r[2], r[1] / r[3]) for r in rounds]
