@@ -337,11 +337,15 @@ def test_operands_skip_the_flush_pass_only_where_it_changes_nothing(dtype):
         np.testing.assert_array_equal(stats["operand_norm"], screen.row_norms(wide))
 
 
-def unit_reference_norms(references: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(‖r̂_j‖, ‖ỹ_j‖) measured in float64 for the engine's stored unit references r̂_j and their
-    operands ỹ_j in `dtype` (subnormals zeroed), as the bound defines them."""
+def unit_references(references: np.ndarray) -> torch.Tensor:
+    """The engine's stored unit references r̂_j (float32) of `references`."""
     engine = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(references)
-    unit = engine._references.prepared(0, len(references))  # r̂_j, float32
+    return engine._references.prepared(0, len(references))
+
+
+def unit_reference_norms(unit: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(‖r̂_j‖, ‖ỹ_j‖) measured in float64 for unit references r̂_j and their operands ỹ_j in
+    `dtype` (subnormals zeroed), as the bound defines them."""
     operand = unit.to(dtype)
     if dtype != torch.float32:
         operand.masked_fill_(operand.abs() < screen._SMALLEST_NORMAL[dtype], 0)
@@ -365,11 +369,10 @@ def test_cosine_reference_norm_bounds_hold_where_they_replace_measurement(name, 
     arithmetic = screen.FP32 if dtype == torch.float32 else screen.Arithmetic(
         screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
     )  # fmt: skip
-    engine = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(references)
-    unit = engine._references.prepared(0, len(references))
+    unit = unit_references(references)
     _, stats = screen.to_operands(unit.clone(), arithmetic, unit_rows=True)
     _, measured = screen.to_operands(unit.clone(), arithmetic)  # every norm measured, as before
-    norms, operand_norms = unit_reference_norms(references, dtype)
+    norms, operand_norms = unit_reference_norms(unit, dtype)
     np.testing.assert_array_equal(measured["norm"], norms)
     np.testing.assert_array_equal(measured["operand_norm"], operand_norms)
     assert (stats["norm"] == screen.UNIT_ROW_NORM).all() and norms.max() <= screen.UNIT_ROW_NORM
@@ -382,12 +385,12 @@ def test_cosine_reference_norm_bounds_hold_where_they_replace_measurement(name, 
 @given(stressed_rows())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_cosine_reference_norm_bounds_hold_on_random_rows(references):
+    unit = unit_references(references)
     for dtype in (torch.bfloat16, torch.float16):
         arithmetic = screen.Arithmetic(
             screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
         )
-        unit = SearchEngine("cosine", "torch", "cpu", screening="fp32").build(references)._references
-        _, stats = screen.to_operands(unit.prepared(0, len(references)), arithmetic, unit_rows=True)
-        norms, operand_norms = unit_reference_norms(references, dtype)
+        _, stats = screen.to_operands(unit.clone(), arithmetic, unit_rows=True)
+        norms, operand_norms = unit_reference_norms(unit, dtype)
         assert norms.max() <= screen.UNIT_ROW_NORM
         assert (stats["operand_norm"] >= operand_norms).all()
