@@ -22,6 +22,7 @@ without that routine the reader declines files of that format.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
 from pathlib import Path
@@ -124,8 +125,13 @@ class FastLayout:
         return layout
 
     def close(self) -> None:
+        """Unmap the file now, or, while a view of it is still alive (a frame kept by the
+        traceback of an error raised while reading), when the last view goes: an error must
+        reach the caller as itself, not as the map's refusal to close."""
         self.array = None  # an array over the map keeps it from closing
-        self._mm.close()
+        # otherwise the map is unmapped when its last view and this object are collected
+        with contextlib.suppress(BufferError):
+            self._mm.close()
 
     def __enter__(self) -> FastLayout:
         return self

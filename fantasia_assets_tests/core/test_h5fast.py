@@ -248,3 +248,25 @@ def test_damaged_compressed_vector__clear_error_naming_group(tmp_path):
     catalogue = queries.scan(path, workers=1)
     with pytest.raises(queries.EmbeddingFileError, match=r"gzip\.h5: group accession_P1: type_1/layer_0"):
         catalogue.read((1, 0))
+
+
+def test_an_error_inside_the_reader_is_not_hidden_by_closing_its_map(tmp_path):
+    """An error raised while a view of the map is alive (its frame, kept by the traceback, holds
+    one) reaches the caller as itself, not as the map's BufferError on close; the map is freed
+    once the last view goes."""
+    path = tmp_path / "one.h5"
+    with h5py.File(path, "w") as out:
+        out.create_group("accession_P").create_dataset("sequence", data="MKV", dtype=h5py.string_dtype())
+    layout = h5fast.FastLayout.open(path)
+    assert layout is not None
+
+    def read_then_fail():
+        header = np.frombuffer(layout._mm, dtype=np.uint8, count=8)  # noqa: F841  (a live view)
+        raise queries.EmbeddingFileError("damaged group")
+
+    with pytest.raises(queries.EmbeddingFileError, match="damaged group"), layout:
+        read_then_fail()
+    again = h5fast.FastLayout.open(path)
+    view = np.frombuffer(again._mm, dtype=np.uint8, count=8)
+    again.close()  # with a view alive: no error, and the view still reads the file
+    assert bytes(view) == b"\x89HDF\r\n\x1a\n"
