@@ -22,9 +22,10 @@ with the reads it starts beside the products). Targets: the whole cold lookup
 
 `--million` (issue 11, item 4): a million references (`bench/million.py`: COPY in blocks into
 the embedded database under DIR/home, kept for later runs) and a 5,000-query lookup run by the
-CLI in a child process, cold (matrix streamed from the database into the float16 cache) then
-warm (the cache memory-mapped); each prints its stage table, wall time and the kernel's peak
-RSS of the child (ru_maxrss; the PostgreSQL server's own processes are not in it). Target:
+CLI in a child process, cold (matrix streamed from the database into the float16 cache), then
+warm (the cache memory-mapped; the engine prepares its operands and keeps them beside the
+cache, `core/knn_reference.py`), then kept (warm again: the engine reads the kept operands);
+each prints its stage table, wall time and the kernel's peak RSS of the child (ru_maxrss; the PostgreSQL server's own processes are not in it). Target:
 peak RSS ≤ 6 GiB. `--loader N` also writes files for N references and times `load-references`
 on them, with its peak RSS.
 """
@@ -255,11 +256,11 @@ def million_case(args: argparse.Namespace) -> None:
         )
     )
     shutil.rmtree(data / "home" / "cache", ignore_errors=True)
-    # --full: both runs search everything (the second would otherwise find the first's state and
-    # search nothing), the warm one from the memory-mapped cache the cold one wrote
+    # --full: every run searches everything (a later one would otherwise find the first's state and
+    # search nothing), the warm ones from the memory-mapped cache the cold one wrote
     cli = [sys.executable, "-m", "fantasia_assets.cli", "lookup", "--config", str(config), "--full"]
     results = []
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm", "kept"):
         wall, rss, output = million.run_measured(cli, env)
         print(
             f"--- {label} lookup, {n_queries:,} × {n_refs:,} × {args.dim}: {wall:.1f} s, peak RSS {rss:.2f} GiB"

@@ -73,7 +73,7 @@ def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs
     def engine_for(*args, **kwargs):
         engine = real_engine_for(*args, **kwargs)
         build = engine.build
-        engine.build = lambda vectors: (build(vectors), events.append("built"))[0]
+        engine.build = lambda vectors, kept=None: (build(vectors, kept), events.append("built"))[0]
         return engine
 
     def get(self, scope=None):

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -149,19 +150,22 @@ class SearchEngine:
         """Embedding dimension the queries must have."""
         return self._built().dim
 
-    def build(self, references: np.ndarray) -> SearchEngine:
+    def build(self, references: np.ndarray, kept: Path | None = None) -> SearchEngine:
         """Prepare `references` (n_ref, dim), float16 or float32; row i is reference index i.
 
         The matrix is read in chunks (`knn_reference`): a float16 or float32 C-contiguous array
         is kept, not copied, and a read-only ``np.memmap`` (the reference cache) is streamed from
         disk, never held whole in float32. Leave the array unchanged while the engine is in use.
+        `kept`: a path prefix where a 16-bit screen's prepared operands are read from, or written
+        to for the next build (`knn_reference`, kept operands); the caller vouches that files
+        there were made from these very rows.
         """
         matrix = checked_references(references)
         self._references, self._buffers = None, {}
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
         )
-        self._references = PreparedReferences(matrix, self.metric, self.arithmetic, self.device)
+        self._references = PreparedReferences(matrix, self.metric, self.arithmetic, self.device, kept)
         self._budget = self._requested_budget or default_memory_budget(self.device)
         return self
 

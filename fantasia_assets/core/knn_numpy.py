@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -151,8 +152,9 @@ class NumpySearchEngine:
             raise RuntimeError("NumpySearchEngine.build(references) must be called before searching")
         return self._reference
 
-    def build(self, references: np.ndarray) -> NumpySearchEngine:
-        """Prepare `references` (n_ref, dim), float16 or float32; row i is reference index i."""
+    def build(self, references: np.ndarray, kept: Path | None = None) -> NumpySearchEngine:
+        """Prepare `references` (n_ref, dim), float16 or float32; row i is reference index i.
+        `kept` is `knn.SearchEngine.build`'s, for the same call: a float32 copy keeps nothing."""
         matrix = checked_references(references)
         prepared = np.array(matrix, dtype=np.float32, order="C", copy=True)
         sq_norms = row_sq_norms(prepared, "references", self.metric)

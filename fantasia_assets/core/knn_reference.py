@@ -19,11 +19,27 @@ What is held, so that a million references fit in a few GiB:
 Refinement gathers the prepared rows of its few candidates from the source, with the very
 arithmetic of the build (float32 widening, one float32 product by the scale), so the memmapped
 and the in-memory matrix give bit-identical answers.
+
+**Kept operands.** A 16-bit screen's operands, per-row scales and norms are a function of the
+rows alone, so a caller that vouches for the rows (the reference cache: a file holds the rows of
+its fingerprint and nothing else) may pass a path prefix, `kept`: the build then reads them from
+there, memory-mapped, instead of preparing them again (a million references: a billion elements
+converted, ≈ 4 s on two cores), or prepares them and writes them there for the next build. Three
+files, each written atomically: the operands (.npy, uint16 bits), the per-row float32 scale and
+squared norm (.rows.npy), and last the description (.json: a tag naming the preparation, its
+format, the arithmetic, shape and source type; the bound's maxima; the euclidean centre), without
+which the others are not read. A kept file is used only if its tag matches and a sample of rows
+(`_KEPT_SAMPLE`, spread over the matrix) prepared again now gives the same bits; anything else is
+prepared afresh and written again. On the CPU only (CUDA holds its operands on the card).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,12 +59,27 @@ _MEAN_ROWS = 2048
 # a core's L2 cache between the gather and the dot products (measured at 1,024 dims: 64 pairs a
 # chunk refine a quarter faster than 256).
 _REFINE_BYTES = 2**19
+# Kept operands (module docstring): the format, bumped whenever the preparation of operands,
+# scales or norms changes; and the rows prepared again to check a kept file against its source.
+_KEPT_FORMAT = 1
+_KEPT_SAMPLE = 64
+
+log = logging.getLogger(__name__)
+_WRITING: dict[Path, threading.Thread] = {}  # kept files this process is writing (`_keep`)
+_WRITING_LOCK = threading.Lock()
 
 
 class PreparedReferences:
     """The reference rows of one engine, prepared for `metric`, `arithmetic` and `device`."""
 
-    def __init__(self, matrix: np.ndarray, metric: str, arithmetic: screen.Arithmetic, device: torch.device):
+    def __init__(
+        self,
+        matrix: np.ndarray,
+        metric: str,
+        arithmetic: screen.Arithmetic,
+        device: torch.device,
+        kept: Path | None = None,
+    ):
         if matrix.dtype in (np.float16, np.float32) and matrix.flags.c_contiguous:
             source = matrix  # kept as given: a memmap stays a memmap
         else:
@@ -59,18 +90,24 @@ class PreparedReferences:
         self.device = device
         self.shape = source.shape
         self.streamed = isinstance(source, np.memmap)
-        sq_norms = row_sq_norms(source, "references", metric, torch.get_num_threads())
         self._scale_host = self._scale = None  # cosine: float32 fl(1/‖row‖), host and device
+        self._on_device = None  # CUDA: the in-memory source, where refinement gathers
+        self.centre = None  # euclidean 16-bit screens: the mean prepared row (`knn_bounds`)
+        self.restored = False  # whether the operands were read from `kept` (module docstring)
+        keep = kept is not None and arithmetic.half and device.type == "cpu"
+        if keep and self._restore(kept):
+            return
+        sq_norms = row_sq_norms(source, "references", metric, torch.get_num_threads())
         if metric == "cosine":
             self._scale_host = inverse_norms(sq_norms).astype(np.float32)
             self._scale = torch.from_numpy(self._scale_host).to(device)
-        self._on_device = None  # CUDA: the in-memory source, where refinement gathers
         if device.type == "cuda" and not self.streamed:
             self._on_device = torch.from_numpy(_writable(source)).to(device)
-        self.centre = None  # euclidean 16-bit screens: the mean prepared row (`knn_bounds`)
         if arithmetic.half and metric == "euclidean":
             self.centre = self._mean_row()
         self.operands, self.sq_norms, self.stats = self._prepare_operands()
+        if keep:
+            self._keep(kept)
 
     @property
     def n(self) -> int:
@@ -153,6 +190,131 @@ class PreparedReferences:
             return self.operands[start:stop]
         return self.prepared(start, stop)
 
+    def _kept_files(self, kept: Path) -> tuple[Path, Path, Path]:
+        """(operands, rows, description) of the kept files under prefix `kept` for this engine."""
+        stem = f"{kept.name}.{self.metric}-{self.arithmetic.name}"
+        return tuple(kept.with_name(stem + suffix) for suffix in (".npy", ".rows.npy", ".json"))
+
+    def _kept_tag(self) -> str:
+        """What a kept file must have been prepared as to be used (module docstring)."""
+        a = self.arithmetic
+        arithmetic = f"{a.name}:{a.accumulation_unit!r}:{a.output_unit!r}:{a.smallest_normal!r}"
+        return f"{_KEPT_FORMAT}|{self.metric}|{arithmetic}|{self.n}x{self.dim}|{self.source.dtype.str}"
+
+    def _restore(self, kept: Path) -> bool:
+        """Take the operands, scales, norms and maxima from the kept files when they are this
+        preparation's and a sample of rows checks out (module docstring); False otherwise."""
+        operands_file, rows_file, description_file = self._kept_files(kept)
+        with _WRITING_LOCK:
+            writing = _WRITING.get(operands_file)
+        if writing is not None:  # this process is writing them: they will be whole
+            writing.join()
+        try:
+            description = json.loads(description_file.read_text(encoding="utf-8"))
+            if description.get("tag") != self._kept_tag():
+                return False
+            rows = np.load(rows_file)
+            operands = np.load(operands_file, mmap_mode="c")  # writable for torch, never written
+        except (OSError, ValueError, EOFError, AttributeError):
+            return False
+        if (
+            rows.dtype != np.float32
+            or rows.shape != (self.n, 2)
+            or operands.dtype != np.uint16
+            or operands.shape != self.shape
+        ):
+            return False
+        try:
+            stats = {name: float(description["stats"][name]) for name in _STAT_NAMES}
+            centre = description["centre"]
+            if (centre is None) != (self.metric == "cosine"):
+                return False
+            self.centre = None if centre is None else torch.tensor(centre, dtype=torch.float32)
+        except (KeyError, TypeError, ValueError):
+            return False
+        if self.centre is not None and self.centre.shape != (self.dim,):
+            self.centre = None
+            return False
+        self.operands = torch.from_numpy(operands.view(np.int16)).view(self.arithmetic.dtype)
+        self.stats = stats
+        self.sq_norms = (
+            torch.from_numpy(np.ascontiguousarray(rows[:, 1])) if self.metric == "euclidean" else None
+        )
+        if self.metric == "cosine":
+            self._scale_host = np.ascontiguousarray(rows[:, 0])
+            self._scale = torch.from_numpy(self._scale_host)
+        if not self._sample_matches():
+            self.operands = self.sq_norms = self._scale_host = self._scale = self.centre = None
+            return False
+        self.restored = True
+        log.info("screening operands read from %s", operands_file)
+        return True
+
+    def _sample_matches(self) -> bool:
+        """Whether rows spread over the matrix, prepared again from the source exactly as the
+        build prepares them, give the kept scale, operand bits, squared norm and stay within the
+        kept maxima."""
+        rows = np.unique(np.linspace(0, self.n - 1, min(self.n, _KEPT_SAMPLE)).astype(np.int64))
+        cosine = self.metric == "cosine"
+        with single_threaded():
+            for row in rows.tolist():
+                try:
+                    sq_norm = row_sq_norms(self.source[row : row + 1], "references", self.metric)
+                except ValueError:
+                    return False
+                if cosine:
+                    scale = inverse_norms(sq_norm).astype(np.float32)
+                    if scale.view(np.uint32)[0] != self._scale_host[row : row + 1].view(np.uint32)[0]:
+                        return False
+                operand, stats = screen.to_operands(
+                    self.prepared(row, row + 1), self.arithmetic, self.centre, unit_rows=cosine
+                )
+                if not torch.equal(operand.view(torch.int16), self.operands[row : row + 1].view(torch.int16)):
+                    return False
+                if any(stats[name][0] > self.stats[name] for name in ("norm", "operand_norm", "residual")):
+                    return False
+                if not cosine and (stats["norm"] ** 2).astype(np.float32)[0] != float(self.sq_norms[row]):
+                    return False
+        return True
+
+    def _keep(self, kept: Path) -> None:
+        """Write the prepared operands, scales, norms and maxima as the kept files (module
+        docstring) on a thread of their own, while the search runs: at a million references the
+        operands are 2 GiB, seconds of disk writes the search need not wait for. A build of the
+        same files in this process waits for them (`_restore`). A cache: a failure to write is
+        logged and the search goes on."""
+        operands_file, rows_file, description_file = self._kept_files(kept)
+        rows = np.zeros((self.n, 2), dtype=np.float32)
+        if self._scale_host is not None:
+            rows[:, 0] = self._scale_host
+        if self.sq_norms is not None:
+            rows[:, 1] = self.sq_norms.cpu().numpy()
+        description = {
+            "tag": self._kept_tag(),
+            "stats": {name: self.stats[name] for name in _STAT_NAMES},
+            "centre": None if self.centre is None else self.centre.cpu().tolist(),
+        }
+        bits = self.operands.view(torch.int16).numpy().view(np.uint16)  # the operands, not copied
+
+        def write() -> None:
+            from .exports import atomic_write
+
+            try:
+                for path, array in ((operands_file, bits), (rows_file, rows)):
+                    atomic_write(path, lambda tmp, array=array: _save_npy(tmp, array))
+                text = json.dumps(description, sort_keys=True)  # last: the files are whole
+                atomic_write(description_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            except OSError as error:  # the writer's OutputWriteError is one
+                log.warning("screening operands not kept at %s (%s)", operands_file, error)
+            finally:
+                with _WRITING_LOCK:
+                    _WRITING.pop(operands_file, None)
+
+        writer = threading.Thread(target=write, name="keep-operands")
+        with _WRITING_LOCK:
+            _WRITING[operands_file] = writer
+        writer.start()
+
     def _mean_row(self) -> torch.Tensor:
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for start in range(0, self.n, _MEAN_ROWS):
@@ -202,6 +364,23 @@ class PreparedReferences:
             relative = float(ratios.max())
         maxima.update(relative_residual=relative, centred=float(self.centre is not None))
         return operands, sq_norms, maxima
+
+
+def wait_until_kept() -> None:
+    """Wait until this process's kept files (`PreparedReferences._keep`) are written."""
+    with _WRITING_LOCK:
+        writers = list(_WRITING.values())
+    for writer in writers:
+        writer.join()
+
+
+_STAT_NAMES = ("norm", "operand_norm", "residual", "relative_residual", "centred")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """`array` as a .npy at `path` exactly (np.save to a path would add ".npy" to the name)."""
+    with open(path, "wb") as handle:
+        np.save(handle, array)
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ Reading them from PostgreSQL, fingerprinting and caching them is `fantasia_asset
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +53,9 @@ class ReferenceMatrix:
     sequence_ids: np.ndarray  # int64 (n,)
     vectors: np.ndarray  # float16 (n, dim), C-contiguous
     fingerprint: str
+    # where the search engine may keep its prepared operands of these rows (`knn_reference`):
+    # set by the reference cache for a matrix it maps from its own file, else None
+    kept_operands: Path | None = None
 
     @property
     def dim(self) -> int:

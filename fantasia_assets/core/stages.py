@@ -171,7 +171,7 @@ def in_process_search(
                settings.backend, settings.device, settings.screening)  # fmt: skip
         with _idle_lock:
             kept = _idle_engine.pop(key, (None, None))[1]
-        engine = kept if kept is not None else engine.build(matrix.vectors)
+        engine = kept if kept is not None else engine.build(matrix.vectors, kept=matrix.kept_operands)
         if started is not None:
             started()
         for start in range(0, len(vectors), batch):

@@ -164,6 +164,12 @@ class ReferenceStore:
         """The row digests (`row_digests`) of a cached vectors file, once a run has taken them."""
         return vectors_file.with_name(vectors_file.name[: -len(".npy")] + ".digests.npy")
 
+    @staticmethod
+    def operands_prefix(vectors_file: Path) -> Path:
+        """Where the search engine keeps its prepared operands of a cached vectors file (files
+        `<prefix>.<metric>-<arithmetic>.*`, `core.knn_reference`), pruned with it."""
+        return vectors_file.with_name(vectors_file.name[: -len(".npy")] + ".operands")
+
     def row_digests(self, matrix: ReferenceMatrix) -> list[bytes]:
         """`core.row_digests.row_digests(matrix.vectors)`, kept beside the matrix's cache file.
 
@@ -211,7 +217,10 @@ class ReferenceStore:
             log.warning("damaged reference cache %s (%s); fetching from the database", path, problem)
             return None
         os.utime(path)  # recently used: kept by the pruning below
-        return ReferenceMatrix(scope, ids, vectors, fingerprint)
+        # a matrix mapped from its own cache file: the engine keeps its prepared operands beside it
+        # (`core.knn_reference`), for the next lookup of these rows (not on the run that streams
+        # them from the database, which has the stream to pay for already)
+        return ReferenceMatrix(scope, ids, vectors, fingerprint, kept_operands=self.operands_prefix(path))
 
     def _from_database(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
         """Stream the scope's rows into the cache file, then map it: never whole in memory.
@@ -260,7 +269,7 @@ class ReferenceStore:
             (
                 f
                 for f in self.cache_dir.glob("matrix-*.npy")
-                if not f.name.endswith((".ids.npy", ".digests.npy"))
+                if not f.name.endswith((".ids.npy", ".digests.npy")) and ".operands." not in f.name
             ),
             key=lambda f: f.stat().st_mtime,
             reverse=True,
@@ -269,6 +278,9 @@ class ReferenceStore:
             stale.unlink(missing_ok=True)
             self.ids_file(stale).unlink(missing_ok=True)
             self.digests_file(stale).unlink(missing_ok=True)
+            prefix = self.operands_prefix(stale)
+            for kept in self.cache_dir.glob(f"{prefix.name}.*"):
+                kept.unlink(missing_ok=True)
         # caches of the earlier format (one .npz per matrix) are never read again
         for old in self.cache_dir.glob("matrix-*.npz"):
             old.unlink(missing_ok=True)

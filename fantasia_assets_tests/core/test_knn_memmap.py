@@ -234,7 +234,9 @@ def test_a_second_search_of_the_same_matrix_reuses_its_engine(monkeypatch, tmp_p
     partition = Partition(ModelSpec("M"), 1, 0)
     builds = []
     original = SearchEngine.build
-    monkeypatch.setattr(SearchEngine, "build", lambda self, m: builds.append(m) or original(self, m))
+    monkeypatch.setattr(
+        SearchEngine, "build", lambda self, m, kept=None: builds.append(m) or original(self, m, kept)
+    )
 
     def run(matrix, settings):
         return [found for _, found in in_process_search(matrix, settings, partition)(queries, None, 7)]
