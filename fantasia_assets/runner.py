@@ -158,8 +158,9 @@ def search_partition(
     settings = search_settings(config, device)
     batch_search = None
     if cluster is not None:
+        shared = store.shared_file(matrix)  # the workers' engines keep their operands beside it
         batch_search = cluster_search(
-            cluster, partition, store.shared_file(matrix), matrix, settings, config.use_gpu
+            cluster, partition, shared, matrix, settings, config.use_gpu, store.operands_prefix(shared)
         )
     outcome = _search_partition(
         queries, partition, matrix, settings, clusters, progress, timings, batch_search, annotations, ahead,

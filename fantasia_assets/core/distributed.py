@@ -178,6 +178,9 @@ class MatrixFile:
     fingerprint: str
     n_references: int
     dim: int
+    # where the workers' engines keep their prepared operands of these rows (`knn_reference`),
+    # beside the cache file: a later run's workers read them instead of preparing them again
+    kept_operands: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,9 +226,10 @@ def _worker_engine(matrix: MatrixFile, settings: BlockSettings):
                 f"the reference cache {matrix.path} seen by a Dask worker holds {vectors.shape}, "
                 f"the driver's {(matrix.n_references, matrix.dim)}: is $FANTASIA_HOME shared?"
             )
+        kept = None if matrix.kept_operands is None else Path(matrix.kept_operands)
         engine = SearchEngine(
             settings.metric, settings.backend, device, budget, screening=settings.screening
-        ).build(vectors)
+        ).build(vectors, kept=kept)
         del vectors
         lock = threading.Lock()
         _engines[key] = (engine, lock)
@@ -417,9 +421,12 @@ def cluster_search(
     matrix: ReferenceMatrix,
     settings: SearchSettings,
     use_gpu: bool,
+    kept_operands: Path | None = None,
 ) -> BatchSearch:
-    """The partition's batches searched in blocks on the cluster."""
-    where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim)
+    """The partition's batches searched in blocks on the cluster; `kept_operands`: the prefix
+    where the workers' engines keep their prepared operands (`MatrixFile`)."""
+    kept = None if kept_operands is None else str(kept_operands)
+    where = MatrixFile(str(matrix_file), matrix.fingerprint, len(matrix), matrix.dim, kept)
 
     def search(vectors: np.ndarray, exclude, batch: int):
         block = BlockSettings(

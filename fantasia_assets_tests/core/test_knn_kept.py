@@ -151,3 +151,25 @@ def test_an_unwritable_kept_place_only_costs_the_next_build(tmp_path, caplog):
     assert all(
         np.array_equal(x, y) for x, y in zip(fresh.search(queries, 3), engine.search(queries, 3), strict=True)
     )
+
+
+def test_dask_workers_keep_and_read_operands_beside_the_shared_cache_file(tmp_path):
+    """A worker's engine (`core.distributed`) keeps its operands where the driver says, and a
+    later worker reads them."""
+    from fantasia_assets.core import distributed
+
+    matrix, queries = _mapped(tmp_path, seed=4, rows=800)
+    where = distributed.MatrixFile(
+        str(tmp_path / "matrix.npy"), "f", len(matrix), matrix.shape[1], str(tmp_path / "matrix.operands")
+    )
+    settings = distributed.BlockSettings("cosine", "torch", False, 5, None, False, 50, None, "bf16")
+    try:
+        first, _ = distributed._worker_engine(where, settings)
+        knn_reference.wait_until_kept()
+        distributed._engines.clear()  # another worker, or this one on a later run
+        later, _ = distributed._worker_engine(where, settings)
+    finally:
+        distributed._engines.clear()
+    assert not first._references.restored and later._references.restored
+    expected, got = first.search(queries, 5), later.search(queries, 5)
+    assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
