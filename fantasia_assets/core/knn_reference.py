@@ -28,13 +28,18 @@ converted, ≈ 4 s on two cores), or prepares them and writes them there for the
 files, each written atomically: the operands (.npy, uint16 bits), the per-row float32 scale and
 squared norm (.rows.npy), and last the description (.json: a tag naming the preparation, its
 format, the arithmetic, shape and source type; the bound's maxima; the euclidean centre), without
-which the others are not read. A kept file is used only if its tag matches and a sample of rows
-(`_KEPT_SAMPLE`, spread over the matrix) prepared again now gives the same bits; anything else is
-prepared afresh and written again. On the CPU only (CUDA holds its operands on the card).
+which the others are not read. A kept file is used only if its tag matches (it names a digest of
+the preparing code and the numpy and torch versions, so any change to them prepares afresh) and
+a sample of rows (`_KEPT_SAMPLE`, spread over the matrix) prepared again now gives the same bits;
+anything else is prepared afresh and written again. Rows outside the sample are trusted as the
+cache file's own rows are: a file altered on disk there would go unnoticed. On the CPU only
+(CUDA holds its operands on the card).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -196,10 +201,14 @@ class PreparedReferences:
         return tuple(kept.with_name(stem + suffix) for suffix in (".npy", ".rows.npy", ".json"))
 
     def _kept_tag(self) -> str:
-        """What a kept file must have been prepared as to be used (module docstring)."""
+        """What a kept file must have been prepared as to be used (module docstring): its format,
+        the code that prepares (`_preparation_code`), the arithmetic, shape and source type."""
         a = self.arithmetic
         arithmetic = f"{a.name}:{a.accumulation_unit!r}:{a.output_unit!r}:{a.smallest_normal!r}"
-        return f"{_KEPT_FORMAT}|{self.metric}|{arithmetic}|{self.n}x{self.dim}|{self.source.dtype.str}"
+        return (
+            f"{_KEPT_FORMAT}|{_preparation_code()}|{self.metric}|{arithmetic}|{self.n}x{self.dim}|"
+            f"{self.source.dtype.str}"
+        )
 
     def _restore(self, kept: Path) -> bool:
         """Take the operands, scales, norms and maxima from the kept files when they are this
@@ -364,6 +373,17 @@ class PreparedReferences:
             relative = float(ratios.max())
         maxima.update(relative_residual=relative, centred=float(self.centre is not None))
         return operands, sq_norms, maxima
+
+
+@functools.cache
+def _preparation_code() -> str:
+    """A digest of what decides a prepared row's bits: the modules that prepare (this one, the
+    norms of `knn_inputs`, the rounding of `screen`) and the numpy and torch that run them (an
+    einsum's order of summation, a conversion's rounding). Any edit invalidates kept files."""
+    digest = hashlib.sha256(f"numpy {np.__version__} torch {torch.__version__}".encode())
+    for module in ("knn_reference.py", "knn_inputs.py", "screen.py"):
+        digest.update(b"\0" + (Path(__file__).parent / module).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def wait_until_kept() -> None:

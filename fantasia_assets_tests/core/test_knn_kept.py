@@ -106,7 +106,8 @@ def test_a_kept_file_that_is_not_this_preparation_is_prepared_again(tmp_path, da
         np.save(rows, table)
     elif damage == "tag":
         text = json.loads(description.read_text())
-        text["tag"] = text["tag"].replace("1|cosine", "0|cosine")
+        assert "|cosine|" in text["tag"]
+        text["tag"] = text["tag"].replace("|cosine|", "|euclidean|")
         description.write_text(json.dumps(text))
     elif damage == "description":
         description.write_text("{not json")
@@ -173,3 +174,15 @@ def test_dask_workers_keep_and_read_operands_beside_the_shared_cache_file(tmp_pa
     assert not first._references.restored and later._references.restored
     expected, got = first.search(queries, 5), later.search(queries, 5)
     assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
+
+
+def test_other_preparing_code_prepares_afresh(tmp_path, monkeypatch):
+    """The tag names a digest of the preparing code and libraries: files kept by another
+    version of them are not read, even where the sample would agree."""
+    matrix, _ = _mapped(tmp_path, seed=5, rows=500)
+    kept = tmp_path / "matrix.operands"
+    SearchEngine("cosine", "torch", "cpu", screening="bf16").build(matrix, kept=kept)
+    knn_reference.wait_until_kept()
+    monkeypatch.setattr(knn_reference, "_preparation_code", lambda: "another version")
+    again = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(matrix, kept=kept)
+    assert not again._references.restored
