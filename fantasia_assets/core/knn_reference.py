@@ -43,7 +43,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -381,8 +383,11 @@ def _preparation_code() -> str:
     norms of `knn_inputs`, the rounding of `screen`) and the numpy and torch that run them (an
     einsum's order of summation, a conversion's rounding). Any edit invalidates kept files."""
     digest = hashlib.sha256(f"numpy {np.__version__} torch {torch.__version__}".encode())
-    for module in ("knn_reference.py", "knn_inputs.py", "screen.py"):
-        digest.update(b"\0" + (Path(__file__).parent / module).read_bytes())
+    try:
+        for module in ("knn_reference.py", "knn_inputs.py", "screen.py"):
+            digest.update(b"\0" + (Path(__file__).parent / module).read_bytes())
+    except OSError:  # no sources to read (a frozen install): a tag no kept file can have
+        return f"unread-{os.getpid()}-{time.monotonic_ns()}"
     return digest.hexdigest()[:16]
 
 
