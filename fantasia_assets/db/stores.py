@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from ..core.exports import atomic_write
+from ..core.exports import atomic_write, remove_stale_siblings
 from ..core.progress import Progress, no_progress
 from ..core.references import ReferenceMatrix, ReferenceScope, ReferenceSetError
 from ..core.sequences import clean_many
@@ -281,6 +281,10 @@ class ReferenceStore:
             prefix = self.operands_prefix(stale)
             for kept in self.cache_dir.glob(f"{prefix.name}.*"):
                 kept.unlink(missing_ok=True)
+            # and the temporaries of kept files whose writer died (`exports.tmp_sibling`): no later
+            # write of those files would remove them once the matrix is gone
+            for tmp in self.cache_dir.glob(f".{prefix.name}.*.tmp"):
+                remove_stale_siblings(self.cache_dir / tmp.name[1:].rsplit(".", 2)[0])
         # caches of the earlier format (one .npz per matrix) are never read again
         for old in self.cache_dir.glob("matrix-*.npz"):
             old.unlink(missing_ok=True)

@@ -42,3 +42,17 @@ def test_kept_operands_are_never_taken_for_a_matrix_and_go_with_theirs(tmp_path)
     store.max_on_disk = 0
     store._prune()
     assert not any(store.cache_dir.glob("matrix-*"))
+
+
+def test_pruning_removes_kept_temporaries_of_dead_writers_only(tmp_path):
+    store = ReferenceStore(None, tmp_path / "cache", source=_Blocks(2), max_on_disk=0)
+    path = store.cache_file("c" * 16)
+    store._from_database(path, SCOPE, "c" * 16)
+    target = store.operands_prefix(path).name + ".cosine-bf16.npy"
+    dead = store.cache_dir / f".{target}.999999999-deadbeef.tmp"  # no such process
+    alive = store.cache_dir / f".{target}.{os.getpid()}-cafecafe.tmp"  # this process, writing now
+    for tmp in (dead, alive):
+        tmp.write_bytes(b"partial")
+    store._prune()
+    assert not path.exists() and not dead.exists()
+    assert alive.exists()  # a live writer's temporary is its own to rename or remove
