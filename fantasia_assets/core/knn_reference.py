@@ -24,8 +24,8 @@ and the in-memory matrix give bit-identical answers.
 rows alone, so a caller that vouches for the rows (the reference cache: a file holds the rows of
 its fingerprint and nothing else) may pass a path prefix, `kept`: the build then reads them from
 there, memory-mapped, instead of preparing them again (a million references: a billion elements
-converted, ≈ 4 s on two cores), or prepares them and writes them there for the next build. Three
-files, each written atomically: the operands (.npy, uint16 bits), the per-row float32 scale and
+converted, 4–5.5 s of a warm lookup on two cores), or prepares them and writes them there for
+the next build. Three files, each written atomically: the operands (.npy, uint16 bits), the per-row float32 scale and
 squared norm (.rows.npy), and last the description (.json: a tag naming the preparation, its
 format, the arithmetic, shape and source type; the bound's maxima; the euclidean centre), without
 which the others are not read. A kept file is used only if its tag matches (it names a digest of
