@@ -41,7 +41,9 @@ s̃ for the fast one and δ ≥ |s̃ - s| for the query's worst case over the re
 derives δ for every arithmetic, covering the rounding of queries and references to the screen's
 type, the kernel's accumulation, the rounding of its output and of the stored norms (for
 euclidean δ grows with the score, so that one long outlying reference does not widen every
-query's window; the argument below carries over with that δ). Let s_k and
+query's window; the argument below carries over with that δ; for cosine with a 16-bit output
+the output's rounding is bounded per score instead, h(p̃) of each, which the argument carries
+the same way with s̃ ± h(p̃) in place of s̃: `knn_bounds`, item 4). Let s_k and
 s̃_k be the k-th smallest exact and fast scores. At least k references have s̃ ≤ s̃_k, hence
 s ≤ s̃_k + δ, so s_k ≤ s̃_k + δ. A reference in the answer (or tied with its k-th) has s ≤ s_k,
 so s̃ ≤ s + δ ≤ s̃_k + 2δ; with a threshold (t_s in score units) also s̃ ≤ t_s + δ. Once the m-th
@@ -263,13 +265,19 @@ class SearchEngine:
         in `pending`, (distances, indices)). `knn_aspect` settles each mask's rows with it too."""
         pending_device = torch.from_numpy(pending).to(self.device)
         scores = values + offsets[pending_device, None]
-        enough, limit = screened_enough(scores, k, bounds[pending_device], threshold, self.metric, self.dim)
+        low = high = scores
+        if self.metric == "cosine" and self.arithmetic.output_unit:  # per score (`knn_bounds`, 4)
+            rounding = screen.output_error(values, self.arithmetic)  # values: -p̃
+            low, high = scores - rounding, scores + rounding
+        enough, limit = screened_enough(
+            high, k, bounds[pending_device], threshold, self.metric, self.dim, low=low
+        )
         if complete:
             enough = torch.ones_like(enough)
             limit = torch.full_like(limit, math.inf)
         rows = enough.nonzero().squeeze(1)
         # scores above the limit cannot be kept (module docstring): not worth refining
-        kept, candidates, queries = scores[rows], indices[rows], exact_queries[pending_device[rows]]
+        kept, candidates, queries = low[rows], indices[rows], exact_queries[pending_device[rows]]
         admissible = torch.isfinite(kept) & (kept <= limit[rows, None]) & (candidates >= 0)
         # the k of smallest screened score first: their refined distances narrow the limit
         # (`knn_bounds.refined_limit`), and the other candidates are refined only below it

@@ -12,11 +12,15 @@ a limit at least as large), the k of smallest fast score among them, and so ever
 `SearchEngine._settle` needs to prove, refine and select the answer exactly as from a top-m
 screen; a padding column of +inf tells it that no reference was left out below the limit.
 
-Why it is cheap. Cosine scores are s̃ = 1 - p with p = q̃·r̃ the product of the (negated) operands,
-so a reference is admitted when p ≥ τ, τ = 1 - L less a slack of 2⁻⁴⁰(1 + |L|), rounded down to
-the product's type. A reference left out has p < τ, so 1 - p > L + 2⁻⁴⁰(1 + |L|), and the float64
-sum fl(1 - p) that `SearchEngine._settle` compares with L (relative error 2⁻⁵³, 1 - p ≤ 3) is
-still above L. When τ > 0 the test needs no floating-point compare: non-negative IEEE numbers
+Why it is cheap. Cosine scores are s̃ = 1 - p with p = q̃·r̃ the product of the (negated) operands.
+A product rounded to a 16-bit output moved by at most h(p) (`screen.output_error`), so the limit
+L bounds s̃ - h(p) (`knn_bounds`, item 4): a reference is admitted when p ≥ τ, τ the smallest
+number of the product's type with τ + h(τ) ≥ t, t = 1 - L less a slack of 2⁻⁴⁰(1 + |L|) (for a
+float32 output, h = 0 and τ is t rounded down). As p + h(p) grows with p, a reference left out
+has p + h(p) < t, so 1 - p - h(p) > L + 2⁻⁴⁰(1 + |L|), and the float64 value of it that
+`SearchEngine._settle` compares with L (relative error 2⁻⁵², 1 - p ≤ 3) is still above L. The
+k-th largest p found so far enters L as the score s̃ + h(p) of the k-th (`_limits`). When τ > 0
+the test needs no floating-point compare: non-negative IEEE numbers
 order like their bit patterns read as signed integers of the same width, and negative numbers
 read as negative integers, so p ≥ τ exactly when bits(p) ≥ bits(τ) (-0, negative numbers, -inf:
 never admitted, rightly). One pass of integer maxima over the block's product, along contiguous
@@ -48,13 +52,14 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions
+from .screen import Arithmetic, output_error
 
 if TYPE_CHECKING:
     from .knn import SearchEngine
@@ -210,6 +215,7 @@ def screen(
     positive = fast_queries.neg()  # exact
     out_dtype = torch.float32 if not arithmetic.half or arithmetic.output_unit == 0.0 else arithmetic.dtype
     integer = _INTEGER[out_dtype]
+    rounded = _Output(out_dtype, arithmetic if out_dtype != torch.float32 else None)
     found = _Candidates(n_rows, k, np.dtype(str(integer).removeprefix("torch.")))
     excluded_rows, excluded_columns = (torch.from_numpy(pairs) for pairs in exclusions)
     block = block_shape(engine._budget, n_rows, n_references, references.streamed_bytes_per_row())[1]
@@ -239,10 +245,10 @@ def screen(
                 bounds,
                 threshold,
                 engine.dim,
-                out_dtype,
+                rounded,
             )
         _admit(found, bits.numpy(), group_maxima, groups, start)
-        _tighten(found, bounds, threshold, engine.dim, out_dtype)
+        _tighten(found, bounds, threshold, engine.dim, rounded)
     return _collected(found, n_rows, out_dtype)
 
 
@@ -258,7 +264,7 @@ def _group_maxima(bits: torch.Tensor, groups: int, scratch: torch.Tensor) -> np.
 
 def _first_limits(
     found: _Candidates, group_maxima: np.ndarray | None, tail: np.ndarray, bounds: torch.Tensor,
-    threshold: float | None, dim: int, out_dtype: torch.dtype,
+    threshold: float | None, dim: int, output: _Output,
 ) -> None:  # fmt: skip
     """τ of every row from the first block's k-th largest group maximum (module docstring);
     rows where it is not positive are left to the top-m screen."""
@@ -267,7 +273,7 @@ def _first_limits(
         lower = np.partition(pool, pool.shape[1] - found.k, axis=1)[:, -found.k]
     else:
         lower = np.full(len(pool), found.smallest, dtype=found.integer)
-    found.tau = _limits(lower, bounds, threshold, dim, out_dtype)
+    found.tau = _limits(lower, bounds, threshold, dim, output)
     found.left = found.tau < 1
     found.tau[found.left] = found.largest
 
@@ -296,24 +302,49 @@ def _admit(
 
 
 def _tighten(
-    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, out_dtype: torch.dtype
+    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, output: _Output
 ) -> None:
-    tau = _limits(found.best.min(1), bounds, threshold, dim, out_dtype)
+    tau = _limits(found.best.min(1), bounds, threshold, dim, output)
     screened = ~found.left
     found.tau[screened] = np.maximum(found.tau[screened], tau[screened])
 
 
+class _Output(NamedTuple):
+    """The product's output type, and the arithmetic that rounds to it (None: float32, exact)."""
+
+    dtype: torch.dtype
+    rounding: Arithmetic | None
+
+
 def _limits(
-    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, out_dtype: torch.dtype
+    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, output: _Output
 ) -> np.ndarray:
-    """bits(τ) per row from a lower bound (bits) of its k-th largest p: τ = 1 - L(1 - p_k), less
-    the slack, rounded down to `out_dtype` (module docstring). Not positive where no limit holds."""
+    """bits(τ) per row from a lower bound (bits) of its k-th largest p: from the limit L on
+    s̃ - h(p̃) given the k-th s̃ + h(p̃) (`knn_bounds`, item 4; h = 0 for a float32 output), the
+    smallest p̃ with p̃ + h(p̃) ≥ 1 - L less the slack (module docstring). Not positive where no
+    limit holds."""
     known = lower > 0  # a negative or absent p_k: no usable limit
-    p_k = torch.from_numpy(np.where(known, lower, 0)).view(out_dtype).double()
+    p_k = torch.from_numpy(np.where(known, lower, 0)).view(output.dtype).double()
+    if output.rounding is not None:
+        p_k = p_k - output_error(p_k, output.rounding)  # the k-th s̃ + h(p̃) is 1 - this
     scores = torch.where(torch.from_numpy(known), 1.0 - p_k, math.inf)[:, None]
     limit = screened_enough(scores, 1, bounds, threshold, "cosine", dim)[1]
-    tau = (1.0 - limit) - _SLACK * (1.0 + limit.abs())
-    return _round_down_bits(tau.numpy(), out_dtype)
+    tau = ((1.0 - limit) - _SLACK * (1.0 + limit.abs())).numpy()
+    if output.rounding is None:
+        return _round_down_bits(tau, output.dtype)
+    return _reaching_bits(tau, output)
+
+
+def _reaching_bits(tau: np.ndarray, output: _Output) -> np.ndarray:
+    """Bits of the smallest non-negative number p̃ of the output type with p̃ + h(p̃) ≥ tau, where
+    tau > 0, else 0. p̃ + h(p̃) grows with p̃ (`knn_bounds`, item 4), and h is at most half the
+    spacing below and above p̃: so it is the largest number y ≤ tau if y + h(y) reaches tau, else
+    the next one (the one before y reaches less than y ≤ tau)."""
+    below = _round_down_bits(tau, output.dtype)  # y; 0 where tau ≤ 0
+    values = torch.from_numpy(below).view(output.dtype).double()
+    reaches = (values + output_error(values, output.rounding)).numpy() >= tau
+    bits = np.where(reaches, below, below + 1)
+    return np.where(np.isnan(tau) | (tau <= 0), 0, bits).astype(np.int16)
 
 
 def _round_down_bits(tau: np.ndarray, out_dtype: torch.dtype) -> np.ndarray:

@@ -36,6 +36,13 @@ Then |s̃_j - T_j| is at most the sum of:
    tensor cores). The fused ``addmm`` adds w_j inside the sum: γ_{n+2}(u_acc)(X̃‖ỹ_j‖ + w_j).
 4. Output rounding: a product returned in bfloat16 (torch on the CPU) or float16 is rounded
    once more, by at most u_out|ṽ_j| ≤ u_out(1 + γ)X̃‖ỹ_j‖; u_out = 0 for float32 results.
+   For cosine the screen knows each result p̃_j = -ṽ_j rounded, and the rounding moved it by at
+   most h(p̃_j) = u_out·2^⌊log2|p̃_j|⌋ (`screen.output_error`): on neighbours, whose p̃ lie in
+   [1/2, 1), that is 2⁻⁹ rather than the ≈ 2⁻⁸ of the uniform term. So the cosine coefficient
+   a below leaves this term out, and every use adds h per score: s̃_j - h(p̃_j) ≤ T_j + a and
+   T_j ≤ s̃_j + h(p̃_j) + a. Both s̃ ± h(p̃) = 1 - p̃ ∓ h(p̃) are strictly monotone in p̃ over
+   the output type's numbers (p̃ ± h(p̃) increase with p̃: stepping up one number adds a whole
+   spacing, the h of either side at most half of one), so they order the references as s̃ does.
 5. Stored norms and the addition (euclidean): |w_j - ζ_j²| ≤ u(1 + u)ζ_j² (float64 norm
    rounded to float32), and fl(ṽ + w_j) when added outside the product errs by u(|ṽ_j| + w_j).
 
@@ -44,7 +51,8 @@ factor 1 + 2⁻²⁰ on the sum and (n + 8)·2⁻⁵²(|o| + w_j + |ṽ_j|) cove
 kernels flush subnormal products and sums, errs by < 2⁻¹²⁶ per operation: (2n + 8)·2⁻¹²⁶.
 Overflow cannot happen: `knn` rejects euclidean rows of norm ≥ 2⁵⁶.
 
-For cosine every term is bounded with the maxima R, Ỹ, E into one δ per query. For euclidean
+For cosine every term but the output rounding's is bounded with the maxima R, Ỹ, E into one δ
+per query; the rounding's h(p̃_j) is added per reference (item 4). For euclidean
 the terms grow with ζ_j, and one outlying long reference would widen every query's window; but
 ζ_j ≤ ‖r_j - c‖/(1 - u) ≤ (1 + 2.1u)(Z + √T_j) by the triangle inequality, so the error is at
 most g(T_j) = a + bζ̄ + cζ̄², ζ̄ = (1 + 2.1u)(Z + √T_j), with per-query a, b, c collected from the
@@ -55,18 +63,21 @@ float32, D_j = fl(d̂_j), d̂_j the float64 refinement of d_j (cosine d = T, euc
 error ε: absolute (n + 6)·2⁻⁵³·1.01 for cosine, relative (n + 3)·2⁻⁵³ for euclidean. Every
 reference kept (the first k, or every tie of the k-th with tie_expansion, all within a
 threshold t) has D_j ≤ D* = min(D_(k), t). The k references of smallest screened score have
-T ≤ B_k, B_k = s̃_(k) + δ for cosine; for euclidean T - g(T) ≤ s̃_(k), a quadratic inequality
+T ≤ B_k, B_k = s̃_(k) + h(p̃_(k)) + δ for cosine (`screened_enough` is given the scores
+s̃ + h(p̃) and compares s̃ - h(p̃) with the limits); for euclidean T - g(T) ≤ s̃_(k), a quadratic inequality
 in √T whose larger root gives B_k. So D_(k) is at most their rounded refined distance; undoing
 the roundings, every kept reference has T_j ≤ U = min(ρB_k + α, ρ_t·t_s + α) (t_s = t, or t²
 for euclidean), where cosine ρ = (1 + u)/(1 - u), ρ_t = 1/(1 - u), α = (ρ + 1)ε; euclidean
 ρ = ((1 + u)(1 + ε)²/(1 - u))², ρ_t = ((1 + ε)/(1 - u))², α = 0. So a kept reference has
-s̃_j ≤ L = U + δ (cosine) or U + g(U) (euclidean). Once the m-th screened score exceeds L, no
-reference left out of the screen can be kept, and only candidates with s̃_j ≤ L need refining.
+s̃_j - h(p̃_j) ≤ L = U + δ (cosine) or s̃_j ≤ L = U + g(U) (euclidean). Once the m-th screened
+score exceeds L (less its h), no reference left out of the screen can be kept, and only
+candidates within L need refining.
 
 **Refining in two steps.** The k-th smallest D over any k references is at least D_(k). So once
 the k candidates of smallest screened score are refined, their largest D, D', bounds D* too:
 D* ≤ min(D', t), and the threshold's argument above with t replaced by D' gives a second limit
-L' = ρ_t·D' + α + δ (cosine; D'² and g for euclidean) above which no candidate can be kept
+L' = ρ_t·D' + α + δ (cosine, bounding s̃_j - h(p̃_j); D'² and g for euclidean) above which no
+candidate can be kept
 (`refined_limit`). D' is near s̃_(k), as screening errs far less than δ in practice, so L' is
 about one δ above s̃_(k) where L is two: on 1,024-dim data about a third fewer candidates are
 refined. A cosine D' of 2 may be a clipped distance, which bounds nothing: L' is then +∞.
@@ -102,7 +113,8 @@ def screening_error_bound(
     references: dict[str, float],
 ) -> np.ndarray:
     """Error coefficients per query (b, 4) float64, columns (a, b, c, Z) (module docstring):
-    |s̃_j - T_j| ≤ a (cosine) or g(T_j) = a + bζ̄ + cζ̄², ζ̄ = (1 + 2.1u)(Z + √T_j) (euclidean).
+    |s̃_j - T_j| ≤ a + h(p̃_j) (cosine, `screen.output_error`) or g(T_j) = a + bζ̄ + cζ̄²,
+    ζ̄ = (1 + 2.1u)(Z + √T_j) (euclidean).
 
     Args:
         queries: per query row, "operand_norm" X̃, "residual" E_x, "offset" o and, for
@@ -120,7 +132,7 @@ def screening_error_bound(
         product = x_norm * references["operand_norm"]
         magnitude = (1 + u_out) * (1 + g) * product  # ≥ |ṽ|
         operands = x_norm * references["residual"] + x_residual * references["norm"]
-        total = 2.1 * u + operands + g * product + u_out * (1 + g) * product
+        total = 2.1 * u + operands + g * product  # the output rounding: per score (item 4)
         coefficients[:, 0] = _NORM_SLACK * total + residue * (offset + magnitude) + underflow
         return coefficients
     kappa = 1 + references["relative_residual"]
@@ -145,9 +157,12 @@ def screened_enough(
     threshold: float | None,
     metric: str,
     dim: int,
+    low: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(whether each row's screened scores (b, m) provably hold its answer: bool (b,),
-    L (b,): the largest screened score a kept reference can have), module docstring."""
+    L (b,): the largest screened score a kept reference can have), module docstring. Cosine
+    scores whose output was rounded come as `scores` s̃ + h(p̃) and `low` s̃ - h(p̃) (item 4):
+    L then bounds `low`."""
     ordered = scores.sort(dim=1).values
     kth = ordered[:, min(k, ordered.shape[1]) - 1]
     a, b, c, z = coefficients.unbind(1)
@@ -172,7 +187,7 @@ def screened_enough(
         # D* ≥ 2 may be a clipped distance: it bounds T only by 1 + ‖r̂_j‖ ≤ 2 + 2.1u
         limit = torch.where(limit >= 2, limit.clamp(min=2 + _CLIPPED_REACH), limit)
     limit = _score_limit(limit, coefficients, metric)
-    last = ordered[:, -1]
+    last = ordered[:, -1] if low is None else low.amax(1)
     return torch.isinf(last) | (last > limit), limit
 
 

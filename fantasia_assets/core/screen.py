@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,6 +250,26 @@ def product(
     if arithmetic.half and arithmetic.output_unit == 0.0:
         return torch.mm(queries, references.T, out_dtype=torch.float32, out=out)
     return torch.mm(queries, references.T, out=out)
+
+
+def output_error(values: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
+    """How far the rounding of the product's output may have moved each of `values` (float64
+    copies of the 16-bit results; ±inf where there is no product): u_out·2^⌊log2|x|⌋, half a
+    unit in the last place of x's binade, for x ≠ 0 of at least the type's smallest normal, and
+    u_out times the smallest normal (half the subnormal spacing) below it and at 0; 0 where
+    the output is float32 or x is not finite (`knn_bounds`, item 4).
+
+    Why it holds. Rounding to nearest moves a value v to x = fl(v) by at most half the spacing of
+    the type around v. With x in binade e (2^e ≤ |x| < 2^(e+1)), v lies in binade e too, where
+    half the spacing is u_out·2^e, or x = ±2^e came from just below it, where the spacing is
+    half as wide. The subnormal range has one fixed spacing, 2·u_out·(smallest normal)."""
+    if arithmetic.output_unit == 0.0:
+        return torch.zeros_like(values)
+    floor = math.frexp(arithmetic.smallest_normal)[1] - 1  # log2 of the smallest normal
+    exponent = (torch.frexp(values)[1] - 1).clamp(min=floor)  # ⌊log2|x|⌋ for x ≠ 0
+    exponent = torch.where(values == 0, floor, exponent)
+    error = torch.ldexp(torch.full_like(values, arithmetic.output_unit), exponent)
+    return torch.where(torch.isfinite(values), error, 0.0)
 
 
 def output_dtype(arithmetic: Arithmetic) -> torch.dtype:

@@ -89,7 +89,7 @@ def test_many_blocks_on_adversarial_data_equal_the_oracle(small_blocks, name):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=stressed_rows(), block=st.sampled_from([8, 32, 40, 4096]))
 def test_candidates_are_within_the_bound_and_hold_the_answer(screening, rows, block):
-    """Every candidate's screened score is within δ of its exact target T (the admission path's
+    """Every candidate's screened score is within δ + h(p̃) of its exact target T (the admission path's
     own product, of the negated operands), and every reference with T ≤ the k-th smallest T is a
     candidate of each row the screen keeps."""
     references, queries, k = rows[16:], rows[:16], 3
@@ -107,7 +107,8 @@ def test_candidates_are_within_the_bound_and_hold_the_answer(screening, rows, bl
         finite = np.isfinite(values[position].numpy())
         columns = indices[position].numpy()[finite]
         scores = values[position].numpy()[finite] + 1.0
-        assert np.all(np.abs(scores - target[row, columns]) <= bounds[row, 0])
+        rounding = screen.output_error(values[position][finite], engine.arithmetic).numpy()
+        assert np.all(np.abs(scores - target[row, columns]) <= bounds[row, 0] + rounding)
         answer = np.flatnonzero(target[row] <= np.sort(target[row])[k - 1])
         assert set(answer) <= set(columns.tolist())
 
@@ -139,3 +140,27 @@ def test_tau_is_rounded_down_to_the_output_type(values):
         above = torch.from_numpy(np.ascontiguousarray(bits + 1)).to(integer).view(out_dtype).double().numpy()
         assert np.all(got <= tau) and np.all(above > tau)
     assert np.all(knn_admission._round_down_bits(np.array([0.0, -1.0, np.nan]), torch.bfloat16) <= 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_admission_bits_are_the_smallest_number_whose_reach_meets_the_limit(dtype):
+    """`_reaching_bits`: the smallest non-negative number p̃ of the output type with
+    p̃ + h(p̃) ≥ τ, checked against every number of the type, for τ anywhere in (0, 2], at and
+    just below each number's reach, and tiny; 0 where τ ≤ 0 or is NaN."""
+    arithmetic = screen.Arithmetic(
+        screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
+    )
+    output = knn_admission._Output(dtype, arithmetic)
+    bits = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16)
+    numbers = bits.view(dtype).double()
+    finite = torch.isfinite(numbers)
+    reach = (numbers + screen.output_error(numbers, arithmetic))[finite].numpy()  # increasing
+    rng = np.random.default_rng(3)
+    picked = reach[rng.integers(0, len(reach), 20_000)]
+    tau = np.concatenate([
+        rng.uniform(0, 2, 20_000), 2.0 ** rng.uniform(-140, 1, 20_000), picked, np.nextafter(picked, 0),
+        np.nextafter(picked, 3), [0.0, -1.0, np.nan, 1e-45, 2.0],
+    ])  # fmt: skip
+    tau = tau[~(tau > 4.0)]  # cosine: p̃ ≤ 1 + 2.1u (NaN stays)
+    expected = np.where(np.isnan(tau) | (tau <= 0), 0, np.searchsorted(reach, tau, side="left"))
+    np.testing.assert_array_equal(knn_admission._reaching_bits(tau, output), expected.astype(np.int16))

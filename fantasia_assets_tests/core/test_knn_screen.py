@@ -3,6 +3,7 @@ screen's error never exceeds the bound `knn_bounds` derives."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -161,15 +162,18 @@ def screened_errors(engine: SearchEngine, queries: np.ndarray, references: np.nd
     no_exclusions = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     with screen.exact_matmul_settings():
         values, indices = engine._screen(fast, no_exclusions, engine.n_references)
-    scores = np.empty(values.shape)
+    scores, rounding = np.empty(values.shape), np.empty(values.shape)
     np.put_along_axis(scores, indices.cpu().numpy(), (values.cpu().numpy() + offsets[:, None]), axis=1)
+    # cosine: each score's output rounding is bounded per score (`knn_bounds`, item 4)
+    per_score = screen.output_error(values, engine.arithmetic).cpu().numpy()
+    np.put_along_axis(rounding, indices.cpu().numpy(), per_score, axis=1)
     reference = engine._references.prepared(0, engine.n_references).cpu().numpy()
     q, r = q32.astype(np.longdouble), reference.astype(np.longdouble)
     if engine.metric == "cosine":
         norms = np.sqrt((q * q).sum(1, keepdims=True))
         unit = np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
         target = 1 - unit @ r.T
-        bound = np.broadcast_to(coefficients[:, :1], target.shape)
+        bound = coefficients[:, :1] + rounding
     else:
         target = np.stack([((row - r) ** 2).sum(1) for row in q])
         a, b, c, z = (coefficients[:, i : i + 1] for i in range(4))
@@ -394,3 +398,52 @@ def test_cosine_reference_norm_bounds_hold_on_random_rows(references):
         norms, operand_norms = unit_reference_norms(unit, dtype)
         assert norms.max() <= screen.UNIT_ROW_NORM
         assert (stats["operand_norm"] >= operand_norms).all()
+
+
+HALF_OUTPUTS = [
+    screen.Arithmetic(
+        screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
+    )
+    for dtype in (torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("arithmetic", HALF_OUTPUTS, ids=lambda a: a.name)
+def test_output_error_bounds_the_rounding_of_every_product(arithmetic):
+    """`screen.output_error` (`knn_bounds`, item 4): float32 results rounded to the 16-bit output
+    type move by at most h(x) of the rounded x, on values spread over the whole exponent range,
+    just around every binade boundary (where x = 2^e may come from below it), in the subnormal
+    range and at zero, of both signs; and h is 0 for a float32 output and for ±inf."""
+    rng = np.random.default_rng(7)
+    low = -150 if arithmetic.dtype == torch.bfloat16 else -27
+    spread = rng.standard_normal(400_000) * 2.0 ** rng.uniform(low, 15, 400_000)
+    exponents = np.arange(low, 15, dtype=np.float64)
+    edges = np.concatenate(
+        [2.0**exponents * (1 + f) for f in (-(2.0**-9), -(2.0**-12), 0.0, 2.0**-12, 2.0**-9)]
+    )
+    values = np.concatenate([spread, edges, -edges, [0.0, -0.0]]).astype(np.float32)
+    exact = torch.from_numpy(values).double()
+    rounded = torch.from_numpy(values).to(arithmetic.dtype).double()
+    finite = torch.isfinite(rounded)
+    error = screen.output_error(rounded, arithmetic)
+    assert ((rounded - exact).abs()[finite] <= error[finite]).all()
+    assert (error[finite] > 0).all()  # never a bound of 0 where something rounds
+    # tight: the bound is reached (a tie halfway between two numbers rounds by exactly h)
+    assert ((rounded - exact).abs()[finite] == error[finite]).any()
+    special = torch.tensor([math.inf, -math.inf, 0.5], dtype=torch.float64)
+    assert screen.output_error(special, arithmetic)[:2].tolist() == [0.0, 0.0]
+    assert (screen.output_error(special, screen.FP32) == 0).all()
+
+
+@pytest.mark.parametrize("arithmetic", HALF_OUTPUTS, ids=lambda a: a.name)
+def test_scores_widened_by_the_output_error_keep_the_order_of_the_products(arithmetic):
+    """Over every finite number x of the output type, x + h(x) and x - h(x) strictly increase:
+    s̃ ± h(p̃) order the references as s̃ does, and the admission screen's integer compare of
+    bits is the compare of p̃ + h(p̃) (`knn_admission._reaching_bits`)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    numbers = bits.view(arithmetic.dtype).double()
+    numbers = numbers[torch.isfinite(numbers) & (numbers != 0)].unique()  # ascending, one zero
+    numbers = torch.cat((numbers[numbers < 0], torch.zeros(1, dtype=torch.float64), numbers[numbers > 0]))
+    error = screen.output_error(numbers, arithmetic)
+    assert ((numbers + error).diff() > 0).all()
+    assert ((numbers - error).diff() > 0).all()
