@@ -36,7 +36,8 @@ top-m screen, which proves them in its own way.
 
 No new rounding enters: negating an operand negates every product and partial sum exactly, so p
 is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
-(the bf16 output rounding included); τ is rounded down, which only widens the admission.
+(the bf16 output rounding per score, item 4); τ is taken at or below the limit's reach, which
+only widens the admission.
 
 Workers. The screen's bookkeeping and the refinement after it run on one thread, between
 products that use them all; a search of many queries is therefore cut into blocks that up to
@@ -52,14 +53,14 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions
-from .screen import Arithmetic, output_error
+from .screen import Arithmetic, output_dtype, output_error
 
 if TYPE_CHECKING:
     from .knn import SearchEngine
@@ -213,9 +214,8 @@ def screen(
     references, arithmetic = engine._references, engine.arithmetic
     n_rows, n_references = len(fast_queries), references.n
     positive = fast_queries.neg()  # exact
-    out_dtype = torch.float32 if not arithmetic.half or arithmetic.output_unit == 0.0 else arithmetic.dtype
+    out_dtype = output_dtype(arithmetic)
     integer = _INTEGER[out_dtype]
-    rounded = _Output(out_dtype, arithmetic if out_dtype != torch.float32 else None)
     found = _Candidates(n_rows, k, np.dtype(str(integer).removeprefix("torch.")))
     excluded_rows, excluded_columns = (torch.from_numpy(pairs) for pairs in exclusions)
     block = block_shape(engine._budget, n_rows, n_references, references.streamed_bytes_per_row())[1]
@@ -245,10 +245,10 @@ def screen(
                 bounds,
                 threshold,
                 engine.dim,
-                rounded,
+                arithmetic,
             )
         _admit(found, bits.numpy(), group_maxima, groups, start)
-        _tighten(found, bounds, threshold, engine.dim, rounded)
+        _tighten(found, bounds, threshold, engine.dim, arithmetic)
     return _collected(found, n_rows, out_dtype)
 
 
@@ -264,7 +264,7 @@ def _group_maxima(bits: torch.Tensor, groups: int, scratch: torch.Tensor) -> np.
 
 def _first_limits(
     found: _Candidates, group_maxima: np.ndarray | None, tail: np.ndarray, bounds: torch.Tensor,
-    threshold: float | None, dim: int, output: _Output,
+    threshold: float | None, dim: int, arithmetic: Arithmetic,
 ) -> None:  # fmt: skip
     """τ of every row from the first block's k-th largest group maximum (module docstring);
     rows where it is not positive are left to the top-m screen."""
@@ -273,7 +273,7 @@ def _first_limits(
         lower = np.partition(pool, pool.shape[1] - found.k, axis=1)[:, -found.k]
     else:
         lower = np.full(len(pool), found.smallest, dtype=found.integer)
-    found.tau = _limits(lower, bounds, threshold, dim, output)
+    found.tau = _limits(lower, bounds, threshold, dim, arithmetic)
     found.left = found.tau < 1
     found.tau[found.left] = found.largest
 
@@ -302,47 +302,39 @@ def _admit(
 
 
 def _tighten(
-    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, output: _Output
+    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic
 ) -> None:
-    tau = _limits(found.best.min(1), bounds, threshold, dim, output)
+    tau = _limits(found.best.min(1), bounds, threshold, dim, arithmetic)
     screened = ~found.left
     found.tau[screened] = np.maximum(found.tau[screened], tau[screened])
 
 
-class _Output(NamedTuple):
-    """The product's output type, and the arithmetic that rounds to it (None: float32, exact)."""
-
-    dtype: torch.dtype
-    rounding: Arithmetic | None
-
-
 def _limits(
-    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, output: _Output
+    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic
 ) -> np.ndarray:
     """bits(τ) per row from a lower bound (bits) of its k-th largest p: from the limit L on
     s̃ - h(p̃) given the k-th s̃ + h(p̃) (`knn_bounds`, item 4; h = 0 for a float32 output), the
     smallest p̃ with p̃ + h(p̃) ≥ 1 - L less the slack (module docstring). Not positive where no
     limit holds."""
     known = lower > 0  # a negative or absent p_k: no usable limit
-    p_k = torch.from_numpy(np.where(known, lower, 0)).view(output.dtype).double()
-    if output.rounding is not None:
-        p_k = p_k - output_error(p_k, output.rounding)  # the k-th s̃ + h(p̃) is 1 - this
+    p_k = torch.from_numpy(np.where(known, lower, 0)).view(output_dtype(arithmetic)).double()
+    p_k = p_k - output_error(p_k, arithmetic)  # the k-th s̃ + h(p̃) is 1 - this
     scores = torch.where(torch.from_numpy(known), 1.0 - p_k, math.inf)[:, None]
     limit = screened_enough(scores, 1, bounds, threshold, "cosine", dim)[1]
     tau = ((1.0 - limit) - _SLACK * (1.0 + limit.abs())).numpy()
-    if output.rounding is None:
-        return _round_down_bits(tau, output.dtype)
-    return _reaching_bits(tau, output)
+    if arithmetic.output_unit == 0.0:
+        return _round_down_bits(tau, output_dtype(arithmetic))
+    return _reaching_bits(tau, arithmetic)
 
 
-def _reaching_bits(tau: np.ndarray, output: _Output) -> np.ndarray:
+def _reaching_bits(tau: np.ndarray, arithmetic: Arithmetic) -> np.ndarray:
     """Bits of the smallest non-negative number p̃ of the output type with p̃ + h(p̃) ≥ tau, where
     tau > 0, else 0. p̃ + h(p̃) grows with p̃ (`knn_bounds`, item 4), and h is at most half the
     spacing below and above p̃: so it is the largest number y ≤ tau if y + h(y) reaches tau, else
     the next one (the one before y reaches less than y ≤ tau)."""
-    below = _round_down_bits(tau, output.dtype)  # y; 0 where tau ≤ 0
-    values = torch.from_numpy(below).view(output.dtype).double()
-    reaches = (values + output_error(values, output.rounding)).numpy() >= tau
+    below = _round_down_bits(tau, arithmetic.dtype)  # y; 0 where tau ≤ 0
+    values = torch.from_numpy(below).view(arithmetic.dtype).double()
+    reaches = (values + output_error(values, arithmetic)).numpy() >= tau
     bits = np.where(reaches, below, below + 1)
     return np.where(np.isnan(tau) | (tau <= 0), 0, bits).astype(np.int16)
 

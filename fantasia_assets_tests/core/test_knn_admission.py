@@ -15,7 +15,13 @@ from fantasia_assets.core import knn_admission, screen
 from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
-from fantasia_assets_tests.core.test_knn_screen import ADVERSARIAL, adversarial, exact_oracle, stressed_rows
+from fantasia_assets_tests.core.test_knn_screen import (
+    ADVERSARIAL,
+    HALF_OUTPUTS,
+    adversarial,
+    exact_oracle,
+    stressed_rows,
+)
 
 SCREENINGS = ["bf16", "fp32"] if screen.cpu_has_bf16_units() else ["fp32"]
 
@@ -142,17 +148,13 @@ def test_tau_is_rounded_down_to_the_output_type(values):
     assert np.all(knn_admission._round_down_bits(np.array([0.0, -1.0, np.nan]), torch.bfloat16) <= 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_admission_bits_are_the_smallest_number_whose_reach_meets_the_limit(dtype):
+@pytest.mark.parametrize("arithmetic", HALF_OUTPUTS, ids=lambda a: a.name)
+def test_admission_bits_are_the_smallest_number_whose_reach_meets_the_limit(arithmetic):
     """`_reaching_bits`: the smallest non-negative number p̃ of the output type with
     p̃ + h(p̃) ≥ τ, checked against every number of the type, for τ anywhere in (0, 2], at and
     just below each number's reach, and tiny; 0 where τ ≤ 0 or is NaN."""
-    arithmetic = screen.Arithmetic(
-        screen._NAMES[dtype], dtype, 2.0**-22, screen._OUTPUT_UNIT[dtype], screen._SMALLEST_NORMAL[dtype]
-    )
-    output = knn_admission._Output(dtype, arithmetic)
     bits = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16)
-    numbers = bits.view(dtype).double()
+    numbers = bits.view(arithmetic.dtype).double()
     finite = torch.isfinite(numbers)
     reach = (numbers + screen.output_error(numbers, arithmetic))[finite].numpy()  # increasing
     rng = np.random.default_rng(3)
@@ -163,4 +165,4 @@ def test_admission_bits_are_the_smallest_number_whose_reach_meets_the_limit(dtyp
     ])  # fmt: skip
     tau = tau[~(tau > 4.0)]  # cosine: p̃ ≤ 1 + 2.1u (NaN stays)
     expected = np.where(np.isnan(tau) | (tau <= 0), 0, np.searchsorted(reach, tau, side="left"))
-    np.testing.assert_array_equal(knn_admission._reaching_bits(tau, output), expected.astype(np.int16))
+    np.testing.assert_array_equal(knn_admission._reaching_bits(tau, arithmetic), expected.astype(np.int16))

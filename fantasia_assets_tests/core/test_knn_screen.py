@@ -442,8 +442,10 @@ def test_scores_widened_by_the_output_error_keep_the_order_of_the_products(arith
     bits is the compare of p̃ + h(p̃) (`knn_admission._reaching_bits`)."""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     numbers = bits.view(arithmetic.dtype).double()
-    numbers = numbers[torch.isfinite(numbers) & (numbers != 0)].unique()  # ascending, one zero
-    numbers = torch.cat((numbers[numbers < 0], torch.zeros(1, dtype=torch.float64), numbers[numbers > 0]))
+    numbers = numbers[torch.isfinite(numbers) & (numbers != 0)].unique()  # ascending, no ±0
+    numbers = torch.cat(
+        (numbers[numbers < 0], torch.zeros(1, dtype=torch.float64), numbers[numbers > 0])
+    )  # one 0
     error = screen.output_error(numbers, arithmetic)
     assert ((numbers + error).diff() > 0).all()
     assert ((numbers - error).diff() > 0).all()
