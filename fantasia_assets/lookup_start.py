@@ -1,6 +1,6 @@
 """What a lookup settles before its search: the partitions that have references, the first
 partition's reference matrix read ahead while the query file is scanned, and when the annotation
-table is read (`read_annotations`: beside the search's products).
+table is read (`read_annotations`: at once, or beside the search's products).
 
 The scan of a big query file (20,000 accession groups: ≈ 4 s) holds the interpreter, while a
 cold reference matrix (124,000 × 1,024 from the database: ≈ 2.5 s) is mostly a wait on
@@ -28,7 +28,7 @@ from .db.snapshot import Reads
 log = logging.getLogger(__name__)
 
 # A query file this big (4,096 vectors of 1,024 float32) is searched for seconds, even against few
-# references: long enough to hide the annotation table's read (`read_annotations`).
+# references: long enough to hide the annotation table's read through a client (`read_annotations`).
 DEFER_ANNOTATIONS_BYTES = 16 << 20
 
 
@@ -75,28 +75,39 @@ def require_references(reads: Reads) -> dict[str, int]:
 
 
 def read_annotations(
-    executor: Executor, get: Callable, scope: ReferenceScope, searching: Event | None, config: LookupConfig
+    executor: Executor,
+    get: Callable,
+    scope: ReferenceScope,
+    searching: Event | None,
+    config: LookupConfig,
+    through_client: Callable[[], bool],
 ) -> Future:
     """`get(scope)` (the annotation table) on `executor`: at once, or, when the query file holds at
-    least `DEFER_ANNOTATIONS_BYTES`, once `searching` is set: the run sets it when the search's
-    products start (its engine built), and in any case once the search is over or the run failed.
+    least `DEFER_ANNOTATIONS_BYTES` and the table would come through a client COPY
+    (`through_client()`, asked on the executor's thread), once `searching` is set: the run sets
+    it when the search's products start (its engine built), and in any case once the search is
+    over or the run failed.
 
     The table is needed after the search only (but for a per-aspect search: `searching` None).
-    Read beside the scan and the matrix, its COPY and parse (≈ 2.4 s of CPU at 124,000
-    references, half of it this process's interpreter) delay the matrix the search waits for, on
-    two cores; read beside the engine's build, it tripled the build (1.1 s alone, 3-3.7 s beside
-    it; 1.7-2 s with the read in another process: the build's many short steps wait on the
-    interpreter the COPY loop holds). Beside the products, whose calls hold no interpreter for
-    tenths of a second each, it costs them its CPU alone. A small query file's search would not
-    hide it: its table is read at once, beside the matrix.
+    A client COPY passes every row through this process's interpreter (≈ 1.2 CPU-s of 2.4 at
+    124,000 references): beside the scan and the matrix it delays the matrix the search waits
+    for, on two cores; beside the engine's build it tripled the build (1.1 s alone, 3-3.7 s
+    beside it: the build's many short steps wait on the interpreter the COPY loop holds). Beside
+    the products, whose calls hold no interpreter for tenths of a second each, it costs them its
+    CPU alone. When the server writes the table as a file (`db.copy_file`, the embedded
+    server), the read holds the interpreter for moments only, and it is read at once: while the
+    matrix streams, this process leaves a core partly idle, which the server's COPY and polars'
+    parse fill (scale lookups, 20,000 × 124,000, alternated: median 10.66 s deferred, 9.97 s at
+    once; the search stage 4.3-5.3 s → 3.7-3.8 s). A small query file's search would not hide
+    the read either: its table is read at once, beside the matrix.
     """
     try:
-        defer = searching is not None and config.embeddings_path.stat().st_size >= DEFER_ANNOTATIONS_BYTES
+        big = searching is not None and config.embeddings_path.stat().st_size >= DEFER_ANNOTATIONS_BYTES
     except OSError:  # the scan reports a missing or unreadable query file
-        defer = False
+        big = False
 
     def read():
-        if defer:
+        if big and through_client():
             searching.wait()
         return get(scope)
 

@@ -381,7 +381,8 @@ def _run_lookup(
     timings: dict[str, float] = {}
     # The annotation table depends on the taxonomy filter alone, not on the queries, and the first
     # partition's reference matrix on the configuration (`lookup_start`): the matrix is read while
-    # the query file is scanned, the table too (a big file's, beside the products). Their errors
+    # the query file is scanned, the table too (through a client COPY, a big file's beside the
+    # products: `read_annotations`). Their errors
     # surface where they were read before (after the plan, in the search); an earlier error drops them.
     include, exclude = config.taxonomy.resolve()
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
@@ -389,8 +390,9 @@ def _run_lookup(
     annotations_of = AnnotationStore(None, cache_dir("annotations"), reads).get
     after = None if config.per_aspect else updates.searching  # per aspect: the table first
     pending = read_annotations(
-        background, annotations_of, ReferenceScope(0, None, include, exclude), after, config
-    )
+        background, annotations_of, ReferenceScope(0, None, include, exclude), after, config,
+        reads.copies_through_client,
+    )  # fmt: skip
     with timed(timings, "scan queries"):
         queries = open_queries(config.embeddings_path, cache_dir("queries"))
     types = require_references(reads)

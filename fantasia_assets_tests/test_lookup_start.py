@@ -1,6 +1,7 @@
 """When the lookup reads the annotation table: at once beside the query scan, or, for a query file
-big enough that its search hides the read, once the search's products start (or the run has
-searched or failed: the run sets the event in any case)."""
+big enough that its search hides the read and a table that would pass through the interpreter
+(a client COPY), once the search's products start (or the run has searched or failed: the run
+sets the event in any case)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from fantasia_assets.lookup_start import DEFER_ANNOTATIONS_BYTES, read_annotatio
 SCOPE = ReferenceScope(0, None)
 
 
-def _started(tmp_path, size: int | None, searching: threading.Event | None) -> tuple[Future, threading.Event]:
-    """The table's read started for a query file of `size` bytes (None: no file); the event is set
-    when `get` runs, and it returns the scope it was given."""
+def _started(
+    tmp_path, size: int | None, searching: threading.Event | None, through_client: bool = True
+) -> tuple[Future, threading.Event]:
+    """The table's read started for a query file of `size` bytes (None: no file), read through a
+    client COPY or not; the event is set when `get` runs, and it returns the scope it was given."""
     path = tmp_path / "queries.h5"
     if size is not None:
         with open(path, "wb") as handle:
@@ -31,7 +34,8 @@ def _started(tmp_path, size: int | None, searching: threading.Event | None) -> t
         return scope
 
     executor = ThreadPoolExecutor(1)
-    pending = read_annotations(executor, get, SCOPE, searching, SimpleNamespace(embeddings_path=path))
+    config = SimpleNamespace(embeddings_path=path)
+    pending = read_annotations(executor, get, SCOPE, searching, config, lambda: through_client)
     executor.shutdown(wait=False)
     return pending, called
 
@@ -46,6 +50,12 @@ def test_read_at_once_for_a_small_file_a_per_aspect_search_or_no_file(tmp_path, 
     assert pending.result(timeout=10) == SCOPE
 
 
+def test_a_big_file_reads_a_table_the_server_writes_at_once(tmp_path):
+    searching = threading.Event()  # never set
+    pending, _ = _started(tmp_path, DEFER_ANNOTATIONS_BYTES, searching, through_client=False)
+    assert pending.result(timeout=10) == SCOPE
+
+
 def test_a_big_file_reads_the_table_once_the_products_start(tmp_path):
     searching = threading.Event()
     pending, called = _started(tmp_path, DEFER_ANNOTATIONS_BYTES, searching)
@@ -57,9 +67,9 @@ def test_a_big_file_reads_the_table_once_the_products_start(tmp_path):
 def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs(
     sample_loaded, tmp_path, monkeypatch
 ):
-    """The whole lookup with every query file deferred: the table's read and the stamp's sequence
-    files start after the engine is built, the run ends (nothing waits for ever), and its outputs
-    equal an undeferred run's."""
+    """The whole lookup with every query file deferred (as a client COPY's table): the table's read
+    and the stamp's sequence files start after the engine is built, the run ends (nothing waits
+    for ever), and its outputs equal an undeferred run's."""
     from fantasia_assets.config import parse_config
     from fantasia_assets.core import stages
     from fantasia_assets.db import snapshot, stores
@@ -87,6 +97,7 @@ def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs
         real_prepare(self, executor)
 
     monkeypatch.setattr(lookup_start, "DEFER_ANNOTATIONS_BYTES", 0)
+    monkeypatch.setattr(snapshot.LiveReads, "copies_through_client", lambda self: True)
     monkeypatch.setattr(stages, "engine_for", engine_for)
     monkeypatch.setattr(snapshot.LiveReads, "prepare_finish", prepare)
     monkeypatch.setattr(stores.AnnotationStore, "get", get)
@@ -99,12 +110,14 @@ def test_a_deferred_table_is_read_once_the_engine_is_built_with_the_same_outputs
 
 def test_a_run_that_fails_before_its_search_leaves_no_read_waiting(sample_loaded, tmp_path, monkeypatch):
     from fantasia_assets.config import parse_config
+    from fantasia_assets.db import snapshot
     from fantasia_assets.runner import run_lookup
     from fantasia_assets_tests.hardening.helpers import config_dict, near_only
 
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"not an HDF5 file")
     monkeypatch.setattr(lookup_start, "DEFER_ANNOTATIONS_BYTES", 0)
+    monkeypatch.setattr(snapshot.LiveReads, "copies_through_client", lambda self: True)
     config = parse_config(config_dict(tmp_path / "out", broken, **near_only()))
     outcome: list[BaseException] = []
 

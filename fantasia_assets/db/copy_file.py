@@ -60,6 +60,14 @@ def copied(
         yield scratch
 
 
+def server_writes(engine: Engine) -> bool:
+    """Whether `copied` would have the server write its files here (`_server_folder`): then no
+    row passes through this process's interpreter. A server that refuses a write later still
+    falls back to the client COPY."""
+    with engine.connect() as conn:
+        return _server_folder(conn.connection.driver_connection) is not None
+
+
 def _server_copy(
     engine: Engine, query: sql.Composable, params: dict, options: str, suffix: str
 ) -> Path | None:

@@ -244,6 +244,10 @@ class RecordedReads:
     def prepare_finish(self, executor: Executor) -> None:
         """Nothing to prepare: `finish` records nothing."""
 
+    def copies_through_client(self) -> bool:
+        """False: the tables come from cache files, with no server to copy them."""
+        return False
+
     def finish(self) -> None:
         """Nothing to record: the stamp is unchanged."""
 
@@ -334,6 +338,13 @@ class LiveReads:
                 ):
                     self._start = _running_identity(pgdata, state["next_xid"])
             yield
+
+    def copies_through_client(self) -> bool:
+        """Whether a table read from the server passes every row through this process's
+        interpreter (a client COPY), or the server writes it as a file (`copy_file`)."""
+        from .copy_file import server_writes
+
+        return not server_writes(self.engine)
 
     def model_types(self) -> dict[str, int]:
         from .reads import model_types

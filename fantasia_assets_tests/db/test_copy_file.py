@@ -107,3 +107,14 @@ def test_values_stay_bound_on_the_server_path(sample_loaded, bad):
     with copy_file.copied(engine, _QUERY, {"taxa": [bad]}, "FORMAT csv, HEADER") as path:
         assert path.read_bytes().count(b"\n") == 1  # the header only: no protein has that taxon
     assert _taxa(engine)  # the table is still there
+
+
+def test_a_lookup_knows_whether_its_tables_come_through_the_client(sample_loaded, monkeypatch):
+    """What `lookup_start.read_annotations` asks before deferring the annotation table's read."""
+    from fantasia_assets.db.snapshot import LiveReads, RecordedReads
+
+    reads = LiveReads(sample_loaded)
+    assert copy_file.server_writes(sample_loaded) and not reads.copies_through_client()
+    assert not RecordedReads({}).copies_through_client()  # cache files only: no server at all
+    _client_only(monkeypatch)
+    assert not copy_file.server_writes(sample_loaded) and reads.copies_through_client()
