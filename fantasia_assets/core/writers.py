@@ -244,19 +244,15 @@ def write_run_records(
     )
     names_path = root / OUTPUT_NAMES
     # not csv_bytes: names are recorded exactly (CSV quoting keeps line breaks), never rewritten
-    exports.write_bytes_atomic(names_path, frame.write_csv().encode("utf-8"))
+    exports.write_bytes_atomic(names_path, exports.utf8_csv(frame))
     skipped = [(group, "", reason) for group, reason in queries.catalogue.skipped]
     for partition in partitions:
         path = partition_paths(root, partition)["skipped"]
         if path.exists():
             skipped += [(group, partition.key, reason) for group, reason in pl.read_parquet(path).iter_rows()]
     skipped_path = root / SKIPPED
-    exports.write_bytes_atomic(
-        skipped_path,
-        pl.DataFrame(
-            skipped, schema={"group": pl.String, "partition": pl.String, "reason": pl.String}, orient="row"
-        )
-        .write_csv()
-        .encode("utf-8"),
+    skipped_frame = pl.DataFrame(
+        skipped, schema={"group": pl.String, "partition": pl.String, "reason": pl.String}, orient="row"
     )
+    exports.write_bytes_atomic(skipped_path, exports.utf8_csv(skipped_frame))
     return {"output names": names_path, "skipped queries": skipped_path}

@@ -35,3 +35,23 @@ def test_replace_dir_swaps_whole_content(tmp_path):
         replace_dir(target, failing)
     assert sorted(p.name for p in target.iterdir()) == ["b.csv"]  # a failed build leaves the old content
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer_0"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"include_header": False, "separator": "\t", "float_precision": 3}, {"float_precision": 0}],
+)
+def test_utf8_csv_is_the_encoded_text_polars_writes(options):
+    import polars as pl
+
+    from fantasia_assets.core.exports import utf8_csv
+
+    frame = pl.DataFrame(
+        {
+            "text": ["é\nx", 'q"u,o', None, "", "日本", "a\r\nb"],
+            "value": [1.5, None, float("nan"), -0.0, 1e300, 2.5e-7],
+            "count": [1, 2, None, -3, 0, 2**40],
+        }
+    )
+    for rows in (frame, frame.head(0)):
+        assert utf8_csv(rows, **options) == rows.write_csv(**options).encode("utf-8")
