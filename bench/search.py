@@ -49,11 +49,20 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 class PeakRss:
-    """Highest resident set size of this process while the context is open, sampled every 2 ms
-    in a thread (tracemalloc cannot see torch's or BLAS's allocations)."""
+    """Highest resident set size of this process while the context is open.
+
+    On Linux the kernel keeps it: the high-water mark (VmHWM of /proc/self/status) is reset on
+    entry (writing 5 to /proc/self/clear_refs) and read on exit, exactly and at no cost.
+    Elsewhere a thread samples the RSS every 2 ms (tracemalloc cannot see torch's or BLAS's
+    allocations); that sampler took ≈ 0.5 CPU-s and ≈ 0.3 s of wall from a 9.5 s lookup on
+    two cores (4 alternated runs each), so it is only the fallback."""
 
     def __enter__(self) -> PeakRss:
         self._process = psutil.Process()
+        self._thread = None
+        if _reset_high_water_mark():
+            self.peak = self._process.memory_info().rss
+            return self
         self.peak = self._process.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -65,9 +74,34 @@ class PeakRss:
             self.peak = max(self.peak, self._process.memory_info().rss)
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._thread is None:
+            self.peak = max(self.peak, _high_water_mark() or 0)
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset this process's peak RSS kept by the kernel; False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return _high_water_mark() is not None
+
+
+def _high_water_mark() -> int | None:
+    """This process's peak RSS in bytes since its last reset (VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def seconds(run: Callable[[], object]) -> float:
