@@ -382,8 +382,8 @@ def _run_lookup(
     # The annotation table depends on the taxonomy filter alone, not on the queries, and the first
     # partition's reference matrix on the configuration (`lookup_start`): the matrix is read while
     # the query file is scanned, the table too (through a client COPY, a big file's beside the
-    # products: `read_annotations`). Their errors
-    # surface where they were read before (after the plan, in the search); an earlier error drops them.
+    # products: `read_annotations`). Their errors surface where they were read before (after the
+    # plan, in the search); an earlier error drops them.
     include, exclude = config.taxonomy.resolve()
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
     store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))

@@ -131,7 +131,8 @@ class ReferenceStore:
         """Get, on `executor`, the matrix of the scope `choose()` names (None: nothing to get);
         the next `get` takes it from there (its error too) when it asks for that scope, with the
         source that fetch had. A cold matrix is mostly a wait on the database's COPY, with the
-        interpreter released, so it overlaps well with a Python-bound stage (the query scan)."""
+        interpreter released, so it overlaps with a Python-bound stage (the query scan), though
+        each socket read waits for the interpreter that stage holds (`lookup_start`)."""
 
         def fetch() -> tuple[ReferenceScope, tuple[ReferenceMatrix, str] | Exception] | None:
             scope = choose()
