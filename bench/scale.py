@@ -13,9 +13,9 @@ GO annotations each from the sample ontology), the queries stay in synth_scale's
 in this process, `--repeats` rounds (3) of: one lookup with alignment off whose reference matrix
 comes from the database (cold: the home's caches, the kept engine and the outputs removed
 first), its peak RSS (the kernel's high-water mark, `search.PeakRss`), then the bare float32
-and bfloat16 matmuls of the same shape; medians of the rounds (a busy machine's speed drifts by tens of per cent between
-minutes, so one sample of each is not a ratio). Then a float64 brute-force check of 64
-queries' neighbours, and `--repeats` searches of the built engine alone, each beside a bare
+and bfloat16 matmuls of the same shape; medians of the rounds (a busy machine's speed drifts by
+tens of per cent between minutes, so one sample of each is not a ratio). Then a float64
+brute-force check of 64 queries' neighbours, and `--repeats` searches of the built engine alone, each beside a bare
 bfloat16 matmul (the lookup's search stage also holds the engine's build and shares the cores
 with the reads it starts beside the products). Targets: the whole cold lookup
 ≤ 0.6 × the bare float32 matmul; its search stage ≤ 1.5 × the bare bfloat16 matmul.

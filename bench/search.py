@@ -60,10 +60,9 @@ class PeakRss:
     def __enter__(self) -> PeakRss:
         self._process = psutil.Process()
         self._thread = None
-        if _reset_high_water_mark():
-            self.peak = self._process.memory_info().rss
-            return self
         self.peak = self._process.memory_info().rss
+        if _reset_high_water_mark():
+            return self
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
