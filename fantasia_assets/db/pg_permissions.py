@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,7 +116,7 @@ class _Guard:
         with self.opened(paths):
             result = self.pgexec(program, args, *rest, **kwargs)
         if action == "stop":
-            give_back(paths[0])
+            give_back(paths[0], stopped=True)
         return result
 
 
@@ -151,17 +152,23 @@ def keep_open(pgdata: Path, closed: dict[Path, int]) -> None:
         prefix.chmod(mode | _TRAVERSE)
 
 
-def give_back(pgdata: Path) -> None:
+def give_back(pgdata: Path, stopped: bool = False) -> None:
     """Give the parents recorded for `pgdata`'s server their modes back, now that it is stopped;
-    one that another running server needs (its data folder is under it) stays open, recorded."""
+    one that a running server needs (its data folder is under it: another home's, or this one's
+    when a start failed because its server was running already) stays open, recorded."""
     record = _read_record(pgdata)
     if not record:
         return
-    others = _running_data_folders(exclude=Path(pgdata))
+    running = _running_data_folders()
+    # `pg_ctl -w stop` returns once the pid file is gone: the postmaster may still be exiting
+    deadline = time.monotonic() + 2.0
+    while stopped and Path(pgdata).resolve() in running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = _running_data_folders()
     kept = {}
     for name, mode in record.items():
         prefix = Path(name)
-        if any(prefix in other.parents for other in others):
+        if any(prefix in folder.parents for folder in running):
             kept[name] = mode
             continue
         try:
@@ -173,9 +180,9 @@ def give_back(pgdata: Path) -> None:
     _write_record(pgdata, kept)
 
 
-def _running_data_folders(exclude: Path) -> list[Path]:
-    """The data folders of the PostgreSQL servers running on this machine, but `exclude`'s (a
-    postmaster's working folder is its data folder)."""
+def _running_data_folders() -> list[Path]:
+    """The data folders of the PostgreSQL servers running on this machine (a postmaster's
+    working folder is its data folder)."""
     import psutil
 
     folders = []
@@ -189,8 +196,7 @@ def _running_data_folders(exclude: Path) -> list[Path]:
             folder = Path(process.cwd())
         except (psutil.Error, OSError):
             continue
-        if folder != exclude:
-            folders.append(folder)
+        folders.append(folder)
     return folders
 
 

@@ -106,3 +106,24 @@ def test_parents_opened_for_a_killed_server_or_chmodded__the_original_mode_comes
     pp.give_back(pgdata)
     assert stat.S_IMODE(private.stat().st_mode) == 0o755
     assert not record.exists()
+
+
+def test_two_homes_in_one_private_folder_one_stops__the_folder_stays_open_for_the_other(
+    tmp_path, monkeypatch
+):
+    from fantasia_assets.db import pg_permissions as pp
+
+    private = tmp_path / "private"
+    first, second = private / "a" / "pg", private / "b" / "pg"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    private.chmod(0o700)
+    pp.keep_open(first, {private: 0o700})
+    monkeypatch.setattr(pp, "_running_data_folders", lambda: [second])  # b's server still runs
+    pp.give_back(first, stopped=True)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o711
+    assert pp._read_record(first) == {str(private): 0o700}  # still owed
+    monkeypatch.setattr(pp, "_running_data_folders", lambda: [])
+    pp.give_back(first, stopped=True)  # a's next stop, nobody needs it any more
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert pp._read_record(first) == {}
