@@ -105,7 +105,7 @@ class _Guard:
         if kwargs.get("bin_path") is not None:  # the server loads its libraries from there later
             for prefix in Path(kwargs["bin_path"]).parents:
                 self._need(prefix, _TRAVERSE)
-        action = args[-1] if program == "pg_ctl" and args and paths else None
+        action = args[-1] if program == "pg_ctl" and paths else None
         if action == "start":
             keep_open(paths[0], self.closed_parents(paths[0]))
             try:

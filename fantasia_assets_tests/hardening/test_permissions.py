@@ -17,28 +17,40 @@ import pytest
 from fantasia_assets_tests.conftest import PROJECT
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the library changes permissions only when run as root")
-def test_root_starts_a_fresh_home_under_a_700_folder__every_parent_keeps_its_mode(tmp_path):
+def _modes(folders: list) -> dict:
+    return {folder: stat.S_IMODE(folder.stat().st_mode) for folder in folders}
+
+
+def _under_a_700_folder(tmp_path, *arguments: str):
+    """Run `python arguments` with FANTASIA_HOME in a fresh 700 folder: (the run, the folder, the
+    home, the folder and its parents, their modes before)."""
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     private.chmod(0o700)
     home = private / "home"
     parents = [private, *private.parents]
-    before = {p: stat.S_IMODE(p.stat().st_mode) for p in parents}
+    before = _modes(parents)
     env = {k: v for k, v in os.environ.items() if k != "FANTASIA_DATABASE_URL"}
     env.update(FANTASIA_HOME=str(home), PYTHONPATH=str(PROJECT))
     run = subprocess.run(
-        [sys.executable, "-m", "fantasia_assets.cli", "db", "upgrade"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [sys.executable, *arguments], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    return run, private, home, parents, before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the library changes permissions only when run as root")
+def test_root_starts_a_fresh_home_under_a_700_folder__every_parent_keeps_its_mode(tmp_path):
+    run, private, _, parents, before = _under_a_700_folder(
+        tmp_path, "-m", "fantasia_assets.cli", "db", "upgrade"
+    )
     assert run.returncode == 0, run.stderr
     assert "schema upgraded" in run.stdout  # the server ran, created the database and pgvector
-    assert {p: stat.S_IMODE(p.stat().st_mode) for p in parents} == before
+    assert _modes(parents) == before
     assert before[private] == 0o700
 
 
 _CHECKPOINT = """
-import os, stat, sys
+import stat, sys
 from pathlib import Path
 import sqlalchemy as sa
 from fantasia_assets.db import get_engine
@@ -56,18 +68,7 @@ print("while running", oct(stat.S_IMODE(private.stat().st_mode)))
 def test_root_server_under_a_700_folder_meets_a_checkpoint__it_survives_and_every_parent_gets_its_mode_back(
     tmp_path,
 ):
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    private.chmod(0o700)
-    home = private / "home"
-    parents = [private, *private.parents]
-    before = {p: stat.S_IMODE(p.stat().st_mode) for p in parents}
-    env = {k: v for k, v in os.environ.items() if k != "FANTASIA_DATABASE_URL"}
-    env.update(FANTASIA_HOME=str(home), PYTHONPATH=str(PROJECT))
-    run = subprocess.run(
-        [sys.executable, "-c", _CHECKPOINT, str(private)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    run, _, home, parents, before = _under_a_700_folder(tmp_path, "-c", _CHECKPOINT, "private")
     assert run.returncode == 0, run.stderr
     assert "rows 1000" in run.stdout  # the server outlived the checkpoint
     assert "while running 0o711" in run.stdout  # opened for pgserver (traversal only) while it ran
@@ -75,7 +76,7 @@ def test_root_server_under_a_700_folder_meets_a_checkpoint__it_survives_and_ever
     assert "PANIC" not in log and "Permission denied" not in log, log[-2000:]
     assert "Failed to stop server" not in run.stderr
     # stopped cleanly, every parent given back its exact mode, nothing left recorded
-    assert {p: stat.S_IMODE(p.stat().st_mode) for p in parents} == before
+    assert _modes(parents) == before
     assert not (home / ".pg-opened-parents.json").exists()
 
 
