@@ -15,6 +15,8 @@ from . import __version__, cli_science, startup
 from .cli_db import add_db_parser, run_db
 from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT (128 + 2)
+
 
 def _add_load_parser(commands) -> None:
     parser = commands.add_parser(
@@ -393,6 +395,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _print_error(str(exc))
         return exc.exit_code
+    except KeyboardInterrupt:
+        # every command writes through a transaction or a staging folder swapped in at its end
+        progress.end_line()
+        if args.verbose:
+            traceback.print_exc()
+        _print_error(
+            "interrupted: what this command had not finished was discarded, and nothing was left "
+            "half-written (the database rolls back, outputs are published whole or not at all); "
+            "run it again to complete it"
+        )
+        return INTERRUPTED
     finally:
         startup.imports_done()  # a lookup that failed before its imports were done
         progress.end_line()

@@ -1,4 +1,5 @@
-"""`fantasia-assets db upgrade|current|check`: the reference database's schema revision."""
+"""`fantasia-assets db upgrade|current|check|stop`: the reference database's schema revision, and
+stopping the embedded server."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def add_db_parser(commands) -> None:
         description="Print the revision the database is at and the one this version expects. " + _WHICH,
     )
     actions.add_parser(
+        "stop",
+        help="stop the embedded server now, unless a running command or Dagster process uses it",
+        description="Stop the embedded server under $FANTASIA_HOME/pg. Every command starts it when "
+        "it needs it and stops it when it exits as its last user; a command killed (kill -9) "
+        "leaves it running until the next command, or until this one. Refused, with the process "
+        "ids, while a live process (a lookup, the Dagster webserver or daemon) still uses it "
+        "(exit 1). An external database (FANTASIA_DATABASE_URL) is not ours to stop (exit 2).",
+    )
+    actions.add_parser(
         "check",
         help="compare the database's tables with the models; exit 1 when they differ",
         description="Compare every column, type, default, NOT NULL, constraint and index of the "
@@ -38,6 +48,8 @@ def add_db_parser(commands) -> None:
 
 
 def run_db(args, progress) -> int:
+    if args.db_command == "stop":
+        return _stop()
     from .db import get_engine, migrate, redacted
 
     engine = get_engine()
@@ -68,4 +80,40 @@ def run_db(args, progress) -> int:
     print(f"schema differs from the models ({len(problems)}):")
     for problem in problems:
         print(f"  {problem}")
+    return 1
+
+
+def _stop() -> int:
+    import os
+
+    import psutil
+
+    from .db.embedded import stop_embedded
+    from .errors import FantasiaError
+    from .paths import fantasia_home
+
+    if os.environ.get("FANTASIA_DATABASE_URL"):
+        raise FantasiaError(
+            "FANTASIA_DATABASE_URL names an external database: `db stop` stops only the embedded "
+            "server (unset the variable to stop the one under $FANTASIA_HOME/pg)"
+        )
+    pgdata = fantasia_home() / "pg"
+    state, users = stop_embedded(pgdata)
+    if state == "not running":
+        print(f"the embedded server under {pgdata} is not running")
+        return 0
+    if state == "stopped":
+        print(f"stopped the embedded server under {pgdata}")
+        return 0
+    if state == "failed":
+        raise FantasiaError(
+            f"the embedded server under {pgdata} did not stop; its log is in {pgdata / 'log'}"
+        )
+    names = []
+    for pid in users:
+        try:
+            names.append(f"{pid} ({' '.join(psutil.Process(pid).cmdline()[:3])[:80]})")
+        except psutil.Error:
+            names.append(str(pid))
+    print(f"left running: the embedded server under {pgdata} is in use by process {', '.join(names)}")
     return 1

@@ -72,8 +72,14 @@ def skip_teardown_collection() -> None:
 
 
 def import_in_background(*names: str, then: Callable[[], object] | None = None) -> None:
-    """Import `names` in a daemon thread, then call `then` there; an import or call that fails
-    there is left to the later import or use, which raises its error where it is needed."""
+    """Import `names` in a thread, then call `then` there; an import or call that fails there is
+    left to the later import or use, which raises its error where it is needed.
+
+    Not a daemon thread: the process's exit waits for it (a fraction of a second, and only when
+    the command ends first, on an early error or Ctrl-C). A daemon thread still inside DuckDB's
+    C++ start-up when the interpreter exits is unwound by force, which that code does not allow:
+    the process aborted ("terminate called after throwing an instance of ''", exit 134) after the
+    error had been printed."""
 
     def load() -> None:
         for name in names:
@@ -83,7 +89,7 @@ def import_in_background(*names: str, then: Callable[[], object] | None = None) 
             with contextlib.suppress(Exception):
                 then()
 
-    threading.Thread(target=load, name="imports", daemon=True).start()
+    threading.Thread(target=load, name="imports").start()
 
 
 @contextlib.contextmanager

@@ -69,6 +69,35 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return total
 
 
+def refuse_duplicate_keys(node: yaml.Node, where: str, seen: set[int]) -> None:
+    """A key given twice in one mapping is an error naming it and both lines: YAML itself keeps
+    the last value without a word, so the first one would be ignored silently. Merge keys (``<<``)
+    and keys that are not plain values are left to YAML; each node is walked once (aliases)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, child in enumerate(node.value):
+            refuse_duplicate_keys(child, f"{where}[{index}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = (
+                key.value
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge"
+                else None
+            )
+            path = f"{where}.{name}" if where and name is not None else (name or where)
+            if name is not None:
+                if name in lines:
+                    raise ConfigError(
+                        f"key '{path}' is given twice (lines {lines[name]} and {key.start_mark.line + 1}); "
+                        "keep one"
+                    )
+                lines[name] = key.start_mark.line + 1
+            refuse_duplicate_keys(value, path or where, seen)
+
+
 QUERY_EMBEDDINGS_FILE = "query_embeddings.h5"
 FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas")
 
@@ -87,6 +116,7 @@ def read_yaml(path: Path) -> object:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is not None:
             expanded_size(root, {})
+            refuse_duplicate_keys(root, "", set())
         return yaml.safe_load(text)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

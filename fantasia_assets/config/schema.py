@@ -173,6 +173,12 @@ class _SummarySection(_Section):
 
     def to_spec(self) -> SummarySpec:
         """The spec, checked: known metrics and aggregations, weights that apply, a defined score."""
+        if not self.weighted_prefix:
+            raise _problem(
+                "weighted_prefix",
+                "empty: each weighted column would take the name of the column it weights; "
+                "give a prefix such as 'w_'",
+            )
         default = SummarySpec.default()
         metrics = self.metrics if self.metrics is not None else default.metrics
         aliases = self.aliases if self.aliases is not None else default.aliases

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -22,14 +23,20 @@ from . import pg_permissions
 _log = logging.getLogger(__name__)
 
 
+def _handles(pgdata: Path) -> list[int]:
+    """The process ids registered with the server (the library's `.handle_pids.json`)."""
+    try:
+        pids = json.loads((pgdata / ".handle_pids.json").read_text() or "[]")
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [pid for pid in pids if isinstance(pid, int)] if isinstance(pids, list) else []
+
+
 def _prune_dead_handles(pgdata: Path) -> None:
     handles = pgdata / ".handle_pids.json"
     if not handles.exists():
         return
-    try:
-        pids = json.loads(handles.read_text() or "[]")
-    except json.JSONDecodeError:
-        pids = []
+    pids = _handles(pgdata)
     alive = [pid for pid in pids if psutil.pid_exists(pid)]
     if alive != pids:
         handles.write_text(json.dumps(alive))
@@ -83,3 +90,30 @@ def embedded_server(pgdata: Path | None = None):
 def socket_dir(server) -> str:
     """The Unix socket directory of a running embedded server."""
     return str(server.get_postmaster_info().socket_dir)
+
+
+def running_postmaster(pgdata: Path | None = None) -> psutil.Process | None:
+    """The postmaster of the data folder (`postmaster.pid`'s first line) if it runs, else None."""
+    pgdata = (pgdata or fantasia_home() / "pg").resolve()
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text(encoding="ascii").split("\n", 1)[0])
+        process = psutil.Process(pid)
+        return process if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
+    except (OSError, ValueError, psutil.Error):
+        return None
+
+
+def stop_embedded(pgdata: Path | None = None) -> tuple[str, list[int]]:
+    """Stop the embedded server unless a live process still uses it: ("not running" | "stopped" |
+    "in use" | "failed", the process ids of its live users). Its users are the processes registered with
+    it (`embedded_server`), pruned of dead ones first: a server left by a killed command has none
+    and is stopped, exactly as that command's own exit would have."""
+    pgdata = (pgdata or fantasia_home() / "pg").resolve()
+    if running_postmaster(pgdata) is None:
+        return "not running", []
+    server = embedded_server(pgdata)  # registers this process, the server's last user if alone
+    users = [pid for pid in _handles(pgdata) if pid != os.getpid()]
+    server.cleanup()  # stops it only when this process was its last user
+    if running_postmaster(pgdata) is None:
+        return "stopped", []
+    return ("in use", users) if users else ("failed", [])

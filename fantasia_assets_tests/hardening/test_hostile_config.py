@@ -36,6 +36,7 @@ def _counts(engine) -> tuple:
         ("lookup.use_gpu", "false"),
         ("lookup.unknown_key", 1),
         ("DB_PASSWORD", "hunter2"),
+        ("postprocess.summary.weighted_prefix", ""),
     ],
 )
 def test_hostile_configuration_value__cli_exits_2_naming_the_key_and_nothing_touched(
@@ -49,6 +50,30 @@ def test_hostile_configuration_value__cli_exits_2_naming_the_key_and_nothing_tou
     assert err.startswith("error: ") and key in err and "Traceback" not in err
     assert _counts(sample_loaded) == before
     assert not experiment.exists()
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("experiment_path: {first}\nexperiment_path: {second}\n", "experiment_path", "lines 1 and 2"),
+        ("lookup:\n  limit_per_entry: 3\n  batch_size: 8\n  limit_per_entry: 5\n", "lookup.limit_per_entry",
+         "lines 2 and 4"),
+        ("common: &shared {{k: 1, k: 2}}\nother: *shared\n", "common.k", "lines 1 and 1"),
+    ],
+)  # fmt: skip
+def test_key_given_twice_in_the_yaml__cli_exits_2_naming_it_and_both_lines(
+    sample_loaded, tmp_path, capsys, text, key, lines
+):
+    first, second = tmp_path / "first", tmp_path / "second"
+    config = tmp_path / "config.yaml"
+    config.write_text(text.format(first=first, second=second))
+    before = _counts(sample_loaded)
+    assert cli.main(["lookup", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert f"key '{key}' is given twice ({lines})" in err
+    assert _counts(sample_loaded) == before
+    assert not first.exists() and not second.exists()
 
 
 def test_taxonomy_ids_and_limits__reach_postgresql_only_as_bound_parameters(
