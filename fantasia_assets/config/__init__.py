@@ -158,6 +158,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         )
         for name, model in file.embedding.models.items()
     )
+    _refuse_file_in_the_way(file.experiment_path)
     queries = file.embeddings_path
     fasta = queries if is_fasta_path(queries) else None
     if fasta is not None:
@@ -193,6 +194,20 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         summary=post.summary.to_spec(),
         scoring=ScoringSettings(file.scoring.ontology, file.scoring.model, lookup.per_aspect),
     )
+
+
+def _refuse_file_in_the_way(experiment: Path) -> None:
+    """experiment_path, or a folder above it, that is a file already: an error now, before any
+    work, instead of a failed write of the first output after the whole search."""
+    try:
+        blocker = next((p for p in (experiment, *experiment.parents) if p.exists() and not p.is_dir()), None)
+    except OSError:  # a parent we may not look into: the writes report it, naming the file
+        return
+    if blocker is not None:
+        raise ConfigError(
+            f"experiment_path: {experiment} cannot be a folder: {blocker} is a file; choose another "
+            "experiment_path or move the file away"
+        )
 
 
 QUERY_EMBEDDINGS_FILE = "query_embeddings.h5"

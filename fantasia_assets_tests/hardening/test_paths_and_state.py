@@ -31,6 +31,21 @@ def test_config_path_that_is_a_folder__one_line_error_exit_2(tmp_path, capsys):
     assert str(tmp_path) in err and "is a folder" in err
 
 
+@pytest.mark.parametrize("below", ["", "run/1"])
+def test_experiment_path_where_a_file_is__exit_2_naming_the_file_before_any_work(tmp_path, capsys, below):
+    blocker = tmp_path / "results"
+    blocker.write_text("a user's file\n")
+    experiment = blocker / below if below else blocker
+    config = write_config(tmp_path / "config.yaml", config_dict(experiment))
+    assert cli.main(["lookup", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: {config}: experiment_path: {experiment} cannot be a folder: {blocker} is a file; "
+        "choose another experiment_path or move the file away"
+    ]
+    assert blocker.read_text() == "a user's file\n"
+
+
 def test_config_in_latin1__one_line_error_naming_the_byte(tmp_path, capsys):
     config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "out"))
     config.write_bytes(config.read_bytes() + "# café\n".encode("latin-1"))
