@@ -29,7 +29,12 @@ def _add_load_parser(commands) -> None:
             "nothing; a newer GAF replaces the annotations of the proteins it names."
         ),
     )
-    parser.add_argument("--fasta", type=Path, help="reference sequences, FASTA (.gz accepted)")
+    parser.add_argument(
+        "--fasta",
+        type=Path,
+        help="reference sequences, FASTA (.gz accepted); needs --gaf and --obo, unless --embed-with "
+        "embeds it for proteins already loaded",
+    )
     parser.add_argument(
         "--gaf",
         type=Path,
@@ -48,7 +53,9 @@ def _add_load_parser(commands) -> None:
     parser.add_argument(
         "--evidence",
         default=None,
-        help="comma-separated evidence codes to keep (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC)",
+        help="GO evidence codes to keep, separated by commas or spaces, the preferred first when a "
+        "protein has a term under several (default: EXP,IDA,IPI,IMP,IGI,IEP,TAS,IC); a code GO "
+        "does not define is an error",
     )
     parser.add_argument(
         "--embed-with",
@@ -119,16 +126,18 @@ def _load(args, progress) -> int:
     from .core.timing import timed
     from .db import get_engine, redacted
     from .db.loader import load_references
-    from .db.sources import DEFAULT_EVIDENCE
+    from .db.sources import DEFAULT_EVIDENCE, evidence_codes
 
-    evidence = tuple(args.evidence.split(",")) if args.evidence else DEFAULT_EVIDENCE
+    # checked before the server starts and anything is embedded
+    evidence = evidence_codes(args.evidence) if args.evidence is not None else DEFAULT_EVIDENCE
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     timings: dict[str, float] = {}
     with timed(timings, "load"), references_embedded(args, progress) as (embeddings, model, type_id):
         report = load_references(
             engine,
-            fasta=args.fasta,
+            # --embed-with without --gaf: the FASTA was read for embedding proteins already loaded
+            fasta=args.fasta if args.gaf or not args.embed_with else None,
             gaf=args.gaf,
             obo=args.obo,
             embeddings=embeddings,

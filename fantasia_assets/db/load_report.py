@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -12,6 +13,9 @@ from fantasia_assets.errors import FantasiaError
 
 class LoadError(FantasiaError, ValueError):
     """The inputs cannot be loaded as asked; nothing was written."""
+
+
+NAMED = 5  # records a report line names before it says how many more there are
 
 
 @dataclass
@@ -47,6 +51,17 @@ class LoadReport:
     changed_sequences: list[str] = field(default_factory=list)
     stale_embeddings: int = 0
     without_embeddings: list[tuple[str, str]] = field(default_factory=list)
+    # per skip reason: its first records, how many distinct records in all, and what they are
+    # when they are not what the count counts (the GO terms of skipped GAF lines, say)
+    skipped_names: dict[str, tuple[list[str], int, str]] = field(default_factory=dict)
+
+    def name_skipped(
+        self, reason: str, names: Sequence[str], total: int | None = None, what: str = ""
+    ) -> None:
+        """Name the records behind `reason` (its count is `skipped[reason]`): the first few are
+        printed, then how many more; `total` when `names` holds only the first ones."""
+        if len(names) or total:
+            self.skipped_names[reason] = (list(names[:NAMED]), len(names) if total is None else total, what)
 
     @property
     def embedding_rows(self) -> int:
@@ -69,10 +84,18 @@ class LoadReport:
         out.extend(changed_sequence_lines(self))
         for reason, count in sorted(self.skipped.items()):
             if count:
-                out.append(f"skipped:      {count:,} {reason}")
+                out.append(f"skipped:      {count:,} {reason}{self._names(reason)}")
         if self.timings:
             out.append("timings (s):  " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
         return out
+
+    def _names(self, reason: str) -> str:
+        """`: A, B and 3 more`, or ` (4 GO terms: A, B and 2 more)` when they are not what is counted."""
+        if reason not in self.skipped_names:
+            return ""
+        first, total, what = self.skipped_names[reason]
+        listed = ", ".join(first) + (f" and {total - len(first):,} more" if total > len(first) else "")
+        return f" ({total:,} {what}: {listed})" if what else f": {listed}"
 
 
 def changed_sequence_lines(report: LoadReport) -> list[str]:

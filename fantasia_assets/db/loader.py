@@ -21,17 +21,18 @@ import polars as pl
 from sqlalchemy.engine import Engine
 
 from ..core.progress import Progress, no_progress
-from ..core.queries import EmbeddingFileError, scan
+from ..core.queries import EmbeddingCatalogue, EmbeddingFileError, scan
 from ..core.timing import timed
 from . import merge
 from .engine import DRIVER_ERRORS, translate_errors
-from .load_report import Annotations, Change, LoadError, LoadReport
+from .load_report import NAMED, Annotations, Change, LoadError, LoadReport
 from .migrate import schema_ready
 from .reload import check_changed_proteins
 from .sources import (
     DEFAULT_EVIDENCE,
     ORGANISMS,
     InputFileError,
+    evidence_codes,
     read_fasta,
     read_gaf,
     read_obo,
@@ -51,6 +52,12 @@ def _md5(text: str) -> str:
 def _prepare_annotations(
     fasta: Path, gaf: list[Path], obo: Path, evidence: tuple[str, ...], report: LoadReport
 ):
+    """The proteins and annotations to merge, and the ontology; what is left out is counted and named.
+
+    A protein the GAF names is loaded only with a FASTA sequence, and then takes exactly the
+    GAF's annotation set (`db.merge`). One the FASTA lacks is left as it is: a FASTA of a subset
+    must not strip the annotations of the proteins it leaves out.
+    """
     with timed(report.timings, "parse OBO"):
         ontology = read_obo(obo)
     with timed(report.timings, "parse FASTA"):
@@ -59,12 +66,30 @@ def _prepare_annotations(
         gaf_data = read_gaf(gaf, ontology, evidence)
     for reason, count in gaf_data.skipped.items():
         report.skipped[f"GAF lines: {reason}"] += count
+    for reason, terms in gaf_data.skipped_terms.items():
+        report.name_skipped(f"GAF lines: {reason}", terms, what="GO terms")
 
     kept = gaf_data.kept.join(sequences.rename({"accession": "protein_id"}), on="protein_id", how="left")
     without_sequence = kept.filter(pl.col("sequence").is_null())
     report.skipped["GAF annotations of proteins without a FASTA sequence"] += without_sequence.height
-    report.skipped["proteins without a FASTA sequence"] += without_sequence["protein_id"].n_unique()
+    unsequenced = without_sequence["protein_id"].unique(maintain_order=True)
+    reason = "GAF proteins without a FASTA sequence, not loaded or changed"
+    report.skipped[reason] += unsequenced.len()
+    report.name_skipped(reason, unsequenced)
     kept = kept.filter(pl.col("sequence").is_not_null())
+    accessions = sequences["accession"]
+    named = accessions.is_in(pl.Series(list(gaf_data.covered_proteins), dtype=pl.String).implode())
+    annotated = accessions.is_in(kept["protein_id"].unique().implode())
+    for reason, left_out in (
+        ("FASTA proteins the GAF does not name, not loaded or changed", ~named),
+        (
+            "FASTA proteins whose GAF lines were all filtered out, left without annotations",
+            named & ~annotated,
+        ),
+    ):
+        report.skipped[reason] += int(left_out.sum())
+        report.name_skipped(reason, accessions.filter(left_out))
+    covered = accessions.filter(named)
     proteins = (
         kept.group_by("protein_id", maintain_order=True)
         .agg(pl.col("sequence", "gene_name", "taxonomy_id", "description").first())
@@ -83,7 +108,49 @@ def _prepare_annotations(
     return ontology, Annotations(
         proteins=proteins,
         annotations=annotations.drop("aspect"),
-        covered=sorted(gaf_data.covered_proteins),
+        covered=covered.sort().to_list(),
+    )
+
+
+_LAYOUT = "accession_<ID>/sequence and accession_<ID>/type_<id>/layer_<k>/embedding"
+
+
+def _check_has_vectors(catalogue: EmbeddingCatalogue) -> None:
+    """A reference HDF5 without a single vector is the wrong file, or one of another layout."""
+    if catalogue.layers:
+        return
+    if catalogue.accessions:
+        problem = f"no vectors in its {len(catalogue.accessions):,} accession_<ID> groups"
+    else:
+        problem = "no accession_<ID> groups"
+    found = ", ".join(f"{group} ({reason})" for group, reason in catalogue.skipped[:3])
+    if len(catalogue.skipped) > 3:
+        found += f" and {len(catalogue.skipped) - 3:,} more"
+    if found:
+        found = f"; found {found}"
+    elif not catalogue.accessions:
+        found = "; the file is empty"
+    raise InputFileError(f"{catalogue.path}: {problem} (expected {_LAYOUT}){found}")
+
+
+_NOT_REFERENCES = "embedded proteins that are not reference proteins in the database"
+
+
+def _name_unknown_proteins(cursor, catalogue: EmbeddingCatalogue, report: LoadReport) -> None:
+    """Name the first embedded accessions `merge` found neither as a protein nor as an accession."""
+    if not report.skipped[_NOT_REFERENCES]:
+        return
+    cursor.execute(
+        """
+        SELECT q.code FROM unnest(%s::text[]) WITH ORDINALITY AS q(code, n)
+        WHERE NOT EXISTS (SELECT 1 FROM protein p WHERE p.id = q.code)
+          AND NOT EXISTS (SELECT 1 FROM accession a WHERE a.code = q.code)
+        ORDER BY q.n LIMIT %s
+        """,
+        (catalogue.accessions, NAMED),
+    )
+    report.name_skipped(
+        _NOT_REFERENCES, [row[0] for row in cursor.fetchall()], report.skipped[_NOT_REFERENCES]
     )
 
 
@@ -202,15 +269,22 @@ def load_references(
     """
     report = LoadReport()
     gaf = [Path(p) for p in (gaf or [])]
+    if fasta is not None and not gaf:
+        # reference proteins come from the GAF: a FASTA alone would be read and then ignored
+        raise LoadError(
+            f"{fasta}: loading --fasta needs --gaf (reference proteins are the GAF's annotated "
+            "proteins with a FASTA sequence) and --obo; to embed proteins already loaded, add "
+            "--embed-with MODEL"
+        )
     if gaf and (fasta is None or obo is None):
         raise LoadError("loading GAF annotations needs --fasta (sequences) and --obo (GO terms)")
     if embeddings is not None and not model:
         raise LoadError("loading embeddings needs --model NAME")
     if not gaf and embeddings is None and obo is None:
-        raise LoadError("nothing to load: give --gaf/--fasta/--obo and/or --embeddings")
-    evidence = tuple(code.strip().upper() for code in evidence if code.strip())
-    if not evidence:
-        raise LoadError("--evidence lists no evidence code")
+        raise LoadError(
+            "nothing to load: give --gaf with --fasta and --obo, --obo alone, and/or --embeddings"
+        )
+    evidence = evidence_codes(evidence)
 
     ontology = annotations = catalogue = None
     if gaf:
@@ -224,6 +298,7 @@ def load_references(
                 catalogue = scan(embeddings)
             except EmbeddingFileError as exc:
                 raise InputFileError(str(exc)) from exc
+        _check_has_vectors(catalogue)
         for _group, reason in catalogue.skipped:
             report.skipped[f"HDF5 groups: {reason}"] += 1
 
@@ -240,6 +315,7 @@ def load_references(
         if catalogue is not None:
             with timed(report.timings, "write embeddings"):
                 merge.write_embeddings(cursor, catalogue, model, type_id, report, progress)
+            _name_unknown_proteins(cursor, catalogue, report)
         if annotations is not None:
             check_changed_proteins(cursor, report)
     return report

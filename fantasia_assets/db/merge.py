@@ -3,7 +3,8 @@
 Rows travel by COPY into temporary tables and are merged with
 `INSERT … ON CONFLICT … DO UPDATE … WHERE … IS DISTINCT FROM`, which makes a re-load of the
 same files a no-op (no row rewritten, so the reference fingerprint does not move) and a newer
-GAF an update: for every protein a GAF names, its annotation set becomes the file's.
+GAF an update: for every protein a GAF names and the FASTA holds, its annotation set becomes the
+file's (`loader`: one the FASTA lacks is left as it is).
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def write_annotations(cursor, data: Annotations, report: LoadReport) -> None:
         "CREATE TEMP TABLE _annotation (protein_id text, go_id text, evidence_code text) ON COMMIT DROP"
     )
     _copy_csv(cursor, "_annotation", data.annotations)
-    # Proteins the GAF names take exactly the GAF's annotation set, so a newer release removes
-    # what it no longer states (an annotation turned NOT, an evidence downgraded).
+    # Proteins the GAF names (and the FASTA holds) take exactly the GAF's annotation set, so a
+    # newer release removes what it no longer states (an annotation turned NOT, an evidence
+    # downgraded).
     cursor.execute("CREATE TEMP TABLE _covered (protein_id text PRIMARY KEY) ON COMMIT DROP")
     _copy_csv(cursor, "_covered", pl.DataFrame({"protein_id": data.covered}))
     cursor.execute("CREATE INDEX ON _annotation (protein_id, go_id)")

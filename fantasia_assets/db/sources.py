@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +22,17 @@ from fantasia_assets.core.sequences import SequenceError, normalise
 from fantasia_assets.errors import FantasiaError
 from fantasia_assets.paths import temporary_file
 
+from .load_report import LoadError
+
 # SPEC §2.2: the experimental evidence codes kept by default, in order of preference when a
 # protein carries the same GO term under several codes (the table keeps one per pair).
 DEFAULT_EVIDENCE = ("EXP", "IDA", "IPI", "IMP", "IGI", "IEP", "TAS", "IC")
+# Every evidence code GO defines (geneontology.org, "Guide to GO evidence codes"): experimental,
+# high-throughput, phylogenetic, computational, author statement, curator, electronic.
+GO_EVIDENCE_CODES = (
+    "EXP", "IDA", "IPI", "IMP", "IGI", "IEP", "HTP", "HDA", "HMP", "HGI", "HEP", "IBA", "IBD",
+    "IKR", "IRD", "ISS", "ISO", "ISA", "ISM", "IGC", "RCA", "TAS", "NAS", "IC", "ND", "IEA",
+)  # fmt: skip
 
 GAF_COLUMNS = 17
 _GAF_NAMES = [
@@ -61,6 +71,27 @@ _NAMESPACES = {
 
 class InputFileError(FantasiaError, ValueError):
     """An input file is unreadable or malformed; the message names the file (and line)."""
+
+
+def evidence_codes(given: str | Iterable[str]) -> tuple[str, ...]:
+    """The evidence codes of `--evidence`, in order of preference, each once, upper-cased.
+
+    Codes are separated by commas, whitespace or both (`EXP,IDA`, `"EXP IDA"`, `EXP, IDA`),
+    within one string or across several. A code GO does not define is an error listing the
+    ones it does: a typo would otherwise filter out, and so remove, every annotation.
+    """
+    parts = [given] if isinstance(given, str) else list(given)
+    codes = list(dict.fromkeys(code.upper() for part in parts for code in re.split(r"[\s,]+", part) if code))
+    if not codes:
+        raise LoadError("--evidence lists no evidence code")
+    unknown = [code for code in codes if code not in GO_EVIDENCE_CODES]
+    if unknown:
+        what = "is not a GO evidence code" if len(unknown) == 1 else "are not GO evidence codes"
+        raise LoadError(
+            f"--evidence: {', '.join(unknown)} {what}; give codes from {' '.join(GO_EVIDENCE_CODES)}, "
+            "separated by commas or spaces"
+        )
+    return tuple(codes)
 
 
 def normalise_category(value: str | None) -> str | None:
@@ -142,13 +173,16 @@ def read_fasta(path: str | Path) -> pl.DataFrame:
     Sequences follow the rule of `core.sequences` (whitespace, digits and gaps removed,
     IUPAC protein letters only); a record breaking it is an error naming file, line and record.
     An accession given twice is kept once when both records hold the same sequence, and is an
-    error naming both records otherwise.
+    error naming both records otherwise. A file without any record is an error.
     """
     path = Path(path)
     first: dict[str, tuple[int, str]] = {}
     accessions: list[str] = []
     sequences: list[str] = []
-    for accession, lines, number in _fasta_chunks(path):
+    chunks = _fasta_chunks(path)
+    if not chunks:  # loaded as such, it would read as "no protein has a sequence"
+        raise InputFileError(f"{path}: no FASTA records (no line starts with '>')")
+    for accession, lines, number in chunks:
         try:
             sequence = normalise("".join(lines), f"{path}:{number}: record {accession!r}")
         except SequenceError as exc:
@@ -177,6 +211,8 @@ class GafAnnotations:
     kept: pl.DataFrame  # protein_id, go_id, evidence_code, aspect, taxonomy_id, gene_name, description
     covered_proteins: set[str]  # every protein named in the files, kept line or not
     skipped: dict[str, int] = field(default_factory=dict)
+    # the distinct GO ids behind the reasons about terms, in file order
+    skipped_terms: dict[str, list[str]] = field(default_factory=dict)
 
 
 def read_gaf(
@@ -187,11 +223,13 @@ def read_gaf(
     """Read GOA GAF 2.1/2.2 files; keep lines with an evidence code in `evidence` and no NOT.
 
     GO ids are mapped to their live primary id through `ontology` (alt ids); lines naming an
-    obsolete or unknown term are dropped and counted.
+    obsolete or unknown term are dropped, counted and their terms listed. `evidence` follows
+    `evidence_codes` (an unknown code is an error).
 
     A line whose column count is not 17 (16 is accepted: trailing empty column dropped) is an
     error naming the file and line.
     """
+    evidence = evidence_codes(evidence)
     frames = []
     for path in paths:
         path = Path(path)
@@ -223,8 +261,13 @@ def read_gaf(
     gaf = gaf.filter(wanted)
     mapped = gaf["go_id"].replace_strict(ontology.primary, default=None, return_dtype=pl.String)
     is_obsolete = gaf["go_id"].is_in(list(ontology.obsolete))
-    skipped["obsolete GO term"] = int((mapped.is_null() & is_obsolete).sum())
-    skipped["GO id not in the ontology"] = int((mapped.is_null() & ~is_obsolete).sum())
+    skipped_terms: dict[str, list[str]] = {}
+    for reason, dropped in (
+        ("obsolete GO term", mapped.is_null() & is_obsolete),
+        ("GO id not in the ontology", mapped.is_null() & ~is_obsolete),
+    ):
+        skipped[reason] = int(dropped.sum())
+        skipped_terms[reason] = gaf["go_id"].filter(dropped).unique(maintain_order=True).to_list()
     gaf = gaf.with_columns(go_id=mapped).filter(pl.col("go_id").is_not_null())
 
     rank = {code: i for i, code in enumerate(evidence)}
@@ -247,7 +290,7 @@ def read_gaf(
     )
     skipped["same GO term again for the protein"] = gaf.height - kept.height
     assert total == sum(skipped.values()) + kept.height
-    return GafAnnotations(kept=kept, covered_proteins=covered, skipped=skipped)
+    return GafAnnotations(kept=kept, covered_proteins=covered, skipped=skipped, skipped_terms=skipped_terms)
 
 
 @dataclass

@@ -79,10 +79,11 @@ def _subset_h5(source: Path, target: Path, names: list[str], vectors: dict | Non
 
 
 def _load(engine, embeddings: Path | None = None, fasta: Path = FASTA, gaf: list[Path] | None = None):
+    gaf = gaf if gaf is not None else [GAF]
     return load_references(
         engine,
-        fasta=fasta,
-        gaf=gaf if gaf is not None else [GAF],
+        fasta=fasta if gaf else None,  # gaf=[]: vectors of proteins already loaded
+        gaf=gaf,
         obo=OBO,
         embeddings=embeddings,
         model="NEAR",
