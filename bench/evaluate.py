@@ -89,13 +89,13 @@ def main() -> None:
     config = load_config(args.config)
     out = args.out or config.experiment_path / "bench_evaluation"
     ontology = read_ontology(args.obo)
-    raw = cs.lookup_rows(config)
+    raw, run = cs.lookup_rows(config)  # run: every (model, layer), those without neighbours too
     truth = truth_table(
         cs.read_truth(args.truth, args.obo, None), raw["accession"].unique().to_list(), "truth"
     )
     references = cs.reference_annotations()
     outputs = experiment_outputs(config.experiment_path)
-    outputs["predictions"] = heuristic_scores(raw, ontology).select("accession", "go_id", "score")
+    outputs["predictions"] = heuristic_scores(raw, ontology, run).select("accession", "go_id", "score")
     if args.only:
         outputs = {k: v for k, v in outputs.items() if k in args.only}
 
@@ -108,11 +108,11 @@ def main() -> None:
         train, test = splits[split]()
         raw_train = raw.filter(pl.col("accession").is_in(list(train)))
         truth_train = truth.filter(pl.col("accession").is_in(list(train)))
-        frame, y, partitions, terms = cs.training_set(raw_train, truth_train, ontology, references)
+        frame, y, partitions, terms = cs.training_set(raw_train, truth_train, ontology, references, run)
         model = scorer.fit(frame, y, partitions, terms, {"bench": split}, per_aspect=config.per_aspect)
         raw_test = raw.filter(pl.col("accession").is_in(list(test)))
         held = {
-            "learned": model.predict(raw_test, ontology, config.per_aspect).select("accession", "go_id", "score"),
+            "learned": model.predict(raw_test, ontology, config.per_aspect, run).select("accession", "go_id", "score"),
             **{k: v.filter(pl.col("accession").is_in(list(test))) for k, v in outputs.items()},
         }  # fmt: skip
         result = evaluate(

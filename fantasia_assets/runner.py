@@ -476,8 +476,9 @@ def _run_lookup(
         entries += output_updates.stage(root, partitions)  # the signatures of the files just written
         with timed(timings, "predictions"):
             predicted = run_predictions(
-                root, lambda: writers.read_raw_rows(root, partitions), config.scoring, config.precision
-            )
+                root, lambda: writers.read_raw_rows(root, partitions), config.scoring, config.precision,
+                [(p.model.name, p.layer) for p in partitions],  # those without neighbours too
+            )  # fmt: skip
         entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
             staging.publish(entries, output_updates.patches)

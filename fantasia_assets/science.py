@@ -73,30 +73,42 @@ def evaluate_experiment(
     return result, paths
 
 
-def lookup_rows(config, rerun: bool = False) -> pl.DataFrame:
-    """The lookup's raw rows of every enabled partition: from its Parquet files, or a fresh run."""
-    from .core.exports import model_dir_name
+def lookup_rows(config, rerun: bool = False) -> tuple[pl.DataFrame, list[tuple[str, int | None]]]:
+    """The lookup's raw rows of every enabled partition, from its Parquet files or a fresh run,
+    and the (model, layer) pairs of those files: a partition without any neighbour included,
+    which the scorer counts as a partition of 0 votes (`core.scorer.raw_partitions`)."""
+    from .core.exports import layer_dir_name, model_dir_name
 
     base = config.experiment_path / "parquet"
 
-    def files() -> list[Path]:
-        models = config.enabled_models()
-        return sorted(f for m in models for f in (base / model_dir_name(m.name)).glob("*/raw_rows.parquet"))
+    def files() -> list[tuple[Path, tuple[str, int | None]]]:
+        found = []
+        for model in config.enabled_models():
+            for f in (base / model_dir_name(model.name)).glob("*/raw_rows.parquet"):
+                name = f.parent.name
+                layer = None if name == layer_dir_name(None) else int(name.removeprefix("layer_"))
+                found.append((f, (model.name, layer)))
+        return sorted(found, key=lambda entry: entry[0])
 
     if rerun or not files():
         from .runner import run_lookup
 
         run_lookup(config)
-    return pl.concat([pl.read_parquet(f) for f in files()], how="diagonal_relaxed")
+    found = files()
+    raw = pl.concat([pl.read_parquet(f) for f, _ in found], how="diagonal_relaxed")
+    return raw, [partition for _, partition in found]
 
 
-def training_set(raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: pl.DataFrame):
+def training_set(
+    raw: pl.DataFrame, truth: pl.DataFrame, ontology, references: pl.DataFrame, run: list | None = None
+):
     """(features, labels, partitions, term statistics) of the candidates of truth proteins, in the
-    aspects where each has truth (CAFA scores a protein only in those)."""
+    aspects where each has truth (CAFA scores a protein only in those); `run`: the lookup's
+    (model, layer) pairs, those without neighbours included (`lookup_rows`)."""
     from .core import scorer
 
     terms = scorer.term_statistics(references, ontology)
-    frame, partitions = scorer.features(raw, ontology, terms)
+    frame, partitions = scorer.features(raw, ontology, terms, run)
     mapped, _ = ontology.map_ids(truth, "truth")
     aspects = (
         mapped.join(
@@ -121,11 +133,11 @@ def train_scorer(
     from .core.ontology import read_ontology
 
     ontology = read_ontology(obo)
-    raw = lookup_rows(config, rerun)
+    raw, run = lookup_rows(config, rerun)
     truth = truth_table(
         read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0])
     )
-    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine))
+    frame, y, partitions, terms = training_set(raw, truth, ontology, reference_annotations(engine), run)
     hashes = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in truth_paths}
     hashes["features"] = scorer.frame_hash(frame)
     model = scorer.fit(frame, y, partitions, terms, hashes, n_folds=folds, per_aspect=config.per_aspect)

@@ -44,6 +44,7 @@ AREAS = {
     "test_parser_properties.py": "parser properties",
     "test_error_surface.py": "error surface",
     "test_load_mistakes.py": "load mistakes",
+    "test_lookup_edges.py": "lookup edges",
     "test_command_exit.py": "command exit",
     "test_server_stop.py": "server stop",
     "test_readme_table.py": "documentation",

@@ -40,6 +40,20 @@ ALIGNMENT_COLUMNS = [
     "identity_sw", "similarity_sw", "alignment_score_sw", "gaps_percentage_sw", "alignment_length_sw",
 ]  # fmt: skip
 TAIL_COLUMNS = ["distance_metric", "distance_threshold"]
+# every raw-row column's type: a partition without rows carries them too, or the run's frames
+# concatenated (`writers.read_raw_rows`) would make strings of its untyped columns
+_INTEGER_COLUMNS = (
+    "embedding_type_id", "layer_index", "query_idx", "ref_idx", "query_len", "ref_len",
+    "alignment_score", "alignment_length", "alignment_score_sw", "alignment_length_sw",
+)  # fmt: skip
+_FLOAT_COLUMNS = (
+    "distance", "reliability_index", "identity", "similarity", "gaps_percentage", "identity_sw",
+    "similarity_sw", "gaps_percentage_sw", "distance_threshold",
+)  # fmt: skip
+_RAW_DTYPES: dict[str, type[pl.DataType]] = {
+    name: pl.Int64 if name in _INTEGER_COLUMNS else pl.Float64 if name in _FLOAT_COLUMNS else pl.String
+    for name in [*RAW_COLUMNS, *SEQUENCE_COLUMNS, "reliability_index", *ALIGNMENT_COLUMNS, *TAIL_COLUMNS]
+}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=@-]")
 _DOTS = re.compile(r"\.{3,}")  # '...' is harmless in a file name but refused in Dagster partition keys
@@ -64,6 +78,11 @@ def raw_columns(keep_sequences: bool, alignment: bool) -> list[str]:
         + (ALIGNMENT_COLUMNS if alignment else [])
         + TAIL_COLUMNS
     )
+
+
+def raw_schema(keep_sequences: bool, alignment: bool) -> dict[str, type[pl.DataType]]:
+    """The raw rows' columns (`raw_columns`) with their types."""
+    return {name: _RAW_DTYPES[name] for name in raw_columns(keep_sequences, alignment)}
 
 
 def safe_name(name: str) -> str:

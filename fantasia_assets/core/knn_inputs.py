@@ -112,6 +112,27 @@ def row_sq_norms(matrix: np.ndarray, name: str, metric: str, workers: int = 1) -
     Euclidean rows must be shorter than `MAX_NORM`, so that no float32 square or product of the
     screen overflows (cosine rows are normalised first).
     """
+    sq_norms = _sq_norms(matrix, workers)
+    if not np.isfinite(sq_norms).all():  # any NaN or inf in a row makes its norm non-finite
+        row = int(np.argmin(np.isfinite(sq_norms)))
+        raise ValueError(f"{name} contain NaN or infinite values (row {row})")
+    if metric == "euclidean" and _too_long(sq_norms).any():
+        row = int(np.argmax(sq_norms))
+        raise ValueError(f"{name} row {row} has a norm ≥ 2^56: its squared distances overflow float32")
+    return sq_norms
+
+
+def euclidean_refused(matrix: np.ndarray) -> np.ndarray:
+    """Rows (bool, n) of a finite matrix that `row_sq_norms` refuses under the euclidean metric,
+    measured as it measures them: a caller leaves these rows out instead of failing the search."""
+    return _too_long(_sq_norms(matrix, 1))
+
+
+def _too_long(sq_norms: np.ndarray) -> np.ndarray:
+    return sq_norms >= MAX_NORM**2
+
+
+def _sq_norms(matrix: np.ndarray, workers: int) -> np.ndarray:
     sq_norms = np.empty(len(matrix))
 
     def measure(first: int, last: int) -> None:
@@ -124,12 +145,6 @@ def row_sq_norms(matrix: np.ndarray, name: str, metric: str, workers: int = 1) -
             release_rows(matrix, start, stop)
 
     in_parallel(len(matrix), workers, measure)
-    if not np.isfinite(sq_norms).all():  # any NaN or inf in a row makes its norm non-finite
-        row = int(np.argmin(np.isfinite(sq_norms)))
-        raise ValueError(f"{name} contain NaN or infinite values (row {row})")
-    if metric == "euclidean" and len(sq_norms) and sq_norms.max() >= MAX_NORM**2:
-        row = int(np.argmax(sq_norms))
-        raise ValueError(f"{name} row {row} has a norm ≥ 2^56: its squared distances overflow float32")
     return sq_norms
 
 

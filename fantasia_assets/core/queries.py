@@ -35,6 +35,7 @@ from .digest import file_digest
 from .exports import atomic_write
 from .h5bits import link_address, read_string, suffix_int
 from .h5fast import FastLayout
+from .knn_inputs import euclidean_refused
 from .sequences import clean
 
 if TYPE_CHECKING:  # h5py is imported where a file is scanned or read through it: a query file
@@ -152,7 +153,8 @@ class EmbeddingCatalogue:
         Unlike `read`, one bad query does not stop the others: a vector whose length is not
         `dim` (default: the most common length in the file) or that holds NaN or infinite
         values is left out and reported as (group, reason). Under the `"cosine"` metric, so is
-        a vector without a direction (see `directionless`). Returns (vectors, rows, skipped).
+        a vector without a direction (see `directionless`); under `"euclidean"`, one so long
+        that the search refuses it (`knn_inputs.euclidean_refused`). Returns (vectors, rows, skipped).
         A vector of length `dim` whose accession is in `trusted` (the caller knows these bytes
         were usable under `metric`) is taken as usable unread: its row of the matrix is left zero.
         """
@@ -187,6 +189,17 @@ class EmbeddingCatalogue:
                 }
             )
             bad |= flat
+        elif metric == "euclidean":
+            long = ~unread & ~bad
+            long[long] = euclidean_refused(matrix[long] if not long.all() else matrix)
+            reasons.update(
+                {
+                    int(p): f"{describe_key(key)} has a norm ≥ 2^56: its squared euclidean "
+                    "distances would overflow float32"
+                    for p in keep[long]
+                }
+            )
+            bad |= long
         skipped = [(self.group(int(entries.rows[p])), reasons[p]) for p in sorted(reasons)]
         if bad.any():
             matrix, keep = matrix[~bad], keep[~bad]

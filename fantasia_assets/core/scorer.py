@@ -21,7 +21,7 @@ from fantasia_assets.errors import FantasiaError
 
 from . import exports
 from .ontology import GeneOntology
-from .scoring import PARTITION, consistent, neighbours, supported_terms
+from .scoring import PARTITION, Partition, consistent, neighbours, supported_terms
 
 # the version of the learned scorer's features and fitting: bump when they change
 SCORER_CODE_VERSION = "scorer-1"
@@ -48,6 +48,7 @@ GLOBAL = [
     "evidence_curator",
 ]
 FORMAT = 1
+_PAIR = {"model_name": pl.String, "layer_index": pl.Int64}  # a partition's columns in raw rows
 
 
 class ScorerError(FantasiaError, ValueError):
@@ -63,9 +64,11 @@ def feature_names(partitions: list[str], aligned: bool) -> list[str]:
     return [f"{name}@{p}" for p in partitions for name in per] + GLOBAL
 
 
-def raw_partitions(raw: pl.DataFrame) -> list[str]:
-    pairs = raw.select(PARTITION).unique().sort(PARTITION, nulls_last=True).rows()
-    return [partition_name(m, layer) for m, layer in pairs]
+def raw_partitions(raw: pl.DataFrame, run: list[Partition] | None = None) -> list[str]:
+    """The partitions' names in model, layer order: the run's (model, layer) pairs, those
+    without raw rows included, else those `raw` holds."""
+    pairs = raw.select(PARTITION) if run is None else pl.DataFrame(run, schema=_PAIR, orient="row")
+    return [partition_name(m, layer) for m, layer in pairs.unique().sort(PARTITION, nulls_last=True).rows()]
 
 
 def term_statistics(references: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
@@ -81,9 +84,10 @@ def term_statistics(references: pl.DataFrame, ontology: GeneOntology) -> pl.Data
 
 
 def features(
-    raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame
+    raw: pl.DataFrame, ontology: GeneOntology, terms: pl.DataFrame, run: list[Partition] | None = None
 ) -> tuple[pl.DataFrame, list[str]]:
-    """One row per candidate (accession, go_id, aspect) with the features; and the partitions.
+    """One row per candidate (accession, go_id, aspect) with the features; and the partitions
+    (`raw_partitions`: `run`'s, else those `raw` holds).
 
     A candidate is a term some neighbour carries (propagated, roots out) in some partition.
     Per partition: distance minimum and mean over the supporting neighbours; the rank (1 = the
@@ -96,7 +100,7 @@ def features(
     experimental or a curator statement. A partition that does not support the term leaves its
     features missing (LightGBM's NaN branch), its votes 0.
     """
-    partitions = raw_partitions(raw)
+    partitions = raw_partitions(raw, run)
     aligned = "identity" in raw.columns and raw["identity"].null_count() < raw.height
     table = neighbours(raw).with_columns(
         pl.col("ri").rank("ordinal", descending=True).over("accession", *PARTITION).alias("rank")
@@ -254,8 +258,16 @@ class Scorer:
         matrix = frame.select(self.features).to_numpy().astype(np.float64)
         return np.mean([m.predict_proba(matrix)[:, 1] for m in self.models], axis=0)
 
-    def predict(self, raw: pl.DataFrame, ontology: GeneOntology, per_aspect: bool = False) -> pl.DataFrame:
-        frame, partitions = features(raw, ontology, self.terms)
+    def predict(
+        self,
+        raw: pl.DataFrame,
+        ontology: GeneOntology,
+        per_aspect: bool = False,
+        run: list[Partition] | None = None,
+    ) -> pl.DataFrame:
+        """The calibrated probability of each candidate; `run`: the lookup's (model, layer)
+        pairs, those without raw rows included (`features`)."""
+        frame, partitions = features(raw, ontology, self.terms, run)
         names = [c for c in frame.columns if c not in ("accession", "go_id", "aspect")]
         self.check(partitions, names, per_aspect)
         scores = frame.select("accession", "go_id").with_columns(

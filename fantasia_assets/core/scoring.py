@@ -20,9 +20,10 @@ from .ontology import GeneOntology, read_ontology
 log = logging.getLogger(__name__)
 
 # the version of the predictions' science: bump when the same inputs would score differently
-PREDICTIONS_CODE_VERSION = "predictions-1"
+PREDICTIONS_CODE_VERSION = "predictions-2"  # 2: a (model, layer) without neighbours counts in the mean
 
 PARTITION = ["model_name", "layer_index"]
+Partition = tuple[str, int | None]  # (model name, layer index; None: a legacy entry), as raw rows name it
 PREDICTION_COLUMNS = ["accession", "go_id", "aspect", "score"]
 
 
@@ -69,16 +70,20 @@ def supported_terms(raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
     )
 
 
-def heuristic_scores(raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
+def heuristic_scores(
+    raw: pl.DataFrame, ontology: GeneOntology, partitions: list[Partition] | None = None
+) -> pl.DataFrame:
     """accession, go_id, aspect, score in [0, 1], GO-consistent, sorted.
 
     Per partition, a neighbour's weight w is its RI times its global sequence identity when the
     alignment ran, else its RI. A term's vote is the weight of the neighbours supporting it
     over the weight of the neighbours annotated in that aspect, times √(max w in that aspect)
     so that a query whose best neighbour is remote scores lower overall (CAFA picks one
-    threshold for all proteins). The score is the mean over the partitions. Measured on mouse
-    queries against human references (README, "Evaluation"): against plain RI votes, identity
-    weighting gains 0.03 Fmax in every aspect and the √max factor 0.01 more in BP.
+    threshold for all proteins). The score is the mean over the partitions: the run's
+    (model, layer) `partitions`, one without any row included (its votes are 0), else those
+    `raw` holds. Measured on mouse queries against human references (README, "Evaluation"):
+    against plain RI votes, identity weighting gains 0.03 Fmax in every aspect and the √max
+    factor 0.01 more in BP.
     """
     if raw.is_empty():
         return pl.DataFrame(schema={c: pl.Float64 if c == "score" else pl.String for c in PREDICTION_COLUMNS})
@@ -94,14 +99,14 @@ def heuristic_scores(raw: pl.DataFrame, ontology: GeneOntology) -> pl.DataFrame:
         .group_by("accession", *PARTITION, "aspect")
         .agg(pl.col("weight").sum().alias("total"), pl.col("weight").max().sqrt().alias("confidence"))
     )
-    partitions = raw.select(PARTITION).unique().height
+    count = len(set(partitions)) if partitions is not None else raw.select(PARTITION).unique().height
     votes = (
         terms.group_by("accession", *PARTITION, "go_id", "aspect")
         .agg(pl.col("weight").sum())
         .join(per_aspect, on=["accession", *PARTITION, "aspect"])
         .with_columns((pl.col("weight") / pl.col("total") * pl.col("confidence")).fill_nan(0.0).alias("vote"))
         .group_by("accession", "go_id", "aspect")
-        .agg((pl.col("vote").sum() / partitions).clip(0.0, 1.0).alias("score"))
+        .agg((pl.col("vote").sum() / count).clip(0.0, 1.0).alias("score"))
     )
     return consistent(votes.select("accession", "go_id", "score"), ontology)
 
@@ -123,11 +128,13 @@ def run_predictions(
     raw: pl.DataFrame | Callable[[], pl.DataFrame],
     settings: ScoringSettings,
     precision: int,
+    partitions: list[Partition] | None = None,
 ) -> dict[str, Path]:
     """predictions.tsv of a finished lookup; nothing (with a warning) when no ontology is configured.
 
     `raw`: every partition's raw rows, or a function that reads them (called only when
-    predictions are written: the run keeps no raw rows in memory otherwise).
+    predictions are written: the run keeps no raw rows in memory otherwise). `partitions`: the
+    run's (model, layer) pairs, those whose raw rows are empty included (default: those in `raw`).
     """
     if settings.ontology is None:
         log.warning("scoring.ontology is not set: predictions.tsv not written (it needs the GO graph)")
@@ -137,9 +144,9 @@ def run_predictions(
     if settings.model is not None:
         from .scorer import load_scorer
 
-        predictions = load_scorer(settings.model).predict(raw, ontology, settings.per_aspect)
+        predictions = load_scorer(settings.model).predict(raw, ontology, settings.per_aspect, partitions)
     else:
-        predictions = heuristic_scores(raw, ontology)
+        predictions = heuristic_scores(raw, ontology, partitions)
     return {
         "predictions": write_predictions(Path(experiment_path) / "predictions.tsv", predictions, precision)
     }

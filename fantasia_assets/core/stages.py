@@ -289,11 +289,12 @@ def usable_queries(
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """The partition's query vectors that can be searched, and every query left out, with why.
 
-    A query without this layer, with a vector of the wrong length or with NaN/Inf values, or
-    (cosine `metric`) a zero vector, is left out with a warning naming the file, group and
-    reason; the others are searched. When none is usable the partition fails with the first
-    reasons (a wrong model id, typically). `trusted` accessions' vectors are left unread
-    (`EmbeddingCatalogue.read_valid`). `read`: that read, already made (`QueriesAhead`).
+    A query without this layer, with a vector of the wrong length or with NaN/Inf values,
+    (cosine `metric`) a zero vector, or (euclidean) one too long to search, is left out with a
+    warning naming the file, group and reason; the others are searched. When none is usable
+    the partition fails with the first reasons (a wrong model id, typically). `trusted`
+    accessions' vectors are left unread (`EmbeddingCatalogue.read_valid`). `read`: that read,
+    already made (`QueriesAhead`).
     """
     catalogue = queries.catalogue
     key = (partition.type_id, partition.layer)
@@ -452,7 +453,10 @@ def build_raw_rows(
             rows = rows.join(metrics, on=["query_idx", "ref_idx"], how="left").with_columns(
                 pl.col(COUNT_COLUMNS).cast(pl.Int64)
             )
-    columns = exports.raw_columns(settings.keep_sequences, settings.alignment)
+    # the same types with or without rows: an empty partition's alignment columns were never made
+    schema = exports.raw_schema(settings.keep_sequences, settings.alignment)
     if not rows.height:
-        return pl.DataFrame(schema={c: rows.schema.get(c, pl.String) for c in columns})
-    return rows.sort(["accession", "rank", "protein_id", "go_id"]).select(columns)
+        return pl.DataFrame(schema=schema)
+    return rows.sort(["accession", "rank", "protein_id", "go_id"]).select(
+        pl.col(name).cast(dtype) for name, dtype in schema.items()
+    )

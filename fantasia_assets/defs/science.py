@@ -54,10 +54,12 @@ def predictions(settings: LookupSettings, database: ReferenceDatabase) -> dg.Mat
     _ontology(state)
     timings: dict[str, float] = {}
     with timed(timings, "predictions"):
-        raw = runner.read_raw_rows(state.config, materialised(state))
+        partitions = materialised(state)
+        raw = runner.read_raw_rows(state.config, partitions)
         path = run_predictions(
-            state.config.experiment_path, raw, state.config.scoring, state.config.precision
-        )["predictions"]
+            state.config.experiment_path, raw, state.config.scoring, state.config.precision,
+            [(p.model.name, p.layer) for p in partitions],  # those without neighbours too, as the CLI
+        )["predictions"]  # fmt: skip
     frame = pl.read_csv(path, separator="\t")
     top = frame.sort("score", descending=True).head(10)
     preview = "\n".join(["| accession | go_id | aspect | score |", "|---|---|---|---:|"] + [
