@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from lookup import bare_matmul_seconds, insert_references, search_seconds
-from machine import Steal
+from machine import Steal, Usage, first_touch_ms_per_mib
 from search import PeakRss, oracle_neighbours
 
 GIB = 2**30
@@ -141,13 +141,13 @@ def main() -> None:
         rounds = []  # (cold lookup, search, bare float32, bare bf16, peak RSS) per round
         for round_ in range(args.repeats):
             cold_again(work, config.experiment_path)
-            with PeakRss() as peak, Steal() as steal:
+            with PeakRss() as peak, Steal() as steal, Usage() as usage:
                 started = time.perf_counter()
                 result = run_lookup(config, engine)
                 cold = time.perf_counter() - started
             print(
                 f"--- round {round_ + 1}: cold lookup {cold:.2f} s, peak RSS {peak.peak / GIB:.2f} GiB, "
-                f"CPU taken by the hypervisor meanwhile {steal.text()}"
+                f"{usage.text()}, CPU taken by the hypervisor meanwhile {steal.text()}"
             )
             if round_ == 0:
                 for line in report_lines(result):
@@ -206,6 +206,12 @@ def main() -> None:
             + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in ratios)
             + f"; medians of the rounds' own ratios: {statistics.median(a for a, _ in ratios):.2f}"
             + f"/{statistics.median(b for _, b in ratios):.2f}"
+        )
+        first, second = first_touch_ms_per_mib()
+        print(
+            f"machine: first touch of newly mapped memory {first:.2f} ms/MiB, second {second:.3f} ms/MiB "
+            "(a lookup touches GiBs of memory afresh, and its page faults count in its system CPU "
+            "above; the bare matmuls' buffers are touched before they are timed)"
         )
     finally:
         dispose_engines()
