@@ -59,7 +59,7 @@ class NamingError(ValueError):
 _SPELLING = {
     "nan": "NaN", "inf": "Inf", "hdf5": "HDF5", "cli": "CLI", "mmseqs": "MMseqs2", "yaml": "YAML",
     "postgresql": "PostgreSQL", "dagster": "Dagster", "url": "URL", "readme": "README", "sql": "SQL",
-    "env": "environment", "var": "variable", "sigkill": "SIGKILL", "gaf": "GAF", "pid": "PID",
+    "env": "environment", "var": "variable", "sigkill": "SIGKILL", "sigint": "SIGINT", "gaf": "GAF", "pid": "PID",
     "fasta": "FASTA", "obo": "OBO",
 }  # fmt: skip
 

@@ -23,7 +23,9 @@ def note_changed_sequences(cursor) -> None:
 
     Their embeddings were computed from the old sequence: kept, they would describe another
     protein; dropped silently, the protein would vanish from the search without a word. They
-    are removed, and the report names the proteins and the models that now lack vectors.
+    are removed, and the report names the proteins and the models that now lack vectors: those
+    the old sequence had, or, when it had none (a change undone by a later load finds the
+    vectors already removed), every model some reference protein has vectors of.
     """
     cursor.execute(
         """
@@ -34,11 +36,20 @@ def note_changed_sequences(cursor) -> None:
         WHERE old.sequence_id IS DISTINCT FROM s.id
         """
     )
+    # the models a protein must have vectors of: its old sequence's; when that one has none (a
+    # sequence changed back: the earlier change removed them), every model the references have,
+    # so that the protein is not left out of the search without a word the second time
     cursor.execute(
         """
         CREATE TEMP TABLE _changed_types ON COMMIT DROP AS
         SELECT DISTINCT c.protein_id, e.embedding_type_id
         FROM _changed c JOIN sequence_embeddings e ON e.sequence_id = c.old_sequence_id
+        UNION
+        SELECT c.protein_id, t.id
+        FROM _changed c CROSS JOIN sequence_embedding_type t
+        WHERE NOT EXISTS (SELECT 1 FROM sequence_embeddings e WHERE e.sequence_id = c.old_sequence_id)
+          AND EXISTS (SELECT 1 FROM sequence_embeddings e JOIN protein p ON p.sequence_id = e.sequence_id
+                      WHERE e.embedding_type_id = t.id)
         """
     )
 

@@ -10,7 +10,7 @@ from fantasia_assets import cli
 from fantasia_assets_tests.hardening.helpers import config_dict, write_config
 
 
-def test_ctrl_c_during_a_lookup__one_error_line_exit_130_and_the_outputs_as_before(
+def test_sigint_during_a_lookup__one_error_line_exit_130_and_the_outputs_as_before(
     sample_loaded, tmp_path, capsys, monkeypatch
 ):
     experiment = tmp_path / "experiment"

@@ -95,6 +95,24 @@ def test_reload_with_a_changed_sequence_and_its_new_vectors__nothing_reported_mi
     assert _embeddings_of(engine, accession) == [(1, 0), (1, 1), (1, 4)] and _orphans(engine) == 0
 
 
+def test_sequence_changed_then_changed_back__the_protein_is_named_out_of_the_search_both_times(
+    engine, tmp_path
+):
+    load_references(engine, fasta=FASTA, gaf=[GAF], obo=OBO, embeddings=NEAR, model="NEAR")
+    newer, accession, _ = _changed_fasta(tmp_path)
+    changed = load_references(engine, fasta=newer, gaf=[GAF], obo=OBO)
+    assert changed.without_embeddings == [(accession, "NEAR")]
+    # back to the first sequence, whose vectors the change removed: still out of the search
+    back = load_references(engine, fasta=FASTA, gaf=[GAF], obo=OBO)
+    assert back.changed_sequences == [accession] and back.stale_embeddings == 0
+    assert back.without_embeddings == [(accession, "NEAR")]
+    assert _embeddings_of(engine, accession) == []
+    # its vectors loaded again bring it back, and the next reload reports nothing missing
+    load_references(engine, embeddings=NEAR, model="NEAR")
+    assert _embeddings_of(engine, accession) == [(1, 0), (1, 1), (1, 4)]
+    assert load_references(engine, fasta=FASTA, gaf=[GAF], obo=OBO).without_embeddings == []
+
+
 def test_same_vectors_under_a_second_model_name__error_suggests_only_what_works(engine):
     load_references(engine, fasta=FASTA, gaf=[GAF], obo=OBO, embeddings=NEAR, model="NEAR")
     with pytest.raises(LoadError) as error:
