@@ -77,7 +77,8 @@ def plain_fill(mm, body: int, size: int) -> bool:
 
 
 def read_string(dataset) -> str:
-    """The text of a string dataset (scalar, or the first element); `TypeError` for anything else."""
+    """The text of a string dataset (scalar, or an array of one); `TypeError` for anything else:
+    an array of several strings is not a sequence, and taking one of them would be a guess."""
     import h5py
 
     string_type = dataset.get_type()
@@ -89,6 +90,8 @@ def read_string(dataset) -> str:
     dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer)
     if buffer.size == 0:
         return ""
+    if buffer.size > 1:
+        raise TypeError(f"holds {buffer.size} strings, not one")
     value = buffer[()] if buffer.shape == () else buffer.reshape(-1)[0]
     if isinstance(value, bytes):
         value = value.decode("utf-8")

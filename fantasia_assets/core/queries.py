@@ -316,6 +316,9 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) ->
             if not name.startswith(ACCESSION_PREFIX):
                 skipped.append((name, f"not an '{ACCESSION_PREFIX}<ID>' group"))
                 continue
+            if not name[len(ACCESSION_PREFIX) :].strip():  # no id: nothing to name its outputs by
+                skipped.append((name, f"an empty accession (nothing after '{ACCESSION_PREFIX}')"))
+                continue
             try:
                 found = (*found, []) if found is not None else _scan_group(fid, name)
             except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:

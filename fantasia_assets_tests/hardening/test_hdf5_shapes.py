@@ -130,3 +130,26 @@ def test_zero_query_vector_under_cosine__left_out_with_the_reason(sample_loaded,
     )
     assert _skipped(euclidean) == []
     assert _shards(euclidean) == {name[len("accession_") :] for name, _ in groups}
+
+
+def test_query_group_without_an_id_or_with_several_sequences__left_out_with_the_reason(
+    sample_loaded, tmp_path, caplog
+):
+    groups = sample_groups(4)
+    # no id after the prefix: its outputs would have no name
+    groups[1] = ("accession_", groups[1][1])
+    # two strings in 'sequence': which one is the protein's would be a guess
+    several = groups[2][0]
+    groups[2] = (several, {**groups[2][1], "sequence": [groups[2][1]["sequence"], "MKV"]})
+    queries = write_queries(tmp_path / "queries.h5", groups)
+    experiment = tmp_path / "experiment"
+    with caplog.at_level(logging.WARNING):
+        run_lookup(parse_config(config_dict(experiment, queries, **near_only([0]))), sample_loaded)
+    empty = "an empty accession (nothing after 'accession_')"
+    assert f"{queries}: skipped accession_: {empty}" in caplog.text
+    skipped = dict((group, reason) for group, _, reason in _skipped(experiment))
+    assert skipped["accession_"] == empty
+    assert skipped[several] == "unreadable 'sequence' dataset (holds 2 strings, not one)"
+    assert _shards(experiment) == {name[len("accession_") :] for name, _ in (groups[0], groups[3])}
+    summary = pl.read_csv(experiment / "summary.csv")
+    assert "" not in set(summary["accession"].fill_null(""))
