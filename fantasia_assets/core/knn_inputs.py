@@ -128,6 +128,13 @@ def euclidean_refused(matrix: np.ndarray) -> np.ndarray:
     return _too_long(_sq_norms(matrix, 1))
 
 
+def directionless(vectors: np.ndarray) -> np.ndarray:
+    """Rows (bool, n) whose cosine distance is undefined: norm zero, not finite, or so small that
+    its inverse overflows float32 (the search normalises rows in float32)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
+    return ~np.isfinite(norms) | (norms * float(np.finfo(np.float32).max) <= 1.0)
+
+
 def _too_long(sq_norms: np.ndarray) -> np.ndarray:
     return sq_norms >= MAX_NORM**2
 

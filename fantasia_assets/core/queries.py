@@ -35,7 +35,7 @@ from .digest import file_digest
 from .exports import atomic_write
 from .h5bits import link_address, read_string, suffix_int
 from .h5fast import FastLayout
-from .knn_inputs import euclidean_refused
+from .knn_inputs import directionless, euclidean_refused
 from .sequences import clean
 
 if TYPE_CHECKING:  # h5py is imported where a file is scanned or read through it: a query file
@@ -150,13 +150,12 @@ class EmbeddingCatalogue:
     ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         """Every usable vector of `key`, and the groups left out with the reason.
 
-        Unlike `read`, one bad query does not stop the others: a vector whose length is not
-        `dim` (default: the most common length in the file) or that holds NaN or infinite
-        values is left out and reported as (group, reason). Under the `"cosine"` metric, so is
-        a vector without a direction (see `directionless`); under `"euclidean"`, one so long
-        that the search refuses it (`knn_inputs.euclidean_refused`). Returns (vectors, rows, skipped).
-        A vector of length `dim` whose accession is in `trusted` (the caller knows these bytes
-        were usable under `metric`) is taken as usable unread: its row of the matrix is left zero.
+        Unlike `read`, one bad query does not stop the others: a vector whose length is not `dim`
+        (default: the most common length in the file) or that holds NaN or infinite values is
+        left out and reported as (group, reason), and so is one the metric's search refuses
+        (`_REFUSED`). Returns (vectors, rows, skipped). A vector of length `dim` whose accession
+        is in `trusted` (the caller knows these bytes were usable under `metric`) is taken as
+        usable unread: its row of the matrix is left zero.
         """
         entries = self.layers.get(key)
         if entries is None:
@@ -178,28 +177,12 @@ class EmbeddingCatalogue:
         bad = np.zeros(len(keep), dtype=bool)  # the rows found unusable; a trusted row never is
         bad[~unread] = ~np.isfinite(matrix[~unread] if unread.any() else matrix).all(axis=1)
         reasons.update({int(p): f"{describe_key(key)} has NaN or infinite values" for p in keep[bad]})
-        if metric == "cosine":
-            flat = ~unread & ~bad
-            flat[flat] = directionless(matrix[flat] if not flat.all() else matrix)
-            reasons.update(
-                {
-                    int(p): f"{describe_key(key)} is a zero vector (or too close to zero): "
-                    "no direction, so no cosine distance"
-                    for p in keep[flat]
-                }
-            )
-            bad |= flat
-        elif metric == "euclidean":
-            long = ~unread & ~bad
-            long[long] = euclidean_refused(matrix[long] if not long.all() else matrix)
-            reasons.update(
-                {
-                    int(p): f"{describe_key(key)} has a norm ≥ 2^56: its squared euclidean "
-                    "distances would overflow float32"
-                    for p in keep[long]
-                }
-            )
-            bad |= long
+        refused = _REFUSED.get(metric)  # the metric's own refusals of finite vectors
+        if refused is not None:
+            out = ~unread & ~bad
+            out[out] = refused[0](matrix[out] if not out.all() else matrix)
+            reasons.update({int(p): f"{describe_key(key)} {refused[1]}" for p in keep[out]})
+            bad |= out
         skipped = [(self.group(int(entries.rows[p])), reasons[p]) for p in sorted(reasons)]
         if bad.any():
             matrix, keep = matrix[~bad], keep[~bad]
@@ -248,11 +231,11 @@ class EmbeddingCatalogue:
         return out
 
 
-def directionless(vectors: np.ndarray) -> np.ndarray:
-    """Rows (bool, n) whose cosine distance is undefined: norm zero, not finite, or so small that
-    its inverse overflows float32 (the search normalises rows in float32)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
-    return ~np.isfinite(norms) | (norms * float(np.finfo(np.float32).max) <= 1.0)
+# per metric: which finite vectors its search refuses, and why (`EmbeddingCatalogue.read_valid`)
+_REFUSED = {
+    "cosine": (directionless, "is a zero vector (or too close to zero): no direction, so no cosine distance"),
+    "euclidean": (euclidean_refused, "has a norm ≥ 2^56: its squared distances would overflow float32"),
+}
 
 
 def describe_key(key: LayerKey) -> str:

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from fantasia_assets import runner
-from fantasia_assets.config import parse_config
+from fantasia_assets.config import ConfigError, parse_config
 from fantasia_assets.core.exports import OutputWriteError
 from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.hardening.helpers import config_dict, hidden, near_only, tree
@@ -23,8 +23,14 @@ def test_experiment_path_that_cannot_be_written__error_before_any_search(
         raise AssertionError("the queries were read before the output folder was checked")
 
     monkeypatch.setattr(runner, "open_queries", no_search)
-    with pytest.raises(OutputWriteError, match=r"cannot write .*a-file/experiment"):
+    # a file in the way is found when the configuration is read (`config._refuse_file_in_the_way`)
+    with pytest.raises(ConfigError, match=r"a-file/experiment cannot be a folder: .*a-file is a file"):
         run_lookup(parse_config(config_dict(blocker / "experiment", **near_only())), sample_loaded)
+    # one that appears after, before the run: the run's own check, still before any search
+    config = parse_config(config_dict(tmp_path / "later" / "experiment", **near_only()))
+    (tmp_path / "later").write_text("")
+    with pytest.raises(OutputWriteError, match=r"cannot write .*later/experiment"):
+        run_lookup(config, sample_loaded)
 
 
 def test_enabled_model_with_no_reference_rows__skipped_with_a_warning_others_written(

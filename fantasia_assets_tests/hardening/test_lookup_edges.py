@@ -89,7 +89,7 @@ def test_euclidean_query_vector_too_long_to_square__that_query_left_out_with_a_w
     huge = write_queries(tmp_path / "huge.h5", groups)
     bad = groups[2][0]
     others = {name[len("accession_") :] for name, _ in groups} - {bad[len("accession_") :]}
-    reason = "type_1/layer_0 has a norm ≥ 2^56: its squared euclidean distances would overflow float32"
+    reason = "type_1/layer_0 has a norm ≥ 2^56: its squared distances would overflow float32"
 
     def lookup(experiment, queries, metric="euclidean", backend="torch"):
         overrides = {
