@@ -25,7 +25,7 @@ from ..core.queries import EmbeddingCatalogue, EmbeddingFileError, scan
 from ..core.timing import timed
 from . import merge
 from .engine import DRIVER_ERRORS, translate_errors
-from .load_report import NAMED, Annotations, Change, LoadError, LoadReport
+from .load_report import Annotations, Change, LoadError, LoadReport
 from .migrate import schema_ready
 from .reload import check_changed_proteins
 from .sources import (
@@ -131,27 +131,6 @@ def _check_has_vectors(catalogue: EmbeddingCatalogue) -> None:
     elif not catalogue.accessions:
         found = "; the file is empty"
     raise InputFileError(f"{catalogue.path}: {problem} (expected {_LAYOUT}){found}")
-
-
-_NOT_REFERENCES = "embedded proteins that are not reference proteins in the database"
-
-
-def _name_unknown_proteins(cursor, catalogue: EmbeddingCatalogue, report: LoadReport) -> None:
-    """Name the first embedded accessions `merge` found neither as a protein nor as an accession."""
-    if not report.skipped[_NOT_REFERENCES]:
-        return
-    cursor.execute(
-        """
-        SELECT q.code FROM unnest(%s::text[]) WITH ORDINALITY AS q(code, n)
-        WHERE NOT EXISTS (SELECT 1 FROM protein p WHERE p.id = q.code)
-          AND NOT EXISTS (SELECT 1 FROM accession a WHERE a.code = q.code)
-        ORDER BY q.n LIMIT %s
-        """,
-        (catalogue.accessions, NAMED),
-    )
-    report.name_skipped(
-        _NOT_REFERENCES, [row[0] for row in cursor.fetchall()], report.skipped[_NOT_REFERENCES]
-    )
 
 
 def _lock_holder(cursor) -> str:
@@ -315,7 +294,6 @@ def load_references(
         if catalogue is not None:
             with timed(report.timings, "write embeddings"):
                 merge.write_embeddings(cursor, catalogue, model, type_id, report, progress)
-            _name_unknown_proteins(cursor, catalogue, report)
         if annotations is not None:
             check_changed_proteins(cursor, report)
     return report

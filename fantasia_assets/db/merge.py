@@ -264,21 +264,25 @@ def _match_sequences(cursor, catalogue: EmbeddingCatalogue, report: LoadReport) 
     found = {code: (int(sequence_id), sequence) for code, sequence_id, sequence in cursor.fetchall()}
     ids = np.full(len(catalogue.accessions), -1, dtype=np.int64)
     seen: set[int] = set()
+    left_out: dict[str, list[str]] = {}  # reason → accessions, in file order, counted and named
     for row, accession in enumerate(catalogue.accessions):
         hit = found.get(accession)
+        reason = None
         if hit is None:
-            report.skipped["embedded proteins that are not reference proteins in the database"] += 1
-            continue
-        sequence_id, sequence = hit
+            reason = "embedded proteins that are not reference proteins in the database"
         # both sides under the sequence rule: references loaded before it may hold gaps
-        if catalogue.sequences[row] is not None and catalogue.sequences[row] != clean(sequence):
-            report.skipped["embedded proteins whose HDF5 sequence differs from the database's"] += 1
+        elif catalogue.sequences[row] is not None and catalogue.sequences[row] != clean(hit[1]):
+            reason = "embedded proteins whose HDF5 sequence differs from the database's"
+        elif hit[0] in seen:
+            reason = "embedded proteins sharing a sequence with an earlier one"
+        if reason is not None:
+            left_out.setdefault(reason, []).append(accession)
             continue
-        if sequence_id in seen:
-            report.skipped["embedded proteins sharing a sequence with an earlier one"] += 1
-            continue
-        seen.add(sequence_id)
-        ids[row] = sequence_id
+        seen.add(hit[0])
+        ids[row] = hit[0]
+    for reason, accessions in left_out.items():
+        report.skipped[reason] += len(accessions)
+        report.name_skipped(reason, accessions)
     return ids
 
 

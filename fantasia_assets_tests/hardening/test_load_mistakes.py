@@ -4,6 +4,7 @@ changes only the proteins it holds, and whatever a load leaves out is counted an
 from __future__ import annotations
 
 import gzip
+import shutil
 from pathlib import Path
 
 import h5py
@@ -162,3 +163,21 @@ def test_embedded_proteins_and_gaf_terms_skipped__first_ones_named(engine, tmp_p
     assert obsolete.startswith("skipped:      17 GAF lines: obsolete GO term (")
     terms = obsolete.split("(", 1)[1].split(" GO terms: ", 1)[1].rstrip(")")
     assert all(term.startswith("GO:") for term in terms.split(" and ")[0].split(", "))
+
+
+def test_embedded_proteins_whose_hdf5_sequence_differs__counted_and_named(engine, tmp_path):
+    load_references(engine, fasta=FASTA, gaf=[GAF], obo=OBO, embeddings=NEAR, model="NEAR")
+    changed = tmp_path / "near.h5"
+    shutil.copy(NEAR, changed)
+    with h5py.File(changed, "r+") as handle:
+        names = sorted(handle)[:7]
+        for name in names:
+            sequence = handle[f"{name}/sequence"][()].decode()
+            del handle[f"{name}/sequence"]
+            handle[f"{name}/sequence"] = sequence + "W"
+    report = load_references(engine, embeddings=changed, model="NEAR")
+    accessions = [name[len("accession_") :] for name in names]
+    assert (
+        "skipped:      7 embedded proteins whose HDF5 sequence differs from the database's: "
+        f"{', '.join(accessions[:5])} and 2 more"
+    ) in report.lines()
