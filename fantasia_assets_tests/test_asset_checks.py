@@ -181,3 +181,73 @@ def test_mmseqs_resource__its_path_is_the_binary_clustering_runs(sample_loaded, 
     assert calls.read_text().split() == ["createdb"]  # MMseqs2's first step, run with the resource's binary
     [failure] = [e for e in result.all_events if e.is_step_failure]
     assert "exit code 3" in failure.step_failure_data.error.cause.message
+
+
+def test_layer_dropped_from_the_configuration__the_summary_step_removes_its_folders_and_names_them(
+    sample_loaded, tmp_path
+):
+    both = write_config(
+        tmp_path / "both.yaml",
+        config_dict(tmp_path / "experiment", **near_only([0, 1]), **{"lookup.use_gpu": False}),
+    )
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(MODEL_LAYER.name, [KEY, "NEAR|layer_1"])
+        for key in (KEY, "NEAR|layer_1"):
+            assert _materialize(
+                instance, both, [lookup.go_annotation_cache, *PARTITIONED], partition_key=key
+            ).success
+        experiment = tmp_path / "experiment"
+        dropped = [experiment / root / "NEAR" / "layer_1" for root in ("raw_results", "topgo", "parquet")]
+        assert all(folder.is_dir() for folder in dropped)
+        only_0 = _config(tmp_path)  # NEAR layer 0 alone
+        result = _materialize(
+            instance,
+            only_0,
+            [lookup.raw_result_shards, outputs.lookup_summary],
+            [outputs.lookup_summary],
+            None,
+        )
+        assert result.success
+    assert not any(folder.exists() for folder in dropped)
+    assert (experiment / "raw_results" / "NEAR" / "layer_0").is_dir()
+    metadata = result.asset_materializations_for_node("lookup_summary")[0].metadata
+    assert set(metadata["removed_stale"].value) >= {
+        "raw_results/NEAR/layer_1",
+        "topgo/NEAR/layer_1",
+        "parquet/NEAR/layer_1",
+    }
+    assert not any("_L1" in column for column in pl.read_csv(experiment / "summary.csv").columns)
+    assert metadata["not_computed"].value == []
+
+
+def test_layer_enabled_but_never_computed__the_summary_names_it_as_not_covered(
+    sample_loaded, tmp_path, instance
+):
+    assert _materialize(instance, _config(tmp_path), [lookup.go_annotation_cache, *PARTITIONED]).success
+    both = write_config(
+        tmp_path / "both.yaml",
+        config_dict(tmp_path / "experiment", **near_only([0, 1]), **{"lookup.use_gpu": False}),
+    )
+    result = _materialize(
+        instance, both, [lookup.raw_result_shards, outputs.lookup_summary], [outputs.lookup_summary], None
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("lookup_summary")[0].metadata
+    assert metadata["not_computed"].value == ["NEAR|layer_1"]
+    logged = [record.user_message for record in instance.all_logs(result.run_id)]
+    assert "not in the summary, not computed yet: NEAR|layer_1" in logged
+
+
+def test_configuration_with_two_errors_read_by_a_step__it_fails_with_one_message_naming_both(
+    sample_loaded, tmp_path, instance
+):
+    raw = config_dict(tmp_path / "experiment", **near_only([0]), **{"lookup.use_gpu": False})
+    raw["limit_per_entry"], raw["lookup"]["limit_per_entry"] = "five", "six"
+    bad = write_config(tmp_path / "bad.yaml", raw)
+    result = _materialize(instance, bad, [lookup.go_annotation_cache], partition_key=None)
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    described = failure.step_failure_data.user_failure_data.description  # a dg.Failure, not a crash
+    assert described.startswith(f"{bad}: ")
+    assert "limit_per_entry: expected an integer" in described
+    assert "lookup.limit_per_entry: expected an integer" in described

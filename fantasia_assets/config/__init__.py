@@ -226,8 +226,9 @@ def parse_config(raw: Any) -> LookupConfig:
         file = ConfigFile.model_validate(raw)
     except ValidationError as error:
         problems = [error_message(e) for e in error.errors(include_url=False)]
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ConfigError(problems[0] + more) from None
+        shown = list(dict.fromkeys(problems))  # every problem named, a few at most
+        more = f"; and {len(shown) - 4} more" if len(shown) > 4 else ""
+        raise ConfigError("; ".join(shown[:4]) + more) from None
     return _lookup_config(file)
 
 

@@ -1,10 +1,14 @@
 """Run-wide outputs over every materialised (model, layer): summary.csv and the TopGO ensemble."""
 
+from pathlib import Path
+
 import dagster as dg
 
 from .. import runner
 from ..core import aggregate
+from ..core.locks import experiment_lock
 from ..core.plan import Partition
+from ..core.stale import remove_stale_partitions
 from ..core.summary import SUMMARY_CODE_VERSION, TOPGO_CODE_VERSION
 from ..core.timing import timed
 from ..core.writers import OUTPUT_FORMAT_VERSION
@@ -26,7 +30,8 @@ def materialised(state: LookupState) -> list[Partition]:
     kinds={"csv"},
     automation_condition=dg.AutomationCondition.eager(),
     description="summary.csv (SPEC §4.2) over every materialised (model, layer), plus "
-    "sequences.fasta and query_index_mapping.csv.",
+    "sequences.fasta and query_index_mapping.csv; the output folders of a (model, layer) the "
+    "configuration dropped are removed.",
 )
 def lookup_summary(
     context: dg.AssetExecutionContext,
@@ -37,6 +42,14 @@ def lookup_summary(
     state = LookupState.open(settings, database)
     partitions = materialised(state)
     timings: dict[str, float] = {}
+    # folders of (model, layer)s the configuration dropped would look current beside a summary
+    # that no longer covers them: removed and named, as the CLI's run does
+    removed = _remove_stale(state)
+    for folder in removed:
+        context.log.warning(f"removed {folder}: its (model, layer) is not in the configuration any more")
+    missing = [partition_key(p) for p in state.partitions.values() if p not in partitions]
+    if missing:  # enabled, never computed: the summary cannot cover them yet
+        context.log.warning(f"not in the summary, not computed yet: {', '.join(missing)}")
     with timed(timings, "summary"):
         summary = runner.write_summary(state.config, partitions)
         with runner.open_raw_rows(state.config, partitions) as rows:
@@ -55,8 +68,20 @@ def lookup_summary(
             "skipped_queries": dg.MetadataValue.path(str(records["skipped queries"])),
             "output_names": dg.MetadataValue.path(str(records["output names"])),
             "best_predictions": dg.MetadataValue.md(best_predictions(top)),
+            "not_computed": dg.MetadataValue.json(missing),
+            "removed_stale": dg.MetadataValue.json(
+                [str(f.relative_to(state.config.experiment_path)) for f in removed]
+            ),
         },
     )
+
+
+def _remove_stale(state: LookupState) -> list[Path]:
+    """The partition folders of models and layers the configuration no longer has, removed
+    (`core.stale`), under the experiment's lock: what the end of `runner.run_lookup` does."""
+    current = [p.relative_dir() for p in state.partitions.values()]  # computed or not
+    with experiment_lock(state.config.experiment_path, probe=False):
+        return remove_stale_partitions(state.config.experiment_path, current)
 
 
 def _consumed(state: LookupState, partitions: list[Partition]) -> dg.MetadataValue:

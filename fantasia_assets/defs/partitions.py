@@ -9,20 +9,22 @@ demo` (`demo.materialize_everything`) registers them before it materialises.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import dagster as dg
 from sqlalchemy.engine import Engine
 
-from ..config import LookupConfig
+from ..config import ConfigError, LookupConfig
 from ..core.lineage import CODE_VERSION, LineageRow
 from ..core.plan import Partition, QuerySet, open_queries
 from ..db.reads import annotation_version, model_types, reference_fingerprint
 from ..db.stores import ReferenceStore
 from ..paths import cache_dir
 from ..runner import plan_partitions, reference_scope
-from .resources import LineageStore, LookupSettings, ReferenceDatabase
+from .resources import DEFAULT_CONFIG, LineageStore, LookupSettings, ReferenceDatabase
 
 MODEL_LAYER = dg.DynamicPartitionsDefinition(name="model_layer")
 _STORES: dict[tuple[int, str, int], ReferenceStore] = {}
@@ -42,7 +44,18 @@ class LookupState:
 
     @classmethod
     def open(cls, settings: LookupSettings, database: ReferenceDatabase) -> LookupState:
-        return cls(settings.load(), database.engine())
+        """The step's configuration and database; a configuration error fails the step with its
+        one-line message (and where the file's name came from), not a stack trace."""
+        try:
+            config = settings.load()
+        except ConfigError as error:
+            origin = ""
+            if settings.config_path == DEFAULT_CONFIG and not os.environ.get("FANTASIA_CONFIG"):
+                origin = (
+                    f" (FANTASIA_CONFIG is not set: the default {DEFAULT_CONFIG} was read in {Path.cwd()})"
+                )
+            raise dg.Failure(f"{error}{origin}") from None
+        return cls(config, database.engine())
 
     @cached_property
     def queries(self) -> QuerySet:
