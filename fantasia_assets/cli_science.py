@@ -16,6 +16,17 @@ if TYPE_CHECKING:  # polars and the science stack are imported by the commands t
 log = logging.getLogger(__name__)
 
 
+def _folds(text: str) -> int:
+    """--folds: cross-validation needs a held-out fold and one to fit on."""
+    try:
+        folds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if folds < 2:
+        raise argparse.ArgumentTypeError(f"{folds}: at least 2 (one fold held out, the others fitted)")
+    return folds
+
+
 def _truth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="configuration YAML of the lookup")
     parser.add_argument(
@@ -64,7 +75,9 @@ def add_parsers(commands) -> None:
     )
     _truth_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="model file to write")
-    train.add_argument("--folds", type=int, default=5, help="protein-grouped folds (default 5)")
+    train.add_argument(
+        "--folds", type=_folds, default=5, help="protein-grouped folds, at least 2 (default 5)"
+    )
     train.add_argument("--rerun", action="store_true", help="run the lookup even when its raw rows exist")
 
 

@@ -13,13 +13,17 @@ import polars as pl
 
 def read_truth(paths: list[Path], obo: Path, evidence: str | None) -> pl.DataFrame:
     """(protein_id, go_id) kept by the loader's GAF filter; prints what was dropped."""
+    from .core.evaluation import EvaluationError
     from .db.sources import DEFAULT_EVIDENCE, read_gaf, read_obo
 
     codes = tuple(evidence.split(",")) if evidence else DEFAULT_EVIDENCE
     gaf = read_gaf(paths, read_obo(obo), codes)
+    if gaf.kept.is_empty() and not any(gaf.skipped.values()):
+        raise EvaluationError(f"{', '.join(str(p) for p in paths)}: no GAF annotation line (an empty file?)")
     dropped = ", ".join(f"{n:,} {why}" for why, n in gaf.skipped.items() if n)
     print(
-        f"truth: {gaf.kept.height:,} annotations of {gaf.kept['protein_id'].n_unique():,} proteins ({dropped} dropped)"
+        f"truth: {gaf.kept.height:,} annotations of {gaf.kept['protein_id'].n_unique():,} proteins"
+        + (f" ({dropped} dropped)" if dropped else "")
     )
     return gaf.kept.select("protein_id", "go_id")
 
@@ -73,7 +77,9 @@ def evaluate_experiment(
     return result, paths
 
 
-def lookup_rows(config, rerun: bool = False) -> tuple[pl.DataFrame, list[tuple[str, int | None]]]:
+def lookup_rows(
+    config, rerun: bool = False, engine=None
+) -> tuple[pl.DataFrame, list[tuple[str, int | None]]]:
     """The lookup's raw rows of every enabled partition, from its Parquet files or a fresh run,
     and the (model, layer) pairs of those files: a partition without any neighbour included,
     which the scorer counts as a partition of 0 votes (`core.scorer.raw_partitions`)."""
@@ -93,7 +99,13 @@ def lookup_rows(config, rerun: bool = False) -> tuple[pl.DataFrame, list[tuple[s
     if rerun or not files():
         from .runner import run_lookup
 
-        run_lookup(config)
+        if config.query_fasta is not None:  # a FASTA query file: embedded first, as the CLI does
+            from .db import get_engine
+            from .query_fasta import ensure_query_embeddings
+
+            engine = engine or get_engine()
+            ensure_query_embeddings(config, engine)
+        run_lookup(config, engine)
     found = files()
     raw = pl.concat([pl.read_parquet(f) for f, _ in found], how="diagonal_relaxed")
     return raw, [partition for _, partition in found]
@@ -133,7 +145,7 @@ def train_scorer(
     from .core.ontology import read_ontology
 
     ontology = read_ontology(obo)
-    raw, run = lookup_rows(config, rerun)
+    raw, run = lookup_rows(config, rerun, engine)
     truth = truth_table(
         read_truth(truth_paths, obo, evidence), raw["accession"].unique().to_list(), str(truth_paths[0])
     )

@@ -45,6 +45,8 @@ AREAS = {
     "test_error_surface.py": "error surface",
     "test_load_mistakes.py": "load mistakes",
     "test_lookup_edges.py": "lookup edges",
+    "test_science_mistakes.py": "evaluation mistakes",
+    "test_embed_mistakes.py": "embed mistakes",
     "test_command_exit.py": "command exit",
     "test_server_stop.py": "server stop",
     "test_readme_table.py": "documentation",

