@@ -157,6 +157,10 @@ def _lookup(args, progress) -> int:
         from .config import load_config
 
     config = load_config(args.config)  # before the heavy imports: a bad config is reported at once
+    if config.scoring.model is not None:  # a file that is no scoring model: said before the search
+        from .core.scorer import load_scorer
+
+        load_scorer(config.scoring.model)
     from .core import lineage
     from .core.distributed import connect_from_environment
     from .core.locks import experiment_lock

@@ -87,3 +87,22 @@ def test_scoring_model_file_holding_something_else__error_says_what_it_holds(tmp
     with pytest.raises(sc.ScorerError) as error:
         sc.load_scorer(path)
     assert str(error.value).startswith(f"{path}: {says}")
+
+
+def test_lookup_whose_scoring_model_is_no_model__refused_before_the_search(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    import fantasia_assets.runner as runner
+
+    model = tmp_path / "scorer.pkl"
+    model.write_bytes(pickle.dumps({"a": 1}))
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the lookup ran before the scoring model was read")
+
+    monkeypatch.setattr(runner, "run_lookup", no_search)
+    raw = config_dict(tmp_path / "experiment", **near_only([0]), **{"scoring.ontology": str(ONTOLOGY)})
+    raw["scoring"]["model"] = str(model)
+    config = write_config(tmp_path / "config.yaml", raw)
+    assert cli.main(["lookup", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {model}: not a scoring model (a pickled dict;")
