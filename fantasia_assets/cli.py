@@ -103,6 +103,20 @@ def _add_demo_parser(commands) -> None:
     )
 
 
+def _add_partitions_parser(commands) -> None:
+    commands.add_parser(
+        "partitions",
+        help="register the (model, layer) partitions of FANTASIA_CONFIG in the Dagster instance",
+        description=(
+            "Make the dynamic (model, layer) partitions of the Dagster instance of $DAGSTER_HOME "
+            "those of the configuration (FANTASIA_CONFIG), the reference database and the query "
+            "file now (a FASTA query file is embedded first), as the sensor does when the daemon "
+            "runs: add the new ones, remove those that are no longer, and print them. Then "
+            "`dagster asset materialize --partition KEY` accepts every current key."
+        ),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fantasia-assets",
@@ -116,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_parser(commands)
     _add_lookup_parser(commands)
     _add_demo_parser(commands)
+    _add_partitions_parser(commands)
     cli_science.add_parsers(commands)
     add_db_parser(commands)
     add_embed_parser(commands)
@@ -306,6 +321,35 @@ def demo_environment() -> None:
         os.environ["FANTASIA_CONFIG"] = str(config)
 
 
+def _partitions(args, progress) -> int:
+    from .config import load_config
+    from .errors import FantasiaError
+
+    if not os.environ.get("DAGSTER_HOME"):
+        raise FantasiaError(
+            "DAGSTER_HOME is not set: it names the Dagster instance to register the partitions in"
+        )
+    if not os.environ.get("FANTASIA_CONFIG"):
+        raise FantasiaError(
+            "FANTASIA_CONFIG is not set: it names the configuration whose partitions to register"
+        )
+    load_config(os.environ["FANTASIA_CONFIG"])  # a bad configuration: its one-line error, before Dagster
+    import dagster as dg
+
+    from .defs.demo import register_partitions
+
+    with dg.DagsterInstance.get() as instance:
+        keys, added, removed = register_partitions(instance, log=lambda line: None)
+    print(
+        f"partitions of {os.environ['FANTASIA_CONFIG']} in the Dagster instance {os.environ['DAGSTER_HOME']}:"
+    )
+    for key in keys:
+        print(f"  {key}" + ("  (added)" if key in added else ""))
+    for key in removed:
+        print(f"  {key}  (removed: not in the configuration, reference database or query file any more)")
+    return 0
+
+
 def _demo(args, progress) -> int:
     import dagster as dg
 
@@ -391,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "load-references": _load,
         "lookup": _lookup,
         "demo": _demo,
+        "partitions": _partitions,
         "db": run_db,
         "embed": run_embed,
         **cli_science.HANDLERS,

@@ -182,3 +182,38 @@ def test_evaluation_asset_evaluates_every_output_of_a_finished_lookup(sample_loa
     expected |= {f"summary_final_score_{p}" for p in partitions}
     assert {output for output, _ in rows} == expected
     assert sorted(rows) == sorted([output, aspect] for output in expected for aspect in "CFP")
+
+
+def test_partitions_command_registers_the_configurations_keys_and_removes_dropped_ones(
+    sample_loaded, settings, tmp_path, monkeypatch, capsys
+):
+    import importlib
+
+    import fantasia_assets.definitions as definitions
+    from fantasia_assets import cli
+    from fantasia_assets.defs.partitions import MODEL_LAYER
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    (tmp_path / "dagster").mkdir()
+    importlib.reload(definitions)  # resources read FANTASIA_CONFIG / FANTASIA_DATABASE_URL at import
+    assert cli.main(["partitions"]) == 0
+    out = capsys.readouterr().out
+    assert "  NEAR|layer_0  (added)" in out and "  AntiBERTy|layer_3  (added)" in out
+    # the configuration drops AntiBERTy: its keys go, the others stay registered
+    raw = yaml.safe_load(Path(settings.config_path).read_text())
+    raw["embedding"]["models"]["AntiBERTy"]["enabled"] = False
+    Path(settings.config_path).write_text(yaml.safe_dump(raw))
+    assert cli.main(["partitions"]) == 0
+    out = capsys.readouterr().out
+    assert "  NEAR|layer_0\n" in out and "(added)" not in out
+    assert "  AntiBERTy|layer_0  (removed: not in the configuration" in out
+    with dg.DagsterInstance.get() as instance:
+        assert sorted(instance.get_dynamic_partitions(MODEL_LAYER.name)) == ["NEAR|layer_0", "NEAR|layer_1"]
+
+
+def test_partitions_command_without_dagster_home__one_line_error(settings, monkeypatch, capsys):
+    from fantasia_assets import cli
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert cli.main(["partitions"]) == 2
+    assert capsys.readouterr().err.startswith("error: DAGSTER_HOME is not set")

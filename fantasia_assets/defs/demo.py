@@ -12,20 +12,8 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     the partition job for every partition, the run-wide outputs. Returns the partition keys."""
     from ..definitions import defs
     from .automation import outputs_job, partition_job, shared_inputs_job
-    from .partitions import LookupState
 
-    resources = defs.resources
-    embed_queries(instance, log)  # a FASTA query file is embedded before the partitions are planned
-    # resolve EnvVar fields the way a run does, outside of one
-    state = LookupState.open(
-        resources["settings"].process_config_and_initialize(),
-        resources["database"].process_config_and_initialize(),
-    )
-    keys = list(state.partitions)
-    known = set(instance.get_dynamic_partitions(MODEL_LAYER.name))
-    instance.add_dynamic_partitions(MODEL_LAYER.name, [k for k in keys if k not in known])
-    for key in sorted(known - set(keys)):
-        instance.delete_dynamic_partition(MODEL_LAYER.name, key)
+    keys = register_partitions(instance, log)[0]
 
     def run(job: dg.UnresolvedAssetJobDefinition, partition_key: str | None = None) -> None:
         result = defs.resolve_job_def(job.name).execute_in_process(
@@ -44,6 +32,30 @@ def materialize_everything(instance: dg.DagsterInstance, log=print) -> list[str]
     log(f"running {outputs_job.name}")
     run(outputs_job)
     return keys
+
+
+def register_partitions(instance: dg.DagsterInstance, log=print) -> tuple[list[str], list[str], list[str]]:
+    """Make the instance's (model, layer) partitions those of the configuration, reference
+    database and query file now (a FASTA query file embedded first, `embed_queries`): what the
+    sensor does on its ticks. Returns (current keys, added, removed)."""
+    from ..definitions import defs
+    from .partitions import LookupState
+
+    resources = defs.resources
+    embed_queries(instance, log)  # a FASTA query file is embedded before the partitions are planned
+    # resolve EnvVar fields the way a run does, outside of one
+    state = LookupState.open(
+        resources["settings"].process_config_and_initialize(),
+        resources["database"].process_config_and_initialize(),
+    )
+    keys = list(state.partitions)
+    known = set(instance.get_dynamic_partitions(MODEL_LAYER.name))
+    added = [k for k in keys if k not in known]
+    removed = sorted(known - set(keys))
+    instance.add_dynamic_partitions(MODEL_LAYER.name, added)
+    for key in removed:
+        instance.delete_dynamic_partition(MODEL_LAYER.name, key)
+    return keys, added, removed
 
 
 def embed_queries(instance: dg.DagsterInstance, log=print) -> None:
