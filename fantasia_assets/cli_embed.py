@@ -12,6 +12,18 @@ import time
 from pathlib import Path
 
 DEFAULT_LAYERS = "0,1,4"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (`--threads`, `--type-id`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
 
 
 def parse_layers(text: str) -> list[int]:
@@ -47,10 +59,12 @@ def add_embedding_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="residues per batch, padding included (default 16384 on CPU, 65536 on GPU)",
     )
-    parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument(
+        "--device", help="torch device: cpu, cuda or cuda:N (default: cuda when present, else cpu)"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         help="CPU threads for torch (default: torch's, one per core; on a busy shared machine 1 is "
         "often faster)",
     )
@@ -77,7 +91,7 @@ def add_embed_parser(commands) -> None:
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     parser.add_argument(
         "--type-id",
-        type=int,
+        type=positive_int,
         help="type_<id> to write (default: the model's id in the reference database, or the next free one)",
     )
     add_embedding_options(parser)
@@ -99,13 +113,14 @@ def records_to_hdf5(
     args, records: list, fasta: Path, model: str, out: Path, type_id: int, progress
 ) -> list[str]:
     """Embed checked `records` of `fasta` with `model` into `out`; returns the lines to print."""
-    from .core.embedding import embed_records, load_encoder
+    from .core.embedding import EmbeddingError, embed_records, load_encoder
     from .core.embedding.cache import EmbeddingCache
     from .core.embedding.h5out import write_hdf5
     from .core.embedding.run import DEFAULT_TOKEN_BUDGET
     from .paths import cache_dir
 
     layers = parse_layers(args.layers)
+    check_embedding_options(args)
     if args.threads:
         import torch
 
@@ -113,7 +128,9 @@ def records_to_hdf5(
     started = time.perf_counter()
     encoder = load_encoder(model, args.device)
     device = str(getattr(encoder, "device", "cpu"))
-    budget = args.token_budget or (DEFAULT_TOKEN_BUDGET * (4 if device.startswith("cuda") else 1))
+    budget = args.token_budget
+    if budget is None:
+        budget = DEFAULT_TOKEN_BUDGET * (4 if device.startswith("cuda") else 1)
     cache = (
         None
         if args.no_cache
@@ -138,9 +155,24 @@ def records_to_hdf5(
     }
     if encoder.spec.max_residues is not None or args.max_residues is not None:
         attrs["max_residues_embedded"] = args.max_residues or encoder.spec.max_residues
+    if records and not len(embedded.rows):
+        accession, reason = embedded.skipped[0]
+        raise EmbeddingError(
+            f"no protein embedded, so nothing written to {out}: all {len(records)} were skipped as too "
+            f"long (e.g. {accession}: {reason}); raise --max-residues or use --too-long truncate or chunk"
+        )
     write_hdf5(out, embedded, type_id, attrs)
+    if embedded.chunked:
+        # pieces counts distinct chunks and distinct whole sequences together
+        others = ", the others whole" if len(embedded.chunked) < len(embedded.rows) else ""
+        what = (
+            f"{embedded.pieces} distinct pieces embedded ({len(embedded.chunked)} proteins cut into "
+            f"chunks of at most {attrs['max_residues_embedded']} residues{others})"
+        )
+    else:
+        what = f"{embedded.pieces} distinct sequences embedded"
     lines = [
-        f"{len(records)} proteins, {embedded.pieces} distinct sequences embedded with {encoder.spec.name} "
+        f"{len(records)} proteins, {what} with {encoder.spec.name} "
         f"on {device} ({embedded.from_cache} from the cache) in {seconds:.1f} s",
         f"wrote {out}: type_{type_id}, layers {', '.join(map(str, layers))}, {encoder.spec.dim} values each",
     ]
@@ -183,9 +215,56 @@ def resolve_type_id(model: str, given: int | None) -> tuple[int, str | None, str
     return type_id, name, f"type_{type_id}: the id of {name!r} in the reference database"
 
 
+def check_embedding_options(args) -> None:
+    """The numeric options and --device, refused before anything is read or embedded."""
+    from .core.embedding import EmbeddingError, check_device
+
+    wrong = [
+        f"{option} {value}"
+        for option, value in (("--max-residues", args.max_residues), ("--token-budget", args.token_budget))
+        if value is not None and value < 1
+    ]
+    if wrong:
+        raise EmbeddingError(f"{' and '.join(wrong)}: must be at least 1")
+    if args.device is not None:
+        check_device(args.device)
+
+
+def check_output(out: Path, fasta: Path) -> None:
+    """Refuse an --out that would destroy something other than a previous HDF5, or cannot be written.
+
+    The input FASTA itself, a directory, a file that is not HDF5, or a path under a file are
+    refused before any embedding; an existing HDF5 file is replaced atomically.
+    """
+    from .core.embedding import EmbeddingError
+
+    if out.exists() and fasta.exists() and out.samefile(fasta):
+        raise EmbeddingError(f"--out {out} is the --fasta input: give another file for the HDF5")
+    if out.is_dir():
+        raise EmbeddingError(f"--out {out} is a directory: give the HDF5 file to write")
+    if out.exists():
+        try:
+            with out.open("rb") as handle:
+                head = handle.read(len(HDF5_SIGNATURE))
+        except OSError as exc:
+            raise EmbeddingError(f"--out {out}: cannot read the existing file ({exc.strerror})") from exc
+        if head != HDF5_SIGNATURE:
+            raise EmbeddingError(
+                f"--out {out} exists and is not an HDF5 file: not replaced; remove it or give another name"
+            )
+        return
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EmbeddingError(f"--out {out}: {parent} is a file, not a directory")
+            break
+
+
 def run_embed(args, progress) -> int:
     parse_layers(args.layers)
+    check_embedding_options(args)
     records = read_records(args.fasta)  # bad input fails before the database is started
+    check_output(args.out, args.fasta)  # and a bad --out before anything is embedded
     type_id, _, origin = resolve_type_id(args.model, args.type_id)
     print(origin)
     for line in records_to_hdf5(args, records, args.fasta, args.model, args.out, type_id, progress):
@@ -210,6 +289,7 @@ def references_embedded(args, progress):
     if args.fasta is None or args.embeddings is not None:
         raise EmbeddingError("--embed-with embeds the --fasta proteins: give --fasta, and no --embeddings")
     parse_layers(args.layers)
+    check_embedding_options(args)
     records = read_records(args.fasta)
     type_id, known_as, origin = resolve_type_id(args.model or args.embed_with, args.type_id)
     print(origin)

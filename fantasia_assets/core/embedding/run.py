@@ -164,10 +164,13 @@ def embed_records(
             f"model {spec.name!r} has layers 0 (last) to {spec.layers - 1}; asked for "
             f"{', '.join(map(str, bad_layers)) or 'none'}"
         )
-    if (max_residues is not None and max_residues < 1) or token_budget < 1:
-        raise EmbeddingError(
-            f"the length limit and the token budget must be at least 1 (got {max_residues}, {token_budget})"
-        )
+    wrong = [
+        f"the {what} {value}"
+        for what, value in (("length limit", max_residues), ("token budget", token_budget))
+        if value is not None and value < 1
+    ]
+    if wrong:
+        raise EmbeddingError(f"{' and '.join(wrong)}: must be at least 1")
     limit = max_residues if max_residues is not None else spec.max_residues
     policy = too_long or spec.too_long
     result = EmbeddedSet(
