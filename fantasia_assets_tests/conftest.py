@@ -43,10 +43,16 @@ def fantasia_home():
 
 @pytest.fixture(scope="session")
 def pg_server(fantasia_home):
-    """The embedded server of the session's $FANTASIA_HOME (started once)."""
-    from fantasia_assets.db.embedded import embedded_server
+    """The embedded server of the session's $FANTASIA_HOME (started once), stopped at the end
+    of the session before its home is removed: the library's own stop at the exit would find
+    neither the data folder nor its list of users any more, and leave the server running."""
+    from fantasia_assets.db.embedded import embedded_server, running_postmaster, stop_embedded
 
-    return embedded_server(fantasia_home / "pg")
+    server = embedded_server(fantasia_home / "pg")
+    yield server
+    stop_embedded(fantasia_home / "pg")
+    if running_postmaster(fantasia_home / "pg") is not None:
+        server.cleanup()
 
 
 @pytest.fixture()
