@@ -59,9 +59,13 @@ def evaluate_experiment(
     engine=None,
 ):
     """Evaluate a finished lookup; returns (Evaluation, written paths)."""
-    from .core.evaluation import evaluate, experiment_outputs, truth_table, write_evaluation
+    from .core.evaluation import EvaluationError, evaluate, experiment_outputs, truth_table, write_evaluation
     from .core.ontology import read_ontology
 
+    folder = Path(out or config.experiment_path / "evaluation")
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # said before the evaluation, not by its first write
+        raise EvaluationError(f"output folder {folder} cannot be made: {blocker} is a file, not a folder")
     ontology = read_ontology(obo)
     truth = truth_table(
         read_truth(truth_paths, obo, evidence), query_accessions(config.experiment_path), str(truth_paths[0])
@@ -73,7 +77,7 @@ def evaluate_experiment(
         reference_annotations(engine),
         roots=roots,
     )
-    paths = write_evaluation(out or config.experiment_path / "evaluation", result, config.precision)
+    paths = write_evaluation(folder, result, config.precision)
     return result, paths
 
 

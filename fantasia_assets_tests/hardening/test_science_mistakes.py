@@ -106,3 +106,29 @@ def test_lookup_whose_scoring_model_is_no_model__refused_before_the_search(tmp_p
     config = write_config(tmp_path / "config.yaml", raw)
     assert cli.main(["lookup", "--config", str(config)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {model}: not a scoring model (a pickled dict;")
+
+
+def test_evaluate_out_where_a_file_is__one_line_naming_the_file_before_any_evaluation(
+    sample_loaded, tmp_path, capsys
+):
+    experiment = tmp_path / "experiment"
+    config = write_config(tmp_path / "config.yaml", config_dict(experiment, **near_only([0])))
+    assert cli.main(["lookup", "--config", str(config)]) == 0
+    blocker = tmp_path / "results.gaf"
+    blocker.write_text("a user's file\n")
+    capsys.readouterr()
+    argv = [
+        "evaluate",
+        "--config",
+        str(config),
+        "--truth",
+        str(TRUTH),
+        "--obo",
+        str(ONTOLOGY),
+        "--out",
+        str(blocker),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: output folder {blocker} cannot be made: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "a user's file\n"
