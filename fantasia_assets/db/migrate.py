@@ -69,7 +69,7 @@ def current_revision(connection: Connection) -> str | None:
     return context.get_current_revision()
 
 
-def _known(revision: str | None) -> bool:
+def known(revision: str | None) -> bool:
     if revision is None:
         return True
     try:
@@ -86,12 +86,13 @@ def _unknown_revision(revision: str) -> DatabaseError:
     )
 
 
+@translate_errors
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Apply every pending revision, under the schema lock; (revision before, revision after)."""
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": SCHEMA_LOCK})
         before = current_revision(conn)
-        if not _known(before):
+        if not known(before):
             raise _unknown_revision(before)
         config = _config(conn)
         try:
@@ -99,15 +100,43 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                 command.stamp(config, BASELINE)
             command.upgrade(config, "head")
         except sa.exc.ProgrammingError as exc:
-            # a role that may read but not alter the tables (a shared, restored dump, say)
-            reason = " ".join(str(exc.orig).split())
             raise DatabaseError(
                 f"the reference database's schema is at revision {before or 'none'} and this "
-                f"version needs {head_revision()}, but upgrading it failed: {reason}; run "
-                "`fantasia-assets db upgrade` as a role that owns the tables"
+                f"version needs {head_revision()}, but upgrading it failed: {_upgrade_failure(engine, exc)}"
             ) from exc
         after = current_revision(conn)
     return before, after
+
+
+def _upgrade_failure(engine: Engine, exc: sa.exc.ProgrammingError) -> str:
+    """Why an upgrade failed, with what to do about it when the cause is known."""
+    reason = " ".join(str(exc.orig).split())
+    state = getattr(exc.orig, "sqlstate", None)
+    if "extension" in reason and "vector" in reason and state == "42501":  # insufficient_privilege
+        return (
+            f"{reason}; a superuser must run `CREATE EXTENSION vector;` in this database once "
+            "(pgvector), then run the command again"
+        )
+    if state == "42501":
+        # a role that may read but not alter the tables (a shared, restored dump, say)
+        return f"{reason}; run `fantasia-assets db upgrade` as a role that owns the tables"
+    if state == "42704" and ("vector" in reason or "halfvec" in reason):  # undefined_object
+        return (
+            f"{reason}; pgvector's types must be visible on the search_path: install the "
+            "extension in a schema on it (`CREATE EXTENSION vector;`, or `ALTER EXTENSION vector "
+            "SET SCHEMA public;`)"
+        )
+    if state == "42P07":  # duplicate_table: some of the shared tables exist, not all
+        with engine.connect() as other:  # this transaction is aborted: look from another one
+            inspector = sa.inspect(other)
+            present = [name for name in sorted(SHARED_TABLES) if inspector.has_table(name)]
+        missing = [name for name in sorted(SHARED_TABLES) if name not in present]
+        return (
+            f"{reason}; the database holds some of the reference tables but not all (missing: "
+            f"{', '.join(missing) or 'none'}): it is neither empty nor a complete FANTASIA (PIS "
+            "3.1.2) database; point FANTASIA_DATABASE_URL at an empty database or a complete one"
+        )
+    return reason
 
 
 @translate_errors
@@ -125,13 +154,21 @@ def schema_ready(engine: Engine) -> None:
         _ready.add(engine)
 
 
+@translate_errors
+def revision(engine: Engine) -> str | None:
+    """The database's revision (`current_revision`), on a connection of its own."""
+    with engine.connect() as conn:
+        return current_revision(conn)
+
+
+@translate_errors
 def check(engine: Engine) -> list[str]:
     """What differs between the database and the models: [] when the schema is current."""
     problems = []
     with engine.connect() as conn:
         current = current_revision(conn)
         if current != head_revision():
-            if not _known(current):
+            if not known(current):
                 raise _unknown_revision(current)
             problems.append(
                 f"revision {current or 'none'} is behind {head_revision()}: run `fantasia-assets db upgrade`"

@@ -49,6 +49,7 @@ ANNOTATIONS_CODE_VERSION = "annotations-1"
 _HEADER_BYTES = 4096
 _WRITE_ROWS = 8192  # rows per block when a matrix already in memory is written out
 _DIGEST_BYTES = 16  # `core.row_digests`: BLAKE2b, 16 bytes a row
+_SAMPLED_ROWS = 64  # rows of a cached matrix compared with their digests before it is used
 _HASHED_AHEAD = 8  # streamed blocks (≈ 2 MB each) waiting for their digests, at most
 
 
@@ -213,15 +214,49 @@ class ReferenceStore:
         except (OSError, ValueError, EOFError) as exc:
             log.warning("damaged reference cache %s (%s); fetching from the database", path, exc)
             return None
-        problem = _cache_problem(ids, vectors)
+        problem = _cache_problem(ids, vectors) or self._sampled_rows_problem(path, vectors)
         if problem:
             log.warning("damaged reference cache %s (%s); fetching from the database", path, problem)
             return None
-        os.utime(path)  # recently used: kept by the pruning below
+        try:
+            os.utime(path)  # recently used: kept by the pruning below
+        except OSError:  # a cache this user may read but not write (shared, read-only): used as is
+            log.debug("reference cache %s read-only: its time of use is not updated", path)
         # a matrix mapped from its own cache file: the engine keeps its prepared operands beside it
         # (`core.knn_reference`), for the next lookup of these rows (not on the run that streams
         # them from the database, which has the stream to pay for already)
         return ReferenceMatrix(scope, ids, vectors, fingerprint, kept_operands=self.operands_prefix(path))
+
+    def _sampled_rows_problem(self, path: Path, vectors: np.ndarray) -> str | None:
+        """Rows of `vectors` whose digests differ from those taken as the file was written, or None.
+
+        `_SAMPLED_ROWS` rows spread evenly over the file (the first and last among them) are hashed
+        and compared with the kept digests: a file of the right size but other content (rows
+        reordered, zeroed or overwritten in bulk, another matrix's file) is caught at the cost of
+        a few kilobytes read; a single damaged row between the samples is not. A file without its
+        digests (not taken yet, or unreadable) is checked as before, by its shape alone."""
+        try:
+            table = np.load(self.digests_file(path), mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            return None
+        if table.dtype != np.uint8 or table.shape != (len(vectors), _DIGEST_BYTES):
+            return None  # not this file's digests: `row_digests` replaces them
+        rows = np.unique(
+            np.linspace(0, len(vectors) - 1, num=min(len(vectors), _SAMPLED_ROWS)).astype(np.int64)
+        )
+        wrong = [
+            int(row)
+            for row in rows
+            if hashlib.blake2b(
+                np.ascontiguousarray(vectors[row]).tobytes(), digest_size=_DIGEST_BYTES
+            ).digest()
+            != table[row].tobytes()
+        ]
+        if wrong:
+            return (
+                f"{len(wrong)} of {len(rows)} sampled rows (row {wrong[0]} first) differ from their digests"
+            )
+        return None
 
     def _from_database(self, path: Path, scope: ReferenceScope, fingerprint: str) -> ReferenceMatrix:
         """Stream the scope's rows into the cache file, then map it: never whole in memory.
