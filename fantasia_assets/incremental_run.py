@@ -117,6 +117,10 @@ class PartitionUpdates:
         # partition key → (stored state, published output paths) of the partitions updated
         # incrementally: what `incremental_write` rebuilds their outputs against
         self.stored: dict[str, tuple[incremental.StoredState, dict[str, Path]]] = {}
+        # partition key → the accessions searched anew (added, or their vector or sequence
+        # changed): their outputs are rebuilt even when their neighbours did not move, since a
+        # sequence also goes into the alignment columns and the query's length
+        self.searched: dict[str, set[str]] = {}
         self._pending: dict[str, tuple] = {}
         # set once a full search's products start, or any search is over: what the run reads
         # beside the products waits for it (`lookup_start.read_annotations`); the run may also
@@ -294,6 +298,7 @@ class PartitionUpdates:
         )
         self._preload_alignments(state, paths, query_idx, kept)
         self.stored[partition.key] = (state, paths)
+        self.searched[partition.key] = searched
         log.info("%s: incremental update (%s)", partition.key, self.updates[partition.key].kind)
         return outcome
 

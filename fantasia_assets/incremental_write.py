@@ -272,6 +272,7 @@ class OutputUpdates:
         old_digests, shards = extras
         old_raw = reads.submit(pl.read_parquet, paths["raw"])
         affected = io_.changed_hits(state.neighbours, outcome.hits)
+        affected |= self.updates.searched.get(partition.key, set())  # a changed sequence, same hits
         if state.meta.get("annotation_version") == (self.updates.annotation_version or ""):
             digests = self.carried_digests(old_digests, outcome.hits)
         else:

@@ -21,11 +21,13 @@ byte for byte from the previous outputs. Where those lines lie in a previous fil
 index (`LineIndex`: each accession's byte range and line count), taken once when the file is
 written and stored with the state, so a splice parses only the rebuilt lines.
 
-An accession's inputs changed when its hits rows differ (searched, merged, renumbered), when a
-neighbour's annotation rows changed, when its shard file name changed, or when its previous
-shard is not the file the state recorded. Query and reference sequences are covered by the
-query digest and by sequence ids (a sequence id names one sequence: the reference tables are
-keyed by the sequence's hash).
+An accession's inputs changed when it was searched anew (added, or its query digest changed:
+its vector or its sequence, which a model may leave with the same vector, for instance past its
+length cut or in residues it maps to one token), when its hits rows differ (merged,
+renumbered), when a neighbour's annotation rows changed, when its shard file name changed, or
+when its previous shard is not the file the state recorded. Reference sequences are covered by
+sequence ids (a sequence id names one sequence: the reference tables are keyed by the
+sequence's hash).
 
 This module is pure: frames, bytes and paths in, frames and bytes out.
 """

@@ -211,6 +211,24 @@ def test_queries_added_removed_changed_and_settings(engine, tmp_path):
     assert update.kind == "full" and update.reason == "search settings changed: k"
 
 
+def test_query_sequence_changed_with_its_vector_unchanged(engine, tmp_path):
+    """A model may give a changed sequence the same vector (past its length cut, or residues it
+    maps to one token): the neighbours stay, but the query's length and alignments change."""
+    _load(engine, REFS)
+    queries = _names(SAMPLE / "queries.h5")[:12]
+    first = _subset_h5(SAMPLE / "queries.h5", tmp_path / "q1.h5", queries)
+    raw = _config(tmp_path, first, **{"postprocess.alignment": True})
+    _run(raw, engine)
+    with h5py.File(first, "r+") as handle:  # the same file, edited: no output setting changes
+        sequence = handle[queries[4]]["sequence"][()]
+        del handle[queries[4]]["sequence"]
+        handle[queries[4]].create_dataset("sequence", data=sequence + b"ACDEFGHIKLMNPQRSTVWY")
+    _, update = _run(raw, engine)
+    assert update.kind == "queries changed" and update.searched == 1
+    assert update.details["outputs_rebuilt"] == 1
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_new_reference_tying_the_kth_neighbour(engine, tmp_path, ties):
     _load(engine, REFS)
