@@ -166,6 +166,19 @@ def ensure_query_embeddings(
             f"distinct sequences from the cache)"
         )
         lines += [f"{model.name}: skipped {accession}: {reason}" for accession, reason in embedded.skipped]
+        if embedded.truncated:
+            shown = ", ".join(embedded.truncated[:5]) + (" …" if len(embedded.truncated) > 5 else "")
+            lines.append(
+                f"{model.name}: {len(embedded.truncated)} proteins embedded on their first "
+                f"{encoder.spec.max_residues} residues ({encoder.spec.name}'s limit): {shown}"
+            )
+        if embedded.mapped:
+            first, where = embedded.mapped[0]
+            sample = ", ".join(f"{char!r} at {position}" for position, char in where[:3])
+            lines.append(
+                f"{model.name}: {len(embedded.mapped)} proteins hold characters {encoder.spec.name} maps "
+                f"to its unknown residue, e.g. {first}: {sample}"
+            )
     attrs = {
         SOURCE_ATTR: key,
         "source_fasta": str(fasta),

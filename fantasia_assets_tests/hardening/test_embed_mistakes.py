@@ -195,3 +195,41 @@ def test_embed_model_given_a_regular_file__says_it_is_a_file_not_a_model_folder(
     err = capsys.readouterr().err
     assert "is a file, not a model folder" in err and "huggingface-cli" not in err
     assert not out.exists()
+
+
+def _datasets(path) -> dict[str, bytes]:
+    """Every dataset of an HDF5 (vectors and sequences) as bytes, by path."""
+    found = {}
+
+    def take(name, item):
+        if isinstance(item, h5py.Dataset):
+            value = item[()]
+            found[name] = value if isinstance(value, bytes) else value.tobytes()
+
+    with h5py.File(path, "r") as h5:
+        h5.visititems(take)
+    return found
+
+
+def test_embed_fasta_with_final_stops_gaps_digits_and_lower_case__same_vectors_and_sequences_as_the_clean_file(
+    small_fasta, tmp_path, capsys, home
+):
+    clean_lines = small_fasta.read_text().splitlines()
+    messy, residues = [], 0
+    for line in clean_lines:
+        if line.startswith(">"):
+            if messy and not messy[-1].startswith(">"):
+                messy[-1] += "*"  # a translated proteome's stop
+            messy.append(line)
+        else:
+            residues += len(line)
+            messy.append(f"{residues} " + line[:3].lower() + "-" + line[3:] + ".")  # GenBank-style
+    messy[-1] += "**"
+    dirty = tmp_path / "messy.fa"
+    dirty.write_text("\n".join(messy) + "\n")
+    assert _embed("--fasta", small_fasta, "--out", tmp_path / "clean.h5", "--no-cache") == 0
+    assert _embed("--fasta", dirty, "--out", tmp_path / "messy.h5", "--no-cache") == 0
+    capsys.readouterr()
+    datasets = _datasets(tmp_path / "messy.h5")
+    assert any(name.endswith("/sequence") for name in datasets)
+    assert datasets == _datasets(tmp_path / "clean.h5")

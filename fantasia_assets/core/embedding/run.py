@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fantasia_assets.core.progress import Progress, no_progress
+from fantasia_assets.core.sequences import clean, problem
 
 from .cache import EmbeddingCache
 from .encoders import EmbeddingError, Encoder, TooLong
@@ -65,11 +66,16 @@ def sequence_hash(sequence: str) -> str:
 
 
 def check_records(records: Iterable[SequenceRecord], source: str = "input") -> list[SequenceRecord]:
-    """Records in file order, one per accession; errors name the records at fault.
+    """Records in file order, one per accession, their sequences clean; errors name the records.
 
+    Sequences follow the one rule of references (`core.sequences`): whitespace, digits and the
+    gaps `-` `.` are removed, letters upper-cased, and what remains must be A-Z or `*`. The
+    stops ending a sequence (a translated proteome's `*`) are dropped: a stop is not a residue,
+    and the same protein without it gets the same vector. A `*` inside is left to the encoder,
+    which maps it as any character outside its alphabet (reported by `embed_records`).
     An accession given twice with the same sequence is kept once; with different sequences
-    it is an error naming both records. A character that is not an ASCII letter (digits,
-    gaps, stop codons, non-ASCII) is an error naming the record and its 1-based position.
+    it is an error naming both records. An identifier holding '/' (an HDF5 group separator) or a
+    control character is an error naming the record.
     """
     kept: dict[str, SequenceRecord] = {}
     for record in records:
@@ -77,16 +83,22 @@ def check_records(records: Iterable[SequenceRecord], source: str = "input") -> l
             raise EmbeddingError(f"{source}: record at {record.where or '?'} has no identifier")
         if "/" in record.accession:
             raise EmbeddingError(
-                f"{source}: record {record.name()}: '/' cannot be part of an HDF5 group name"
+                f"{source}: record {record.name()}: '/' cannot be part of an HDF5 group name "
+                "(rename the record, e.g. 'seq/1-100' to 'seq_1-100')"
             )
-        if not record.sequence:
-            raise EmbeddingError(f"{source}: record {record.name()} has an empty sequence")
-        bad = _first_non_letter(record.sequence)
-        if bad is not None:
+        control = next((char for char in record.accession if not char.isprintable()), None)
+        if control is not None:
             raise EmbeddingError(
-                f"{source}: record {record.name()}: character {record.sequence[bad]!r} at position "
-                f"{bad + 1} is not an amino-acid letter"
+                f"{source}: record {record.name()}: its identifier holds the control character "
+                f"{control!r}, which no output name may carry"
             )
+        cleaned = clean(record.sequence)
+        reason = problem(cleaned)
+        if reason is None and not cleaned.rstrip("*"):
+            reason = "no residue but stops ('*')"
+        if reason is not None:
+            raise EmbeddingError(f"{source}: record {record.name()}: {reason}")
+        record = SequenceRecord(record.accession, cleaned.rstrip("*"), record.where)
         first = kept.get(record.accession)
         if first is None:
             kept[record.accession] = record
@@ -99,15 +111,6 @@ def check_records(records: Iterable[SequenceRecord], source: str = "input") -> l
     if not kept:
         raise EmbeddingError(f"{source}: no FASTA records (empty file, or not FASTA)")
     return list(kept.values())
-
-
-def _first_non_letter(sequence: str) -> int | None:
-    if sequence.isascii() and sequence.isalpha():
-        return None
-    for position, char in enumerate(sequence):
-        if not (char.isascii() and char.isalpha()):
-            return position
-    return None
 
 
 def pieces_of(sequence: str, limit: int | None, policy: TooLong) -> list[str] | None:

@@ -56,11 +56,20 @@ def test_duplicate_accession_with_same_sequence_is_kept_once():
 
 @pytest.mark.parametrize(
     ("sequence", "message"),
-    [("MK1V", r"'1' at position 3"), ("MKV*", r"'\*' at position 4"), ("MKé", r"'é' at position 3")],
+    [("MK#V", r"'#' at residue 3"), ("MKV>", r"'>' at residue 4"), ("MKé", r"'é' at residue 3")],
 )
 def test_non_letters_are_rejected_with_record_and_position(sequence, message):
     with pytest.raises(EmbeddingError, match=rf"'Q9' \(x.fa:7\): character {message}"):
         check_records([SequenceRecord("Q9", sequence, "x.fa:7")], "x.fa")
+
+
+@pytest.mark.parametrize("sequence", ["MKVL", "mkvl", "MK-V.L", "1 MKV 4 L", "MKVL*", "MKVL**", "M K\tV\nL*"])
+def test_sequences_follow_the_references_rule_and_final_stops_go(sequence):
+    assert check_records([SequenceRecord("Q9", sequence)]) == [SequenceRecord("Q9", "MKVL")]
+
+
+def test_a_stop_inside_is_kept_for_the_model_to_map():
+    assert check_records([SequenceRecord("Q9", "MK*VL*")]) == [SequenceRecord("Q9", "MK*VL")]
 
 
 def test_empty_input_and_bad_names_are_errors():
