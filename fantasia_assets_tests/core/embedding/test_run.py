@@ -105,9 +105,26 @@ def test_each_distinct_sequence_is_embedded_once(encoder):
     np.testing.assert_array_equal(result.vectors[0][3], result.vectors[0][0])
 
 
-def test_token_budget_does_not_change_vectors(encoder):
-    one_by_one = embed_records(records(), encoder, [0, 4], token_budget=1)
-    together = embed_records(records(), encoder, [0, 4], token_budget=100_000)
+class GpuLike(CountingEncoder):
+    """The real (CPU) encoder, presented as on a GPU: `embed_records` then batches."""
+
+    device = "cuda:0"
+
+
+def test_on_a_cpu_each_sequence_is_embedded_alone_and_its_vector_is_its_own(encoder):
+    counting = CountingEncoder(encoder)
+    together = embed_records(records(), counting, [0, 4], token_budget=100_000)
+    assert [len(call) for call in counting.calls] == [1, 1, 1, 1]
+    alone = embed_records(records()[2:3], encoder, [0, 4])
+    for layer in (0, 4):  # the same bytes, whoever else is embedded in the run
+        assert together.vectors[layer][2].tobytes() == alone.vectors[layer][0].tobytes()
+
+
+def test_token_budget_batches_on_a_gpu_within_summation_order(encoder):
+    batched = GpuLike(encoder)
+    together = embed_records(records(), batched, [0, 4], token_budget=100_000)
+    assert [len(call) for call in batched.calls] == [4]
+    one_by_one = embed_records(records(), GpuLike(encoder), [0, 4], token_budget=1)
     for layer in (0, 4):
         np.testing.assert_allclose(one_by_one.vectors[layer], together.vectors[layer], rtol=0, atol=1e-6)
 
@@ -124,8 +141,29 @@ def test_cache_serves_a_second_run_and_survives_torn_entries(encoder, tmp_path):
     torn.write_bytes(torn.read_bytes()[:100])
     third = embed_records(records(), counting, [0, 1], cache=cache)
     assert counting.calls == [[records()[2].sequence]] and third.from_cache == 3
-    # recomputed alone rather than in a batch: equal up to float32 summation order
-    np.testing.assert_allclose(third.vectors[1], first.vectors[1], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(third.vectors[1], first.vectors[1])  # alone both times
+
+
+def test_cache_entry_overwritten_with_other_values_of_its_size_is_embedded_again(encoder, tmp_path, caplog):
+    cache = EmbeddingCache(tmp_path, encoder.spec.version, encoder.spec.dim)
+    first = embed_records(records(), encoder, [0], cache=cache)
+    entry = cache._path(sequence_hash(records()[1].sequence), 0)
+    data = entry.read_bytes()
+    entry.write_bytes(np.ones(encoder.spec.dim, dtype="<f4").tobytes() + data[4 * encoder.spec.dim :])
+    counting = CountingEncoder(encoder)
+    with caplog.at_level("WARNING"):
+        again = embed_records(records(), counting, [0], cache=cache)
+    assert counting.calls == [[records()[1].sequence]] and again.from_cache == 3
+    assert f"damaged embedding cache entry {entry}" in caplog.text
+    np.testing.assert_array_equal(again.vectors[0], first.vectors[0])
+    assert entry.read_bytes() == data  # rewritten
+
+
+def test_cache_of_vectors_computed_alone_is_kept_apart_from_batched_ones(encoder, tmp_path):
+    from fantasia_assets.core.embedding.run import cache_for
+
+    assert cache_for(encoder, tmp_path).dir.name == f"{encoder.spec.version}.alone"
+    assert cache_for(GpuLike(encoder), tmp_path).dir.name == f"{encoder.spec.version}.batched"
 
 
 def test_chunks_pool_to_the_mean_over_all_residues(encoder):
