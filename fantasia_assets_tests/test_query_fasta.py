@@ -231,3 +231,15 @@ def test_lookup_reading_some_vectors_from_the_cache_equals_one_embedding_everyth
         }
 
     assert outputs("cached") == outputs("fresh")
+
+
+@pytest.mark.parametrize("name", ["queries.pep", "queries.pep.gz"])
+def test_a_fasta_named_otherwise_is_an_error_saying_how_to_name_it(tmp_path, capsys, name):
+    fasta = tmp_path / name
+    text = ">P1\nMKVL\n"
+    fasta.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    assert main(["lookup", "--config", str(_config(tmp_path, fasta, "pep", embed=False))]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "not a readable HDF5 file" in err and "it holds FASTA text: name it .fa, .fasta, .faa or .fas" in err
+    )

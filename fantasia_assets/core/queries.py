@@ -36,7 +36,7 @@ from .exports import atomic_write
 from .h5bits import link_address, read_string, suffix_int
 from .h5fast import FastLayout
 from .knn_inputs import directionless, euclidean_refused
-from .sequences import clean
+from .sequences import clean, fasta_named_otherwise
 
 if TYPE_CHECKING:  # h5py is imported where a file is scanned or read through it: a query file
     # already catalogued is read from a memory map, and its import costs a small lookup ≈ 0.06 s
@@ -396,7 +396,8 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
             names = list(handle.keys())
             attrs = {k: _plain(v) for k, v in handle.attrs.items()}
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # h5py's errors of damaged files
-        raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc})") from exc
+        hint = fasta_named_otherwise(path)
+        raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc}){hint}") from exc
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     fast = FastLayout.open(path)
     parts = []

@@ -103,3 +103,24 @@ def warn_unusable_queries(path: Path, groups: Iterable[tuple[str, str | None]]) 
                 path, group, reason,
             )  # fmt: skip
     return found
+
+
+def fasta_named_otherwise(path: Path) -> str:
+    """A hint for an HDF5 that could not be opened but holds FASTA text ('>' first, plain or
+    gzip), or "": FASTA query files are recognised by their name (`config.is_fasta_path`)."""
+    import gzip
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(0)
+            if head[:2] == b"\x1f\x8b":
+                head = gzip.GzipFile(fileobj=handle).read(4)
+    except (OSError, EOFError, ValueError):
+        return ""
+    if not head.lstrip(b"\xef\xbb\xbf").startswith(b">"):
+        return ""
+    return (
+        "; it holds FASTA text: name it .fa, .fasta, .faa or .fas (gzipped or not) to have it "
+        "embedded, and give its models an embed_with"
+    )
