@@ -134,9 +134,14 @@ def test_each_asset_check_reads_the_written_file__and_fails_when_that_file_is_da
     evaluation = run_check(checks.topgo_rows_in_raw_rows)
     assert not evaluation.passed and evaluation.metadata["missing"].value == 1
 
-    # summary.csv without the partition's final score
+    # summary.csv with the columns of a partition the configuration no longer has
     summary_file = experiment / "summary.csv"
-    pl.read_csv(summary_file).drop("final_score_NEAR_L0").write_csv(summary_file)
+    summary = pl.read_csv(summary_file)
+    summary.with_columns(pl.col("final_score_NEAR_L0").alias("final_score_NEAR_L9")).write_csv(summary_file)
+    evaluation = run_check(checks.covers_every_partition, None)
+    assert not evaluation.passed and evaluation.metadata["not_in_the_configuration"].value == ["NEAR_L9"]
+    # summary.csv without the partition's final score
+    summary.drop("final_score_NEAR_L0").write_csv(summary_file)
     evaluation = run_check(checks.covers_every_partition, None)
     assert not evaluation.passed and evaluation.metadata["missing"].value == [KEY]
 

@@ -89,6 +89,23 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
         # everything materialised from the current versions: the backstop finds nothing stale
         state = LookupState.open(settings, ReferenceDatabase())
         assert stale_partitions(instance, state) == []
+        # a setting of the results changed: every partition is stale until it runs again
+        raw = yaml.safe_load(Path(settings.config_path).read_text())
+        raw["lookup"]["limit_per_entry"] = 3
+        Path(settings.config_path).write_text(yaml.safe_dump(raw))
+        state = LookupState.open(settings, ReferenceDatabase())
+        assert stale_partitions(instance, state) == sorted(keys)
+        # predictions without the GO graph: not written, said in the metadata; no failed run
+        raw["scoring"]["ontology"] = None
+        Path(settings.config_path).write_text(yaml.safe_dump(raw))
+        result = dg.materialize(
+            [definitions.science.predictions],
+            resources={"settings": settings, "database": ReferenceDatabase()},
+            instance=instance,
+        )
+        assert result.success
+        [materialisation] = result.asset_materializations_for_node("predictions")
+        assert materialisation.metadata["written"].value is False
 
 
 def test_sensor_requests_only_changed_model(sample_loaded, settings, tmp_path):

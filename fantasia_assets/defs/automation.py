@@ -1,13 +1,19 @@
-"""Jobs, the sensor that reacts to reference and query changes, and the daily backstop.
+"""Jobs, the sensor that reacts to reference, query and configuration changes, and the daily backstop.
 
-`reference_change_sensor` reads the fingerprints of every (model, layer) reference set and the
-query file's hash each tick (cheap SQL, no vector read). A changed fingerprint records a new
-observation of `reference_set` for that partition and requests exactly that partition's
-re-computation; a changed query file requests every partition. The first tick only records.
-It also keeps the dynamic partitions equal to the current (model, layer) pairs. When the
-configuration names a FASTA query file whose HDF5 is missing or stale, the tick requests
-`query_embeddings_job` first (`embedding_request`).
-`lookup_summary` and `topgo_ensemble` follow by their eager automation condition.
+`reference_change_sensor` reads the fingerprints of every (model, layer) reference set, the
+query file's hash and the configuration's fingerprint each tick (cheap SQL, no vector read). A
+changed fingerprint records a new observation of `reference_set` for that partition and
+requests exactly that partition's re-computation; a changed query file or configuration (a
+setting of the results, a new experiment_path) requests every partition. The first tick only
+records. It also keeps the dynamic partitions equal to the current (model, layer) pairs, and
+when one is dropped without any other change it requests the run-wide outputs, which then
+leave the dropped partition out. When the configuration names a FASTA query file whose HDF5 is
+missing or stale, the tick requests `query_embeddings_job` first (`embedding_request`).
+`lookup_summary`, `topgo_ensemble` and `predictions` follow by their eager automation condition.
+
+Run keys carry a change counter kept in the cursor: a state seen before (annotations deleted,
+restored, then deleted again give the same fingerprint twice) is a new change, never a run
+that Dagster skips as already requested.
 """
 
 import json
@@ -59,14 +65,17 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
     """The sensor's decision, given the current state and what the previous tick saw."""
     versions = state.versions()
     query_version = state.queries.content_hash  # hashed once, when the query catalogue was opened
+    config_version = state.config.fingerprint()
     previous = json.loads(cursor) if cursor else None
     partition_requests = []
+    dropped = sorted(known_partitions - set(versions))
     if set(versions) - known_partitions:
         partition_requests.append(MODEL_LAYER.build_add_request(sorted(set(versions) - known_partitions)))
-    if known_partitions - set(versions):
-        partition_requests.append(MODEL_LAYER.build_delete_request(sorted(known_partitions - set(versions))))
+    if dropped:
+        partition_requests.append(MODEL_LAYER.build_delete_request(dropped))
     changed: list[str] = []
     events: list[dg.AssetObservation] = []
+    generation = previous.get("generation", 0) if previous else 0
     if previous is None:  # record the versions the UI shows; compute nothing
         events = [
             dg.AssetObservation(asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: version})
@@ -77,9 +86,11 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
         )
     else:
         queries_changed = previous.get("queries") != query_version
+        # a cursor of an earlier version has no configuration: recorded now, not a change
+        config_changed = previous.get("config", config_version) != config_version
         changed = [
             key for key in sorted(versions)
-            if queries_changed or previous.get("partitions", {}).get(key) != versions[key]
+            if queries_changed or config_changed or previous.get("partitions", {}).get(key) != versions[key]
         ]  # fmt: skip
         events = [
             dg.AssetObservation(
@@ -92,12 +103,15 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
             events.append(
                 dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version})
             )
+    outputs_only = previous is not None and not changed and bool(dropped)
+    if changed or outputs_only:
+        generation += 1
     runs = [
         dg.RunRequest(
             job_name=partition_job.name,
             partition_key=key,
-            run_key=f"{key}:{versions[key]}:{query_version}",
-            tags={"fantasia/trigger": "reference or query change"},
+            run_key=f"{key}:{generation}:{versions[key]}:{query_version}:{config_version}",
+            tags={"fantasia/trigger": "reference, query or configuration change"},
         )
         for key in changed
     ]
@@ -106,15 +120,33 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
             0,
             dg.RunRequest(
                 job_name=shared_inputs_job.name,
-                run_key=f"shared:{json.dumps(versions, sort_keys=True)}:{query_version}",
+                run_key=f"shared:{generation}:{json.dumps(versions, sort_keys=True)}:{query_version}",
             ),
+        )
+    if outputs_only:  # nothing to re-compute, but the outputs still show the dropped partitions
+        runs.append(
+            dg.RunRequest(
+                job_name=outputs_job.name,
+                run_key=f"outputs:{generation}:{','.join(dropped)}",
+                tags={"fantasia/trigger": f"partitions dropped: {', '.join(dropped)}"},
+            )
         )
     return dg.SensorResult(
         run_requests=runs,
-        cursor=json.dumps({"partitions": versions, "queries": query_version}, sort_keys=True),
+        cursor=json.dumps(
+            {
+                "partitions": versions,
+                "queries": query_version,
+                "config": config_version,
+                "generation": generation,
+            },
+            sort_keys=True,
+        ),
         dynamic_partitions_requests=partition_requests,
         asset_events=events,
-        skip_reason=None if runs or partition_requests or events else "no reference or query change",
+        skip_reason=None
+        if runs or partition_requests or events
+        else "no reference, query or configuration change",
     )
 
 
@@ -146,10 +178,10 @@ def embedding_request(settings: LookupSettings, database: ReferenceDatabase, cur
 
 
 @dg.sensor(
-    jobs=[partition_job, shared_inputs_job, query_embeddings_job],
+    jobs=[partition_job, shared_inputs_job, query_embeddings_job, outputs_job],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Re-materialise the (model, layer) partitions whose references or queries changed.",
+    description="Re-materialise the (model, layer) partitions whose references, queries or configuration changed.",
 )
 def reference_change_sensor(
     context: dg.SensorEvaluationContext, settings: LookupSettings, database: ReferenceDatabase
@@ -177,7 +209,8 @@ def guarded_tick(
 
 
 def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[str]:
-    """Partitions whose last raw rows were made from other references or queries than now's."""
+    """Partitions whose last raw rows were made from other references, queries or configuration
+    than now's (an experiment_path of its own included: a new one holds none of them)."""
     stale = []
     for key, partition in sorted(state.partitions.items()):
         records = instance.fetch_materializations(
@@ -190,8 +223,10 @@ def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[s
         made_from = (
             getattr(metadata.get("reference_version"), "value", None),
             getattr(metadata.get("query_version"), "value", None),
+            getattr(metadata.get("config_version"), "value", None),
         )
-        if made_from != (state.reference_version(partition), state.queries.content_hash):
+        now = (state.reference_version(partition), state.queries.content_hash, state.config.fingerprint())
+        if made_from != now:
             stale.append(key)
     return stale
 
@@ -212,7 +247,7 @@ def daily_backstop(
 
 output_automation = dg.AutomationConditionSensorDefinition(
     "output_automation",
-    target=[lookup_summary, topgo_ensemble],
+    target=[lookup_summary, topgo_ensemble, predictions],
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=15,
     description="Rebuild the run-wide outputs once their partitions have been updated.",

@@ -215,16 +215,24 @@ def covers_every_partition(
         for key in context.instance.get_materialized_partitions(raw_result_shards.key)
         if key in state.partitions
     }
+    current = {column_suffix(p.model.name, p.layer) for p in state.partitions.values()}
     covered = {
         partition_key(p)
         for p in state.partitions.values()
         if f"final_score_{column_suffix(p.model.name, p.layer)}" in header
     }
+    # columns of partitions the configuration dropped: a summary written before the change
+    stale = sorted(
+        column.removeprefix("final_score_")
+        for column in header
+        if column.startswith("final_score_") and column.removeprefix("final_score_") not in current
+    )
     return dg.AssetCheckResult(
-        passed=done <= covered,
+        passed=done <= covered and not stale,
         metadata={
             "materialised": dg.MetadataValue.json(sorted(done)),
             "missing": dg.MetadataValue.json(sorted(done - covered)),
+            "not_in_the_configuration": dg.MetadataValue.json(stale),
             "summary": dg.MetadataValue.path(str(path)),
         },
     )

@@ -252,6 +252,7 @@ def raw_result_shards(
             "raw_rows": dg.MetadataValue.path(str(paths["raw"])),
             "reference_version": version,
             "query_version": state.queries.content_hash,
+            "config_version": config.fingerprint(),  # the daily backstop compares all three
             "consumed_hits": consumed_hits,
             "consumed_annotations": annotation_version,
             "best_predictions": dg.MetadataValue.md(best_predictions(raw)),

@@ -239,7 +239,9 @@ def test_backfill_then_automation(dagster_dev):
     def automated_runs():
         runs = [r for r in server.runs() if r["runId"] not in before]
         tagged = [
-            r for r in runs if {"key": "fantasia/trigger", "value": "reference or query change"} in r["tags"]
+            r
+            for r in runs
+            if {"key": "fantasia/trigger", "value": "reference, query or configuration change"} in r["tags"]
         ]
         for run in tagged:
             assert run["status"] not in ("FAILURE", "CANCELED"), run

@@ -1,0 +1,108 @@
+"""The sensor's decisions (`evaluate_changes`) over sequences of ticks: every real change of the
+references, the query file or the configuration re-runs what it affects, once, even when a state
+comes back; a dropped partition alone rebuilds the outputs; and the instance's configuration
+frees the pool slot of a killed run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dagster as dg
+import yaml
+
+from fantasia_assets.defs.automation import evaluate_changes, outputs_job, partition_job
+from fantasia_assets_tests.conftest import PROJECT
+
+
+@dataclass
+class _Config:
+    setting: str = "k=5"
+
+    def fingerprint(self) -> str:
+        return self.setting
+
+
+@dataclass
+class _Queries:
+    content_hash: str = "q1"
+
+
+@dataclass
+class _State:
+    """What `evaluate_changes` reads of a `LookupState`."""
+
+    partitions: dict[str, str] = field(default_factory=lambda: {"NEAR|layer_0": "v1", "NEAR|layer_1": "w1"})
+    config: _Config = field(default_factory=_Config)
+    queries: _Queries = field(default_factory=_Queries)
+
+    def versions(self) -> dict[str, str]:
+        return dict(self.partitions)
+
+
+def _ticks(states: list[_State]) -> list[dg.SensorResult]:
+    """Each state evaluated after the previous one's cursor, as the daemon's ticks are."""
+    cursor, results = None, []
+    for state in states:
+        result = evaluate_changes(state, cursor, set(states[0].partitions))
+        cursor = result.cursor
+        results.append(result)
+    return results
+
+
+def _partition_runs(result: dg.SensorResult) -> list[tuple[str, str]]:
+    return [(r.partition_key, r.run_key) for r in result.run_requests if r.job_name == partition_job.name]
+
+
+def test_references_that_come_back_to_an_earlier_fingerprint__re_run_with_a_new_run_key():
+    deleted = {"NEAR|layer_0": "v2", "NEAR|layer_1": "w1"}  # annotations deleted
+    restored = {"NEAR|layer_0": "v3", "NEAR|layer_1": "w1"}  # loaded again: new row versions
+    first, delete, restore, delete_again = _ticks(
+        [_State(), _State(partitions=deleted), _State(partitions=restored), _State(partitions=deleted)]
+    )
+    assert not first.run_requests
+    runs = [_partition_runs(result) for result in (delete, restore, delete_again)]
+    assert [[key for key, _ in run] for run in runs] == [["NEAR|layer_0"]] * 3
+    keys = [run[0][1] for run in runs]
+    assert len(set(keys)) == 3  # the same fingerprint as the first deletion, still a new run key
+
+
+def test_configuration_changed__every_partition_re_runs():
+    _, quiet, changed = _ticks([_State(), _State(), _State(config=_Config("k=3"))])
+    assert not quiet.run_requests and "no reference, query or configuration change" in quiet.skip_reason
+    assert sorted(key for key, _ in _partition_runs(changed)) == ["NEAR|layer_0", "NEAR|layer_1"]
+
+
+def test_query_file_switched_back_and_forth__each_switch_re_runs():
+    results = _ticks([_State(), *[_State(queries=_Queries(q)) for q in ("q2", "q1", "q2", "q1")]])
+    keys = [run_key for result in results[1:] for _, run_key in _partition_runs(result)]
+    assert len(keys) == 8 and len(set(keys)) == 8
+
+
+def test_cursor_of_an_earlier_version_without_the_configuration__recorded_not_a_change():
+    first = evaluate_changes(_State(), None, {"NEAR|layer_0", "NEAR|layer_1"})
+    old = yaml.safe_load(first.cursor)  # JSON is YAML
+    old.pop("config")
+    old.pop("generation")
+    import json
+
+    result = evaluate_changes(_State(), json.dumps(old), {"NEAR|layer_0", "NEAR|layer_1"})
+    assert not result.run_requests
+    assert json.loads(result.cursor)["config"] == "k=5"
+
+
+def test_partition_dropped_without_any_other_change__the_outputs_are_rebuilt_once():
+    state = _State()
+    first = evaluate_changes(state, None, set(state.partitions))
+    dropped = _State(partitions={"NEAR|layer_0": "v1"})
+    result = evaluate_changes(dropped, first.cursor, set(state.partitions))
+    assert [r.job_name for r in result.run_requests] == [outputs_job.name]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["NEAR|layer_1"]
+    again = evaluate_changes(dropped, result.cursor, {"NEAR|layer_0"})
+    assert not again.run_requests
+
+
+def test_instance_configuration_of_the_project__frees_a_killed_runs_pool_slot():
+    config = yaml.safe_load((PROJECT / "dagster.yaml").read_text())
+    with dg.instance_for_test(overrides=config) as instance:
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
