@@ -86,4 +86,5 @@ def check_changed_proteins(cursor, report: LoadReport) -> None:
         """
     )
     report.without_embeddings = [(protein, model) for protein, model in cursor.fetchall()]
-    _log.warning("%s", "; ".join(changed_sequence_lines(report)))
+    # the load report prints these lines (the CLI); the log repeats them only for -v
+    _log.info("%s", "; ".join(changed_sequence_lines(report)))
