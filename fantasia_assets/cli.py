@@ -283,7 +283,10 @@ def update_line(update) -> str:
         return f"full search of {update.searched} queries ({update.reason})"
     merged = f", {update.merged} merged with a search of the new references only" if update.merged else ""
     rebuilt = update.details.get("outputs_rebuilt")
-    outputs = f"; outputs of {rebuilt} queries rebuilt, the others kept" if rebuilt is not None else ""
+    removed = update.details.get("outputs_removed") or 0
+    outputs = f"; outputs of {rebuilt} queries rebuilt" if rebuilt is not None else ""
+    outputs += f", of {removed} removed" if removed and outputs else ""
+    outputs += ", the others kept" if outputs else ""
     return f"incremental ({update.kind}): {update.searched} queries searched{merged}{outputs}"
 
 

@@ -242,7 +242,10 @@ class OutputUpdates:
                 whole.result()
             self._stage_shards(root, partition, raw, kept_shards)  # kept: size, mtime, inode as checked
         self.subset[partition.key] = affected
-        self.updates.updates[partition.key].details["outputs_rebuilt"] = len(affected)
+        current = set(outcome.hits["accession"].unique().to_list()) | set(outcome.queries_without_hits)
+        details = self.updates.updates[partition.key].details
+        details["outputs_rebuilt"] = len(affected & current)  # removed queries' outputs are not rebuilt
+        details["outputs_removed"] = len(affected - current)
         self._rebuilt_rows += raw_sub.height
         return raw, {}
 

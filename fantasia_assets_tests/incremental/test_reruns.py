@@ -368,9 +368,11 @@ def test_query_removed_and_added_rebuild_only_those(engine, tmp_path):
     before = {p.name: p.stat().st_ino for p in shards.iterdir()}
     second = _subset_h5(SAMPLE / "queries.h5", tmp_path / "q2.h5", [*queries[:39], *queries[40:42]])
     raw = _config(tmp_path, second)
-    _, update = _run(raw, engine)
+    result, update = _run(raw, engine)
     assert update.kind == "queries added + queries removed + output settings"
-    assert update.details["outputs_rebuilt"] == 3
+    # the two added queries' outputs built, the removed one's removed: not counted as rebuilt
+    assert (update.details["outputs_rebuilt"], update.details["outputs_removed"]) == (2, 1)
+    assert "; outputs of 2 queries rebuilt, of 1 removed, the others kept" in "\n".join(report_lines(result))
     after = {p.name: p.stat().st_ino for p in shards.iterdir()}
     kept = [name for name in after if before.get(name) == after[name]]
     assert len(kept) >= len(after) - 2  # the added queries' shards are new files; the rest linked
