@@ -70,6 +70,7 @@ def start_cluster(
     memory_limit: str | int = "2GiB",
     env: dict[str, str] | None = None,
     resources: str | None = None,
+    nanny: bool = True,
 ) -> LocalCluster:
     """A scheduler on a free port and `n_workers` single-thread workers, ready to use."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,8 @@ def start_cluster(
         ]  # fmt: skip
         if resources:
             command += ["--resources", resources]
+        if not nanny:  # a killed worker stays dead: nobody restarts it
+            command.append("--no-nanny")
         with open(worker_log, "wb") as log:
             cluster.processes.append(
                 subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=folder)
@@ -126,3 +129,30 @@ def start_cluster(
         cluster.stop()
         raise
     return cluster
+
+
+def loaded_sample_database(pg_server):
+    """A database with the bundled sample loaded (its URL, yielded), dropped afterwards: the body
+    of the Dask test modules' module-scoped fixtures."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from fantasia_assets.db import get_engine, schema_ready
+    from fantasia_assets.db.engine import dispose_engines, normalise_url
+    from fantasia_assets.sample import load_sample
+
+    base = normalise_url(pg_server.get_uri())
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    engine = get_engine(url)
+    schema_ready(engine)
+    load_sample(engine)
+    yield url
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

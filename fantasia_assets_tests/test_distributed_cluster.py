@@ -14,17 +14,15 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import h5py
 import pytest
-import sqlalchemy as sa
 import yaml
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
-from fantasia_assets_tests.dask_cluster import start_cluster
+from fantasia_assets_tests.dask_cluster import loaded_sample_database, start_cluster
 from fantasia_assets_tests.hardening.helpers import tree
 
 BATCH = 8  # 50 sample queries: several batches and blocks per partition
@@ -34,24 +32,7 @@ PARTITIONS = ["NEAR|layer_0", "AntiBERTy|layer_3"]
 @pytest.fixture(scope="module")
 def sample_database(pg_server):
     """A database with the bundled sample loaded, for the whole module."""
-    from fantasia_assets.db import get_engine, schema_ready
-    from fantasia_assets.db.engine import dispose_engines, normalise_url
-    from fantasia_assets.sample import load_sample
-
-    base = normalise_url(pg_server.get_uri())
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = base.set(database=name).render_as_string(hide_password=False)
-    engine = get_engine(url)
-    schema_ready(engine)
-    load_sample(engine)
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield from loaded_sample_database(pg_server)
 
 
 @pytest.fixture(scope="module")

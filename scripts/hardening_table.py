@@ -50,6 +50,7 @@ AREAS = {
     "test_command_exit.py": "command exit",
     "test_server_stop.py": "server stop",
     "test_database_surface.py": "database surface",
+    "test_dask_faults.py": "Dask faults",
     "test_readme_table.py": "documentation",
 }
 

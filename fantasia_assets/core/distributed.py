@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fantasia_assets import __version__
-from fantasia_assets.errors import FantasiaError
+
+from .cluster_plan import (  # noqa: F401  (re-exported: the driver's API and its tests')
+    MEMORY_SHARE,
+    BlockPlan,
+    ClusterError,
+    WorkerFacts,
+    minimum_memory_limit,
+    plan_blocks,
+)
 
 if TYPE_CHECKING:  # stages imports this module: these are for annotations only
     from .plan import Partition
@@ -44,29 +53,11 @@ log = logging.getLogger(__name__)
 SCHEDULER_ENV = "FANTASIA_DASK_SCHEDULER"
 TIMEOUT_ENV = "FANTASIA_DASK_TIMEOUT"  # seconds to wait for the scheduler and a first worker
 CONNECT_TIMEOUT_S = 10.0
-# Share of a worker's memory limit the search plans for: Dask pauses a worker at 80 % of its
-# limit and its nanny kills it at 95 %, and the interpreter, torch and Dask's own buffers take
-# a few hundred MiB besides the matrix and the blocks.
-MEMORY_SHARE = 0.5
-# Bytes per reference value while a worker builds its engine: the float16 cache file plus the
-# engine's float32 copy (the float16 copy is dropped once built).
-_REFERENCE_BYTES_PER_VALUE = 6
-# Bytes per query value of a block on a worker: the float32 block, the engine's float32 copy
-# and float64 refinement rows.
-_QUERY_BYTES_PER_VALUE = 16
-# Screening workspace of the engine on a CPU worker (the engine's own cap on the CPU).
-_ENGINE_BUDGET_CAP = 512 * 2**20
-# Blocks per worker thread when memory allows more: enough to balance uneven workers and to
-# lose little work when one dies, few enough that per-task overhead stays negligible.
-_BLOCKS_PER_THREAD = 4
 _ENGINES_KEPT = 1  # matrices a worker keeps: one partition is searched at a time
+_POLL_S = 1.0  # how often the driver, waiting on a block, looks whether any worker still runs
 
 Batches = list[tuple[np.ndarray, np.ndarray]]  # (distances, indices) per search batch
 Exclusions = tuple[np.ndarray, np.ndarray]  # CSR (indptr, ref_indices), as `SearchEngine.search`
-
-
-class ClusterError(FantasiaError, RuntimeError):
-    """The Dask cluster cannot run the search: unreachable, other code, too little memory."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,83 +78,6 @@ def code_version() -> str:
             digest.update(path.read_bytes() + b"\0")
         _code_version = f"{__version__}+{digest.hexdigest()[:16]}"
     return _code_version
-
-
-# ---------------------------------------------------------------------------------------------
-# block sizes (pure)
-
-
-@dataclass(frozen=True)
-class WorkerFacts:
-    """What the driver knows of one worker: its code version, memory limit (bytes) and threads."""
-
-    address: str
-    version: str
-    memory_limit: int
-    threads: int
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """Queries per block (whole batches, the last block may be shorter) and the engine's budget."""
-
-    block_queries: int
-    engine_budget: int  # bytes of screening workspace on a CPU worker
-    n_blocks: int
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB"
-
-
-def plan_blocks(
-    n_queries: int, batch: int, dim: int, n_references: int, workers: list[WorkerFacts], label: str = ""
-) -> BlockPlan:
-    """Blocks of whole batches that fit the smallest worker memory limit.
-
-    The reference matrix (float16 while loading, float32 in the engine), the engine's
-    workspace and one block per worker thread (plus one queued) must fit in `MEMORY_SHARE` of
-    the limit. Blocks are then as small as balancing asks (`_BLOCKS_PER_THREAD` per thread),
-    never smaller than one batch. Raises ClusterError when the matrix or a single batch does
-    not fit: a batch is never cut, so the searches are the in-process ones.
-    """
-    if not workers:
-        raise ClusterError(f"the Dask cluster has no workers to search {label}")
-    batch = max(1, min(batch, n_queries))
-    threads = max(w.threads for w in workers)
-    slots = sum(w.threads for w in workers)
-    balanced = math.ceil(math.ceil(n_queries / (slots * _BLOCKS_PER_THREAD)) / batch) * batch
-    smallest = min(workers, key=lambda w: w.memory_limit)
-    usable = MEMORY_SHARE * smallest.memory_limit
-    matrix_bytes = _REFERENCE_BYTES_PER_VALUE * n_references * dim
-    spare = usable - matrix_bytes
-    where = f"worker {smallest.address} (memory limit {_gib(smallest.memory_limit)}, planned share {MEMORY_SHARE:.0%})"
-    if spare <= 0:
-        raise ClusterError(
-            f"the reference matrix of {label} ({n_references} × {dim}) needs {_gib(matrix_bytes)} "
-            f"on a worker, more than {where} allows; give the workers more memory"
-        )
-    engine_budget = int(min(spare / 2, _ENGINE_BUDGET_CAP))
-    per_query = _QUERY_BYTES_PER_VALUE * dim
-    fitting = int((spare - engine_budget) // ((threads + 1) * per_query))
-    if fitting < batch:
-        raise ClusterError(
-            f"one search batch of {batch} queries of {label} with its reference matrix "
-            f"({n_references} × {dim}) needs more memory than {where} allows; lower "
-            "lookup.batch_size (or the model's batch_size) or give the workers more memory"
-        )
-    block = min(fitting // batch * batch, max(batch, balanced))
-    if block < balanced:
-        log.info("%s: blocks of %d queries to fit %s", label, block, where)
-    return BlockPlan(block, engine_budget, math.ceil(n_queries / block))
-
-
-def minimum_memory_limit(n_references: int, dim: int, block_queries: int, threads: int = 1) -> int:
-    """The smallest worker memory limit for which `plan_blocks` allows blocks of `block_queries`."""
-    per_block = (threads + 1) * _QUERY_BYTES_PER_VALUE * dim * block_queries
-    # the engine's budget takes half of the spare memory, up to its cap
-    spare = 2 * per_block if per_block <= _ENGINE_BUDGET_CAP else per_block + _ENGINE_BUDGET_CAP
-    return math.ceil((_REFERENCE_BYTES_PER_VALUE * n_references * dim + spare) / MEMORY_SHARE) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,12 +207,50 @@ def connect_from_environment() -> DaskSearch | None:
     address = os.environ.get(SCHEDULER_ENV, "").strip()
     if not address:
         return None
-    raw_timeout = os.environ.get(TIMEOUT_ENV, "").strip()
+    return DaskSearch(address, timeout_from_environment())
+
+
+def timeout_from_environment() -> float:
+    """`$FANTASIA_DASK_TIMEOUT` in seconds (default `CONNECT_TIMEOUT_S`): a positive finite number."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S
     try:
-        timeout = float(raw_timeout) if raw_timeout else CONNECT_TIMEOUT_S
+        timeout = float(raw)
     except ValueError:
-        raise ClusterError(f"{TIMEOUT_ENV}={raw_timeout!r} is not a number of seconds") from None
-    return DaskSearch(address, timeout)
+        timeout = math.nan
+    if not (math.isfinite(timeout) and 0 < timeout <= 86400):
+        raise ClusterError(f"{TIMEOUT_ENV}={raw!r}: give a number of seconds above 0 (at most a day)")
+    return timeout
+
+
+def probe_scheduler(address: str, timeout: float) -> None:
+    """Refuse, in `timeout` seconds at most, a TCP address whose server does not greet as a Dask
+    scheduler does (its handshake comes unasked, at once): the dashboard's HTTP port (8787 for
+    8786, a usual mix-up) accepts the connection and then waits forever for a request, and the
+    client's own connect timeout does not bound that wait. Other protocols are left to Dask."""
+    import socket
+
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "tcp"):
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return  # Dask's own parsing names what is wrong
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.settimeout(min(timeout, 5.0))
+            greeting = sock.recv(1)
+    except TimeoutError:
+        greeting = None
+    except OSError:
+        return  # unreachable: Dask's connect says so, within the timeout
+    if not greeting:
+        raise ClusterError(
+            f"{address} ({SCHEDULER_ENV}) accepts connections but does not answer as a Dask "
+            "scheduler: is it another port of the scheduler's host, such as its dashboard (8787) "
+            "instead of the scheduler (8786)?"
+        )
 
 
 class DaskSearch:
@@ -314,9 +266,11 @@ class DaskSearch:
         self.address = address
         self.version = code_version()
         self.plans: dict[str, BlockPlan] = {}  # by label (partition), for reports and tests
+        self.timeout = timeout
+        probe_scheduler(address, timeout)
         try:
             self.client = Client(address, timeout=timeout, set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as exc:
+        except Exception as exc:  # OSError, TimeoutError; TypeError of tls:// without certificates …
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {address} ({SCHEDULER_ENV}): "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
@@ -342,9 +296,7 @@ class DaskSearch:
         try:
             self.client.wait_for_workers(1, timeout=timeout)
         except TimeoutError:
-            raise ClusterError(
-                f"the Dask scheduler at {self.address} has no worker (waited {timeout:.0f} s)"
-            ) from None
+            raise ClusterError(self._no_worker(f"waited {timeout:.0f} s")) from None
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         facts = self.client.run(_worker_facts)
         others = {address: version for address, (version, _) in facts.items() if version != self.version}
@@ -361,10 +313,50 @@ class DaskSearch:
                 self.version,
                 int(info[address].get("memory_limit") or 0) or host_memory,
                 int(info[address].get("nthreads") or 1),
+                int((info[address].get("metrics") or {}).get("memory") or 0),
             )
             for address in sorted(facts)
             if address in info
         ]
+
+    def _no_worker(self, how_long: str) -> str:
+        """Why no worker can take a task: none at all, or all paused or closing (memory?)."""
+        try:
+            states = [
+                w.get("status", "?") for w in self.client.scheduler_info(n_workers=-1)["workers"].values()
+            ]
+        except Exception:  # the scheduler itself is gone: said as no worker
+            states = []
+        if not states:
+            return f"the Dask scheduler at {self.address} has no worker ({how_long})"
+        counts = ", ".join(f"{states.count(state)} {state}" for state in sorted(set(states)))
+        return (
+            f"the Dask scheduler at {self.address} has no running worker ({how_long}; {counts}): a "
+            "paused worker is over its memory limit: give the workers more memory, or lower "
+            "lookup.batch_size; see the workers' logs"
+        )
+
+    def _result(self, future, label: str):
+        """`future.result()`, polled: a cluster left without any running worker for `timeout`
+        seconds (the only worker killed, or every worker paused) is an error, not a wait forever."""
+        lost_since = None
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except TimeoutError:
+                pass
+            running = [
+                w for w in self.client.scheduler_info(n_workers=-1)["workers"].values()
+                if w.get("status", "running") == "running"
+            ]  # fmt: skip
+            if running:
+                lost_since = None
+            elif lost_since is None:
+                lost_since = time.monotonic()
+            elif time.monotonic() - lost_since > self.timeout:
+                raise ClusterError(
+                    self._no_worker(f"for {self.timeout:.0f} s during {label}; nothing was written")
+                )
 
     def search(
         self,
@@ -401,7 +393,7 @@ class DaskSearch:
         try:
             for number, future in enumerate(futures):
                 base = number * plan.block_queries
-                for offset, found in enumerate(future.result()):
+                for offset, found in enumerate(self._result(future, label)):
                     yield base + offset * settings.batch, found
         except KilledWorker as exc:
             raise ClusterError(

@@ -20,6 +20,7 @@ dependencies and placed by their `dagster-dask/resource_requirements` tag, as da
 from __future__ import annotations
 
 import os
+import time
 
 import dagster as dg
 import dask.distributed
@@ -28,8 +29,10 @@ from dagster._core.definitions.executor_definition import executor
 from dagster._utils import iterate_with_context
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 
-from ..core.distributed import SCHEDULER_ENV, ClusterError
+from ..core.distributed import SCHEDULER_ENV, ClusterError, probe_scheduler, timeout_from_environment
 from .lookup import neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
+
+_POLL_S = 1.0  # how often the run, waiting on its steps, looks whether any worker still runs
 
 
 class StepCall:
@@ -45,7 +48,12 @@ def run_step(dependencies: list, call: StepCall):
 
 
 class ClusterExecutor(DaskExecutor):
-    """dagster-dask's executor on an existing scheduler, with the step arguments wrapped."""
+    """dagster-dask's executor on an existing scheduler, with the step arguments wrapped.
+
+    It connects within `$FANTASIA_DASK_TIMEOUT` seconds (a port that is not a scheduler's is
+    refused, `probe_scheduler`), refuses a plan whose steps ask for a worker resource no worker
+    offers (`neighbour_hits`'s `GPU`: Dask would keep the task waiting forever), and while it
+    waits for steps it fails the run when no worker has run for that long."""
 
     def execute(self, plan_context, execution_plan):
         from dagster._core.errors import raise_execution_interrupts
@@ -53,32 +61,90 @@ class ClusterExecutor(DaskExecutor):
         if not plan_context.instance.is_persistent:
             raise dg.DagsterInvariantViolationError("Dask execution needs a persistent Dagster instance")
         instance_ref = plan_context.instance.get_ref()
-        with dask.distributed.Client(self.cluster_configuration["address"]) as client:
+        address = self.cluster_configuration["address"]
+        timeout = timeout_from_environment()
+        probe_scheduler(address, timeout)
+        try:
+            client = dask.distributed.Client(address, timeout=timeout)  # the default: `wait` uses it
+        except Exception as exc:  # OSError, TimeoutError, tls:// without certificates …
+            first = str(exc).splitlines()[0] if str(exc) else "no answer"
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {address} ({SCHEDULER_ENV}): {type(exc).__name__}: {first}"
+            ) from None
+        with client:
+            steps = [step for level in execution_plan.get_steps_to_execute_by_level() for step in level]
+            _check_resources(client, steps, address, timeout)
             futures = {}
-            for level in execution_plan.get_steps_to_execute_by_level():
-                for step in level:
-                    dependencies = [
-                        futures[key] for key in sorted(step.get_execution_dependency_keys()) if key in futures
-                    ]
-                    call = StepCall(
-                        recon_job=plan_context.reconstructable_job,
-                        dagster_run=plan_context.dagster_run,
-                        run_config=plan_context.run_config,
-                        step_keys=[step.key],
-                        instance_ref=instance_ref,
-                        known_state=execution_plan.known_state,
-                    )
-                    futures[step.key] = client.submit(
-                        run_step,
-                        dependencies,
-                        call,
-                        key=f"{plan_context.job_name}.{plan_context.run_id}.{step.key}",
-                        resources=get_dask_resource_requirements(step.tags),
-                        pure=False,
-                    )
-            completed = dask.distributed.as_completed(list(futures.values()), with_results=True)
-            for _, events in iterate_with_context(raise_execution_interrupts, completed):
+            for step in steps:
+                dependencies = [
+                    futures[key] for key in sorted(step.get_execution_dependency_keys()) if key in futures
+                ]
+                call = StepCall(
+                    recon_job=plan_context.reconstructable_job,
+                    dagster_run=plan_context.dagster_run,
+                    run_config=plan_context.run_config,
+                    step_keys=[step.key],
+                    instance_ref=instance_ref,
+                    known_state=execution_plan.known_state,
+                )
+                futures[step.key] = client.submit(
+                    run_step,
+                    dependencies,
+                    call,
+                    key=f"{plan_context.job_name}.{plan_context.run_id}.{step.key}",
+                    resources=get_dask_resource_requirements(step.tags),
+                    pure=False,
+                )
+            for events in iterate_with_context(
+                raise_execution_interrupts, _as_done(client, futures, timeout)
+            ):
                 yield from events
+
+
+def _check_resources(client, steps, address: str, timeout: float) -> None:
+    """Refuse steps that ask for a worker resource (`GPU: 1`) no worker of the cluster offers."""
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"the Dask scheduler at {address} has no worker (waited {timeout:.0f} s)"
+        ) from None
+    offered: dict[str, float] = {}
+    for worker in client.scheduler_info(n_workers=-1)["workers"].values():
+        for name, amount in (worker.get("resources") or {}).items():
+            offered[name] = max(offered.get(name, 0), amount)
+    for step in steps:
+        for name, amount in get_dask_resource_requirements(step.tags).items():
+            if offered.get(name, 0) < amount:
+                raise ClusterError(
+                    f"step {step.key} asks for the Dask worker resource {name}={amount:g}, which no worker "
+                    f"of {address} offers (offered: {offered or 'none'}); start the workers that should "
+                    f"run it with `--resources {name}={amount:g}`"
+                )
+
+
+def _as_done(client, futures: dict, timeout: float):
+    """Each step's events as it ends; a step that failed on its worker ends the wait at once (its
+    dependants cannot run), and a cluster without a running worker for `timeout` s is an error."""
+    pending = set(futures.values())
+    lost_since = None
+    while pending:
+        try:
+            done, pending = dask.distributed.wait(pending, timeout=_POLL_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        for future in done:
+            yield future.result()  # a task's own exception (not a step failure) is raised here
+        states = [w.get("status") for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+        if "running" in states or done:
+            lost_since = None
+        elif lost_since is None:
+            lost_since = time.monotonic()
+        elif time.monotonic() - lost_since > timeout:
+            raise ClusterError(
+                f"the Dask cluster has had no running worker for {timeout:.0f} s ({len(states)} workers: "
+                f"{', '.join(sorted(map(str, states))) or 'none'}); the run's remaining steps cannot run"
+            )
 
 
 @executor(
