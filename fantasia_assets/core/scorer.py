@@ -334,11 +334,49 @@ def save_scorer(path: Path, scorer: Scorer) -> Path:
     return Path(path)
 
 
+# What a scoring model's pickle may name (module, name): the classes `fit` builds and what they
+# pickle through, as a model of this code holds them (numpy's two module layouts). A pickle runs
+# whatever callable it names as it is read, so any other name is refused before it is looked up:
+# a file crafted to run a command (`os.system`) fails, and runs nothing.
+_MODEL_GLOBALS = frozenset(
+    {
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("lightgbm.basic", "Booster"),
+        ("lightgbm.sklearn", "LGBMClassifier"),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        *(
+            (f"numpy.{core}.multiarray", name)
+            for core in ("_core", "core")
+            for name in ("scalar", "_reconstruct")
+        ),
+        *((f"numpy.{core}.numeric", "_frombuffer") for core in ("_core", "core")),
+        ("polars.dataframe.frame", "DataFrame"),
+        ("sklearn.calibration", "CalibratedClassifierCV"),
+        ("sklearn.calibration", "_CalibratedClassifier"),
+        ("sklearn.frozen._frozen", "FrozenEstimator"),
+        ("sklearn.isotonic", "IsotonicRegression"),
+        ("sklearn.preprocessing._label", "LabelEncoder"),
+    }
+)
+
+
+class _ModelUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _MODEL_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which no scoring model holds; it was not run (a pickle runs "
+                "what it names as it is read: only what train-scorer writes is read)"
+            )
+        return super().find_class(module, name)
+
+
 def load_scorer(path: Path) -> Scorer:
-    """Read a model written by `save_scorer` (a pickle: load only models you trust)."""
+    """Read a model written by `save_scorer`: a pickle, read with `_MODEL_GLOBALS` only."""
     path = Path(path)
     try:
-        payload = pickle.loads(path.read_bytes())
+        payload = _ModelUnpickler(io.BytesIO(path.read_bytes())).load()
     except FileNotFoundError as exc:
         raise ScorerError(f"{path}: scoring model not found") from exc
     except Exception as exc:

@@ -89,6 +89,30 @@ def test_scoring_model_file_holding_something_else__error_says_what_it_holds(tmp
     assert str(error.value).startswith(f"{path}: {says}")
 
 
+class _RunsACommand:
+    """What a crafted pickle does: name a callable (here `os.system`) to be called as it is read."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def test_scoring_model_pickle_crafted_to_run_a_command__refused_and_the_command_never_runs(tmp_path):
+    import pickle
+
+    witness = tmp_path / "ran"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"format": 1, "models": _RunsACommand(f"touch {witness}")}))
+    with pytest.raises(sc.ScorerError) as error:
+        sc.load_scorer(path)
+    assert "names posix.system, which no scoring model holds; it was not run" in str(error.value)
+    assert not witness.exists()
+
+
 def test_lookup_whose_scoring_model_is_no_model__refused_before_the_search(tmp_path, capsys, monkeypatch):
     import pickle
 
