@@ -11,7 +11,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-from . import __version__, cli_science, startup
+from . import __version__, cli_demo, cli_science, startup
 from .cli_db import add_db_parser, run_db
 from .cli_embed import add_embed_parser, add_embedding_options, references_embedded, run_embed
 
@@ -168,6 +168,8 @@ def _load(args, progress) -> int:
 
 
 def _lookup(args, progress) -> int:
+    from .errors import FantasiaError
+
     with startup.pydantic_plugins_skipped():  # the configuration's models: no plugin to look for
         from .config import load_config
 
@@ -176,6 +178,12 @@ def _lookup(args, progress) -> int:
         from .core.scorer import load_scorer
 
         load_scorer(config.scoring.model)
+    ontology = config.scoring.ontology
+    if ontology is not None and not Path(ontology).is_file():  # needed after the search: said now
+        raise FantasiaError(
+            f"scoring.ontology: {ontology}: no such file (the GO graph predictions.tsv needs; a relative "
+            f"path is read from the working directory, {Path.cwd()})"
+        )
     from .core import lineage
     from .core.distributed import connect_from_environment
     from .core.locks import experiment_lock
@@ -290,40 +298,6 @@ def update_line(update) -> str:
     return f"incremental ({update.kind}): {update.searched} queries searched{merged}{outputs}"
 
 
-def demo_environment() -> None:
-    """What `make demo` sets, for a `demo` run by hand from any folder.
-
-    Without DAGSTER_HOME, the instance is `.dagster_home` in the working directory (the
-    Makefile's), with the repository's dagster.yaml when it has none. Without FANTASIA_CONFIG,
-    the sample configuration is read from the package (not from a relative data/ path), its
-    query file and GO graph made absolute; outputs still go under the working directory.
-    """
-    import shutil
-
-    import yaml
-
-    from .core.exports import write_bytes_atomic
-    from .paths import fantasia_home, state_folder
-    from .sample import DATA_DIR, SAMPLE_FASTA_CONFIG
-
-    if not os.environ.get("DAGSTER_HOME"):
-        home = state_folder(Path(".dagster_home").resolve(), "DAGSTER_HOME")
-        instance_yaml = DATA_DIR.parent / "dagster.yaml"
-        if instance_yaml.is_file() and not (home / "dagster.yaml").exists():
-            shutil.copyfile(instance_yaml, home / "dagster.yaml")
-        os.environ["DAGSTER_HOME"] = str(home)
-        print(f"DAGSTER_HOME is not set: using {home}")
-    if not os.environ.get("FANTASIA_CONFIG"):
-        raw = yaml.safe_load(SAMPLE_FASTA_CONFIG.read_text(encoding="utf-8"))
-        raw["embeddings_path"] = str((DATA_DIR.parent / raw["embeddings_path"]).resolve())
-        scoring = raw.get("scoring") or {}
-        if scoring.get("ontology"):  # the GO graph predictions.tsv needs, from the package too
-            scoring["ontology"] = str((DATA_DIR.parent / scoring["ontology"]).resolve())
-        config = state_folder(fantasia_home() / "demo", "the demo folder") / "config.yaml"
-        write_bytes_atomic(config, yaml.safe_dump(raw, sort_keys=False).encode())
-        os.environ["FANTASIA_CONFIG"] = str(config)
-
-
 def _partitions(args, progress) -> int:
     from .config import load_config
     from .errors import FantasiaError
@@ -331,6 +305,13 @@ def _partitions(args, progress) -> int:
     if not os.environ.get("DAGSTER_HOME"):
         raise FantasiaError(
             "DAGSTER_HOME is not set: it names the Dagster instance to register the partitions in"
+        )
+    if not Path(os.environ["DAGSTER_HOME"]).is_absolute():
+        raise FantasiaError(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']!r} must be an absolute path")
+    if not Path(os.environ["DAGSTER_HOME"]).is_dir():
+        raise FantasiaError(
+            f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}: no such folder (the Dagster instance of the "
+            "webserver and daemon: create it, with the project's dagster.yaml in it)"
         )
     if not os.environ.get("FANTASIA_CONFIG"):
         raise FantasiaError(
@@ -351,67 +332,6 @@ def _partitions(args, progress) -> int:
     for key in removed:
         print(f"  {key}  (removed: not in the configuration, reference database or query file any more)")
     return 0
-
-
-def _demo(args, progress) -> int:
-    import dagster as dg
-
-    from .config import load_config
-    from .db import get_engine, redacted
-    from .defs.demo import materialize_everything
-    from .sample import load_sample
-
-    # the demo starts from the sample proteome FASTA; the resources read the variable when defined
-    demo_environment()
-    config = load_config(os.environ["FANTASIA_CONFIG"])
-    if config.query_fasta is not None:
-        for line in demo_embedding_lines(config):
-            print(line)
-    engine = get_engine()
-    print(f"reference database: {redacted(engine.url)}")
-    for model, report in load_sample(engine, progress):
-        print(f"--- sample references, {model}")
-        for line in report.lines():
-            print(line)
-    with dg.DagsterInstance.get() as instance:
-        print(f"--- materialising the asset graph (Dagster instance {instance.root_directory})")
-        materialize_everything(instance)
-    print(f"outputs under {config.experiment_path}:")
-    if config.query_fasta is not None:
-        print(f"  {config.embeddings_path}  (the queries embedded from {config.query_fasta.name})")
-    for name in (
-        "summary.csv",
-        "raw_results",
-        "topgo",
-        "sequences.fasta",
-        "query_index_mapping.csv",
-        "skipped_queries.csv",
-        "output_names.csv",
-        "lineage.duckdb",
-        "predictions.tsv",
-    ):
-        print(f"  {config.experiment_path / name}")
-    print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
-    cli_science.demo_evaluation(config)
-    return 0
-
-
-def demo_embedding_lines(config) -> list[str]:
-    """What the demo embeds its FASTA queries with, and which models it cannot embed and why."""
-    import importlib.util
-
-    lines = [f"--- queries: {config.query_fasta} (FASTA), embedded before the lookup"]
-    for model in config.enabled_models():
-        if model.embed_with:
-            lines.append(f"  {model.name}: embedded with {model.embed_with}")
-        elif model.name.lower() == "antiberty" and importlib.util.find_spec("antiberty") is None:
-            lines.append(
-                f"  {model.name}: not embedded, so not looked up: the antiberty package is not installed "
-                "here (the sample's HDF5, data/config.yaml, holds AntiBERTy vectors made elsewhere)"
-            )
-        else:
-            lines.append(f"  {model.name}: not embedded (no embed_with), so not looked up")
-    return lines
 
 
 def _print_error(message: str) -> None:
@@ -445,14 +365,15 @@ def _main(argv: list[str] | None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from .core import scratch
     from .errors import FantasiaError
-    from .paths import clear_stale_temporaries
+    from .paths import clear_stale_temporaries, temp_dir
     from .progress import terminal_progress
 
     handlers = {
         "load-references": _load,
         "lookup": _lookup,
-        "demo": _demo,
+        "demo": cli_demo.run_demo,
         "partitions": _partitions,
         "db": run_db,
         "embed": run_embed,
@@ -463,6 +384,7 @@ def _main(argv: list[str] | None) -> int:
         startup.imports_done()
     try:
         clear_stale_temporaries()
+        scratch.use(temp_dir)  # the science code's scratch folders: under $FANTASIA_HOME/tmp
         return handlers[args.command](args, progress)
     except FantasiaError as exc:
         # every user-facing error, database-driver errors included (translated by db/)

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from fantasia_assets.core.scratch import SEPARATOR
 from fantasia_assets.errors import FantasiaError
 
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Temporaries are named `{host}~{pid}~{random}{suffix}`, so a later process can tell whether
 # their owner is still alive (on this host; another host's are never touched).
-_SEPARATOR = "~"
+_SEPARATOR = SEPARATOR  # `core.scratch`: one rule for every scratch name
 
 
 def _home_path() -> Path:

@@ -10,7 +10,6 @@ recall by every truth protein, precision by the proteins predicted at that thres
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import polars as pl
 
 from fantasia_assets.errors import FantasiaError
 
-from . import exports
+from . import exports, scratch
 from .ontology import GeneOntology, plain_obo
 
 log = logging.getLogger(__name__)
@@ -133,7 +132,7 @@ def evaluate(
     ia = ontology.information_accretion(references)
     names: dict[str, str] = {}
     used: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="fa-eval-") as tmp:
+    with scratch.folder("eval") as tmp:
         folder = Path(tmp)
         (folder / "predictions").mkdir()
         for i, (name, frame) in enumerate(sorted(outputs.items())):

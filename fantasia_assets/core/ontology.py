@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +18,8 @@ import numpy as np
 import polars as pl
 
 from fantasia_assets.errors import FantasiaError
+
+from . import scratch
 
 ASPECTS = {"biological_process": "P", "molecular_function": "F", "cellular_component": "C"}
 
@@ -180,11 +181,16 @@ def read_ontology(path: str | Path) -> GeneOntology:
     path = Path(path)
     if not path.is_file():
         raise OntologyError(f"{path}: ontology file not found")
-    with tempfile.TemporaryDirectory(prefix="fa-obo-") as tmp:
+    with scratch.folder("obo") as tmp:
         plain = plain_obo(path, Path(tmp))
         try:
             with open(os.devnull, "w") as quiet:
                 dag = GODag(str(plain), optional_attrs={"relationship"}, load_obsolete=True, prt=quiet)
+        except KeyError as exc:  # a relation to a term no stanza defines
+            raise OntologyError(
+                f"{path}: malformed OBO: a relation names {exc.args[0] if exc.args else exc}, which no "
+                "[Term] of the file defines (a cut-down GO file? use a whole release, e.g. go-basic.obo)"
+            ) from exc
         except Exception as exc:  # goatools raises bare Exceptions on malformed stanzas
             raise OntologyError(f"{path}: malformed OBO ({exc})") from exc
         with open(plain, encoding="utf-8", errors="replace") as handle:

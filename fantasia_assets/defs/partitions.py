@@ -18,11 +18,12 @@ import dagster as dg
 from sqlalchemy.engine import Engine
 
 from ..config import ConfigError, LookupConfig
+from ..core import scratch
 from ..core.lineage import CODE_VERSION, LineageRow
 from ..core.plan import Partition, QuerySet, open_queries
 from ..db.reads import annotation_version, model_types, reference_fingerprint
 from ..db.stores import ReferenceStore
-from ..paths import cache_dir
+from ..paths import cache_dir, temp_dir
 from ..runner import plan_partitions, reference_scope
 from .resources import DEFAULT_CONFIG, LineageStore, LookupSettings, ReferenceDatabase
 
@@ -55,6 +56,7 @@ class LookupState:
                     f" (FANTASIA_CONFIG is not set: the default {DEFAULT_CONFIG} was read in {Path.cwd()})"
                 )
             raise dg.Failure(f"{error}{origin}") from None
+        scratch.use(temp_dir)  # the science code's scratch folders: under $FANTASIA_HOME/tmp
         return cls(config, database.engine())
 
     @cached_property

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fantasia_assets import cli
+from fantasia_assets import cli, cli_demo
 from fantasia_assets.config import load_config
 from fantasia_assets_tests.hardening.helpers import config_dict, write_config
 
@@ -120,7 +120,7 @@ def test_demo_without_dagster_home_outside_the_repository__makefile_defaults_and
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.delenv("FANTASIA_CONFIG", raising=False)
     monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
-    cli.demo_environment()
+    cli_demo.demo_environment()
     assert os.environ["DAGSTER_HOME"] == str(tmp_path / ".dagster_home")
     assert "DAGSTER_HOME is not set" in capsys.readouterr().out
     with dg.DagsterInstance.get() as instance:

@@ -156,3 +156,33 @@ def test_evaluate_out_where_a_file_is__one_line_naming_the_file_before_any_evalu
     err = capsys.readouterr().err
     assert err.strip() == f"error: output folder {blocker} cannot be made: {blocker} is a file, not a folder"
     assert blocker.read_text() == "a user's file\n"
+
+
+def test_lookup_whose_scoring_ontology_is_missing__refused_before_the_search_naming_the_key(
+    tmp_path, capsys, monkeypatch
+):
+    from fantasia_assets.cli import main
+    from fantasia_assets_tests.hardening.helpers import config_dict, write_config
+
+    monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
+    missing = tmp_path / "go-missing.obo.gz"
+    config = write_config(
+        tmp_path / "config.yaml", config_dict(tmp_path / "out", **{"scoring.ontology": str(missing)})
+    )
+    assert main(["lookup", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: scoring.ontology: {missing}: no such file")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "pg").exists()  # no server, no search
+
+
+def test_ontology_whose_relation_names_an_undefined_term__error_names_the_term(tmp_path):
+    from fantasia_assets.core.ontology import OntologyError, read_ontology
+
+    obo = tmp_path / "cut.obo"
+    obo.write_text(
+        "format-version: 1.2\n\n[Term]\nid: GO:0000001\nname: a\nnamespace: biological_process\n"
+        "relationship: part_of GO:0009999\n"
+    )
+    with pytest.raises(OntologyError) as error:
+        read_ontology(obo)
+    assert "a relation names GO:0009999, which no [Term] of the file defines" in str(error.value)

@@ -82,3 +82,38 @@ def test_rerun_with_fewer_layers__old_layer_folders_removed_and_named(sample_loa
         assert (experiment / root / "NEAR" / "layer_0").is_dir()
     assert (experiment / "topgo" / "ensemble").is_dir() and (experiment / "notes").is_dir()
     assert stale_partition_dirs(experiment, [Path("NEAR/layer_0")]) == []
+
+
+def test_lookup_with_predictions_then_evaluate__scratch_folders_under_fantasia_home_never_the_system_ones(
+    sample_loaded, tmp_path, monkeypatch, capsys
+):
+    import socket
+    import tempfile
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("FANTASIA_HOME", str(home))
+    made = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording(suffix=None, prefix=None, dir=None):
+        path = mkdtemp(suffix, prefix, dir)
+        made.append(Path(path))
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "out", **near_only([0])))
+    assert cli.main(["lookup", "--config", str(config)]) == 0  # predictions.tsv: the GO graph decompressed
+    assert (tmp_path / "out" / "predictions.tsv").exists()
+    truth = str(SAMPLE / "queries_truth.gaf.gz")
+    assert cli.main(["evaluate", "--config", str(config), "--truth", truth]) == 0  # the evaluator's inputs
+    capsys.readouterr()
+
+    def kind(path: Path) -> str:
+        return path.name.split("~")[-1].split("-")[0]
+
+    assert {"obo", "eval"} <= {kind(path) for path in made if path.parent == home / "tmp"}
+    assert not [p for p in made if p.name.startswith(("fa-obo-", "fa-eval-"))]  # the system's, before
+    ours = [p for p in made if kind(p) in ("obo", "eval")]
+    assert all(p.parent == home / "tmp" for p in ours), ours
+    assert all(p.name.startswith(f"{socket.gethostname()}~{os.getpid()}~") for p in ours)
+    assert list((home / "tmp").iterdir()) == []  # each removed when its work ended
