@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fantasia-assets",
         description="GO function transfer by nearest neighbours in protein embedding space.",
+        epilog="Environment: FANTASIA_HOME (the embedded database, caches and scratch files; default "
+        ".fantasia in the working directory), FANTASIA_DATABASE_URL (an external PostgreSQL with "
+        "pgvector instead), FANTASIA_DASK_SCHEDULER (search on a Dask cluster), DAGSTER_HOME and "
+        "FANTASIA_CONFIG (the Dagster instance and its configuration). See README.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -134,17 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     cli_science.add_parsers(commands)
     add_db_parser(commands)
     add_embed_parser(commands)
+    _verbose_anywhere(commands)
     return parser
+
+
+def _verbose_anywhere(commands) -> None:
+    """`-v` after the command too (`lookup --config X -v`), where people add it; it only sets
+    what the top-level flag sets (suppressed default: a later sub-parser never clears it)."""
+    for sub in commands.choices.values():
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        for action in sub._actions:  # nested commands (`db upgrade`)
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_anywhere(action)
 
 
 def _load(args, progress) -> int:
     from .core.timing import timed
     from .db import get_engine, redacted
-    from .db.loader import load_references
+    from .db.loader import check_load_arguments, load_references
     from .db.sources import DEFAULT_EVIDENCE, evidence_codes
 
     # checked before the server starts and anything is embedded
     evidence = evidence_codes(args.evidence) if args.evidence is not None else DEFAULT_EVIDENCE
+    if not args.embed_with:  # with it, `references_embedded` checks its own options
+        check_load_arguments(args.fasta, args.gaf or [], args.obo, args.embeddings is not None, args.model)
     engine = get_engine()
     print(f"reference database: {redacted(engine.url)}")
     timings: dict[str, float] = {}

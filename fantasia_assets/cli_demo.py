@@ -84,7 +84,7 @@ def run_demo(args, progress) -> int:
         "predictions.tsv",
     ):
         print(f"  {config.experiment_path / name}")
-    print("browse them in the Dagster UI: make ui, then http://127.0.0.1:3000")
+    print(f"browse them in the Dagster UI: {_ui_command(config)}, then http://127.0.0.1:3000")
     cli_science.demo_evaluation(config)
     return 0
 
@@ -105,3 +105,20 @@ def demo_embedding_lines(config) -> list[str]:
         else:
             lines.append(f"  {model.name}: not embedded (no embed_with), so not looked up")
     return lines
+
+
+def _ui_command(config) -> str:
+    """`make ui` in the project's folder (the Makefile's instance is the demo's); elsewhere the
+    `dagster dev` command over this demo's instance and configuration."""
+    import sys
+
+    from .sample import DATA_DIR
+
+    project = DATA_DIR.parent
+    if Path.cwd() == project and (project / "Makefile").is_file():
+        return "make ui"
+    dagster = Path(sys.executable).with_name("dagster")
+    return (
+        f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} FANTASIA_CONFIG={os.environ['FANTASIA_CONFIG']} "
+        f"{dagster} dev -w {project / 'workspace.yaml'} -h 127.0.0.1 -p 3000"
+    )

@@ -66,7 +66,7 @@ def add_parsers(commands) -> None:
         "train-scorer",
         help="fit the learned scorer on queries with known annotations",
         description=(
-            "Reuse the raw rows of CFG's lookup (or run it), build features per (query, GO term) "
+            "Reuse the raw rows of the --config lookup (or run it), build features per (query, GO term) "
             "from every (model, layer), label them with the truth GAF (loader's filter, "
             "propagated) and fit LightGBM with isotonic calibration, folds grouped by protein. "
             "The model file records the features, partitions, library versions and the hashes of "

@@ -9,6 +9,7 @@ throttled messages to any logger (Dagster's `context.log` included).
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sys
 import time
@@ -87,7 +88,11 @@ class TerminalProgress(_Throttled):
         self, stream=None, interval: float | None = None, clock: Callable[[], float] | None = None
     ) -> None:
         self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # a terminal that cannot move the cursor (TERM=dumb: Emacs shells, some CI logs) gets the
+        # plain lines of a file, not escape codes it would print as they are
+        self.tty = (
+            hasattr(self.stream, "isatty") and self.stream.isatty() and os.environ.get("TERM") != "dumb"
+        )
         self._open_line = False
         super().__init__(self._draw, interval if interval is not None else (0.2 if self.tty else 5.0))
         if self.tty:

@@ -195,3 +195,14 @@ def test_cli_lookup_with_an_unusable_config__exits_2_naming_the_key_before_any_s
     err = capsys.readouterr().err
     assert err.startswith("error: ") and key in err and "Traceback" not in err
     assert not (tmp_path / "experiment").exists()
+
+
+def test_a_misspelt_choice_is_shown_and_other_text_never(tmp_path):
+    raw = yaml.safe_load((PROJECT / "data" / "config.yaml").read_text())
+    raw["lookup"]["distance_metric"] = "cosin"
+    with pytest.raises(ConfigError, match=r"lookup.distance_metric: expected one of .*, got 'cosin'"):
+        parse_config(raw)
+    raw["lookup"]["distance_metric"] = "s3cret pass phrase!"  # not a word: never echoed
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw)
+    assert "got a string" in str(error.value) and "s3cret" not in str(error.value)

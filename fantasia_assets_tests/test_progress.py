@@ -21,7 +21,8 @@ def _frames(text: str) -> list[str]:
     return [_ANSI.sub("", frame) for frame in text.split("\r\x1b[2K") if frame]
 
 
-def test_tty_line_is_redrawn_with_rate_and_time_left_and_ends_once():
+def test_tty_line_is_redrawn_with_rate_and_time_left_and_ends_once(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
     ticks = iter(float(t) for t in range(1000))
     terminal = _Terminal()
     progress = terminal_progress(terminal, interval=0, clock=lambda: next(ticks))
@@ -49,3 +50,15 @@ def test_pipe_and_log_lines_keep_their_plain_form(caplog):
     with caplog.at_level(logging.INFO, logger="dagster-like"):
         log_progress(logger, interval=0)("fetch references", 1, 1)
     assert caplog.messages == ["fetch references: 1/1 100.0%"]
+
+
+def test_dumb_terminal_gets_plain_lines_without_escape_codes(monkeypatch):
+    monkeypatch.setenv("TERM", "dumb")
+    terminal = _Terminal()
+    progress = terminal_progress(terminal, interval=0)
+    for done in (0, 50, 100):
+        progress("search NEAR|layer_0", done, 100)
+    progress.end_line()
+    text = terminal.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    assert text.splitlines()[-1].startswith("search NEAR|layer_0: 100/100")

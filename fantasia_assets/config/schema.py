@@ -10,6 +10,7 @@ validated `ConfigFile` into the `LookupConfig` value the rest of the code reads.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -295,6 +296,9 @@ _PHRASES = {
 }
 
 
+_WORD = re.compile(r"[A-Za-z0-9_.+-]{1,32}")
+
+
 def _dotted(loc: tuple) -> str:
     text = ""
     for part in loc:
@@ -326,6 +330,8 @@ def error_message(error: dict) -> str:
     value = error.get("input")
     if kind in _PHRASES and isinstance(value, (bool, int, float)):
         text += f", got {value!r}"  # numbers help; text values may hold what must not be shown
+    elif kind == "literal_error" and isinstance(value, str) and _WORD.fullmatch(value):
+        text += f", got {value!r}"  # a misspelt choice ('cosin') is a word, shown to be corrected
     elif kind in _PHRASES and isinstance(value, str):
         text += ", got a string"
     return f"{key or 'configuration'}: {text}"

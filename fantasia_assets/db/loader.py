@@ -226,6 +226,26 @@ def reference_snapshot(engine: Engine) -> Iterator[None]:
                 conn.invalidate()  # a pooled connection must never keep the lock
 
 
+def check_load_arguments(fasta, gaf: list, obo, embeddings: bool, model: str | None) -> None:
+    """What `load_references` is given makes one load, or `LoadError` says what is missing
+    (the CLI asks before the server starts)."""
+    if fasta is not None and not gaf:
+        # reference proteins come from the GAF: a FASTA alone would be read and then ignored
+        raise LoadError(
+            f"{fasta}: loading --fasta needs --gaf (reference proteins are the GAF's annotated "
+            "proteins with a FASTA sequence) and --obo; to embed proteins already loaded, add "
+            "--embed-with MODEL"
+        )
+    if gaf and (fasta is None or obo is None):
+        raise LoadError("loading GAF annotations needs --fasta (sequences) and --obo (GO terms)")
+    if embeddings and not model:
+        raise LoadError("loading embeddings needs --model NAME")
+    if not gaf and not embeddings and obo is None:
+        raise LoadError(
+            "nothing to load: give --gaf with --fasta and --obo, --obo alone, and/or --embeddings"
+        )
+
+
 @translate_errors
 def load_references(
     engine: Engine,
@@ -248,21 +268,7 @@ def load_references(
     """
     report = LoadReport()
     gaf = [Path(p) for p in (gaf or [])]
-    if fasta is not None and not gaf:
-        # reference proteins come from the GAF: a FASTA alone would be read and then ignored
-        raise LoadError(
-            f"{fasta}: loading --fasta needs --gaf (reference proteins are the GAF's annotated "
-            "proteins with a FASTA sequence) and --obo; to embed proteins already loaded, add "
-            "--embed-with MODEL"
-        )
-    if gaf and (fasta is None or obo is None):
-        raise LoadError("loading GAF annotations needs --fasta (sequences) and --obo (GO terms)")
-    if embeddings is not None and not model:
-        raise LoadError("loading embeddings needs --model NAME")
-    if not gaf and embeddings is None and obo is None:
-        raise LoadError(
-            "nothing to load: give --gaf with --fasta and --obo, --obo alone, and/or --embeddings"
-        )
+    check_load_arguments(fasta, gaf, obo, embeddings is not None, model)
     evidence = evidence_codes(evidence)
 
     ontology = annotations = catalogue = None

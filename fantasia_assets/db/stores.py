@@ -366,9 +366,11 @@ class ReferenceStore:
             progress("fetch references", 1, 1)
             source = "database"
         if not len(matrix):
+            kept = "every taxon" if scope.include_taxa is None else f"only {sorted(scope.include_taxa)}"
             raise ReferenceSetError(
-                f"no reference embeddings for type_{scope.type_id} layer {scope.layer} "
-                "after the taxonomy filter"
+                f"no reference embeddings for type_{scope.type_id} layer {scope.layer} after the taxonomy "
+                f"filter (taxonomy: {kept}, excluding {sorted(scope.exclude_taxa) or 'none'}): the "
+                "filter leaves no reference of this model; widen lookup.taxonomy"
             )
         with self._lock:
             if self.max_in_memory > 0:

@@ -158,3 +158,10 @@ def test_error_with_verbose_flag__traceback_shown_only_then(tmp_path):
     assert plain.stderr == f"error: {missing}: no such configuration file\n"
     assert "Traceback (most recent call last)" in verbose.stderr
     assert verbose.stderr.endswith(f"error: {missing}: no such configuration file\n")
+    # where people add it: after the command, and after a nested one
+    after = subprocess.run(
+        [*command, "lookup", "--config", missing, "-v"], env=env, capture_output=True, text=True
+    )
+    assert after.returncode == 2 and after.stderr == verbose.stderr.replace(" -v", "")
+    nested = subprocess.run([*command, "db", "stop", "--verbose"], env=env, capture_output=True, text=True)
+    assert nested.returncode == 0, nested.stderr
