@@ -486,15 +486,14 @@ def _run_lookup(
     record_run_lineage(
         config, queries, partitions, reports, fingerprints, annotation_version, written["summary"], timings
     )
-    outputs = {"summary": base / SUMMARY, "raw shards": base / "raw_results"}
-    outputs["lineage"] = base / "lineage.duckdb"
-    if config.topgo:
-        outputs["TopGO"] = base / "topgo"
-    names = {"sequences": FASTA, "query mapping": MAPPING, "output names": OUTPUT_NAMES}
+    names = {"summary": SUMMARY, "raw shards": "raw_results", "lineage": "lineage.duckdb"}
+    names |= {"TopGO": "topgo"} if config.topgo else {}
+    names |= {"sequences": FASTA, "query mapping": MAPPING, "output names": OUTPUT_NAMES}
     names["skipped queries"] = SKIPPED
-    outputs.update({name: base / path for name, path in names.items()})
+    outputs = {name: base / path for name, path in names.items()}
     outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
-    # every partition of the configuration was just published: any other partition folder is stale
-    for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions]):
+    # every partition was just published: other partition folders are stale, and an earlier
+    # run's predictions.tsv when this one wrote none (no scoring.ontology)
+    for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions], bool(predicted)):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings, updates.updates)

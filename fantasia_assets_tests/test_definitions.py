@@ -106,6 +106,7 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
         assert result.success
         [materialisation] = result.asset_materializations_for_node("predictions")
         assert materialisation.metadata["written"].value is False
+        assert not (experiment / "predictions.tsv").exists()  # the earlier one no longer matched
 
 
 def test_sensor_requests_only_changed_model(sample_loaded, settings, tmp_path):

@@ -45,12 +45,22 @@ def stale_partition_dirs(experiment_path: Path, current: Iterable[Path]) -> list
     return found
 
 
-def remove_stale_partitions(experiment_path: Path, current: Iterable[Path]) -> list[Path]:
-    """Remove the stale partition folders (and model folders left empty); returns what was removed."""
+def remove_stale_partitions(
+    experiment_path: Path, current: Iterable[Path], predictions_written: bool = True
+) -> list[Path]:
+    """Remove the stale partition folders (and model folders left empty), and predictions.tsv when
+    the run wrote none (it would not match the summary beside it); returns what was removed."""
     removed = stale_partition_dirs(experiment_path, current)
+    predictions = Path(experiment_path) / "predictions.tsv"
+    if not predictions_written and predictions.is_file():
+        predictions.unlink()
+        log.warning("removed %s: this run writes no predictions (scoring.ontology is not set)", predictions)
+        removed_file = [predictions]
+    else:
+        removed_file = []
     for folder in removed:
         shutil.rmtree(folder)
         log.warning("removed %s: its partition is not part of this run any more", folder)
         if not any(folder.parent.iterdir()):
             folder.parent.rmdir()
-    return removed
+    return removed + removed_file

@@ -54,9 +54,13 @@ def predictions(context, settings: LookupSettings, database: ReferenceDatabase) 
     state = LookupState.open(settings, database)
     if state.config.scoring.ontology is None:
         # as the CLI's lookup: not an error (the automation rebuilds it after every lookup),
-        # said in the log and the metadata; a predictions.tsv written before is left as it is
+        # said in the log and the metadata
         reason = "scoring.ontology is not set in the configuration: predictions need the GO graph"
         context.log.warning(f"predictions.tsv not written: {reason}")
+        earlier = state.config.experiment_path / "predictions.tsv"
+        if earlier.is_file():  # it would not match the summary beside it any more (as the CLI's run)
+            earlier.unlink()
+            context.log.warning(f"removed {earlier}, written by an earlier run")
         return dg.MaterializeResult(metadata={"written": False, "reason": reason})
     timings: dict[str, float] = {}
     with timed(timings, "predictions"):

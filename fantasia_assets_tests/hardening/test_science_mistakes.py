@@ -186,3 +186,18 @@ def test_ontology_whose_relation_names_an_undefined_term__error_names_the_term(t
     with pytest.raises(OntologyError) as error:
         read_ontology(obo)
     assert "a relation names GO:0009999, which no [Term] of the file defines" in str(error.value)
+
+
+def test_lookup_again_without_scoring_ontology__the_earlier_predictions_removed_and_named(
+    sample_loaded, tmp_path, capsys
+):
+    from fantasia_assets.cli import main
+    from fantasia_assets_tests.hardening.helpers import config_dict, near_only, write_config
+
+    raw = config_dict(tmp_path / "out", **near_only([0]))
+    assert main(["lookup", "--config", str(write_config(tmp_path / "with.yaml", raw))]) == 0
+    assert (tmp_path / "out" / "predictions.tsv").exists()
+    raw["scoring"]["ontology"] = None
+    assert main(["lookup", "--config", str(write_config(tmp_path / "without.yaml", raw))]) == 0
+    assert "removed, not part of this run any more: predictions.tsv" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "predictions.tsv").exists()
