@@ -206,3 +206,17 @@ def test_a_misspelt_choice_is_shown_and_other_text_never(tmp_path):
     with pytest.raises(ConfigError) as error:
         parse_config(raw)
     assert "got a string" in str(error.value) and "s3cret" not in str(error.value)
+
+
+def test_a_cosine_threshold_of_2_or_more_keeps_everything_and_says_so(caplog):
+    raw = yaml.safe_load((PROJECT / "data" / "config.yaml").read_text())
+    raw["embedding"]["models"]["NEAR"]["distance_threshold"] = 3
+    with caplog.at_level("WARNING"):
+        config = parse_config(raw)
+    assert next(m for m in config.models if m.name == "NEAR").distance_threshold == 3  # as written
+    assert "embedding.models.NEAR.distance_threshold 3: cosine distances are at most 2" in caplog.text
+    caplog.clear()
+    raw["lookup"]["distance_metric"] = "euclidean"
+    with caplog.at_level("WARNING"):
+        parse_config(raw)
+    assert "distance_threshold" not in caplog.text

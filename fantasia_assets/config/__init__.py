@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,6 +160,7 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         for name, model in file.embedding.models.items()
     )
     _refuse_file_in_the_way(file.experiment_path)
+    _warn_thresholds_that_keep_everything(models, lookup.distance_metric)
     queries = file.embeddings_path
     fasta = queries if is_fasta_path(queries) else None
     if fasta is not None:
@@ -194,6 +196,21 @@ def _lookup_config(file: ConfigFile) -> LookupConfig:
         summary=post.summary.to_spec(),
         scoring=ScoringSettings(file.scoring.ontology, file.scoring.model, lookup.per_aspect),
     )
+
+
+def _warn_thresholds_that_keep_everything(models, metric: str) -> None:
+    """A cosine distance is at most 2: a threshold above keeps every neighbour, as none does
+    (kept as the user wrote it; said, since it is likely a threshold meant for another metric)."""
+    if metric != "cosine":
+        return
+    for model in models:
+        if model.enabled and model.distance_threshold is not None and model.distance_threshold >= 2:
+            logging.getLogger(__name__).warning(
+                "embedding.models.%s.distance_threshold %g: cosine distances are at most 2, so it "
+                "keeps every neighbour (a threshold meant for euclidean distances?)",
+                model.name,
+                model.distance_threshold,
+            )
 
 
 def _refuse_file_in_the_way(experiment: Path) -> None:
