@@ -9,7 +9,6 @@ import logging
 import numpy as np
 import polars as pl
 import pytest
-from sklearn.dummy import DummyClassifier
 
 from fantasia_assets.config import parse_config
 from fantasia_assets.core import scorer as sc
@@ -33,7 +32,12 @@ def _constant_scorer(path, aligned: bool) -> None:
     """A scoring model for NEAR layers 0 and 1 that gives every candidate 0.5."""
     partitions = ["NEAR|layer_0", "NEAR|layer_1"]
     names = sc.feature_names(partitions, aligned)
-    model = DummyClassifier(strategy="prior").fit(np.zeros((2, len(names))), [0, 1])
+    # LightGBM, as a trained model holds (the model file admits no other class): one tree without
+    # a split on constant features, so every probability is the prior, 0.5
+    import lightgbm
+
+    model = lightgbm.LGBMClassifier(n_estimators=1, min_child_samples=1, verbose=-1)
+    model.fit(np.zeros((2, len(names))), [0, 1])
     terms = pl.DataFrame(
         schema={"go_id": pl.String, "term_frequency": pl.Float64, "information_content": pl.Float64}
     )
