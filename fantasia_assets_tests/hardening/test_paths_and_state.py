@@ -15,6 +15,7 @@ import yaml
 
 from fantasia_assets import cli, cli_demo
 from fantasia_assets.config import load_config
+from fantasia_assets_tests.conftest import PROJECT
 from fantasia_assets_tests.hardening.helpers import config_dict, write_config
 
 
@@ -129,3 +130,24 @@ def test_demo_without_dagster_home_outside_the_repository__makefile_defaults_and
     assert (config.query_fasta or config.embeddings_path).is_file()
     assert config.experiment_path == tmp_path / "experiments" / "sample"
     assert yaml.safe_load(Path(os.environ["FANTASIA_CONFIG"]).read_text())["embeddings_path"].startswith("/")
+
+
+def test_demo_and_partitions_with_a_relative_or_missing_dagster_home__one_line_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FANTASIA_CONFIG", str(PROJECT / "data" / "config.yaml"))
+    monkeypatch.setenv("DAGSTER_HOME", "dagster")
+    for command in ("demo", "partitions"):
+        assert cli.main([command]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: DAGSTER_HOME='dagster' must be an absolute path, e.g. {tmp_path / 'dagster'}\n"
+    assert not (tmp_path / "home" / "pg").exists()  # nothing loaded, no server started
+    missing = tmp_path / "instances" / "new"
+    monkeypatch.setenv("DAGSTER_HOME", str(missing))
+    assert cli.main(["partitions"]) == 2
+    assert f"DAGSTER_HOME={missing}: no such folder" in capsys.readouterr().err
+    monkeypatch.delenv("FANTASIA_CONFIG")
+    cli_demo.demo_environment()  # the demo makes it, with the project's settings
+    assert (missing / "dagster.yaml").read_bytes() == (PROJECT / "dagster.yaml").read_bytes()
