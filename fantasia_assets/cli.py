@@ -325,9 +325,7 @@ def _partitions(args, progress) -> int:
         raise FantasiaError(
             "DAGSTER_HOME is not set: it names the Dagster instance to register the partitions in"
         )
-    if not Path(os.environ["DAGSTER_HOME"]).is_absolute():
-        raise FantasiaError(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']!r} must be an absolute path")
-    if not Path(os.environ["DAGSTER_HOME"]).is_dir():
+    if not cli_demo.absolute_dagster_home(os.environ["DAGSTER_HOME"]).is_dir():
         raise FantasiaError(
             f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}: no such folder (the Dagster instance of the "
             "webserver and daemon: create it, with the project's dagster.yaml in it)"

@@ -9,6 +9,14 @@ from . import cli_science
 from .errors import FantasiaError
 
 
+def absolute_dagster_home(given: str) -> Path:
+    """`$DAGSTER_HOME` as given, refused in one line when relative: Dagster refuses it too, but
+    with a traceback, and (in `demo`) only after the reference loads."""
+    if not Path(given).is_absolute():
+        raise FantasiaError(f"DAGSTER_HOME={given!r} must be an absolute path, e.g. {Path(given).resolve()}")
+    return Path(given)
+
+
 def demo_environment() -> None:
     """What `make demo` sets, for a `demo` run by hand from any folder.
 
@@ -26,12 +34,17 @@ def demo_environment() -> None:
     from .sample import DATA_DIR, SAMPLE_FASTA_CONFIG
 
     given = os.environ.get("DAGSTER_HOME")
-    if given and not Path(given).is_absolute():  # Dagster refuses it, with a traceback, after the work
-        raise FantasiaError(f"DAGSTER_HOME={given!r} must be an absolute path, e.g. {Path(given).resolve()}")
-    home = state_folder(Path(given or ".dagster_home").resolve(), "DAGSTER_HOME")
+    home = state_folder(
+        absolute_dagster_home(given) if given else Path(".dagster_home").resolve(), "DAGSTER_HOME"
+    )
     instance_yaml = DATA_DIR.parent / "dagster.yaml"
-    if instance_yaml.is_file() and not (home / "dagster.yaml").exists() and not any(home.iterdir()):
-        shutil.copyfile(instance_yaml, home / "dagster.yaml")  # a new instance: the project's settings
+    # the Makefile's instance, or one made now: the project's settings (a user's own is left alone)
+    if (
+        instance_yaml.is_file()
+        and not (home / "dagster.yaml").exists()
+        and not (given and any(home.iterdir()))
+    ):
+        shutil.copyfile(instance_yaml, home / "dagster.yaml")
     if not given:
         os.environ["DAGSTER_HOME"] = str(home)
         print(f"DAGSTER_HOME is not set: using {home}")

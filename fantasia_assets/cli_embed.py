@@ -175,20 +175,15 @@ def records_to_hdf5(
     if embedded.truncated:
         lines.append(
             f"{len(embedded.truncated)} sequences embedded on their first {attrs['max_residues_embedded']} "
-            f"residues (root attribute truncated_accessions): {', '.join(embedded.truncated[:5])}"
-            + (" …" if len(embedded.truncated) > 5 else "")
+            f"residues (root attribute truncated_accessions): {embedded.truncated_sample()}"
         )
     if embedded.chunked:
         lines.append(f"{len(embedded.chunked)} sequences embedded in chunks (chunked_accessions)")
     for accession, reason in embedded.skipped:
         lines.append(f"skipped {accession}: {reason}")
-    if embedded.mapped:
-        first, where = embedded.mapped[0]
-        sample = ", ".join(f"{char!r} at {pos}" for pos, char in where[:3])
-        lines.append(
-            f"{len(embedded.mapped)} sequences hold characters {encoder.spec.name} maps to its unknown "
-            f"residue, e.g. {first}: {sample}"
-        )
+    mapped = embedded.mapped_line(encoder.spec.name)
+    if mapped:
+        lines.append(mapped)
     return lines
 
 

@@ -166,18 +166,14 @@ def ensure_query_embeddings(
         )
         lines += [f"{model.name}: skipped {accession}: {reason}" for accession, reason in embedded.skipped]
         if embedded.truncated:
-            shown = ", ".join(embedded.truncated[:5]) + (" …" if len(embedded.truncated) > 5 else "")
             lines.append(
                 f"{model.name}: {len(embedded.truncated)} proteins embedded on their first "
-                f"{encoder.spec.max_residues} residues ({encoder.spec.name}'s limit): {shown}"
+                f"{encoder.spec.max_residues} residues ({encoder.spec.name}'s limit): "
+                f"{embedded.truncated_sample()}"
             )
-        if embedded.mapped:
-            first, where = embedded.mapped[0]
-            sample = ", ".join(f"{char!r} at {position}" for position, char in where[:3])
-            lines.append(
-                f"{model.name}: {len(embedded.mapped)} proteins hold characters {encoder.spec.name} maps "
-                f"to its unknown residue, e.g. {first}: {sample}"
-            )
+        mapped = embedded.mapped_line(encoder.spec.name, "proteins")
+        if mapped:
+            lines.append(f"{model.name}: {mapped}")
     attrs = {
         SOURCE_ATTR: key,
         "source_fasta": str(fasta),

@@ -54,7 +54,7 @@ SCHEDULER_ENV = "FANTASIA_DASK_SCHEDULER"
 TIMEOUT_ENV = "FANTASIA_DASK_TIMEOUT"  # seconds to wait for the scheduler and a first worker
 CONNECT_TIMEOUT_S = 10.0
 _ENGINES_KEPT = 1  # matrices a worker keeps: one partition is searched at a time
-_POLL_S = 1.0  # how often the driver, waiting on a block, looks whether any worker still runs
+POLL_S = 1.0  # how often a driver, waiting on its tasks, looks whether any worker still runs
 
 Batches = list[tuple[np.ndarray, np.ndarray]]  # (distances, indices) per search batch
 Exclusions = tuple[np.ndarray, np.ndarray]  # CSR (indptr, ref_indices), as `SearchEngine.search`
@@ -253,6 +253,57 @@ def probe_scheduler(address: str, timeout: float) -> None:
         )
 
 
+def connect(address: str, timeout: float, set_as_default: bool = False):
+    """A `distributed.Client` of the scheduler at `address` within `timeout` seconds, or one line
+    saying why not (`probe_scheduler` first: a port that is not a scheduler's is never waited on)."""
+    from distributed import Client
+
+    probe_scheduler(address, timeout)
+    try:
+        return Client(address, timeout=timeout, set_as_default=set_as_default)
+    except Exception as exc:  # OSError, TimeoutError; TypeError of tls:// without certificates …
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address} ({SCHEDULER_ENV}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+        ) from None
+
+
+def _worker_states(client) -> list[str]:
+    return [w.get("status", "running") for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+
+
+def no_worker(client, address: str, how_long: str) -> str:
+    """Why no worker can take a task: none at all, or all paused or closing (memory?)."""
+    try:
+        states = _worker_states(client)
+    except Exception:  # the scheduler itself is gone: said as no worker
+        states = []
+    if not states:
+        return f"the Dask scheduler at {address} has no worker ({how_long})"
+    counts = ", ".join(f"{states.count(state)} {state}" for state in sorted(set(states)))
+    return (
+        f"the Dask scheduler at {address} has no running worker ({how_long}; {counts}): a "
+        "paused worker is over its memory limit: give the workers more memory, or lower "
+        "lookup.batch_size; see the workers' logs"
+    )
+
+
+class WorkerWatch:
+    """Whether a cluster has been left without a running worker for `timeout` seconds, asked
+    every `POLL_S` while a driver waits on its tasks (the CLI's blocks, a Dagster run's steps)."""
+
+    def __init__(self, client, timeout: float) -> None:
+        self.client, self.timeout = client, timeout
+        self._since: float | None = None
+
+    def lost(self, progressed: bool = False) -> bool:
+        if progressed or "running" in _worker_states(self.client):
+            self._since = None
+        elif self._since is None:
+            self._since = time.monotonic()
+        return self._since is not None and time.monotonic() - self._since > self.timeout
+
+
 class DaskSearch:
     """A connection to an existing Dask scheduler that searches query blocks on its workers.
 
@@ -261,20 +312,11 @@ class DaskSearch:
     """
 
     def __init__(self, address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-        from distributed import Client
-
         self.address = address
         self.version = code_version()
         self.plans: dict[str, BlockPlan] = {}  # by label (partition), for reports and tests
         self.timeout = timeout
-        probe_scheduler(address, timeout)
-        try:
-            self.client = Client(address, timeout=timeout, set_as_default=False)
-        except Exception as exc:  # OSError, TimeoutError; TypeError of tls:// without certificates …
-            raise ClusterError(
-                f"cannot reach the Dask scheduler at {address} ({SCHEDULER_ENV}): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
-            ) from None
+        self.client = connect(address, timeout)
         try:
             self.workers(timeout)
         except BaseException:
@@ -296,7 +338,7 @@ class DaskSearch:
         try:
             self.client.wait_for_workers(1, timeout=timeout)
         except TimeoutError:
-            raise ClusterError(self._no_worker(f"waited {timeout:.0f} s")) from None
+            raise ClusterError(no_worker(self.client, self.address, f"waited {timeout:.0f} s")) from None
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         facts = self.client.run(_worker_facts)
         others = {address: version for address, (version, _) in facts.items() if version != self.version}
@@ -319,44 +361,18 @@ class DaskSearch:
             if address in info
         ]
 
-    def _no_worker(self, how_long: str) -> str:
-        """Why no worker can take a task: none at all, or all paused or closing (memory?)."""
-        try:
-            states = [
-                w.get("status", "?") for w in self.client.scheduler_info(n_workers=-1)["workers"].values()
-            ]
-        except Exception:  # the scheduler itself is gone: said as no worker
-            states = []
-        if not states:
-            return f"the Dask scheduler at {self.address} has no worker ({how_long})"
-        counts = ", ".join(f"{states.count(state)} {state}" for state in sorted(set(states)))
-        return (
-            f"the Dask scheduler at {self.address} has no running worker ({how_long}; {counts}): a "
-            "paused worker is over its memory limit: give the workers more memory, or lower "
-            "lookup.batch_size; see the workers' logs"
-        )
-
     def _result(self, future, label: str):
         """`future.result()`, polled: a cluster left without any running worker for `timeout`
         seconds (the only worker killed, or every worker paused) is an error, not a wait forever."""
-        lost_since = None
+        watch = WorkerWatch(self.client, self.timeout)
         while True:
             try:
-                return future.result(timeout=_POLL_S)
+                return future.result(timeout=POLL_S)
             except TimeoutError:
                 pass
-            running = [
-                w for w in self.client.scheduler_info(n_workers=-1)["workers"].values()
-                if w.get("status", "running") == "running"
-            ]  # fmt: skip
-            if running:
-                lost_since = None
-            elif lost_since is None:
-                lost_since = time.monotonic()
-            elif time.monotonic() - lost_since > self.timeout:
-                raise ClusterError(
-                    self._no_worker(f"for {self.timeout:.0f} s during {label}; nothing was written")
-                )
+            if watch.lost():
+                how_long = f"for {self.timeout:.0f} s during {label}; nothing was written"
+                raise ClusterError(no_worker(self.client, self.address, how_long))
 
     def search(
         self,

@@ -15,13 +15,18 @@ import polars as pl
 from .resident import release_rows
 
 
+def row_digest(row: np.ndarray) -> bytes:
+    """The 16-byte BLAKE2b digest of one row's bytes (its dtype and values, exactly)."""
+    return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+
+
 def row_digests(vectors: np.ndarray, block: int = 8192) -> list[bytes]:
     """A 16-byte BLAKE2b digest of each row's bytes (its dtype and values, exactly), a block at a
     time, each block of a memory map unmapped once digested (`resident.release_rows`)."""
     digests = []
     for start in range(0, len(vectors), block):
         rows = np.ascontiguousarray(vectors[start : start + block])
-        digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+        digests += [row_digest(row) for row in rows]
         release_rows(vectors, start, start + block)
     return digests
 

@@ -70,17 +70,22 @@ def translate_errors(function: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def _driver_error(error: BaseException) -> BaseException:
+    """The driver's own error under SQLAlchemy's wrapper, or `error` itself."""
+    return error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+
+
 def _refused_by_client(error: BaseException) -> bool:
     """A ProgrammingError the driver raised before any server answered (no SQLSTATE): a
     connection option it does not know (`?bogus=1`, `?schema=` of other tools), say."""
-    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    driver_error = _driver_error(error)
     return (
         isinstance(driver_error, psycopg.ProgrammingError) and getattr(driver_error, "sqlstate", None) is None
     )
 
 
 def _client_message(error: BaseException) -> str:
-    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    driver_error = _driver_error(error)
     reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
     database, _hint = _database_label()
     return (
@@ -115,7 +120,7 @@ _UNREACHABLE_STATES = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutd
 
 def database_message(error: BaseException) -> str:
     """One line for a failed connection to the reference database or a failed query on it."""
-    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    driver_error = _driver_error(error)
     reason = " ".join(str(driver_error).split()) or type(driver_error).__name__
     state = getattr(driver_error, "sqlstate", None)
     invalidated = isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated

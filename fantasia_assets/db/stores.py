@@ -244,14 +244,9 @@ class ReferenceStore:
         rows = np.unique(
             np.linspace(0, len(vectors) - 1, num=min(len(vectors), _SAMPLED_ROWS)).astype(np.int64)
         )
-        wrong = [
-            int(row)
-            for row in rows
-            if hashlib.blake2b(
-                np.ascontiguousarray(vectors[row]).tobytes(), digest_size=_DIGEST_BYTES
-            ).digest()
-            != table[row].tobytes()
-        ]
+        from ..core.row_digests import row_digest
+
+        wrong = [int(row) for row in rows if row_digest(vectors[row]) != table[row].tobytes()]
         if wrong:
             return (
                 f"{len(wrong)} of {len(rows)} sampled rows (row {wrong[0]} first) differ from their digests"

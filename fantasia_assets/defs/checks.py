@@ -215,12 +215,9 @@ def covers_every_partition(
         for key in context.instance.get_materialized_partitions(raw_result_shards.key)
         if key in state.partitions
     }
-    current = {column_suffix(p.model.name, p.layer) for p in state.partitions.values()}
-    covered = {
-        partition_key(p)
-        for p in state.partitions.values()
-        if f"final_score_{column_suffix(p.model.name, p.layer)}" in header
-    }
+    suffixes = {partition_key(p): column_suffix(p.model.name, p.layer) for p in state.partitions.values()}
+    current = set(suffixes.values())
+    covered = {key for key, suffix in suffixes.items() if f"final_score_{suffix}" in header}
     # columns of partitions the configuration dropped: a summary written before the change
     stale = sorted(
         column.removeprefix("final_score_")

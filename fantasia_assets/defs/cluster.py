@@ -20,7 +20,6 @@ dependencies and placed by their `dagster-dask/resource_requirements` tag, as da
 from __future__ import annotations
 
 import os
-import time
 
 import dagster as dg
 import dask.distributed
@@ -29,10 +28,16 @@ from dagster._core.definitions.executor_definition import executor
 from dagster._utils import iterate_with_context
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 
-from ..core.distributed import SCHEDULER_ENV, ClusterError, probe_scheduler, timeout_from_environment
+from ..core.distributed import (
+    POLL_S,
+    SCHEDULER_ENV,
+    ClusterError,
+    WorkerWatch,
+    connect,
+    no_worker,
+    timeout_from_environment,
+)
 from .lookup import neighbour_hits, raw_result_shards, reference_embeddings, topgo_exports
-
-_POLL_S = 1.0  # how often the run, waiting on its steps, looks whether any worker still runs
 
 
 class StepCall:
@@ -63,15 +68,7 @@ class ClusterExecutor(DaskExecutor):
         instance_ref = plan_context.instance.get_ref()
         address = self.cluster_configuration["address"]
         timeout = timeout_from_environment()
-        probe_scheduler(address, timeout)
-        try:
-            client = dask.distributed.Client(address, timeout=timeout)  # the default: `wait` uses it
-        except Exception as exc:  # OSError, TimeoutError, tls:// without certificates …
-            first = str(exc).splitlines()[0] if str(exc) else "no answer"
-            raise ClusterError(
-                f"cannot reach the Dask scheduler at {address} ({SCHEDULER_ENV}): {type(exc).__name__}: {first}"
-            ) from None
-        with client:
+        with connect(address, timeout, set_as_default=True) as client:  # the default: `wait` uses it
             steps = [step for level in execution_plan.get_steps_to_execute_by_level() for step in level]
             _check_resources(client, steps, address, timeout)
             futures = {}
@@ -96,7 +93,7 @@ class ClusterExecutor(DaskExecutor):
                     pure=False,
                 )
             for events in iterate_with_context(
-                raise_execution_interrupts, _as_done(client, futures, timeout)
+                raise_execution_interrupts, _as_done(client, futures, address, timeout)
             ):
                 yield from events
 
@@ -106,9 +103,7 @@ def _check_resources(client, steps, address: str, timeout: float) -> None:
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
-        raise ClusterError(
-            f"the Dask scheduler at {address} has no worker (waited {timeout:.0f} s)"
-        ) from None
+        raise ClusterError(no_worker(client, address, f"waited {timeout:.0f} s")) from None
     offered: dict[str, float] = {}
     for worker in client.scheduler_info(n_workers=-1)["workers"].values():
         for name, amount in (worker.get("resources") or {}).items():
@@ -123,28 +118,21 @@ def _check_resources(client, steps, address: str, timeout: float) -> None:
                 )
 
 
-def _as_done(client, futures: dict, timeout: float):
+def _as_done(client, futures: dict, address: str, timeout: float):
     """Each step's events as it ends; a step that failed on its worker ends the wait at once (its
     dependants cannot run), and a cluster without a running worker for `timeout` s is an error."""
     pending = set(futures.values())
-    lost_since = None
+    watch = WorkerWatch(client, timeout)
     while pending:
         try:
-            done, pending = dask.distributed.wait(pending, timeout=_POLL_S, return_when="FIRST_COMPLETED")
+            done, pending = dask.distributed.wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
         except TimeoutError:
             done = set()
         for future in done:
             yield future.result()  # a task's own exception (not a step failure) is raised here
-        states = [w.get("status") for w in client.scheduler_info(n_workers=-1)["workers"].values()]
-        if "running" in states or done:
-            lost_since = None
-        elif lost_since is None:
-            lost_since = time.monotonic()
-        elif time.monotonic() - lost_since > timeout:
-            raise ClusterError(
-                f"the Dask cluster has had no running worker for {timeout:.0f} s ({len(states)} workers: "
-                f"{', '.join(sorted(map(str, states))) or 'none'}); the run's remaining steps cannot run"
-            )
+        if watch.lost(progressed=bool(done)):
+            how_long = f"for {timeout:.0f} s; the run's remaining steps cannot run"
+            raise ClusterError(no_worker(client, address, how_long))
 
 
 @executor(

@@ -36,6 +36,15 @@ def _lookup(tmp_path: Path, database: str, **env: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def _wait_for_the_held_block(marker: Path, running: subprocess.Popen) -> None:
+    """Until a worker holds the lookup's first search block (`_HoldFirstBlock` wrote its pid)."""
+    deadline = time.monotonic() + 240
+    while not marker.exists() or not marker.read_text():
+        assert running.poll() is None, running.communicate()
+        assert time.monotonic() < deadline, "no search block started"
+        time.sleep(0.05)
+
+
 def _error_lines(stderr: str) -> list[str]:
     """stderr without the progress lines a cold reference fetch may print."""
     return [
@@ -54,11 +63,7 @@ def test_the_only_worker_killed_while_a_lookup_waits_on_it__error_line_within_th
         running = _lookup(
             tmp_path, sample_database, FANTASIA_DASK_SCHEDULER=cluster.address, FANTASIA_DASK_TIMEOUT="3"
         )
-        deadline = time.monotonic() + 240
-        while not marker.exists() or not marker.read_text():
-            assert running.poll() is None, running.communicate()
-            assert time.monotonic() < deadline, "no search block started"
-            time.sleep(0.05)
+        _wait_for_the_held_block(marker, running)
         os.kill(int(marker.read_text()), signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = running.communicate(timeout=120)
@@ -81,11 +86,7 @@ def test_ctrl_c_while_a_lookup_waits_on_the_cluster__interrupted_line_and_exit_1
         with cluster.client() as client:
             client.register_plugin(_HoldFirstBlock(str(marker)))  # the block is held for 120 s
         running = _lookup(tmp_path, sample_database, FANTASIA_DASK_SCHEDULER=cluster.address)
-        deadline = time.monotonic() + 240
-        while not marker.exists() or not marker.read_text():
-            assert running.poll() is None, running.communicate()
-            assert time.monotonic() < deadline, "no search block started"
-            time.sleep(0.05)
+        _wait_for_the_held_block(marker, running)
         running.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         _, stderr = running.communicate(timeout=120)

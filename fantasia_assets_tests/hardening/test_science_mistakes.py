@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import pytest
 
@@ -38,13 +39,19 @@ def test_train_scorer_with_fewer_than_two_folds__refused_before_any_work(tmp_pat
     assert not out.exists() and not (tmp_path / "experiment").exists()
 
 
-def test_evaluate_with_an_empty_truth_gaf__one_line_saying_the_file_is_empty(sample_loaded, tmp_path, capsys):
-    experiment = tmp_path / "experiment"
-    config = write_config(tmp_path / "config.yaml", config_dict(experiment, **near_only([0])))
+def _looked_up(tmp_path, capsys) -> Path:
+    """The configuration of a finished lookup of NEAR layer 0 under tmp_path/experiment; what it
+    printed is read and dropped."""
+    config = write_config(tmp_path / "config.yaml", config_dict(tmp_path / "experiment", **near_only([0])))
     assert cli.main(["lookup", "--config", str(config)]) == 0
+    capsys.readouterr()
+    return config
+
+
+def test_evaluate_with_an_empty_truth_gaf__one_line_saying_the_file_is_empty(sample_loaded, tmp_path, capsys):
+    config = _looked_up(tmp_path, capsys)
     empty = tmp_path / "empty.gaf"
     empty.write_text("")
-    capsys.readouterr()
     argv = ["evaluate", "--config", str(config), "--truth", str(empty), "--obo", str(ONTOLOGY)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -135,12 +142,9 @@ def test_lookup_whose_scoring_model_is_no_model__refused_before_the_search(tmp_p
 def test_evaluate_out_where_a_file_is__one_line_naming_the_file_before_any_evaluation(
     sample_loaded, tmp_path, capsys
 ):
-    experiment = tmp_path / "experiment"
-    config = write_config(tmp_path / "config.yaml", config_dict(experiment, **near_only([0])))
-    assert cli.main(["lookup", "--config", str(config)]) == 0
+    config = _looked_up(tmp_path, capsys)
     blocker = tmp_path / "results.gaf"
     blocker.write_text("a user's file\n")
-    capsys.readouterr()
     argv = [
         "evaluate",
         "--config",
@@ -161,15 +165,12 @@ def test_evaluate_out_where_a_file_is__one_line_naming_the_file_before_any_evalu
 def test_lookup_whose_scoring_ontology_is_missing__refused_before_the_search_naming_the_key(
     tmp_path, capsys, monkeypatch
 ):
-    from fantasia_assets.cli import main
-    from fantasia_assets_tests.hardening.helpers import config_dict, write_config
-
     monkeypatch.setenv("FANTASIA_HOME", str(tmp_path / "home"))
     missing = tmp_path / "go-missing.obo.gz"
     config = write_config(
         tmp_path / "config.yaml", config_dict(tmp_path / "out", **{"scoring.ontology": str(missing)})
     )
-    assert main(["lookup", "--config", str(config)]) == 2
+    assert cli.main(["lookup", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: scoring.ontology: {missing}: no such file")
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "pg").exists()  # no server, no search
@@ -191,13 +192,10 @@ def test_ontology_whose_relation_names_an_undefined_term__error_names_the_term(t
 def test_lookup_again_without_scoring_ontology__the_earlier_predictions_removed_and_named(
     sample_loaded, tmp_path, capsys
 ):
-    from fantasia_assets.cli import main
-    from fantasia_assets_tests.hardening.helpers import config_dict, near_only, write_config
-
     raw = config_dict(tmp_path / "out", **near_only([0]))
-    assert main(["lookup", "--config", str(write_config(tmp_path / "with.yaml", raw))]) == 0
+    assert cli.main(["lookup", "--config", str(write_config(tmp_path / "with.yaml", raw))]) == 0
     assert (tmp_path / "out" / "predictions.tsv").exists()
     raw["scoring"]["ontology"] = None
-    assert main(["lookup", "--config", str(write_config(tmp_path / "without.yaml", raw))]) == 0
+    assert cli.main(["lookup", "--config", str(write_config(tmp_path / "without.yaml", raw))]) == 0
     assert "removed, not part of this run any more: predictions.tsv" in capsys.readouterr().out
     assert not (tmp_path / "out" / "predictions.tsv").exists()

@@ -60,6 +60,22 @@ class EmbeddedSet:
     pieces: int = 0
     from_cache: int = 0
 
+    def truncated_sample(self) -> str:
+        """The first accessions embedded on their first residues only, for a report line."""
+        return ", ".join(self.truncated[:5]) + (" …" if len(self.truncated) > 5 else "")
+
+    def mapped_line(self, encoder: str, noun: str = "sequences") -> str | None:
+        """One report line on the records holding characters `encoder` maps to its unknown
+        residue, with the first one's first characters; None when there is none."""
+        if not self.mapped:
+            return None
+        first, where = self.mapped[0]
+        sample = ", ".join(f"{char!r} at {position}" for position, char in where[:3])
+        return (
+            f"{len(self.mapped)} {noun} hold characters {encoder} maps to its unknown residue, "
+            f"e.g. {first}: {sample}"
+        )
+
 
 def sequence_hash(sequence: str) -> str:
     """The key of a piece of sequence in the cache and for deduplication (SHA-256, hex)."""
