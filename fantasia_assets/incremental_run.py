@@ -62,8 +62,9 @@ def search_key(
 
 def settings_hash(config: LookupConfig) -> str:
     """The configuration's hash, wherever its outputs go: the state of an experiment_path copied
-    or moved elsewhere stays valid, and equals a fresh run's there."""
-    return dataclasses.replace(config, experiment_path=Path("experiment_path")).fingerprint()
+    or moved elsewhere stays valid, and equals a fresh run's there. Settings of speed alone are
+    left out (`config.SPEED_SETTINGS`): changing one rebuilds nothing."""
+    return dataclasses.replace(config, experiment_path=Path("experiment_path")).results_fingerprint()
 
 
 def outputs_hash(config: LookupConfig) -> str:

@@ -53,11 +53,11 @@ SCRATCH = ".incremental"  # under the staging root: subsets built there, never p
 
 def outputs_hash(config: LookupConfig) -> str:
     """The settings the outputs read beyond the neighbours: the query file is not one of them
-    (queries are compared by digest, shard names one by one)."""
+    (queries are compared by digest, shard names one by one), nor are the settings of speed alone."""
     import dataclasses
 
     neutral = Path("path")
-    return dataclasses.replace(config, experiment_path=neutral, embeddings_path=neutral).fingerprint()
+    return dataclasses.replace(config, experiment_path=neutral, embeddings_path=neutral).results_fingerprint()
 
 
 class OutputUpdates:

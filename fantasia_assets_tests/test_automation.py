@@ -1,25 +1,29 @@
 """The sensor's decisions (`evaluate_changes`) over sequences of ticks: every real change of the
 references, the query file or the configuration re-runs what it affects, once, even when a state
-comes back; a dropped partition alone rebuilds the outputs; and the instance's configuration
-frees the pool slot of a killed run."""
+comes back; a dropped partition or a setting of the run-wide outputs alone rebuilds only the
+outputs, a setting of speed alone nothing; and the instance's configuration frees the pool slot
+of a killed run."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
+from fantasia_assets.config import LookupConfig, ModelConfig
+from fantasia_assets.core.scoring import ScoringSettings
 from fantasia_assets.defs.automation import evaluate_changes, outputs_job, partition_job
 from fantasia_assets_tests.conftest import PROJECT
 
 
-@dataclass
-class _Config:
-    setting: str = "k=5"
-
-    def fingerprint(self) -> str:
-        return self.setting
+def _config(**changes) -> LookupConfig:
+    base = LookupConfig(Path("experiment"), Path("queries.h5"), (ModelConfig("NEAR"),))
+    return dataclasses.replace(base, **changes)
 
 
 @dataclass
@@ -32,7 +36,7 @@ class _State:
     """What `evaluate_changes` reads of a `LookupState`."""
 
     partitions: dict[str, str] = field(default_factory=lambda: {"NEAR|layer_0": "v1", "NEAR|layer_1": "w1"})
-    config: _Config = field(default_factory=_Config)
+    config: LookupConfig = field(default_factory=_config)
     queries: _Queries = field(default_factory=_Queries)
 
     def versions(self) -> dict[str, str]:
@@ -67,7 +71,7 @@ def test_references_that_come_back_to_an_earlier_fingerprint__re_run_with_a_new_
 
 
 def test_configuration_changed__every_partition_re_runs():
-    _, quiet, changed = _ticks([_State(), _State(), _State(config=_Config("k=3"))])
+    _, quiet, changed = _ticks([_State(), _State(), _State(config=_config(limit_per_entry=3))])
     assert not quiet.run_requests and "no reference, query or configuration change" in quiet.skip_reason
     assert sorted(key for key, _ in _partition_runs(changed)) == ["NEAR|layer_0", "NEAR|layer_1"]
 
@@ -81,13 +85,58 @@ def test_query_file_switched_back_and_forth__each_switch_re_runs():
 def test_cursor_of_an_earlier_version_without_the_configuration__recorded_not_a_change():
     first = evaluate_changes(_State(), None, {"NEAR|layer_0", "NEAR|layer_1"})
     old = yaml.safe_load(first.cursor)  # JSON is YAML
-    old.pop("config")
-    old.pop("generation")
-    import json
-
+    for key in ("search_config", "outputs_config", "generation"):
+        old.pop(key)
     result = evaluate_changes(_State(), json.dumps(old), {"NEAR|layer_0", "NEAR|layer_1"})
     assert not result.run_requests
-    assert json.loads(result.cursor)["config"] == "k=5"
+    assert json.loads(result.cursor)["search_config"] == _config().results_fingerprint(partition=True)
+
+
+def test_cursor_of_an_earlier_version_with_every_setting_hashed__compared_on_every_setting():
+    first = json.loads(evaluate_changes(_State(), None, {"NEAR|layer_0", "NEAR|layer_1"}).cursor)
+    for key in ("search_config", "outputs_config"):
+        first.pop(key)
+    first["config"] = _config().fingerprint()  # what the earlier version kept
+    same = evaluate_changes(_State(), json.dumps(first), {"NEAR|layer_0", "NEAR|layer_1"})
+    assert not same.run_requests
+    changed = evaluate_changes(
+        _State(config=_config(limit_per_entry=3)), json.dumps(first), {"NEAR|layer_0", "NEAR|layer_1"}
+    )
+    assert len(_partition_runs(changed)) == 2
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"backend": "numpy"},
+        {"screening": "fp32"},
+        {"use_gpu": False},
+        {"batch_size": 7},
+        {"lookup_cache_max": 0},
+        {"alignment_threads": 1},
+        {"models": (ModelConfig("NEAR", batch_size=3),)},
+    ],
+    ids=lambda changes: next(iter(changes)),
+)
+def test_setting_of_speed_alone_changed__nothing_re_runs(changes):
+    _, changed = _ticks([_State(), _State(config=_config(**changes))])
+    assert not changed.run_requests
+
+
+def test_setting_of_the_run_wide_outputs_changed__only_the_outputs_are_rebuilt():
+    scored = _config(scoring=ScoringSettings(ontology=Path("go-basic.obo")))
+    _, changed, again, search = _ticks(
+        [
+            _State(),
+            _State(config=scored),
+            _State(config=scored),
+            _State(config=dataclasses.replace(scored, precision=2)),
+        ]
+    )
+    assert [r.job_name for r in changed.run_requests] == [outputs_job.name]
+    assert "settings of the run-wide outputs changed" in changed.run_requests[0].tags["fantasia/trigger"]
+    assert not again.run_requests
+    assert len(_partition_runs(search)) == 2  # precision is written in the raw rows
 
 
 def test_partition_dropped_without_any_other_change__the_outputs_are_rebuilt_once():

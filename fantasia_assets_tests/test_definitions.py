@@ -89,8 +89,13 @@ def test_materialize_everything(sample_loaded, settings, tmp_path):
         # everything materialised from the current versions: the backstop finds nothing stale
         state = LookupState.open(settings, ReferenceDatabase())
         assert stale_partitions(instance, state) == []
-        # a setting of the results changed: every partition is stale until it runs again
+        # settings of speed or of the run-wide outputs alone leave every partition current
         raw = yaml.safe_load(Path(settings.config_path).read_text())
+        raw["lookup"]["screening"] = "fp32"
+        raw["postprocess"].setdefault("summary", {})["weighted_prefix"] = "weighted_"
+        Path(settings.config_path).write_text(yaml.safe_dump(raw))
+        assert stale_partitions(instance, LookupState.open(settings, ReferenceDatabase())) == []
+        # a setting of the results changed: every partition is stale until it runs again
         raw["lookup"]["limit_per_entry"] = 3
         Path(settings.config_path).write_text(yaml.safe_dump(raw))
         state = LookupState.open(settings, ReferenceDatabase())

@@ -87,9 +87,34 @@ class LookupConfig:
         return tuple(m for m in self.models if m.enabled)
 
     def fingerprint(self) -> str:
-        """A hash of every setting that changes results (for lineage and caches)."""
-        payload = json.dumps(asdict(self), sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """A hash of every setting (for lineage and caches)."""
+        return _digest(asdict(self))
+
+    def results_fingerprint(self, partition: bool = False) -> str:
+        """A hash of the settings that can change a result: any output's, or with `partition` a
+        (model, layer) partition's neighbours, raw rows and TopGO files. Settings of speed alone
+        (`SPEED_SETTINGS`) are left out, and with `partition` those of the run-wide outputs."""
+        values = asdict(self)
+        for key in SPEED_SETTINGS + (RUN_WIDE_SETTINGS if partition else ()):
+            del values[key]
+        for model in values["models"]:
+            del model["batch_size"]
+        return _digest(values)
+
+
+# Settings of how fast, never of what: every backend, device, screening arithmetic and batch size
+# returns the neighbours a float64 search returns (`core.knn`, tested against an oracle on each),
+# a pair's alignment metrics do not depend on how many threads align the pairs, and the cache
+# size decides only what is kept between runs. Changing one re-runs nothing (Dagster automation,
+# incremental re-runs). A model's own `batch_size` is one of them too.
+SPEED_SETTINGS = ("use_gpu", "backend", "screening", "batch_size", "lookup_cache_max", "alignment_threads")
+# Settings read only by the run-wide outputs (summary.csv, predictions.tsv), never by a partition.
+RUN_WIDE_SETTINGS = ("summary", "scoring")
+
+
+def _digest(values: dict) -> str:
+    payload = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

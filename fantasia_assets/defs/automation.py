@@ -1,10 +1,13 @@
 """Jobs, the sensor that reacts to reference, query and configuration changes, and the daily backstop.
 
 `reference_change_sensor` reads the fingerprints of every (model, layer) reference set, the
-query file's hash and the configuration's fingerprint each tick (cheap SQL, no vector read). A
+query file's hash and the configuration's fingerprints each tick (cheap SQL, no vector read). A
 changed fingerprint records a new observation of `reference_set` for that partition and
-requests exactly that partition's re-computation; a changed query file or configuration (a
-setting of the results, a new experiment_path) requests every partition. The first tick only
+requests exactly that partition's re-computation; a changed query file or a changed setting of
+the partitions' results (a new experiment_path included) requests every partition; a changed
+setting of the run-wide outputs alone (`postprocess.summary`, `scoring`) requests only
+`lookup_outputs_job`; a setting of speed alone (`config.SPEED_SETTINGS`: backend, device,
+screening, batch and cache sizes, alignment threads) requests nothing. The first tick only
 records. It also keeps the dynamic partitions equal to the current (model, layer) pairs, and
 when one is dropped without any other change it requests the run-wide outputs, which then
 leave the dropped partition out. When the configuration names a FASTA query file whose HDF5 is
@@ -65,8 +68,10 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
     """The sensor's decision, given the current state and what the previous tick saw."""
     versions = state.versions()
     query_version = state.queries.content_hash  # hashed once, when the query catalogue was opened
-    config_version = state.config.fingerprint()
+    config_version = state.config.results_fingerprint(partition=True)
+    outputs_version = state.config.results_fingerprint()
     previous = json.loads(cursor) if cursor else None
+    outputs_changed = False
     partition_requests = []
     dropped = sorted(known_partitions - set(versions))
     if set(versions) - known_partitions:
@@ -86,8 +91,8 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
         )
     else:
         queries_changed = previous.get("queries") != query_version
-        # a cursor of an earlier version has no configuration: recorded now, not a change
-        config_changed = previous.get("config", config_version) != config_version
+        config_changed = _config_changed(previous, state, config_version)
+        outputs_changed = previous.get("outputs_config", outputs_version) != outputs_version
         changed = [
             key for key in sorted(versions)
             if queries_changed or config_changed or previous.get("partitions", {}).get(key) != versions[key]
@@ -103,7 +108,7 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
             events.append(
                 dg.AssetObservation(asset_key=query_embeddings.key, tags={DATA_VERSION_TAG: query_version})
             )
-    outputs_only = previous is not None and not changed and bool(dropped)
+    outputs_only = previous is not None and not changed and (bool(dropped) or outputs_changed)
     if changed or outputs_only:
         generation += 1
     runs = [
@@ -123,12 +128,14 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
                 run_key=f"shared:{generation}:{json.dumps(versions, sort_keys=True)}:{query_version}",
             ),
         )
-    if outputs_only:  # nothing to re-compute, but the outputs still show the dropped partitions
+    if outputs_only:  # nothing to re-compute, but the outputs show dropped partitions or old settings
+        reasons = [f"partitions dropped: {', '.join(dropped)}"] if dropped else []
+        reasons += ["settings of the run-wide outputs changed"] if outputs_changed else []
         runs.append(
             dg.RunRequest(
                 job_name=outputs_job.name,
-                run_key=f"outputs:{generation}:{','.join(dropped)}",
-                tags={"fantasia/trigger": f"partitions dropped: {', '.join(dropped)}"},
+                run_key=f"outputs:{generation}:{','.join(dropped)}:{outputs_version}",
+                tags={"fantasia/trigger": "; ".join(reasons)},
             )
         )
     return dg.SensorResult(
@@ -137,7 +144,8 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
             {
                 "partitions": versions,
                 "queries": query_version,
-                "config": config_version,
+                "search_config": config_version,
+                "outputs_config": outputs_version,
                 "generation": generation,
             },
             sort_keys=True,
@@ -148,6 +156,15 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
         if runs or partition_requests or events
         else "no reference, query or configuration change",
     )
+
+
+def _config_changed(previous: dict, state: LookupState, version: str) -> bool:
+    """Whether a setting of the partitions' results changed since the cursor was written. A
+    cursor of an earlier version holds the fingerprint of every setting (or none: recorded now,
+    not a change)."""
+    if "search_config" in previous:
+        return previous["search_config"] != version
+    return "config" in previous and previous["config"] != state.config.fingerprint()
 
 
 def embedding_request(settings: LookupSettings, database: ReferenceDatabase, cursor: str | None):
@@ -223,9 +240,13 @@ def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[s
         made_from = (
             getattr(metadata.get("reference_version"), "value", None),
             getattr(metadata.get("query_version"), "value", None),
-            getattr(metadata.get("config_version"), "value", None),
+            getattr(metadata.get("search_config_version"), "value", None),
         )
-        now = (state.reference_version(partition), state.queries.content_hash, state.config.fingerprint())
+        settings = state.config.results_fingerprint(partition=True)
+        if made_from[2] is None:  # made by an earlier version: the fingerprint of every setting
+            made_from = (*made_from[:2], getattr(metadata.get("config_version"), "value", None))
+            settings = state.config.fingerprint()
+        now = (state.reference_version(partition), state.queries.content_hash, settings)
         if made_from != now:
             stale.append(key)
     return stale

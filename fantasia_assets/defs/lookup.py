@@ -252,7 +252,9 @@ def raw_result_shards(
             "raw_rows": dg.MetadataValue.path(str(paths["raw"])),
             "reference_version": version,
             "query_version": state.queries.content_hash,
-            "config_version": config.fingerprint(),  # the daily backstop compares all three
+            "config_version": config.fingerprint(),
+            # the daily backstop compares it with the reference and query versions
+            "search_config_version": config.results_fingerprint(partition=True),
             "consumed_hits": consumed_hits,
             "consumed_annotations": annotation_version,
             "best_predictions": dg.MetadataValue.md(best_predictions(raw)),
