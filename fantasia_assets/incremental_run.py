@@ -32,7 +32,13 @@ from .core.plan import Partition, QuerySet
 from .core.progress import Progress
 from .core.redundancy import exclusion_csr
 from .core.row_digests import carried_digests, row_digests
-from .core.stages import SEARCH_CODE_VERSION, AlignmentCache, SearchOutcome, usable_queries
+from .core.stages import (
+    RAW_ROWS_CODE_VERSION,
+    SEARCH_CODE_VERSION,
+    AlignmentCache,
+    SearchOutcome,
+    usable_queries,
+)
 from .core.timing import timed
 from .db.stores import ReferenceStore
 
@@ -307,6 +313,8 @@ class PartitionUpdates:
         """The previous run's alignment metrics of kept queries, renumbered to this query file."""
         if not self.config.alignment or "raw" not in state.meta["outputs"]:
             return  # raw rows the state does not vouch for (the Dagster assets') are not reused
+        if state.meta.get("raw_rows_code") != RAW_ROWS_CODE_VERSION:
+            return  # aligned by other code (before ending stops were dropped, say)
         from .core.alignment import METRIC_COLUMNS  # parasail: only for lookups that align
 
         if not set(METRIC_COLUMNS) <= set(pl.read_parquet_schema(paths["raw"])):
@@ -335,6 +343,7 @@ class PartitionUpdates:
             "search_key": key.as_dict(),
             "config_hash": settings_hash(self.config),
             "outputs_config": outputs_hash(self.config),
+            "raw_rows_code": RAW_ROWS_CODE_VERSION,
             "annotation_version": self.annotation_version or "",
             "reference_fingerprint": outcome.matrix.fingerprint,
             "query_hash": query_hash,

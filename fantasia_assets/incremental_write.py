@@ -41,7 +41,7 @@ from .core.aggregate import SummaryFile
 from .core.layout import ENSEMBLE, SUMMARY, partition_files, partition_paths
 from .core.lineage import CODE_VERSION
 from .core.plan import Partition, QuerySet
-from .core.stages import SearchOutcome
+from .core.stages import RAW_ROWS_CODE_VERSION, SearchOutcome
 from .core.timing import timed
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,13 @@ SCRATCH = ".incremental"  # under the staging root: subsets built there, never p
 
 def outputs_hash(config: LookupConfig) -> str:
     """The settings the outputs read beyond the neighbours: the query file is not one of them
-    (queries are compared by digest, shard names one by one), nor are the settings of speed alone."""
+    (queries are compared by digest, shard names one by one), nor are the settings of speed
+    alone; with the version of the code that builds raw rows."""
     import dataclasses
 
     neutral = Path("path")
-    return dataclasses.replace(config, experiment_path=neutral, embeddings_path=neutral).results_fingerprint()
+    settings = dataclasses.replace(config, experiment_path=neutral, embeddings_path=neutral)
+    return f"{settings.results_fingerprint()}|{RAW_ROWS_CODE_VERSION}"
 
 
 class OutputUpdates:

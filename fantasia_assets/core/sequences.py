@@ -4,9 +4,11 @@ Rule (README, "Sequences"):
 
 * whitespace (spaces, tabs, line breaks), digits (the position numbers of GenBank or
   Clustal-style text) and the gap characters ``-`` and ``.`` of alignments are removed;
+* the stops ``*`` ending the sequence (as TransDecoder and other translations write them) are
+  dropped, so a protein gets the same sequence, alignments and vector with or without them;
 * letters are upper-cased; every remaining character must be an IUPAC protein letter
   (A–Z: the 20 standard residues, U selenocysteine, O pyrrolysine, and the ambiguity codes
-  B, Z, J, X) or ``*``, the translation stop;
+  B, Z, J, X) or ``*``, a stop inside the sequence;
 * anything else (``#``, ``>``, a letter outside ASCII, ...) makes the sequence unusable, and
   so does a sequence left empty.
 
@@ -42,10 +44,10 @@ class SequenceError(FantasiaError, ValueError):
 
 
 def clean(text: str) -> str:
-    """`text` upper-cased with whitespace, digits and gaps removed (not yet checked)."""
-    if _PLAIN.fullmatch(text):  # the common case, one C-level scan: nothing to change
-        return text
-    return _REMOVED.sub("", text).translate(_UPPER)
+    """`text` upper-cased with whitespace, digits, gaps and ending stops removed (not yet checked)."""
+    if not _PLAIN.fullmatch(text):  # the common case is one C-level scan: nothing to change
+        text = _REMOVED.sub("", text).translate(_UPPER)
+    return text.rstrip("*") if text.endswith("*") else text
 
 
 def clean_many(texts: list[str]) -> list[str]:
@@ -53,14 +55,16 @@ def clean_many(texts: list[str]) -> list[str]:
     them all recognises that (~1 ns a residue, where the regular expression costs a few)."""
     joined = "".join(texts)
     if joined.isascii() and not joined.encode("ascii").translate(None, _PLAIN_ASCII):
-        return texts  # only A-Z and '*': `clean` returns each text as it is
+        if "*" not in joined:
+            return texts  # only A-Z: `clean` returns each text as it is
+        return [text.rstrip("*") for text in texts]
     return [clean(text) for text in texts]
 
 
 def problem(cleaned: str) -> str | None:
     """Why an already `clean`ed sequence is unusable (one phrase), or None when it is usable."""
     if not cleaned:
-        return "empty sequence (no residue left after removing whitespace, digits and gaps)"
+        return "empty sequence (no residue left after removing whitespace, digits, gaps and ending stops)"
     bad = _UNUSABLE.search(cleaned)
     if bad is None:
         return None
@@ -72,8 +76,6 @@ def problem(cleaned: str) -> str | None:
 
 def normalise(text: str, record: str) -> str:
     """The clean sequence of `record`; `SequenceError` naming the record when it is unusable."""
-    if _PLAIN.fullmatch(text):
-        return text
     cleaned = clean(text)
     reason = problem(cleaned)
     if reason is not None:

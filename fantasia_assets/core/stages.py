@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # a stage would give other rows. The search's covers `usable_queries`, `core.knn` and the
 # redundancy mask; the raw rows' covers `core.transfer` and `core.alignment`.
 SEARCH_CODE_VERSION = "search-1"
-RAW_ROWS_CODE_VERSION = "raw-rows-1"
+RAW_ROWS_CODE_VERSION = "raw-rows-2"  # 2: the stops ending a sequence are not aligned
 
 # alignment scores and lengths are whole numbers: written as integers, not with `precision` digits
 COUNT_COLUMNS = ["alignment_score", "alignment_length", "alignment_score_sw", "alignment_length_sw"]

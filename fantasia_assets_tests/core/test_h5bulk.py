@@ -195,7 +195,17 @@ def test_lookup3__the_library_checksum_at_every_length():
 
 @pytest.mark.parametrize(
     "texts",
-    [["MKV", "A*", "QQ"], ["mkv", "MKV"], ["M K", "MKV"], ["MKVé"], ["", "MKV"], ["1", "-"], ["ß"], []],
+    [
+        ["MKV", "A*", "QQ"],
+        ["M*K", "**"],
+        ["mkv*", "MKV"],
+        ["M K", "MKV"],
+        ["MKVé"],
+        ["", "MKV"],
+        ["1", "-"],
+        ["ß"],
+        [],
+    ],
 )
 def test_clean_many__clean_of_each(texts):
     assert clean_many(list(texts)) == [clean(text) for text in texts]
@@ -239,3 +249,12 @@ def test_heap_walk__objects_as_one_collection_at_a_time(tmp_path, monkeypatch):
         broken.write_bytes(bytes(damaged))
         walked += _heaps_alike(broken, collections)
     assert 100 < walked < 150 * len(collections)  # some flips did make a collection odd
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("MKV*", "MKV"), ("mk*v**\n", "MK*V"), ("M K V * *", "MKV"), ("*MKV", "*MKV"), ("***", "")],
+)
+def test_clean__ending_stops_dropped_and_inner_ones_kept(text, expected):
+    assert clean(text) == expected
+    assert clean_many([text, "MKV"]) == [expected, "MKV"]

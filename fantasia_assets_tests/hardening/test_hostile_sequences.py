@@ -34,6 +34,7 @@ WRITTEN = {
     "digit": lambda s: "1 " + s[:10] + " 11 " + s[10:],
     "space": lambda s: s[:7] + " " + s[7:] + " ",
     "line_break": lambda s: s[:4] + "\n" + s[4:20] + "\r\n" + s[20:],
+    "ending_stops": lambda s: s + "*\n**",  # a translated proteome's
 }
 
 
@@ -45,7 +46,9 @@ def _lookup(engine, experiment: Path, queries: Path, **overrides):
     return run_lookup(parse_config(config_dict(experiment, queries, **near_only([0]), **overrides)), engine)
 
 
-def test_query_sequence_with_gap_digit_space_or_line_break__aligned_as_its_residues(sample_loaded, tmp_path):
+def test_query_sequence_with_gap_digit_space_line_break_or_ending_stops__aligned_as_its_residues(
+    sample_loaded, tmp_path
+):
     [(name, content)] = sample_groups(1)
     groups = [(name, content)]
     groups += [
@@ -130,9 +133,12 @@ def _fasta_with(tmp_path: Path, edit) -> tuple[Path, str, str]:
     return path, accession, sequence
 
 
-def test_reference_fasta_with_gaps_digits_and_whitespace__loaded_as_its_residues(engine, tmp_path):
+def test_reference_fasta_with_gaps_digits_whitespace_and_ending_stops__loaded_as_its_residues(
+    engine, tmp_path
+):
     def written(sequence: str) -> str:
-        return WRITTEN["line_break"](WRITTEN["space"](WRITTEN["digit"](WRITTEN["gap"](sequence.lower()))))
+        spaced = WRITTEN["line_break"](WRITTEN["space"](WRITTEN["digit"](WRITTEN["gap"](sequence.lower()))))
+        return WRITTEN["ending_stops"](spaced)
 
     fasta, accession, sequence = _fasta_with(tmp_path, written)
     report = load_references(engine, fasta=fasta, gaf=[GAF], obo=OBO, embeddings=NEAR, model="NEAR")

@@ -465,3 +465,28 @@ def test_untrusted_line_indexes_rebuild_the_files_whole(engine, tmp_path, caplog
     caplog.clear()
     _run(raw, engine)
     assert not [m for m in caplog.messages if "in full" in m], caplog.messages
+
+
+def test_state_of_code_that_aligned_otherwise__its_alignments_are_not_reused(engine, tmp_path, monkeypatch):
+    from fantasia_assets.core.stages import AlignmentCache
+
+    _load(engine, REFS)
+    raw = _config(tmp_path, **{"postprocess.alignment": True})
+    _run(raw, engine)
+    preloaded = []
+    original = AlignmentCache.preload
+    monkeypatch.setattr(
+        AlignmentCache, "preload", lambda self, known: (preloaded.append(known.height), original(self, known))
+    )
+    _run(raw, engine)
+    assert preloaded and preloaded[-1] > 0  # this code's state: the previous alignments reused
+    # the state of code before ending stops were dropped records no raw-rows code version
+    state = Path(raw["experiment_path"]) / "state" / "NEAR" / "layer_0" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["raw_rows_code"]
+    meta["outputs_config"] = meta["outputs_config"].split("|")[0]  # nor the raw rows' code
+    state.write_text(json.dumps(meta))
+    preloaded.clear()
+    _, update = _run(raw, engine)
+    assert preloaded == [] and update.searched == 0, update
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)

@@ -109,13 +109,13 @@ def check_records(records: Iterable[SequenceRecord], source: str = "input") -> l
                 f"{source}: record {record.name()}: its identifier holds the control character "
                 f"{control!r}, which no output name may carry"
             )
-        cleaned = clean(record.sequence)
+        cleaned = clean(record.sequence)  # ending stops dropped
         reason = problem(cleaned)
-        if reason is None and not cleaned.rstrip("*"):
+        if not cleaned and "*" in record.sequence:
             reason = "no residue but stops ('*')"
         if reason is not None:
             raise EmbeddingError(f"{source}: record {record.name()}: {reason}")
-        record = SequenceRecord(record.accession, cleaned.rstrip("*"), record.where)
+        record = SequenceRecord(record.accession, cleaned, record.where)
         first = kept.get(record.accession)
         if first is None:
             kept[record.accession] = record
