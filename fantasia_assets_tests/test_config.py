@@ -123,6 +123,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
             {"identity": {"medain": 1}},
             "postprocess.summary.weights.identity.medain",
         ),
+        (  # `count` names one output: a weight by aggregation would apply to nothing
+            "postprocess.summary.weights",
+            {"reliability_index": {"max": 1}, "count": {"max": 5}},
+            "postprocess.summary.weights.count: names one output",
+        ),
+        (  # the sample summarises reliability_index by max alone: `min` would weigh nothing
+            "postprocess.summary.weights",
+            {"ri": {"max": 1, "min": 3}, "count": 1},
+            "postprocess.summary.weights.ri.min: applies to no output: ri is summarised by max only",
+        ),
         ("postprocess.store_workers", 4, "postprocess.store_workers"),
         ("postprocess.alignment_threads", 0, "postprocess.alignment_threads"),
         ("precision", 17, "precision"),

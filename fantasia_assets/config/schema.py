@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 from ..core.exports import ALIGNMENT_COLUMNS
-from ..core.summary import COUNT, FINAL_SCORE, SummarySpec
+from ..core.summary import AGGREGATIONS, COUNT, FINAL_SCORE, SummarySpec
 from ..core.taxonomy import validate_taxon_ids
 
 _OFF = {"off", "none", "null", "false", ""}
@@ -205,7 +205,7 @@ class _SummarySection(_Section):
             weights = {key: weight for key, weight in default.weights.items() if key in known}
         else:
             weights = self.weights
-            self._check_weights(known)
+            self._check_weights(known, metrics, aliases)
         spec = SummarySpec(
             metrics={m: list(a) for m, a in metrics.items()},
             aliases=dict(aliases),
@@ -227,16 +227,28 @@ class _SummarySection(_Section):
             known |= {metric, alias} | {f"{agg}_{name}" for agg in aggs for name in (alias, metric)}
         return known
 
-    def _check_weights(self, known: set[str]) -> None:
-        """Each weight a number ≥ 0 that applies to an output: a misspelt key would leave the score."""
+    def _check_weights(
+        self, known: set[str], metrics: Mapping[str, list[str]], aliases: Mapping[str, str]
+    ) -> None:
+        """Each weight a number ≥ 0 that applies to an output: a misspelt key, or an aggregation
+        the metric is not summarised by, would silently leave the score."""
+        aggregated: dict[str, set[str]] = {}  # metric or alias → its aggregations, as AGGREGATIONS name them
+        for metric, aggs in metrics.items():
+            for name in (metric, aliases.get(metric, metric)):
+                aggregated.setdefault(name, set()).update(AGGREGATIONS.get(agg, agg) for agg in aggs)
         for key, weight in (self.weights or {}).items():
             if key not in known:
                 raise _problem(f"weights.{key}", "matches no summary output, metric or alias")
+            if isinstance(weight, Mapping) and key not in aggregated:
+                raise _problem(f"weights.{key}", "names one output: give it a number, not aggregations")
             inner = weight.items() if isinstance(weight, Mapping) else [(None, weight)]
             for agg, value in inner:
                 where = f"weights.{key}" + (f".{agg}" if agg is not None else "")
                 if agg is not None and agg not in _AGGREGATION_WORDS:
                     raise _problem(where, f"unknown aggregation; use {', '.join(_AGGREGATION_WORDS)}")
+                if agg is not None and AGGREGATIONS[agg] not in aggregated[key]:
+                    used = ", ".join(sorted(aggregated[key]))
+                    raise _problem(where, f"applies to no output: {key} is summarised by {used} only")
                 if (
                     isinstance(value, bool)
                     or not isinstance(value, (int, float))
