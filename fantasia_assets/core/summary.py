@@ -311,7 +311,13 @@ def _aggregate(column: SummaryColumn, present: set[str], limit_per_entry: int) -
         return pl.lit(None, dtype=pl.Float64)
     values = pl.col(column.metric).cast(pl.Float64)
     which = AGGREGATIONS[column.agg]
-    return extreme(values, which) if which in ("min", "max") else values.mean()
+    # a mean of the values in ascending order, summed one after the other: polars' mean moved in
+    # the last bit with the order and memory layout the rows came in (threads, SIMD lanes), and
+    # a mean at a rounding tie was then written one digit apart between runs
+    if which in ("min", "max"):
+        return extreme(values, which)
+    present = values.drop_nulls().sort()
+    return present.cum_sum().last() / present.len()  # a sequential sum: no SIMD lanes
 
 
 def _lookup_weight(
