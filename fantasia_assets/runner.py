@@ -492,8 +492,9 @@ def _run_lookup(
     names["skipped queries"] = SKIPPED
     outputs = {name: base / path for name, path in names.items()}
     outputs.update({name: base / path.relative_to(root) for name, path in predicted.items()})
-    # every partition was just published: other partition folders are stale, and an earlier
-    # run's predictions.tsv when this one wrote none (no scoring.ontology)
-    for folder in remove_stale_partitions(base, [p.relative_dir() for p in partitions], bool(predicted)):
+    # every partition was just published: other partition folders are stale, an earlier run's
+    # predictions.tsv when this one wrote none (no scoring.ontology), its TopGO files when none
+    current, predicted_any = [p.relative_dir() for p in partitions], bool(predicted)
+    for folder in remove_stale_partitions(base, current, predicted_any, config.topgo):
         outputs[f"removed, not part of this run any more: {folder.relative_to(base)}"] = folder
     return LookupResult(config, reports, outputs, timings, updates.updates)

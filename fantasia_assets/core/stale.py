@@ -46,10 +46,18 @@ def stale_partition_dirs(experiment_path: Path, current: Iterable[Path]) -> list
 
 
 def remove_stale_partitions(
-    experiment_path: Path, current: Iterable[Path], predictions_written: bool = True
+    experiment_path: Path, current: Iterable[Path], predictions_written: bool = True, topgo: bool = True
 ) -> list[Path]:
-    """Remove the stale partition folders (and model folders left empty), and predictions.tsv when
-    the run wrote none (it would not match the summary beside it); returns what was removed."""
+    """Remove the stale partition folders (and model folders left empty), predictions.tsv when
+    the run wrote none (it would not match the summary beside it), and the whole `topgo` folder
+    when the run writes no TopGO files (`lookup.topgo: false`); returns what was removed."""
+    folder = Path(experiment_path) / "topgo"
+    if not topgo and folder.is_dir():
+        shutil.rmtree(folder)
+        log.warning("removed %s: this run writes no TopGO files (lookup.topgo is false)", folder)
+        removed_topgo = [folder]
+    else:
+        removed_topgo = []
     removed = stale_partition_dirs(experiment_path, current)
     predictions = Path(experiment_path) / "predictions.tsv"
     if not predictions_written and predictions.is_file():
@@ -63,4 +71,4 @@ def remove_stale_partitions(
         log.warning("removed %s: its partition is not part of this run any more", folder)
         if not any(folder.parent.iterdir()):
             folder.parent.rmdir()
-    return removed + removed_file
+    return removed_topgo + removed + removed_file

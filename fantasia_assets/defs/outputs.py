@@ -81,7 +81,7 @@ def _remove_stale(state: LookupState) -> list[Path]:
     (`core.stale`), under the experiment's lock: what the end of `runner.run_lookup` does."""
     current = [p.relative_dir() for p in state.partitions.values()]  # computed or not
     with experiment_lock(state.config.experiment_path, probe=False):
-        return remove_stale_partitions(state.config.experiment_path, current)
+        return remove_stale_partitions(state.config.experiment_path, current, topgo=state.config.topgo)
 
 
 def _consumed(state: LookupState, partitions: list[Partition]) -> dg.MetadataValue:

@@ -84,6 +84,30 @@ def test_rerun_with_fewer_layers__old_layer_folders_removed_and_named(sample_loa
     assert stale_partition_dirs(experiment, [Path("NEAR/layer_0")]) == []
 
 
+def test_rerun_with_topgo_turned_off__the_earlier_topgo_files_removed_and_named(
+    sample_loaded, tmp_path, capsys
+):
+    experiment = tmp_path / "experiment"
+    first = write_config(tmp_path / "first.yaml", config_dict(experiment, **near_only([0])))
+    assert cli.main(["lookup", "--config", str(first)]) == 0
+    assert (experiment / "topgo" / "NEAR" / "layer_0").is_dir() and (
+        experiment / "topgo" / "ensemble"
+    ).is_dir()
+    capsys.readouterr()
+    off = write_config(
+        tmp_path / "off.yaml", config_dict(experiment, **near_only([0]), **{"lookup.topgo": False})
+    )
+    assert cli.main(["lookup", "--config", str(off)]) == 0
+    assert "removed, not part of this run any more: topgo" in capsys.readouterr().out
+    assert not (experiment / "topgo").exists()  # as a fresh run with TopGO off leaves it
+    assert cli.main(["lookup", "--config", str(first)]) == 0  # on again: written whole
+    assert sorted(p.name for p in (experiment / "topgo" / "ensemble").iterdir()) == [
+        "C.topgo",
+        "F.topgo",
+        "P.topgo",
+    ]
+
+
 def test_lookup_with_predictions_then_evaluate__scratch_folders_under_fantasia_home_never_the_system_ones(
     sample_loaded, tmp_path, monkeypatch, capsys
 ):
