@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _held: dict[tuple[str, int], int] = {}  # (folder, thread) → depth
 _held_lock = threading.Lock()
+_LOCK_POLL_SECONDS = 0.1  # a waiting run's delay after the holder ends, and its Ctrl-C's
 
 
 def _probe(folder: Path) -> None:
@@ -46,6 +48,18 @@ def _same_folder(fd: int, folder: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(folder))
     except FileNotFoundError:
         return False
+
+
+def _wait_for_lock(fd: int) -> None:
+    """Take the lock once the holder lets it go, polling: a blocking flock() would not return
+    on Ctrl-C when the kernel hands SIGINT to another of the process's threads (torch's, the
+    start-up reads'), and only the main thread runs Python's signal handlers."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(_LOCK_POLL_SECONDS)
 
 
 @contextmanager
@@ -80,7 +94,7 @@ def experiment_lock(experiment_path: Path, probe: bool = True) -> Iterator[None]
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.warning("another run is writing into %s; waiting for it to finish", folder)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _wait_for_lock(fd)
                 log.warning("the other run into %s finished; continuing", folder)
             if _same_folder(fd, folder):
                 break

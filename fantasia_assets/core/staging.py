@@ -8,17 +8,22 @@ into place, partition sets first, then the run-wide set. A run that fails before
 the previous outputs exactly as they were, and removes its staging folder.
 
 A run killed while publishing leaves a manifest behind: the next run (`recover`) finishes its
-moves before starting, so the tree becomes the killed run's complete outputs, never a mix. A
+moves before starting, so the tree becomes the killed run's complete outputs, never a mix. So
+does a publication that failed midway (a move refused by the file system): its staging folder is
+kept for the next run. Ctrl-C during the moves (milliseconds) takes effect once they are done. A
 staging folder without a manifest (killed while writing) is removed. Folders of live processes
 (a concurrent run) are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +59,32 @@ def recover(experiment_path: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C (SIGINT) received during the block takes effect at its end: a KeyboardInterrupt
+    between two moves would leave some entries published and the others not. Only the main
+    thread can hold it; elsewhere an exception leaves the manifest for `recover`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: left alone
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            log.warning("interrupted: the outputs were published first")
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
 def _move_all(
     staging: Path, experiment_path: Path, entries: list[Path], patches: dict[Path, list[str]] | None = None
 ) -> None:
@@ -87,6 +118,7 @@ class RunStaging:
         recover(self.experiment_path)
         self.root = exports.tmp_sibling(self.experiment_path / _NAME, "staging")
         self.root.mkdir()
+        self._published = False
 
     def __enter__(self) -> RunStaging:
         return self
@@ -95,7 +127,13 @@ class RunStaging:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         ahead.discard(self.root)  # no file is made in it any more
-        shutil.rmtree(self.root, ignore_errors=True)
+        if (self.root / MANIFEST).exists() and not self._published:
+            # some entries are published, the others only here: the next run finishes the moves
+            log.error(
+                "%s: publication stopped midway; the next run into it completes it", self.experiment_path
+            )
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
         if isinstance(error, exports.OutputWriteError):
             message = str(error).replace(str(self.root), str(self.experiment_path))
             raise exports.OutputWriteError(error.errno, message) from error
@@ -123,7 +161,9 @@ class RunStaging:
                 "entries": [str(e) for e in entries],
                 "patches": {str(f): n for f, n in patches.items()},
             }
-            exports.write_bytes_atomic(self.root / MANIFEST, json.dumps(manifest).encode())
-            _move_all(self.root, self.experiment_path, entries, patches)
+            with _interrupts_held():
+                exports.write_bytes_atomic(self.root / MANIFEST, json.dumps(manifest).encode())
+                _move_all(self.root, self.experiment_path, entries, patches)
+                self._published = True
 
         exports.writing(self.experiment_path, publish)

@@ -125,3 +125,54 @@ def test_patched_folder_is_updated_file_by_file_and_a_killed_patch_is_finished(t
         }
         assert (shards / "D.csv").stat().st_ino == kept
         assert not list(root.glob(".run.*"))
+
+
+def _new_tree(tmp_path: Path) -> dict[str, str]:
+    expected = tmp_path.parent / f"{tmp_path.name}-expected"
+    _write_set(expected, "new")
+    return tree(expected)
+
+
+def test_ctrl_c_between_two_moves_of_the_publication__every_entry_published_then_interrupted(
+    tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    _write_set(tmp_path, "old")
+    moves, swap_in = [], exports.swap_in
+
+    def interrupted_swap(staged, target):  # the user's Ctrl-C lands after the first move
+        moves.append(target)
+        if len(moves) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return swap_in(staged, target)
+
+    monkeypatch.setattr(exports, "swap_in", interrupted_swap)
+    with pytest.raises(KeyboardInterrupt), RunStaging(tmp_path) as run:
+        _write_set(run.root, "new")
+        run.publish(ENTRIES)
+    assert len(moves) == len(ENTRIES)
+    assert tree(tmp_path) == _new_tree(tmp_path)
+    assert hidden(tmp_path) == []
+
+
+def test_move_refused_midway_through_the_publication__the_next_run_completes_it(tmp_path, monkeypatch):
+    _write_set(tmp_path, "old")
+    moves, swap_in = [], exports.swap_in
+
+    def refused_second(staged, target):
+        moves.append(target)
+        if len(moves) == 2:
+            raise OSError(5, "Input/output error")
+        return swap_in(staged, target)
+
+    monkeypatch.setattr(exports, "swap_in", refused_second)
+    with pytest.raises(OSError), RunStaging(tmp_path) as run:
+        _write_set(run.root, "new")
+        run.publish(ENTRIES)
+    assert len(hidden(tmp_path)) == 1  # the staging folder, its manifest with it, is kept
+    monkeypatch.setattr(exports, "swap_in", swap_in)
+    recover(tmp_path)  # as the next run starts
+    assert tree(tmp_path) == _new_tree(tmp_path)
+    assert hidden(tmp_path) == []

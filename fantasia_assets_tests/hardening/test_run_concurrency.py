@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -169,3 +170,52 @@ def test_two_lookups_with_different_queries_into_one_experiment_path__one_waits_
     assert shards[0] == shards[1]
     assert len(accessions) <= len(shards[0])
     assert hidden(experiment) == []
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""
+# a run whose SIGINT the kernel hands to another thread than the main one (torch's, the start-up
+# reads'): the main thread blocks the signal, so only the idle thread can receive it
+_WAITER = """
+import signal, sys, threading, time
+from fantasia_assets.core.locks import experiment_lock
+threading.Thread(target=time.sleep, args=(120,), daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+try:
+    with experiment_lock(sys.argv[1], probe=False):
+        print("locked", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_waiting_for_another_runs_experiment_path__ends_at_once(tmp_path):
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", _WAITER, str(folder)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            line = waiter.stderr.readline()  # the warning logged as the wait starts
+            assert "waiting for it to finish" in line, line
+            time.sleep(0.5)
+            waiter.send_signal(signal.SIGINT)
+            out, _ = waiter.communicate(timeout=20)  # a blocking flock() never returned: a timeout
+            assert waiter.returncode == 130 and out.strip() == "interrupted"
+        finally:
+            waiter.kill()
+            waiter.wait()
+    finally:
+        holder.kill()
+        holder.wait()
