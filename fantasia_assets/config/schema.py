@@ -153,6 +153,14 @@ class _LookupSection(_Section):
     redundancy: _RedundancySection = _RedundancySection()
     taxonomy: _TaxonomySection = _TaxonomySection()
 
+    @model_validator(mode="after")
+    def _screening_of_the_backend(self) -> _LookupSection:
+        # refused as the file is read: an incremental re-run that searches nothing, or the
+        # Dagster sensor (a setting of speed), would otherwise meet it only at some later search
+        if self.screening == "bf16" and self.backend != "torch":
+            raise _problem("screening", f"'bf16' needs lookup.backend 'torch', not {self.backend!r}")
+        return self
+
 
 # min/max/mean of a raw column (SPEC §4.2); "avg" is the original's word for mean
 _AGGREGATION_WORDS = ("min", "max", "mean", "avg")
