@@ -155,3 +155,29 @@ def test_instance_configuration_of_the_project__frees_a_killed_runs_pool_slot():
     with dg.instance_for_test(overrides=config) as instance:
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 30
+
+
+def test_cursor_cleared_then_the_same_change_again__a_new_run_key_never_skipped_as_run():
+    scored = _config(scoring=ScoringSettings(ontology=Path("go-basic.obo")))
+    _, first = _ticks([_State(), _State(config=scored)])
+    # the cursor cleared in the UI: the next tick records, and the same change comes again
+    _, again = _ticks([_State(), _State(config=scored)])
+    keys = [r.run_key for r in (*first.run_requests, *again.run_requests)]
+    assert len(keys) == 2 and keys[0] != keys[1]
+
+
+def test_daily_backstop_with_an_unreadable_configuration__skips_naming_the_problem(tmp_path, monkeypatch):
+    from fantasia_assets.defs.automation import daily_backstop
+    from fantasia_assets.defs.resources import LookupSettings, ReferenceDatabase
+
+    broken = tmp_path / "config.yaml"
+    broken.write_text("experiment_path: [oops\n")
+    monkeypatch.setenv("FANTASIA_CONFIG", str(broken))
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(
+            instance=instance,
+            resources={"settings": LookupSettings(config_path=str(broken)), "database": ReferenceDatabase()},
+        )
+        result = daily_backstop.evaluate_tick(context)
+    assert not result.run_requests
+    assert "inputs not readable now" in result.skip_message and str(broken) in result.skip_message

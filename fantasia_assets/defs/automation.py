@@ -14,12 +14,14 @@ leave the dropped partition out. When the configuration names a FASTA query file
 missing or stale, the tick requests `query_embeddings_job` first (`embedding_request`).
 `lookup_summary`, `topgo_ensemble` and `predictions` follow by their eager automation condition.
 
-Run keys carry a change counter kept in the cursor: a state seen before (annotations deleted,
-restored, then deleted again give the same fingerprint twice) is a new change, never a run
-that Dagster skips as already requested.
+Run keys carry a change counter kept in the cursor, and the cursor's own random id: a state seen
+before (annotations deleted, restored, then deleted again give the same fingerprint twice), or
+after the cursor was cleared, is a new change, never a run that Dagster skips as already
+requested.
 """
 
 import json
+import uuid
 
 import dagster as dg
 
@@ -81,6 +83,9 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
     changed: list[str] = []
     events: list[dg.AssetObservation] = []
     generation = previous.get("generation", 0) if previous else 0
+    # the cursor's own id: a cursor cleared (UI, `dagster sensor cursor --delete`) restarts the
+    # counter, and without it a later change could repeat a run key Dagster already ran, and skip it
+    epoch = (previous or {}).get("epoch") or uuid.uuid4().hex[:12]
     if previous is None:  # record the versions the UI shows; compute nothing
         events = [
             dg.AssetObservation(asset_key=reference_set.key, partition=key, tags={DATA_VERSION_TAG: version})
@@ -115,7 +120,7 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
         dg.RunRequest(
             job_name=partition_job.name,
             partition_key=key,
-            run_key=f"{key}:{generation}:{versions[key]}:{query_version}:{config_version}",
+            run_key=f"{key}:{epoch}.{generation}:{versions[key]}:{query_version}:{config_version}",
             tags={"fantasia/trigger": "reference, query or configuration change"},
         )
         for key in changed
@@ -125,7 +130,7 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
             0,
             dg.RunRequest(
                 job_name=shared_inputs_job.name,
-                run_key=f"shared:{generation}:{json.dumps(versions, sort_keys=True)}:{query_version}",
+                run_key=f"shared:{epoch}.{generation}:{json.dumps(versions, sort_keys=True)}:{query_version}",
             ),
         )
     if outputs_only:  # nothing to re-compute, but the outputs show dropped partitions or old settings
@@ -134,7 +139,7 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
         runs.append(
             dg.RunRequest(
                 job_name=outputs_job.name,
-                run_key=f"outputs:{generation}:{','.join(dropped)}:{outputs_version}",
+                run_key=f"outputs:{epoch}.{generation}:{','.join(dropped)}:{outputs_version}",
                 tags={"fantasia/trigger": "; ".join(reasons)},
             )
         )
@@ -147,6 +152,7 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
                 "search_config": config_version,
                 "outputs_config": outputs_version,
                 "generation": generation,
+                "epoch": epoch,
             },
             sort_keys=True,
         ),
@@ -261,9 +267,17 @@ def stale_partitions(instance: dg.DagsterInstance, state: LookupState) -> list[s
 def daily_backstop(
     context: dg.ScheduleEvaluationContext, settings: LookupSettings, database: ReferenceDatabase
 ):
-    state = LookupState.open(settings, database)
-    for key in stale_partitions(context.instance, state):
-        yield dg.RunRequest(partition_key=key, run_key=f"backstop:{context.scheduled_execution_time}:{key}")
+    try:
+        stale = stale_partitions(context.instance, LookupState.open(settings, database))
+    except (FantasiaError, dg.Failure) as error:  # a configuration being edited, a database restart
+        text = getattr(error, "description", None) or str(error) or type(error).__name__
+        return dg.SkipReason(
+            f"inputs not readable now, looking again at the next tick: {text.splitlines()[0]}"
+        )
+    return [
+        dg.RunRequest(partition_key=key, run_key=f"backstop:{context.scheduled_execution_time}:{key}")
+        for key in stale
+    ]
 
 
 output_automation = dg.AutomationConditionSensorDefinition(
