@@ -69,14 +69,17 @@ def search_key(
 def settings_hash(config: LookupConfig) -> str:
     """The configuration's hash, wherever its outputs go: the state of an experiment_path copied
     or moved elsewhere stays valid, and equals a fresh run's there. Settings of speed alone are
-    left out (`config.SPEED_SETTINGS`): changing one rebuilds nothing."""
-    return dataclasses.replace(config, experiment_path=Path("experiment_path")).results_fingerprint()
+    left out (`config.SPEED_SETTINGS`): changing one rebuilds nothing; so are those of the run-wide
+    outputs alone (summary.csv and predictions.tsv are rebuilt by `run.json`'s own record)."""
+    neutral = dataclasses.replace(config, experiment_path=Path("experiment_path"))
+    return neutral.results_fingerprint(partition=True)
 
 
 def outputs_hash(config: LookupConfig) -> str:
+    """The settings of one partition's outputs (`incremental_write.outputs_hash`)."""
     from .incremental_write import outputs_hash as of
 
-    return of(config)
+    return of(config, partition=True)
 
 
 def query_digests(queries: QuerySet, rows: np.ndarray, vectors: np.ndarray) -> list[bytes]:

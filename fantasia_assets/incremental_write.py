@@ -51,15 +51,16 @@ RUN_FORMAT = f"incremental-outputs-2|{writers.OUTPUT_FORMAT_VERSION}|{CODE_VERSI
 SCRATCH = ".incremental"  # under the staging root: subsets built there, never published
 
 
-def outputs_hash(config: LookupConfig) -> str:
+def outputs_hash(config: LookupConfig, partition: bool = False) -> str:
     """The settings the outputs read beyond the neighbours: the query file is not one of them
     (queries are compared by digest, shard names one by one), nor are the settings of speed
-    alone; with the version of the code that builds raw rows."""
+    alone; with the version of the code that builds raw rows. With `partition`, those of one
+    partition's outputs (raw rows, shards, TopGO files: not summary or scoring settings)."""
     import dataclasses
 
     neutral = Path("path")
     settings = dataclasses.replace(config, experiment_path=neutral, embeddings_path=neutral)
-    return f"{settings.results_fingerprint()}|{RAW_ROWS_CODE_VERSION}"
+    return f"{settings.results_fingerprint(partition=partition)}|{RAW_ROWS_CODE_VERSION}"
 
 
 class OutputUpdates:
@@ -76,6 +77,7 @@ class OutputUpdates:
         # shard folders published file by file (`RunStaging.publish`): folder → names removed
         self.patches: dict[Path, list[str]] = {}
         self.outputs = outputs_hash(config)
+        self.partition_outputs = outputs_hash(config, partition=True)
         self._with_state: set[str] = set()  # partitions whose state is staged (not per-aspect)
         self._rebuilt_rows = 0  # raw rows rebuilt by the partitions written incrementally
         # the line index and digest of every file written, by relative path; one dict per stage
@@ -267,7 +269,7 @@ class OutputUpdates:
             return "FANTASIA-compatible outputs are rebuilt in full"
         if "raw" not in state.meta.get("outputs", {}):
             return "the stored state does not vouch for the raw rows"
-        if state.meta.get("outputs_config") != self.outputs:
+        if state.meta.get("outputs_config") != self.partition_outputs:
             return "output settings changed"
         extras = self._stored_extras(partition)
         if extras is None:

@@ -210,6 +210,10 @@ def test_queries_added_removed_changed_and_settings(engine, tmp_path):
     _, update = _run(raw, engine)  # settings of speed alone: nothing searched or rebuilt
     assert update.kind == "unchanged" and update.searched == 0, update
     assert update.details.get("outputs_rebuilt", 0) == 0, update.details
+    raw["postprocess"].setdefault("summary", {})["weighted_prefix"] = "wt_"  # run-wide outputs alone
+    _, update = _run(raw, engine)  # the partitions' outputs stand; summary.csv is rebuilt
+    assert update.kind == "unchanged" and update.details.get("outputs_rebuilt", 0) == 0, update
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
     raw["lookup"]["limit_per_entry"] = 3  # changes the search
     _, update = _run(raw, engine)
     assert update.kind == "full" and update.reason == "search settings changed: k"
