@@ -181,3 +181,19 @@ def test_daily_backstop_with_an_unreadable_configuration__skips_naming_the_probl
         result = daily_backstop.evaluate_tick(context)
     assert not result.run_requests
     assert "inputs not readable now" in result.skip_message and str(broken) in result.skip_message
+
+
+def test_scorer_trained_again_at_the_same_path__only_the_outputs_are_rebuilt(tmp_path):
+    import os
+
+    model = tmp_path / "model.pkl"  # missing at first: the run of that change failed
+    scored = _config(scoring=ScoringSettings(ontology=Path("go-basic.obo"), model=model))
+    _, set_, quiet = _ticks([_State(), _State(config=scored), _State(config=scored)])
+    assert [r.job_name for r in set_.run_requests] == [outputs_job.name] and not quiet.run_requests
+    cursor = quiet.cursor
+    for content in (b"trained", b"trained again"):  # written where it was missing, then replaced
+        model.write_bytes(content)
+        os.utime(model, ns=(len(content), len(content)))
+        result = evaluate_changes(_State(config=scored), cursor, {"NEAR|layer_0", "NEAR|layer_1"})
+        assert [r.job_name for r in result.run_requests] == [outputs_job.name], content
+        cursor = result.cursor

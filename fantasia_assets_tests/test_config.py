@@ -139,7 +139,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("lookup.limit_per_entry", 100_000, "lookup.limit_per_entry"),
         ("lookup.lookup_cache_max", -1, "lookup.lookup_cache_max"),
         ("lookup.screening", "fp16", "lookup.screening"),
-        ("lookup", {"screening": "bf16", "backend": "scipy"}, "lookup.screening: 'bf16' needs lookup.backend"),
+        (
+            "lookup",
+            {"screening": "bf16", "backend": "scipy"},
+            "lookup.screening: 'bf16' needs lookup.backend",
+        ),
         ("limit_execution", 0, "limit_execution"),
     ],
 )

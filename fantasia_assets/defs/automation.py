@@ -5,8 +5,8 @@ query file's hash and the configuration's fingerprints each tick (cheap SQL, no 
 changed fingerprint records a new observation of `reference_set` for that partition and
 requests exactly that partition's re-computation; a changed query file or a changed setting of
 the partitions' results (a new experiment_path included) requests every partition; a changed
-setting of the run-wide outputs alone (`postprocess.summary`, `scoring`) requests only
-`lookup_outputs_job`; a setting of speed alone (`config.SPEED_SETTINGS`: backend, device,
+setting of the run-wide outputs alone (`postprocess.summary`, `scoring`, or the scoring files
+themselves, rewritten in place) requests only `lookup_outputs_job`; a setting of speed alone (`config.SPEED_SETTINGS`: backend, device,
 screening, batch and cache sizes, alignment threads) requests nothing. The first tick only
 records. It also keeps the dynamic partitions equal to the current (model, layer) pairs, and
 when one is dropped without any other change it requests the run-wide outputs, which then
@@ -20,7 +20,9 @@ after the cursor was cleared, is a new change, never a run that Dagster skips as
 requested.
 """
 
+import hashlib
 import json
+import os
 import uuid
 
 import dagster as dg
@@ -71,7 +73,7 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
     versions = state.versions()
     query_version = state.queries.content_hash  # hashed once, when the query catalogue was opened
     config_version = state.config.results_fingerprint(partition=True)
-    outputs_version = state.config.results_fingerprint()
+    outputs_version = outputs_fingerprint(state.config)
     previous = json.loads(cursor) if cursor else None
     outputs_changed = False
     partition_requests = []
@@ -162,6 +164,20 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
         if runs or partition_requests or events
         else "no reference, query or configuration change",
     )
+
+
+def outputs_fingerprint(config) -> str:
+    """The run-wide outputs' settings, and the files they read by path: a scorer trained again or
+    an ontology replaced at the same path changes predictions.tsv as a new path does, and a file
+    missing at one tick (a failed run) and present at the next is a change too."""
+    stamps = [config.results_fingerprint()]
+    for path in (config.scoring.ontology, config.scoring.model):
+        try:
+            status = os.stat(path)
+            stamps.append(f"{status.st_size}.{status.st_mtime_ns}.{status.st_ino}")
+        except (TypeError, OSError):  # not set, or not there
+            stamps.append("-")
+    return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
 
 
 def _config_changed(previous: dict, state: LookupState, version: str) -> bool:
