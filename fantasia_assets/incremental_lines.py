@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -167,3 +168,31 @@ def listing(folder: Path) -> list[str]:
         return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
     except OSError:
         return []
+
+
+def check_run_state(published: Path, path: Path, run_format: str, outputs: str):
+    """(state/run.json, the line indexes of the files it records) when every file it records
+    is still the one it recorded, with its line index intact; else why not."""
+    try:
+        state = json.loads((published / path).read_text())
+    except (OSError, ValueError):
+        return "no readable state/run.json"
+    if not isinstance(state, dict) or state.get("format") != run_format:
+        return "state/run.json is from another code version"
+    if state.get("outputs") != outputs or not isinstance(state.get("files"), dict):
+        return "state/run.json records other output settings"
+    files = state["files"]
+    # each partition's raw rows as run.json saw them: never trusted beside another run's states
+    for relative, recorded in [*files.items(), *state.get("raw", {}).items()]:
+        if io_.signature(published / relative) != recorded:
+            return f"{relative} is not the file the state recorded"
+    for folder in state.get("folders", []):  # no file added to a recorded folder since
+        listed = {str(Path(folder) / name) for name in listing(published / folder)}
+        if listed != {name for name in files if Path(name).parent == Path(folder)}:
+            return f"{folder} holds other files than the state recorded"
+    indexes = read_lines(published, state.get("lines"), state.get("digests"))
+    if isinstance(indexes, str):
+        return indexes
+    if set(indexes) != set(files):
+        return "the line indexes are not those of the recorded files"
+    return state, indexes

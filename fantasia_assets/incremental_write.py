@@ -16,7 +16,8 @@ Besides each partition's state (`core.incremental`), the run stages:
   digest of its annotation rows (what the next run compares after an annotation change);
 - ``state/{model}/{layer}/shards.parquet``: each shard's file name and (size, mtime, inode);
 - ``state/run.json``: the partitions, output settings and (size, mtime, inode) and SHA-256 of
-  summary.csv and every TopGO file, which a splice reads back;
+  summary.csv and every TopGO file, which a splice reads back, and the (size, mtime, inode) of
+  each partition's raw rows Parquet, so that it is never trusted beside another run's states;
 - ``state/lines.parquet``: where each accession's lines lie in those files (`incremental_lines`),
   so that a splice parses only the rebuilt lines.
 """
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +49,7 @@ from .core.timing import timed
 log = logging.getLogger(__name__)
 
 RUN_STATE = incremental.STATE_ROOT / "run.json"
-RUN_FORMAT = f"incremental-outputs-2|{writers.OUTPUT_FORMAT_VERSION}|{CODE_VERSION}"
+RUN_FORMAT = f"incremental-outputs-3|{writers.OUTPUT_FORMAT_VERSION}|{CODE_VERSION}"
 SCRATCH = ".incremental"  # under the staging root: subsets built there, never published
 
 
@@ -79,7 +81,8 @@ class OutputUpdates:
         self.outputs = outputs_hash(config)
         self.partition_outputs = outputs_hash(config, partition=True)
         self._with_state: set[str] = set()  # partitions whose state is staged (not per-aspect)
-        self._rebuilt_rows = 0  # raw rows rebuilt by the partitions written incrementally
+        self._rebuilt_rows: dict[str, int] = {}  # of the partitions written incrementally
+        self._widened = threading.Lock()  # `_splice_plan` widens the subsets once
         # the line index and digest of every file written, by relative path; one dict per stage
         # (the summary and the ensemble are written side by side)
         self._recorded: dict[str, dict[str, lines_.Recorded | None]] = {
@@ -95,35 +98,11 @@ class OutputUpdates:
     def _read_run_state(self) -> dict | None:
         """state/run.json when every file it records is still the one it recorded (and their
         line indexes are intact); else None, the reason logged."""
-        state = self._check_run_state()
-        if isinstance(state, str):
-            log.info("incremental outputs: %s", state)
+        checked = lines_.check_run_state(self.published, RUN_STATE, RUN_FORMAT, self.outputs)
+        if isinstance(checked, str):
+            log.info("incremental outputs: %s", checked)
             return None
-        return state
-
-    def _check_run_state(self) -> dict | str:
-        try:
-            state = json.loads((self.published / RUN_STATE).read_text())
-        except (OSError, ValueError):
-            return "no readable state/run.json"
-        if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
-            return "state/run.json is from another code version"
-        if state.get("outputs") != self.outputs or not isinstance(state.get("files"), dict):
-            return "state/run.json records other output settings"
-        files = state["files"]
-        for relative, recorded in files.items():
-            if io_.signature(self.published / relative) != recorded:
-                return f"{relative} is not the file the state recorded"
-        for folder in state.get("folders", []):  # no file added to a recorded folder since
-            listed = {str(Path(folder) / name) for name in _listing(self.published / folder)}
-            if listed != {name for name in files if Path(name).parent == Path(folder)}:
-                return f"{folder} holds other files than the state recorded"
-        indexes = lines_.read_lines(self.published, state.get("lines"), state.get("digests"))
-        if isinstance(indexes, str):
-            return indexes
-        if set(indexes) != set(files):
-            return "the line indexes are not those of the recorded files"
-        self._indexes = indexes
+        state, self._indexes = checked
         return state
 
     def annotation_digests(self, hits: pl.DataFrame) -> pl.DataFrame:
@@ -250,7 +229,7 @@ class OutputUpdates:
         details = self.updates.updates[partition.key].details
         details["outputs_rebuilt"] = len(affected & current)  # removed queries' outputs are not rebuilt
         details["outputs_removed"] = len(affected - current)
-        self._rebuilt_rows += raw_sub.height
+        self._rebuilt_rows[partition.key] = raw_sub.height
         return raw, {}
 
     def _stage_digests(self, root: Path, partition: Partition, outcome: SearchOutcome, digests) -> None:
@@ -369,8 +348,10 @@ class OutputUpdates:
             pl.DataFrame(rows, schema=io_.SHARDS, orient="row"),
         )
 
-    def _splice_plan(self, partitions: list[Partition]) -> tuple[str | None, set[str]]:
-        """(why the run-wide files cannot be spliced, or None; the accessions rebuilt)."""
+    def _splice_plan(self, root: Path, partitions: list[Partition]) -> tuple[str | None, set[str]]:
+        """(why the run-wide files cannot be spliced, or None; the accessions rebuilt). Every
+        partition's scratch rows then hold all of them: a rebuilt summary or ensemble line of an
+        accession aggregates its rows in every partition, not only where it was rebuilt."""
         subsets = [self.subset.get(p.key) for p in partitions]
         state = self._run_state
         if any(s is None for s in subsets):
@@ -379,14 +360,23 @@ class OutputUpdates:
             return "no usable run state (state/run.json)", set()
         if state.get("partitions") != [p.key for p in partitions] or state.get("topgo") != self.config.topgo:
             return "other partitions", set()
-        return None, set().union(*subsets)
+        affected = set().union(*subsets)
+        with self._widened:  # the summary and the ensemble are written side by side
+            for partition in partitions:
+                if self.subset[partition.key] != affected:
+                    whole = pl.read_parquet(partition_paths(root, partition)["raw"])
+                    rows = whole.filter(pl.col("accession").is_in(list(affected)))
+                    writers.write_raw_rows(root / SCRATCH, partition, rows)
+                    self._rebuilt_rows[partition.key] = rows.height
+                    self.subset[partition.key] = affected
+        return None, affected
 
     def write_summary(self, root: Path, partitions: list[Partition]) -> SummaryFile:
         """summary.csv under `root`: the previous one spliced with the rebuilt accessions' rows
         when every partition was written incrementally, else written whole."""
         config = self.config
-        why, affected = self._splice_plan(partitions)
-        if why is None and affected and self._rebuilt_rows == 0:
+        why, affected = self._splice_plan(root, partitions)
+        if why is None and affected and not any(self._rebuilt_rows.values()):
             # the rebuilt accessions lost every row: whether a partition's columns stay in the
             # summary then depends on the other accessions' rows, which a splice does not read
             why = "the rebuilt accessions have no rows left"
@@ -417,7 +407,7 @@ class OutputUpdates:
 
     def write_ensemble(self, root: Path, partitions: list[Partition]) -> None:
         """The TopGO ensemble under `root`, spliced like summary.csv."""
-        why, affected = self._splice_plan(partitions)
+        why, affected = self._splice_plan(root, partitions)
         if why is None:
             scratch = root / SCRATCH
             if affected:
@@ -457,7 +447,7 @@ class OutputUpdates:
         )
         files = {str(SUMMARY): io_.signature(root / SUMMARY)}
         for folder in folders:
-            for name in _listing(root / folder):
+            for name in lines_.listing(root / folder):
                 files[str(folder / name)] = io_.signature(root / folder / name)
         state = {
             "format": RUN_FORMAT,
@@ -466,6 +456,10 @@ class OutputUpdates:
             "topgo": self.config.topgo,
             "folders": [str(f) for f in folders],
             "files": files,
+            "raw": {
+                str(f): io_.signature(root / f)
+                for f in (partition_paths(Path(), p)["raw"] for p in partitions)
+            },
         }
         recorded = {file: kept for stage in self._recorded.values() for file, kept in stage.items()}
         indexed = {file: recorded.get(file) for file in files}
@@ -481,10 +475,3 @@ class OutputUpdates:
 def _spill(root: Path, name: str) -> Path:
     """DuckDB's scratch folder for one connection (created and removed by it), in the staging."""
     return root / SCRATCH / f"duckdb-{name}"
-
-
-def _listing(folder: Path) -> list[str]:
-    try:
-        return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
-    except OSError:
-        return []

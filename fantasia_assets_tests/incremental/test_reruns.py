@@ -445,7 +445,7 @@ def test_untrusted_line_indexes_rebuild_the_files_whole(engine, tmp_path, caplog
 
     def other_version() -> None:
         meta = json.loads(state.read_text())
-        meta["format"] = meta["format"].replace("incremental-outputs-2", "incremental-outputs-1")
+        meta["format"] = meta["format"].replace("incremental-outputs-3", "incremental-outputs-2")
         state.write_text(json.dumps(meta))
 
     cases = [
@@ -494,3 +494,48 @@ def test_state_of_code_that_aligned_otherwise__its_alignments_are_not_reused(eng
     _, update = _run(raw, engine)
     assert preloaded == [] and update.searched == 0, update
     _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def _one_vector_changed_in_layer_0(tmp_path: Path, name: str = "second.h5") -> Path:
+    """The sample queries with one query's NEAR layer-0 vector reversed, its layer 1 as it was."""
+    queries = _names(SAMPLE / "queries.h5")
+    with h5py.File(SAMPLE / "queries.h5") as handle:
+        moved = {
+            queries[4]: {
+                "type_1/layer_0/embedding": handle[queries[4]]["type_1/layer_0/embedding"][()][::-1].copy()
+            }
+        }
+    return _subset_h5(SAMPLE / "queries.h5", tmp_path / name, queries, moved)
+
+
+def test_query_rebuilt_in_one_layer_only__its_ensemble_and_summary_lines_hold_every_layer(engine, tmp_path):
+    """The spliced ensemble and summary lines of an accession rebuilt in one partition were built
+    from that partition's rows alone: its ensemble lines were layer 0's TopGO lines."""
+    _load(engine, REFS)
+    layers = {"embedding.models.NEAR.layer_index": [0, 1]}
+    _run(_config(tmp_path, **layers), engine)
+    raw = _config(tmp_path, _one_vector_changed_in_layer_0(tmp_path), **layers)
+    result = run_lookup(parse_config(raw), engine)
+    assert result.updates["NEAR|layer_0"].searched == 1 and result.updates["NEAR|layer_1"].searched == 0
+    _assert_equals_fresh_full_run(raw, engine, tmp_path)
+
+
+def test_partition_state_of_a_later_run_beside_earlier_run_wide_files__rebuilt_not_spliced(engine, tmp_path):
+    """A publication stopped after one partition's state, Parquet and shards (a refused move)
+    leaves a run.json that vouches for the other files it recorded; it must not vouch for them."""
+    import shutil
+
+    _load(engine, REFS)
+    raw = _config(tmp_path, _one_vector_changed_in_layer_0(tmp_path))
+    first = _config(tmp_path)
+    _run(first, engine)
+    root = Path(first["experiment_path"])
+    earlier = tmp_path / "earlier"
+    shutil.copytree(root, earlier, copy_function=os.link)  # the same inodes, as renames keep them
+    _run(raw, engine, full=True)  # the later run, written whole: one query moved
+    for folder in ("state/NEAR/layer_0", "parquet/NEAR/layer_0", "raw_results/NEAR/layer_0"):
+        shutil.rmtree(earlier / folder)
+        shutil.copytree(root / folder, earlier / folder, copy_function=os.link)
+    mixed = {**raw, "experiment_path": str(earlier)}
+    _run(mixed, engine)
+    _assert_equals_fresh_full_run(mixed, engine, tmp_path)
