@@ -34,7 +34,7 @@ defs = dg.Definitions(
         cluster.partition_dask_job,
     ],
     sensors=[automation.reference_change_sensor, automation.output_automation],
-    schedules=[automation.daily_backstop],
+    schedules=[automation.daily_backstop, automation.daily_outputs_backstop],
     resources={
         **default_resources(),
         "truth": science.TruthAnnotations(gaf_paths=dg.EnvVar("FANTASIA_TRUTH")),

@@ -197,3 +197,24 @@ def test_scorer_trained_again_at_the_same_path__only_the_outputs_are_rebuilt(tmp
         result = evaluate_changes(_State(config=scored), cursor, {"NEAR|layer_0", "NEAR|layer_1"})
         assert [r.job_name for r in result.run_requests] == [outputs_job.name], content
         cursor = result.cursor
+
+
+def test_outputs_last_made_with_other_settings__the_outputs_backstop_rebuilds_them(tmp_path):
+    from fantasia_assets.defs.automation import daily_outputs_backstop, stale_outputs
+    from fantasia_assets.defs.outputs import lookup_summary
+    from fantasia_assets.defs.partitions import outputs_fingerprint
+    from fantasia_assets.defs.science import predictions
+
+    now = outputs_fingerprint(_config())
+    with dg.instance_for_test() as instance:
+        assert stale_outputs(instance, now) == []  # never made: their eager condition makes them
+        for asset, version in ((lookup_summary, now), (predictions, "made-before")):  # its run failed since
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset.key, metadata={"outputs_config_version": version})
+            )
+        assert stale_outputs(instance, now) == ["predictions"]
+        assert daily_outputs_backstop.job_name == outputs_job.name
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(predictions.key, metadata={"outputs_config_version": now})
+        )
+        assert stale_outputs(instance, now) == []

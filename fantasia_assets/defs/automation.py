@@ -20,9 +20,7 @@ after the cursor was cleared, is a new change, never a run that Dagster skips as
 requested.
 """
 
-import hashlib
 import json
-import os
 import uuid
 
 import dagster as dg
@@ -39,7 +37,7 @@ from .lookup import (
     topgo_exports,
 )
 from .outputs import lookup_summary, topgo_ensemble
-from .partitions import MODEL_LAYER, LookupState
+from .partitions import MODEL_LAYER, LookupState, outputs_fingerprint
 from .resources import LookupSettings, ReferenceDatabase
 from .science import predictions
 
@@ -166,20 +164,6 @@ def evaluate_changes(state: LookupState, cursor: str | None, known_partitions: s
     )
 
 
-def outputs_fingerprint(config) -> str:
-    """The run-wide outputs' settings, and the files they read by path: a scorer trained again or
-    an ontology replaced at the same path changes predictions.tsv as a new path does, and a file
-    missing at one tick (a failed run) and present at the next is a change too."""
-    stamps = [config.results_fingerprint()]
-    for path in (config.scoring.ontology, config.scoring.model):
-        try:
-            status = os.stat(path)
-            stamps.append(f"{status.st_size}.{status.st_mtime_ns}.{status.st_ino}")
-        except (TypeError, OSError):  # not set, or not there
-            stamps.append("-")
-    return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
-
-
 def _config_changed(previous: dict, state: LookupState, version: str) -> bool:
     """Whether a setting of the partitions' results changed since the cursor was written. A
     cursor of an earlier version holds the fingerprint of every setting (or none: recorded now,
@@ -286,14 +270,53 @@ def daily_backstop(
     try:
         stale = stale_partitions(context.instance, LookupState.open(settings, database))
     except (FantasiaError, dg.Failure) as error:  # a configuration being edited, a database restart
-        text = getattr(error, "description", None) or str(error) or type(error).__name__
-        return dg.SkipReason(
-            f"inputs not readable now, looking again at the next tick: {text.splitlines()[0]}"
-        )
+        return _unreadable(error)
     return [
         dg.RunRequest(partition_key=key, run_key=f"backstop:{context.scheduled_execution_time}:{key}")
         for key in stale
     ]
+
+
+def _unreadable(error: Exception) -> dg.SkipReason:
+    """A schedule's tick skipped on a configuration being edited or a database restart."""
+    text = getattr(error, "description", None) or str(error) or type(error).__name__
+    return dg.SkipReason(f"inputs not readable now, looking again at the next tick: {text.splitlines()[0]}")
+
+
+def stale_outputs(instance: dg.DagsterInstance, version: str) -> list[str]:
+    """The run-wide output assets whose last materialisation recorded other outputs' settings
+    than `version` (a `lookup_outputs_job` run that failed after an outputs-only change)."""
+    stale = []
+    for asset in (lookup_summary, predictions):
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset.key), limit=1).records
+        if records:  # never made: their eager automation condition makes them
+            made = records[0].asset_materialization.metadata.get("outputs_config_version")
+            if getattr(made, "value", None) != version:
+                stale.append(asset.key.to_user_string())
+    return stale
+
+
+@dg.schedule(
+    cron_schedule="30 4 * * *",
+    job=outputs_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily backstop of the run-wide outputs: rebuild summary.csv, the ensemble and "
+    "predictions.tsv when they were last made with other settings of theirs (a run that failed).",
+)
+def daily_outputs_backstop(
+    context: dg.ScheduleEvaluationContext, settings: LookupSettings, database: ReferenceDatabase
+):
+    try:
+        version = outputs_fingerprint(LookupState.open(settings, database).config)
+    except (FantasiaError, dg.Failure) as error:
+        return _unreadable(error)
+    stale = stale_outputs(context.instance, version)
+    if not stale:
+        return dg.SkipReason("the run-wide outputs were made with the current settings")
+    return dg.RunRequest(
+        run_key=f"outputs-backstop:{context.scheduled_execution_time}",
+        tags={"fantasia/trigger": f"made with other settings: {', '.join(stale)}"},
+    )
 
 
 output_automation = dg.AutomationConditionSensorDefinition(

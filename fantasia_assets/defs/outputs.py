@@ -14,7 +14,7 @@ from ..core.timing import timed
 from ..core.writers import OUTPUT_FORMAT_VERSION
 from .lookup import raw_result_shards
 from .metadata import best_predictions, files_version
-from .partitions import LookupState, partition_key, record_lineage
+from .partitions import LookupState, outputs_fingerprint, partition_key, record_lineage
 from .resources import LineageStore, LookupSettings, ReferenceDatabase
 
 
@@ -72,6 +72,7 @@ def lookup_summary(
             "removed_stale": dg.MetadataValue.json(
                 [str(f.relative_to(state.config.experiment_path)) for f in removed]
             ),
+            "outputs_config_version": outputs_fingerprint(state.config),  # `daily_outputs_backstop`
         },
     )
 

@@ -9,6 +9,7 @@ demo` (`demo.materialize_everything`) registers them before it materialises.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -131,3 +132,17 @@ def record_lineage(
         ),
     )
     return reference_version
+
+
+def outputs_fingerprint(config: LookupConfig) -> str:
+    """The run-wide outputs' settings, and the files they read by path: a scorer trained again or
+    an ontology replaced at the same path changes predictions.tsv as a new path does, and a file
+    missing at one tick (a failed run) and present at the next is a change too."""
+    stamps = [config.results_fingerprint()]
+    for path in (config.scoring.ontology, config.scoring.model):
+        try:
+            status = os.stat(path)
+            stamps.append(f"{status.st_size}.{status.st_mtime_ns}.{status.st_ino}")
+        except (TypeError, OSError):  # not set, or not there
+            stamps.append("-")
+    return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]

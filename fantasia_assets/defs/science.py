@@ -15,7 +15,7 @@ from ..core.scoring import PREDICTIONS_CODE_VERSION, run_predictions
 from ..core.timing import timed
 from .lookup import raw_result_shards
 from .outputs import lookup_summary, materialised, topgo_ensemble
-from .partitions import LookupState
+from .partitions import LookupState, outputs_fingerprint
 from .resources import LookupSettings, ReferenceDatabase
 
 
@@ -61,7 +61,10 @@ def predictions(context, settings: LookupSettings, database: ReferenceDatabase) 
         if earlier.is_file():  # it would not match the summary beside it any more (as the CLI's run)
             earlier.unlink()
             context.log.warning(f"removed {earlier}, written by an earlier run")
-        return dg.MaterializeResult(metadata={"written": False, "reason": reason})
+        version = outputs_fingerprint(state.config)
+        return dg.MaterializeResult(
+            metadata={"written": False, "reason": reason, "outputs_config_version": version}
+        )
     timings: dict[str, float] = {}
     with timed(timings, "predictions"):
         partitions = materialised(state)
@@ -78,6 +81,7 @@ def predictions(context, settings: LookupSettings, database: ReferenceDatabase) 
     return dg.MaterializeResult(
         metadata={
             "rows": frame.height,
+            "outputs_config_version": outputs_fingerprint(state.config),  # `daily_outputs_backstop`
             "scorer": str(state.config.scoring.model or "heuristic: identity-weighted neighbour votes"),
             "predictions": dg.MetadataValue.path(str(path)),
             "top": dg.MetadataValue.md(preview),
