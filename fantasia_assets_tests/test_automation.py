@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from fantasia_assets.config import LookupConfig, ModelConfig
+from fantasia_assets.config import LookupConfig, ModelConfig, RedundancyConfig
 from fantasia_assets.core.scoring import ScoringSettings
 from fantasia_assets.defs.automation import evaluate_changes, outputs_job, partition_job
 from fantasia_assets_tests.conftest import PROJECT
@@ -115,6 +115,7 @@ def test_cursor_of_an_earlier_version_with_every_setting_hashed__compared_on_eve
         {"lookup_cache_max": 0},
         {"alignment_threads": 1},
         {"models": (ModelConfig("NEAR", batch_size=3),)},
+        {"redundancy": RedundancyConfig(identity=0.0, coverage=0.5, threads=1)},  # masking off
     ],
     ids=lambda changes: next(iter(changes)),
 )

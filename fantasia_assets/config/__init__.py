@@ -99,6 +99,8 @@ class LookupConfig:
             del values[key]
         for model in values["models"]:
             del model["batch_size"]
+        if self.redundancy.identity <= 0:  # masking off: its coverage and threads decide nothing
+            values["redundancy"] = "off"
         return _digest(values)
 
 
