@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,8 @@ class OutputUpdates:
         self.partition_outputs = outputs_hash(config, partition=True)
         self._with_state: set[str] = set()  # partitions whose state is staged (not per-aspect)
         self._rebuilt_rows: dict[str, int] = {}  # of the partitions written incrementally
+        self._staged: list[Path] = []  # the run-wide state files `stage` wrote, for `publish`
+        self._partitions: list[Partition] | None = None  # set by `stage`
         self._widened = threading.Lock()  # `_splice_plan` widens the subsets once
         # the line index and digest of every file written, by relative path; one dict per stage
         # (the summary and the ensemble are written side by side)
@@ -438,6 +441,7 @@ class OutputUpdates:
     def stage(self, root: Path, partitions: list[Partition]) -> list[Path]:
         """Write state/run.json under `root` (the signatures and digests of the files a splice
         reads back) and state/lines.parquet (their line indexes)."""
+        self._staged, self._partitions = [], partitions
         if not any(p.key in self._with_state for p in partitions):
             return []  # per-aspect searches keep no state: the next run is a full one
         folders = (
@@ -469,7 +473,26 @@ class OutputUpdates:
             state["lines"] = lines_.write_lines(root, indexed)
             entries.append(lines_.LINES_STATE)
         exports.write_bytes_atomic(root / RUN_STATE, json.dumps(state, sort_keys=True).encode())
+        self._staged = entries
         return entries
+
+    def publish(self, staging, entries: list[Path]) -> None:
+        """Publish the run, then remove the state of earlier runs it did not write (per-aspect
+        partitions keep none, FANTASIA-compatible outputs no line index): never trusted again, it
+        would only be read, and named as the reason of the next full run."""
+        staging.publish(entries, self.patches)
+        if self._partitions is None:
+            return
+        stale = [self.published / incremental.state_dir(p) for p in self._partitions]
+        stale = [
+            path for path, p in zip(stale, self._partitions, strict=True) if p.key not in self._with_state
+        ]
+        for path in stale + [
+            self.published / f for f in (RUN_STATE, lines_.LINES_STATE) if f not in self._staged
+        ]:
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                log.info("removed %s: state of an earlier run that this one does not keep", path)
 
 
 def _spill(root: Path, name: str) -> Path:

@@ -481,7 +481,7 @@ def _run_lookup(
             )  # fmt: skip
         entries += [path.relative_to(root) for path in predicted.values()]
         with timed(timings, "publish"):
-            staging.publish(entries, output_updates.patches)
+            output_updates.publish(staging, entries)  # and the state it no longer keeps removed
     base = config.experiment_path
     record_run_lineage(
         config, queries, partitions, reports, fingerprints, annotation_version, written["summary"], timings

@@ -539,3 +539,21 @@ def test_partition_state_of_a_later_run_beside_earlier_run_wide_files__rebuilt_n
     mixed = {**raw, "experiment_path": str(earlier)}
     _run(mixed, engine)
     _assert_equals_fresh_full_run(mixed, engine, tmp_path)
+
+
+@pytest.mark.parametrize("setting", ["lookup.per_aspect", "postprocess.fantasia_compat"])
+def test_run_that_keeps_less_state_than_the_one_before__the_earlier_state_removed(engine, tmp_path, setting):
+    """A per-aspect search keeps no partition state and FANTASIA-compatible outputs no line
+    index: the earlier run's were left in place, then read and named as a failed run's."""
+    _load(engine, REFS)
+    _run(_config(tmp_path), engine)
+    keyed = _config(tmp_path)
+    section, key = setting.split(".")
+    keyed[section][key] = True
+    _run(keyed, engine)
+    fresh = {**keyed, "experiment_path": str(tmp_path / "fresh")}
+    _run(fresh, engine)
+    assert _digests(Path(keyed["experiment_path"])) == _digests(tmp_path / "fresh")  # state/ included
+    _, update = _run(_config(tmp_path), engine)  # off again
+    assert "failed part-way" not in (update.reason or ""), update
+    _assert_equals_fresh_full_run(_config(tmp_path), engine, tmp_path)
