@@ -367,8 +367,8 @@ class OutputUpdates:
         with self._widened:  # the summary and the ensemble are written side by side
             for partition in partitions:
                 if self.subset[partition.key] != affected:
-                    whole = pl.read_parquet(partition_paths(root, partition)["raw"])
-                    rows = whole.filter(pl.col("accession").is_in(list(affected)))
+                    whole = pl.scan_parquet(partition_paths(root, partition)["raw"])
+                    rows = whole.filter(pl.col("accession").is_in(list(affected))).collect()
                     writers.write_raw_rows(root / SCRATCH, partition, rows)
                     self._rebuilt_rows[partition.key] = rows.height
                     self.subset[partition.key] = affected
@@ -483,13 +483,9 @@ class OutputUpdates:
         staging.publish(entries, self.patches)
         if self._partitions is None:
             return
-        stale = [self.published / incremental.state_dir(p) for p in self._partitions]
-        stale = [
-            path for path, p in zip(stale, self._partitions, strict=True) if p.key not in self._with_state
-        ]
-        for path in stale + [
-            self.published / f for f in (RUN_STATE, lines_.LINES_STATE) if f not in self._staged
-        ]:
+        unkept = [incremental.state_dir(p) for p in self._partitions if p.key not in self._with_state]
+        unkept += [f for f in (RUN_STATE, lines_.LINES_STATE) if f not in self._staged]
+        for path in (self.published / relative for relative in unkept):
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 log.info("removed %s: state of an earlier run that this one does not keep", path)

@@ -52,12 +52,10 @@ def remove_stale_partitions(
     the run wrote none (it would not match the summary beside it), and the whole `topgo` folder
     when the run writes no TopGO files (`lookup.topgo: false`); returns what was removed."""
     folder = Path(experiment_path) / "topgo"
-    if not topgo and folder.is_dir():
+    removed_topgo = [folder] if not topgo and folder.is_dir() else []
+    for folder in removed_topgo:
         shutil.rmtree(folder)
         log.warning("removed %s: this run writes no TopGO files (lookup.topgo is false)", folder)
-        removed_topgo = [folder]
-    else:
-        removed_topgo = []
     removed = stale_partition_dirs(experiment_path, current)
     predictions = Path(experiment_path) / "predictions.tsv"
     if not predictions_written and predictions.is_file():

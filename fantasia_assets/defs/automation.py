@@ -6,9 +6,9 @@ changed fingerprint records a new observation of `reference_set` for that partit
 requests exactly that partition's re-computation; a changed query file or a changed setting of
 the partitions' results (a new experiment_path included) requests every partition; a changed
 setting of the run-wide outputs alone (`postprocess.summary`, `scoring`, or the scoring files
-themselves, rewritten in place) requests only `lookup_outputs_job`; a setting of speed alone (`config.SPEED_SETTINGS`: backend, device,
-screening, batch and cache sizes, alignment threads) requests nothing. The first tick only
-records. It also keeps the dynamic partitions equal to the current (model, layer) pairs, and
+themselves, rewritten in place) requests only `lookup_outputs_job`; a setting of speed alone
+(`config.SPEED_SETTINGS`: backend, device, screening, batch and cache sizes, alignment threads;
+the redundancy settings while masking is off) requests nothing. The first tick only records. It also keeps the dynamic partitions equal to the current (model, layer) pairs, and
 when one is dropped without any other change it requests the run-wide outputs, which then
 leave the dropped partition out. When the configuration names a FASTA query file whose HDF5 is
 missing or stale, the tick requests `query_embeddings_job` first (`embedding_request`).
