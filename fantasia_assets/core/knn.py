@@ -90,6 +90,8 @@ _SCREEN_MARGIN = {"fp32": 8, "half": 32}
 _MARGIN_GROWTH = 4
 # (query, candidate) pairs refined per chunk: their float64 rows (2 MiB at 1,024 dims) stay in cache
 _REFINE_PAIRS = 256
+# a GPU's refinement step: float64 candidate and query rows of at most this many bytes each
+_DEVICE_REFINE_BYTES = 2**28
 _MIN_QUERY_BLOCK = 256  # rows per product below which GEMMs lose efficiency
 # Working bytes per (query, reference) pair of a screening block: the product plus selection
 # workspace (argpartition's int64 positions; cdist's float64 values and argsort's int64 order).
@@ -196,7 +198,7 @@ class SearchEngine:
         """
         n_references, dim = self._built().shape
         n_queries, k, indptr, excluded, q32, q_sq_norms = search_arguments(
-            queries, k, threshold, exclude, n_references, dim, self.metric
+            queries, k, threshold, exclude, n_references, dim, self.metric, torch.get_num_threads()
         )
         if knn_admission.applies(self):
             blocks, workers = knn_admission.query_blocks(self, n_queries)
@@ -344,28 +346,33 @@ class SearchEngine:
         and fold the score's arithmetic into the matrix product. cdist returns the score itself
         (offset 0).
         """
-        exact = torch.from_numpy(q32).to(self.device, torch.float64)
         centred_norms = np.sqrt(q_sq_norms)
-        if self.metric == "cosine":
-            inverse = inverse_norms(q_sq_norms)
-            exact *= torch.from_numpy(inverse).to(self.device)[:, None]
-            prepared = q32 * inverse.astype(np.float32)[:, None]
-            offsets = np.zeros(len(q32)) if self.backend == "scipy" else np.ones(len(q32))
-            if self.backend != "scipy":
-                prepared = -prepared
-        elif self.backend == "scipy":
-            prepared, offsets = q32, np.zeros(len(q32))
+        if self.backend == "torch":  # element-wise on the device: the bits numpy's would have
+            rows = torch.from_numpy(q32).to(self.device)
+            exact = rows.double()
+            if self.metric == "cosine":
+                scale = torch.from_numpy(inverse_norms(q_sq_norms)).to(self.device)
+                exact *= scale[:, None]
+                prepared, offsets = (rows * scale.float()[:, None]).neg_(), np.ones(len(q32))
+            else:
+                if self._references.centre is not None:
+                    rows = rows - self._references.centre
+                    q_sq_norms = rows.double().square().sum(1).cpu().numpy()
+                    centred_norms = np.sqrt(q_sq_norms)
+                prepared, offsets = -2 * rows, q_sq_norms
         else:
-            centred = torch.from_numpy(q32).to(self.device)
-            if self._references.centre is not None:
-                centred = centred - self._references.centre
-                q_sq_norms = centred.double().square().sum(1).cpu().numpy()
-                centred_norms = np.sqrt(q_sq_norms)
-            prepared, offsets = -2 * centred, q_sq_norms
-        if self.backend == "numpy":
-            prepared = np.asarray(prepared)
-        elif self.backend == "torch":
-            prepared = torch.as_tensor(prepared).to(self.device)
+            exact = torch.from_numpy(q32).to(self.device, torch.float64)
+            if self.metric == "cosine":
+                inverse = inverse_norms(q_sq_norms)
+                exact *= torch.from_numpy(inverse).to(self.device)[:, None]
+                prepared = q32 * inverse.astype(np.float32)[:, None]
+                offsets = np.zeros(len(q32)) if self.backend == "scipy" else np.ones(len(q32))
+                if self.backend != "scipy":
+                    prepared = -prepared
+            elif self.backend == "scipy":
+                prepared, offsets = q32, np.zeros(len(q32))
+            else:
+                prepared, offsets = -2 * q32, q_sq_norms
         operands, stats = screen.to_operands(torch.as_tensor(prepared), self.arithmetic)
         stats.update(offset=offsets, centred_norm=centred_norms)
         bounds = screening_error_bound(self.metric, self.dim, self.arithmetic, stats, self._references.stats)
@@ -462,17 +469,33 @@ class SearchEngine:
             return torch.from_numpy(
                 self._refine_on_host(exact_queries.numpy(), indices.numpy(), admissible.numpy())
             )
+        return self._refine_on_device(exact_queries, indices, admissible, self._device_refine_pairs())
+
+    def _device_refine_pairs(self) -> int:
+        """Pairs refined per step on a GPU: enough that a search's refinement is a few large
+        steps rather than thousands of small launches, each a few microseconds of the card's
+        time and more of the host's, with the float64 operands within a share of the budget."""
+        share = min(_DEVICE_REFINE_BYTES, self._budget // 4)
+        return max(_REFINE_PAIRS, share // (16 * self.dim))
+
+    def _refine_on_device(
+        self, exact_queries: torch.Tensor, indices: torch.Tensor, admissible: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        """`_refine` in torch, `step` pairs at a time. Each pair's float64 sum runs in one fixed
+        order, element-wise halving (`pairwise_row_sums`), so a distance depends on its pair
+        alone, not on `step`, on the count of pairs refined with it, or on the card's choice of
+        reduction kernel for that count."""
         rows, columns = admissible.nonzero(as_tuple=True)
         chosen = indices[rows, columns]
-        distances = torch.full(indices.shape, math.inf, dtype=torch.float64, device=self.device)
-        for start in range(0, len(chosen), _REFINE_PAIRS):
-            pairs = slice(start, start + _REFINE_PAIRS)
+        distances = torch.full(indices.shape, math.inf, dtype=torch.float64, device=indices.device)
+        for start in range(0, len(chosen), step):
+            pairs = slice(start, start + step)
             candidates = self._references.rows(chosen[pairs]).double()  # float32 → float64 exactly
             query = exact_queries.index_select(0, rows[pairs])
             if self.metric == "cosine":
-                exact = (1.0 - (candidates * query).sum(1)).clamp_(0.0, 2.0)
+                exact = (1.0 - pairwise_row_sums(candidates.mul_(query))).clamp_(0.0, 2.0)
             else:
-                exact = candidates.sub_(query).square_().sum(1).sqrt_()
+                exact = pairwise_row_sums(candidates.sub_(query).square_()).sqrt_()
             distances[rows[pairs], columns[pairs]] = exact
         return distances.float()
 
@@ -488,6 +511,24 @@ class SearchEngine:
             chosen = indices[rows, columns]
             distances[rows, columns] = self._references.exact_distances(exact_queries, rows, chosen)
         return distances
+
+
+def pairwise_row_sums(terms: torch.Tensor) -> torch.Tensor:
+    """Row sums of `terms` (n, d), summed in place by halving: the first ⌊w/2⌋ columns take the
+    next ⌊w/2⌋ element-wise, an odd last column moves up, until one column is left. Element-wise
+    operations round each element alone, so a row's sum follows one order fixed by d, whatever
+    n, the device or the kernels torch picks; a reduction kernel may split rows differently by
+    shape. Overwrites `terms`."""
+    width = terms.shape[1]
+    if width == 0:
+        return terms.new_zeros(terms.shape[0])
+    while width > 1:
+        half = width // 2
+        terms[:, :half] += terms[:, half : 2 * half]
+        if width % 2:
+            terms[:, half] = terms[:, width - 1]
+        width = half + width % 2
+    return terms[:, 0].clone()
 
 
 def _select(

@@ -85,10 +85,12 @@ def search_arguments(
     n_references: int,
     dim: int,
     metric: str,
+    workers: int = 1,
 ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A search's arguments checked, for every engine alike (`knn`, `knn_numpy`, `knn_aspect`):
     (n_queries, k, exclusion indptr, excluded reference indices, float32 queries, their
-    squared norms). Errors say which argument is wrong."""
+    squared norms, measured by `workers` threads: the same values whatever their count).
+    Errors say which argument is wrong."""
     query_matrix = np.asarray(queries)
     if query_matrix.ndim != 2 or query_matrix.shape[1] != dim:
         raise ValueError(f"queries must be (n_q, {dim}) to match, got {query_matrix.shape}")
@@ -101,7 +103,7 @@ def search_arguments(
     n_queries = len(query_matrix)
     indptr, excluded = validate_exclusions(exclude, n_queries, n_references)
     q32 = np.ascontiguousarray(query_matrix, dtype=np.float32)
-    return n_queries, int(k), indptr, excluded, q32, row_sq_norms(q32, "queries", metric)
+    return n_queries, int(k), indptr, excluded, q32, row_sq_norms(q32, "queries", metric, workers)
 
 
 def row_sq_norms(matrix: np.ndarray, name: str, metric: str, workers: int = 1) -> np.ndarray:

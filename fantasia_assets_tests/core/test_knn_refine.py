@@ -6,6 +6,7 @@ does, and as the oracle."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -267,3 +268,71 @@ def test_two_step_refinement_refines_fewer_pairs(real_data):
         refined.clear()
         engine.search(queries, 5)
     assert both < 0.9 * sum(refined), (both, sum(refined))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    d=st.sampled_from([1, 2, 3, 5, 7, 17, 64, 255, 256, 1024, 1536]),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.integers(-30, 30),
+)
+def test_pairwise_row_sums_depend_on_the_row_alone(n, d, seed, scale):
+    """The device refinement's sum: each row's value is the one it has summed alone, bit for
+    bit, whatever the rows beside it; within the pairwise bound of the exact sum; exact where
+    every partial sum is representable (small integers)."""
+    rng = np.random.default_rng(seed)
+    terms = rng.standard_normal((n, d)) * 2.0**scale
+    sums = knn.pairwise_row_sums(torch.from_numpy(terms.copy())).numpy()
+    alone = np.array([knn.pairwise_row_sums(torch.from_numpy(row[None].copy()))[0].item() for row in terms])
+    assert sums.view(np.int64).tolist() == alone.view(np.int64).tolist()
+    exact = np.array([math.fsum(row) for row in terms])
+    levels = math.ceil(math.log2(d)) if d > 1 else 0
+    bound = levels * 2.0**-53 * np.abs(terms).sum(1) * 1.0001
+    assert np.all(np.abs(sums - exact) <= bound)
+    integers = rng.integers(-1000, 1000, (n, d)).astype(np.float64)
+    assert (
+        knn.pairwise_row_sums(torch.from_numpy(integers.copy())).numpy().tolist() == integers.sum(1).tolist()
+    )
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_device_refinement_is_the_same_whatever_its_step(metric, name):
+    """The GPU's refinement, run here on CPU tensors: one pair a step, a few, or all at once give
+    the same float32 distances bit for bit (on a card too, where there is one), within one
+    float32 unit of the host refinement's (another summation order of the same float64
+    products), and +inf where not admissible."""
+    rng = np.random.default_rng(len(name))
+    queries, references = adversarial(name, metric, rng)
+    engine = SearchEngine(metric, "torch", "cpu", screening="fp32").build(references)
+    q32 = queries.astype(np.float32)
+    _, _, exact_queries, _ = engine._prepare_queries(q32, (q32.astype(np.float64) ** 2).sum(1))
+    width = min(9, len(references))
+    indices = torch.from_numpy(np.stack([rng.permutation(len(references))[:width] for _ in q32]))
+    admissible = torch.from_numpy(rng.random(indices.shape) < 0.7)
+    found = [engine._refine_on_device(exact_queries, indices, admissible, step) for step in (1, 3, 10**6)]
+    for other in found[1:]:
+        assert other.numpy().view(np.int32).tolist() == found[0].numpy().view(np.int32).tolist()
+    if torch.cuda.is_available():  # element-wise IEEE operations: the card's bits are these
+        card = SearchEngine(metric, "torch", "cuda", screening="fp32").build(references)
+        on_card = card._refine_on_device(
+            exact_queries.cuda(), indices.cuda(), admissible.cuda(), card._device_refine_pairs()
+        )
+        assert on_card.cpu().numpy().view(np.int32).tolist() == found[0].numpy().view(np.int32).tolist()
+    host = engine._refine_on_host(exact_queries.numpy(), indices.numpy(), admissible.numpy())
+    device = found[0].numpy()
+    assert np.array_equal(np.isinf(device), ~admissible.numpy())
+    finite = np.isfinite(host)
+    np.testing.assert_array_max_ulp(device[finite], host[finite], maxulp=1)
+
+
+def test_device_refinement_steps_are_large_and_fit_the_budget():
+    engine = SearchEngine("cosine", "torch", "cpu", memory_budget_bytes=2**32).build(
+        np.ones((4, 1024), dtype=np.float32)
+    )
+    assert engine._device_refine_pairs() == 2**28 // (16 * 1024)
+    engine = SearchEngine("cosine", "torch", "cpu", memory_budget_bytes=2**20).build(
+        np.ones((4, 1024), dtype=np.float32)
+    )
+    assert engine._device_refine_pairs() == knn._REFINE_PAIRS
