@@ -14,7 +14,10 @@ What is held, so that a million references fit in a few GiB:
   only refinement's few candidate rows are read again, so the matrix is not resident twice); for the float32 screen the prepared float32 rows, except for a memmapped source,
   whose float32 operands are made again block by block at each search (never the whole matrix
   in float32);
-* on CUDA, an in-memory source is also placed on the device, where refinement gathers from it.
+* on CUDA, the source is also placed on the device, where the build reads it and refinement
+  gathers from it: an in-memory one whole, a memmapped one a chunk at a time (its pages
+  released as they go) when it takes at most `_CARD_SHARE` of the card's free memory; a larger
+  one stays on disk and is read as on the CPU.
 
 Refinement gathers the prepared rows of its few candidates from the source, with the very
 arithmetic of the build (float32 widening, one float32 product by the scale), so the memmapped
@@ -66,6 +69,10 @@ _MEAN_ROWS = 2048
 # a core's L2 cache between the gather and the dot products (measured at 1,024 dims: 64 pairs a
 # chunk refine a quarter faster than 256).
 _REFINE_BYTES = 2**19
+# The share of a card's free memory a memmapped source may take there (module docstring), and
+# the rows copied there per step (bounded host memory: 64 MiB of float16 at 1,024 dims)
+_CARD_SHARE = 0.25
+_CARD_ROWS = 32768
 # Kept operands (module docstring): the format, bumped whenever the preparation of operands,
 # scales or norms changes; and the rows prepared again to check a kept file against its source.
 _KEPT_FORMAT = 1
@@ -98,7 +105,7 @@ class PreparedReferences:
         self.shape = source.shape
         self.streamed = isinstance(source, np.memmap)
         self._scale_host = self._scale = None  # cosine: float32 fl(1/‖row‖), host and device
-        self._on_device = None  # CUDA: the in-memory source, where refinement gathers
+        self._on_device = None  # CUDA: the source on the card, where the build reads and refinement gathers
         self.centre = None  # euclidean 16-bit screens: the mean prepared row (`knn_bounds`)
         self.restored = False  # whether the operands were read from `kept` (module docstring)
         keep = kept is not None and arithmetic.half and device.type == "cpu"
@@ -110,6 +117,8 @@ class PreparedReferences:
             self._scale = torch.from_numpy(self._scale_host).to(device)
         if device.type == "cuda" and not self.streamed:
             self._on_device = torch.from_numpy(_writable(source)).to(device)
+        elif device.type == "cuda" and source.nbytes <= _CARD_SHARE * torch.cuda.mem_get_info(device)[0]:
+            self._on_device = _onto_card(source, device)  # refinement's gathers stay on the card
         if arithmetic.half and metric == "euclidean":
             self.centre = self._mean_row()
         self.operands, self.sq_norms, self.stats = self._prepare_operands()
@@ -411,6 +420,17 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _writable(array: np.ndarray) -> np.ndarray:
     """`array` itself when torch may share it, else a copy (torch refuses read-only memory)."""
     return array if array.flags.writeable else np.array(array)
+
+
+def _onto_card(source: np.memmap, device: torch.device) -> torch.Tensor:
+    """A memmapped source copied to `device` as it is (same type, same bits), `_CARD_ROWS` rows
+    at a time, each step's pages released from the process once copied (`release_rows`)."""
+    held = torch.empty(source.shape, dtype=torch.from_numpy(source[:0].copy()).dtype, device=device)
+    for start in range(0, len(source), _CARD_ROWS):
+        stop = min(start + _CARD_ROWS, len(source))
+        held[start:stop] = torch.from_numpy(np.array(source[start:stop])).to(device)
+        release_rows(source, start, stop)
+    return held
 
 
 def _to_float32(rows: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -295,3 +295,32 @@ def test_prepared_references_do_not_depend_on_chunks_or_workers(
 def assert_bits_equal(got, want, name: str) -> None:
     got, want = (torch.as_tensor(value).float().numpy() for value in (got, want))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
+
+
+def test_a_memmap_copied_to_the_card_keeps_its_bits(tmp_path, monkeypatch):
+    """`_onto_card` (here onto the CPU device): every row's bits, copied a few rows a step."""
+    monkeypatch.setattr(knn_reference, "_CARD_ROWS", 7)
+    rows = np.random.default_rng(3).standard_normal((50, 24)).astype(np.float16)
+    rows[5] = np.float16(6.1e-5)  # subnormal-adjacent values travel unchanged
+    held = knn_reference._onto_card(memmapped(tmp_path, rows), torch.device("cpu"))
+    assert (
+        held.dtype == torch.float16 and held.numpy().view(np.uint16).tolist() == rows.view(np.uint16).tolist()
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA card: bench/gpu_check.sh runs this")
+@pytest.mark.parametrize("metric", METRICS)
+def test_a_memmap_held_on_the_card_or_streamed_gives_the_in_memory_answer(tmp_path, monkeypatch, metric):
+    queries = read_embeddings(shared_file("queries_mouse.h5"), 120)
+    references = read_embeddings(shared_file("reference_human.h5"), 1500).astype(np.float16)
+    mapped = memmapped(tmp_path, references)
+    want = SearchEngine(metric, "torch", "cuda").build(references).search(queries, 5)
+    held = SearchEngine(metric, "torch", "cuda").build(mapped)
+    assert held._references._on_device is not None
+    monkeypatch.setattr(knn_reference, "_CARD_SHARE", 0.0)
+    streamed = SearchEngine(metric, "torch", "cuda").build(mapped)
+    assert streamed._references._on_device is None
+    for engine in (held, streamed):
+        got = engine.search(queries, 5)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
