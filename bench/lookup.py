@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/lookup.py [--queries 5000] [--references 50000] [--dim 1024]
                                      [--terms-per-reference 5] [--device cpu|cuda]
+                                     [--profile FILE]
 
 Builds a synthetic reference set in a fresh embedded database (random unit vectors, real GO
 ids from the sample ontology, ~5 annotations per reference) and a query HDF5 of perturbed
@@ -18,8 +19,10 @@ matmul; search ≤ 1.5 × the bfloat16 one.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import os
+import pstats
 import shutil
 import statistics
 import tempfile
@@ -147,6 +150,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--terms-per-reference", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile the cold run (cProfile, its main thread): its 25 costliest calls by cumulative "
+        "time and 15 by own time are printed after the run and the whole profile written to FILE",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fa-bench-lookup-"))
     os.environ["FANTASIA_HOME"] = str(work / "home")
@@ -179,10 +188,20 @@ def main() -> None:
         )
         results = {}
         for label in ("cold", "warm", "kept"):
+            profiler = cProfile.Profile() if args.profile and label == "cold" else None
             started = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             result = run_lookup(config, engine, full=label != "cold")
             total = time.perf_counter() - started
             results[label] = (total, result)
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
+                print(f"--- the cold run's costliest calls ({total:.2f} s, profiled: slower than unprofiled)")
+                stats = pstats.Stats(profiler)
+                stats.sort_stats("cumulative").print_stats(25)
+                stats.sort_stats("tottime").print_stats(15)  # where the time is spent itself
         matmul = bare_matmul_seconds(queries, references, args.device)
         matmul_bf16 = bare_matmul_seconds(queries, references, args.device, "bfloat16")
         for label, (total, result) in results.items():
