@@ -90,7 +90,10 @@ def main() -> None:
     parser.add_argument("--screening", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--synth", type=Path, default=SYNTH, help="path of synth_scale.py")
     parser.add_argument(
-        "--data", type=Path, help="a directory synth_scale.py --plain already wrote for this shape"
+        "--data",
+        type=Path,
+        help="a directory for synth_scale.py --plain's files of this shape: written there when "
+        "absent, read by later runs",
     )
     parser.add_argument("--million", action="store_true", help="the million-reference case (see above)")
     parser.add_argument("--loader", type=int, default=0, help="with --million: load-references on N refs")
@@ -116,7 +119,7 @@ def main() -> None:
     try:
         started = time.perf_counter()
         data = args.data or work / "synth"
-        if args.data is None:
+        if not (data / "ref_emb.npy").exists():  # a --data DIR is kept for later runs
             generate(args.synth, data, args.references, args.queries, args.dim)
         print(f"synthetic data: {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
