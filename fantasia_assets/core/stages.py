@@ -195,6 +195,17 @@ def in_process_search(
     return search
 
 
+def _where(settings: SearchSettings, batch_search: BatchSearch | None) -> str:
+    """Where a search runs, for its progress lines: a user sees whether the card is used."""
+    if batch_search is not None:
+        return "on the Dask cluster"
+    if settings.device == "cuda":
+        import torch
+
+        return f"on cuda ({torch.cuda.get_device_name()})"
+    return "on the cpu"
+
+
 def search_partition(
     queries: QuerySet,
     partition: Partition,
@@ -236,6 +247,7 @@ def search_partition(
             )
     masks = aspect_masks(matrix.sequence_ids, annotations) if settings.per_aspect else None
     with timed(timings, "search"):
+        label = f"search {partition.key} {_where(settings, batch_search)}"
         batch = partition.model.batch_size or settings.batch_size
         if batch_search is not None and started is not None:
             started()  # the products run on the cluster's workers
@@ -251,7 +263,7 @@ def search_partition(
                 parts.append(neighbour_hits(accessions, query_idx, *found, matrix.sequence_ids))
             else:
                 parts.append(_aspect_hits(accessions, query_idx, found, matrix.sequence_ids))
-            progress(f"search {partition.key}", stop, len(rows))
+            progress(label, stop, len(rows))
     schema = HIT_SCHEMA if masks is None else ASPECT_HIT_SCHEMA
     hits = pl.concat(parts) if parts else pl.DataFrame(schema=schema)
     found = set(hits["accession"].unique().to_list())

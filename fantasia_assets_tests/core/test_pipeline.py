@@ -375,3 +375,16 @@ def test_groups_without_sequence_are_skipped_with_a_warning(tmp_path, caplog):
     assert f"skipped {missing}: no 'sequence' dataset" in caplog.text
     vectors, _rows = catalogue.read((1, 0))
     assert vectors.shape == (3, 256)
+
+
+def test_search_progress_says_where_the_search_runs(sample_loaded, tmp_path):
+    """The search's progress lines (terminal and Dagster log alike) name where it runs, so a user
+    sees whether the card is used."""
+    from fantasia_assets.core.stages import SearchSettings, _where
+
+    stages = []
+    config = parse_config(_config(tmp_path, **{"lookup.use_gpu": False}))
+    run_lookup(config, sample_loaded, progress=lambda stage, done, total: stages.append(stage))
+    keys = ("NEAR|layer_0", "NEAR|layer_1", "AntiBERTy|layer_0", "AntiBERTy|layer_3")
+    assert {s for s in stages if s.startswith("search ")} == {f"search {key} on the cpu" for key in keys}
+    assert _where(SearchSettings(device="cpu"), lambda *_: iter(())) == "on the Dask cluster"
