@@ -12,7 +12,7 @@
 # The device tool takes at most 64 MiB: the tracked tree (≈ 12 MB) plus these is ≈ 75 MB, so a
 # call moves the sample HDF5 files, go-evaluation.obo.gz and the docs' PNG aside first (none is
 # read there) and `git checkout -- data/sample docs` brings them back after.
-#   usage: bash bench/gpu_pack.sh        (≈ 5 min: the xz pass is most of it)
+#   usage: bash bench/gpu_pack.sh        (≈ 3 min on 2 cores: the xz pass is most of it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES="Mako SQLAlchemy alembic annotated-types fasteners ftpretty goatools pgvector

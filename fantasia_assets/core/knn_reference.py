@@ -425,7 +425,8 @@ def _writable(array: np.ndarray) -> np.ndarray:
 def _onto_card(source: np.memmap, device: torch.device) -> torch.Tensor:
     """A memmapped source copied to `device` as it is (same type, same bits), `_CARD_ROWS` rows
     at a time, each step's pages released from the process once copied (`release_rows`)."""
-    held = torch.empty(source.shape, dtype=torch.from_numpy(source[:0].copy()).dtype, device=device)
+    dtype = torch.float16 if source.dtype == np.float16 else torch.float32  # a source is one of them
+    held = torch.empty(source.shape, dtype=dtype, device=device)
     for start in range(0, len(source), _CARD_ROWS):
         stop = min(start + _CARD_ROWS, len(source))
         held[start:stop] = torch.from_numpy(np.array(source[start:stop])).to(device)
