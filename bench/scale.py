@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=124_000)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--screening", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--screening", choices=["auto", "bf16", "int8", "fp32"], default="auto")
     parser.add_argument("--synth", type=Path, default=SYNTH, help="path of synth_scale.py")
     parser.add_argument(
         "--data",

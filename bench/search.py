@@ -110,13 +110,16 @@ def seconds(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bare_outputs(queries: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bare_outputs(
+    queries: torch.Tensor, references: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`bare_matmul`'s outputs for whole blocks and the last partial one, written now: a fresh
     buffer's first touch is page faults, not FLOPs, and the engines reuse theirs too."""
     width = min(_BARE_BLOCK_ROWS, len(references))
+    dtype = dtype or queries.dtype
     return (
-        torch.zeros(len(queries), width, dtype=queries.dtype),
-        torch.zeros(len(queries), len(references) % _BARE_BLOCK_ROWS, dtype=queries.dtype),
+        torch.zeros(len(queries), width, dtype=dtype),
+        torch.zeros(len(queries), len(references) % _BARE_BLOCK_ROWS, dtype=dtype),
     )
 
 
@@ -128,7 +131,11 @@ def bare_matmul(
     whole, tail = outputs
     for start in range(0, len(references), _BARE_BLOCK_ROWS):
         block = references[start : start + _BARE_BLOCK_ROWS]
-        torch.mm(queries, block.T, out=whole if len(block) == whole.shape[1] else tail)
+        out = whole if len(block) == whole.shape[1] else tail
+        if queries.dtype == torch.int8:
+            torch._int_mm(queries, block.T, out=out)
+        else:
+            torch.mm(queries, block.T, out=out)
 
 
 def synthetic(n_queries: int, n_references: int, dim: int, data: str, seed: int):
@@ -178,7 +185,7 @@ def main() -> None:
     parser.add_argument(
         "--engines",
         nargs="+",
-        choices=["torch-auto", "torch-fp32", "numpy-fp32"],
+        choices=["torch-auto", "torch-int8", "torch-fp32", "numpy-fp32"],
         default=["torch-auto", "torch-fp32", "numpy-fp32"],
         help="engines timed (fewer: a quicker run)",
     )
@@ -224,7 +231,15 @@ def main() -> None:
     query_half, reference_half = query_tensor.bfloat16(), reference_tensor.bfloat16()
     outputs_bf16 = bare_outputs(query_half, reference_half)
     runs["bare torch.mm bfloat16"] = lambda: bare_matmul(query_half, reference_half, outputs_bf16)
-    for name in ("bare torch.mm float32", "bare torch.mm bfloat16"):
+    names = ["bare torch.mm float32", "bare torch.mm bfloat16"]
+    if any("int8" in name for name in engines):  # the int8 screen's own limit
+        query_int8, reference_int8 = (
+            torch.ones_like(t, dtype=torch.int8) for t in (query_tensor, reference_tensor)
+        )
+        outputs_int8 = bare_outputs(query_int8, reference_int8, torch.int32)
+        runs["bare torch._int_mm int8"] = lambda: bare_matmul(query_int8, reference_int8, outputs_int8)
+        names.append("bare torch._int_mm int8")
+    for name in names:
         runs[name]()  # oneDNN's kernel made before the clock, as the engines' are
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -239,6 +254,9 @@ def main() -> None:
     bare_fp32, bare_bf16 = median["bare torch.mm float32"], median["bare torch.mm bfloat16"]
     print(f"bare torch.mm float32: {bare_fp32:.3f} s, {flops / bare_fp32 / 1e9:.1f} GFLOP/s")
     print(f"bare torch.mm bfloat16: {bare_bf16:.3f} s, {flops / bare_bf16 / 1e9:.1f} GFLOP/s")
+    if "bare torch._int_mm int8" in median:
+        bare_int8 = median["bare torch._int_mm int8"]
+        print(f"bare torch._int_mm int8: {bare_int8:.3f} s, {flops / bare_int8 / 1e9:.1f} GOP/s")
     engine_seconds = {name: median[name] for name in engines}
     del engines
 

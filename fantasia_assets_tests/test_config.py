@@ -144,6 +144,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
             {"screening": "bf16", "backend": "scipy"},
             "lookup.screening: 'bf16' needs lookup.backend",
         ),
+        (
+            "lookup",
+            {"screening": "int8", "backend": "numpy"},
+            "lookup.screening: 'int8' needs lookup.backend",
+        ),
+        (
+            "lookup",
+            {"screening": "int8", "distance_metric": "euclidean"},
+            "lookup.screening: 'int8' screens cosine only",
+        ),
         ("limit_execution", 0, "limit_execution"),
     ],
 )

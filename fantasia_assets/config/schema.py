@@ -147,7 +147,7 @@ class _LookupSection(_Section):
     lookup_cache_max: Annotated[int, Field(ge=0, le=64)] = 4
     distance_metric: Literal["cosine", "euclidean"] = "cosine"
     backend: Literal["torch", "numpy", "scipy"] = "torch"
-    screening: Literal["auto", "bf16", "fp32"] = "auto"
+    screening: Literal["auto", "bf16", "int8", "fp32"] = "auto"
     tie_expansion: bool = False
     per_aspect: bool = False
     redundancy: _RedundancySection = _RedundancySection()
@@ -157,8 +157,12 @@ class _LookupSection(_Section):
     def _screening_of_the_backend(self) -> _LookupSection:
         # refused as the file is read: an incremental re-run that searches nothing, or the
         # Dagster sensor (a setting of speed), would otherwise meet it only at some later search
-        if self.screening == "bf16" and self.backend != "torch":
-            raise _problem("screening", f"'bf16' needs lookup.backend 'torch', not {self.backend!r}")
+        if self.screening in ("bf16", "int8") and self.backend != "torch":
+            raise _problem(
+                "screening", f"{self.screening!r} needs lookup.backend 'torch', not {self.backend!r}"
+            )
+        if self.screening == "int8" and self.distance_metric != "cosine":
+            raise _problem("screening", f"'int8' screens cosine only, not {self.distance_metric!r}")
         return self
 
 

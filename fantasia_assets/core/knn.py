@@ -16,7 +16,8 @@ A search has two stages.
 **Screening** keeps, per query, the m ≥ k references of smallest *fast score*, a matrix product:
 ``1 - q̂·r̂`` (cosine) or ``‖q‖² + ‖r‖² - 2q·r`` (the squared distance, monotone in d). It runs
 in float32, or in bfloat16/float16 on matrix units (AMX, AVX512-BF16, tensor cores) where those
-are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"``).
+are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"``), or, asked
+for (``"int8"``), in 8-bit integers scaled per row, cosine on the CPU.
 Queries and references are cut into blocks sized from a memory budget; each block's product is
 reduced at once by an exact top-m (`screen.smallest_columns`, ``np.argpartition``, or cdist +
 argsort on the scipy reference backend) merged into a running top-m, so the n_q × n_ref matrix
@@ -108,8 +109,8 @@ class SearchEngine:
         device: "cuda", "cpu" or None: CUDA when the backend is torch and CUDA is available.
         memory_budget_bytes: bytes the engine may use for distance blocks and refinement; None
             derives it from the memory available on the device at build.
-        screening: "auto", "bf16" or "fp32": the screen's arithmetic (`screen`); results are the
-            same with each, only speed differs.
+        screening: "auto", "bf16", "int8" or "fp32": the screen's arithmetic (`screen`); results
+            are the same with each, only speed differs.
     """
 
     def __init__(
@@ -141,7 +142,7 @@ class SearchEngine:
 
     @property
     def screening(self) -> str:
-        """The arithmetic the built engine screens in: "fp32", "bf16" or "fp16"."""
+        """The arithmetic the built engine screens in: "fp32", "bf16", "fp16" or "int8"."""
         return self.arithmetic.name
 
     @property
@@ -169,6 +170,11 @@ class SearchEngine:
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
         )
+        if self.arithmetic is screen.INT8 and matrix.shape[1] > screen.INT8_MAX_DIM:
+            raise screen.ScreeningError(
+                f"lookup.screening 'int8' sums exactly up to {screen.INT8_MAX_DIM} dimensions, "
+                f"not {matrix.shape[1]}"
+            )
         self._references = PreparedReferences(matrix, self.metric, self.arithmetic, self.device, kept)
         self._budget = self._requested_budget or default_memory_budget(self.device)
         return self
@@ -240,6 +246,8 @@ class SearchEngine:
         """(query rows, reference rows) of a screening block that fits the memory budget."""
         n_references, dim = self._built().shape
         per_pair = _BYTES_PER_PAIR[self.backend]
+        if self.arithmetic is screen.INT8:  # int32 product, float64 values and factors, minima
+            per_pair = 24
         per_reference = 8 * dim if self.backend == "scipy" else 0  # cdist's float64 copy
         per_reference += self._built().streamed_bytes_per_row()
         query_block = max(1, min(n_queries, _MIN_QUERY_BLOCK))
@@ -391,12 +399,11 @@ class SearchEngine:
         if self.backend == "torch":
             xp, queries = torch, fast_queries
             rows, cols = (torch.from_numpy(pairs).to(self.device) for pairs in exclusions)
-            best_values = torch.full(shape, math.inf, device=self.device)
+            best_values = torch.full(
+                shape, math.inf, dtype=screen.value_dtype(self.arithmetic), device=self.device
+            )
             best_indices = torch.full(shape, -1, dtype=torch.int64, device=self.device)
-            size = len(fast_queries) * reference_block
-            buffers = [self._buffer("product", size, screen.output_dtype(self.arithmetic))]
-            if self.arithmetic.half and self.metric == "euclidean":  # float32 ṽ + w
-                buffers.append(self._buffer("sum", size, torch.float32))
+            buffers = self._product_buffers(len(fast_queries) * reference_block)
         else:
             xp, queries, (rows, cols) = np, fast_queries, exclusions
             best_values, best_indices = np.full(shape, np.inf), np.full(shape, -1, dtype=np.int64)
@@ -417,8 +424,8 @@ class SearchEngine:
                     values, count, self._buffer("minima", values.numel() // 2, values.dtype)
                 )
             candidates = screen.take(values, positions)
-            if self.backend == "torch":
-                candidates = candidates.float()  # 16-bit values widen exactly
+            if self.backend == "torch":  # 16-bit values widen exactly
+                candidates = candidates.to(screen.value_dtype(self.arithmetic))
             merged_values = xp.concatenate((best_values, candidates), axis=1)
             merged_indices = xp.concatenate((best_indices, positions + start), axis=1)
             keep = screen.smallest_positions(merged_values, width)
@@ -426,6 +433,16 @@ class SearchEngine:
         if self.backend == "torch":
             return best_values.double(), best_indices
         return tuple(torch.from_numpy(best).to(self.device) for best in (best_values, best_indices))
+
+    def _product_buffers(self, size: int) -> list[torch.Tensor]:
+        """Workspaces of torch's block values (`_block_values`) for `size` pairs: the product, and
+        the float32 ṽ + w of a 16-bit euclidean screen or the int8 screen's float64 values."""
+        buffers = [self._buffer("product", size, screen.output_dtype(self.arithmetic))]
+        if self.arithmetic.half and self.metric == "euclidean":
+            buffers.append(self._buffer("sum", size, torch.float32))
+        elif self.arithmetic is screen.INT8:
+            buffers.append(self._buffer("scaled", size, torch.float64))
+        return buffers
 
     def _block_values(
         self, queries: np.ndarray | torch.Tensor, start: int, stop: int, buffers: list[torch.Tensor]
@@ -437,6 +454,10 @@ class SearchEngine:
         block = self._references.operand_block(start, stop)
         if self.backend == "torch":
             shape = (len(queries), stop - start)
+            if self.arithmetic is screen.INT8:
+                return screen.int8_product(
+                    queries, block, self._references.operand_scales(start, stop), buffers
+                )
             if self.metric == "cosine":
                 return screen.product(queries, block, self.arithmetic, buffers[0])
             w = self._references.sq_norms[start:stop]

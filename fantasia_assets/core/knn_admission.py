@@ -34,6 +34,15 @@ query; a neighbourhood where every similarity is ≤ 0 within the bound), and ro
 than `_MAX_CANDIDATES` candidates (mass ties, duplicated references), are left to the engine's
 top-m screen, which proves them in its own way.
 
+The int8 screen (`screen.ScaledRows`) has an exact int32 product P per pair and p = P·fl(c·d_j),
+c the query's factor and d_j the reference's, in float64 (one rounding, monotone in P and d_j).
+Its group maxima are maxima of P: a group's largest p is at most fl(P_max·fl(c·d⁺)), d⁺ the
+group's largest factor, by the monotonicity of rounding (P ≤ P_max; a negative P never reaches
+τ > 0); so a group is gathered when that reaches τ, and its members' p are computed and compared
+with τ as float64 numbers. The first limits take the k-th largest p among the members of the k
+groups of largest P_max: k references' own values. The candidates and τ are then float64 values
+rather than bits.
+
 No new rounding enters: negating an operand negates every product and partial sum exactly, so p
 is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
 (the bf16 output rounding per score, item 4); τ is taken at or below the limit's reach, which
@@ -60,7 +69,7 @@ import torch
 
 from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions
-from .screen import Arithmetic, output_dtype, output_error
+from .screen import Arithmetic, ScaledRows, int8_mm, output_dtype, output_error
 
 if TYPE_CHECKING:
     from .knn import SearchEngine
@@ -72,7 +81,12 @@ GROUP = 32  # columns per group of maxima
 REFERENCE_BLOCK = 16384
 _MAX_CANDIDATES = 2048  # per query: beyond this the top-m screen is cheaper than collecting
 _SLACK = 2.0**-40  # relative: covers the float64 1 - p of the settle step and of τ = 1 - L
-_INTEGER = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_INTEGER = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.int32: torch.int32,
+}
 # Query rows per worker below which splitting the queries among threads stops paying: a product
 # of fewer rows loses efficiency, and each worker streams every reference block once.
 _MIN_WORKER_ROWS = 128
@@ -154,8 +168,9 @@ class _Candidates:
     cost a scheduler slice)."""
 
     def __init__(self, n_rows: int, k: int, integer: np.dtype):
-        self.k, self.integer = k, integer
-        self.smallest, self.largest = np.iinfo(integer).min, np.iinfo(integer).max
+        self.k, self.integer = k, integer  # float64 for the int8 screen: values, not bits
+        info = np.finfo(integer) if integer.kind == "f" else np.iinfo(integer)
+        self.smallest, self.largest = (-np.inf, np.inf) if integer.kind == "f" else (info.min, info.max)
         self.rows: list[np.ndarray] = []
         self.columns: list[np.ndarray] = []
         self.bits: list[np.ndarray] = []
@@ -173,13 +188,15 @@ class _Candidates:
         self.bits.append(bits)
         new = np.bincount(rows, minlength=len(self.counts))
         self.counts += new
-        # the k largest of each row's new candidates join the running k largest
-        starts = np.cumsum(new) - new
-        rank = np.arange(len(rows)) - starts[rows]
-        dense = np.full((len(self.counts), int(new.max())), self.smallest, dtype=self.integer)
-        dense[rows, rank] = bits
-        merged = np.concatenate((self.best, dense), axis=1)
-        self.best = np.partition(merged, merged.shape[1] - self.k, axis=1)[:, -self.k :]
+        # the k largest of each row's new candidates join the running k largest: sorted by row,
+        # then value, the last k of each row (a row of many candidates, near-duplicates, would
+        # widen a dense (rows × most new) partition for every row)
+        n_rows = len(self.counts)
+        every_row = np.concatenate((np.repeat(np.arange(n_rows), self.k), rows))
+        every = np.concatenate((self.best.reshape(-1), bits))
+        ordered = every[np.lexsort((every, every_row))]
+        ends = np.cumsum(new + self.k)
+        self.best = ordered[ends[:, None] - self.k + np.arange(self.k)]
         overflowing = self.counts > _MAX_CANDIDATES
         self.left |= overflowing
         self.tau[overflowing] = self.largest
@@ -216,7 +233,9 @@ def screen(
     positive = fast_queries.neg()  # exact
     out_dtype = output_dtype(arithmetic)
     integer = _INTEGER[out_dtype]
-    found = _Candidates(n_rows, k, np.dtype(str(integer).removeprefix("torch.")))
+    scaled = isinstance(positive, ScaledRows)  # the int8 screen (module docstring)
+    found = _Candidates(n_rows, k, np.dtype("float64" if scaled else str(integer).removeprefix("torch.")))
+    row_scale = positive.scale.double().numpy() if scaled else None
     excluded_rows, excluded_columns = (torch.from_numpy(pairs) for pairs in exclusions)
     block = block_shape(engine._budget, n_rows, n_references, references.streamed_bytes_per_row())[1]
     product = engine._buffer("product", n_rows * block, out_dtype)
@@ -227,16 +246,25 @@ def screen(
         values = product[: n_rows * width].view(n_rows, width)
         operands = references.operand_block(start, stop)
         with single_threaded(threads):
-            if out_dtype == arithmetic.dtype:
+            if scaled:
+                int8_mm(positive.values, operands, values)
+            elif out_dtype == arithmetic.dtype:
                 torch.mm(positive, operands.T, out=values)
             else:
                 torch.mm(positive, operands.T, out_dtype=out_dtype, out=values)
         if len(excluded_columns):
             in_block = (excluded_columns >= start) & (excluded_columns < stop)
-            values[excluded_rows[in_block], excluded_columns[in_block] - start] = -math.inf
+            never = torch.iinfo(torch.int32).min if scaled else -math.inf  # never admitted: τ > 0
+            values[excluded_rows[in_block], excluded_columns[in_block] - start] = never
         bits = values.view(integer)
         groups = width // GROUP
         group_maxima = _group_maxima(bits, groups, maxima)
+        if scaled:
+            column_scale = references.operand_scales(start, stop).double().numpy()
+            limits = (bounds, threshold, engine.dim, arithmetic)
+            _admit_scaled(found, bits.numpy(), group_maxima, groups, start, row_scale, column_scale, limits)
+            _tighten(found, *limits)
+            continue
         if start == 0:
             _first_limits(
                 found,
@@ -301,6 +329,48 @@ def _admit(
         found.add(rows, columns + body + start, tail.reshape(-1)[admitted])
 
 
+def _admit_scaled(
+    found: _Candidates, product: np.ndarray, group_maxima: np.ndarray | None, groups: int, start: int,
+    row_scale: np.ndarray, column_scale: np.ndarray, limits: tuple,
+) -> None:  # fmt: skip
+    """`_first_limits` (first block) and `_admit` of the int8 screen: `product` holds P (b, w),
+    p = P·fl(c·d_j) with c = `row_scale`, d = `column_scale` (module docstring); `limits`: the
+    arguments of `_limits` after the lower bound."""
+    rows, width = product.shape
+    body = groups * GROUP
+    tail = product[:, body:] * (row_scale[:, None] * column_scale[None, body:])  # p of the tail
+    if start == 0:  # the k-th largest p among the members of the k groups of largest P (and the tail)
+        pool = tail
+        if group_maxima is not None:
+            count = min(found.k, groups)
+            top = np.argpartition(group_maxima, groups - count, axis=1)[:, -count:]
+            columns = (top[:, :, None] + np.arange(GROUP) * groups).reshape(rows, -1)
+            members = np.take_along_axis(product, columns, axis=1)
+            pool = np.concatenate((members * (row_scale[:, None] * column_scale[columns]), tail), axis=1)
+        lower = np.zeros(rows)
+        if pool.shape[1] >= found.k:
+            lower = np.partition(pool, pool.shape[1] - found.k, axis=1)[:, -found.k]
+        found.tau = _limits(lower, *limits)
+        found.left = found.tau <= 0
+        found.tau[found.left] = found.largest
+    tau = found.tau
+    if group_maxima is not None:  # each group's largest factor: its reach is ≥ every member's p
+        reach = group_maxima * (row_scale[:, None] * column_scale[:body].reshape(GROUP, groups).max(0))
+        hits = np.flatnonzero(reach >= tau[:, None])
+        if len(hits):
+            hit_rows, hit_groups = np.divmod(hits, groups)
+            members = product[:, :body].reshape(rows, GROUP, groups)[hit_rows, :, hit_groups]
+            columns = hit_groups[:, None] + np.arange(GROUP) * groups
+            values = members * (row_scale[hit_rows, None] * column_scale[columns])
+            admitted = np.flatnonzero(values >= tau[hit_rows, None])
+            which = admitted // GROUP
+            found.add(hit_rows[which], columns.reshape(-1)[admitted] + start, values.reshape(-1)[admitted])
+    if body < width:
+        admitted = np.flatnonzero(tail >= tau[:, None])
+        tail_rows, tail_columns = np.divmod(admitted, width - body)
+        found.add(tail_rows, tail_columns + body + start, tail.reshape(-1)[admitted])
+
+
 def _tighten(
     found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic
 ) -> None:
@@ -317,11 +387,15 @@ def _limits(
     smallest p̃ with p̃ + h(p̃) ≥ 1 - L less the slack (module docstring). Not positive where no
     limit holds."""
     known = lower > 0  # a negative or absent p_k: no usable limit
-    p_k = torch.from_numpy(np.where(known, lower, 0)).view(output_dtype(arithmetic)).double()
+    scaled = arithmetic.dtype == torch.int8  # the int8 screen: values, not bits
+    p_k = torch.from_numpy(np.where(known, lower, 0))
+    p_k = p_k if scaled else p_k.view(output_dtype(arithmetic)).double()
     p_k = p_k - output_error(p_k, arithmetic)  # the k-th s̃ + h(p̃) is 1 - this
     scores = torch.where(torch.from_numpy(known), 1.0 - p_k, math.inf)[:, None]
     limit = screened_enough(scores, 1, bounds, threshold, "cosine", dim)[1]
     tau = ((1.0 - limit) - _SLACK * (1.0 + limit.abs())).numpy()
+    if scaled:  # p ≥ τ is compared in float64
+        return np.where(np.isnan(tau) | (tau <= 0), 0.0, tau)
     if arithmetic.output_unit == 0.0:
         return _round_down_bits(tau, output_dtype(arithmetic))
     return _reaching_bits(tau, arithmetic)
@@ -378,6 +452,7 @@ def _collected(
     values = torch.full((len(kept_rows), width), math.inf, dtype=torch.float64)
     indices = torch.full((len(kept_rows), width), -1, dtype=torch.int64)
     where = (torch.from_numpy(rows), torch.from_numpy(rank))
-    values[where] = -torch.from_numpy(bits).view(out_dtype).double()
+    scaled = found.integer.kind == "f"  # the int8 screen's values
+    values[where] = -torch.from_numpy(bits) if scaled else -torch.from_numpy(bits).view(out_dtype).double()
     indices[where] = torch.from_numpy(columns)
     return values, indices, kept_rows

@@ -151,10 +151,7 @@ def _screen(
     xp = torch if torch_backend else np
     buffers = []
     if torch_backend:
-        size = n_rows * reference_block
-        buffers = [engine._buffer("product", size, screen.output_dtype(engine.arithmetic))]
-        if engine.arithmetic.half and engine.metric == "euclidean":
-            buffers.append(engine._buffer("sum", size, torch.float32))
+        buffers = engine._product_buffers(n_rows * reference_block)
         excluded_rows, excluded_cols = (torch.from_numpy(pairs).to(device) for pairs in exclusions)
     else:
         excluded_rows, excluded_cols = exclusions
@@ -164,7 +161,7 @@ def _screen(
         if torch_backend:
             best.append(
                 (
-                    torch.full(shape, math.inf, device=device),
+                    torch.full(shape, math.inf, dtype=screen.value_dtype(engine.arithmetic), device=device),
                     torch.full(shape, -1, dtype=torch.int64, device=device),
                 )
             )
@@ -193,7 +190,7 @@ def _screen(
                     scratch = engine._buffer("minima", candidates.numel() // 2, candidates.dtype)
                     chosen = screen.smallest_columns(candidates, width, scratch)
                     candidates, block_columns = screen.take(candidates, chosen), block_columns[chosen]
-                candidates = candidates.float()  # 16-bit values widen exactly
+                candidates = candidates.to(screen.value_dtype(engine.arithmetic))  # 16-bit: exactly
             else:
                 candidates = values[:, block_columns]
                 if width < len(block_columns):

@@ -34,6 +34,9 @@ Then |s̃_j - T_j| is at most the sum of:
    (Higham, Accuracy and Stability of Numerical Algorithms, §3.1); u_acc = u for float32 BLAS,
    whose rounded products γ_n also covers, and 4u for 16-bit kernels (`screen`: truncating
    tensor cores). The fused ``addmm`` adds w_j inside the sum: γ_{n+2}(u_acc)(X̃‖ỹ_j‖ + w_j).
+   The int8 screen (cosine) sums integers exactly and then rounds once in float64, P·fl(c·d_j)
+   with fl(c·d_j) exact (`screen`): an error of at most 2⁻⁵³|ṽ_j|, which u_acc = 2⁻⁵³ covers
+   many times over (γ_{n+2} ≥ 3·2⁻⁵³); x̃ and ỹ_j are then the real numbers values·factor.
 4. Output rounding: a product returned in bfloat16 (torch on the CPU) or float16 is rounded
    once more, by at most u_out|ṽ_j| ≤ u_out(1 + γ)X̃‖ỹ_j‖; u_out = 0 for float32 results.
    For cosine the screen knows each result p̃_j = -ṽ_j rounded, and the rounding moved it by at

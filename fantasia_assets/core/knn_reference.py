@@ -10,7 +10,7 @@ What is held, so that a million references fit in a few GiB:
   read-only ``np.memmap`` (the reference cache) stays on disk and is read block by block;
 * per row: the float64 norms the bound needs, and for cosine the float32 scale fl(1/‖row‖);
 * the screen's operands, prepared once at build: 16-bit rows (2 bytes an element) for a 16-bit
-  screen, after which a memmapped source's pages are unmapped from the process (`release_rows`:
+  screen, or int8 rows and a float32 factor per row (`screen.ScaledRows`) for the int8 screen, after which a memmapped source's pages are unmapped from the process (`release_rows`:
   only refinement's few candidate rows are read again, so the matrix is not resident twice); for the float32 screen the prepared float32 rows, except for a memmapped source,
   whose float32 operands are made again block by block at each search (never the whole matrix
   in float32);
@@ -107,6 +107,7 @@ class PreparedReferences:
         self._scale_host = self._scale = None  # cosine: float32 fl(1/‖row‖), host and device
         self._on_device = None  # CUDA: the source on the card, where the build reads and refinement gathers
         self.centre = None  # euclidean 16-bit screens: the mean prepared row (`knn_bounds`)
+        self.operand_scale = None  # the int8 screen: each operand row's float32 factor d
         self.restored = False  # whether the operands were read from `kept` (module docstring)
         keep = kept is not None and arithmetic.half and device.type == "cpu"
         if keep and self._restore(kept):
@@ -199,6 +200,10 @@ class PreparedReferences:
             return np.clip(1.0 - out, 0.0, 2.0, out=out)
         return np.sqrt(out, out=out)
 
+    def operand_scales(self, start: int, stop: int) -> torch.Tensor:
+        """The int8 screen's factors d of operand rows [start, stop) (`screen.ScaledRows`)."""
+        return self.operand_scale[start:stop]
+
     def operand_block(self, start: int, stop: int) -> torch.Tensor:
         """The screen's operands of rows [start, stop): held, or made now for a memmap's float32
         screen exactly as the build measured them."""
@@ -237,10 +242,11 @@ class PreparedReferences:
             operands = np.load(operands_file, mmap_mode="c")  # writable for torch, never written
         except (OSError, ValueError, EOFError, AttributeError):
             return False
+        scaled = self.arithmetic.dtype == torch.int8
         if (
             rows.dtype != np.float32
             or rows.shape != (self.n, 2)
-            or operands.dtype != np.uint16
+            or operands.dtype != (np.int8 if scaled else np.uint16)
             or operands.shape != self.shape
         ):
             return False
@@ -255,7 +261,11 @@ class PreparedReferences:
         if self.centre is not None and self.centre.shape != (self.dim,):
             self.centre = None
             return False
-        self.operands = torch.from_numpy(operands.view(np.int16)).view(self.arithmetic.dtype)
+        if scaled:  # cosine: the second column holds the factors, not squared norms
+            self.operands = torch.from_numpy(operands)
+            self.operand_scale = torch.from_numpy(np.ascontiguousarray(rows[:, 1]))
+        else:
+            self.operands = torch.from_numpy(operands.view(np.int16)).view(self.arithmetic.dtype)
         self.stats = stats
         self.sq_norms = (
             torch.from_numpy(np.ascontiguousarray(rows[:, 1])) if self.metric == "euclidean" else None
@@ -265,6 +275,7 @@ class PreparedReferences:
             self._scale = torch.from_numpy(self._scale_host)
         if not self._sample_matches():
             self.operands = self.sq_norms = self._scale_host = self._scale = self.centre = None
+            self.operand_scale = None
             return False
         self.restored = True
         log.info("screening operands read from %s", operands_file)
@@ -289,7 +300,12 @@ class PreparedReferences:
                 operand, stats = screen.to_operands(
                     self.prepared(row, row + 1), self.arithmetic, self.centre, unit_rows=cosine
                 )
-                if not torch.equal(operand.view(torch.int16), self.operands[row : row + 1].view(torch.int16)):
+                if isinstance(operand, screen.ScaledRows):  # the int8 screen: values and factor
+                    kept_factor = self.operand_scale[row : row + 1]
+                    if not torch.equal(operand.scale.view(torch.int32), kept_factor.view(torch.int32)):
+                        return False
+                    operand = operand.values
+                if not torch.equal(_bits(operand), _bits(self.operands[row : row + 1])):
                     return False
                 if any(stats[name][0] > self.stats[name] for name in ("norm", "operand_norm", "residual")):
                     return False
@@ -309,12 +325,16 @@ class PreparedReferences:
             rows[:, 0] = self._scale_host
         if self.sq_norms is not None:
             rows[:, 1] = self.sq_norms.cpu().numpy()
+        if self.operand_scale is not None:  # the int8 screen, cosine: no squared norms
+            rows[:, 1] = self.operand_scale.numpy()
         description = {
             "tag": self._kept_tag(),
             "stats": {name: self.stats[name] for name in _STAT_NAMES},
             "centre": None if self.centre is None else self.centre.cpu().tolist(),
         }
-        bits = self.operands.view(torch.int16).numpy().view(np.uint16)  # the operands, not copied
+        bits = self.operands.numpy() if self.operand_scale is not None else None  # int8: as they are
+        if bits is None:
+            bits = self.operands.view(torch.int16).numpy().view(np.uint16)  # the operands, not copied
 
         def write() -> None:
             from .exports import atomic_write
@@ -356,6 +376,8 @@ class PreparedReferences:
             )
         held = shared is None and (arithmetic.half or not self.streamed)
         operands = torch.empty((n, dim), dtype=arithmetic.dtype, device=self.device) if held else shared
+        if arithmetic.dtype == torch.int8:
+            self.operand_scale = torch.empty(n, dtype=torch.float32, device=self.device)
         stats = {name: np.empty(n) for name in ("norm", "operand_norm", "residual")}
 
         rows = _PREPARE_ROWS["cpu" if self.device.type == "cpu" else "cuda"]
@@ -367,6 +389,8 @@ class PreparedReferences:
                     chunk, chunk_stats = screen.to_operands(
                         self.prepared(start, stop), arithmetic, self.centre, unit_rows=self.metric == "cosine"
                     )
+                    if isinstance(chunk, screen.ScaledRows):
+                        chunk, self.operand_scale[start:stop] = chunk.values, chunk.scale
                     if held:
                         operands[start:stop] = chunk
                         release_rows(self.source, start, stop)  # refinement alone reads them again
@@ -409,6 +433,11 @@ def wait_until_kept() -> None:
 
 
 _STAT_NAMES = ("norm", "operand_norm", "residual", "relative_residual", "centred")
+
+
+def _bits(operands: torch.Tensor) -> torch.Tensor:
+    """Operands as integers of their width, compared bit for bit (-0 and NaN included)."""
+    return operands if operands.dtype == torch.int8 else operands.view(torch.int16)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -13,9 +13,20 @@ float32 everywhere, or in a 16-bit type on matrix units that run it several time
   need not, so those cards screen euclidean in float32). Results stay float32 where torch offers
   ``out_dtype``; reduced-precision split-K reductions are switched off while screening.
 * Elsewhere, and for the numpy and scipy backends: float32.
+* On request only (``screening="int8"``; torch's cosine screen on the CPU): 8-bit integers,
+  each row scaled by its own float32 factor d so that its largest component is about 127
+  (`ScaledRows`). The integer products accumulate exactly in int32 (n·127² < 2³¹ up to
+  `INT8_MAX_DIM` dimensions), and the score is P·fl(c·d), c and d the two rows' factors, whose
+  product is exact in float64: one float64 rounding, 2⁻⁵³ relative, which the accumulation
+  term γ_{n+2}(2⁻⁵³) of `knn_bounds` covers. Products of VNNI/AMX-INT8 units run about twice
+  the bfloat16 rate, but the operands round coarser (a unit vector's residual ≈ 3× bfloat16's),
+  so the window is wider and refinement has more candidates; on dense neighbourhoods (real
+  256-d embeddings whose candidates already number hundreds in bfloat16) that costs more than
+  it saves, which is why ``"auto"`` never chooses it.
 
 ``screening="bf16"`` pins the 16-bit screen (an error where no matrix unit runs it), ``"fp32"``
-pins float32, ``"auto"`` chooses as above. Results are identical either way; only speed changes.
+pins float32, ``"int8"`` the integer screen, ``"auto"`` chooses as above. Results are identical
+either way; only speed changes.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 
 from fantasia_assets.errors import FantasiaError
 
-SCREENINGS = ("auto", "bf16", "fp32")
+SCREENINGS = ("auto", "bf16", "int8", "fp32")
 _CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 _PROBE_SHAPE = (256, 1024, 1024)  # (queries, references, dim): ~0.5 GFLOP, ~10 ms in float32
 _PROBE_MIN_SPEEDUP = 1.5  # the 16-bit screen's conversions and wider selection eat a smaller gain
@@ -80,6 +91,28 @@ _HALF_ACCUMULATION = 2.0**-22
 _SMALLEST_NORMAL = {torch.bfloat16: 2.0**-126, torch.float16: 2.0**-14}
 _OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# 8-bit operands (module docstring): exact int32 sums, then one float64 rounding of P·fl(c·d)
+INT8 = Arithmetic("int8", torch.int8, 2.0**-53, 0.0, 0.0)
+INT8_LEVELS = 127  # |operand| ≤ 127: negation stays in range, and n·127² < 2³¹ for n ≤ INT8_MAX_DIM
+INT8_MAX_DIM = (2**31 - 1) // INT8_LEVELS**2
+
+
+@dataclass(frozen=True)
+class ScaledRows:
+    """An int8 screen's operands: rows `values` (b, n) int8 standing for values·scale[:, None],
+    `scale` (b,) float32 per row (module docstring). Indexed and negated like a tensor."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, rows) -> ScaledRows:
+        return ScaledRows(self.values[rows], self.scale[rows])
+
+    def neg(self) -> ScaledRows:
+        return ScaledRows(self.values.neg(), self.scale)  # exact: |values| ≤ 127
 
 
 def resolve_screening(requested: str, backend: str, device: torch.device, metric: str) -> Arithmetic:
@@ -88,6 +121,16 @@ def resolve_screening(requested: str, backend: str, device: torch.device, metric
         raise ValueError(f"unknown screening {requested!r}; expected one of {SCREENINGS}")
     if requested == "fp32":
         return FP32
+    if requested == "int8":
+        if not (backend == "torch" and device.type == "cpu" and metric == "cosine"):
+            raise ScreeningError(
+                f"lookup.screening 'int8' runs torch's cosine screen on the CPU only, "
+                f"not backend {backend!r} on {device.type} with {metric!r}"
+                + (" (set lookup.use_gpu: false)" if device.type == "cuda" else "")
+            )
+        if not int8_sums_exactly():
+            raise ScreeningError("lookup.screening 'int8': this CPU's int8 product does not sum exactly")
+        return INT8
     if backend != "torch":
         if requested == "bf16":
             raise ScreeningError(f"lookup.screening 'bf16' needs lookup.backend 'torch', not {backend!r}")
@@ -166,6 +209,20 @@ def probe_speedup() -> float:
     return best[torch.float32] / best[torch.bfloat16]
 
 
+@functools.cache
+def int8_sums_exactly() -> bool:
+    """Whether torch's int8 product returns exact int32 sums here, checked once per process on
+    the extremes ±127 (a kernel that saturated 16-bit partial sums, as some int8 paths of
+    CPUs without VNNI do, would fail it): the bound assumes exact sums."""
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (48, 2 * 1024 + 3), generator=generator) * 2 - 1
+    rows = (signs * INT8_LEVELS).to(torch.int8)
+    rows[1] = -rows[0]
+    exact = rows.long() @ rows.long().T
+    product = int8_mm(rows[:16], rows, torch.empty(16, len(rows), dtype=torch.int32))
+    return torch.equal(product.long(), exact[:16])
+
+
 def _float32_output_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch can return the 16-bit product in float32 on `device` (``out_dtype``)."""
     operand = torch.ones(2, 2, dtype=dtype, device=device)
@@ -197,6 +254,8 @@ def to_operands(
     by the triangle inequality. Two of the three float64 passes over each row go, the costliest
     part of preparing a million references (measured: 2.8 of 8.9 s of CPU).
     """
+    if arithmetic.dtype == torch.int8:
+        return _int8_operands(matrix, unit_rows)
     if not arithmetic.half and centre is None:
         if unit_rows:
             bound = np.full(len(matrix), UNIT_ROW_NORM)
@@ -226,6 +285,57 @@ def to_operands(
         stats["norm"][:] = UNIT_ROW_NORM
         stats["operand_norm"] = np.nextafter(UNIT_ROW_NORM + stats["residual"], np.inf)
     return operands, stats
+
+
+def _int8_operands(matrix: torch.Tensor, unit_rows: bool) -> tuple[ScaledRows, dict[str, np.ndarray]]:
+    """`to_operands` of the int8 screen: per row d = fl(max|row| / 127) (1 for a zero row) and
+    values round(row / d) clamped to ±127. Whatever they are, the residual row - values·d is
+    taken in float64, where values·d is exact (7 + 24 significant bits) and so is the
+    difference (the two agree to within d, their bits span under 53 places); its norm bounds
+    the change the product sees (`knn_bounds`, item 2), and ‖values·d‖ the operand's size."""
+    values = torch.empty(matrix.shape, dtype=torch.int8, device=matrix.device)
+    scale = torch.empty(len(matrix), dtype=torch.float32, device=matrix.device)
+    stats = {name: np.empty(len(matrix)) for name in ("norm", "operand_norm", "residual")}
+    for start in range(0, len(matrix), _CONVERT_ROWS):
+        rows = slice(start, start + _CONVERT_ROWS)
+        chunk = matrix[rows]
+        factor = chunk.abs().amax(1) / INT8_LEVELS if chunk.shape[1] else chunk.new_zeros(len(chunk))
+        factor = torch.where(factor > 0, factor, 1.0)
+        levels = torch.round(chunk / factor[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
+        values[rows], scale[rows] = levels.to(torch.int8), factor
+        operand = levels.double() * factor.double()[:, None]  # exactly
+        stats["residual"][rows] = _float64_norms(chunk.double() - operand)
+        if not unit_rows:
+            stats["norm"][rows] = row_norms(chunk)
+            stats["operand_norm"][rows] = _float64_norms(operand)
+    if unit_rows:
+        stats["norm"][:] = UNIT_ROW_NORM
+        stats["operand_norm"] = np.nextafter(UNIT_ROW_NORM + stats["residual"], np.inf)
+    return ScaledRows(values, scale), stats
+
+
+def _float64_norms(rows: torch.Tensor) -> np.ndarray:
+    return rows.square().sum(1).sqrt().cpu().numpy()
+
+
+def int8_product(
+    queries: ScaledRows, references: torch.Tensor, reference_scale: torch.Tensor, buffers: list[torch.Tensor]
+) -> torch.Tensor:
+    """The int8 screen's block values x̃·ỹ_j = P·fl(c·d_j) (module docstring), float64 (b, w):
+    the int32 product in `buffers[0]`, the values in `buffers[1]` (flat, ≥ b·w elements each)."""
+    shape = (len(queries), len(references))
+    exact = int8_mm(queries.values, references, buffers[0][: shape[0] * shape[1]].view(shape))
+    factors = queries.scale.double()[:, None] * reference_scale.double()[None, :]  # exactly
+    return torch.mul(exact, factors, out=buffers[1][: shape[0] * shape[1]].view(shape))
+
+
+def int8_mm(queries: torch.Tensor, references: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """queries @ referencesᵀ of int8 rows, exactly, into `out` (int32). torch 2.13's CPU int8
+    kernel returns garbage for one-dimensional rows (measured: every dimension from 2 to 1,024
+    is exact), so those take int64 products, exact too."""
+    if queries.shape[1] > 1:
+        return torch._int_mm(queries, references.T, out=out)
+    return out.copy_(queries.long() @ references.long().T)
 
 
 def row_norms(rows: torch.Tensor) -> np.ndarray:
@@ -273,8 +383,16 @@ def output_error(values: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
 
 
 def output_dtype(arithmetic: Arithmetic) -> torch.dtype:
-    """The type `product` returns."""
+    """The type `product` returns (the int8 screen: its exact int32 product, `int8_product`)."""
+    if arithmetic.dtype == torch.int8:
+        return torch.int32
     return torch.float32 if arithmetic.output_unit == 0.0 else arithmetic.dtype
+
+
+def value_dtype(arithmetic: Arithmetic) -> torch.dtype:
+    """The type a screen's selected values are kept in: float32 holds every 16-bit or float32
+    product exactly, the int8 screen's scaled values need float64."""
+    return torch.float64 if arithmetic.dtype == torch.int8 else torch.float32
 
 
 def smallest_columns(values: torch.Tensor, count: int, scratch: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,11 @@ from fantasia_assets_tests.core.test_knn_screen import (
     stressed_rows,
 )
 
-SCREENINGS = ["bf16", "fp32"] if screen.cpu_has_bf16_units() else ["fp32"]
+SCREENINGS = [
+    *(["bf16"] if screen.cpu_has_bf16_units() else []),
+    *(["int8"] if screen.int8_sums_exactly() else []),
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")

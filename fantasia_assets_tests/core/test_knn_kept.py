@@ -81,6 +81,35 @@ def test_restored_engine_equals_a_fresh_build_and_reads_no_row_beyond_its_sample
         assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
 
 
+@pytest.mark.skipif(not screen.int8_sums_exactly(), reason="this CPU's int8 product does not sum exactly")
+def test_int8_operands_and_factors_are_kept_and_restored_bit_for_bit(tmp_path):
+    """The int8 screen keeps its int8 rows and per-row factors (second column of .rows.npy); a
+    restored engine holds the very same and answers as the oracle; a damaged factor is caught
+    by the sample check and prepared afresh."""
+    matrix, queries = _mapped(tmp_path)
+    kept = tmp_path / "matrix.operands"
+    fresh = SearchEngine("cosine", "torch", "cpu", screening="int8").build(matrix, kept=kept)
+    knn_reference.wait_until_kept()
+    restored = SearchEngine("cosine", "torch", "cpu", screening="int8").build(matrix, kept=kept)
+    assert restored._references.restored and restored._references.operands.dtype == torch.int8
+    assert torch.equal(fresh._references.operands, restored._references.operands)
+    assert torch.equal(
+        fresh._references.operand_scale.view(torch.int32),
+        restored._references.operand_scale.view(torch.int32),
+    )
+    assert fresh._references.stats == restored._references.stats
+    expected = exact_oracle(queries, np.asarray(matrix), "cosine", 5, 0.9, True)
+    got = restored.search(queries, 5, threshold=0.9, tie_expansion=True)
+    assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
+    rows_file = kept.with_name(f"{kept.name}.cosine-int8.rows.npy")
+    rows = np.load(rows_file)
+    rows[0, 1] = np.nextafter(rows[0, 1], np.float32(1))  # row 0 is in the sample
+    np.save(rows_file, rows)
+    again = SearchEngine("cosine", "torch", "cpu", screening="int8").build(matrix, kept=kept)
+    assert not again._references.restored
+    assert torch.equal(again._references.operand_scale, fresh._references.operand_scale)
+
+
 def _damage_operand_bit(kept, metric, row):
     bits = np.load(kept.with_name(f"{kept.name}.{metric}-bf16.npy"), mmap_mode="r+")
     bits[row, 0] ^= 1

@@ -46,7 +46,7 @@ def test_memmapped_float16_references_give_the_in_memory_answer(tmp_path, metric
     # query i excludes references 0 .. i % 3 (CSR)
     indptr = np.concatenate(([0], np.cumsum(np.arange(120) % 3 + 1)))
     excluded = np.concatenate([np.arange(i % 3 + 1) for i in range(120)])
-    for backend, device, screening in engines():
+    for backend, device, screening in engines(metric):
         for budget in (None, 1 << 20):  # one block, and many streamed blocks
             options = {"memory_budget_bytes": budget, "screening": screening}
             in_memory = SearchEngine(metric, backend, device, **options).build(references)

@@ -24,10 +24,13 @@ BF16 = pytest.mark.skipif(
 )
 
 
-def engines():
-    """(backend, device, screening) of every engine this machine runs: the 16-bit screens on
-    each device it has (CUDA's choice of bf16 or fp16 is the card's), and the float32 screens."""
+def engines(metric: str = "cosine"):
+    """(backend, device, screening) of every engine this machine runs for `metric`: the 16-bit
+    screens on each device it has (CUDA's choice of bf16 or fp16 is the card's), the int8 screen
+    (cosine, CPU), and the float32 screens."""
     found = [("torch", "cpu", "fp32"), ("numpy", "cpu", "fp32"), ("scipy", "cpu", "fp32")]
+    if metric == "cosine" and screen.int8_sums_exactly():
+        found.insert(0, ("torch", "cpu", "int8"))
     if screen.cpu_has_bf16_units():
         found.insert(0, ("torch", "cpu", "bf16"))
     if torch.cuda.is_available():
@@ -72,7 +75,7 @@ def assert_every_engine_equals_oracle(queries, references, metric, k, **options)
     expected = exact_oracle(
         queries, references, metric, k, options.get("threshold"), options.get("tie_expansion", False)
     )
-    for backend, device, screening in engines():
+    for backend, device, screening in engines(metric):
         engine = SearchEngine(metric, backend, device, screening=screening).build(references)
         assert screening == "auto" or engine.screening == screening
         label = f"{backend} {device} {engine.screening}"
@@ -221,6 +224,54 @@ def test_fp32_screen_error_never_exceeds_its_bound(metric, rows):
     engine = SearchEngine(metric, "torch", "cpu", screening="fp32").build(rows[16:])
     errors, bound = screened_errors(engine, rows[:16], rows[16:])
     assert np.all(errors <= bound)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=stressed_rows())
+def test_int8_screen_error_never_exceeds_its_bound(rows):
+    """The int8 screen's scaled integer products (`screen.int8_product`) against the bound, on the
+    same stressed rows: wide exponent ranges put most components of a row below its 127 levels."""
+    engine = SearchEngine("cosine", "torch", "cpu", screening="int8").build(rows[16:])
+    errors, bound = screened_errors(engine, rows[:16], rows[16:])
+    assert np.all(errors <= bound), float((errors / np.maximum(bound, 1e-300)).max())
+
+
+def test_int8_operands_round_trip_and_refuse_what_they_cannot_sum():
+    """Operands stay within ±127 and stand for values·scale with the residual measured; a zero row
+    stays zero; dimensions beyond exact int32 sums, other backends, devices and metrics are
+    refused, naming the setting."""
+    rng = np.random.default_rng(4)
+    rows = (rng.standard_normal((40, 33)) * 10.0 ** rng.uniform(-8, 8, (40, 1))).astype(np.float32)
+    rows[3] = 0
+    operands, stats = screen.to_operands(torch.from_numpy(rows), screen.INT8)
+    values = operands.values.numpy().astype(np.float64)
+    assert np.abs(values).max() <= 127 and np.all(values[3] == 0)
+    assert np.all(np.abs(values).max(1)[np.arange(40) != 3] >= 126)  # the levels are used
+    rebuilt = values * operands.scale.numpy().astype(np.float64)[:, None]
+    residual = np.sqrt(((rows.astype(np.float64) - rebuilt) ** 2).sum(1))
+    np.testing.assert_allclose(stats["residual"], residual, rtol=1e-12, atol=0)
+    assert np.all(stats["residual"] <= 0.5 * operands.scale.numpy() * np.sqrt(33) * (1 + 1e-6))
+    for backend, device, metric in (("numpy", "cpu", "cosine"), ("torch", "cpu", "euclidean")):
+        with pytest.raises(screen.ScreeningError, match="'int8'"):
+            screen.resolve_screening("int8", backend, torch.device(device), metric)
+    with pytest.raises(screen.ScreeningError, match="133144 dimensions"):
+        SearchEngine("cosine", "torch", "cpu", screening="int8").build(np.ones((2, 133145), np.float32))
+
+
+@pytest.mark.skipif(not screen.int8_sums_exactly(), reason="this CPU's int8 product does not sum exactly")
+def test_int8_window_on_real_data_stays_a_few_dozen_candidates(real_data):
+    """The int8 bound is wider than bf16's (coarser operands), but on real 256-d neighbourhoods the
+    admission screen still keeps a few dozen candidates per row and proves every row itself."""
+    queries, references = real_data
+    engine = SearchEngine("cosine", "torch", "cpu", screening="int8").build(references)
+    q32 = queries.astype(np.float32)
+    fast, _, _, bounds = engine._prepare_queries(q32, (q32.astype(np.float64) ** 2).sum(1))
+    none = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    with screen.exact_matmul_settings(), knn_admission.single_threaded():
+        values, _, kept = knn_admission.screen(engine, fast, torch.from_numpy(bounds), none, 5, None, 1)
+    assert len(kept) == len(queries)
+    assert float(np.median(bounds[:, 0])) < 2.0**-5
+    assert float(np.isfinite(values.numpy()).sum(1).mean()) < 60
 
 
 @BF16

@@ -14,7 +14,8 @@ import yaml
 from pgvector import HalfVector
 
 from fantasia_assets.config import parse_config
-from fantasia_assets.core import exports
+from fantasia_assets.core import exports, screen
+from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets.runner import run_lookup
 from fantasia_assets_tests.conftest import PROJECT, SAMPLE
 from fantasia_assets_tests.hardening.helpers import tree
@@ -93,6 +94,24 @@ def test_rerun_is_byte_identical_and_replaces(sample_loaded, tmp_path):
     for _, rows, references, config_hash, partitions in runs:
         assert rows == 5 and references == 5 and config_hash == config.fingerprint()
         assert partitions == ["AntiBERTy|layer_0", "AntiBERTy|layer_3", "NEAR|layer_0", "NEAR|layer_1", None]
+
+
+@pytest.mark.skipif(not screen.int8_sums_exactly(), reason="this CPU's int8 product does not sum exactly")
+def test_the_int8_screen_writes_the_very_outputs_of_the_default(sample_loaded, tmp_path):
+    """`lookup.screening: int8` runs torch's int8 screen (a pinned screen skips the numpy engine
+    of small searches) and every output file equals the default run's, byte for byte."""
+    default = parse_config(_config(tmp_path / "default"))
+    run_lookup(default, sample_loaded)
+    pinned = parse_config(_config(tmp_path / "int8", **{"lookup.screening": "int8", "lookup.use_gpu": False}))
+    built = []
+    real_build = SearchEngine.build
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            SearchEngine, "build", lambda self, *a, **k: built.append(self) or real_build(self, *a, **k)
+        )
+        run_lookup(pinned, sample_loaded)
+    assert built and {engine.screening for engine in built} == {"int8"}
+    assert tree(pinned.experiment_path) == tree(default.experiment_path)
 
 
 def test_identical_query_is_masked_by_mmseqs2(sample_loaded, tmp_path):
