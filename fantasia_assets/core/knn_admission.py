@@ -219,14 +219,16 @@ def single_threaded(threads: int = 1) -> Iterator[None]:
 
 def screen(
     engine: SearchEngine, fast_queries: torch.Tensor, bounds: torch.Tensor, exclusions: Exclusions, k: int,
-    threshold: float | None, threads: int,
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:  # fmt: skip
+    threshold: float | None, threads: int, dense: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:  # fmt: skip
     """Candidates of every row of `fast_queries` (the engine's cosine operands, -q̂ rounded).
 
     Call it inside `single_threaded()`; the products run on `threads` threads. Returns (values
     float64 (b', m + 1), indices int64 (b', m + 1), rows (b',) of the rows it screened), in
     `SearchEngine._screen`'s convention (block values -p, +inf and -1 padding); the rows not
-    returned are left to the top-m screen (module docstring).
+    returned are left to the top-m screen (module docstring). `dense`: when its rows hold more
+    candidates than this on average after the first block, it stops and returns None
+    (`SearchEngine._search_query_block`: such neighbourhoods are screened in float32).
     """
     references, arithmetic = engine._references, engine.arithmetic
     n_rows, n_references = len(fast_queries), references.n
@@ -275,8 +277,14 @@ def screen(
                 engine.dim,
                 arithmetic,
             )
+            # each group reaching τ holds a candidate: a dense block is known before gathering
+            reaching = 0 if dense is None or group_maxima is None else group_maxima >= found.tau[:, None]
+            if dense is not None and np.count_nonzero(reaching) > dense * n_rows:
+                return None
         _admit(found, bits.numpy(), group_maxima, groups, start)
         _tighten(found, bounds, threshold, engine.dim, arithmetic)
+        if start == 0 and dense is not None and found.counts.sum() > dense * n_rows:
+            return None
     return _collected(found, n_rows, out_dtype)
 
 

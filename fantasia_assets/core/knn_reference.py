@@ -41,6 +41,7 @@ cache file's own rows are: a file altered on disk there would go unnoticed. On t
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -199,6 +200,16 @@ class PreparedReferences:
         if self.metric == "cosine":
             return np.clip(1.0 - out, 0.0, 2.0, out=out)
         return np.sqrt(out, out=out)
+
+    def float32_view(self) -> PreparedReferences:
+        """These rows as cosine's float32 screen on the CPU sees them, sharing everything held:
+        its operands are the prepared rows made block by block (`prepared`), whose norms are
+        bounded, not measured (`screen.to_operands`, unit rows), so nothing is prepared now."""
+        view = copy.copy(self)
+        view.arithmetic, view.operands, view.operand_scale = screen.FP32, None, None
+        view.stats = {"norm": screen.UNIT_ROW_NORM, "operand_norm": screen.UNIT_ROW_NORM, "residual": 0.0}
+        view.stats.update(relative_residual=math.inf, centred=0.0)
+        return view
 
     def operand_scales(self, start: int, stop: int) -> torch.Tensor:
         """The int8 screen's factors d of operand rows [start, stop) (`screen.ScaledRows`)."""

@@ -170,14 +170,33 @@ def cpu_has_bf16_units() -> bool:
     return any(flag in flags for flag in _CPU_FLAGS)
 
 
-@functools.cache
 def _bf16_beats_float32() -> bool:
     """Start-up probe, once per process: bfloat16 at least `_PROBE_MIN_SPEEDUP` × float32."""
-    return probe_speedup() >= _PROBE_MIN_SPEEDUP
+    float32, bfloat16 = _probed()
+    return float32 / bfloat16 >= _PROBE_MIN_SPEEDUP
+
+
+@functools.cache
+def _probed() -> tuple[float, float]:
+    return probe_seconds()
+
+
+def float32_extra_seconds_per_product() -> float:
+    """What a float32 multiply-add costs beyond a bfloat16 one on one thread here, from the
+    start-up probe (once per process): the price of screening a row in float32 instead
+    (`knn.SearchEngine`'s fallback on dense neighbourhoods)."""
+    float32, bfloat16 = _probed()
+    return max(0.0, float32 - bfloat16) / math.prod(_PROBE_SHAPE)
 
 
 def probe_speedup() -> float:
-    """float32 time / bfloat16 time of a `_PROBE_SHAPE` product on one thread: the least of three
+    """float32 time / bfloat16 time of the probe's product (`probe_seconds`)."""
+    float32, bfloat16 = probe_seconds()
+    return float32 / bfloat16
+
+
+def probe_seconds() -> tuple[float, float]:
+    """(float32, bfloat16) seconds of a `_PROBE_SHAPE` product on one thread: the least of three
     each, in the calling thread's CPU time.
 
     Thread CPU time, not wall time: the probe runs as the search starts, beside threads that
@@ -206,7 +225,7 @@ def probe_speedup() -> float:
             best[dtype] = max(min(times), 1e-9)
     finally:
         torch.set_num_threads(threads)
-    return best[torch.float32] / best[torch.bfloat16]
+    return best[torch.float32], best[torch.bfloat16]
 
 
 @functools.cache

@@ -58,10 +58,10 @@ def assert_ordered(distances, indices):
     assert ((distances[:, 1:] > distances[:, :-1]) | (equal & later_index)).all()
 
 
-def read_embeddings(path, count: int) -> np.ndarray:
+def read_embeddings(path, count: int, layer: int = 0) -> np.ndarray:
     with h5py.File(path) as handle:
         names = sorted(handle.keys())[:count]
-        return np.stack([handle[f"{name}/type_1/layer_0/embedding"][()] for name in names])
+        return np.stack([handle[f"{name}/type_1/layer_{layer}/embedding"][()] for name in names])
 
 
 @pytest.fixture(scope="module")

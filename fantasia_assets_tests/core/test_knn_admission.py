@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fantasia_assets.core import knn_admission, screen
+from fantasia_assets.core import knn, knn_admission, screen
 from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
@@ -121,6 +121,77 @@ def test_candidates_are_within_the_bound_and_hold_the_answer(screening, rows, bl
         assert np.all(np.abs(scores - target[row, columns]) <= bounds[row, 0] + rounding)
         answer = np.flatnonzero(target[row] <= np.sort(target[row])[k - 1])
         assert set(answer) <= set(columns.tolist())
+
+
+@pytest.fixture
+def bf16_chosen(monkeypatch):
+    """`screening="auto"` choosing bfloat16, whatever this CPU's probe says (torch multiplies
+    bfloat16 everywhere; the bound covers any kernel that sums in float32)."""
+    monkeypatch.setattr(screen, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(screen, "_bf16_beats_float32", lambda: True)
+    # the probe's float32 surplus, fixed: 3,000 × 256 references then allow 64 candidates a row
+    surplus = 64 * (knn._CANDIDATE_SECONDS[0] + 256 * knn._CANDIDATE_SECONDS[1]) / (3000 * 256)
+    monkeypatch.setattr(screen, "float32_extra_seconds_per_product", lambda: surplus)
+
+
+def _fallbacks(monkeypatch) -> list[bool]:
+    """Per admission screen of the 16-bit engine: whether it gave up on a dense block."""
+    seen, real = [], knn_admission.screen
+
+    def screen_(engine, *args, **kwargs):
+        found = real(engine, *args, **kwargs)
+        if engine.arithmetic.half:
+            seen.append(found is None)
+        return found
+
+    monkeypatch.setattr(knn_admission, "screen", screen_)
+    return seen
+
+
+@pytest.mark.parametrize("small_blocks", [100, 16384], indirect=True)
+def test_dense_neighbourhoods_are_screened_in_float32_with_the_same_answer(
+    bf16_chosen, small_blocks, monkeypatch
+):
+    """NEAR's second layer crowds hundreds of references within the bf16 window of each query:
+    auto's bf16 engine hands such query blocks to its float32 view, and the answer (thresholds,
+    ties, exclusions included) is the oracle's. Its first layer stays in bf16, and a pinned bf16
+    never switches."""
+    queries = read_embeddings(shared_file("queries_mouse.h5"), 150, layer=1)
+    references = read_embeddings(shared_file("reference_human.h5"), 3000, layer=1)
+    fallbacks = _fallbacks(monkeypatch)
+    engine = SearchEngine("cosine", "torch", "cpu", screening="auto").build(references)
+    assert engine.screening == "bf16" and engine._float32.screening == "fp32"
+    expected = exact_oracle(queries, references, "cosine", 5)
+    threshold = float(expected[0][3, 2])
+    for options in ({}, {"threshold": threshold}, {"tie_expansion": True}):
+        want = exact_oracle(
+            queries, references, "cosine", 5, options.get("threshold"), "tie_expansion" in options
+        )
+        for got, wanted in zip(engine.search(queries, 5, **options), want, strict=True):
+            np.testing.assert_array_equal(got, wanted)
+    assert fallbacks and all(fallbacks)
+    excluded = [np.unique([*expected[1][i, :2], 7]) for i in range(len(queries))]
+    indptr = np.concatenate([[0], np.cumsum([len(e) for e in excluded])])
+    plain = SearchEngine("cosine", "scipy", "cpu").build(references)
+    exclude = (indptr, np.concatenate(excluded))
+    for got, want in zip(
+        engine.search(queries, 5, exclude=exclude), plain.search(queries, 5, exclude=exclude), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    fallbacks.clear()
+    pinned = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(references)
+    assert pinned._float32 is None
+    for got, want in zip(pinned.search(queries, 5), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert fallbacks and not any(fallbacks)
+    if len(references) > knn_admission.REFERENCE_BLOCK:  # a small block weighs its candidates more
+        return
+    first_layer = read_embeddings(shared_file("reference_human.h5"), 3000)
+    fallbacks.clear()
+    SearchEngine("cosine", "torch", "cpu").build(first_layer).search(
+        read_embeddings(shared_file("queries_mouse.h5"), 150), 5
+    )
+    assert fallbacks and not any(fallbacks)
 
 
 def test_rows_it_cannot_screen_go_to_the_top_m_screen():

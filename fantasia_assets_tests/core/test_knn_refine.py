@@ -258,12 +258,19 @@ def test_refined_limit_holds_every_kept_reference(metric, screening, rows, k):
 def test_two_step_refinement_refines_fewer_pairs(real_data):
     """On real embeddings the refined limit is well below the screen's: fewer pairs are refined."""
     queries, references = real_data
-    engine = SearchEngine("cosine", "torch", "cpu").build(references)
-    refined, original = [], engine._references.exact_distances
-    engine._references.exact_distances = lambda *args: refined.append(len(args[2])) or original(*args)
-    engine.search(queries, 5)
-    both = sum(refined)
+    # pinned: auto may screen these few references in float32 (`SearchEngine._dense_limit`)
+    screening = "bf16" if screen.cpu_has_bf16_units() else "auto"
+    engine = SearchEngine("cosine", "torch", "cpu", screening=screening).build(references)
+    refined, original = [], knn_reference.PreparedReferences.exact_distances
+
+    def counted(self, *args):
+        refined.append(len(args[2]))
+        return original(self, *args)
+
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn_reference.PreparedReferences, "exact_distances", counted)
+        engine.search(queries, 5)
+        both = sum(refined)
         patch.setattr(knn, "refined_limit", lambda kth, *rest: torch.full_like(kth, torch.inf))
         refined.clear()
         engine.search(queries, 5)
