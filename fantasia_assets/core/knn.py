@@ -183,7 +183,8 @@ class SearchEngine:
         self._references = PreparedReferences(matrix, self.metric, self.arithmetic, self.device, kept)
         self._budget = self._requested_budget or default_memory_budget(self.device)
         self._float32 = None
-        if self.requested_screening == "auto" and self.arithmetic.half and knn_admission.applies(self):
+        auto_16 = self.requested_screening == "auto" and self.arithmetic.half
+        if (auto_16 or self.arithmetic is screen.INT8) and knn_admission.applies(self):
             self._float32 = copy.copy(self)  # the same engine screening in float32 (`_dense_limit`)
             self._float32.arithmetic, self._float32._buffers = screen.FP32, {}
             self._float32._references = self._references.float32_view()
@@ -198,15 +199,22 @@ class SearchEngine:
         bookkeeping and refinement cost more than float32's slower product saves: measured
         1,500 queries × 13,000 references, 0.90 s against float32's 0.18 s (836 candidates a
         row), where the neighbourhoods of the layer before gave 0.09 s against 0.22 s (9 a row).
-        The limit weighs the two: the product's float32 surplus over a reference block, from the
-        start-up probe (`screen.float32_extra_seconds_per_product`), against a candidate's cost,
-        `_CANDIDATE_SECONDS` (measured 0.66 µs at 256 dimensions, taken as growing with them).
-        Only `screening="auto"` switches: a pinned screen stays as pinned. The answer is exact
-        either way."""
+        The limit weighs the two per query row, from the start-up probe's float32 and bfloat16
+        times of a multiply-add, t₃₂ and t₁₆ (`screen.seconds_per_product`), and a candidate's
+        cost c (`_CANDIDATE_SECONDS`: 0.66 µs measured at 256 dimensions, taken as growing with
+        them). When the first block of W of the n references (dimension d) holds C candidates,
+        the rest hold about C(n - W)/W: going on costs C·(n/W)·c + (n - W)·d·t₁₆, the first
+        block's bfloat16 product being spent either way; float32 costs n·d·t₃₂. It switches
+        when C > W·d·(t₃₂ - t₁₆·(n - W)/n)/c.
+        Only `screening="auto"` and the int8 screen (asked for for speed; its window is three
+        times bf16's) switch: a pinned bf16 or float32 screen stays as pinned. The answer is
+        exact either way."""
         if self._float32 is None:
             return None
-        block = min(knn_admission.REFERENCE_BLOCK, self.n_references)
-        surplus = block * self.dim * screen.float32_extra_seconds_per_product()
+        n = self.n_references
+        block = min(knn_admission.REFERENCE_BLOCK, n)
+        float32, bfloat16 = screen.seconds_per_product()
+        surplus = block * self.dim * (float32 - bfloat16 * (n - block) / n)
         return surplus / (_CANDIDATE_SECONDS[0] + _CANDIDATE_SECONDS[1] * self.dim)
 
     def search(

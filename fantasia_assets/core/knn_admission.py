@@ -264,8 +264,12 @@ def screen(
         if scaled:
             column_scale = references.operand_scales(start, stop).double().numpy()
             limits = (bounds, threshold, engine.dim, arithmetic)
-            _admit_scaled(found, bits.numpy(), group_maxima, groups, start, row_scale, column_scale, limits)
+            sure = _admit_scaled(
+                found, bits.numpy(), group_maxima, groups, start, row_scale, column_scale, limits, dense
+            )
             _tighten(found, *limits)
+            if start == 0 and dense is not None and (not sure or found.counts.sum() > dense * n_rows):
+                return None
             continue
         if start == 0:
             _first_limits(
@@ -339,11 +343,13 @@ def _admit(
 
 def _admit_scaled(
     found: _Candidates, product: np.ndarray, group_maxima: np.ndarray | None, groups: int, start: int,
-    row_scale: np.ndarray, column_scale: np.ndarray, limits: tuple,
-) -> None:  # fmt: skip
+    row_scale: np.ndarray, column_scale: np.ndarray, limits: tuple, dense: float | None = None,
+) -> bool:  # fmt: skip
     """`_first_limits` (first block) and `_admit` of the int8 screen: `product` holds P (b, w),
     p = P·fl(c·d_j) with c = `row_scale`, d = `column_scale` (module docstring); `limits`: the
-    arguments of `_limits` after the lower bound."""
+    arguments of `_limits` after the lower bound. False, having admitted nothing, when the first
+    block holds more than `dense` candidates a row on average: a group whose smallest factor
+    already takes its P_max to τ holds one, which is known before gathering."""
     rows, width = product.shape
     body = groups * GROUP
     tail = product[:, body:] * (row_scale[:, None] * column_scale[None, body:])  # p of the tail
@@ -361,6 +367,13 @@ def _admit_scaled(
         found.tau = _limits(lower, *limits)
         found.left = found.tau <= 0
         found.tau[found.left] = found.largest
+        if dense is not None and group_maxima is not None:
+            least = column_scale[:body].reshape(GROUP, groups).min(0)
+            if (
+                np.count_nonzero(group_maxima * (row_scale[:, None] * least) >= found.tau[:, None])
+                > dense * rows
+            ):
+                return False
     tau = found.tau
     if group_maxima is not None:  # each group's largest factor: its reach is ≥ every member's p
         reach = group_maxima * (row_scale[:, None] * column_scale[:body].reshape(GROUP, groups).max(0))
@@ -377,6 +390,7 @@ def _admit_scaled(
         admitted = np.flatnonzero(tail >= tau[:, None])
         tail_rows, tail_columns = np.divmod(admitted, width - body)
         found.add(tail_rows, tail_columns + body + start, tail.reshape(-1)[admitted])
+    return True
 
 
 def _tighten(

@@ -181,12 +181,12 @@ def _probed() -> tuple[float, float]:
     return probe_seconds()
 
 
-def float32_extra_seconds_per_product() -> float:
-    """What a float32 multiply-add costs beyond a bfloat16 one on one thread here, from the
-    start-up probe (once per process): the price of screening a row in float32 instead
-    (`knn.SearchEngine`'s fallback on dense neighbourhoods)."""
+def seconds_per_product() -> tuple[float, float]:
+    """(float32, bfloat16) seconds of one multiply-add on one thread here, from the start-up
+    probe (once per process): what screening a row costs in either (`knn.SearchEngine`'s
+    float32 screen of dense neighbourhoods)."""
     float32, bfloat16 = _probed()
-    return max(0.0, float32 - bfloat16) / math.prod(_PROBE_SHAPE)
+    return float32 / math.prod(_PROBE_SHAPE), bfloat16 / math.prod(_PROBE_SHAPE)
 
 
 def probe_speedup() -> float:

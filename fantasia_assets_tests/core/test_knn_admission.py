@@ -129,9 +129,9 @@ def bf16_chosen(monkeypatch):
     bfloat16 everywhere; the bound covers any kernel that sums in float32)."""
     monkeypatch.setattr(screen, "cpu_has_bf16_units", lambda: True)
     monkeypatch.setattr(screen, "_bf16_beats_float32", lambda: True)
-    # the probe's float32 surplus, fixed: 3,000 × 256 references then allow 64 candidates a row
-    surplus = 64 * (knn._CANDIDATE_SECONDS[0] + 256 * knn._CANDIDATE_SECONDS[1]) / (3000 * 256)
-    monkeypatch.setattr(screen, "float32_extra_seconds_per_product", lambda: surplus)
+    # the probe's times, fixed: a first block of all 3,000 × 256 references allows 64 candidates
+    float32 = 64 * (knn._CANDIDATE_SECONDS[0] + 256 * knn._CANDIDATE_SECONDS[1]) / (3000 * 256)
+    monkeypatch.setattr(screen, "seconds_per_product", lambda: (float32, float32 / 2))
 
 
 def _fallbacks(monkeypatch) -> list[bool]:
@@ -163,6 +163,7 @@ def test_dense_neighbourhoods_are_screened_in_float32_with_the_same_answer(
     assert engine.screening == "bf16" and engine._float32.screening == "fp32"
     expected = exact_oracle(queries, references, "cosine", 5)
     threshold = float(expected[0][3, 2])
+    expected_ties = exact_oracle(queries, references, "cosine", 5, ties=True)
     for options in ({}, {"threshold": threshold}, {"tie_expansion": True}):
         want = exact_oracle(
             queries, references, "cosine", 5, options.get("threshold"), "tie_expansion" in options
@@ -184,6 +185,12 @@ def test_dense_neighbourhoods_are_screened_in_float32_with_the_same_answer(
     for got, want in zip(pinned.search(queries, 5), expected, strict=True):
         np.testing.assert_array_equal(got, want)
     assert fallbacks and not any(fallbacks)
+    if screen.int8_sums_exactly():  # asked for for speed, the int8 screen switches as auto does
+        fallbacks.clear()
+        fast = SearchEngine("cosine", "torch", "cpu", screening="int8").build(references)
+        for got, want in zip(fast.search(queries, 5, tie_expansion=True), expected_ties, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert fallbacks and all(fallbacks)
     if len(references) > knn_admission.REFERENCE_BLOCK:  # a small block weighs its candidates more
         return
     first_layer = read_embeddings(shared_file("reference_human.h5"), 3000)
