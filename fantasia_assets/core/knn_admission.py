@@ -169,8 +169,10 @@ class _Candidates:
 
     def __init__(self, n_rows: int, k: int, integer: np.dtype):
         self.k, self.integer = k, integer  # float64 for the int8 screen: values, not bits
-        info = np.finfo(integer) if integer.kind == "f" else np.iinfo(integer)
-        self.smallest, self.largest = (-np.inf, np.inf) if integer.kind == "f" else (info.min, info.max)
+        if integer.kind == "f":
+            self.smallest, self.largest = -np.inf, np.inf
+        else:
+            self.smallest, self.largest = np.iinfo(integer).min, np.iinfo(integer).max
         self.rows: list[np.ndarray] = []
         self.columns: list[np.ndarray] = []
         self.bits: list[np.ndarray] = []
