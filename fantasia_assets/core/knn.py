@@ -207,8 +207,9 @@ class SearchEngine:
         block's bfloat16 product being spent either way; float32 costs n·d·t₃₂. It switches
         when C > W·d·(t₃₂ - t₁₆·(n - W)/n)/c.
         Only `screening="auto"` and the int8 screen (asked for for speed; its window is three
-        times bf16's) switch: a pinned bf16 or float32 screen stays as pinned. The answer is
-        exact either way."""
+        times bf16's) switch: a pinned bf16 or float32 screen stays as pinned. The int8 screen
+        takes the same limit; its products cost less than t₁₆, so it errs towards switching.
+        The answer is exact either way."""
         if self._float32 is None:
             return None
         n = self.n_references

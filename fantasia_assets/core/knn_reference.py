@@ -10,10 +10,12 @@ What is held, so that a million references fit in a few GiB:
   read-only ``np.memmap`` (the reference cache) stays on disk and is read block by block;
 * per row: the float64 norms the bound needs, and for cosine the float32 scale fl(1/‖row‖);
 * the screen's operands, prepared once at build: 16-bit rows (2 bytes an element) for a 16-bit
-  screen, or int8 rows and a float32 factor per row (`screen.ScaledRows`) for the int8 screen, after which a memmapped source's pages are unmapped from the process (`release_rows`:
-  only refinement's few candidate rows are read again, so the matrix is not resident twice); for the float32 screen the prepared float32 rows, except for a memmapped source,
-  whose float32 operands are made again block by block at each search (never the whole matrix
-  in float32);
+  screen, or int8 rows and a float32 factor per row (`screen.ScaledRows`) for the int8 screen,
+  after which a memmapped source's pages are unmapped from the process (`release_rows`: only
+  refinement's few candidate rows are read again, so the matrix is not resident twice); for the
+  float32 screen the prepared float32 rows, except for a memmapped source, whose float32
+  operands are made again block by block at each search (never the whole matrix in float32);
+  `float32_view` is that float32 screen of rows held for another, made per block as well;
 * on CUDA, the source is also placed on the device, where the build reads it and refinement
   gathers from it: an in-memory one whole, a memmapped one a chunk at a time (its pages
   released as they go) when it takes at most `_CARD_SHARE` of the card's free memory; a larger
@@ -343,8 +345,9 @@ class PreparedReferences:
             "stats": {name: self.stats[name] for name in _STAT_NAMES},
             "centre": None if self.centre is None else self.centre.cpu().tolist(),
         }
-        bits = self.operands.numpy() if self.operand_scale is not None else None  # int8: as they are
-        if bits is None:
+        if self.operand_scale is not None:  # int8: as they are
+            bits = self.operands.numpy()
+        else:
             bits = self.operands.view(torch.int16).numpy().view(np.uint16)  # the operands, not copied
 
         def write() -> None:

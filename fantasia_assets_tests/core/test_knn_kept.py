@@ -176,6 +176,7 @@ def test_an_unwritable_kept_place_only_costs_the_next_build(tmp_path, caplog):
     engine = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(
         matrix, kept=blocked / "m.operands"
     )
+    knn_reference.wait_until_kept()  # written (or not) on a thread of its own
     assert "not kept" in caplog.text
     fresh = SearchEngine("cosine", "torch", "cpu", screening="bf16").build(matrix)
     assert all(
