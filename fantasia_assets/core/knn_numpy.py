@@ -99,8 +99,8 @@ def engine_for(
 ):
     """The engine for a search of this shape: `NumpySearchEngine` for a small CPU search of a
     small matrix (`SMALL_REFERENCE_BYTES` in float32) while torch is not imported yet (results are identical: both equal the exact answer), else
-    `knn.SearchEngine` with these settings. A pinned bf16 screen and the scipy reference backend
-    always get `knn`'s engine."""
+    `knn.SearchEngine` with these settings. A pinned bf16 or int8 screen and the scipy reference
+    backend always get `knn`'s engine."""
     small = 2.0 * n_queries * n_references * dim <= SMALL_SEARCH_FLOPS
     small = small and 4 * n_references * dim <= SMALL_REFERENCE_BYTES
     if (
