@@ -39,6 +39,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from fantasia_assets.core.knn import METRICS, SearchEngine
+from fantasia_assets.core.screen import int8_mm
 
 GIB = 2**30
 _BARE_BLOCK_ROWS = 16384
@@ -133,7 +134,7 @@ def bare_matmul(
         block = references[start : start + _BARE_BLOCK_ROWS]
         out = whole if len(block) == whole.shape[1] else tail
         if queries.dtype == torch.int8:
-            torch._int_mm(queries, block.T, out=out)
+            int8_mm(queries, block, out)
         else:
             torch.mm(queries, block.T, out=out)
 

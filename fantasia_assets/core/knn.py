@@ -196,12 +196,13 @@ class SearchEngine:
 
         The 16-bit screen's window is ~2⁸ times float32's; on dense neighbourhoods (real 256-d
         embeddings whose nearest neighbours crowd within it, hundreds per query) the candidates'
-        bookkeeping and refinement cost more than float32's slower product saves: measured
-        1,500 queries × 13,000 references, 0.90 s against float32's 0.18 s (836 candidates a
-        row), where the neighbourhoods of the layer before gave 0.09 s against 0.22 s (9 a row).
+        bookkeeping and refinement cost more than float32's slower product saves: measured on
+        one thread, 1,500 queries × 13,000 references, 0.90 s against float32's 0.18 s (836
+        candidates a row), where the neighbourhoods of the layer before gave 0.09 s against
+        0.22 s (9 a row).
         The limit weighs the two per query row, from the start-up probe's float32 and bfloat16
         times of a multiply-add, t₃₂ and t₁₆ (`screen.seconds_per_product`), and a candidate's
-        cost c (`_CANDIDATE_SECONDS`: 0.66 µs measured at 256 dimensions, taken as growing with
+        cost c (`_CANDIDATE_SECONDS`: 0.66 µs measured so at 256 dimensions, taken as growing with
         them). When the first block of W of the n references (dimension d) holds C candidates,
         the rest hold about C(n - W)/W: going on costs C·(n/W)·c + (n - W)·d·t₁₆, the first
         block's bfloat16 product being spent either way; float32 costs n·d·t₃₂. It switches

@@ -263,32 +263,25 @@ def screen(
         bits = values.view(integer)
         groups = width // GROUP
         group_maxima = _group_maxima(bits, groups, maxima)
+        limits = (bounds, threshold, engine.dim, arithmetic)
         if scaled:
             column_scale = references.operand_scales(start, stop).double().numpy()
-            limits = (bounds, threshold, engine.dim, arithmetic)
-            sure = _admit_scaled(
+            if not _admit_scaled(
                 found, bits.numpy(), group_maxima, groups, start, row_scale, column_scale, limits, dense
-            )
-            _tighten(found, *limits)
-            if start == 0 and dense is not None and (not sure or found.counts.sum() > dense * n_rows):
+            ):
                 return None
-            continue
-        if start == 0:
-            _first_limits(
-                found,
-                group_maxima,
-                bits[:, groups * GROUP :].numpy(),
-                bounds,
-                threshold,
-                engine.dim,
-                arithmetic,
-            )
-            # each group reaching τ holds a candidate: a dense block is known before gathering
-            reaching = 0 if dense is None or group_maxima is None else group_maxima >= found.tau[:, None]
-            if dense is not None and np.count_nonzero(reaching) > dense * n_rows:
-                return None
-        _admit(found, bits.numpy(), group_maxima, groups, start)
-        _tighten(found, bounds, threshold, engine.dim, arithmetic)
+        else:
+            if start == 0:
+                _first_limits(found, group_maxima, bits[:, groups * GROUP :].numpy(), *limits)
+                # each group reaching τ holds a candidate: a dense block is known before gathering
+                if (
+                    dense is not None
+                    and group_maxima is not None
+                    and np.count_nonzero(group_maxima >= found.tau[:, None]) > dense * n_rows
+                ):
+                    return None
+            _admit(found, bits.numpy(), group_maxima, groups, start)
+        _tighten(found, *limits)
         if start == 0 and dense is not None and found.counts.sum() > dense * n_rows:
             return None
     return _collected(found, n_rows, out_dtype)
