@@ -186,7 +186,10 @@ def main() -> None:
         )
         flops = 2.0 * args.queries * args.references * args.dim
         print()
-        print(f"shape={args.queries}x{args.references}x{args.dim} k={args.k} screening={engine_64.screening}")
+        print(
+            f"shape={args.queries}x{args.references}x{args.dim} k={args.k} "
+            f"screening={args.screening} (screened in {engine_64.screening})"
+        )
         print(f"rounds={args.repeats} (each: a cold lookup, then both bare matmuls; medians below)")
         print(f"bare_fp32_matmul_seconds={matmul:.3f} ({flops / matmul / 1e9:.0f} GFLOP/s)")
         print(f"bare_bf16_matmul_seconds={matmul_bf16:.3f} ({flops / matmul_bf16 / 1e9:.0f} GFLOP/s)")

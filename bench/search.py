@@ -39,7 +39,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from fantasia_assets.core.knn import METRICS, SearchEngine
-from fantasia_assets.core.screen import int8_mm
+from fantasia_assets.core.units import int8_mm
 
 GIB = 2**30
 _BARE_BLOCK_ROWS = 16384

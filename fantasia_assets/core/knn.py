@@ -16,8 +16,9 @@ A search has two stages.
 **Screening** keeps, per query, the m ≥ k references of smallest *fast score*, a matrix product:
 ``1 - q̂·r̂`` (cosine) or ``‖q‖² + ‖r‖² - 2q·r`` (the squared distance, monotone in d). It runs
 in float32, or in bfloat16/float16 on matrix units (AMX, AVX512-BF16, tensor cores) where those
-are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"``), or, asked
-for (``"int8"``), in 8-bit integers scaled per row, cosine on the CPU.
+are several times faster: `screen` chooses (``screening="auto" | "bf16" | "fp32"``); or in 8-bit
+integers (``"int8"``, cosine on the CPU), which ``"auto"`` takes where an estimate from a sample
+of the references says it is faster (`knn_choice`).
 Queries and references are cut into blocks sized from a memory budget; each block's product is
 reduced at once by an exact top-m (`screen.smallest_columns`, ``np.argpartition``, or cdist +
 argsort on the scipy reference backend) merged into a running top-m, so the n_q × n_ref matrix
@@ -66,7 +67,7 @@ import numpy as np
 import torch
 from scipy.spatial.distance import cdist
 
-from . import knn_admission, screen
+from . import knn_admission, knn_choice, screen, units
 from .knn_bounds import refined_limit, screened_enough, screening_error_bound
 from .knn_inputs import (
     Exclusions,
@@ -175,6 +176,17 @@ class SearchEngine:
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
         )
+        dim = matrix.shape[1]
+        if (
+            self.requested_screening == "auto"
+            and knn_admission.applies(self)
+            and dim <= screen.INT8_MAX_DIM
+            and units.int8_sums_exactly()
+            and knn_choice.prefers_int8(
+                matrix, self.arithmetic, knn_admission.REFERENCE_BLOCK, self._candidate_seconds(dim)
+            )
+        ):  # its estimated cost is the lower (`knn_choice`)
+            self.arithmetic = screen.INT8
         if self.arithmetic is screen.INT8 and matrix.shape[1] > screen.INT8_MAX_DIM:
             raise screen.ScreeningError(
                 f"lookup.screening 'int8' sums exactly up to {screen.INT8_MAX_DIM} dimensions, "
@@ -201,23 +213,30 @@ class SearchEngine:
         candidates a row), where the neighbourhoods of the layer before gave 0.09 s against
         0.22 s (9 a row).
         The limit weighs the two per query row, from the start-up probe's float32 and bfloat16
-        times of a multiply-add, t₃₂ and t₁₆ (`screen.seconds_per_product`), and a candidate's
+        times of a multiply-add, t₃₂ and t₁₆ (`units.seconds_per_product`), and a candidate's
         cost c (`_CANDIDATE_SECONDS`: 0.66 µs measured so at 256 dimensions, taken as growing with
         them). When the first block of W of the n references (dimension d) holds C candidates,
         the rest hold about C(n - W)/W: going on costs C·(n/W)·c + (n - W)·d·t₁₆, the first
         block's bfloat16 product being spent either way; float32 costs n·d·t₃₂. It switches
         when C > W·d·(t₃₂ - t₁₆·(n - W)/n)/c.
-        Only `screening="auto"` and the int8 screen (asked for for speed; its window is three
-        times bf16's) switch: a pinned bf16 or float32 screen stays as pinned. The int8 screen
-        takes the same limit; its products cost less than t₁₆, so it errs towards switching.
+        Only `screening="auto"` and the int8 screen (asked for for speed; its window is four to
+        five times bf16's) switch: a pinned bf16 or float32 screen stays as pinned. The int8
+        screen takes its own product's time (`units.int8_seconds_per_product`) for t₁₆.
         The answer is exact either way."""
         if self._float32 is None:
             return None
         n = self.n_references
         block = min(knn_admission.REFERENCE_BLOCK, n)
-        float32, bfloat16 = screen.seconds_per_product()
+        float32, bfloat16 = units.seconds_per_product()
+        if self.arithmetic is screen.INT8:
+            bfloat16 = units.int8_seconds_per_product()  # its own product's time in the rule
         surplus = block * self.dim * (float32 - bfloat16 * (n - block) / n)
-        return surplus / (_CANDIDATE_SECONDS[0] + _CANDIDATE_SECONDS[1] * self.dim)
+        return surplus / self._candidate_seconds(self.dim)
+
+    @staticmethod
+    def _candidate_seconds(dim: int) -> float:
+        """A screened candidate's cost at `dim` dimensions (`_CANDIDATE_SECONDS`)."""
+        return _CANDIDATE_SECONDS[0] + _CANDIDATE_SECONDS[1] * dim
 
     def search(
         self,

@@ -34,14 +34,10 @@ query; a neighbourhood where every similarity is ≤ 0 within the bound), and ro
 than `_MAX_CANDIDATES` candidates (mass ties, duplicated references), are left to the engine's
 top-m screen, which proves them in its own way.
 
-The int8 screen (`screen.ScaledRows`) has an exact int32 product P per pair and p = P·fl(c·d_j),
-c the query's factor and d_j the reference's, in float64 (one rounding, monotone in P and d_j).
-Its group maxima are maxima of P: a group's largest p is at most fl(P_max·fl(c·d⁺)), d⁺ the
-group's largest factor, by the monotonicity of rounding (P ≤ P_max; a negative P never reaches
-τ > 0); so a group is gathered when that reaches τ, and its members' p are computed and compared
-with τ as float64 numbers. The first limits take the k-th largest p among the members of the k
-groups of largest P_max: k references' own values. The candidates and τ are then float64 values
-rather than bits.
+The int8 screen (`screen.ScaledRows`) has an exact int32 product P per pair and p = P·fl(c·d) in
+float64, c the query's factor and d the one factor every reference shares: one rounding, monotone
+in P. So it selects on P as the others select on bits: a query's τ becomes the smallest integer
+P with fl(P·fl(c·d)) ≥ τ (`_integer_reaching`), and its candidates' p are computed at the end.
 
 No new rounding enters: negating an operand negates every product and partial sum exactly, so p
 is -ṽ for the kernel's order of summation, the very quantity `knn_bounds` bounds for any order
@@ -69,7 +65,8 @@ import torch
 
 from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions
-from .screen import Arithmetic, ScaledRows, int8_mm, output_dtype, output_error
+from .screen import Arithmetic, ScaledRows, output_dtype, output_error
+from .units import int8_mm
 
 if TYPE_CHECKING:
     from .knn import SearchEngine
@@ -168,11 +165,8 @@ class _Candidates:
     cost a scheduler slice)."""
 
     def __init__(self, n_rows: int, k: int, integer: np.dtype):
-        self.k, self.integer = k, integer  # float64 for the int8 screen: values, not bits
-        if integer.kind == "f":
-            self.smallest, self.largest = -np.inf, np.inf
-        else:
-            self.smallest, self.largest = np.iinfo(integer).min, np.iinfo(integer).max
+        self.k, self.integer = k, integer
+        self.smallest, self.largest = np.iinfo(integer).min, np.iinfo(integer).max
         self.rows: list[np.ndarray] = []
         self.columns: list[np.ndarray] = []
         self.bits: list[np.ndarray] = []
@@ -238,12 +232,15 @@ def screen(
     out_dtype = output_dtype(arithmetic)
     integer = _INTEGER[out_dtype]
     scaled = isinstance(positive, ScaledRows)  # the int8 screen (module docstring)
-    found = _Candidates(n_rows, k, np.dtype("float64" if scaled else str(integer).removeprefix("torch.")))
-    row_scale = positive.scale.double().numpy() if scaled else None
+    found = _Candidates(n_rows, k, np.dtype(str(integer).removeprefix("torch.")))
+    unit = None  # the int8 screen's fl(c·d) per row: c·d of two float32 numbers, exact in float64
+    if scaled:
+        unit = positive.scale.double().numpy() * float(references.operand_scales(0, 1)[0])
     excluded_rows, excluded_columns = (torch.from_numpy(pairs) for pairs in exclusions)
     block = block_shape(engine._budget, n_rows, n_references, references.streamed_bytes_per_row())[1]
     product = engine._buffer("product", n_rows * block, out_dtype)
     maxima = engine._buffer("maxima", n_rows * (block // GROUP), integer)
+    limits = (bounds, threshold, engine.dim, arithmetic, unit)
     for start in range(0, n_references, block):
         stop = min(start + block, n_references)
         width = stop - start
@@ -263,28 +260,20 @@ def screen(
         bits = values.view(integer)
         groups = width // GROUP
         group_maxima = _group_maxima(bits, groups, maxima)
-        limits = (bounds, threshold, engine.dim, arithmetic)
-        if scaled:
-            column_scale = references.operand_scales(start, stop).double().numpy()
-            if not _admit_scaled(
-                found, bits.numpy(), group_maxima, groups, start, row_scale, column_scale, limits, dense
+        if start == 0:
+            _first_limits(found, group_maxima, bits[:, groups * GROUP :].numpy(), *limits)
+            # each group reaching τ holds a candidate: a dense block is known before gathering
+            if (
+                dense is not None
+                and group_maxima is not None
+                and np.count_nonzero(group_maxima >= found.tau[:, None]) > dense * n_rows
             ):
                 return None
-        else:
-            if start == 0:
-                _first_limits(found, group_maxima, bits[:, groups * GROUP :].numpy(), *limits)
-                # each group reaching τ holds a candidate: a dense block is known before gathering
-                if (
-                    dense is not None
-                    and group_maxima is not None
-                    and np.count_nonzero(group_maxima >= found.tau[:, None]) > dense * n_rows
-                ):
-                    return None
-            _admit(found, bits.numpy(), group_maxima, groups, start)
+        _admit(found, bits.numpy(), group_maxima, groups, start)
         _tighten(found, *limits)
         if start == 0 and dense is not None and found.counts.sum() > dense * n_rows:
             return None
-    return _collected(found, n_rows, out_dtype)
+    return _collected(found, n_rows, out_dtype, unit)
 
 
 def _group_maxima(bits: torch.Tensor, groups: int, scratch: torch.Tensor) -> np.ndarray | None:
@@ -299,7 +288,7 @@ def _group_maxima(bits: torch.Tensor, groups: int, scratch: torch.Tensor) -> np.
 
 def _first_limits(
     found: _Candidates, group_maxima: np.ndarray | None, tail: np.ndarray, bounds: torch.Tensor,
-    threshold: float | None, dim: int, arithmetic: Arithmetic,
+    threshold: float | None, dim: int, arithmetic: Arithmetic, unit: np.ndarray | None = None,
 ) -> None:  # fmt: skip
     """τ of every row from the first block's k-th largest group maximum (module docstring);
     rows where it is not positive are left to the top-m screen."""
@@ -308,7 +297,7 @@ def _first_limits(
         lower = np.partition(pool, pool.shape[1] - found.k, axis=1)[:, -found.k]
     else:
         lower = np.full(len(pool), found.smallest, dtype=found.integer)
-    found.tau = _limits(lower, bounds, threshold, dim, arithmetic)
+    found.tau = _limits(lower, bounds, threshold, dim, arithmetic, unit)
     found.left = found.tau < 1
     found.tau[found.left] = found.largest
 
@@ -336,86 +325,55 @@ def _admit(
         found.add(rows, columns + body + start, tail.reshape(-1)[admitted])
 
 
-def _admit_scaled(
-    found: _Candidates, product: np.ndarray, group_maxima: np.ndarray | None, groups: int, start: int,
-    row_scale: np.ndarray, column_scale: np.ndarray, limits: tuple, dense: float | None = None,
-) -> bool:  # fmt: skip
-    """`_first_limits` (first block) and `_admit` of the int8 screen: `product` holds P (b, w),
-    p = P·fl(c·d_j) with c = `row_scale`, d = `column_scale` (module docstring); `limits`: the
-    arguments of `_limits` after the lower bound. False, having admitted nothing, when the first
-    block holds more than `dense` candidates a row on average: a group whose smallest factor
-    already takes its P_max to τ holds one, which is known before gathering."""
-    rows, width = product.shape
-    body = groups * GROUP
-    tail = product[:, body:] * (row_scale[:, None] * column_scale[None, body:])  # p of the tail
-    if start == 0:  # the k-th largest p among the members of the k groups of largest P (and the tail)
-        pool = tail
-        if group_maxima is not None:
-            count = min(found.k, groups)
-            top = np.argpartition(group_maxima, groups - count, axis=1)[:, -count:]
-            columns = (top[:, :, None] + np.arange(GROUP) * groups).reshape(rows, -1)
-            members = np.take_along_axis(product, columns, axis=1)
-            pool = np.concatenate((members * (row_scale[:, None] * column_scale[columns]), tail), axis=1)
-        lower = np.zeros(rows)
-        if pool.shape[1] >= found.k:
-            lower = np.partition(pool, pool.shape[1] - found.k, axis=1)[:, -found.k]
-        found.tau = _limits(lower, *limits)
-        found.left = found.tau <= 0
-        found.tau[found.left] = found.largest
-        if dense is not None and group_maxima is not None:
-            least = column_scale[:body].reshape(GROUP, groups).min(0)
-            if (
-                np.count_nonzero(group_maxima * (row_scale[:, None] * least) >= found.tau[:, None])
-                > dense * rows
-            ):
-                return False
-    tau = found.tau
-    if group_maxima is not None:  # each group's largest factor: its reach is ≥ every member's p
-        reach = group_maxima * (row_scale[:, None] * column_scale[:body].reshape(GROUP, groups).max(0))
-        hits = np.flatnonzero(reach >= tau[:, None])
-        if len(hits):
-            hit_rows, hit_groups = np.divmod(hits, groups)
-            members = product[:, :body].reshape(rows, GROUP, groups)[hit_rows, :, hit_groups]
-            columns = hit_groups[:, None] + np.arange(GROUP) * groups
-            values = members * (row_scale[hit_rows, None] * column_scale[columns])
-            admitted = np.flatnonzero(values >= tau[hit_rows, None])
-            which = admitted // GROUP
-            found.add(hit_rows[which], columns.reshape(-1)[admitted] + start, values.reshape(-1)[admitted])
-    if body < width:
-        admitted = np.flatnonzero(tail >= tau[:, None])
-        tail_rows, tail_columns = np.divmod(admitted, width - body)
-        found.add(tail_rows, tail_columns + body + start, tail.reshape(-1)[admitted])
-    return True
-
-
 def _tighten(
-    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic
-) -> None:
-    tau = _limits(found.best.min(1), bounds, threshold, dim, arithmetic)
+    found: _Candidates, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic,
+    unit: np.ndarray | None = None,
+) -> None:  # fmt: skip
+    tau = _limits(found.best.min(1), bounds, threshold, dim, arithmetic, unit)
     screened = ~found.left
     found.tau[screened] = np.maximum(found.tau[screened], tau[screened])
 
 
 def _limits(
-    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic
-) -> np.ndarray:
+    lower: np.ndarray, bounds: torch.Tensor, threshold: float | None, dim: int, arithmetic: Arithmetic,
+    unit: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """bits(τ) per row from a lower bound (bits) of its k-th largest p: from the limit L on
     s̃ - h(p̃) given the k-th s̃ + h(p̃) (`knn_bounds`, item 4; h = 0 for a float32 output), the
     smallest p̃ with p̃ + h(p̃) ≥ 1 - L less the slack (module docstring). Not positive where no
-    limit holds."""
+    limit holds. The int8 screen (`unit`: fl(c·d) per row): integers P, p = fl(P·unit)."""
     known = lower > 0  # a negative or absent p_k: no usable limit
-    scaled = arithmetic.dtype == torch.int8  # the int8 screen: values, not bits
-    p_k = torch.from_numpy(np.where(known, lower, 0))
-    p_k = p_k if scaled else p_k.view(output_dtype(arithmetic)).double()
+    p_k = np.where(known, lower, 0)
+    if unit is not None:
+        p_k = torch.from_numpy(p_k * unit)  # the float64 product the values are (`_collected`)
+    else:
+        p_k = torch.from_numpy(p_k).view(output_dtype(arithmetic)).double()
     p_k = p_k - output_error(p_k, arithmetic)  # the k-th s̃ + h(p̃) is 1 - this
     scores = torch.where(torch.from_numpy(known), 1.0 - p_k, math.inf)[:, None]
     limit = screened_enough(scores, 1, bounds, threshold, "cosine", dim)[1]
     tau = ((1.0 - limit) - _SLACK * (1.0 + limit.abs())).numpy()
-    if scaled:  # p ≥ τ is compared in float64
-        return np.where(np.isnan(tau) | (tau <= 0), 0.0, tau)
+    if unit is not None:
+        return _integer_reaching(tau, unit)
     if arithmetic.output_unit == 0.0:
         return _round_down_bits(tau, output_dtype(arithmetic))
     return _reaching_bits(tau, arithmetic)
+
+
+def _integer_reaching(tau: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """The smallest integer P ≥ 1 with fl(P·unit) ≥ tau per row (int32), where tau > 0, else 0;
+    the int32 maximum where tau/unit ≥ 2³¹ (no product reaches it).
+
+    fl(P·unit) grows with P, and it errs by 2⁻⁵³ relative: for tau/unit < 2³¹ that answer lies
+    within ⌊fl(tau/unit)⌋ - 1 and three past it, which are tried upwards."""
+    valid = np.isfinite(tau) & (tau > 0)
+    tau = np.where(valid, tau, 1.0)
+    ratio = tau / unit
+    beyond = ratio >= 2.0**31
+    integer = np.maximum(np.floor(np.where(beyond, 0.0, ratio)) - 1, 1.0)
+    for _ in range(5):
+        integer += integer * unit < tau
+    integer = np.where(beyond, np.iinfo(np.int32).max, integer)
+    return np.where(valid, integer, 0).astype(np.int32)
 
 
 def _reaching_bits(tau: np.ndarray, arithmetic: Arithmetic) -> np.ndarray:
@@ -445,9 +403,10 @@ def _round_down_bits(tau: np.ndarray, out_dtype: torch.dtype) -> np.ndarray:
 
 
 def _collected(
-    found: _Candidates, n_rows: int, out_dtype: torch.dtype
+    found: _Candidates, n_rows: int, out_dtype: torch.dtype, unit: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """The candidates of the rows screened here, padded per row, in the top-m screen's form."""
+    """The candidates of the rows screened here, padded per row, in the top-m screen's form
+    (the int8 screen's values P·fl(c·d) with `unit` fl(c·d) per row, as `screen.int8_product`)."""
     kept_rows = np.flatnonzero(~found.left)
     if found.rows:
         rows, columns, bits = (np.concatenate(parts) for parts in (found.rows, found.columns, found.bits))
@@ -458,7 +417,7 @@ def _collected(
     position[kept_rows] = np.arange(len(kept_rows))
     # a candidate below the final τ is above the final limit L: _settle would not refine it
     kept = found.tau[rows] <= bits
-    rows = position[rows]
+    original, rows = rows, position[rows]
     order = np.argsort(rows, kind="stable")
     order = order[(rows >= 0)[order] & kept[order]]
     rows, columns, bits = rows[order], columns[order], bits[order]
@@ -469,7 +428,9 @@ def _collected(
     values = torch.full((len(kept_rows), width), math.inf, dtype=torch.float64)
     indices = torch.full((len(kept_rows), width), -1, dtype=torch.int64)
     where = (torch.from_numpy(rows), torch.from_numpy(rank))
-    scaled = found.integer.kind == "f"  # the int8 screen's values
-    values[where] = -torch.from_numpy(bits) if scaled else -torch.from_numpy(bits).view(out_dtype).double()
+    if unit is not None:
+        values[where] = -torch.from_numpy(bits * unit[original[order]])
+    else:
+        values[where] = -torch.from_numpy(bits).view(out_dtype).double()
     indices[where] = torch.from_numpy(columns)
     return values, indices, kept_rows

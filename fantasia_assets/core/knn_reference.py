@@ -10,7 +10,7 @@ What is held, so that a million references fit in a few GiB:
   read-only ``np.memmap`` (the reference cache) stays on disk and is read block by block;
 * per row: the float64 norms the bound needs, and for cosine the float32 scale fl(1/‖row‖);
 * the screen's operands, prepared once at build: 16-bit rows (2 bytes an element) for a 16-bit
-  screen, or int8 rows and a float32 factor per row (`screen.ScaledRows`) for the int8 screen,
+  screen, or int8 rows and the float32 factor they share (`screen.ScaledRows`) for the int8 screen,
   after which a memmapped source's pages are unmapped from the process (`release_rows`: only
   refinement's few candidate rows are read again, so the matrix is not resident twice); for the
   float32 screen the prepared float32 rows, except for a memmapped source, whose float32
@@ -60,7 +60,7 @@ import torch
 from . import screen
 from .knn_admission import single_threaded
 from .knn_inputs import in_parallel, inverse_norms, row_sq_norms
-from .resident import release_rows
+from .resident import onto_card, release_rows
 
 # Rows prepared per chunk at build: on the CPU the float32 temporaries (1 MiB at 1,024 dims) stay
 # in a core's cache through the chunk's dozen passes (2,048 rows: 8 MiB each, 40% slower); a
@@ -72,13 +72,11 @@ _MEAN_ROWS = 2048
 # a core's L2 cache between the gather and the dot products (measured at 1,024 dims: 64 pairs a
 # chunk refine a quarter faster than 256).
 _REFINE_BYTES = 2**19
-# The share of a card's free memory a memmapped source may take there (module docstring), and
-# the rows copied there per step (bounded host memory: 64 MiB of float16 at 1,024 dims)
+# The share of a card's free memory a memmapped source may take there (module docstring)
 _CARD_SHARE = 0.25
-_CARD_ROWS = 32768
 # Kept operands (module docstring): the format, bumped whenever the preparation of operands,
 # scales or norms changes; and the rows prepared again to check a kept file against its source.
-_KEPT_FORMAT = 1
+_KEPT_FORMAT = 2
 _KEPT_SAMPLE = 64
 
 log = logging.getLogger(__name__)
@@ -122,10 +120,11 @@ class PreparedReferences:
         if device.type == "cuda" and not self.streamed:
             self._on_device = torch.from_numpy(_writable(source)).to(device)
         elif device.type == "cuda" and source.nbytes <= _CARD_SHARE * torch.cuda.mem_get_info(device)[0]:
-            self._on_device = _onto_card(source, device)  # refinement's gathers stay on the card
+            self._on_device = onto_card(source, device)  # refinement's gathers stay on the card
         if arithmetic.half and metric == "euclidean":
             self.centre = self._mean_row()
-        self.operands, self.sq_norms, self.stats = self._prepare_operands()
+        shared = self._largest_component() if arithmetic.dtype == torch.int8 else None
+        self.operands, self.sq_norms, self.stats = self._prepare_operands(shared)
         if keep:
             self._keep(kept)
 
@@ -274,7 +273,9 @@ class PreparedReferences:
         if self.centre is not None and self.centre.shape != (self.dim,):
             self.centre = None
             return False
-        if scaled:  # cosine: the second column holds the factors, not squared norms
+        if scaled:  # cosine: the second column holds the factor, one for every row
+            if len(rows) and not np.all(rows[:, 1] == rows[0, 1]):
+                return False
             self.operands = torch.from_numpy(operands)
             self.operand_scale = torch.from_numpy(np.ascontiguousarray(rows[:, 1]))
         else:
@@ -310,8 +311,13 @@ class PreparedReferences:
                     scale = inverse_norms(sq_norm).astype(np.float32)
                     if scale.view(np.uint32)[0] != self._scale_host[row : row + 1].view(np.uint32)[0]:
                         return False
+                factor = None if self.operand_scale is None else float(self.operand_scale[0])
                 operand, stats = screen.to_operands(
-                    self.prepared(row, row + 1), self.arithmetic, self.centre, unit_rows=cosine
+                    self.prepared(row, row + 1),
+                    self.arithmetic,
+                    self.centre,
+                    unit_rows=cosine,
+                    int8_factor=factor,
                 )
                 if isinstance(operand, screen.ScaledRows):  # the int8 screen: values and factor
                     kept_factor = self.operand_scale[row : row + 1]
@@ -375,11 +381,33 @@ class PreparedReferences:
             total += self.prepared(start, min(start + _MEAN_ROWS, self.n)).double().sum(0)
         return (total / self.n).float()
 
-    def _prepare_operands(self) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+    def _largest_component(self) -> float:
+        """The largest magnitude of a prepared row's component, chunk by chunk (a memmap's pages
+        released): the int8 screen's shared factor (`screen.shared_int8_factor`)."""
+        largest = [0.0]
+        rows = _PREPARE_ROWS["cpu" if self.device.type == "cpu" else "cuda"]
+
+        def measure(first: int, last: int) -> None:
+            with single_threaded():
+                for start in range(first, last, rows):
+                    stop = min(start + rows, last)
+                    chunk = self.prepared(start, stop)
+                    if chunk.numel():
+                        largest.append(float(chunk.abs().max()))
+                    release_rows(self.source, start, stop)
+
+        in_parallel(self.n, torch.get_num_threads() if self.device.type == "cpu" else 1, measure)
+        return max(largest)
+
+    def _prepare_operands(
+        self, largest: float | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
         """(operands or None when made per block, euclidean w_j = fl(‖z_j‖²) or None, the bound's
         maxima over references), chunk by chunk so that no float32 copy of a memmap exists; on
         the CPU on torch's thread count of worker threads (`knn_inputs.in_parallel`): every value
-        is row-local, so neither the chunks nor the workers change one bit of the result."""
+        is row-local, so neither the chunks nor the workers change one bit of the result.
+        `largest`: the int8 screen's largest component (`_largest_component`)."""
+        factor = None if largest is None else screen.shared_int8_factor(largest)
         n, dim, arithmetic = self.n, self.dim, self.arithmetic
         shared = None  # the float32 euclidean screen on the CPU reads the rows themselves
         if not arithmetic.half and self.metric == "euclidean" and self.device.type == "cpu":
@@ -401,8 +429,9 @@ class PreparedReferences:
                 for start in range(first, last, rows):
                     stop = min(start + rows, last)
                     chunk, chunk_stats = screen.to_operands(
-                        self.prepared(start, stop), arithmetic, self.centre, unit_rows=self.metric == "cosine"
-                    )
+                        self.prepared(start, stop), arithmetic, self.centre,
+                        unit_rows=self.metric == "cosine", int8_factor=factor,
+                    )  # fmt: skip
                     if isinstance(chunk, screen.ScaledRows):
                         chunk, self.operand_scale[start:stop] = chunk.values, chunk.scale
                     if held:
@@ -463,18 +492,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _writable(array: np.ndarray) -> np.ndarray:
     """`array` itself when torch may share it, else a copy (torch refuses read-only memory)."""
     return array if array.flags.writeable else np.array(array)
-
-
-def _onto_card(source: np.memmap, device: torch.device) -> torch.Tensor:
-    """A memmapped source copied to `device` as it is (same type, same bits), `_CARD_ROWS` rows
-    at a time, each step's pages released from the process once copied (`release_rows`)."""
-    dtype = torch.float16 if source.dtype == np.float16 else torch.float32  # a source is one of them
-    held = torch.empty(source.shape, dtype=dtype, device=device)
-    for start in range(0, len(source), _CARD_ROWS):
-        stop = min(start + _CARD_ROWS, len(source))
-        held[start:stop] = torch.from_numpy(np.array(source[start:stop])).to(device)
-        release_rows(source, start, stop)
-    return held
 
 
 def _to_float32(rows: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """What a memory-mapped reference matrix keeps resident in this process, and how a pass over it
-gives its pages back (`release_rows`)."""
+gives its pages back (`release_rows`), or moves them onto a card (`onto_card`)."""
 
 from __future__ import annotations
 
 import mmap
 
 import numpy as np
+
+# rows copied to a card per step (`onto_card`): bounded host memory, 64 MiB of float16 at 1,024 dims
+_CARD_ROWS = 32768
 
 
 def release_rows(matrix: np.ndarray, start: int, stop: int) -> None:
@@ -33,3 +36,18 @@ def release_rows(matrix: np.ndarray, start: int, stop: int) -> None:
     last = last // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         handle.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def onto_card(source: np.memmap, device):
+    """A memmapped source copied to the torch `device` as it is (same type, same bits),
+    `_CARD_ROWS` rows at a time, each step's pages released from the process once copied
+    (`release_rows`). torch is imported here: the numpy engine's process never needs it."""
+    import torch
+
+    dtype = torch.float16 if source.dtype == np.float16 else torch.float32  # a source is one of them
+    held = torch.empty(source.shape, dtype=dtype, device=device)
+    for start in range(0, len(source), _CARD_ROWS):
+        stop = min(start + _CARD_ROWS, len(source))
+        held[start:stop] = torch.from_numpy(np.array(source[start:stop])).to(device)
+        release_rows(source, start, stop)
+    return held

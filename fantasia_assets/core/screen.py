@@ -13,16 +13,22 @@ float32 everywhere, or in a 16-bit type on matrix units that run it several time
   need not, so those cards screen euclidean in float32). Results stay float32 where torch offers
   ``out_dtype``; reduced-precision split-K reductions are switched off while screening.
 * Elsewhere, and for the numpy and scipy backends: float32.
-* On request only (``screening="int8"``; torch's cosine screen on the CPU): 8-bit integers,
-  each row scaled by its own float32 factor d so that its largest component is about 127
-  (`ScaledRows`). The integer products accumulate exactly in int32 (n·127² < 2³¹ up to
-  `INT8_MAX_DIM` dimensions), and the score is P·fl(c·d), c and d the two rows' factors, whose
-  product is exact in float64: one float64 rounding, 2⁻⁵³ relative, which the accumulation
-  term γ_{n+2}(2⁻⁵³) of `knn_bounds` covers. Products of VNNI/AMX-INT8 units run about twice
-  the bfloat16 rate, but the operands round coarser (a unit vector's residual ≈ 3× bfloat16's),
-  so the window is wider and refinement has more candidates; on dense neighbourhoods (real
-  256-d embeddings whose candidates already number hundreds in bfloat16) that costs more than
-  it saves, which is why ``"auto"`` never chooses it.
+* int8 (torch's cosine screen on the CPU, whose int8 product sums exactly: `units`): 8-bit
+  integers scaled by float32 factors (`ScaledRows`): each query row by its own c, so that its
+  largest component is about 127, and every reference row by one shared d, the largest
+  reference component's over 127 (`shared_int8_factor`). The integer products accumulate
+  exactly in int32 (n·127² < 2³¹ up to `INT8_MAX_DIM` dimensions), and the score is P·fl(c·d),
+  whose factor is exact in float64: one float64 rounding, 2⁻⁵³ relative, which the accumulation
+  term γ_{n+2}(2⁻⁵³) of `knn_bounds` covers. One reference factor makes a query's scores
+  monotone in P, so that the admission screen selects on the integers themselves
+  (`knn_admission`); it costs the bound nothing, which takes the largest reference residual
+  (the row of largest components had it with factors per row too), though the other rows round
+  coarser than their own factor would round them. Products of VNNI/AMX-INT8 units run about
+  twice the bfloat16 rate, but the operands round coarser (the bound is four to five times
+  bfloat16's on unit vectors), so the window is wider and refinement has more candidates: on
+  separated neighbourhoods that costs little, on dense ones (real 256-d embeddings whose
+  candidates already number hundreds in bfloat16) more than it saves. ``"auto"`` takes it
+  where an estimate from a sample of the references says it is faster (`knn_choice`).
 
 ``screening="bf16"`` pins the 16-bit screen (an error where no matrix unit runs it), ``"fp32"``
 pins float32, ``"int8"`` the integer screen, ``"auto"`` chooses as above. Results are identical
@@ -32,22 +38,18 @@ either way; only speed changes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fantasia_assets.errors import FantasiaError
 
+from .units import _CPU_FLAGS, INT8_LEVELS, bf16_beats_float32, cpu_has_bf16_units, int8_mm, int8_sums_exactly
+
 SCREENINGS = ("auto", "bf16", "int8", "fp32")
-_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-_PROBE_SHAPE = (256, 1024, 1024)  # (queries, references, dim): ~0.5 GFLOP, ~10 ms in float32
-_PROBE_MIN_SPEEDUP = 1.5  # the 16-bit screen's conversions and wider selection eat a smaller gain
 _GROUP = 32  # columns per group of the two-stage selection (`smallest_columns`)
 _CONVERT_ROWS = 4096  # rows converted per chunk: bounds the float64 temporaries
 # ‖r̂‖ ≤ 1 + 2u + u² for a cosine unit reference r̂ = fl(r · fl(1/‖r‖)) (`knn_bounds`, item 1),
@@ -93,7 +95,6 @@ _OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # 8-bit operands (module docstring): exact int32 sums, then one float64 rounding of P·fl(c·d)
 INT8 = Arithmetic("int8", torch.int8, 2.0**-53, 0.0, 0.0)
-INT8_LEVELS = 127  # |operand| ≤ 127: negation stays in range, and n·127² < 2³¹ for n ≤ INT8_MAX_DIM
 INT8_MAX_DIM = (2**31 - 1) // INT8_LEVELS**2
 
 
@@ -153,93 +154,10 @@ def resolve_screening(requested: str, backend: str, device: torch.device, metric
                 f"lookup.screening 'bf16': this CPU has none of {_CPU_FLAGS} (see /proc/cpuinfo)"
             )
         return FP32
-    if requested == "auto" and not _bf16_beats_float32():
+    if requested == "auto" and not bf16_beats_float32():
         return FP32
     dtype = torch.bfloat16
     return Arithmetic(_NAMES[dtype], dtype, _HALF_ACCUMULATION, _OUTPUT_UNIT[dtype], _SMALLEST_NORMAL[dtype])
-
-
-@functools.cache
-def cpu_has_bf16_units() -> bool:
-    """Whether the CPU reports AMX-BF16 or AVX512-BF16 (Linux's /proc/cpuinfo flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
-    return any(flag in flags for flag in _CPU_FLAGS)
-
-
-def _bf16_beats_float32() -> bool:
-    """Start-up probe, once per process: bfloat16 at least `_PROBE_MIN_SPEEDUP` × float32."""
-    float32, bfloat16 = _probed()
-    return float32 / bfloat16 >= _PROBE_MIN_SPEEDUP
-
-
-@functools.cache
-def _probed() -> tuple[float, float]:
-    return probe_seconds()
-
-
-def seconds_per_product() -> tuple[float, float]:
-    """(float32, bfloat16) seconds of one multiply-add on one thread here, from the start-up
-    probe (once per process): what screening a row costs in either (`knn.SearchEngine`'s
-    float32 screen of dense neighbourhoods)."""
-    float32, bfloat16 = _probed()
-    return float32 / math.prod(_PROBE_SHAPE), bfloat16 / math.prod(_PROBE_SHAPE)
-
-
-def probe_speedup() -> float:
-    """float32 time / bfloat16 time of the probe's product (`probe_seconds`)."""
-    float32, bfloat16 = probe_seconds()
-    return float32 / bfloat16
-
-
-def probe_seconds() -> tuple[float, float]:
-    """(float32, bfloat16) seconds of a `_PROBE_SHAPE` product on one thread: the least of three
-    each, in the calling thread's CPU time.
-
-    Thread CPU time, not wall time: the probe runs as the search starts, beside threads that
-    read the annotations (psycopg holds the interpreter lock for each row) and write files. Wall
-    time counted their turns on the lock and on the cores into the products, and a lookup on
-    this very machine once chose float32 (2.9x slower) that way. One thread (OpenMP's count is
-    per calling thread): the products then run in this thread, where its CPU clock sees them,
-    and the engine's workers each run single-thread products too.
-    """
-    n_queries, n_references, dim = _PROBE_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(n_queries, dim, generator=generator)
-    references = torch.randn(n_references, dim, generator=generator)
-    best = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            a, b = queries.to(dtype), references.to(dtype)
-            torch.mm(a, b.T)  # the first call builds oneDNN's kernel: not timed
-            times = []
-            for _ in range(3):
-                started = time.thread_time()
-                torch.mm(a, b.T)
-                times.append(time.thread_time() - started)
-            best[dtype] = max(min(times), 1e-9)
-    finally:
-        torch.set_num_threads(threads)
-    return best[torch.float32], best[torch.bfloat16]
-
-
-@functools.cache
-def int8_sums_exactly() -> bool:
-    """Whether torch's int8 product returns exact int32 sums here, checked once per process on
-    the extremes ±127 (a kernel that saturated 16-bit partial sums, as some int8 paths of
-    CPUs without VNNI do, would fail it): the bound assumes exact sums."""
-    generator = torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, (48, 2 * 1024 + 3), generator=generator) * 2 - 1
-    rows = (signs * INT8_LEVELS).to(torch.int8)
-    rows[1] = -rows[0]
-    exact = rows.long() @ rows.long().T
-    product = int8_mm(rows[:16], rows, torch.empty(16, len(rows), dtype=torch.int32))
-    return torch.equal(product.long(), exact[:16])
 
 
 def _float32_output_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -257,6 +175,7 @@ def to_operands(
     arithmetic: Arithmetic,
     centre: torch.Tensor | None = None,
     unit_rows: bool = False,
+    int8_factor: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """`matrix` (float32, less `centre` if given) as the screen's operands, and per-row float64
     norms for the bound: "norm" of the float32 row, "operand_norm", "residual" ‖row - operand‖.
@@ -272,9 +191,11 @@ def to_operands(
     `UNIT_ROW_NORM` and "operand_norm" ‖r̂‖ + ‖r̂ - operand‖ rounded up, which bounds ‖operand‖
     by the triangle inequality. Two of the three float64 passes over each row go, the costliest
     part of preparing a million references (measured: 2.8 of 8.9 s of CPU).
+    `int8_factor`: the int8 screen's one factor for every row (the references'), else each
+    row's own.
     """
     if arithmetic.dtype == torch.int8:
-        return _int8_operands(matrix, unit_rows)
+        return _int8_operands(matrix, unit_rows, int8_factor)
     if not arithmetic.half and centre is None:
         if unit_rows:
             bound = np.full(len(matrix), UNIT_ROW_NORM)
@@ -306,23 +227,37 @@ def to_operands(
     return operands, stats
 
 
-def _int8_operands(matrix: torch.Tensor, unit_rows: bool) -> tuple[ScaledRows, dict[str, np.ndarray]]:
-    """`to_operands` of the int8 screen: per row d = fl(max|row| / 127) (1 for a zero row) and
-    values round(row / d) clamped to ±127. Whatever they are, the residual row - values·d is
-    taken in float64, where values·d is exact (7 + 24 significant bits) and so is the
-    difference (the two agree to within d, their bits span under 53 places); its norm bounds
-    the change the product sees (`knn_bounds`, item 2), and ‖values·d‖ the operand's size."""
+def shared_int8_factor(largest: float) -> float:
+    """The int8 screen's factor for rows whose largest component magnitude is `largest`:
+    fl(largest / 127) in float32, 1 when that is 0 (zero rows stay zero with any factor)."""
+    factor = float(np.float32(np.float32(largest) / np.float32(INT8_LEVELS)))
+    return factor if factor > 0 else 1.0
+
+
+def _int8_operands(
+    matrix: torch.Tensor, unit_rows: bool, factor: float | None = None
+) -> tuple[ScaledRows, dict[str, np.ndarray]]:
+    """`to_operands` of the int8 screen: per row d = fl(max|row| / 127) (1 for a zero row), or
+    the one `factor` given for every row, and values round(row / d) clamped to ±127. Whatever
+    they are, the residual row - values·d is taken in float64, where values·d is exact (7 + 24
+    significant bits) and so is the difference (the two agree to within d, their bits span under
+    53 places); its norm bounds the change the product sees (`knn_bounds`, item 2), and
+    ‖values·d‖ the operand's size."""
     values = torch.empty(matrix.shape, dtype=torch.int8, device=matrix.device)
     scale = torch.empty(len(matrix), dtype=torch.float32, device=matrix.device)
     stats = {name: np.empty(len(matrix)) for name in ("norm", "operand_norm", "residual")}
     for start in range(0, len(matrix), _CONVERT_ROWS):
         rows = slice(start, start + _CONVERT_ROWS)
         chunk = matrix[rows]
-        factor = chunk.abs().amax(1) / INT8_LEVELS if chunk.shape[1] else chunk.new_zeros(len(chunk))
-        factor = torch.where(factor > 0, factor, 1.0)
-        levels = torch.round(chunk / factor[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
-        values[rows], scale[rows] = levels.to(torch.int8), factor
-        operand = levels.double() * factor.double()[:, None]  # exactly
+        if factor is not None:
+            factors = chunk.new_full((len(chunk),), factor)
+        else:
+            largest = chunk.abs().amax(1) if chunk.shape[1] else chunk.new_zeros(len(chunk))
+            factors = largest / INT8_LEVELS
+            factors = torch.where(factors > 0, factors, 1.0)
+        levels = torch.round(chunk / factors[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
+        values[rows], scale[rows] = levels.to(torch.int8), factors
+        operand = levels.double() * factors.double()[:, None]  # exactly
         stats["residual"][rows] = _float64_norms(chunk.double() - operand)
         if not unit_rows:
             stats["norm"][rows] = row_norms(chunk)
@@ -346,15 +281,6 @@ def int8_product(
     exact = int8_mm(queries.values, references, buffers[0][: shape[0] * shape[1]].view(shape))
     factors = queries.scale.double()[:, None] * reference_scale.double()[None, :]  # exactly
     return torch.mul(exact, factors, out=buffers[1][: shape[0] * shape[1]].view(shape))
-
-
-def int8_mm(queries: torch.Tensor, references: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """queries @ referencesᵀ of int8 rows, exactly, into `out` (int32). torch 2.13's CPU int8
-    kernel returns garbage for one-dimensional rows (measured: every dimension from 2 to 1,024
-    is exact), so those take int64 products, exact too."""
-    if queries.shape[1] > 1:
-        return torch._int_mm(queries, references.T, out=out)
-    return out.copy_(queries.long() @ references.long().T)
 
 
 def row_norms(rows: torch.Tensor) -> np.ndarray:

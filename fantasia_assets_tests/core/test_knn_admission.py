@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fantasia_assets.core import knn, knn_admission, screen
+from fantasia_assets.core import knn, knn_admission, screen, units
 from fantasia_assets.core.knn import SearchEngine
 from fantasia_assets_tests.conftest import shared_file
 from fantasia_assets_tests.core.test_knn import read_embeddings
@@ -128,10 +128,10 @@ def bf16_chosen(monkeypatch):
     """`screening="auto"` choosing bfloat16, whatever this CPU's probe says (torch multiplies
     bfloat16 everywhere; the bound covers any kernel that sums in float32)."""
     monkeypatch.setattr(screen, "cpu_has_bf16_units", lambda: True)
-    monkeypatch.setattr(screen, "_bf16_beats_float32", lambda: True)
+    monkeypatch.setattr(screen, "bf16_beats_float32", lambda: True)
     # the probe's times, fixed: a first block of all 3,000 × 256 references allows 64 candidates
     float32 = 64 * (knn._CANDIDATE_SECONDS[0] + 256 * knn._CANDIDATE_SECONDS[1]) / (3000 * 256)
-    monkeypatch.setattr(screen, "seconds_per_product", lambda: (float32, float32 / 2))
+    monkeypatch.setattr(units, "seconds_per_product", lambda: (float32, float32 / 2))
 
 
 def _fallbacks(monkeypatch) -> list[bool]:
@@ -248,3 +248,53 @@ def test_admission_bits_are_the_smallest_number_whose_reach_meets_the_limit(arit
     tau = tau[~(tau > 4.0)]  # cosine: p̃ ≤ 1 + 2.1u (NaN stays)
     expected = np.where(np.isnan(tau) | (tau <= 0), 0, np.searchsorted(reach, tau, side="left"))
     np.testing.assert_array_equal(knn_admission._reaching_bits(tau, arithmetic), expected.astype(np.int16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    unit=st.floats(2.0**-40, 2.0**-10),
+    ratio=st.floats(2.0**-8, 2.0**31 + 4.0),
+    nudge=st.integers(-3, 3),
+)
+def test_int8_limits_are_the_smallest_integer_whose_product_reaches_tau(unit, ratio, nudge):
+    """`_integer_reaching`: the smallest P ≥ 1 with fl(P·unit) ≥ τ (the int8 screen's values are
+    that float64 product, `_collected`), checked against its neighbours, at τ exactly some fl(P·unit)
+    and a step either side; the int32 maximum where no product can reach; 0 where τ ≤ 0 or NaN."""
+    exact = np.float64(max(np.floor(ratio), 1.0)) * unit  # some fl(P·unit), or a step either side
+    exact = np.nextafter(exact, np.inf if nudge > 0 else -np.inf) if nudge in (-1, 1) else exact
+    tau = np.array([ratio * unit if abs(nudge) > 1 else exact, 0.0, -1.0, np.nan])
+    units_ = np.full(4, unit)
+    got = knn_admission._integer_reaching(tau, units_)
+    assert got.dtype == np.int32 and list(got[1:]) == [0, 0, 0]
+    if tau[0] / unit >= 2.0**31:
+        assert got[0] == np.iinfo(np.int32).max
+        return
+    p = int(got[0])
+    assert p >= 1 and np.float64(p) * unit >= tau[0]
+    assert p == 1 or np.float64(p - 1) * unit < tau[0]
+
+
+@pytest.mark.skipif(not screen.int8_sums_exactly(), reason="this CPU's int8 product does not sum exactly")
+def test_int8_references_share_one_factor_and_select_on_integers(real_data):
+    """The int8 screen's references share the factor of their largest component (so a query's
+    scores are monotone in its integer products), its queries keep one each; the admission screen
+    returns the very values P·fl(c·d) its top-m screen computes, and every row screens itself."""
+    queries, references = real_data
+    engine = SearchEngine("cosine", "torch", "cpu", screening="int8").build(references)
+    scale = engine._references.operand_scale
+    unit = references / np.linalg.norm(references.astype(np.float64), axis=1, keepdims=True)
+    assert torch.all(scale == scale[0])
+    largest = float(np.abs(unit).max())
+    assert largest <= 127 * float(scale[0]) * (1 + 2.0**-20) and float(scale[0]) * 126 < largest
+    values, indices, kept = admitted(engine, queries, 5)
+    assert len(kept) == len(queries)
+    q32 = queries.astype(np.float32)
+    fast = engine._prepare_queries(q32, (q32.astype(np.float64) ** 2).sum(1))[0]
+    buffers = [
+        torch.empty(len(q32) * len(references), dtype=torch.int32),
+        torch.empty(len(q32) * len(references), dtype=torch.float64),
+    ]
+    full = screen.int8_product(fast, engine._references.operands, scale, buffers)
+    finite = torch.isfinite(values)
+    rows = torch.arange(len(q32))[:, None].expand_as(values)[finite]
+    np.testing.assert_array_equal(values[finite].numpy(), full[rows, indices[finite]].numpy())

@@ -83,9 +83,9 @@ def test_restored_engine_equals_a_fresh_build_and_reads_no_row_beyond_its_sample
 
 @pytest.mark.skipif(not screen.int8_sums_exactly(), reason="this CPU's int8 product does not sum exactly")
 def test_int8_operands_and_factors_are_kept_and_restored_bit_for_bit(tmp_path):
-    """The int8 screen keeps its int8 rows and per-row factors (second column of .rows.npy); a
-    restored engine holds the very same and answers as the oracle; a damaged factor is caught
-    by the sample check and prepared afresh."""
+    """The int8 screen keeps its int8 rows and the factor they share (second column of
+    .rows.npy, every row); a restored engine holds the very same and answers as the oracle; a
+    damaged factor is caught (the factors differ, and the sample check) and prepared afresh."""
     matrix, queries = _mapped(tmp_path)
     kept = tmp_path / "matrix.operands"
     fresh = SearchEngine("cosine", "torch", "cpu", screening="int8").build(matrix, kept=kept)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fantasia_assets.core import knn_inputs, knn_reference, screen
+from fantasia_assets.core import knn_inputs, knn_reference, resident, screen
 from fantasia_assets.core.knn import METRICS, SearchEngine
 from fantasia_assets.core.plan import ModelSpec, Partition
 from fantasia_assets.core.references import ReferenceMatrix, ReferenceScope
@@ -298,11 +298,11 @@ def assert_bits_equal(got, want, name: str) -> None:
 
 
 def test_a_memmap_copied_to_the_card_keeps_its_bits(tmp_path, monkeypatch):
-    """`_onto_card` (here onto the CPU device): every row's bits, copied a few rows a step."""
-    monkeypatch.setattr(knn_reference, "_CARD_ROWS", 7)
+    """`resident.onto_card` (here onto the CPU device): every row's bits, copied a few rows a step."""
+    monkeypatch.setattr(resident, "_CARD_ROWS", 7)
     rows = np.random.default_rng(3).standard_normal((50, 24)).astype(np.float16)
     rows[5] = np.float16(6.1e-5)  # subnormal-adjacent values travel unchanged
-    held = knn_reference._onto_card(memmapped(tmp_path, rows), torch.device("cpu"))
+    held = resident.onto_card(memmapped(tmp_path, rows), torch.device("cpu"))
     assert (
         held.dtype == torch.float16 and held.numpy().view(np.uint16).tolist() == rows.view(np.uint16).tolist()
     )

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fantasia_assets.config import ConfigError, parse_config
-from fantasia_assets.core import knn_admission, screen
+from fantasia_assets.core import knn_admission, screen, units
 from fantasia_assets.core.knn import METRICS, SearchEngine
 from fantasia_assets.core.knn_bounds import UNIT, screened_enough
 from fantasia_assets_tests.conftest import shared_file
@@ -356,7 +356,7 @@ def test_the_start_up_probe_counts_only_its_own_cpu_time(monkeypatch):
     runs on cold caches, which thread time rightly counts (measured 8.9 quiet, 3.5 after sleeps,
     on a loaded 2-core Xeon). The probe leaves torch's thread count as it found it."""
     threads = torch.get_num_threads()
-    quiet = screen.probe_speedup()
+    quiet = units.probe_speedup()
     real_mm = torch.mm
 
     def waiting_mm(a, b, *args, **kwargs):
@@ -365,7 +365,7 @@ def test_the_start_up_probe_counts_only_its_own_cpu_time(monkeypatch):
         return real_mm(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch, "mm", waiting_mm)
-    waited = screen.probe_speedup()
+    waited = units.probe_speedup()
     assert torch.get_num_threads() == threads
     assert 0.5 < waited < quiet * 2, (quiet, waited)
 

@@ -1,0 +1,98 @@
+"""The ``"auto"`` screen's choice of the int8 screen on the CPU (`knn.SearchEngine.build`).
+
+Every screen returns the float64 oracle's answer; they differ in speed, by machine and by data.
+Per query row, over n references of d dimensions, a screen costs its product, n·d·t (t its
+multiply-add's time on one thread here, `units`), and its candidates' bookkeeping and
+refinement, C·c (c per candidate, `knn._CANDIDATE_SECONDS`). int8 products run about twice
+bfloat16's rate on VNNI or AMX-INT8 units, but its operands round coarser, so its window (the
+bound δ of `knn_bounds`, about 4-5 times bfloat16's on unit vectors) holds more candidates.
+Measured with two threads, k = 5: on synthetic 1,024-d families (124,000 references) int8
+searches in about 0.6 × bfloat16's time; on real 256-d neighbourhoods (NEAR, 13,000 human
+references) in 0.9 to 1.3 ×, its window holding two to six times bfloat16's candidates.
+
+So the build estimates both before preparing either operands. `SAMPLE_ROWS` reference rows spread
+over the matrix stand for the queries (a row's match with itself left out); against the first
+block of W = `knn_admission.REFERENCE_BLOCK` references they give, in float32, each row's k-th
+largest similarity p_k (k = `NOMINAL_K`, SPEC's default: the engine is built before it knows k),
+and each screen's bound for that row (`knn_bounds.screening_error_bound`, the block's operands
+standing for the references'). A screen's candidates in the block are the similarities within
+2δ + 2h of p_k (h: the bfloat16 output's rounding at p_k, `screen.output_error`), as its
+admission screen keeps them (`knn_admission`); over the matrix, n/W blocks of them. The int8
+screen is chosen where its estimated cost is the lower. An estimate: a wrong choice costs speed,
+never a different answer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from . import screen, units
+from .knn_bounds import screening_error_bound
+from .knn_inputs import inverse_norms
+
+SAMPLE_ROWS = 128
+NOMINAL_K = 5
+_STAT_ROWS = 2048  # block rows whose operands stand for the references' in the bound
+
+log = logging.getLogger(__name__)
+
+
+def prefers_int8(
+    matrix: np.ndarray, current: screen.Arithmetic, block: int, candidate_seconds: float
+) -> bool:
+    """Whether the int8 screen is estimated faster than `current` (bfloat16 or float32) on the
+    cosine screen of `matrix` (n, d) (module docstring); `block`: the admission screen's reference
+    rows per block; `candidate_seconds`: c at this dimension."""
+    n, dim = matrix.shape
+    if n <= 1 or dim == 0:
+        return False
+    block = min(block, n)
+    sample = np.unique(np.linspace(0, n - 1, min(SAMPLE_ROWS, n)).astype(np.int64))
+    queries = _unit_rows(matrix[sample])
+    references = _unit_rows(matrix[:block])
+    with torch.no_grad():
+        similarity = (queries @ references.T).double()
+    inside = sample < block  # a sample row's match with itself
+    similarity[np.flatnonzero(inside), sample[inside]] = -np.inf
+    k = min(NOMINAL_K, block - 1) if block > 1 else 1
+    kth = similarity.topk(k, dim=1)[0][:, -1]
+    stats_rows = references[np.unique(np.linspace(0, block - 1, min(_STAT_ROWS, block)).astype(np.int64))]
+    blocks = n / block
+    float32, bfloat16 = units.seconds_per_product()
+    product = {screen.INT8.name: units.int8_seconds_per_product()}
+    product[current.name] = bfloat16 if current.half else float32
+    cost = {}
+    for arithmetic in (current, screen.INT8):
+        window = 2 * _bounds(queries, stats_rows, arithmetic) + 2 * screen.output_error(kth, arithmetic)
+        candidates = float((similarity >= (kth - window)[:, None]).sum(1).double().mean())
+        cost[arithmetic.name] = (
+            n * dim * product[arithmetic.name] + candidates * blocks * candidate_seconds,
+            candidates,
+        )
+    log.debug("screen estimates per query row (seconds, candidates per block): %s", cost)
+    return cost[screen.INT8.name][0] < cost[current.name][0]
+
+
+def _unit_rows(rows: np.ndarray) -> torch.Tensor:
+    """float32 rows × fl(1/‖row‖), as the engine prepares cosine rows (`knn_reference`)."""
+    rows = torch.from_numpy(np.array(rows, dtype=np.float32))  # a copy: torch may write it
+    sq_norms = np.einsum("ij,ij->i", rows.numpy(), rows.numpy(), dtype=np.float64)
+    return rows * torch.from_numpy(inverse_norms(sq_norms).astype(np.float32))[:, None]
+
+
+def _bounds(queries: torch.Tensor, references: torch.Tensor, arithmetic: screen.Arithmetic) -> torch.Tensor:
+    """The cosine bound δ per query row (float64) of `arithmetic` with `references` standing for
+    the matrix's (their largest component sets the int8 screen's shared factor)."""
+    factor = None
+    if arithmetic is screen.INT8:
+        factor = screen.shared_int8_factor(float(references.abs().max()) if references.numel() else 0.0)
+    _, reference_stats = screen.to_operands(references, arithmetic, unit_rows=True, int8_factor=factor)
+    maxima = {name: float(values.max()) for name, values in reference_stats.items()}
+    maxima.update(relative_residual=0.0, centred=0.0)
+    _, query_stats = screen.to_operands(-queries, arithmetic)
+    query_stats.update(offset=np.ones(len(queries)), centred_norm=np.ones(len(queries)))
+    bound = screening_error_bound("cosine", queries.shape[1], arithmetic, query_stats, maxima)[:, 0]
+    return torch.from_numpy(bound)
