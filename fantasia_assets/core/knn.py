@@ -176,23 +176,24 @@ class SearchEngine:
         self.arithmetic = screen.resolve_screening(
             self.requested_screening, self.backend, self.device, self.metric
         )
-        dim = matrix.shape[1]
+        dim, largest = matrix.shape[1], None
         if (
             self.requested_screening == "auto"
             and knn_admission.applies(self)
             and dim <= screen.INT8_MAX_DIM
             and units.int8_sums_exactly()
-            and knn_choice.prefers_int8(
-                matrix, self.arithmetic, knn_admission.REFERENCE_BLOCK, self._candidate_seconds(dim)
-            )
-        ):  # its estimated cost is the lower (`knn_choice`)
-            self.arithmetic = screen.INT8
+        ):  # int8 where its estimated cost is the lower (`knn_choice`)
+            block, seconds = knn_admission.REFERENCE_BLOCK, self._candidate_seconds(dim)
+            largest = knn_choice.prefers_int8(matrix, self.arithmetic, block, seconds)
+            self.arithmetic = self.arithmetic if largest is None else screen.INT8
         if self.arithmetic is screen.INT8 and matrix.shape[1] > screen.INT8_MAX_DIM:
             raise screen.ScreeningError(
                 f"lookup.screening 'int8' sums exactly up to {screen.INT8_MAX_DIM} dimensions, "
                 f"not {matrix.shape[1]}"
             )
-        self._references = PreparedReferences(matrix, self.metric, self.arithmetic, self.device, kept)
+        self._references = PreparedReferences(
+            matrix, self.metric, self.arithmetic, self.device, kept, largest
+        )
         self._budget = self._requested_budget or default_memory_budget(self.device)
         self._float32 = None
         auto_16 = self.requested_screening == "auto" and self.arithmetic.half

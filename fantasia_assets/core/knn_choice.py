@@ -15,7 +15,8 @@ over the matrix stand for the queries (a row's match with itself left out); agai
 block of W = `knn_admission.REFERENCE_BLOCK` references they give, in float32, each row's k-th
 largest similarity p_k (k = `NOMINAL_K`, SPEC's default: the engine is built before it knows k),
 and each screen's bound for that row (`knn_bounds.screening_error_bound`, the block's operands
-standing for the references'). A screen's candidates in the block are the similarities within
+standing for the references', the int8 factor from a pass over all of them,
+`largest_unit_component`, which the build then uses). A screen's candidates in the block are the similarities within
 2δ + 2h of p_k (h: the bfloat16 output's rounding at p_k, `screen.output_error`), as its
 admission screen keeps them (`knn_admission`); over the matrix, n/W blocks of them. The int8
 screen is chosen where its estimated cost is the lower. An estimate: a wrong choice costs speed,
@@ -25,31 +26,37 @@ never a different answer.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
 
 from . import screen, units
+from .knn_admission import single_threaded
 from .knn_bounds import screening_error_bound
-from .knn_inputs import inverse_norms
+from .knn_inputs import in_parallel, inverse_norms
+from .resident import release_rows
 
 SAMPLE_ROWS = 128
 NOMINAL_K = 5
 _STAT_ROWS = 2048  # block rows whose operands stand for the references' in the bound
+_PASS_ROWS = 4096  # rows per chunk of `largest_unit_component`'s pass: 8-16 MiB at 1,024 dims
 
 log = logging.getLogger(__name__)
 
 
 def prefers_int8(
     matrix: np.ndarray, current: screen.Arithmetic, block: int, candidate_seconds: float
-) -> bool:
-    """Whether the int8 screen is estimated faster than `current` (bfloat16 or float32) on the
-    cosine screen of `matrix` (n, d) (module docstring); `block`: the admission screen's reference
+) -> float | None:
+    """The largest component of `matrix`'s unit rows (`largest_unit_component`) when the int8
+    screen is estimated faster than `current` (bfloat16 or float32) on the cosine screen of
+    `matrix` (n, d), else None (module docstring); `block`: the admission screen's reference
     rows per block; `candidate_seconds`: c at this dimension."""
     n, dim = matrix.shape
     if n <= 1 or dim == 0:
-        return False
+        return None
     block = min(block, n)
+    largest = largest_unit_component(matrix)
     sample = np.unique(np.linspace(0, n - 1, min(SAMPLE_ROWS, n)).astype(np.int64))
     queries = _unit_rows(matrix[sample])
     references = _unit_rows(matrix[:block])
@@ -66,14 +73,45 @@ def prefers_int8(
     product[current.name] = bfloat16 if current.half else float32
     cost = {}
     for arithmetic in (current, screen.INT8):
-        window = 2 * _bounds(queries, stats_rows, arithmetic) + 2 * screen.output_error(kth, arithmetic)
+        window = 2 * _bounds(queries, stats_rows, arithmetic, largest) + 2 * screen.output_error(
+            kth, arithmetic
+        )
         candidates = float((similarity >= (kth - window)[:, None]).sum(1).double().mean())
         cost[arithmetic.name] = (
             n * dim * product[arithmetic.name] + candidates * blocks * candidate_seconds,
             candidates,
         )
     log.debug("screen estimates per query row (seconds, candidates per block): %s", cost)
-    return cost[screen.INT8.name][0] < cost[current.name][0]
+    return largest if cost[screen.INT8.name][0] < cost[current.name][0] else None
+
+
+def largest_unit_component(matrix: np.ndarray) -> float:
+    """An upper bound on the largest magnitude of a component of `matrix`'s rows scaled to unit
+    norm, from one pass in chunks on torch's thread count of workers (a memmap's pages released
+    as it goes): max |r_i|/‖r‖ over the float32 rows, raised by 2⁻¹⁶ for the float32 norms here
+    and the rounding of the engine's own unit rows (a component beyond it would only be clamped,
+    its residual measured as ever). The int8 screen's shared factor comes from it
+    (`screen.shared_int8_factor`); the window depends on it through every reference's residual,
+    so one outlying row anywhere counts."""
+    found = [0.0]
+
+    def measure(first: int, last: int) -> None:
+        with single_threaded():
+            for start in range(first, last, _PASS_ROWS):
+                stop = min(start + _PASS_ROWS, last)
+                with warnings.catch_warnings():  # read, never written: float() makes a new tensor
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    rows = torch.from_numpy(np.asarray(matrix[start:stop]))
+                rows = rows.float() if rows.dtype != torch.float32 else rows
+                if rows.numel():
+                    norms = torch.linalg.vector_norm(rows, dim=1).double()
+                    magnitudes = torch.maximum(rows.amax(1), rows.amin(1).neg()).double()
+                    ratios = torch.where(norms > 0, magnitudes / norms, 0.0)  # zero rows: no direction
+                    found.append(float(ratios.max()))
+                release_rows(matrix, start, stop)
+
+    in_parallel(len(matrix), torch.get_num_threads(), measure)
+    return max(found) * (1 + 2.0**-16)
 
 
 def _unit_rows(rows: np.ndarray) -> torch.Tensor:
@@ -83,12 +121,12 @@ def _unit_rows(rows: np.ndarray) -> torch.Tensor:
     return rows * torch.from_numpy(inverse_norms(sq_norms).astype(np.float32))[:, None]
 
 
-def _bounds(queries: torch.Tensor, references: torch.Tensor, arithmetic: screen.Arithmetic) -> torch.Tensor:
+def _bounds(
+    queries: torch.Tensor, references: torch.Tensor, arithmetic: screen.Arithmetic, largest: float
+) -> torch.Tensor:
     """The cosine bound δ per query row (float64) of `arithmetic` with `references` standing for
-    the matrix's (their largest component sets the int8 screen's shared factor)."""
-    factor = None
-    if arithmetic is screen.INT8:
-        factor = screen.shared_int8_factor(float(references.abs().max()) if references.numel() else 0.0)
+    the matrix's, and the int8 screen's shared factor from the matrix's `largest` component."""
+    factor = screen.shared_int8_factor(largest) if arithmetic is screen.INT8 else None
     _, reference_stats = screen.to_operands(references, arithmetic, unit_rows=True, int8_factor=factor)
     maxima = {name: float(values.max()) for name, values in reference_stats.items()}
     maxima.update(relative_residual=0.0, centred=0.0)

@@ -59,6 +59,7 @@ import torch
 
 from . import screen
 from .knn_admission import single_threaded
+from .knn_choice import largest_unit_component
 from .knn_inputs import in_parallel, inverse_norms, row_sq_norms
 from .resident import onto_card, release_rows
 
@@ -85,7 +86,9 @@ _WRITING_LOCK = threading.Lock()
 
 
 class PreparedReferences:
-    """The reference rows of one engine, prepared for `metric`, `arithmetic` and `device`."""
+    """The reference rows of one engine, prepared for `metric`, `arithmetic` and `device`; the
+    int8 screen's shared factor from `largest` (`knn_choice.largest_unit_component`, measured
+    here when not given)."""
 
     def __init__(
         self,
@@ -94,6 +97,7 @@ class PreparedReferences:
         arithmetic: screen.Arithmetic,
         device: torch.device,
         kept: Path | None = None,
+        largest: float | None = None,
     ):
         if matrix.dtype in (np.float16, np.float32) and matrix.flags.c_contiguous:
             source = matrix  # kept as given: a memmap stays a memmap
@@ -123,8 +127,9 @@ class PreparedReferences:
             self._on_device = onto_card(source, device)  # refinement's gathers stay on the card
         if arithmetic.half and metric == "euclidean":
             self.centre = self._mean_row()
-        shared = self._largest_component() if arithmetic.dtype == torch.int8 else None
-        self.operands, self.sq_norms, self.stats = self._prepare_operands(shared)
+        if arithmetic.dtype == torch.int8 and largest is None:
+            largest = largest_unit_component(source)
+        self.operands, self.sq_norms, self.stats = self._prepare_operands(largest)
         if keep:
             self._keep(kept)
 
@@ -381,24 +386,6 @@ class PreparedReferences:
             total += self.prepared(start, min(start + _MEAN_ROWS, self.n)).double().sum(0)
         return (total / self.n).float()
 
-    def _largest_component(self) -> float:
-        """The largest magnitude of a prepared row's component, chunk by chunk (a memmap's pages
-        released): the int8 screen's shared factor (`screen.shared_int8_factor`)."""
-        largest = [0.0]
-        rows = _PREPARE_ROWS["cpu" if self.device.type == "cpu" else "cuda"]
-
-        def measure(first: int, last: int) -> None:
-            with single_threaded():
-                for start in range(first, last, rows):
-                    stop = min(start + rows, last)
-                    chunk = self.prepared(start, stop)
-                    if chunk.numel():
-                        largest.append(float(chunk.abs().max()))
-                    release_rows(self.source, start, stop)
-
-        in_parallel(self.n, torch.get_num_threads() if self.device.type == "cpu" else 1, measure)
-        return max(largest)
-
     def _prepare_operands(
         self, largest: float | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
@@ -406,7 +393,7 @@ class PreparedReferences:
         maxima over references), chunk by chunk so that no float32 copy of a memmap exists; on
         the CPU on torch's thread count of worker threads (`knn_inputs.in_parallel`): every value
         is row-local, so neither the chunks nor the workers change one bit of the result.
-        `largest`: the int8 screen's largest component (`_largest_component`)."""
+        `largest`: the int8 screen's bound on its unit rows' largest component."""
         factor = None if largest is None else screen.shared_int8_factor(largest)
         n, dim, arithmetic = self.n, self.dim, self.arithmetic
         shared = None  # the float32 euclidean screen on the CPU reads the rows themselves

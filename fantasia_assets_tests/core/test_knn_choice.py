@@ -66,9 +66,32 @@ def test_the_estimate_weighs_products_against_candidates(fixed_units, monkeypatc
     screen is never second-guessed."""
     references = families(600, 10, 512, 0.3, seed=1)
     bf16 = screen.resolve_screening("bf16", "torch", torch.device("cpu"), "cosine")
-    assert knn_choice.prefers_int8(references, bf16, 16384, 1e-6)
+    assert knn_choice.prefers_int8(references, bf16, 16384, 1e-6) is not None
     monkeypatch.setattr(units, "int8_seconds_per_product", lambda: 20e-12)
-    assert not knn_choice.prefers_int8(references, bf16, 16384, 1e-6)
+    assert knn_choice.prefers_int8(references, bf16, 16384, 1e-6) is None
     monkeypatch.setattr(units, "int8_seconds_per_product", lambda: 10e-12)
     assert SearchEngine("cosine", "torch", "cpu", screening="bf16").build(references).screening == "bf16"
     assert SearchEngine("euclidean", "torch", "cpu", screening="auto").build(references).screening == "bf16"
+
+
+def test_one_outlying_reference_beyond_the_first_block_counts(fixed_units):
+    """The references share the factor of the largest unit-row component of all of them: one
+    spike (a one-hot row) after the sampled block coarsens every row's int8 operands, which the
+    estimate sees, and the factor comes from it; with the spike as the last row the answer is
+    still the oracle's."""
+    references = families(600, 10, 512, 0.3, seed=1)
+    spiked = np.vstack([references, np.eye(1, 512, dtype=np.float32)])
+    bf16 = screen.resolve_screening("bf16", "torch", torch.device("cpu"), "cosine")
+    largest = knn_choice.prefers_int8(references, bf16, 4096, 1e-6)
+    unit = references / np.linalg.norm(references.astype(np.float64), axis=1, keepdims=True)
+    assert largest is not None and np.abs(unit).max() <= largest <= np.abs(unit).max() * (1 + 2.0**-15)
+    assert knn_choice.prefers_int8(spiked, bf16, 4096, 1e-6) is None
+    pinned = SearchEngine("cosine", "torch", "cpu", screening="int8").build(spiked)
+    assert float(pinned._references.operand_scale[0]) == screen.shared_int8_factor(
+        knn_choice.largest_unit_component(spiked)
+    )
+    noise = np.random.default_rng(3).standard_normal((len(spiked[::97]), 512)).astype(np.float32)
+    queries = spiked[::97] + 0.05 * noise  # near the references, not equal to them
+    expected = exact_oracle(queries, spiked, "cosine", 5)
+    for got, want in zip(pinned.search(queries, 5), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
