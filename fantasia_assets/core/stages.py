@@ -139,12 +139,14 @@ def in_process_search(
     partition: Partition,
     masks: np.ndarray | None = None,
     started: Callable[[], None] | None = None,
+    screens: list[str] | None = None,
 ) -> BatchSearch:
     """The engine built here on the matrix (or kept from the last search of it), searched batch
     after batch (a small CPU search in numpy alone, `knn_numpy.engine_for`: the same answer
     without torch's start-up); with `masks` (one boolean row per aspect over the matrix rows,
     `transfer.aspect_masks`), per aspect by `knn_aspect`, which drives `knn`'s engine.
-    `started()` is called once the engine is built, before the first products."""
+    `started()` is called once the engine is built, before the first products; `screens`, when
+    given, receives the built engine's screen (`SearchEngine.screening`) for the progress lines."""
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
         n_references, dim = matrix.vectors.shape
@@ -172,6 +174,8 @@ def in_process_search(
         with _idle_lock:
             kept = _idle_engine.pop(key, (None, None))[1]
         engine = kept if kept is not None else engine.build(matrix.vectors, kept=matrix.kept_operands)
+        if screens is not None:  # the arithmetic it screens in, for the progress lines
+            screens.append(engine.screening)
         if started is not None:
             started()
         for start in range(0, len(vectors), batch):
@@ -251,9 +255,9 @@ def search_partition(
         batch = partition.model.batch_size or settings.batch_size
         if batch_search is not None and started is not None:
             started()  # the products run on the cluster's workers
-        searched = (batch_search or in_process_search(matrix, settings, partition, masks, started))(
-            vectors, exclude, batch
-        )
+        screens: list[str] = []  # in this process: the engine's screen, known once it is built
+        search = batch_search or in_process_search(matrix, settings, partition, masks, started, screens)
+        searched = search(vectors, exclude, batch)
         parts = []
         for start, found in searched:
             stop = min(start + batch, len(rows))
@@ -263,7 +267,7 @@ def search_partition(
                 parts.append(neighbour_hits(accessions, query_idx, *found, matrix.sequence_ids))
             else:
                 parts.append(_aspect_hits(accessions, query_idx, found, matrix.sequence_ids))
-            progress(label, stop, len(rows))
+            progress(label + (f", {screens[0]} screen" if screens else ""), stop, len(rows))
     schema = HIT_SCHEMA if masks is None else ASPECT_HIT_SCHEMA
     hits = pl.concat(parts) if parts else pl.DataFrame(schema=schema)
     found = set(hits["accession"].unique().to_list())

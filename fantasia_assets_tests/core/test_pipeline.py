@@ -398,12 +398,15 @@ def test_groups_without_sequence_are_skipped_with_a_warning(tmp_path, caplog):
 
 def test_search_progress_says_where_the_search_runs(sample_loaded, tmp_path):
     """The search's progress lines (terminal and Dagster log alike) name where it runs, so a user
-    sees whether the card is used."""
+    sees whether the card is used, and the arithmetic it screens in."""
     from fantasia_assets.core.stages import SearchSettings, _where
 
     stages = []
     config = parse_config(_config(tmp_path, **{"lookup.use_gpu": False}))
     run_lookup(config, sample_loaded, progress=lambda stage, done, total: stages.append(stage))
     keys = ("NEAR|layer_0", "NEAR|layer_1", "AntiBERTy|layer_0", "AntiBERTy|layer_3")
-    assert {s for s in stages if s.startswith("search ")} == {f"search {key} on the cpu" for key in keys}
+    searches = {s for s in stages if s.startswith("search ")}
+    screens = ("fp32", "bf16", "int8")  # this machine's (`core.screen`)
+    assert {s.rsplit(", ", 1)[0] for s in searches} == {f"search {key} on the cpu" for key in keys}
+    assert all(s.rsplit(", ", 1)[1] in {f"{name} screen" for name in screens} for s in searches)
     assert _where(SearchSettings(device="cpu"), lambda *_: iter(())) == "on the Dask cluster"
