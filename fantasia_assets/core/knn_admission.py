@@ -52,11 +52,10 @@ torch's thread count of workers screen at once, each running torch on its own th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -66,7 +65,7 @@ import torch
 from .knn_bounds import screened_enough
 from .knn_inputs import Exclusions
 from .screen import Arithmetic, ScaledRows, output_dtype, output_error
-from .units import int8_mm
+from .units import int8_mm, single_threaded
 
 if TYPE_CHECKING:
     from .knn import SearchEngine
@@ -196,21 +195,6 @@ class _Candidates:
         overflowing = self.counts > _MAX_CANDIDATES
         self.left |= overflowing
         self.tau[overflowing] = self.largest
-
-
-@contextlib.contextmanager
-def single_threaded(threads: int = 1) -> Iterator[None]:
-    """Run torch's operations on `threads` threads (process-wide), then restore the count. The
-    screen's small operations run on the calling thread: each parallel region waits for every
-    thread of the pool, and on a busy machine one descheduled thread stalls it for a scheduler
-    slice, far longer than the work (measured: a 0.6 ms reduction took 50-80 ms on two threads
-    while other processes held the cores). Only the products get the pool."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def screen(

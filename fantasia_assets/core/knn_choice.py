@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from . import screen, units
-from .knn_admission import single_threaded
 from .knn_bounds import screening_error_bound
 from .knn_inputs import in_parallel, inverse_norms
 from .resident import release_rows
+from .units import single_threaded
 
 SAMPLE_ROWS = 128
 NOMINAL_K = 5

@@ -58,10 +58,10 @@ import numpy as np
 import torch
 
 from . import screen
-from .knn_admission import single_threaded
 from .knn_choice import largest_unit_component
 from .knn_inputs import in_parallel, inverse_norms, row_sq_norms
 from .resident import onto_card, release_rows
+from .units import single_threaded
 
 # Rows prepared per chunk at build: on the CPU the float32 temporaries (1 MiB at 1,024 dims) stay
 # in a core's cache through the chunk's dozen passes (2,048 rows: 8 MiB each, 40% slower); a
