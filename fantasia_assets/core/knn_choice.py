@@ -7,20 +7,22 @@ refinement, C·c (c per candidate, `knn._CANDIDATE_SECONDS`). int8 products run 
 bfloat16's rate on VNNI or AMX-INT8 units, but its operands round coarser, so its window (the
 bound δ of `knn_bounds`, about 4-5 times bfloat16's on unit vectors) holds more candidates.
 Measured with two threads, k = 5: on synthetic 1,024-d families (124,000 references) int8
-searches in about 0.6 × bfloat16's time; on real 256-d neighbourhoods (NEAR, 13,000 human
-references) in 0.9 to 1.3 ×, its window holding two to six times bfloat16's candidates.
+searches in about 0.6 × bfloat16's time; on the shared real sets (NEAR's 256-d layers against
+13,000 human references, AntiBERTy's 512-d against 3,000) in 0.9 to 1.4 × of it (0.24 × on
+NEAR's layer 1, whose crowded bfloat16 window costs more still), its window holding three to
+ten times bfloat16's candidates.
 
-So the build estimates both before preparing either operands. `SAMPLE_ROWS` reference rows spread
-over the matrix stand for the queries (a row's match with itself left out); against the first
-block of W = `knn_admission.REFERENCE_BLOCK` references they give, in float32, each row's k-th
-largest similarity p_k (k = `NOMINAL_K`, SPEC's default: the engine is built before it knows k),
-and each screen's bound for that row (`knn_bounds.screening_error_bound`, the block's operands
-standing for the references', the int8 factor from a pass over all of them,
-`largest_unit_component`, which the build then uses). A screen's candidates in the block are the similarities within
-2δ + 2h of p_k (h: the bfloat16 output's rounding at p_k, `screen.output_error`), as its
-admission screen keeps them (`knn_admission`); over the matrix, n/W blocks of them. The int8
-screen is chosen where its estimated cost is the lower. An estimate: a wrong choice costs speed,
-never a different answer.
+So the build estimates both before preparing either's operands. `SAMPLE_ROWS` reference rows
+spread over the matrix stand for the queries (a row's match with itself left out); against the
+first block of W = `knn_admission.REFERENCE_BLOCK` references they give, in float32, each row's
+k-th largest similarity p_k (k = `NOMINAL_K`, SPEC's default: the engine is built before it
+knows k), and each screen's bound for that row (`knn_bounds.screening_error_bound`: the block's
+operands stand for the references', and the int8 factor comes from a pass over all of them,
+`largest_unit_component`, whose result the build then uses). A screen's candidates in the block
+are the similarities within 2δ + 2h of p_k (h: the bfloat16 output's rounding at p_k,
+`screen.output_error`), as its admission screen keeps them (`knn_admission`); over the matrix,
+n/W blocks of them. The int8 screen is chosen where its estimated cost is the lower. An
+estimate: a wrong choice costs speed, never a different answer.
 """
 
 from __future__ import annotations
@@ -73,9 +75,8 @@ def prefers_int8(
     product[current.name] = bfloat16 if current.half else float32
     cost = {}
     for arithmetic in (current, screen.INT8):
-        window = 2 * _bounds(queries, stats_rows, arithmetic, largest) + 2 * screen.output_error(
-            kth, arithmetic
-        )
+        rounding = screen.output_error(kth, arithmetic)  # h at p_k: 0 for an exact output
+        window = 2 * _bounds(queries, stats_rows, arithmetic, largest) + 2 * rounding
         candidates = float((similarity >= (kth - window)[:, None]).sum(1).double().mean())
         cost[arithmetic.name] = (
             n * dim * product[arithmetic.name] + candidates * blocks * candidate_seconds,
