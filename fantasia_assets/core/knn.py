@@ -186,10 +186,9 @@ class SearchEngine:
             block, seconds = knn_admission.REFERENCE_BLOCK, self._candidate_seconds(dim)
             largest = knn_choice.prefers_int8(matrix, self.arithmetic, block, seconds)
             self.arithmetic = self.arithmetic if largest is None else screen.INT8
-        if self.arithmetic is screen.INT8 and matrix.shape[1] > screen.INT8_MAX_DIM:
+        if self.arithmetic is screen.INT8 and dim > screen.INT8_MAX_DIM:
             raise screen.ScreeningError(
-                f"lookup.screening 'int8' sums exactly up to {screen.INT8_MAX_DIM} dimensions, "
-                f"not {matrix.shape[1]}"
+                f"lookup.screening 'int8' sums exactly up to {screen.INT8_MAX_DIM} dimensions, not {dim}"
             )
         self._references = PreparedReferences(
             matrix, self.metric, self.arithmetic, self.device, kept, largest

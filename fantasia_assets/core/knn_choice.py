@@ -35,7 +35,7 @@ import torch
 
 from . import screen, units
 from .knn_bounds import screening_error_bound
-from .knn_inputs import in_parallel, inverse_norms
+from .knn_inputs import in_parallel, inverse_norms, row_sq_norms
 from .resident import release_rows
 from .units import single_threaded
 
@@ -117,9 +117,9 @@ def largest_unit_component(matrix: np.ndarray) -> float:
 
 def _unit_rows(rows: np.ndarray) -> torch.Tensor:
     """float32 rows × fl(1/‖row‖), as the engine prepares cosine rows (`knn_reference`)."""
-    rows = torch.from_numpy(np.array(rows, dtype=np.float32))  # a copy: torch may write it
-    sq_norms = np.einsum("ij,ij->i", rows.numpy(), rows.numpy(), dtype=np.float64)
-    return rows * torch.from_numpy(inverse_norms(sq_norms).astype(np.float32))[:, None]
+    rows = np.array(rows, dtype=np.float32)  # a copy: torch may write it
+    scale = inverse_norms(row_sq_norms(rows, "references", "cosine")).astype(np.float32)
+    return torch.from_numpy(rows) * torch.from_numpy(scale)[:, None]
 
 
 def _bounds(

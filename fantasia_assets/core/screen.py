@@ -47,7 +47,7 @@ import torch
 
 from fantasia_assets.errors import FantasiaError
 
-from .units import _CPU_FLAGS, INT8_LEVELS, bf16_beats_float32, cpu_has_bf16_units, int8_mm, int8_sums_exactly
+from .units import CPU_FLAGS, INT8_LEVELS, bf16_beats_float32, cpu_has_bf16_units, int8_mm, int8_sums_exactly
 
 SCREENINGS = ("auto", "bf16", "int8", "fp32")
 _GROUP = 32  # columns per group of the two-stage selection (`smallest_columns`)
@@ -151,7 +151,7 @@ def resolve_screening(requested: str, backend: str, device: torch.device, metric
     if not cpu_has_bf16_units():
         if requested == "bf16":
             raise ScreeningError(
-                f"lookup.screening 'bf16': this CPU has none of {_CPU_FLAGS} (see /proc/cpuinfo)"
+                f"lookup.screening 'bf16': this CPU has none of {CPU_FLAGS} (see /proc/cpuinfo)"
             )
         return FP32
     if requested == "auto" and not bf16_beats_float32():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 _PROBE_SHAPE = (256, 1024, 1024)  # (queries, references, dim): ~0.5 GFLOP, ~10 ms in float32
 _PROBE_MIN_SPEEDUP = 1.5  # the 16-bit screen's conversions and wider selection eat a smaller gain
 INT8_LEVELS = 127  # |operand| ≤ 127: negation stays in range, and n·127² < 2³¹ for n ≤ INT8_MAX_DIM
@@ -30,7 +30,7 @@ def cpu_has_bf16_units() -> bool:
     except OSError:
         return False
     flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
-    return any(flag in flags for flag in _CPU_FLAGS)
+    return any(flag in flags for flag in CPU_FLAGS)
 
 
 def bf16_beats_float32() -> bool:
