@@ -82,8 +82,13 @@ def _outcome(path: Path, plain: bool):
 
 
 def damage(trials: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fantasia_assets_tests" / "core"))
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root), str(root / "fantasia_assets_tests" / "core")]  # the tests' files
     from test_h5fast import FORMATS, _odd_file
+
+    from fantasia_assets.core import h5bulk
+
+    h5bulk._FEW = 2  # templates even for a file this small: the groups decoded together are damaged too
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:

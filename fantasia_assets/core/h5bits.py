@@ -20,6 +20,8 @@ KNOWN = frozenset(
     {NIL, DATASPACE, LINK_INFO, DATATYPE, FILL_OLD, FILL, LINK, LAYOUT, GROUP_INFO}
     | {FILTERS, ATTRIBUTE, CONTINUATION, SYMBOL_TABLE, MODIFIED, ATTRIBUTE_INFO, REFCOUNT}
 )
+# messages whose body the direct reader never reads (`h5bulk`'s templates let them differ)
+UNREAD = frozenset({NIL, ATTRIBUTE, MODIFIED, ATTRIBUTE_INFO, REFCOUNT})
 SHARED = 0x02  # message flag: the message body is a reference to a shared object
 MESSAGE_V2 = struct.Struct("<BHB").unpack_from  # type, body size, flags
 # datatype messages (class+version byte, bit fields, size, properties) of H5T_IEEE_F32LE and

@@ -16,8 +16,9 @@ addresses only as values, so a header equal to the template's outside those plac
 the template's did, with those values. A group where anything differs or fails is read by
 `FastLayout.group` instead (itself leaving to h5py what it does not understand): the result is
 the one the per-group parse gives, group by group, and the template is only used once it has
-read its own group back the same. Only version-2 headers (the 1.8 format, with checksums) and
-compact link storage are templated; other groups go one by one as before.
+read its own group back the same. Two formats are templated: version-2 headers (the 1.8 format,
+with checksums) with compact link storage, and h5py's default one, version-1 headers and
+symbol-table groups (`h5tables`, which says what may differ there); other groups go one by one.
 """
 
 from __future__ import annotations
@@ -28,23 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .h5bits import (
-    ATTRIBUTE,
-    ATTRIBUTE_INFO,
-    CONTINUATION,
-    LAYOUT,
-    MAX_CHUNKS,
-    MODIFIED,
-    NIL,
-    REFCOUNT,
-    Unsupported,
-    suffix_int,
-)
+from .h5bits import CONTINUATION, LAYOUT, MAX_CHUNKS, SYMBOL_TABLE, UNREAD, Unsupported, suffix_int
+from .h5tables import header_chunks, table_chunks
 from .sequences import clean_many
 
-# messages whose body neither `FastLayout._links` nor `FastLayout._parts` reads: their bytes may
-# differ from the template's (covered by the checksum all the same)
-_UNREAD = frozenset({NIL, ATTRIBUTE, MODIFIED, ATTRIBUTE_INFO, REFCOUNT})
 # layouts templated per file, and templates tried that read no other group: past either, the
 # rest goes group by group (each template costs a pass over the groups left, ~0.2 µs a group)
 _TEMPLATES, _FRUITLESS = 64, 8
@@ -72,6 +60,7 @@ class _Block:
     nbytes: int = 0  # vector: bytes of data
     dim: int = 0
     code: int = 0
+    v1: bool = False  # h5py's default format (`h5tables`): no checksum, bounded by the file's end
 
 
 def read_groups(layout, addresses: list[int | None]) -> list:
@@ -123,13 +112,15 @@ def _decode(layout, template: list[_Block], addresses: np.ndarray) -> tuple[np.n
     data: dict[int, np.ndarray] = {}
     for block in template:
         at = addresses if block.parent < 0 else _field(rows_of[block.parent], block.field, o)
-        if block.size > len(buf):
+        end = layout._end if block.v1 else len(buf)  # (the file's end is at most the map's length)
+        if block.size > end:
             return np.zeros(len(addresses), dtype=bool), []
-        ok &= at <= np.uint64(len(buf) - block.size)
+        ok &= at <= np.uint64(end - block.size)
         # each block's bytes as a row: rows of a strided view copied whole, no index per byte
         rows = sliding_window_view(buf, block.size)[np.where(ok, at, 0).astype(np.int64)]
         ok &= (rows[:, block.fixed] == block.expected).all(axis=1)
-        _verify_checksums(rows, ok)
+        if not block.v1:
+            _verify_checksums(rows, ok)
         rows_of.append(rows)
         if not ok.any():
             return ok, []
@@ -337,8 +328,6 @@ def _template(layout, address: int, parsed) -> list[_Block] | None:
     """The template of the group at `address`, which `layout.group` parsed into `parsed`, its
     headers in the order `FastLayout._group` reads them; None when its layout is not one to
     template, or when the template does not read the group back as `parsed`."""
-    if layout._checksum is None:  # version-2 headers are read only with the library's checksum
-        return None
     o = layout._o
     template: list[_Block] = []
     starts: list[int] = []  # where each block of the template group is in the file
@@ -347,7 +336,8 @@ def _template(layout, address: int, parsed) -> list[_Block] | None:
         """Append the blocks of the header at `at`; for a group, its links: name → where the
         target's address is, as (block, position)."""
         messages = layout._header(at)
-        chunks = _chunks(layout, at)
+        v1 = layout._mm[at] == 1
+        chunks = header_chunks(layout, at) if v1 else _chunks(layout, at)
         first = len(template)
 
         def place(position: int) -> tuple[int, int]:
@@ -360,10 +350,13 @@ def _template(layout, address: int, parsed) -> list[_Block] | None:
 
         links: dict[bytes, tuple[int, int]] = {}
         extra: dict = {}
+        tables: list = []  # a symbol table's blocks (`h5tables`), after the header's
         if role == "group":
             fields, table = layout._link_fields(messages)
-            if table is not None:  # a symbol table lives outside the header: not templated
-                raise Unsupported
+            if table is not None:  # a symbol table: its tree, heap and nodes are blocks of their own
+                body = next(body for kind, body, _ in messages if kind == SYMBOL_TABLE)
+                tables, members = table_chunks(layout, body)
+                roots = {-1: place(body), -2: place(body + o)}  # the tree's address, the heap's
             links = {name: place(position) for name, position in sorted(fields.items())}
         else:
             body = layout._parts(messages)[LAYOUT][0]
@@ -377,11 +370,20 @@ def _template(layout, address: int, parsed) -> list[_Block] | None:
             fixed = np.flatnonzero(~free)
             expected = np.frombuffer(layout._mm[start : start + len(free)], dtype=np.uint8)[fixed]
             if index == 0:
-                block = _Block(role, parent, field, len(free), fixed, expected, **extra)
+                block = _Block(role, parent, field, len(free), fixed, expected, **extra, v1=v1)
             else:
-                block = _Block("chunk", first + up, position, len(free), fixed, expected)
+                block = _Block("chunk", first + up, position, len(free), fixed, expected, v1=v1)
             template.append(block)
             starts.append(start)
+        base = len(template)
+        for start, free, up, position in tables:
+            fixed = np.flatnonzero(~free)
+            expected = np.frombuffer(layout._mm[start : start + len(free)], dtype=np.uint8)[fixed]
+            up, position = roots[up] if up < 0 else (base + up, position)
+            template.append(_Block("table", up, position, len(free), fixed, expected, v1=True))
+            starts.append(start)
+        if tables:
+            links = {name: (base + block, position) for name, (block, position) in sorted(members.items())}
         return links
 
     def target(link: tuple[int, int]) -> int:
@@ -420,7 +422,7 @@ def _chunks(layout, at: int) -> list[tuple[int, np.ndarray, int, int]]:
     (file position, mask of the bytes that parse does not read, index of the chunk whose
     continuation message points to it, where in that chunk its address is)."""
     mm, o = layout._mm, layout._o
-    if mm[at : at + 5] != b"OHDR\x02":
+    if mm[at : at + 5] != b"OHDR\x02" or layout._checksum is None:  # checked by the library's routine
         raise Unsupported
     flags = mm[at + 5]
     pos = at + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
@@ -444,7 +446,7 @@ def _chunks(layout, at: int) -> list[tuple[int, np.ndarray, int, int]]:
                 free[body - first : body - first + o] = True  # where the chunk is: its own block
                 chunks.append((chunk, np.zeros(length, dtype=bool), index, body - first))
                 walks.append((chunk + 4, chunk + length - 4))
-            elif kind in _UNREAD:
+            elif kind in UNREAD:  # their bytes may differ (the checksum covers them)
                 free[body - first : body - first + size] = True
             start = body + size
     return chunks

@@ -1,7 +1,9 @@
 """The template reader of many groups at once (core/h5bulk.py) gives, group by group, exactly what
 the per-group parse (`FastLayout.group`) gives, hence the plain h5py scan's catalogue: on files of
 many groups, on irregular ones (mixed layouts, attributes present or not, odd names, fixed and
-variable-length strings, modification times), and with a damaged group in the middle."""
+variable-length strings, modification times), and with a damaged group in the middle; in the 1.8
+format (version-2 headers, checksums) and in h5py's default one (version-1 headers, symbol
+tables: `h5tables`)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from fantasia_assets.core.sequences import clean, clean_many  # noqa: E402
 from fantasia_assets_tests.core.test_h5fast import _assert_same, _outcome, _plain_scan  # noqa: E402
 
 RESIDUES = list("ACDEFGHIKLMNPQRSTVWY")
+# the 1.8 format, and h5py's default (the earliest the library writes: FANTASIA's query files)
+FORMATS = {"v108": ("v108", "v108"), "default": None}
 
 
-def _regular_file(path, count: int, dim: int = 4) -> None:
+def _regular_file(path, count: int, dim: int = 4, libver=FORMATS["v108"]) -> None:
     rng = np.random.default_rng(3)
-    with h5py.File(path, "w", libver=("v108", "v108")) as out:
+    with h5py.File(path, "w", libver=libver) as out:
         for i in range(count):
             group = out.create_group(f"accession_P{i:05d}")
             sequence = "".join(rng.choice(RESIDUES, int(rng.integers(5, 40))))
@@ -28,10 +32,10 @@ def _regular_file(path, count: int, dim: int = 4) -> None:
             group.create_dataset("type_1/layer_0/embedding", data=rng.standard_normal(dim).astype("<f4"))
 
 
-def _irregular_file(path, count: int) -> None:
+def _irregular_file(path, count: int, libver=FORMATS["v108"]) -> None:
     """Groups of several layouts, in runs and interleaved, with what may differ between them."""
     rng = np.random.default_rng(7)
-    with h5py.File(path, "w", libver=("v108", "v108")) as out:
+    with h5py.File(path, "w", libver=libver) as out:
         for i in range(count):
             name = f"accession_Q{i:04d}" + ("|a b" if i % 7 == 0 else "") + ("é→" if i % 11 == 0 else "")
             group = out.create_group(name)
@@ -89,9 +93,10 @@ def _bulk(path, addresses, monkeypatch) -> tuple[list, int]:
     return found, len(calls)
 
 
-def test_many_regular_groups__decoded_together_as_one_by_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", FORMATS)
+def test_many_regular_groups__decoded_together_as_one_by_one(tmp_path, monkeypatch, form):
     path = tmp_path / "regular.h5"
-    _regular_file(path, 700)
+    _regular_file(path, 700, libver=FORMATS[form])
     addresses = _addresses(path)
     found, one_by_one = _bulk(path, addresses, monkeypatch)
     assert found == _per_group(path, addresses)
@@ -99,9 +104,57 @@ def test_many_regular_groups__decoded_together_as_one_by_one(tmp_path, monkeypat
     _assert_same(queries.scan(path, workers=1), _plain_scan(path, monkeypatch))
 
 
-def test_irregular_groups__same_results_same_catalogue(tmp_path, monkeypatch):
+def test_default_format__a_table_of_several_symbol_nodes_is_templated_too(tmp_path, monkeypatch):
+    """h5py's default format: a type group of 12 layers lists its members in more than one
+    symbol node (each holds at most 2 × 4 by default), every node a block of the template."""
+    path = tmp_path / "layers.h5"
+    rng = np.random.default_rng(11)
+    with h5py.File(path, "w") as out:
+        for i in range(400):  # 200 and 200 (`_bulk`): a template for each call
+            group = out.create_group(f"accession_L{i:04d}")
+            group.create_dataset("sequence", data="ACDE" * (i % 9 + 1), dtype=h5py.string_dtype())
+            for layer in range(12):
+                group.create_dataset(
+                    f"type_1/layer_{layer}/embedding", data=rng.standard_normal(4).astype("<f4")
+                )
+    addresses = _addresses(path)
+    with h5fast.FastLayout.open(path) as layout:
+        type_group = layout._links(layout._header(addresses[0]))[b"type_1"]
+        body = next(body for kind, body, _ in layout._header(type_group) if kind == 0x11)
+        nodes = int.from_bytes(layout._mm[layout._offset(body) + 6 : layout._offset(body) + 8], "little")
+    assert nodes > 1
+    found, one_by_one = _bulk(path, addresses, monkeypatch)
+    assert found == _per_group(path, addresses)
+    assert None not in found and one_by_one == 1
+    assert [len(vectors) for _, vectors in found] == [12] * 400
+    _assert_same(queries.scan(path, workers=1), _plain_scan(path, monkeypatch))
+
+
+def test_default_format__a_deeper_b_tree_is_left_to_the_per_group_parse(tmp_path, monkeypatch):
+    """A group of 300 members outgrows one leaf node of its B-tree (2 × 16 symbol nodes of at most
+    8): `h5tables` templates leaf-level trees only, so those groups go one by one, read alike."""
+    monkeypatch.setattr(h5bulk, "_FEW", 2)
+    path = tmp_path / "wide.h5"
+    with h5py.File(path, "w") as out:
+        for i in range(4):
+            group = out.create_group(f"accession_W{i}")
+            group.create_dataset("sequence", data="ACDE", dtype=h5py.string_dtype())
+            group.create_dataset("type_1/layer_0/embedding", data=np.full(4, i, dtype="<f4"))
+            for extra in range(300):
+                group.create_dataset(f"extra_{extra:03d}", data=[extra])
+    addresses = _addresses(path)
+    with h5fast.FastLayout.open(path) as layout:
+        body = next(body for kind, body, _ in layout._header(addresses[0]) if kind == 0x11)
+        assert layout._mm[layout._offset(body) + 5] == 1  # the root is one level above the leaves
+    found, one_by_one = _bulk(path, addresses, monkeypatch)
+    assert found == _per_group(path, addresses)
+    assert None not in found and one_by_one == 4
+
+
+@pytest.mark.parametrize("form", FORMATS)
+def test_irregular_groups__same_results_same_catalogue(tmp_path, monkeypatch, form):
     path = tmp_path / "irregular.h5"
-    _irregular_file(path, 640)
+    _irregular_file(path, 640, FORMATS[form])
     addresses = _addresses(path)
     found, one_by_one = _bulk(path, addresses, monkeypatch)
     assert found == _per_group(path, addresses)
@@ -110,13 +163,16 @@ def test_irregular_groups__same_results_same_catalogue(tmp_path, monkeypatch):
     _assert_same(queries.scan(path, workers=1), _plain_scan(path, monkeypatch))
 
 
-def test_damaged_group_in_the_middle__flipped_bits_read_as_one_by_one(tmp_path, monkeypatch):
-    """A bit flipped in every other byte of a middle group's objects, and in bytes of the global
+@pytest.mark.parametrize("form", FORMATS)
+def test_damaged_group_in_the_middle__flipped_bits_read_as_one_by_one(tmp_path, monkeypatch, form):
+    """A bit flipped in every other byte of a middle group's objects (in h5py's default format:
+    its header, B-tree, local heap and symbol node, and its members'), and in bytes of the global
     heap holding its text: the groups decoded together are those the per-group parse reads, with
-    the same results; the rest goes to h5py."""
+    the same results; the rest goes to h5py. Without checksums, a flipped address is followed to
+    wherever it points, by both readers alike."""
     path = tmp_path / "good.h5"
     monkeypatch.setattr(h5bulk, "_FEW", 2)  # templates, even for a file this small
-    _regular_file(path, 24)
+    _regular_file(path, 24, libver=FORMATS[form])
     data = path.read_bytes()
     addresses = _addresses(path)
     ordered = sorted(addresses)
