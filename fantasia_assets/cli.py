@@ -206,6 +206,7 @@ def _lookup(args, progress) -> int:
     from .core import lineage
     from .core.distributed import connect_from_environment
     from .core.locks import experiment_lock
+    from .lookup_start import torch_ahead
     from .runner import run_lookup
 
     # what every lookup imports on its way (the stamp's check, the incremental run), before the
@@ -219,6 +220,7 @@ def _lookup(args, progress) -> int:
     )
     # the cluster is reached before anything is read or written: an unreachable one changes nothing
     cluster = connect_from_environment()
+    torch_ahead(config, searched_here=cluster is None)  # on a card: beside the server's start
     try:
         result = (
             _lookup_from_stamp(config, progress, cluster, args.full) if config.query_fasta is None else None

@@ -41,7 +41,7 @@ from .core.timing import timed
 from .db.snapshot import LiveReads, Reads, RecordedReads
 from .db.stores import AnnotationStore, ReferenceStore, SequenceCache
 from .errors import FantasiaError
-from .lookup_start import first_scope, read_annotations, require_references, with_references
+from .lookup_start import first_scope, read_annotations, require_references, torch_ahead, with_references
 from .paths import cache_dir, temporary_file
 from .run_lineage import record_run_lineage
 from .run_outputs import sequences_read_ahead, write_side_by_side
@@ -379,11 +379,11 @@ def _run_lookup(
     config: LookupConfig, reads: Reads, progress: Progress, cluster: DaskSearch | None, updates, background
 ) -> LookupResult:
     timings: dict[str, float] = {}
-    # The annotation table depends on the taxonomy filter alone, not on the queries, and the first
-    # partition's reference matrix on the configuration (`lookup_start`): the matrix is read while
-    # the query file is scanned, the table too (through a client COPY, a big file's beside the
-    # products: `read_annotations`). Their errors surface where they were read before (after the
-    # plan, in the search); an earlier error drops them.
+    # The annotation table depends on the taxonomy filter alone and the first partition's matrix on
+    # the configuration (`lookup_start`): both are read while the query file is scanned (a big
+    # file's table through a client COPY, beside the products: `read_annotations`), and torch and
+    # CUDA started for a search on a card. Errors surface after the plan; an earlier error drops them.
+    torch_ahead(config, searched_here=cluster is None)
     include, exclude = config.taxonomy.resolve()
     store = ReferenceStore(None, cache_dir("references"), config.lookup_cache_max, source=reads)
     store.prefetch(background, lambda: first_scope(config, model_specs(config), reads))

@@ -132,3 +132,46 @@ def test_a_run_that_fails_before_its_search_leaves_no_read_waiting(sample_loaded
     worker.join(120)
     assert not worker.is_alive(), "the run hung on the deferred read"
     assert outcome and "broken.h5" in str(outcome[0])
+
+
+_AHEAD = """
+import sys
+from types import SimpleNamespace
+from pathlib import Path
+from fantasia_assets import lookup_start
+from fantasia_assets.core import device
+device.torch_has_gpu_libraries = lambda: {card}
+config = SimpleNamespace(embeddings_path=Path(sys.argv[1]), backend=sys.argv[2], use_gpu={use_gpu})
+before = "torch" in sys.modules
+thread = lookup_start.torch_ahead(config, searched_here=sys.argv[3] == "here")
+if thread is not None:
+    thread.join()
+print(before, thread is not None, "torch" in sys.modules and hasattr(sys.modules["torch"], "matmul"))
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "use_gpu", "card", "where", "started"),
+    [
+        ("torch", True, True, "here", True),  # a search on the card: torch and CUDA ahead
+        ("torch", True, False, "here", False),  # a CPU build of torch: no card to ask for
+        ("torch", False, True, "here", False),  # the card not wanted
+        ("numpy", True, True, "here", False),  # another backend: never
+        ("torch", True, True, "cluster", False),  # the workers import it
+    ],
+)
+def test_torch_ahead__imported_in_a_thread_only_for_a_search_on_a_card(
+    tmp_path, backend, use_gpu, card, where, started
+):
+    """In a fresh interpreter (this one has torch already): the module alone does not import
+    torch, and `torch_ahead` imports it, whole, exactly when the search will run on a card (here
+    the check for a GPU runtime in the torch build is answered by the test)."""
+    import subprocess
+    import sys
+
+    script = _AHEAD.format(card=card, use_gpu=use_gpu)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "queries.h5"), backend, where],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["False", str(started), str(started)]

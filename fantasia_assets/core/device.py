@@ -28,7 +28,7 @@ def resolve_device(backend: str, requested: str | None = None, use_gpu: bool = T
 def _cuda_available() -> bool:
     """torch.cuda.is_available(), without importing torch (a second of start-up) when the
     installed torch is a CPU build, which cannot see a GPU."""
-    if not _torch_has_gpu_libraries():
+    if not torch_has_gpu_libraries():
         return False
     import torch
 
@@ -36,7 +36,7 @@ def _cuda_available() -> bool:
 
 
 @functools.cache
-def _torch_has_gpu_libraries() -> bool:
+def torch_has_gpu_libraries() -> bool:
     """Whether the installed torch ships a CUDA or ROCm runtime (its lib/libtorch_cuda*.so or
     libtorch_hip*.so); torch's CPU wheels have neither. True when unsure: then torch is asked."""
     spec = importlib.util.find_spec("torch")
