@@ -1,6 +1,7 @@
 """The template blocks of h5py's default format for `h5bulk`: version-1 object headers and
 symbol-table groups (a version-1 B-tree over a local heap of names, the members listed in symbol
-nodes), the format of a query file written by h5py with its default settings, as FANTASIA's are.
+nodes): the format h5py writes with its default settings (`bench/lookup.py`'s query files, and
+those of any writer that keeps them; the shared real files are in the 1.8 format).
 
 `h5bulk` reads thousands of accession groups at once from one parsed group's template: the
 bytes each parse depends on must equal the template's, and the addresses it follows are read as
