@@ -128,7 +128,7 @@ def damage(trials: int) -> None:
             )
 
 
-_HUNG = "did not end"  # a scan given up on (compared by identity)
+_HUNG = object()  # the outcome of a scan given up on
 _LIMIT = 30  # seconds a damaged file's scan may take
 
 

@@ -137,13 +137,12 @@ def test_a_run_that_fails_before_its_search_leaves_no_read_waiting(sample_loaded
 _AHEAD = """
 import sys
 from types import SimpleNamespace
-from pathlib import Path
 from fantasia_assets import lookup_start
 from fantasia_assets.core import device
 device.torch_has_gpu_libraries = lambda: {card}
-config = SimpleNamespace(embeddings_path=Path(sys.argv[1]), backend=sys.argv[2], use_gpu={use_gpu})
+config = SimpleNamespace(backend=sys.argv[1], use_gpu={use_gpu})
 before = "torch" in sys.modules
-thread = lookup_start.torch_ahead(config, searched_here=sys.argv[3] == "here")
+thread = lookup_start.torch_ahead(config, searched_here=sys.argv[2] == "here")
 if thread is not None:
     thread.join()
 print(before, thread is not None, "torch" in sys.modules and hasattr(sys.modules["torch"], "matmul"))
@@ -161,7 +160,7 @@ print(before, thread is not None, "torch" in sys.modules and hasattr(sys.modules
     ],
 )
 def test_torch_ahead__imported_in_a_thread_only_for_a_search_on_a_card(
-    tmp_path, backend, use_gpu, card, where, started
+    backend, use_gpu, card, where, started
 ):
     """In a fresh interpreter (this one has torch already): the module alone does not import
     torch, and `torch_ahead` imports it, whole, exactly when the search will run on a card (here
@@ -171,7 +170,7 @@ def test_torch_ahead__imported_in_a_thread_only_for_a_search_on_a_card(
 
     script = _AHEAD.format(card=card, use_gpu=use_gpu)
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "queries.h5"), backend, where],
+        [sys.executable, "-c", script, backend, where],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert done.stdout.split() == ["False", str(started), str(started)]
