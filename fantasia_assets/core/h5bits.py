@@ -32,6 +32,7 @@ FLOAT_TYPES = {
 }
 # variable-length string, NUL-terminated, UTF-8, over 1-byte characters (h5py.string_dtype())
 VLEN_UTF8_HEAD = bytes.fromhex("19010100")
+VLEN_CLASS = 9  # a datatype class (the low 4 bits of its first byte): variable-length
 VLEN_BASE = bytes.fromhex("100000000100000000000800")
 MAX_CHUNKS = 64  # continuation chunks per header: more means a damaged (looping) header
 
@@ -126,3 +127,8 @@ def suffix_int(name: bytes, prefix: str) -> int | None:
 
 class Unsupported(Exception):
     """Internal to the direct reader: this object is not one it understands (h5py reads it)."""
+
+
+class Endless(Unsupported):
+    """A structure the HDF5 library would read without end (the direct reader's own error: h5py
+    would never return one). Its text says where; the group that needs it is skipped with it."""

@@ -76,7 +76,7 @@ def read_groups(layout, addresses: list[int | None]) -> list:
         first, pending = int(pending[0]), pending[1:]
         found[first] = layout.group(addresses[first])
         if (
-            found[first] is None
+            not isinstance(found[first], tuple)  # left to h5py, or unusable (`FastLayout.group`)
             or len(pending) < _FEW
             or layout.fruitless >= _FRUITLESS
             or len(layout.templates) >= _TEMPLATES

@@ -6,13 +6,16 @@ format (superblock version 0/1, version-1 object headers, symbol-table groups wi
 and local heap) and the 1.8 format (superblock version 2/3, version-2 object headers and their
 continuation chunks, compact link storage), scalar variable-length UTF-8 strings in global heap
 collections, and contiguous little-endian IEEE float32/float64 vectors. `FastLayout.group`
-returns exactly what `queries._scan_group` returns for a group it fully understands and in
+returns exactly what `h5plain.scan_group` returns for a group it fully understands and in
 which nothing is skipped, and None for anything else (a dense link table, a soft link, a
 chunked or filtered vector, a non-UTF-8 or NUL-holding string, a metadata checksum that does
 not match, a structure the library would call corrupt, anything it cannot parse): the caller
 then reads that group through h5py as before, so odd or damaged input gets the same result and
-the same error text as the plain reader. `FastLayout.groups` reads many groups at once: those
-laid out like one it has parsed are checked against it and decoded together (`h5bulk`).
+the same error text as the plain reader. The one exception is a global heap collection that the
+library would walk without end (`h5heaps`): the groups whose sequence lives in it are skipped with
+the direct reader's own reason, where h5py would never return. `FastLayout.groups` reads many
+groups at once: those laid out like one it has parsed are checked against it and decoded together
+(`h5bulk`).
 
 Metadata checksums (1.8 format) are verified with the HDF5 library's own routine
 (`H5_checksum_metadata`, looked up in the libhdf5 that h5py loaded, and checked against a
@@ -50,12 +53,14 @@ from .h5bits import (
     SYMBOL_TABLE,
     VLEN_BASE,
     VLEN_UTF8_HEAD,
+    Endless,
     Unsupported,
     checksum_routine,
     plain_fill,
     suffix_int,
 )
 from .h5bulk import read_groups
+from .h5heaps import endless_walk, unreadable
 from .h5symbols import symbol_links
 from .sequences import clean
 
@@ -139,11 +144,14 @@ class FastLayout:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def group(self, address: int) -> _Parsed | None:
+    def group(self, address: int) -> _Parsed | str | None:
         """(clean sequence, [(layer key, (offset, dim, dtype code))]) of the accession group whose
-        header is at `address`, as `queries._scan_group` finds it; None when h5py must read it."""
+        header is at `address`, as `h5plain.scan_group` finds it; None when h5py must read it;
+        why the group is unusable when the library would never finish reading it (`Endless`)."""
         try:
             return self._group(address)
+        except Endless as damage:  # h5py would never return: the group is skipped, with where
+            return unreadable(damage)
         except (Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError):
             self.declined += 1
             return None
@@ -431,6 +439,7 @@ class FastLayout:
             # the free space (index 0) counts its own header; an object is padded to 8 bytes
             step = size if index == 0 else head + (size + 7) // 8 * 8
             if step < head or pos + step > end or index in objects:
+                endless_walk(self, address)
                 raise Unsupported
             if index:
                 objects[index] = (pos + head, size)
@@ -439,7 +448,7 @@ class FastLayout:
         return objects
 
     def _vector(self, messages: list[tuple[int, int, int]]) -> tuple[int, int, int]:
-        """(offset, dim, dtype code) of a contiguous 1-D IEEE float vector, as `_vector_entry`."""
+        """(offset, dim, dtype code) of a contiguous 1-D IEEE float vector, as `h5plain.vector_entry`."""
         parts = self._parts(messages)
         type_body, type_size = parts[DATATYPE]
         code = FLOAT_TYPES.get(self._mm[type_body : type_body + 20]) if type_size >= 20 else None

@@ -25,7 +25,6 @@ import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,32 +32,24 @@ from fantasia_assets.errors import FantasiaError
 
 from .digest import file_digest
 from .exports import atomic_write
-from .h5bits import link_address, read_string, suffix_int
+from .h5bits import link_address
 from .h5fast import FastLayout
+from .h5plain import LAYER_PREFIX, TYPE_PREFIX, LayerKey, scan_group
 from .knn_inputs import directionless, euclidean_refused
-from .sequences import clean, fasta_named_otherwise
-
-if TYPE_CHECKING:  # h5py is imported where a file is scanned or read through it: a query file
-    # already catalogued is read from a memory map, and its import costs a small lookup ≈ 0.06 s
-    import h5py
+from .sequences import fasta_named_otherwise
 
 log = logging.getLogger(__name__)
 
 ACCESSION_PREFIX = "accession_"
-TYPE_PREFIX = "type_"
-LAYER_PREFIX = "layer_"
 
 # Files with fewer groups than this are scanned in-process: workers cost more than they save.
 _PARALLEL_SCAN_MIN_GROUPS = 4000
 _FAST_PROBE = 512  # groups read before deciding between the direct reader and h5py workers
-_NATIVE_DTYPES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1}
-_NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]
-_OTHER_DTYPE = -1
+_NATIVE_LIST = [np.dtype("<f4"), np.dtype("<f8")]  # by dtype code (`h5plain.NATIVE_DTYPES`)
 
 # bump when EmbeddingCatalogue changes shape or meaning (2: clean sequences, rank > 1 skipped)
 _CATALOGUE_FORMAT = 2
 
-LayerKey = tuple[int, int | None]  # (embedding type id, layer index or None for legacy)
 # The `layer_index` a legacy entry has in the database, where PIS makes the column NOT NULL:
 # no real layer uses it (layers count from 0 = last hidden).
 LEGACY_LAYER_INDEX = -1
@@ -250,27 +241,6 @@ def _dataset_path(accession: str, key: LayerKey) -> str:
     return f"{base}/embedding" if layer is None else f"{base}/{LAYER_PREFIX}{layer}/embedding"
 
 
-def _vector_entry(dataset: h5py.h5d.DatasetID) -> tuple[int, int, int] | str:
-    """(offset, dim, dtype code) of a 1-D float dataset, or the reason it is unusable.
-
-    For contiguous data the length comes from the storage size (one cheap call) rather than
-    the dataspace, which costs ten times more and dominates scans of big files.
-    """
-    dtype = dataset.get_type().dtype
-    if dtype.kind != "f":
-        return f"embedding has dtype {dtype}, expected float32 or float64"
-    # the rank costs ~15 µs, but a (16, 16) matrix must not pass as a 256-vector; (1, n) is a vector
-    if dataset.rank != 1:
-        shape = dataset.shape
-        if len(shape) != 2 or 1 not in shape:
-            return f"embedding has shape {shape}, expected a 1-D vector"
-    offset = dataset.get_offset()
-    code = _NATIVE_DTYPES.get(dtype, _OTHER_DTYPE)
-    if offset is not None:
-        return (int(offset), dataset.get_storage_size() // dtype.itemsize, code)
-    return (-1, int(np.prod(dataset.shape)), code)
-
-
 def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) -> dict:
     """Scan a slice of the file's accession groups (runs in a worker process for big files).
 
@@ -285,6 +255,7 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) ->
     skipped: list[tuple[str, str]] = []
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
     root = h5py.h5g.open(fid, b"/")
+    guard = fast if fast is not None else FastLayout.open(path)  # `FastLayout.endless`, before h5py
     try:
         direct: list = [None] * len(names)  # what `fast` read of each group, decoded together
         if fast is not None:
@@ -303,7 +274,7 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) ->
                 skipped.append((name, f"an empty accession (nothing after '{ACCESSION_PREFIX}')"))
                 continue
             try:
-                found = (*found, []) if found is not None else _scan_group(fid, name)
+                found = (*found, []) if isinstance(found, tuple) else found or scan_group(fid, name, guard)
             except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
                 # a damaged object inside the group: the group is left out, the file still read
                 skipped.append((name, f"unreadable HDF5 content ({exc})"))
@@ -320,57 +291,9 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) ->
                 entries.setdefault(key, []).append((row, *entry))
     finally:
         fid.close()
+        if guard is not None and guard is not fast:
+            guard.close()
     return {"accessions": accessions, "sequences": sequences, "entries": entries, "skipped": skipped}
-
-
-def _scan_group(
-    fid: h5py.h5f.FileID, name: str
-) -> str | tuple[str, list[tuple[LayerKey, tuple[int, int, int]]], list[tuple[str, str]]]:
-    """(clean sequence, vector entries, skipped parts) of one accession group, or why it is unusable."""
-    import h5py
-
-    try:
-        group = h5py.h5g.open(fid, name.encode("utf-8"))
-    except (KeyError, ValueError):
-        return "not a group"
-    members = [group.get_objname_by_idx(i) for i in range(group.get_num_objs())]
-    if b"sequence" not in members:
-        return "no 'sequence' dataset"
-    try:
-        sequence = read_string(h5py.h5d.open(group, b"sequence"))
-    except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
-        return f"unreadable 'sequence' dataset ({exc})"
-    vectors: list[tuple[LayerKey, tuple[int, int, int]]] = []
-    skipped: list[tuple[str, str]] = []
-    for member in members:
-        type_id = suffix_int(member, TYPE_PREFIX)
-        if type_id is None:
-            continue
-        where = f"{name}/{member.decode('utf-8', 'replace')}"
-        try:
-            type_group = h5py.h5g.open(group, member)
-        except (KeyError, ValueError):
-            skipped.append((where, "not a group of layer_<k> groups (a dataset?)"))
-            continue
-        children = [type_group.get_objname_by_idx(i) for i in range(type_group.get_num_objs())]
-        for child in children:
-            if child == b"embedding":
-                layer: int | None = None
-                dataset_name = b"embedding"
-            else:
-                layer = suffix_int(child, LAYER_PREFIX)
-                if layer is None:
-                    continue
-                dataset_name = child + b"/embedding"
-            try:
-                entry = _vector_entry(h5py.h5d.open(type_group, dataset_name))
-            except (KeyError, ValueError):
-                entry = "no 'embedding' dataset"
-            if isinstance(entry, str):
-                skipped.append((f"{where}/{dataset_name.decode('utf-8', 'replace')}", entry))
-                continue
-            vectors.append(((type_id, layer), entry))
-    return clean(sequence), vectors, skipped
 
 
 def _check_is_file(path: Path) -> None:

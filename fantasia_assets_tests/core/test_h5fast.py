@@ -8,7 +8,7 @@ import pytest
 
 h5py = pytest.importorskip("h5py")
 
-from fantasia_assets.core import h5fast, queries  # noqa: E402
+from fantasia_assets.core import h5bits, h5fast, h5heaps, queries  # noqa: E402
 from fantasia_assets_tests.conftest import shared_file  # noqa: E402
 
 FORMATS = {"earliest": ("earliest", "latest"), "v108": ("v108", "v108")}
@@ -270,3 +270,115 @@ def test_an_error_inside_the_reader_is_not_hidden_by_closing_its_map(tmp_path):
     view = np.frombuffer(again._mm, dtype=np.uint8, count=8)
     again.close()  # with a view alive: no error, and the view still reads the file
     assert bytes(view) == b"\x89HDF\r\n\x1a\n"
+
+
+def _endless_heap_file(path, libver) -> tuple[int, int]:
+    """A query file whose sequences share one global heap collection, then damaged so that the
+    HDF5 library would walk that collection without end: its free-space object (index 0) is given
+    size 0. Returns (the collection's byte, the free-space object's byte)."""
+    with h5py.File(path, "w", libver=FORMATS[libver]) as out:
+        for i in range(4):
+            group = out.create_group(f"accession_P{i}")
+            group.create_dataset("sequence", data="MKV" * (i + 1), dtype=h5py.string_dtype())
+            group.create_dataset("type_1/layer_0/embedding", data=np.full(8, i, "<f4"))
+        # an ASCII string: the direct reader declines it, and h5py would read it
+        ascii_text = h5py.string_dtype("ascii")
+        out.create_group("accession_ascii").create_dataset("sequence", data=b"MKV", dtype=ascii_text)
+    data = bytearray(path.read_bytes())
+    collection = data.index(b"GCOL\x01")
+    assert data.find(b"GCOL\x01", collection + 1) < 0  # one collection holds every sequence
+    end = collection + int.from_bytes(data[collection + 8 : collection + 16], "little")
+    at = collection + 16
+    while int.from_bytes(data[at : at + 2], "little") != 0:  # to the free space after the objects
+        at += 16 + (int.from_bytes(data[at + 8 : at + 16], "little") + 7) // 8 * 8
+        assert at + 16 <= end
+    data[at + 8 : at + 16] = bytes(8)
+    path.write_bytes(bytes(data))
+    return collection, at
+
+
+def _in_child(call, *args):
+    """`call(*args)` in a forked child, given up on after 60 s: a scan the HDF5 library loops
+    in cannot be interrupted in this process, and a regression must fail, not hang the suite."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(1)
+    try:
+        return pool.apply_async(call, args).get(60)
+    except multiprocessing.TimeoutError:
+        pytest.fail(f"{call.__name__} did not end within 60 s")
+    finally:
+        pool.terminate()
+
+
+def _scan_skips(path) -> tuple[list[str], list[tuple[str, str]]]:
+    catalogue = queries.scan(path, workers=1)
+    return catalogue.accessions, catalogue.skipped
+
+
+def _plain_groups_skips(path) -> list[tuple[str, str]]:
+    """The groups read without a direct reader of their own (a worker's `_scan_groups`)."""
+    with h5py.File(path, "r") as handle:
+        names = list(handle)
+    return queries._scan_groups(str(path), names)["skipped"]
+
+
+@pytest.mark.parametrize("libver", list(FORMATS))
+def test_endless_heap__groups_skipped_with_where_instead_of_a_scan_that_never_ends(tmp_path, libver):
+    """A global heap collection that the library would read again and again (a free-space object
+    of size 0): every group whose sequence lives there is skipped, with a reason that says where,
+    also the one the direct reader declines (h5py would read it) and in a worker without the
+    direct reader's catalogue; h5py itself, asked, never returns (measured in bench/scan.py)."""
+    path = tmp_path / "endless.h5"
+    collection, at = _endless_heap_file(path, libver)
+    reason = (
+        f"unreadable 'sequence' dataset (the global heap collection at byte {collection} is damaged: "
+        f"its object at byte {at} is free space of size 0, which the HDF5 library reads again "
+        "without end)"
+    )
+    names = ["accession_P0", "accession_P1", "accession_P2", "accession_P3", "accession_ascii"]
+    accessions, skipped = _in_child(_scan_skips, path)
+    assert accessions == []
+    assert skipped == [(name, reason) for name in names]
+    assert _in_child(_plain_groups_skips, path) == [(name, reason) for name in names]
+
+
+def test_endless_walk_is_the_librarys_walk(tmp_path):
+    """`h5heaps.endless_walk` follows the library's steps: a misaligned free-space step is walked on, a step
+    past the collection ends the walk (the library's own error, h5py's to report), and a step of
+    0 is endless wherever the walk reaches it."""
+    path = tmp_path / "one.h5"
+    collection, free = _endless_heap_file(path, "earliest")
+    data = bytearray(path.read_bytes())
+    data[free + 8 : free + 16] = (4096).to_bytes(8, "little")  # undamaged again: past the end
+    first = collection + 16
+
+    def walk(change) -> str:
+        damaged = bytearray(data)
+        change(damaged)
+        path.write_bytes(bytes(damaged))
+        with h5fast.FastLayout.open(path) as layout:
+            try:
+                h5heaps.endless_walk(layout, collection)
+            except h5bits.Endless as endless:
+                return str(endless)
+        return "ends"
+
+    def free_space_first(size, then=None):
+        """The first object made free space of `size` bytes, then `then` at the next step."""
+
+        def change(d):
+            d[first : first + 2] = bytes(2)
+            d[first + 8 : first + 16] = size.to_bytes(8, "little")
+            if then is not None:
+                d[first + size : first + size + 16] = then
+
+        return change
+
+    assert walk(lambda d: None) == "ends"
+    assert walk(free_space_first(10**6)) == "ends"  # a step past the collection: the library's error
+    assert walk(free_space_first(24, bytes(16))) == (
+        f"the global heap collection at byte {collection} is damaged: its object at byte "
+        f"{first + 24} is free space of size 0, which the HDF5 library reads again without end"
+    )
+    assert f"object at byte {first + 13} " in walk(free_space_first(13, bytes(16)))  # misaligned

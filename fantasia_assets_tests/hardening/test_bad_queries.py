@@ -275,3 +275,47 @@ def test_nan_query_in_a_dagster_partition__check_warns_with_the_group_and_run_su
     metadata = {k: v.value for k, v in check.metadata.items()}
     assert metadata["left_out"] == 1 and metadata["unaccounted"] == 0
     assert metadata["left_out_reasons"] == [f"{groups[2][0]}: type_1/layer_0 has NaN or infinite values"]
+
+
+def test_damaged_heap_the_hdf5_library_loops_on__its_group_skipped_naming_the_byte_others_annotated(
+    sample_loaded, tmp_path
+):
+    """A global heap collection damaged so that the HDF5 library would walk it without end (h5py's
+    read never returns, in any process): the lookup ends, the group whose sequence lives there is
+    skipped with the collection's byte, and the others are annotated. The lookup runs as the CLI
+    in a child with a time limit, so that a scan that hangs fails the test instead of the suite."""
+    import os
+    import subprocess
+    import sys
+
+    from fantasia_assets_tests.conftest import PROJECT
+
+    groups = sample_groups(6)
+    long_sequence = groups[2][1]["sequence"] * (5000 // len(groups[2][1]["sequence"]) + 1)
+    groups[2][1]["sequence"] = long_sequence  # too big for the first collection: one of its own
+    queries = write_queries(tmp_path / "queries.h5", groups)
+    data = bytearray(queries.read_bytes())
+    collection = data.index(b"GCOL\x01")
+    while int.from_bytes(data[collection + 24 : collection + 32], "little") != len(long_sequence):
+        collection = data.index(b"GCOL\x01", collection + 1)  # the long sequence's collection
+    first = collection + 16
+    data[first : first + 2] = bytes(2)  # its object made free space of size 0
+    data[first + 8 : first + 16] = bytes(8)
+    queries.write_bytes(bytes(data))
+    experiment = tmp_path / "experiment"
+    config = write_config(tmp_path / "config.yaml", config_dict(experiment, queries, **near_only([0])))
+    done = subprocess.run(
+        [sys.executable, "-m", "fantasia_assets.cli", "lookup", "--config", str(config)],
+        env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    bad = groups[2][0]
+    reason = (
+        f"unreadable 'sequence' dataset (the global heap collection at byte {collection} is damaged: "
+        f"its object at byte {first} is free space of size 0, which the HDF5 library reads again "
+        "without end)"
+    )
+    assert f"{queries}: skipped {bad}: {reason}" in done.stderr
+    good = {name[len("accession_") :] for name, _ in groups} - {bad[len("accession_") :]}
+    assert _shard_accessions(experiment, "NEAR", 0) == good
+    assert _skipped(experiment).rows() == [(bad, "", reason)]
