@@ -83,6 +83,7 @@ class FastLayout:
         self.templates: list = []  # `h5bulk`'s templates of this file's groups
         self.fruitless = 0  # `h5bulk`'s templates that read no other group, or failed
         self._heaps: dict[int, dict[int, tuple[int, int]]] = {}
+        self.heap_verdicts: dict[int, str | None] = {}  # `h5heaps.endless_walk`'s, by collection
         self.declined = 0  # groups `group` left to h5py
         self._tree_k = tree_k  # (leaf K, internal K) of symbol-table B-trees; None: not in this format
         # the end of the file's address space (its superblock's end-of-file address, at most the

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .h5bits import link_address, read_string, suffix_int
-from .h5heaps import endless
+from .h5heaps import endless, endless_elements
 from .sequences import clean
 
 if TYPE_CHECKING:  # imported where a group is read: a catalogued file is read without h5py
@@ -62,10 +62,11 @@ def scan_group(
     members = [group.get_objname_by_idx(i) for i in range(group.get_num_objs())]
     if b"sequence" not in members:
         return "no 'sequence' dataset"
-    if guard is not None and (damage := endless(guard, link_address(group, "sequence"))):
-        return damage
     try:
-        sequence = read_string(h5py.h5d.open(group, b"sequence"))
+        dataset = h5py.h5d.open(group, b"sequence")
+        if guard is not None and (damage := _endless(guard, group, dataset)):
+            return damage
+        sequence = read_string(dataset)
     except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
         return f"unreadable 'sequence' dataset ({exc})"
     vectors: list[tuple[LayerKey, tuple[int, int, int]]] = []
@@ -99,3 +100,19 @@ def scan_group(
                 continue
             vectors.append(((type_id, layer), entry))
     return clean(sequence), vectors, skipped
+
+
+def _endless(guard: FastLayout, group: h5py.h5g.GroupID, dataset: h5py.h5d.DatasetID) -> str | None:
+    """`h5heaps.endless` of a group's sequence dataset, before h5py reads it: from its stored
+    elements where they are contiguous (no parse of its header), else from its header."""
+    import h5py
+
+    kind = dataset.get_type()
+    if not isinstance(kind, h5py.h5t.TypeVlenID | h5py.h5t.TypeStringID):
+        return None
+    if isinstance(kind, h5py.h5t.TypeStringID) and not kind.is_variable_str():
+        return None  # fixed-length text: no heap
+    where = dataset.get_offset()
+    if where is None:  # compact (or not yet stored): the header says where its elements are
+        return endless(guard, link_address(group, "sequence"))
+    return endless_elements(guard, where, dataset.get_storage_size())
