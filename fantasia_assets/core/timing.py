@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -10,6 +11,11 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# When a list (a benchmark sets it, `bench/lookup.py --timeline`): every `timed` block's (stage,
+# thread name, start, end), in `time.perf_counter` seconds, so that the stages' order and overlap
+# across threads, and the time outside any stage, can be read from one run.
+TIMELINE: list[tuple[str, str, float, float]] | None = None
 
 
 @contextmanager
@@ -22,7 +28,10 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     try:
         yield
     finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+        ended = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + ended - started
+        if TIMELINE is not None:
+            TIMELINE.append((stage, threading.current_thread().name, started, ended))
 
 
 OVERLAP = "overlap (stages run side by side)"

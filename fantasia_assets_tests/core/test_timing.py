@@ -73,3 +73,30 @@ def test_no_stage_no_timing():
     timings: dict[str, float] = {}
     assert timed_concurrently(timings, {}) == {}
     assert timings == {}
+
+
+def test_a_timeline_records_each_stage_with_its_thread_and_span_only_when_asked(monkeypatch):
+    from fantasia_assets.core import timing
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    def stage():
+        barrier.wait()  # both stages are running at once
+        time.sleep(0.02)
+
+    timings: dict[str, float] = {}
+    timed_concurrently(timings, {"a": stage, "b": stage})
+    assert timing.TIMELINE is None  # off by default: nothing kept
+
+    monkeypatch.setattr(timing, "TIMELINE", [])
+    started = time.perf_counter()
+    with timing.timed(timings, "first"):
+        pass
+    timed_concurrently(timings, {"a": stage, "b": stage})
+    spans = {stage: (thread, start, end) for stage, thread, start, end in timing.TIMELINE}
+    assert sorted(spans) == ["a", "b", "first"] and len(timing.TIMELINE) == 3
+    assert spans["a"][0] == threading.current_thread().name  # the first stage runs in the caller
+    assert spans["b"][0].startswith("stage")
+    assert started <= spans["first"][1] <= spans["first"][2] <= spans["a"][1]
+    assert spans["a"][1] < spans["b"][2] and spans["b"][1] < spans["a"][2]  # they overlapped
+    assert min(spans["a"][2] - spans["a"][1], spans["b"][2] - spans["b"][1]) >= 0.02
