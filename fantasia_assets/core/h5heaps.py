@@ -3,44 +3,90 @@
 The library loads a collection whole, stepping from object header to object header by each
 object's size. A free-space object (index 0) of size 0 is a step of 0: the library reads the same
 header again, forever (HDF5 2.0, measured: `bench/scan.py --damage`), inside h5py's read, where no
-timeout in the process can stop it. The direct reader (`h5fast`) checks the collections a group's
-sequence points into, both for the groups it decodes and before h5py reads one it declines
-(`h5plain.scan_group`), and such a group is skipped with `Endless`'s text: where the collection is
-and which object loops. Any other damage stays the library's to report, as h5py reports it.
+timeout in the process can stop it. The direct reader (`h5fast`) checks the collections that
+variable-length values point into before the library reads them: a group's sequence, both for the
+groups it decodes and before h5py reads one it declines (`h5plain.scan_group`), and the file's own
+attributes (`queries.scan`). Such a group is skipped, or such a file refused, with `Endless`'s
+text: where the collection is and which object loops. Any other damage stays the library's to
+report, as h5py reports it. Not covered: attributes kept in dense storage (a fractal heap), and
+files this reader does not open at all (`FastLayout.open` returns None).
 
 The functions take an open `h5fast.FastLayout` (its memory map and the file's sizes).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 
-from .h5bits import DATATYPE, LAYOUT, VLEN_CLASS, Endless, Unsupported
+from .h5bits import ATTRIBUTE, DATATYPE, LAYOUT, VLEN_CLASS, Endless, Unsupported
+
+_FAILURES = (Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError)
 
 
-def unreadable(damage: Endless) -> str:
+def unreadable(damage: Endless | str) -> str:
     """A group's skip reason for a sequence the library would read without end."""
     return f"unreadable 'sequence' dataset ({damage})"
 
 
 def endless(layout, address: int | None) -> str | None:
-    """Why a group is unusable whose sequence, the dataset with its header at `address`, the
-    library would never finish reading (`Endless`), or None. Any variable-length dataset (an ASCII
-    string, an array of strings) is checked, not only one the direct reader decodes."""
+    """Where the library would never finish reading the dataset whose header is at `address`
+    (`Endless`'s text), or None. Any variable-length dataset (an ASCII string, an array of
+    strings) is checked, not only one the direct reader decodes."""
     try:
         if address is not None:
             first = {kind: body for kind, body, _ in reversed(layout._header(address))}
             if layout._mm[first[DATATYPE]] & 0x0F == VLEN_CLASS:  # its elements point into heaps
                 _, where, size = layout._storage(first[LAYOUT])
                 return endless_elements(layout, where, size)
-    except (Unsupported, struct.error, IndexError, KeyError, ValueError, OverflowError):
+    except _FAILURES:
         pass
     return None
 
 
+def endless_attributes(layout, address: int) -> str | None:
+    """`endless` of the attributes of the object whose header is at `address` (those kept in its
+    header: compact storage, the only kind h5py writes for a few small attributes)."""
+    try:
+        for kind, body, size in layout._header(address):
+            if kind == ATTRIBUTE and (damage := _endless_attribute(layout, body, body + size)):
+                return damage
+    except _FAILURES:
+        pass
+    return None
+
+
+def _endless_attribute(layout, body: int, end: int) -> str | None:
+    """`endless` of one attribute message (versions 1-3: name, datatype, dataspace, then data)."""
+    mm = layout._mm
+    version, flags = mm[body], mm[body + 1]
+    name, datatype, dataspace = struct.unpack_from("<HHH", mm, body + 2)
+    if version == 1:  # each part padded to 8 bytes
+
+        def padded(n: int) -> int:
+            return (n + 7) // 8 * 8
+
+        at = body + 8
+    elif version in (2, 3) and not flags & 0x03:  # unpadded; flags 1, 2: a shared type or space
+
+        def padded(n: int) -> int:
+            return n
+
+        at = body + 8 + (version == 3)  # version 3: the name's character set
+    else:
+        return None
+    type_at = at + padded(name)
+    space_at = type_at + padded(datatype)
+    data_at = space_at + padded(dataspace)
+    if mm[type_at] & 0x0F != VLEN_CLASS:
+        return None
+    count = math.prod(layout._shape(space_at))
+    return endless_elements(layout, data_at, min(count * (8 + layout._o), end - data_at))
+
+
 def endless_elements(layout, where: int, size: int) -> str | None:
-    """`endless` of a variable-length dataset whose stored elements are the `size` bytes at
-    `where`: each a length, a collection's address and an object's index."""
+    """`endless` of variable-length values whose stored elements are the `size` bytes at `where`:
+    each a length, a collection's address and an object's index."""
     mm = layout._mm
     element = 8 + layout._o
     starts = range(where, min(where + size, layout._end) - element + 1, element)
@@ -50,8 +96,8 @@ def endless_elements(layout, where: int, size: int) -> str | None:
         for collection in sorted(heaps):
             endless_walk(layout, collection)
     except Endless as damage:
-        return unreadable(damage)
-    except (struct.error, IndexError, ValueError, OverflowError):
+        return str(damage)
+    except _FAILURES:
         pass
     return None
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .h5bits import link_address, read_string, suffix_int
-from .h5heaps import endless, endless_elements
+from .h5heaps import endless, endless_elements, unreadable
 from .sequences import clean
 
 if TYPE_CHECKING:  # imported where a group is read: a catalogued file is read without h5py
@@ -65,7 +65,7 @@ def scan_group(
     try:
         dataset = h5py.h5d.open(group, b"sequence")
         if guard is not None and (damage := _endless(guard, group, dataset)):
-            return damage
+            return unreadable(damage)
         sequence = read_string(dataset)
     except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
         return f"unreadable 'sequence' dataset ({exc})"

@@ -34,6 +34,7 @@ from .digest import file_digest
 from .exports import atomic_write
 from .h5bits import link_address
 from .h5fast import FastLayout
+from .h5heaps import endless_attributes
 from .h5plain import LAYER_PREFIX, TYPE_PREFIX, LayerKey, scan_group
 from .knn_inputs import directionless, euclidean_refused
 from .sequences import fasta_named_otherwise
@@ -314,15 +315,19 @@ def scan(path: str | Path, workers: int | None = None) -> EmbeddingCatalogue:
 
     path = Path(path)
     _check_is_file(path)
+    fast = FastLayout.open(path)
     try:
         with h5py.File(path, "r") as handle:
             names = list(handle.keys())
+            if fast is not None and (damage := endless_attributes(fast, h5py.h5o.get_info(handle.id).addr)):
+                raise ValueError(f"its attributes: {damage}")  # h5py would never return
             attrs = {k: _plain(v) for k, v in handle.attrs.items()}
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # h5py's errors of damaged files
+        if fast is not None:
+            fast.close()
         hint = fasta_named_otherwise(path)
         raise EmbeddingFileError(f"{path}: not a readable HDF5 file ({exc}){hint}") from exc
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    fast = FastLayout.open(path)
     parts = []
     try:
         if fast is not None:  # ~0.1 ms a group: one process is faster than starting workers

@@ -382,3 +382,41 @@ def test_endless_walk_is_the_librarys_walk(tmp_path):
         f"{first + 24} is free space of size 0, which the HDF5 library reads again without end"
     )
     assert f"object at byte {first + 13} " in walk(free_space_first(13, bytes(16)))  # misaligned
+
+
+def _scan_error(path) -> str:
+    try:
+        queries.scan(path, workers=1)
+    except queries.EmbeddingFileError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("libver", list(FORMATS))
+def test_endless_heap_of_the_files_attributes__a_clear_error_instead_of_a_scan_that_never_ends(
+    tmp_path, libver
+):
+    """The file's own attributes (read into the catalogue) are read by h5py too: a string one in a
+    collection the library would walk without end refuses the file, saying where; an integer
+    attribute is not taken for heap pointers, and the undamaged file scans with its attributes."""
+    path = tmp_path / "attributes.h5"
+    with h5py.File(path, "w", libver=FORMATS[libver]) as out:
+        out.attrs["layers"] = np.arange(6, dtype="<i8")
+        out.attrs["names"] = np.array(["NEAR", "ProtT5"], dtype=h5py.string_dtype())
+        out.attrs["model"] = "NEAR"
+        group = out.create_group("accession_P1")
+        group.create_dataset("sequence", data=np.array(b"MKV"), dtype=h5py.string_dtype("ascii", 3))
+    good = queries.scan(path, workers=1)
+    assert good.accessions == ["P1"] and good.attrs["model"] == "NEAR"
+    assert good.attrs["layers"] == list(range(6)) and good.attrs["names"] == ["NEAR", "ProtT5"]
+    data = bytearray(path.read_bytes())
+    collection = data.index(b"GCOL\x01")
+    first = collection + 16
+    data[first : first + 2] = bytes(2)  # its first object made free space of size 0
+    data[first + 8 : first + 16] = bytes(8)
+    path.write_bytes(bytes(data))
+    assert _in_child(_scan_error, path) == (
+        f"{path}: not a readable HDF5 file (its attributes: the global heap collection at byte "
+        f"{collection} is damaged: its object at byte {first} is free space of size 0, which the "
+        "HDF5 library reads again without end)"
+    )
