@@ -100,14 +100,24 @@ def source_key(config: LookupConfig, engine: Engine, version: str | None = None)
 
 
 def embedded_source(path: Path) -> str | None:
-    """The source key recorded in an existing query HDF5, or None (absent, unreadable, no key)."""
+    """The source key recorded in an existing query HDF5, or None (absent, unreadable, no key;
+    attributes that the HDF5 library would read without end, `core.h5heaps`: embedded again)."""
     import h5py
 
+    from .core.h5fast import FastLayout
+    from .core.h5heaps import endless_attributes
+
+    layout = FastLayout.open(path)
     try:
         with h5py.File(path, "r") as handle:
+            if layout is not None and endless_attributes(layout, h5py.h5o.get_info(handle.id).addr):
+                return None
             value = handle.attrs.get(SOURCE_ATTR)
     except (OSError, ValueError):
         return None
+    finally:
+        if layout is not None:
+            layout.close()
     return value.decode() if isinstance(value, bytes) else (str(value) if value is not None else None)
 
 

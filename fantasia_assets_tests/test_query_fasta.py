@@ -243,3 +243,38 @@ def test_a_fasta_named_otherwise_is_an_error_saying_how_to_name_it(tmp_path, cap
     assert (
         "not a readable HDF5 file" in err and "it holds FASTA text: name it .fa, .fasta, .faa or .fas" in err
     )
+
+
+def _source_in_child(path: Path, answers) -> None:
+    from fantasia_assets.query_fasta import embedded_source
+
+    answers.put(embedded_source(path))
+
+
+def test_an_embedded_query_file_whose_attributes_the_library_would_read_without_end_is_not_current(
+    tmp_path,
+):
+    """Its source key is taken as absent (the FASTA is embedded again, the file rewritten whole),
+    instead of h5py reading the damaged global heap forever (`core.h5heaps`)."""
+    import multiprocessing
+
+    from fantasia_assets.query_fasta import SOURCE_ATTR, embedded_source
+
+    path = tmp_path / "queries.h5"
+    with h5py.File(path, "w") as out:
+        out.attrs[SOURCE_ATTR] = "0123456789abcdef"
+    assert embedded_source(path) == "0123456789abcdef"
+    data = bytearray(path.read_bytes())
+    first = data.index(b"GCOL\x01") + 16
+    data[first : first + 2] = bytes(2)  # the key's object made free space of size 0
+    data[first + 8 : first + 16] = bytes(8)
+    path.write_bytes(bytes(data))
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    child = context.Process(target=_source_in_child, args=(path, answers))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("embedded_source did not end within 60 s")
+    assert answers.get(timeout=5) is None
