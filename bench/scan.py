@@ -9,10 +9,14 @@ use), and counts the damaged files whose catalogue or error differs between the 
 (expected: 0). A scan that does not end (the HDF5 library can loop on a damaged file) is given
 up on after 30 s. Where h5py's scan hangs and the direct reader's skips the groups whose sequence
 the library would loop on (`h5fast.Endless`), the file is counted apart, as answered; any other
-scan that does not end is counted as a hang::
+scan that does not end is counted as a hang. With ``--heaps N`` it damages N files per format
+inside their global heap collections (object indices and sizes zeroed or set, random bytes,
+zeroed runs), where the library's loop is common, and counts the files on which the direct
+reader's prediction of that loop and the library's own read disagree (expected: 0)::
 
     .venv/bin/python bench/scan.py /work/scale-data/queries.h5 ../shared/data/queries_mouse.h5
     .venv/bin/python bench/scan.py --damage 500
+    .venv/bin/python bench/scan.py --heaps 300
 """
 
 from __future__ import annotations
@@ -136,7 +140,10 @@ def damage(trials: int) -> None:
 
 
 def _endless(outcome) -> bool:
-    """Whether a scan's outcome skips a group for a heap that the library would walk without end."""
+    """Whether a scan's outcome skips a group, or refuses the file, for a heap that the library
+    would walk without end."""
+    if isinstance(outcome, str):  # the file refused: its attributes' heap
+        return "reads again without end" in outcome
     skipped = getattr(outcome, "skipped", ())
     return any("reads again without end" in reason for _, reason in skipped)
 
@@ -157,13 +164,109 @@ class _Scanner:
     def __exit__(self, *exc) -> None:
         self._pool.terminate()
 
-    def outcome(self, path: Path, plain: bool):
+    def outcome(self, path: Path, plain: bool, call=None, limit: float = _LIMIT):
+        """`_outcome(path, plain)` (or `call(path)`), or `_HUNG` after `limit` seconds."""
         try:
-            return self._pool.apply_async(_outcome, (path, plain)).get(_LIMIT)
+            task = (
+                self._pool.apply_async(_outcome, (path, plain))
+                if call is None
+                else self._pool.apply_async(call, (path,))
+            )
+            return task.get(limit)
         except multiprocessing.TimeoutError:
             self._pool.terminate()
             self._pool = multiprocessing.get_context("fork").Pool(1)
             return _HUNG
+
+
+def _library_reads(path: Path) -> int:
+    """h5py reads the file's attributes and every dataset (an error is counted, the walk goes on):
+    the number that failed. Run in a child: on a heap it walks without end, it never returns."""
+    import h5py
+
+    failed = 0
+
+    def read(_name, item) -> None:
+        nonlocal failed
+        try:
+            if isinstance(item, h5py.Dataset):
+                item[()]
+            elif isinstance(item, h5py.AttributeManager):
+                dict(item)
+        except Exception:
+            failed += 1
+
+    with h5py.File(path, "r") as handle:
+        read("/", handle.attrs)  # the file's attributes first, as the scan reads them
+        handle.visititems(read)
+    return failed
+
+
+def heaps(trials: int) -> None:
+    """`--heaps`: damage the object headers of the odd file's global heap collections and count
+    where the direct reader's prediction (a group skipped as read "without end", `h5heaps`) and
+    the library (h5py reading every dataset, given up on after `_HEAP_LIMIT` s) disagree."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root), str(root / "fantasia_assets_tests" / "core")]  # the tests' files
+    from test_h5fast import FORMATS, _odd_file
+
+    from fantasia_assets.core import h5bulk
+
+    h5bulk._FEW = 2  # templates even for a file this small
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder, _Scanner() as scanner:
+        for name, libver in FORMATS.items():
+            path = Path(folder) / f"{name}.h5"
+            _odd_file(path, libver)
+            data = path.read_bytes()
+            headers = list(_object_headers(data))
+            disagree, hung = [], 0
+            for trial in range(trials):
+                damaged = bytearray(data)
+                for _ in range(int(rng.integers(1, 4))):
+                    _damage_header(damaged, int(rng.choice(headers)), rng)
+                broken = Path(folder) / "damaged.h5"
+                broken.write_bytes(bytes(damaged))
+                fast = scanner.outcome(broken, False)
+                library = scanner.outcome(broken, True, call=_library_reads, limit=_HEAP_LIMIT)
+                hung += library is _HUNG
+                if fast is _HUNG or (library is _HUNG) != _endless(fast):
+                    disagree.append(trial)
+            print(
+                f"format {name}: {trials} files damaged inside global heaps; the library did not "
+                f"end on {hung}; the direct reader's prediction disagreed on {len(disagree)} {disagree[:10]}"
+            )
+
+
+_HEAP_LIMIT = 5  # seconds h5py may take to read the small damaged file
+
+
+def _object_headers(data: bytes):
+    """The byte of every object header of every global heap collection of an undamaged file."""
+    collection = data.find(b"GCOL\x01")
+    while collection >= 0:
+        end = collection + int.from_bytes(data[collection + 8 : collection + 16], "little")
+        at = collection + 16
+        while at + 16 <= end:
+            yield at
+            if int.from_bytes(data[at : at + 2], "little") == 0:  # the free space: the last one
+                break
+            at += 16 + (int.from_bytes(data[at + 8 : at + 16], "little") + 7) // 8 * 8
+        collection = data.find(b"GCOL\x01", collection + 1)
+
+
+def _damage_header(data: bytearray, at: int, rng) -> None:
+    """One of: the index zeroed, the size set small, both, one random byte, 16 bytes zeroed nearby."""
+    kind = int(rng.integers(0, 5))
+    if kind in (0, 2):
+        data[at : at + 2] = bytes(2)
+    if kind in (1, 2):
+        data[at + 8 : at + 16] = int(rng.integers(0, 200)).to_bytes(8, "little")
+    if kind == 3:
+        data[at + int(rng.integers(0, 16))] = int(rng.integers(0, 256))
+    if kind == 4:
+        start = at + int(rng.integers(0, 64))
+        data[start : start + 16] = bytes(16)
 
 
 def main() -> None:
@@ -172,11 +275,16 @@ def main() -> None:
     )
     parser.add_argument("files", nargs="*", type=Path, help="query HDF5 files to time")
     parser.add_argument("--damage", type=int, default=0, help="damaged files per format to compare")
+    parser.add_argument(
+        "--heaps", type=int, default=0, help="files per format damaged inside global heaps, to predict"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # damaged and odd groups are reported as warnings
     timings(args.files)
     if args.damage:
         damage(args.damage)
+    if args.heaps:
+        heaps(args.heaps)
 
 
 if __name__ == "__main__":
