@@ -131,4 +131,5 @@ class Unsupported(Exception):
 
 class Endless(Unsupported):
     """A structure the HDF5 library would read without end (the direct reader's own error: h5py
-    would never return one). Its text says where; the group that needs it is skipped with it."""
+    would never return one, `h5heaps`). Its text says where; the group that needs it is skipped
+    with it, or the file refused when its own attributes do."""

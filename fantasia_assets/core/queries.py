@@ -256,7 +256,7 @@ def _scan_groups(path: str, names: list[str], fast: FastLayout | None = None) ->
     skipped: list[tuple[str, str]] = []
     fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
     root = h5py.h5g.open(fid, b"/")
-    guard = fast if fast is not None else FastLayout.open(path)  # `FastLayout.endless`, before h5py
+    guard = fast if fast is not None else FastLayout.open(path)  # `h5heaps`' checks, before h5py reads
     try:
         direct: list = [None] * len(names)  # what `fast` read of each group, decoded together
         if fast is not None:

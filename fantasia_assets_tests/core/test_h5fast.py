@@ -284,6 +284,14 @@ def _endless_heap_file(path, libver) -> tuple[int, int]:
         # an ASCII string: the direct reader declines it, and h5py would read it
         ascii_text = h5py.string_dtype("ascii")
         out.create_group("accession_ascii").create_dataset("sequence", data=b"MKV", dtype=ascii_text)
+        # the same, stored compact (in its header): the guard finds its elements from the header
+        group = out.create_group("accession_ascii_compact")
+        space = h5py.h5s.create(h5py.h5s.SCALAR)
+        compact = h5py.h5d.create(
+            group.id, b"sequence", h5py.h5t.py_create(ascii_text, logical=True), space, _compact_plist()
+        )
+        compact.write(h5py.h5s.ALL, h5py.h5s.ALL, np.array(b"MKVL", dtype=ascii_text))
+        assert compact.get_offset() is None
     data = bytearray(path.read_bytes())
     collection = data.index(b"GCOL\x01")
     assert data.find(b"GCOL\x01", collection + 1) < 0  # one collection holds every sequence
@@ -336,7 +344,14 @@ def test_endless_heap__groups_skipped_with_where_instead_of_a_scan_that_never_en
         f"its object at byte {at} is free space of size 0, which the HDF5 library reads again "
         "without end)"
     )
-    names = ["accession_P0", "accession_P1", "accession_P2", "accession_P3", "accession_ascii"]
+    names = [
+        "accession_P0",
+        "accession_P1",
+        "accession_P2",
+        "accession_P3",
+        "accession_ascii",
+        "accession_ascii_compact",
+    ]
     accessions, skipped = _in_child(_scan_skips, path)
     assert accessions == []
     assert skipped == [(name, reason) for name in names]
