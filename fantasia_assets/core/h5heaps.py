@@ -2,7 +2,7 @@
 
 The library loads a collection whole, stepping from object header to object header by each
 object's size. A free-space object (index 0) of size 0 is a step of 0: the library reads the same
-header again, forever (HDF5 2.0, measured: `bench/scan.py --damage`), inside h5py's read, where no
+header again, forever (HDF5 2.0, measured: `bench/scan.py --heaps`), inside h5py's read, where no
 timeout in the process can stop it. The direct reader (`h5fast`) checks the collections that
 variable-length values point into before the library reads them: a group's sequence, both for the
 groups it decodes and before h5py reads one it declines (`h5plain.scan_group`), and the file's own
@@ -61,23 +61,13 @@ def _endless_attribute(layout, body: int, end: int) -> str | None:
     mm = layout._mm
     version, flags = mm[body], mm[body + 1]
     name, datatype, dataspace = struct.unpack_from("<HHH", mm, body + 2)
-    if version == 1:  # each part padded to 8 bytes
-
-        def padded(n: int) -> int:
-            return (n + 7) // 8 * 8
-
-        at = body + 8
-    elif version in (2, 3) and not flags & 0x03:  # unpadded; flags 1, 2: a shared type or space
-
-        def padded(n: int) -> int:
-            return n
-
-        at = body + 8 + (version == 3)  # version 3: the name's character set
-    else:
+    if version not in (1, 2, 3) or (version > 1 and flags & 0x03):  # flags 1, 2: a shared type or space
         return None
-    type_at = at + padded(name)
-    space_at = type_at + padded(datatype)
-    data_at = space_at + padded(dataspace)
+    align = 8 if version == 1 else 1  # version 1 pads each part to 8 bytes
+    at = body + 8 + (version == 3)  # version 3: the name's character set
+    type_at = at + -(-name // align) * align
+    space_at = type_at + -(-datatype // align) * align
+    data_at = space_at + -(-dataspace // align) * align
     if mm[type_at] & 0x0F != VLEN_CLASS:
         return None
     count = math.prod(layout._shape(space_at))
