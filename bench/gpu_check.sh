@@ -17,6 +17,10 @@
 # the lookup's cold run (bench/lookup.py --profile; the profile comes back as $OUT/cold.prof).
 # The lookup part always prints the cold run's stages as they ran, by thread, and the time in no
 # stage (bench/lookup.py --timeline): the critical path of a cold run on the card, in one run.
+# Lines marked "·" are parts: torch's import and CUDA's start (in the torch-ahead thread, and
+# the main thread's wait for it), the card's name, and the search's engine import and build
+# (screen chosen, references prepared: the cache's copy to the card). The search stage's time
+# outside its parts is the products, with CUDA's first kernels and cuBLAS's start.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -142,14 +142,19 @@ def search_seconds(result) -> float:
 
 
 def print_timeline(spans: list[tuple[str, str, float, float]], started: float, total: float) -> None:
-    """The run's timed stages by start (`core.timing.TIMELINE`), from the run's start, and the
-    seconds in no stage at all: before the first, between them, after the last."""
+    """The run's timed stages by start (`core.timing.TIMELINE`), from the run's start, with the
+    parts the timeline alone records (`timing.part`, marked `·`: torch's import and CUDA's start,
+    the engine's import and build), and the seconds in no stage at all (parts not counted):
+    before the first, between them, after the last."""
+    from fantasia_assets.core.timing import PART
+
     print(f"--- the cold run's stages as they ran ({total:.2f} s)")
     print(f"{'start':>7}{'end':>8}{'seconds':>9}  {'thread':<22}stage")
     for stage, thread, start, end in sorted(spans, key=lambda span: (span[2], span[3])):
         print(f"{start - started:7.2f}{end - started:8.2f}{end - start:9.2f}  {thread:<22}{stage}")
+    stages = [span for span in spans if not span[0].startswith(PART)]
     covered, reach = 0.0, started
-    for _, _, start, end in sorted(spans, key=lambda span: span[2]):
+    for _, _, start, end in sorted(stages, key=lambda span: span[2]):
         covered += max(0.0, end - max(start, reach))
         reach = max(reach, end)
     print(f"in no stage: {total - covered:.2f} s of {total:.2f} s")

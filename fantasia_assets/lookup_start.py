@@ -28,6 +28,7 @@ from threading import Event, Thread
 from .config import LookupConfig
 from .core.plan import ModelSpec, Partition
 from .core.references import ReferenceScope, ReferenceSetError
+from .core.timing import part
 from .db.snapshot import Reads
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def torch_ahead(config: LookupConfig, searched_here: bool = True) -> Thread | No
         return None
 
     def load() -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), part("torch import, CUDA asked (ahead)"):
             import torch
 
             torch.cuda.is_available()

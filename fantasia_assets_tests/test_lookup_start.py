@@ -138,14 +138,16 @@ _AHEAD = """
 import sys
 from types import SimpleNamespace
 from fantasia_assets import lookup_start
-from fantasia_assets.core import device
+from fantasia_assets.core import device, timing
 device.torch_has_gpu_libraries = lambda: {card}
+timing.TIMELINE = []
 config = SimpleNamespace(backend=sys.argv[1], use_gpu={use_gpu})
 before = "torch" in sys.modules
 thread = lookup_start.torch_ahead(config, searched_here=sys.argv[2] == "here")
 if thread is not None:
     thread.join()
-print(before, thread is not None, "torch" in sys.modules and hasattr(sys.modules["torch"], "matmul"))
+ahead = [span for span in timing.TIMELINE if span[:2] == (timing.PART + "torch import, CUDA asked (ahead)", "torch-ahead")]
+print(before, thread is not None, "torch" in sys.modules and hasattr(sys.modules["torch"], "matmul"), len(ahead))
 """
 
 
@@ -164,7 +166,8 @@ def test_torch_ahead__imported_in_a_thread_only_for_a_search_on_a_card(
 ):
     """In a fresh interpreter (this one has torch already): the module alone does not import
     torch, and `torch_ahead` imports it, whole, exactly when the search will run on a card (here
-    the check for a GPU runtime in the torch build is answered by the test)."""
+    the check for a GPU runtime in the torch build is answered by the test); a cold run's
+    timeline (`bench/lookup.py --timeline`) shows that import, in its thread."""
     import subprocess
     import sys
 
@@ -173,4 +176,4 @@ def test_torch_ahead__imported_in_a_thread_only_for_a_search_on_a_card(
         [sys.executable, "-c", script, backend, where],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert done.stdout.split() == ["False", str(started), str(started)]
+    assert done.stdout.split() == ["False", str(started), str(started), str(int(started))]

@@ -6,6 +6,8 @@ import functools
 import importlib.util
 from pathlib import Path
 
+from .timing import part
+
 
 def resolve_device(backend: str, requested: str | None = None, use_gpu: bool = True) -> str:
     """ "cuda" or "cpu" for a search on `backend`.
@@ -30,9 +32,10 @@ def _cuda_available() -> bool:
     installed torch is a CPU build, which cannot see a GPU."""
     if not torch_has_gpu_libraries():
         return False
-    import torch
+    with part("torch import, CUDA asked"):  # the import waits for `torch_ahead`'s, when it runs
+        import torch
 
-    return torch.cuda.is_available()
+        return torch.cuda.is_available()
 
 
 @functools.cache

@@ -81,6 +81,7 @@ from .knn_inputs import (
     select_answer,
 )
 from .knn_reference import PreparedReferences
+from .timing import part
 
 METRICS = ("cosine", "euclidean")
 BACKENDS = ("torch", "numpy", "scipy")
@@ -173,26 +174,28 @@ class SearchEngine:
         """
         matrix = checked_references(references)
         self._references, self._buffers = None, {}
-        self.arithmetic = screen.resolve_screening(
-            self.requested_screening, self.backend, self.device, self.metric
-        )
-        dim, largest = matrix.shape[1], None
-        if (
-            self.requested_screening == "auto"
-            and knn_admission.applies(self)
-            and dim <= screen.INT8_MAX_DIM
-            and units.int8_sums_exactly()
-        ):  # int8 where its estimated cost is the lower (`knn_choice`)
-            block, seconds = knn_admission.REFERENCE_BLOCK, self._candidate_seconds(dim)
-            largest = knn_choice.prefers_int8(matrix, self.arithmetic, block, seconds)
-            self.arithmetic = self.arithmetic if largest is None else screen.INT8
+        with part("engine: screen chosen"):  # the start-up probe's products, the int8 estimate
+            self.arithmetic = screen.resolve_screening(
+                self.requested_screening, self.backend, self.device, self.metric
+            )
+            dim, largest = matrix.shape[1], None
+            if (
+                self.requested_screening == "auto"
+                and knn_admission.applies(self)
+                and dim <= screen.INT8_MAX_DIM
+                and units.int8_sums_exactly()
+            ):  # int8 where its estimated cost is the lower (`knn_choice`)
+                block, seconds = knn_admission.REFERENCE_BLOCK, self._candidate_seconds(dim)
+                largest = knn_choice.prefers_int8(matrix, self.arithmetic, block, seconds)
+                self.arithmetic = self.arithmetic if largest is None else screen.INT8
         if self.arithmetic is screen.INT8 and dim > screen.INT8_MAX_DIM:
             raise screen.ScreeningError(
                 f"lookup.screening 'int8' sums exactly up to {screen.INT8_MAX_DIM} dimensions, not {dim}"
             )
-        self._references = PreparedReferences(
-            matrix, self.metric, self.arithmetic, self.device, kept, largest
-        )
+        with part("engine: references prepared"):  # a cache on the card: its copy there
+            self._references = PreparedReferences(
+                matrix, self.metric, self.arithmetic, self.device, kept, largest
+            )
         self._budget = self._requested_budget or default_memory_budget(self.device)
         self._float32 = None
         auto_16 = self.requested_screening == "auto" and self.arithmetic.half

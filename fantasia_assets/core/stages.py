@@ -25,7 +25,7 @@ from .queries import EmbeddingFileError, describe_key
 from .redundancy import cluster_sequences, exclusion_csr
 from .references import ReferenceMatrix
 from .sequences import clean, usable
-from .timing import timed
+from .timing import part, timed
 from .transfer import (
     ASPECT_HIT_SCHEMA,
     ASPECTS,
@@ -150,30 +150,34 @@ def in_process_search(
 
     def search(vectors: np.ndarray, exclude: Exclusions | None, batch: int):
         n_references, dim = matrix.vectors.shape
-        if masks is None:
-            engine = engine_for(
-                settings.metric,
-                settings.backend,
-                settings.device,
-                settings.screening,
-                len(vectors),
-                n_references,
-                dim,
-            )
-        else:
-            from .knn import SearchEngine
-            from .knn_aspect import search_by_aspect
+        with part("engine: import"):  # torch's, on a first search in this process
+            if masks is None:
+                engine = engine_for(
+                    settings.metric,
+                    settings.backend,
+                    settings.device,
+                    settings.screening,
+                    len(vectors),
+                    n_references,
+                    dim,
+                )
+            else:
+                from .knn import SearchEngine
+                from .knn_aspect import search_by_aspect
 
-            engine = SearchEngine(
-                settings.metric, settings.backend, settings.device, screening=settings.screening
-            )
+                engine = SearchEngine(
+                    settings.metric, settings.backend, settings.device, screening=settings.screening
+                )
         # the vectors object itself is part of the key (and kept alive with the engine, so its id
         # is not reused): a fingerprint alone would also match another matrix built in a test
         key = (id(matrix.vectors), matrix.fingerprint, type(engine).__name__, settings.metric,
                settings.backend, settings.device, settings.screening)  # fmt: skip
         with _idle_lock:
             kept = _idle_engine.pop(key, (None, None))[1]
-        engine = kept if kept is not None else engine.build(matrix.vectors, kept=matrix.kept_operands)
+        if kept is None:
+            with part("engine: build"):
+                kept = engine.build(matrix.vectors, kept=matrix.kept_operands)
+        engine = kept
         if screens is not None:  # the arithmetic it screens in, for the progress lines
             screens.append(engine.screening)
         if started is not None:
@@ -204,9 +208,10 @@ def _where(settings: SearchSettings, batch_search: BatchSearch | None) -> str:
     if batch_search is not None:
         return "on the Dask cluster"
     if settings.device == "cuda":
-        import torch
+        with part("card's name"):  # CUDA's start, when nothing started it before
+            import torch
 
-        return f"on cuda ({torch.cuda.get_device_name()})"
+            return f"on cuda ({torch.cuda.get_device_name()})"
     return "on the cpu"
 
 

@@ -14,8 +14,10 @@ T = TypeVar("T")
 
 # When a list (a benchmark sets it, `bench/lookup.py --timeline`): every `timed` block's (stage,
 # thread name, start, end), in `time.perf_counter` seconds, so that the stages' order and overlap
-# across threads, and the time outside any stage, can be read from one run.
+# across threads, and the time outside any stage, can be read from one run; and every `part`'s,
+# its name starting with PART.
 TIMELINE: list[tuple[str, str, float, float]] | None = None
+PART = "· "
 
 
 @contextmanager
@@ -32,6 +34,24 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + ended - started
         if TIMELINE is not None:
             TIMELINE.append((stage, threading.current_thread().name, started, ended))
+
+
+@contextmanager
+def part(name: str) -> Iterator[None]:
+    """Record the block in `TIMELINE` alone, as `PART` + `name`: a part of a stage, or work no
+    stage times (torch's import and the card's start, `lookup_start.torch_ahead`), that a cold
+    run's timeline should show, with no row of its own in any stage table. Nothing when no
+    timeline is kept; a timeline switched off while the block runs (a thread that outlives its
+    run) still gets the block, in the list it was started with."""
+    timeline = TIMELINE
+    if timeline is None:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timeline.append((PART + name, threading.current_thread().name, started, time.perf_counter()))
 
 
 OVERLAP = "overlap (stages run side by side)"

@@ -225,3 +225,34 @@ def test_available_memory_is_psutils_figure():
 
     # memory moves between the two reads: equal up to what other processes did meanwhile
     assert abs(available_memory() - psutil.virtual_memory().available) < 256 * 2**20
+
+
+def test_a_timeline_shows_the_engine_import_and_build_inside_the_search(monkeypatch):
+    """A cold run's timeline (`bench/lookup.py --timeline`) parts the search stage: the engine's
+    import, then its build; a search that reuses the kept engine builds nothing."""
+    from fantasia_assets.core import timing
+    from fantasia_assets.core.plan import ModelSpec, Partition
+    from fantasia_assets.core.references import ReferenceMatrix, ReferenceScope
+    from fantasia_assets.core.stages import SearchSettings, in_process_search
+
+    rng = np.random.default_rng(1)
+    refs = rng.standard_normal((300, 16)).astype(np.float16)
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    matrix = ReferenceMatrix(ReferenceScope(1, 0), np.arange(1, 301), refs, "f")
+    partition = Partition(ModelSpec("M", None, None, (0,)), 1, 0)
+    settings = SearchSettings(device="cpu", screening="bf16")  # knn's engine: its build has parts
+    spans: list = []
+    monkeypatch.setattr(timing, "TIMELINE", spans)
+    list(in_process_search(matrix, settings, partition)(queries, None, 100))
+    names = [name for name, *_ in spans]
+    assert names == [
+        timing.PART + "engine: import",
+        timing.PART + "engine: screen chosen",
+        timing.PART + "engine: references prepared",
+        timing.PART + "engine: build",
+    ]
+    build, chosen, prepared = spans[3], spans[1], spans[2]
+    assert build[2] <= chosen[2] <= chosen[3] <= prepared[2] <= prepared[3] <= build[3]
+    spans.clear()
+    list(in_process_search(matrix, settings, partition)(queries, None, 100))  # the kept engine
+    assert [name for name, *_ in spans] == [timing.PART + "engine: import"]

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from fantasia_assets.core import timing
 from fantasia_assets.core.timing import OVERLAP, timed_concurrently
 
 
@@ -76,7 +77,6 @@ def test_no_stage_no_timing():
 
 
 def test_a_timeline_records_each_stage_with_its_thread_and_span_only_when_asked(monkeypatch):
-    from fantasia_assets.core import timing
 
     barrier = threading.Barrier(2, timeout=10)
 
@@ -100,3 +100,52 @@ def test_a_timeline_records_each_stage_with_its_thread_and_span_only_when_asked(
     assert started <= spans["first"][1] <= spans["first"][2] <= spans["a"][1]
     assert spans["a"][1] < spans["b"][2] and spans["b"][1] < spans["a"][2]  # they overlapped
     assert min(spans["a"][2] - spans["a"][1], spans["b"][2] - spans["b"][1]) >= 0.02
+
+
+def test_a_part_is_recorded_in_the_timeline_alone_and_outlives_its_switching_off(monkeypatch):
+    timings: dict[str, float] = {}
+    with timing.part("import"):  # no timeline: nothing recorded anywhere
+        pass
+    assert timing.TIMELINE is None
+
+    kept: list = []
+    monkeypatch.setattr(timing, "TIMELINE", kept)
+    with timing.timed(timings, "search"), timing.part("engine: build"):
+        time.sleep(0.01)
+    assert list(timings) == ["search"]  # no row of its own in the stage table
+    (name, thread, start, end), (stage, _, stage_start, stage_end) = kept
+    assert name == timing.PART + "engine: build" and stage == "search"
+    assert thread == threading.current_thread().name
+    assert stage_start <= start < start + 0.01 <= end <= stage_end
+
+    # a thread still in its part when the benchmark switches the timeline off records it there
+    inside, release = threading.Event(), threading.Event()
+
+    def background() -> None:
+        with timing.part("torch import (ahead)"):
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=background, name="torch-ahead")
+    worker.start()
+    assert inside.wait(10)
+    monkeypatch.setattr(timing, "TIMELINE", None)
+    release.set()
+    worker.join(10)
+    assert kept[-1][:2] == (timing.PART + "torch import (ahead)", "torch-ahead")
+
+
+def test_the_question_for_a_card_is_a_part_of_the_timeline(monkeypatch):
+    """`resolve_device` on a torch build with a GPU runtime imports torch and asks for a card:
+    on a card machine, the wait for `torch_ahead`'s import, which a cold run's timeline shows."""
+    from fantasia_assets.core import device
+
+    spans: list = []
+    monkeypatch.setattr(timing, "TIMELINE", spans)
+    monkeypatch.setattr(device, "torch_has_gpu_libraries", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert device.resolve_device("torch", use_gpu=True) == "cpu"
+    assert [name for name, *_ in spans] == [timing.PART + "torch import, CUDA asked"]
+    spans.clear()
+    monkeypatch.setattr(device, "torch_has_gpu_libraries", lambda: False)  # a CPU build: nothing asked
+    assert device.resolve_device("torch", use_gpu=True) == "cpu" and spans == []
