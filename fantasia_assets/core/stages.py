@@ -174,10 +174,11 @@ def in_process_search(
                settings.backend, settings.device, settings.screening)  # fmt: skip
         with _idle_lock:
             kept = _idle_engine.pop(key, (None, None))[1]
-        if kept is None:
+        if kept is not None:
+            engine = kept
+        else:
             with part("engine: build"):
-                kept = engine.build(matrix.vectors, kept=matrix.kept_operands)
-        engine = kept
+                engine = engine.build(matrix.vectors, kept=matrix.kept_operands)
         if screens is not None:  # the arithmetic it screens in, for the progress lines
             screens.append(engine.screening)
         if started is not None:
