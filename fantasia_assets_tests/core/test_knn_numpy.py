@@ -240,7 +240,10 @@ def test_a_timeline_shows_the_engine_import_and_build_inside_the_search(monkeypa
     queries = rng.standard_normal((20, 16)).astype(np.float32)
     matrix = ReferenceMatrix(ReferenceScope(1, 0), np.arange(1, 301), refs, "f")
     partition = Partition(ModelSpec("M", None, None, (0,)), 1, 0)
-    settings = SearchSettings(device="cpu", screening="bf16")  # knn's engine: its build has parts
+    import torch  # noqa: F401  (imported: `engine_for` picks knn's engine, whose build has parts)
+
+    # float32: a pinned bf16 screen would be refused on a CPU without bf16 units
+    settings = SearchSettings(device="cpu", screening="fp32")
     spans: list = []
     monkeypatch.setattr(timing, "TIMELINE", spans)
     list(in_process_search(matrix, settings, partition)(queries, None, 100))
